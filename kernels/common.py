@@ -1,0 +1,92 @@
+"""Scalar helpers shared by every quantizer, ported bit for bit from ggml.
+
+Numba pitfalls (see DESIGN.md): a float32 mixed with a Python float literal or an int64
+promotes to float64, so every constant here is wrapped in np.float32 and every product
+that ggml computes in float is kept in float32. fastmath stays off.
+"""
+
+import numba as nb
+import numpy as np
+
+F32 = np.float32
+
+# ggml-quants.c: GROUP_MAX_EPS
+GROUP_MAX_EPS = F32(1e-15)
+# nearest_int's magic: 1.5 * 2**23 (ggml-quants.c nearest_int)
+_ROUND_MAGIC = F32(12582912.0)
+
+
+@nb.njit(cache=True, inline="always")
+def f32_bits(x):
+    return np.array([x], dtype=np.float32).view(np.uint32)[0]
+
+
+@nb.njit(cache=True, inline="always")
+def bits_f32(u):
+    return np.array([u], dtype=np.uint32).view(np.float32)[0]
+
+
+@nb.njit(cache=True, inline="always")
+def nearest_int(fval):
+    """ggml-quants.c nearest_int: float32 add of 1.5*2**23, then read the mantissa.
+
+    Round-half-to-even for |fval| <= 4194303; beyond that it returns the same defined
+    garbage as ggml (its assert is compiled out), which we reproduce on purpose.
+    """
+    val = F32(fval) + _ROUND_MAGIC
+    i = np.int32(f32_bits(val))
+    return (i & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@nb.njit(cache=True, inline="always")
+def fp32_to_fp16(f):
+    """ggml-impl.h ggml_compute_fp32_to_fp16 (software round-to-nearest-even, NaN -> 0x7E00)."""
+    f = F32(f)
+    scale_to_inf = bits_f32(np.uint32(0x77800000))   # 0x1.0p+112f
+    scale_to_zero = bits_f32(np.uint32(0x08800000))  # 0x1.0p-110f
+    base = (F32(abs(f)) * scale_to_inf) * scale_to_zero
+    w = f32_bits(f)
+    shl1_w = np.uint32(w + w)
+    sign = w & np.uint32(0x80000000)
+    bias = shl1_w & np.uint32(0xFF000000)
+    if bias < np.uint32(0x71000000):
+        bias = np.uint32(0x71000000)
+    base = bits_f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
+    bits = f32_bits(base)
+    exp_bits = (bits >> np.uint32(13)) & np.uint32(0x00007C00)
+    mantissa_bits = bits & np.uint32(0x00000FFF)
+    nonsign = exp_bits + mantissa_bits
+    if shl1_w > np.uint32(0xFF000000):
+        nonsign = np.uint32(0x7E00)
+    return np.uint16((sign >> np.uint32(16)) | nonsign)
+
+
+def _fp16_table():
+    # fp16 -> fp32 is exact, so numpy's conversion equals ggml_compute_fp16_to_fp32.
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+FP16_TO_FP32 = _fp16_table()
+
+
+@nb.njit(cache=True, inline="always")
+def fp16_to_fp32(h):
+    return FP16_TO_FP32[np.uint16(h)]
+
+
+@nb.njit(cache=True, inline="always")
+def fp16_round(f):
+    """The float32 value ggml sees after storing f as fp16 and reading it back."""
+    return FP16_TO_FP32[fp32_to_fp16(f)]
+
+
+@nb.njit(cache=True, inline="always")
+def put_u16(out, pos, h):
+    """Store a little-endian uint16 at out[pos:pos+2] (out is a uint8 row)."""
+    out[pos] = np.uint8(h & np.uint16(0xFF))
+    out[pos + 1] = np.uint8(h >> np.uint16(8))
+
+
+@nb.njit(cache=True, inline="always")
+def get_u16(buf, pos):
+    return np.uint16(buf[pos]) | (np.uint16(buf[pos + 1]) << np.uint16(8))
