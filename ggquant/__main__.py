@@ -1,0 +1,3 @@
+from ggquant.cli import main
+
+main()
