@@ -10,8 +10,10 @@ Tables: the design forbids re-declaring tables gguf already has, and gguf-py 0.1
 conversion of MXFP4. They are derived from gguf-py at import time below; the tests check
 them against ggml by sweeping every grid index through ggml's own to_float.
 
-Exactness: ggml computes `db * grid[j] * (sign ? -1.f : 1.f)` left to right in float32; we
-keep that order and multiply by the literal +-1 (not a negation) so -0.0 comes out the same.
+Exactness: ggml computes `db * grid[j] * (signs & kmask ? -1.f : 1.f)` in float32; the compiled
+library applies the +-1 as a sign flip (a NaN scale comes out of to_float with its sign bit
+toggled, which a multiply by -1 would not do), so we compute db * grid[j] and negate it.
+For finite values the two are identical, -0.0 included.
 All constants are np.float32 (a Python float literal would promote to float64 in numba).
 """
 
@@ -49,12 +51,8 @@ IQ1S_GRID = _gguf_grid(gq.IQ1_S)  # [2048, 8]
 KSIGNS_IQ2XS = np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()  # [128]
 
 # ggml-common.h kmask_iq2xs[j] = 1 << j: element j of a group of 8 is negated when bit j of
-# its sign byte is set. Precomputed per sign byte as the +-1.f factor ggml multiplies by.
-# (kmask_iq2xs is not in gguf-py; it is only the bit positions 0..7, so it is derived here.)
-_KMASK_IQ2XS = (1 << np.arange(8, dtype=np.uint32)).astype(np.uint8)
-SIGN_FACTORS = np.where(
-    (np.arange(256, dtype=np.uint8)[:, None] & _KMASK_IQ2XS[None, :]) != 0, F32(-1.0), F32(1.0)
-).astype(np.float32)  # [256 sign bytes, 8]
+# its sign byte is set. (Not in gguf-py; it is only the bit positions 0..7, so derived here.)
+KMASK_IQ2XS = (1 << np.arange(8, dtype=np.uint32)).astype(np.uint8)  # [8]
 
 # ggml-common.h IQ1S_DELTA == IQ1M_DELTA == 0.125f (gguf-py IQ1_S.delta).
 IQ1S_DELTA = F32(gq.IQ1_S.delta)
@@ -106,6 +104,12 @@ _QUARTER = F32(0.25)
 
 
 @nb.njit(cache=True, inline="always")
+def _apply_sign(v, signs, mask):
+    """ggml `v * (signs & mask ? -1.f : 1.f)`, as the compiled C does it: a sign flip."""
+    return -v if signs & mask else v
+
+
+@nb.njit(cache=True, inline="always")
 def _u32(buf, pos):
     """Little-endian uint32 at buf[pos:pos+4], as int64 (memcpy into uint32_t in the C)."""
     return (np.int64(buf[pos]) | (np.int64(buf[pos + 1]) << 8)
@@ -117,7 +121,7 @@ def _u32(buf, pos):
 # ---------------------------------------------------------------------------------------------
 
 @nb.njit(cache=True)
-def _row_iq2_xxs(src, y, grid, ksigns, signf):
+def _row_iq2_xxs(src, y, grid, ksigns, kmask):
     """ggml-quants.c dequantize_row_iq2_xxs: per 32, 4 grid bytes + u32 (4 x 7 sign bits, 4-bit scale)."""
     for i in range(src.size // IQ2XXS_BYTES):
         b = i * IQ2XXS_BYTES
@@ -131,12 +135,12 @@ def _row_iq2_xxs(src, y, grid, ksigns, signf):
                 g = np.int64(src[p + l])
                 s = ksigns[(aux1 >> (7 * l)) & 127]
                 for j in range(8):
-                    y[o + j] = db * grid[g, j] * signf[s, j]
+                    y[o + j] = _apply_sign(db * grid[g, j], s, kmask[j])
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq2_xs(src, y, grid, ksigns, signf):
+def _row_iq2_xs(src, y, grid, ksigns, kmask):
     """ggml-quants.c dequantize_row_iq2_xs: u16 = 9-bit grid index | 7 sign bits; two 4-bit scales per 32."""
     for i in range(src.size // IQ2XS_BYTES):
         b = i * IQ2XS_BYTES
@@ -152,12 +156,12 @@ def _row_iq2_xs(src, y, grid, ksigns, signf):
                 g = q & 511
                 s = ksigns[q >> 9]
                 for j in range(8):
-                    y[o + j] = dl * grid[g, j] * signf[s, j]
+                    y[o + j] = _apply_sign(dl * grid[g, j], s, kmask[j])
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq2_s(src, y, grid, signf):
+def _row_iq2_s(src, y, grid, kmask):
     """ggml-quants.c dequantize_row_iq2_s: 10-bit grid index (qs byte + 2 bits of qh), explicit sign bytes."""
     for i in range(src.size // IQ2S_BYTES):
         b = i * IQ2S_BYTES
@@ -173,12 +177,12 @@ def _row_iq2_s(src, y, grid, signf):
                 g = np.int64(src[b + 2 + 4 * ib32 + l]) | ((qh << (8 - 2 * l)) & 0x300)
                 s = src[b + IQ2S_SIGNS + 4 * ib32 + l]
                 for j in range(8):
-                    y[o + j] = dl * grid[g, j] * signf[s, j]
+                    y[o + j] = _apply_sign(dl * grid[g, j], s, kmask[j])
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq3_xxs(src, y, grid, ksigns, signf):
+def _row_iq3_xxs(src, y, grid, ksigns, kmask):
     """ggml-quants.c dequantize_row_iq3_xxs: byte grid indices of 4; u32 per 32 = 4 x 7 sign bits + 4-bit scale."""
     for i in range(src.size // IQ3XXS_BYTES):
         b = i * IQ3XXS_BYTES
@@ -193,13 +197,13 @@ def _row_iq3_xxs(src, y, grid, ksigns, signf):
                 g1 = np.int64(src[q + 2 * l])
                 g2 = np.int64(src[q + 2 * l + 1])
                 for j in range(4):
-                    y[o + j] = db * grid[g1, j] * signf[s, j]
-                    y[o + j + 4] = db * grid[g2, j] * signf[s, j + 4]
+                    y[o + j] = _apply_sign(db * grid[g1, j], s, kmask[j])
+                    y[o + j + 4] = _apply_sign(db * grid[g2, j], s, kmask[j + 4])
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq3_s(src, y, grid, signf):
+def _row_iq3_s(src, y, grid, kmask):
     """ggml-quants.c dequantize_row_iq3_s: 9-bit grid indices (qs byte + 1 qh bit), odd scales 1 + 2*s."""
     for i in range(src.size // IQ3S_BYTES):
         b = i * IQ3S_BYTES
@@ -219,8 +223,8 @@ def _row_iq3_s(src, y, grid, signf):
                 g2 = np.int64(src[q + 2 * l + 1]) | ((qh << (7 - 2 * l)) & 256)
                 s = src[b + IQ3S_SIGNS + 4 * ib32 + l]
                 for j in range(4):
-                    y[o + j] = db * grid[g1, j] * signf[s, j]
-                    y[o + j + 4] = db * grid[g2, j] * signf[s, j + 4]
+                    y[o + j] = _apply_sign(db * grid[g1, j], s, kmask[j])
+                    y[o + j + 4] = _apply_sign(db * grid[g2, j], s, kmask[j + 4])
                 o += 8
 
 
@@ -333,33 +337,33 @@ def _row_mxfp4(src, y, kvalues, e8m0_half):
 # ---------------------------------------------------------------------------------------------
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_xxs(data, out, grid, ksigns, signf):
+def _deq_iq2_xxs(data, out, grid, ksigns, kmask):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_xxs(data[r], out[r], grid, ksigns, signf)
+        _row_iq2_xxs(data[r], out[r], grid, ksigns, kmask)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_xs(data, out, grid, ksigns, signf):
+def _deq_iq2_xs(data, out, grid, ksigns, kmask):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_xs(data[r], out[r], grid, ksigns, signf)
+        _row_iq2_xs(data[r], out[r], grid, ksigns, kmask)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_s(data, out, grid, signf):
+def _deq_iq2_s(data, out, grid, kmask):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_s(data[r], out[r], grid, signf)
+        _row_iq2_s(data[r], out[r], grid, kmask)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq3_xxs(data, out, grid, ksigns, signf):
+def _deq_iq3_xxs(data, out, grid, ksigns, kmask):
     for r in nb.prange(data.shape[0]):
-        _row_iq3_xxs(data[r], out[r], grid, ksigns, signf)
+        _row_iq3_xxs(data[r], out[r], grid, ksigns, kmask)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq3_s(data, out, grid, signf):
+def _deq_iq3_s(data, out, grid, kmask):
     for r in nb.prange(data.shape[0]):
-        _row_iq3_s(data[r], out[r], grid, signf)
+        _row_iq3_s(data[r], out[r], grid, kmask)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -411,31 +415,31 @@ def _prepare(qtype, data, n_per_row):
 
 def dequantize_iq2_xxs(data, n_per_row):
     data, out = _prepare(T.IQ2_XXS, data, n_per_row)
-    _deq_iq2_xxs(data, out, IQ2XXS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
+    _deq_iq2_xxs(data, out, IQ2XXS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
     return out
 
 
 def dequantize_iq2_xs(data, n_per_row):
     data, out = _prepare(T.IQ2_XS, data, n_per_row)
-    _deq_iq2_xs(data, out, IQ2XS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
+    _deq_iq2_xs(data, out, IQ2XS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
     return out
 
 
 def dequantize_iq2_s(data, n_per_row):
     data, out = _prepare(T.IQ2_S, data, n_per_row)
-    _deq_iq2_s(data, out, IQ2S_GRID, SIGN_FACTORS)
+    _deq_iq2_s(data, out, IQ2S_GRID, KMASK_IQ2XS)
     return out
 
 
 def dequantize_iq3_xxs(data, n_per_row):
     data, out = _prepare(T.IQ3_XXS, data, n_per_row)
-    _deq_iq3_xxs(data, out, IQ3XXS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
+    _deq_iq3_xxs(data, out, IQ3XXS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
     return out
 
 
 def dequantize_iq3_s(data, n_per_row):
     data, out = _prepare(T.IQ3_S, data, n_per_row)
-    _deq_iq3_s(data, out, IQ3S_GRID, SIGN_FACTORS)
+    _deq_iq3_s(data, out, IQ3S_GRID, KMASK_IQ2XS)
     return out
 
 

@@ -86,3 +86,41 @@ def random_blocks(qtype: GGMLQuantizationType, n_rows: int, n_per_row: int, seed
     block, type_size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(n_rows, n_per_row // block * type_size), dtype=np.uint8)
+
+
+def llama_quantize(inp, out, ftype: int, imatrix: dict[str, np.ndarray] | None = None,
+                   tensor_types=(), pure: bool = False, allow_requantize: bool = False, nthread: int = 2) -> None:
+    """llama_model_quantize through llama-cpp-python: the whole-file reference.
+
+    `imatrix` holds the already-normalised vectors (what llama-quantize passes to libllama).
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = int(ftype)
+    params.pure = pure
+    params.allow_requantize = allow_requantize
+    keep = []
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep.append(v)
+            arr[i].name = name.encode()
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = v.size
+        arr[len(imatrix)].name = None
+        keep.append(arr)
+        params.imatrix = arr
+    if tensor_types:
+        tt = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            tt[i].pattern = pattern.encode()
+            tt[i].type = int(qtype)
+        tt[len(tensor_types)].pattern = None
+        keep.append(tt)
+        params.tt_overrides = tt
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {inp}")
