@@ -60,6 +60,7 @@ __all__ = [
     "TensorNotFoundError",
     "copy_field",
     "tensor_nbytes",
+    "BLOCK_SIZES",
 ]
 
 # --- limits of ggml's own parser (ggml/src/gguf.cpp, ggml/include/ggml.h) -------------------
@@ -69,6 +70,15 @@ GGML_MAX_DIMS = 4  # ggml.h: tensors have at most 4 dimensions
 GGML_MAX_NAME = 64  # ggml.h: tensor names are stored in char[64] including the NUL
 INT64_MAX = (1 << 63) - 1
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and was dropped by ggml; v2 and v3 share a layout
+
+# (elements per block, bytes per block) of each GGML type: gguf-py's table, except Q8_1, which
+# gguf-py 0.19 lists as 40 bytes (two f32) while ggml stores two f16: 36 bytes
+# (ggml-common.h, static_assert(sizeof(block_q8_1) == 2*sizeof(ggml_half) + QK8_1)). The file
+# layout must agree with ggml, which computes every offset from its own size.
+BLOCK_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {
+    **GGML_QUANT_SIZES,
+    GGMLQuantizationType.Q8_1: (32, 2 * 2 + 32),
+}
 
 # Smallest possible encodings, used to refuse counts that cannot fit in the bytes left.
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a non-empty key, value type, a 1-byte value
@@ -95,9 +105,21 @@ _NUMPY_OF: dict[GGUFValueType, np.dtype] = {
     GGUFValueType.INT64: np.dtype("<i8"),
     GGUFValueType.FLOAT64: np.dtype("<f8"),
 }
+# struct formats with standard sizes ("<"): numpy's dtype.char is platform-sized, so spell them out.
 _STRUCT_OF: dict[GGUFValueType, struct.Struct] = {
-    t: struct.Struct("<" + dt.char) for t, dt in _NUMPY_OF.items()
+    GGUFValueType.UINT8: struct.Struct("<B"),
+    GGUFValueType.INT8: struct.Struct("<b"),
+    GGUFValueType.UINT16: struct.Struct("<H"),
+    GGUFValueType.INT16: struct.Struct("<h"),
+    GGUFValueType.UINT32: struct.Struct("<I"),
+    GGUFValueType.INT32: struct.Struct("<i"),
+    GGUFValueType.FLOAT32: struct.Struct("<f"),
+    GGUFValueType.BOOL: struct.Struct("<B"),
+    GGUFValueType.UINT64: struct.Struct("<Q"),
+    GGUFValueType.INT64: struct.Struct("<q"),
+    GGUFValueType.FLOAT64: struct.Struct("<d"),
 }
+assert all(_STRUCT_OF[t].size == _NUMPY_OF[t].itemsize for t in _NUMPY_OF)
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
@@ -117,12 +139,12 @@ def _ggml_type(t: Any) -> GGMLQuantizationType | None:
         qt = GGMLQuantizationType(int(t))
     except (ValueError, TypeError):
         return None
-    return qt if qt in GGML_QUANT_SIZES else None
+    return qt if qt in BLOCK_SIZES else None
 
 
 def tensor_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
     """Bytes of a tensor of `shape` (numpy order) in `qtype` (ggml_nbytes for contiguous rows)."""
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = BLOCK_SIZES[qtype]
     return math.prod(shape) // block_size * type_size
 
 
@@ -166,7 +188,7 @@ class TensorInfo:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row (the innermost dimension, ne[0])."""
-        block_size, type_size = GGML_QUANT_SIZES[self.qtype]
+        block_size, type_size = BLOCK_SIZES[self.qtype]
         ne0 = self.shape[-1] if self.shape else 1
         return ne0 // block_size * type_size
 
@@ -409,7 +431,7 @@ def _parse_buf(path: Path, buf: Any, size: int) -> _ParsedFile:
         if qtype is None:
             raise cur.fail(f"{what} (ggml type)", type_off,
                            f"expected a ggml type id known to gguf-py (e.g. 0=F32, 8=Q8_0), got {raw_type}")
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        block_size, type_size = BLOCK_SIZES[qtype]
         ne0 = ne[0] if ne else 1
         if ne0 % block_size:
             raise cur.fail(f"{what} (shape)", dims_off,
@@ -434,7 +456,7 @@ def _parse_buf(path: Path, buf: Any, size: int) -> _ParsedFile:
                 f"data [{data_offset + rel}, {data_offset + rel + nbytes}) runs past the end of the file ({size} bytes)",
             )
         tensors.append(TensorInfo(name, shape, qtype, data_offset + rel, nbytes, path, buf))
-    by_offset = sorted(tensors, key=lambda t: t.offset)
+    by_offset = sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset)  # empty tensors occupy nothing
     for a, b in zip(by_offset, by_offset[1:]):
         if b.offset < a.offset + a.nbytes:
             raise FormatError(
@@ -695,6 +717,7 @@ class GGUFWriter:
         self._fields: dict[str, tuple[GGUFValueType, bytes]] = {}
         self._tensors: dict[str, _PendingTensor] = {}
         self._written = False
+        self.paths: list[Path] = []  # the files written, set by write()
         if not self.path.parent.is_dir():
             raise GGQuantError(f"{self.path}: output folder {self.path.parent} does not exist; create it first")
         if not force:
@@ -769,7 +792,7 @@ class GGUFWriter:
             raise GGQuantError(f"{what}: shape {shape_t} must have at most {GGML_MAX_DIMS} non-negative dimensions")
         if math.prod(shape_t) > INT64_MAX:
             raise GGQuantError(f"{what}: shape {shape_t} has more than 2^63-1 elements")
-        block_size = GGML_QUANT_SIZES[qt][0]
+        block_size = BLOCK_SIZES[qt][0]
         ne0 = shape_t[-1] if shape_t else 1
         if ne0 % block_size:
             raise GGQuantError(
@@ -896,6 +919,7 @@ class GGUFWriter:
                 except FileNotFoundError:
                     pass
             raise
+        self.paths = finals
         return finals
 
     def _write_payload(self, f: Any, t: _PendingTensor, progress: Callable[[str, int], None] | None) -> None:
