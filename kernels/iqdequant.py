@@ -10,10 +10,11 @@ Tables: the design forbids re-declaring tables gguf already has, and gguf-py 0.1
 conversion of MXFP4. They are derived from gguf-py at import time below; the tests check
 them against ggml by sweeping every grid index through ggml's own to_float.
 
-Exactness: ggml computes `db * grid[j] * (signs & kmask ? -1.f : 1.f)` in float32; the compiled
-library applies the +-1 as a sign flip (a NaN scale comes out of to_float with its sign bit
-toggled, which a multiply by -1 would not do), so we compute db * grid[j] and negate it.
-For finite values the two are identical, -0.0 included.
+Exactness: ggml computes `db * grid[j] * (signs & kmask ? -1.f : 1.f)` in float32, and the
+compiled library applies the +-1 as a sign flip. For any non-NaN product a multiply by +-1 is
+that same flip (-0.0 included) and vectorizes; only a NaN fp16 scale tells them apart (ggml's
+output NaN has its sign bit toggled, a multiply would keep it), so blocks with a NaN scale take
+an explicit negation path (see _put_signed).
 All constants are np.float32 (a Python float literal would promote to float64 in numba).
 """
 
@@ -53,6 +54,10 @@ KSIGNS_IQ2XS = np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()  # [128]
 # ggml-common.h kmask_iq2xs[j] = 1 << j: element j of a group of 8 is negated when bit j of
 # its sign byte is set. (Not in gguf-py; it is only the bit positions 0..7, so derived here.)
 KMASK_IQ2XS = (1 << np.arange(8, dtype=np.uint32)).astype(np.uint8)  # [8]
+# The +-1.f factor ggml multiplies by, per sign byte and element.
+SIGN_FACTORS = np.where(
+    (np.arange(256, dtype=np.uint32)[:, None] & KMASK_IQ2XS[None, :]) != 0, F32(-1.0), F32(1.0)
+).astype(np.float32)  # [256 sign bytes, 8]
 
 # ggml-common.h IQ1S_DELTA == IQ1M_DELTA == 0.125f (gguf-py IQ1_S.delta).
 IQ1S_DELTA = F32(gq.IQ1_S.delta)
@@ -67,7 +72,7 @@ E8M0_TO_FP32_HALF = np.ascontiguousarray(
 
 # ggml-quants.c dequantize_row_tq1_0: pow3 = {1, 3, 9, 27, 81, 243}; gguf-py only has these
 # inline, so the five used are spelled out here.
-TQ1_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.int64)
+TQ1_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.int32)
 
 # Block byte sizes (gguf GGML_QUANT_SIZES) and the field offsets inside each block
 # (ggml-common.h struct layouts; QK_K = 256).
@@ -92,7 +97,7 @@ IQ1M_SCALES = IQ1M_QH + QK_K // 16
 TQ1_BYTES = GGML_QUANT_SIZES[T.TQ1_0][1]  # qs[48] | qh[QK_K/64] | d
 TQ1_QS = (QK_K - 4 * QK_K // 64) // 5
 TQ1_QH = QK_K // 64
-TQ1_WIDE = TQ1_QS - TQ1_QS % 32  # qs[0:32] is read in runs of 32, the rest (16) in one run
+TQ1_WIDE = TQ1_QS - TQ1_QS % 32  # qs[0:32] is read in runs of 32, the rest (qs[32:48]) in runs of 16
 TQ2_BYTES = GGML_QUANT_SIZES[T.TQ2_0][1]  # qs[QK_K/4] | d
 MXFP4_BLOCK, MXFP4_BYTES = GGML_QUANT_SIZES[T.MXFP4]  # e | qs[16]
 
@@ -104,9 +109,20 @@ _QUARTER = F32(0.25)
 
 
 @nb.njit(cache=True, inline="always")
-def _apply_sign(v, signs, mask):
-    """ggml `v * (signs & mask ? -1.f : 1.f)`, as the compiled C does it: a sign flip."""
-    return -v if signs & mask else v
+def _put_signed(y, o, db, grid, g, signf, s, k0, nan_scale):
+    """y[o + j] = db * grid[g, j] * signf[s, k0 + j] for j < grid.shape[1] (one grid entry).
+
+    nan_scale (the block's fp16 d is NaN, so every product is NaN): negate explicitly, as the
+    compiled ggml does; otherwise the multiply by +-1 gives identical bits and vectorizes.
+    The branch is per block, so it is always predicted.
+    """
+    if nan_scale:
+        for j in range(grid.shape[1]):
+            v = db * grid[g, j]
+            y[o + j] = -v if signf[s, k0 + j] < F32(0.0) else v
+    else:
+        for j in range(grid.shape[1]):
+            y[o + j] = db * grid[g, j] * signf[s, k0 + j]
 
 
 @nb.njit(cache=True, inline="always")
@@ -121,11 +137,12 @@ def _u32(buf, pos):
 # ---------------------------------------------------------------------------------------------
 
 @nb.njit(cache=True)
-def _row_iq2_xxs(src, y, grid, ksigns, kmask):
+def _row_iq2_xxs(src, y, grid, ksigns, signf):
     """ggml-quants.c dequantize_row_iq2_xxs: per 32, 4 grid bytes + u32 (4 x 7 sign bits, 4-bit scale)."""
     for i in range(src.size // IQ2XXS_BYTES):
         b = i * IQ2XXS_BYTES
         d = fp16_to_fp32(get_u16(src, b))
+        nan_scale = d != d
         o = i * QK_K
         for ib32 in range(QK_K // 32):
             p = b + 2 + 8 * ib32
@@ -134,17 +151,17 @@ def _row_iq2_xxs(src, y, grid, ksigns, kmask):
             for l in range(4):
                 g = np.int64(src[p + l])
                 s = ksigns[(aux1 >> (7 * l)) & 127]
-                for j in range(8):
-                    y[o + j] = _apply_sign(db * grid[g, j], s, kmask[j])
+                _put_signed(y, o, db, grid, g, signf, s, 0, nan_scale)
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq2_xs(src, y, grid, ksigns, kmask):
+def _row_iq2_xs(src, y, grid, ksigns, signf):
     """ggml-quants.c dequantize_row_iq2_xs: u16 = 9-bit grid index | 7 sign bits; two 4-bit scales per 32."""
     for i in range(src.size // IQ2XS_BYTES):
         b = i * IQ2XS_BYTES
         d = fp16_to_fp32(get_u16(src, b))
+        nan_scale = d != d
         o = i * QK_K
         for ib32 in range(QK_K // 32):
             sc = np.int64(src[b + IQ2XS_SCALES + ib32])
@@ -155,17 +172,17 @@ def _row_iq2_xs(src, y, grid, ksigns, kmask):
                 dl = db0 if l < 2 else db1
                 g = q & 511
                 s = ksigns[q >> 9]
-                for j in range(8):
-                    y[o + j] = _apply_sign(dl * grid[g, j], s, kmask[j])
+                _put_signed(y, o, dl, grid, g, signf, s, 0, nan_scale)
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq2_s(src, y, grid, kmask):
+def _row_iq2_s(src, y, grid, signf):
     """ggml-quants.c dequantize_row_iq2_s: 10-bit grid index (qs byte + 2 bits of qh), explicit sign bytes."""
     for i in range(src.size // IQ2S_BYTES):
         b = i * IQ2S_BYTES
         d = fp16_to_fp32(get_u16(src, b))
+        nan_scale = d != d
         o = i * QK_K
         for ib32 in range(QK_K // 32):
             sc = np.int64(src[b + IQ2S_SCALES + ib32])
@@ -176,17 +193,17 @@ def _row_iq2_s(src, y, grid, kmask):
                 dl = db0 if l < 2 else db1
                 g = np.int64(src[b + 2 + 4 * ib32 + l]) | ((qh << (8 - 2 * l)) & 0x300)
                 s = src[b + IQ2S_SIGNS + 4 * ib32 + l]
-                for j in range(8):
-                    y[o + j] = _apply_sign(dl * grid[g, j], s, kmask[j])
+                _put_signed(y, o, dl, grid, g, signf, s, 0, nan_scale)
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq3_xxs(src, y, grid, ksigns, kmask):
+def _row_iq3_xxs(src, y, grid, ksigns, signf):
     """ggml-quants.c dequantize_row_iq3_xxs: byte grid indices of 4; u32 per 32 = 4 x 7 sign bits + 4-bit scale."""
     for i in range(src.size // IQ3XXS_BYTES):
         b = i * IQ3XXS_BYTES
         d = fp16_to_fp32(get_u16(src, b))
+        nan_scale = d != d
         o = i * QK_K
         for ib32 in range(QK_K // 32):
             aux = _u32(src, b + IQ3XXS_SAS + 4 * ib32)
@@ -196,18 +213,18 @@ def _row_iq3_xxs(src, y, grid, ksigns, kmask):
                 s = ksigns[(aux >> (7 * l)) & 127]
                 g1 = np.int64(src[q + 2 * l])
                 g2 = np.int64(src[q + 2 * l + 1])
-                for j in range(4):
-                    y[o + j] = _apply_sign(db * grid[g1, j], s, kmask[j])
-                    y[o + j + 4] = _apply_sign(db * grid[g2, j], s, kmask[j + 4])
+                _put_signed(y, o, db, grid, g1, signf, s, 0, nan_scale)
+                _put_signed(y, o + 4, db, grid, g2, signf, s, 4, nan_scale)
                 o += 8
 
 
 @nb.njit(cache=True)
-def _row_iq3_s(src, y, grid, kmask):
+def _row_iq3_s(src, y, grid, signf):
     """ggml-quants.c dequantize_row_iq3_s: 9-bit grid indices (qs byte + 1 qh bit), odd scales 1 + 2*s."""
     for i in range(src.size // IQ3S_BYTES):
         b = i * IQ3S_BYTES
         d = fp16_to_fp32(get_u16(src, b))
+        nan_scale = d != d
         o = i * QK_K
         # The C walks ib32 in pairs sharing one scale byte (low nibble, then high nibble).
         for ib32 in range(QK_K // 32):
@@ -222,9 +239,8 @@ def _row_iq3_s(src, y, grid, kmask):
                 g1 = np.int64(src[q + 2 * l]) | ((qh << (8 - 2 * l)) & 256)
                 g2 = np.int64(src[q + 2 * l + 1]) | ((qh << (7 - 2 * l)) & 256)
                 s = src[b + IQ3S_SIGNS + 4 * ib32 + l]
-                for j in range(4):
-                    y[o + j] = _apply_sign(db * grid[g1, j], s, kmask[j])
-                    y[o + j + 4] = _apply_sign(db * grid[g2, j], s, kmask[j + 4])
+                _put_signed(y, o, db, grid, g1, signf, s, 0, nan_scale)
+                _put_signed(y, o + 4, db, grid, g2, signf, s, 4, nan_scale)
                 o += 8
 
 
@@ -281,31 +297,45 @@ def _row_iq1_m(src, y, grid, delta):
                 o += 8
 
 
+@nb.njit(cache=True, inline="always")
+def _trit(byte, pow3):
+    """ggml-quants.c dequantize_row_tq1_0: q = (uint8)(byte * pow3[n]); xi = (q * 3) >> 8; value xi - 1.
+
+    int32 arithmetic throughout: int64 -> float32 conversion does not vectorize on AVX2.
+    """
+    q = (np.int32(byte) * pow3) & np.int32(0xFF)  # the uint8 wrap of the C
+    return F32(((q * np.int32(3)) >> np.int32(8)) - np.int32(1))
+
+
 @nb.njit(cache=True)
 def _row_tq1_0(src, y, pow3):
     """ggml-quants.c dequantize_row_tq1_0: base-3 digits packed 5 per byte (4 per qh byte), read by q*3 >> 8."""
-    one = np.int64(1)
     for i in range(src.size // TQ1_BYTES):
         b = i * TQ1_BYTES
         d = fp16_to_fp32(get_u16(src, b + TQ1_QS + TQ1_QH))
         o = i * QK_K
-        # qs[0:32] then qs[32:48], each read 5 times (one trit per power of 3)
-        for j0, width in ((0, TQ1_WIDE), (TQ1_WIDE, TQ1_QS - TQ1_WIDE)):
-            for n in range(5):
-                for m in range(width):
-                    q = (np.int64(src[b + j0 + m]) * pow3[n]) & 0xFF  # uint8 wrap, as in the C
-                    y[o] = F32(((q * 3) >> 8) - one) * d
-                    o += 1
+        # qs[0:32]: five passes of 32 (one trit per power of 3), then qs[32:48]: five of 16
+        for n in range(5):
+            p = np.int32(pow3[n])
+            for m in range(TQ1_WIDE):
+                y[o + m] = _trit(src[b + m], p) * d
+            o += TQ1_WIDE
+        for n in range(5):
+            p = np.int32(pow3[n])
+            for m in range(TQ1_QS - TQ1_WIDE):
+                y[o + m] = _trit(src[b + TQ1_WIDE + m], p) * d
+            o += TQ1_QS - TQ1_WIDE
+        # qh: four passes over its 4 bytes
         for n in range(4):
+            p = np.int32(pow3[n])
             for j in range(TQ1_QH):
-                q = (np.int64(src[b + TQ1_QS + j]) * pow3[n]) & 0xFF
-                y[o] = F32(((q * 3) >> 8) - one) * d
-                o += 1
+                y[o + j] = _trit(src[b + TQ1_QS + j], p) * d
+            o += TQ1_QH
 
 
 @nb.njit(cache=True)
 def _row_tq2_0(src, y):
-    """ggml-quants.c dequantize_row_tq2_0: 2-bit codes q, value (q - 1) * d."""
+    """ggml-quants.c dequantize_row_tq2_0: 2-bit codes q, value (q - 1) * d (int32: see _trit)."""
     for i in range(src.size // TQ2_BYTES):
         b = i * TQ2_BYTES
         d = fp16_to_fp32(get_u16(src, b + QK_K // 4))
@@ -313,9 +343,9 @@ def _row_tq2_0(src, y):
         for j in range(0, QK_K // 4, 32):
             for l in range(4):
                 for m in range(32):
-                    q = (np.int64(src[b + j + m]) >> (2 * l)) & 3
-                    y[o] = F32(q - 1) * d
-                    o += 1
+                    q = (np.int32(src[b + j + m]) >> np.int32(2 * l)) & np.int32(3)
+                    y[o + m] = F32(q - np.int32(1)) * d
+                o += 32
 
 
 @nb.njit(cache=True)
@@ -337,33 +367,33 @@ def _row_mxfp4(src, y, kvalues, e8m0_half):
 # ---------------------------------------------------------------------------------------------
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_xxs(data, out, grid, ksigns, kmask):
+def _deq_iq2_xxs(data, out, grid, ksigns, signf):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_xxs(data[r], out[r], grid, ksigns, kmask)
+        _row_iq2_xxs(data[r], out[r], grid, ksigns, signf)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_xs(data, out, grid, ksigns, kmask):
+def _deq_iq2_xs(data, out, grid, ksigns, signf):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_xs(data[r], out[r], grid, ksigns, kmask)
+        _row_iq2_xs(data[r], out[r], grid, ksigns, signf)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq2_s(data, out, grid, kmask):
+def _deq_iq2_s(data, out, grid, signf):
     for r in nb.prange(data.shape[0]):
-        _row_iq2_s(data[r], out[r], grid, kmask)
+        _row_iq2_s(data[r], out[r], grid, signf)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq3_xxs(data, out, grid, ksigns, kmask):
+def _deq_iq3_xxs(data, out, grid, ksigns, signf):
     for r in nb.prange(data.shape[0]):
-        _row_iq3_xxs(data[r], out[r], grid, ksigns, kmask)
+        _row_iq3_xxs(data[r], out[r], grid, ksigns, signf)
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_iq3_s(data, out, grid, kmask):
+def _deq_iq3_s(data, out, grid, signf):
     for r in nb.prange(data.shape[0]):
-        _row_iq3_s(data[r], out[r], grid, kmask)
+        _row_iq3_s(data[r], out[r], grid, signf)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -415,31 +445,31 @@ def _prepare(qtype, data, n_per_row):
 
 def dequantize_iq2_xxs(data, n_per_row):
     data, out = _prepare(T.IQ2_XXS, data, n_per_row)
-    _deq_iq2_xxs(data, out, IQ2XXS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
+    _deq_iq2_xxs(data, out, IQ2XXS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
     return out
 
 
 def dequantize_iq2_xs(data, n_per_row):
     data, out = _prepare(T.IQ2_XS, data, n_per_row)
-    _deq_iq2_xs(data, out, IQ2XS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
+    _deq_iq2_xs(data, out, IQ2XS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
     return out
 
 
 def dequantize_iq2_s(data, n_per_row):
     data, out = _prepare(T.IQ2_S, data, n_per_row)
-    _deq_iq2_s(data, out, IQ2S_GRID, KMASK_IQ2XS)
+    _deq_iq2_s(data, out, IQ2S_GRID, SIGN_FACTORS)
     return out
 
 
 def dequantize_iq3_xxs(data, n_per_row):
     data, out = _prepare(T.IQ3_XXS, data, n_per_row)
-    _deq_iq3_xxs(data, out, IQ3XXS_GRID, KSIGNS_IQ2XS, KMASK_IQ2XS)
+    _deq_iq3_xxs(data, out, IQ3XXS_GRID, KSIGNS_IQ2XS, SIGN_FACTORS)
     return out
 
 
 def dequantize_iq3_s(data, n_per_row):
     data, out = _prepare(T.IQ3_S, data, n_per_row)
-    _deq_iq3_s(data, out, IQ3S_GRID, KMASK_IQ2XS)
+    _deq_iq3_s(data, out, IQ3S_GRID, SIGN_FACTORS)
     return out
 
 
