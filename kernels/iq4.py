@@ -43,11 +43,13 @@ _NL_QS = 2
 
 
 @nb.njit(cache=True, inline="always")
-def best_index_int8(x):
-    """ggml-quants.c best_index_int8(16, kvalues_iq4nl, x): nearest level, ties go up.
+def best_index_int8_search(x):
+    """ggml-quants.c best_index_int8(16, kvalues_iq4nl, x), ported literally.
 
     Binary search over the sorted levels, then `x - val[mu-1] < val[mu] - x ? mu-1 : mu`
-    in float32. A NaN x falls through every comparison and returns 15, as in C.
+    in float32. A NaN x falls through every comparison and returns 15, as in C. The hot
+    loops use the equivalent table form below; this one is the specification it is
+    checked against.
     """
     if x <= _KV[0]:
         return 0
@@ -64,6 +66,37 @@ def best_index_int8(x):
     if x - _KV[mu - 1] < _KV[mu] - x:
         return mu - 1
     return mu
+
+
+def _half_step_table():
+    """Level index for each integer k = floor(2x), k in [2*kv[0], 2*kv[15]].
+
+    best_index_int8 picks the upper level exactly when x >= (a+b)/2 for neighbours a < b
+    (near a midpoint both float32 differences x-a and b-x are exact, so the C comparison is
+    the exact one). Every midpoint of two integers is a half-integer, so with k = floor(2x)
+    (2x is exact) that test is k >= a+b, and the index is the number of midpoints with
+    a+b <= k. Checked equal to best_index_int8_search for all 2**32 float32 patterns (once,
+    offline); the tests re-check a dense sample around every level and midpoint.
+    """
+    kv = KVALUES_IQ4NL.astype(np.int64)
+    sums = kv[:-1] + kv[1:]  # 2 * midpoints
+    ks = np.arange(2 * kv[0], 2 * kv[-1] + 1)
+    return np.searchsorted(sums, ks, side="right").astype(np.uint8)
+
+
+_HALF_STEP_INDEX = _half_step_table()
+_K_LO = F32(2 * int(KVALUES_IQ4NL[0]))  # -254
+_K_HI = F32(2 * int(KVALUES_IQ4NL[-1]))  # 226
+
+
+@nb.njit(cache=True, inline="always")
+def best_index_int8(x):
+    """Same result as best_index_int8_search for every float32 x (NaN -> 15), branch-light."""
+    if x != x:
+        return _N_LEVELS - 1
+    k = np.floor(F32(2.0) * x)
+    k = min(max(k, _K_LO), _K_HI)  # clamping also covers x <= -127, x >= 113 and +-inf
+    return np.int64(_HALF_STEP_INDEX[np.int64(k) - np.int64(_K_LO)])
 
 
 @nb.njit(cache=True)
@@ -236,13 +269,15 @@ def _dequantize_iq4_nl(data, n):
     y = np.empty((n_rows, n), dtype=np.float32)
     for r in nb.prange(n_rows):
         row = data[r]
+        yr = y[r]
         for ib in range(n // QK4_NL):
             o = ib * _NL_BYTES
             d = fp16_to_fp32(get_u16(row, o))
+            yo = ib * QK4_NL
             for j in range(QK4_NL // 2):
                 q = row[o + _NL_QS + j]
-                y[r, ib * QK4_NL + j] = d * _KV[q & 0xF]
-                y[r, ib * QK4_NL + j + 16] = d * _KV[q >> 4]
+                yr[yo + j] = d * _KV[q & 0xF]
+                yr[yo + j + 16] = d * _KV[q >> 4]
     return y
 
 
@@ -253,6 +288,7 @@ def _dequantize_iq4_xs(data, n):
     y = np.empty((n_rows, n), dtype=np.float32)
     for r in nb.prange(n_rows):
         row = data[r]
+        yr = y[r]
         for ibl in range(n // QK_K):
             o = ibl * _XS_BYTES
             d = fp16_to_fp32(get_u16(row, o))
@@ -261,12 +297,12 @@ def _dequantize_iq4_xs(data, n):
                 lo = (np.int32(row[o + _XS_SCALES_L + ib // 2]) >> (4 * (ib % 2))) & 0xF
                 hi = (scales_h >> (2 * ib)) & 3
                 dl = d * F32((lo | (hi << 4)) - 32)
-                base = ibl * QK_K + ib * _SUB
+                yo = ibl * QK_K + ib * _SUB
                 qo = o + _XS_QS + ib * 16
                 for j in range(16):
                     q = row[qo + j]
-                    y[r, base + j] = dl * _KV[q & 0xF]
-                    y[r, base + j + 16] = dl * _KV[q >> 4]
+                    yr[yo + j] = dl * _KV[q & 0xF]
+                    yr[yo + j + 16] = dl * _KV[q >> 4]
     return y
 
 

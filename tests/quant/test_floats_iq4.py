@@ -5,6 +5,7 @@ the type traits' to_float; floats are compared as uint32 bit patterns so NaN pay
 signed zeros count.
 """
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -207,18 +208,51 @@ def test_iq4_nl_chunk_path_is_not_from_float_ref():
     assert np.array_equal(got, oracle.quantize(T.IQ4_NL, x, None))
 
 
-def test_best_index_int8_matches_nearest_level_with_ties_up():
+@numba.njit(cache=True)
+def _best_index_both(xs):
+    fast = np.empty(xs.size, np.int64)
+    spec = np.empty(xs.size, np.int64)
+    for i in range(xs.size):
+        fast[i] = iq4.best_index_int8(xs[i])
+        spec[i] = iq4.best_index_int8_search(xs[i])
+    return fast, spec
+
+
+def test_best_index_int8_table_equals_ggml_binary_search():
+    """The table form used in the hot loops equals the literal port of best_index_int8.
+
+    (Checked once for all 2**32 float32 patterns; here: every float32 within 2**12 ulps of
+    each level and each midpoint, every float32 in [-2, 2) at 2**-16 steps, specials, and
+    random bit patterns.)"""
+    kv = iq4.KVALUES_IQ4NL.astype(np.float32)
+    anchors = np.concatenate([kv, (kv[:-1] + kv[1:]) / 2, np.float32([0.0])]).astype(np.float32)
+    steps = np.arange(-4096, 4097, dtype=np.int64)
+    near = []
+    for a in anchors:
+        for sign in (1, -1):
+            b = np.int64(np.float32(a * sign).view(np.uint32))
+            near.append((b + steps).clip(0, 2**32 - 1).astype(np.uint32))
+    grid = np.arange(-2.0, 2.0, 2.0**-16, dtype=np.float32)
+    rand = np.random.default_rng(5).integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    special = np.float32([np.nan, -np.nan, np.inf, -np.inf, -0.0, 1e-45, 3e38, -3e38])
+    xs = np.concatenate([np.concatenate(near).view(np.float32), grid, rand.view(np.float32), special])
+    fast, spec = _best_index_both(xs)
+    assert np.array_equal(fast, spec)
+
+
+def test_best_index_int8_is_nearest_level_with_ties_up():
     """best_index_int8: nearest kvalues_iq4nl level; an exact midpoint goes to the upper level."""
     kv = iq4.KVALUES_IQ4NL.astype(np.float32)
     mids = (kv[:-1] + kv[1:]) / 2
     probes = np.concatenate([kv, mids, np.nextafter(mids, -np.inf), np.nextafter(mids, np.inf),
                              np.float32([-1e9, 1e9, 0.0, -0.0, -127.5, 113.5])]).astype(np.float32)
-    got = np.array([iq4.best_index_int8(np.float32(p)) for p in probes])
+    got, spec = _best_index_both(probes)
     dist = np.abs(probes[:, None].astype(np.float64) - kv[None, :])
     best = dist.min(axis=1, keepdims=True)
     expect = np.array([np.flatnonzero(row == b).max() for row, b in zip(dist, best)])  # ties -> upper
-    assert np.array_equal(got, expect)
-    assert iq4.best_index_int8(np.float32(np.nan)) == 15  # NaN falls through every compare, as in C
+    assert np.array_equal(got, expect) and np.array_equal(spec, expect)
+    nan_fast, nan_spec = _best_index_both(np.float32([np.nan]))
+    assert nan_fast[0] == nan_spec[0] == 15  # NaN falls through every compare in C
 
 
 def test_registry_dicts_have_plain_functions_for_each_type():
