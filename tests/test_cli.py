@@ -1,0 +1,48 @@
+"""The `ggquant` command line: exit codes, --json, --dry-run, readable errors."""
+
+import json
+
+from click.testing import CliRunner
+
+from ggquant.cli import main
+from tests.toy_models import build_toy_llama
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_quantize_dry_run_json_lists_every_tensor(tmp_path):
+    src = build_toy_llama(tmp_path / "toy.gguf")
+    res = run("quantize", src, tmp_path / "out.gguf", "--outtype", "q4_k_m", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["output"] is None and not (tmp_path / "out.gguf").exists()
+    types = {t["name"]: t["dst_type"] for t in rep["tensors"]}
+    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_quantize_then_inspect(tmp_path):
+    src = build_toy_llama(tmp_path / "toy.gguf")
+    out = tmp_path / "toy-Q8_0.gguf"
+    res = run("quantize", src, "--outtype", "Q8_0")  # default outfile name: <stem>-<TYPE>.gguf
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+    rep = json.loads(run("inspect", out, "--json").output)
+    assert rep["metadata"]["general.file_type"]["value"] == 7
+    assert {t["type"] for t in rep["tensors"]} == {"Q8_0", "F32", "F16"}
+    text = run("inspect", out).output
+    assert "token_embd.weight" in text and "general.file_type" in text
+
+
+def test_errors_are_one_line_and_exit_nonzero(tmp_path):
+    res = run("quantize", tmp_path / "missing.gguf", "--outtype", "Q8_0")
+    assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output
+    res = run("quantize", tmp_path / "missing.gguf", "--outtype", "Q9_9")
+    assert res.exit_code == 1 and "Q4_K_M" in res.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    res = run("inspect", bad)
+    assert res.exit_code == 1 and "bad.gguf" in res.output
+    res = run("quantize", build_toy_llama(tmp_path / "t.gguf"), "--outtype", "Q4_K_M", "--tensor-type", "attn_v")
+    assert res.exit_code == 1 and "REGEX=TYPE" in res.output
