@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ggquant.errors import GGQuantError
 
@@ -86,6 +87,66 @@ def inspect(path, as_json):
 
     rep = do_inspect(path)
     click.echo(json.dumps(rep, indent=1) if as_json else format_report(rep))
+
+
+from ggquant.convert import convert_command  # noqa: E402
+main.add_command(convert_command, "convert")
+
+class _ImatrixGroup(click.Group):
+    """`ggquant imatrix MODEL -f TEXT ...` collects; `imatrix show|convert ...` are subcommands."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["collect", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_ImatrixGroup)
+def imatrix():
+    """Importance matrices: collect (ggquant imatrix MODEL -f TEXT -o OUT), show, convert."""
+
+
+@imatrix.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=5, help="Columns with the largest mean squared activation to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+def imatrix_show(path, top, as_json):
+    """Entries, counts and top columns of a GGUF or legacy .dat imatrix."""
+    from ggquant.imatrix.files import load
+
+    im = load(path)
+    norm = im.normalised()
+    rows = []
+    for name, e in sorted(im.entries.items()):
+        v = norm[name]
+        idx = np.argsort(-v, kind="stable")[:top]
+        rows.append({"name": name, "n_mat": int(e.counts.size), "n_in": int(e.sums.shape[-1]),
+                     "counts": e.counts.tolist(), "top_columns": [[int(i), float(v[i])] for i in idx]})
+    rep = {"path": str(path), "format": "dat" if im.legacy else "gguf", "datasets": im.datasets,
+           "chunk_count": im.chunk_count, "chunk_size": im.chunk_size, "entries": rows}
+    if as_json:
+        click.echo(json.dumps(rep, indent=1))
+        return
+    click.echo(f"{path} ({rep['format']}): {len(rows)} entries, {im.chunk_count} chunks of {im.chunk_size}, "
+               f"datasets {im.datasets}")
+    for r in rows:
+        tops = ", ".join(f"{i}:{v:.4g}" for i, v in r["top_columns"])
+        cnt = r["counts"][0] if r["n_mat"] == 1 else f"{r['n_mat']} experts, {sum(r['counts'])} total"
+        click.echo(f"  {r['name']:<40} n_in {r['n_in']:>6}  count {cnt}  top {tops}")
+
+
+@imatrix.command("convert")
+@click.argument("inp", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--output-format", type=click.Choice(["gguf", "dat"]), required=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def imatrix_convert(inp, out, output_format, force):
+    """Convert an imatrix between llama.cpp's GGUF and legacy .dat layouts."""
+    from ggquant.imatrix.files import load, save_dat, save_gguf
+
+    im = load(inp)
+    (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)
+    click.echo(f"{inp} -> {out} ({output_format}, {len(im.entries)} entries)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ llama-cpp-python 0.3.36), summarised in shared/research/imatrix-and-quants.md §
   Normalised as values / ncall (float32), or the values as they are if ncall <= 0.
 """
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,3 +158,101 @@ def check_against(imatrix_values: dict[str, np.ndarray], tensors, source: str) -
             )
         if not np.all(np.isfinite(v)):
             raise GGQuantError(f"{source}: imatrix entry {name} contains non-finite values")
+
+
+def save_gguf(im: Imatrix, path, *, force=False) -> Path:
+    """Write `im` exactly as llama-imatrix's save_imatrix lays it out (research note §1.2).
+
+    No general.architecture key; keys general.type, imatrix.datasets, imatrix.chunk_count and
+    imatrix.chunk_size (UINT32, which llama-quantize asserts); then per entry, in byte-wise
+    sorted name order, `<name>.in_sum2` [n_mat, n_in] and `<name>.counts` [n_mat], F32, with
+    trailing unit dims dropped as ggml_n_dims does (dense entries are 1-D).
+    """
+    from gguf import GGUFValueType as V
+
+    from ggquant.formats.gguf import GGUFWriter
+
+    w = GGUFWriter(path, force=force)
+    w.add_field("general.type", "imatrix", V.STRING)
+    w.add_field(KEY_DATASETS, list(im.datasets), V.ARRAY, V.STRING)
+    w.add_field(KEY_CHUNK_COUNT, int(im.chunk_count), V.UINT32)
+    w.add_field(KEY_CHUNK_SIZE, int(im.chunk_size), V.UINT32)
+    for name in sorted(im.entries, key=str.encode):
+        e = im.entries[name]
+        sums = np.ascontiguousarray(e.sums, dtype=np.float32)
+        counts = np.ascontiguousarray(e.counts, dtype=np.float32).reshape(-1)
+        n_mat = counts.size
+        sums_shape = (sums.shape[-1],) if n_mat == 1 else (n_mat, sums.shape[-1])
+        counts_shape = (1,) if n_mat == 1 else (n_mat, 1)
+        w.add_tensor(name + SUFFIX_SUMS, sums_shape, GGMLQuantizationType.F32, lambda s=sums: [s])
+        w.add_tensor(name + SUFFIX_COUNTS, counts_shape, GGMLQuantizationType.F32, lambda c=counts: [c])
+    return w.write()[0]
+
+
+def save_dat(im: Imatrix, path, *, force=False) -> Path:
+    """Write the legacy .dat as save_imatrix_legacy does (research note §1.3).
+
+    Entries whose counts are all zero are skipped; values are (sum/count)*ncall per matrix with
+    ncall = ceil(max(count)/chunk_size); an expert with count 0 stores (1/1)*ncall.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise GGQuantError(f"{path} exists; pass --force to overwrite it")
+    chunk = im.chunk_size or 1
+    parts = []
+    names = [n for n in sorted(im.entries, key=str.encode) if np.any(im.entries[n].counts > 0)]
+    parts.append(struct.pack("<i", len(names)))
+    for name in names:
+        e = im.entries[name]
+        if im.legacy:
+            ncall, vals = int(e.counts[0]), e.sums.reshape(-1).astype(np.float32)
+        else:
+            ncall = -(-int(e.counts.max()) // chunk)
+            cnt = e.counts.astype(np.float32)[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per = np.where(cnt > 0, e.sums / np.where(cnt > 0, cnt, np.float32(1)), np.float32(1))
+            vals = (per * np.float32(ncall)).astype(np.float32).reshape(-1)
+        b = name.encode()
+        parts += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, vals.size), vals.astype("<f4").tobytes()]
+    dataset = (im.datasets[-1] if im.datasets else "").encode()
+    parts += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(dataset)), dataset]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(b"".join(parts))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def merge(imatrices: list[Imatrix]) -> Imatrix:
+    """Sum several collections (llama-imatrix --in-file): sums and counts add, datasets append.
+
+    A legacy file is re-imported as sums*chunk_size with count ncall*chunk_size, as llama-imatrix
+    does, so it can be merged with GGUF data of the same chunk size.
+    """
+    if not imatrices:
+        raise GGQuantError("nothing to merge")
+    chunk_size = next((m.chunk_size for m in imatrices if m.chunk_size), 0)
+    entries: dict[str, Entry] = {}
+    datasets: list[str] = []
+    for m in imatrices:
+        datasets += m.datasets
+        for name, e in m.entries.items():
+            sums, counts = e.sums.astype(np.float32), e.counts.astype(np.int64)
+            if m.legacy:
+                cs = chunk_size or 1
+                sums, counts = sums * np.float32(cs), counts * cs
+            if name in entries:
+                old = entries[name]
+                if old.sums.shape != sums.shape:
+                    raise GGQuantError(
+                        f"imatrix entry {name}: shape {list(sums.shape)} in {m.path} does not match "
+                        f"{list(old.sums.shape)} from an earlier file; they come from different models"
+                    )
+                entries[name] = Entry(old.sums + sums, old.counts + counts)
+            else:
+                entries[name] = Entry(sums, counts)
+    chunk_count = max(int(e.counts.max()) for e in entries.values()) // chunk_size if chunk_size else 0
+    return Imatrix(entries, datasets, chunk_count, chunk_size, False)
