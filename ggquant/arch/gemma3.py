@@ -1,0 +1,301 @@
+"""Gemma 3 text decoder (Gemma3ForCausalLM, and the text part of Gemma3ForConditionalGeneration).
+
+What llama.cpp's converter does for it (conversion/gemma.py Gemma3Model on top of
+conversion/base.py TextModel):
+- every `*norm.weight` is stored as `1 + w`: Gemma3RMSNorm multiplies by (1 + weight);
+- token_embd is trimmed to the tokenizer's size (out-of-vocabulary padding rows dropped);
+- tied embeddings: no output.weight (llama.cpp reuses token_embd);
+- vocabulary from tokenizer.model (SentencePiece), add_space_prefix = false.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gguf import Keys
+
+from ggquant.arch import vocab as V
+from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, AddConstant, Arch, Rule, Transform,
+                               read_json, with_defaults)
+from ggquant.errors import GGQuantError
+from ggquant.formats.safetensors import SafeTensor
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+NORM_SHIFT = 1.0  # Gemma3RMSNorm: output * (1 + weight)
+
+# transformers 5.x Gemma3TextConfig defaults (configuration_gemma3.py); llama.cpp's converter
+# sees them through AutoConfig.to_dict() when config.json leaves a key out.
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, sliding_window=4096, final_logit_softcapping=None, attn_logit_softcapping=None,
+    tie_word_embeddings=True,
+)
+GEMMA3_ROPE_THETA = {"global": 1_000_000.0, "local": 10_000.0}
+
+# Decoder-layer tensors shared by Gemma 3 and Gemma 4 (HF names after llama.cpp drops
+# "language_model."; shapes [out, in] in HF order).
+DECODER_LAYER = (
+    Rule("model.layers.{bid}.input_layernorm", "blk.{bid}.attn_norm", "RMSNorm gain before attention [hidden]"),
+    Rule("model.layers.{bid}.self_attn.q_proj", "blk.{bid}.attn_q", "query projection [n_head*head_dim, hidden]"),
+    Rule("model.layers.{bid}.self_attn.k_proj", "blk.{bid}.attn_k", "key projection [n_kv_head*head_dim, hidden]"),
+    Rule("model.layers.{bid}.self_attn.v_proj", "blk.{bid}.attn_v", "value projection [n_kv_head*head_dim, hidden]"),
+    Rule("model.layers.{bid}.self_attn.o_proj", "blk.{bid}.attn_output", "attention output [hidden, n_head*head_dim]"),
+    Rule("model.layers.{bid}.self_attn.q_norm", "blk.{bid}.attn_q_norm", "per-head RMSNorm gain on q [head_dim]"),
+    Rule("model.layers.{bid}.self_attn.k_norm", "blk.{bid}.attn_k_norm", "per-head RMSNorm gain on k [head_dim]"),
+    Rule("model.layers.{bid}.post_attention_layernorm", "blk.{bid}.post_attention_norm",
+         "RMSNorm gain on the attention output, before the residual add [hidden]"),
+    Rule("model.layers.{bid}.pre_feedforward_layernorm", "blk.{bid}.ffn_norm", "RMSNorm gain before the MLP [hidden]"),
+    Rule("model.layers.{bid}.post_feedforward_layernorm", "blk.{bid}.post_ffw_norm",
+         "RMSNorm gain on the MLP output, before the residual add [hidden]"),
+    Rule("model.layers.{bid}.mlp.gate_proj", "blk.{bid}.ffn_gate", "MLP gate (gelu-tanh) [ffn, hidden]"),
+    Rule("model.layers.{bid}.mlp.up_proj", "blk.{bid}.ffn_up", "MLP up [ffn, hidden]"),
+    Rule("model.layers.{bid}.mlp.down_proj", "blk.{bid}.ffn_down", "MLP down [hidden, ffn]"),
+)
+DECODER_GLOBAL = (
+    Rule("model.embed_tokens", "token_embd", "token embeddings [n_vocab, hidden]; the output matrix too when tied"),
+    Rule("model.norm", "output_norm", "final RMSNorm gain [hidden]"),
+    Rule("lm_head", "output", "untied output matrix [n_vocab, hidden] (absent when tie_word_embeddings)"),
+)
+
+
+def rope_parameters_gemma3(h: dict) -> dict:
+    """transformers Gemma3TextConfig.convert_rope_params_to_dict: nested per layer type, with
+    legacy rope_scaling / rope_theta / rope_local_base_freq folded in."""
+    rp = h.get("rope_parameters")
+    rp = {k: dict(v) if isinstance(v, dict) else v for k, v in rp.items()} if isinstance(rp, dict) else {
+        SLIDING: {"rope_type": "default"}, FULL: {"rope_type": "default"}}
+    if isinstance(h.get("rope_scaling"), dict):
+        rp.setdefault(FULL, {"rope_type": "default"}).update(h["rope_scaling"])
+    if not isinstance(rp.get(FULL), dict):
+        rp[FULL] = {"rope_type": "default"}
+    rp[FULL].setdefault("rope_theta", h.get("rope_theta", GEMMA3_ROPE_THETA["global"]))
+    if not isinstance(rp.get(SLIDING), dict):
+        rp[SLIDING] = {"rope_type": "default"}
+    rp[SLIDING].setdefault("rope_theta", h.get("rope_local_base_freq", GEMMA3_ROPE_THETA["local"]))
+    for v in (rp[FULL], rp[SLIDING]):
+        v.setdefault("rope_type", v.get("type", "default"))
+    return rp
+
+
+class Gemma3(Arch):
+    hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+    gguf_arch = "gemma3"
+    TEXT_TENSORS = DECODER_GLOBAL + DECODER_LAYER
+    TEXT_DEFAULTS = GEMMA3_TEXT_DEFAULTS
+    norm_shift = NORM_SHIFT
+
+    def text_hparams(self, config: dict) -> dict:
+        h = super().text_hparams(config)
+        h = with_defaults(h, self.TEXT_DEFAULTS)
+        if not isinstance(h.get("layer_types"), list):
+            n = h.get("num_hidden_layers")
+            pattern = h.get("sliding_window_pattern", h.get("_sliding_window_pattern", 6))
+            if isinstance(n, int) and isinstance(pattern, int) and pattern > 0:
+                h["layer_types"] = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+        h["rope_parameters"] = self.rope_parameters(h)
+        return h
+
+    def rope_parameters(self, h: dict) -> dict:
+        return rope_parameters_gemma3(h)
+
+    # --- vocabulary --------------------------------------------------------------------------
+    def tokens(self) -> tuple[list[str], list[float], list[int]]:
+        """(tokens, scores, types) as written to the GGUF; cached."""
+        if not hasattr(self, "_tokens"):
+            self._tokens = self.read_tokens()
+        return self._tokens
+
+    def read_tokens(self):
+        if not (self.dir / "tokenizer.model").is_file():
+            raise GGQuantError(
+                f"{self.dir}: tokenizer.model not found; llama.cpp's Gemma 3 converter reads the SentencePiece "
+                f"model (its tokenizer.json fallback only accepts pre-tokenizers it knows by hash)"
+            )
+        return self.sp_tokens()
+
+    def sp_tokens(self):
+        """_create_vocab_sentencepiece, padded to vocab_size_per_layer_input or vocab_size."""
+        if not hasattr(self, "_sp_tokens"):
+            n = self.hparams.get("vocab_size_per_layer_input") or self.hparams.get("vocab_size")
+            self._sp_tokens = V.sentencepiece_tokens(self.dir, n if isinstance(n, int) else None)
+        return self._sp_tokens
+
+    def n_vocab_real(self) -> int:
+        """The token_embd rows llama.cpp keeps (Gemma3Model.modify_tensors)."""
+        if (self.dir / "tokenizer.model").is_file():
+            return len(self.sp_tokens()[0])
+        tj = read_json(self.dir / "tokenizer.json", "the tokenizer is needed to size token_embd")
+        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens") or [])
+
+    def vocab(self, kv: KV) -> None:
+        tokens, scores, types = self.tokens()
+        kv.string(Keys.Tokenizer.MODEL, "llama")
+        kv.string(Keys.Tokenizer.PRE, "default")
+        kv.array(Keys.Tokenizer.LIST, tokens)
+        kv.array(Keys.Tokenizer.SCORES, scores)
+        kv.array(Keys.Tokenizer.TOKEN_TYPE, types)
+        V.SpecialVocab(self.dir, load_merges=False, n_vocab=len(tokens)).write(kv)
+        kv.bool(Keys.Tokenizer.ADD_PREFIX, False)
+
+    # --- tensors ----------------------------------------------------------------------------
+    def n_outer(self, hf_name: str, src: SafeTensor, part: str) -> int:
+        if part == TEXT and "embed_tokens.weight" in hf_name:
+            if not hasattr(self, "_n_vocab_real"):
+                self._n_vocab_real = self.n_vocab_real()
+            return min(src.n_outer, self._n_vocab_real)
+        return src.n_outer
+
+    def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
+        if part == TEXT and self.norm_shift and hf_name.endswith("norm.weight"):
+            return AddConstant(self.norm_shift)
+        return SCALAR_TO_1D if not src.shape else IDENTITY
+
+    def layer_dims(self, il: int) -> dict:
+        h = self.hparams
+        return dict(head_dim=h["head_dim"], n_kv=h["num_key_value_heads"], ffn=h["intermediate_size"])
+
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """HF name (normalized) -> (shape, required) for the text decoder."""
+        h = self.hparams
+        H, nh = h["hidden_size"], h["num_attention_heads"]
+        exp: dict[str, tuple[tuple[int, ...], bool]] = {
+            "model.embed_tokens.weight": ((h["vocab_size"], H), True),
+            "model.norm.weight": ((H,), True),
+            "lm_head.weight": ((h["vocab_size"], H), not h.get("tie_word_embeddings", True)),
+        }
+        for il in range(self.block_count):
+            d = self.layer_dims(il)
+            hd, nkv, ff = d["head_dim"], d["n_kv"], d["ffn"]
+            p = f"model.layers.{il}."
+            kv_required = d.get("has_kv", True)
+            exp.update({
+                p + "input_layernorm.weight": ((H,), True),
+                p + "self_attn.q_proj.weight": ((nh * hd, H), True),
+                p + "self_attn.k_proj.weight": ((nkv * hd, H), kv_required),
+                p + "self_attn.v_proj.weight": ((nkv * hd, H), kv_required and d.get("has_v", True)),
+                p + "self_attn.o_proj.weight": ((H, nh * hd), True),
+                p + "self_attn.q_norm.weight": ((hd,), True),
+                p + "self_attn.k_norm.weight": ((hd,), kv_required),
+                p + "post_attention_layernorm.weight": ((H,), True),
+                p + "pre_feedforward_layernorm.weight": ((H,), True),
+                p + "post_feedforward_layernorm.weight": ((H,), True),
+                p + "mlp.gate_proj.weight": ((ff, H), True),
+                p + "mlp.up_proj.weight": ((ff, H), True),
+                p + "mlp.down_proj.weight": ((H, ff), True),
+            })
+        return exp
+
+    def check_text_tensors(self) -> None:
+        """Missing tensors and wrong shapes, against what the config declares."""
+        assert self.ckpt is not None
+        present = {self.normalize_name(n): t for n, t in self.ckpt.tensors.items() if self.is_text_tensor(n)}
+        for name, (shape, required) in self.expected_shapes().items():
+            t = present.get(name)
+            if t is None:
+                if required:
+                    raise GGQuantError(
+                        f"{self.dir}: tensor '{name}' is missing from the checkpoint ({self.config_path.name} "
+                        f"declares it); the download is incomplete or the config does not belong to these weights")
+                continue
+            if tuple(t.shape) != tuple(shape):
+                raise GGQuantError(
+                    f"{t.file}: tensor '{t.name}' has shape {list(t.shape)}, but {self.config_path.name} implies "
+                    f"{list(shape)}; the config and the weights disagree")
+
+    def check_vocab_sizes(self) -> None:
+        """llama.cpp refuses a token_embd whose rows differ from the tokenizer's size."""
+        n_tokens = len(self.tokens()[0])
+        assert self.ckpt is not None
+        for name, t in self.ckpt.tensors.items():
+            norm = self.normalize_name(name)
+            if norm == "model.embed_tokens.weight":
+                rows = self.n_outer(norm, t, TEXT)
+                if rows != n_tokens:
+                    raise GGQuantError(
+                        f"{t.file}: tensor '{name}' has {rows} rows but the tokenizer has {n_tokens} tokens "
+                        f"(config vocab_size {self.hparams.get('vocab_size')}); llama.cpp would refuse to load "
+                        f"the GGUF (token_embd has the wrong shape). Fix vocab_size or the tokenizer files")
+
+    def validate(self, parts: tuple[str, ...]) -> None:
+        h = self.hparams
+        for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "vocab_size"):
+            self.need(key)
+        if h.get("attn_logit_softcapping") is not None:
+            raise GGQuantError(f"{self.config_path}: attn_logit_softcapping is set; Gemma 3 has none and "
+                               f"llama.cpp's converter refuses it")
+        lt = h.get("layer_types")
+        if not isinstance(lt, list) or len(lt) != self.block_count or any(t not in (SLIDING, FULL) for t in lt):
+            raise GGQuantError(f"{self.config_path}: 'layer_types' must list {self.block_count} entries of "
+                               f"'{SLIDING}'/'{FULL}', got {lt!r}")
+        if TEXT in parts:
+            self.check_text_tensors()
+            self.check_vocab_sizes()
+
+    # --- metadata ---------------------------------------------------------------------------
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        self.base_text_metadata(kv, file_type)
+        self.gemma3_metadata(kv)
+
+    def base_text_metadata(self, kv: KV, file_type: int) -> None:
+        """conversion/base.py TextModel.set_gguf_parameters, for the keys a Gemma config has."""
+        a, h = self.gguf_arch, self.hparams
+        L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        kv.u32(L.BLOCK_COUNT.format(arch=a), self.block_count)
+        kv.u32(L.CONTEXT_LENGTH.format(arch=a), h["max_position_embeddings"])
+        kv.u32(L.EMBEDDING_LENGTH.format(arch=a), h["hidden_size"])
+        kv.u32(L.FEED_FORWARD_LENGTH.format(arch=a), h["intermediate_size"])
+        kv.u32(A.HEAD_COUNT.format(arch=a), h["num_attention_heads"])
+        kv.u32(A.HEAD_COUNT_KV.format(arch=a), h["num_key_value_heads"])
+        if h.get("is_causal") is False:
+            kv.bool(A.CAUSAL.format(arch=a), False)
+        rp = h["rope_parameters"]
+        full = rp.get(FULL, rp)
+        rtype, factor = full.get("rope_type"), full.get("factor")
+        if rtype == "linear" and factor is not None:
+            kv.string(R.SCALING_TYPE.format(arch=a), "linear")
+            kv.f32(R.SCALING_FACTOR.format(arch=a), factor)
+        elif rtype == "yarn" and factor is not None:
+            kv.string(R.SCALING_TYPE.format(arch=a), "yarn")
+            kv.f32(R.SCALING_FACTOR.format(arch=a), factor)
+            kv.u32(R.SCALING_ORIG_CTX_LEN.format(arch=a), full["original_max_position_embeddings"])
+            for key, names in ((R.SCALING_YARN_EXT_FACTOR, ("extrapolation_factor",)),
+                               (R.SCALING_YARN_ATTN_FACTOR, ("attention_factor", "attn_factor")),
+                               (R.SCALING_YARN_BETA_FAST, ("beta_fast",)), (R.SCALING_YARN_BETA_SLOW, ("beta_slow",))):
+                v = next((full[n] for n in names if full.get(n) is not None), None)
+                if v is not None:
+                    kv.f32(key.format(arch=a), v)
+        if full.get("rope_theta") is not None:
+            kv.f32(R.FREQ_BASE.format(arch=a), full["rope_theta"])
+        swa = rp.get(SLIDING, {}) if isinstance(rp.get(SLIDING), dict) else {}
+        if swa.get("rope_theta") is not None:
+            kv.f32(R.FREQ_BASE_SWA.format(arch=a), swa["rope_theta"])
+        kv.f32(A.LAYERNORM_RMS_EPS.format(arch=a), h["rms_norm_eps"])
+        n_exp = next((h[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in h), None)
+        if n_exp is not None:
+            kv.u32(L.EXPERT_COUNT.format(arch=a), n_exp)
+        n_used = next((h[k] for k in ("num_experts_per_tok", "num_experts_per_token", "top_k_experts") if k in h), None)
+        if n_used is not None:
+            kv.u32(L.EXPERT_USED_COUNT.format(arch=a), n_used)
+        if h.get("head_dim") is not None:
+            kv.u32(A.KEY_LENGTH.format(arch=a), h["head_dim"])
+            kv.u32(A.VALUE_LENGTH.format(arch=a), h["head_dim"])
+        kv.u32(Keys.General.FILE_TYPE, file_type)
+
+    def gemma3_metadata(self, kv: KV) -> None:
+        """conversion/gemma.py Gemma3Model.set_gguf_parameters (several keys a second time)."""
+        a, h = self.gguf_arch, self.hparams
+        L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        kv.u32(L.CONTEXT_LENGTH.format(arch=a), h.get("max_position_embeddings", 131072))
+        kv.u32(A.HEAD_COUNT.format(arch=a), h.get("num_attention_heads", 8))
+        kv.f32(A.LAYERNORM_RMS_EPS.format(arch=a), h.get("rms_norm_eps", 1e-6))
+        kv.u32(A.KEY_LENGTH.format(arch=a), h.get("head_dim", 256))
+        kv.u32(A.VALUE_LENGTH.format(arch=a), h.get("head_dim", 256))
+        rp = h["rope_parameters"]
+        kv.f32(R.FREQ_BASE.format(arch=a), rp.get(FULL, rp).get("rope_theta", 1_000_000.0))
+        if h.get("final_logit_softcapping"):
+            kv.f32(L.FINAL_LOGIT_SOFTCAPPING.format(arch=a), h["final_logit_softcapping"])
+        if h.get("sliding_window_pattern") != 1:
+            kv.u32(A.SLIDING_WINDOW.format(arch=a), self.need("sliding_window"))
+        kv.u32(A.HEAD_COUNT_KV.format(arch=a), h.get("num_key_value_heads", 4))

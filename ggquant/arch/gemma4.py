@@ -1,0 +1,475 @@
+"""Gemma 4 (Gemma4ForConditionalGeneration, Gemma4ForCausalLM): text decoder + mmproj towers.
+
+Text (llama.cpp conversion/gemma.py Gemma4Model, a Gemma3Model without the norm shift):
+- per-layer embeddings (PLE): `per_layer_token_embd` [n_vocab, n_layer*P], a projection from
+  the hidden state and its norm; per layer `inp_gate`, `proj`, `post_norm`;
+- KV sharing: the last `num_kv_shared_layers` layers have no k/v of their own;
+- sliding layers use `head_dim`, full layers `global_head_dim` (or per_layer_config);
+- proportional RoPE on full layers, expressed as the generated `rope_freqs` tensor;
+- `layer_scalar` (a [1] buffer) -> `blk.N.layer_output_scale.weight`;
+- the double-wide MLP on KV-shared layers -> a per-layer feed_forward_length array.
+
+mmproj (Gemma4VisionAudioModel, general.architecture = clip): the vision tower (gemma4v) and the
+audio conformer (gemma4a), with the converter's reshapes, F32-forced tensors and softplus of
+the audio `per_dim_scale`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from gguf import GGMLQuantizationType, Keys, TokenType
+
+from ggquant.arch import vocab as V
+from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Reshape, Rule, Softplus, Transform,
+                               read_json)
+from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3
+from ggquant.errors import GGQuantError
+from ggquant.formats.safetensors import SafeTensor
+
+T = GGMLQuantizationType
+
+# transformers 5.x Gemma4TextConfig / Gemma4VisionConfig / Gemma4AudioConfig defaults
+GEMMA4_TEXT_DEFAULTS = dict(
+    vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, sliding_window=512, final_logit_softcapping=None, tie_word_embeddings=True,
+    vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, attention_k_eq_v=False,
+    num_kv_shared_layers=0, enable_moe_block=False, use_double_wide_mlp=False, num_experts=None,
+    top_k_experts=None, moe_intermediate_size=None, use_bidirectional_attention=None,
+)
+GEMMA4_DEFAULT_GLOBAL_HEAD_DIM = 512
+GEMMA4_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                       patch_size=16, pooling_kernel_size=3)
+AUDIO_DEFAULTS = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8)
+AUDIO_MEL_BINS = 128  # converter default for input_feat_size
+DUMMY_IMAGE_SIZE = 224  # the converter writes this placeholder; clip.cpp does not use it for gemma4v
+MMPROJ_EPS = 1e-6  # the converter reads a 'layer_norm_eps' the Gemma 4 tower configs never have
+ROPE_FREQ_UNROTATED = 1e30  # freq factor that makes the angle ~0: a pass-through dimension
+CLIP_TOWERS = 128  # llama.cpp MmprojModel block_count when both vision and audio are present
+
+# Gemma 4 text-only tensors, on top of the Gemma 3 decoder tables.
+GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
+    Rule("model.embed_tokens_per_layer", "per_layer_token_embd",
+         "per-layer token embeddings (PLE) [n_vocab, n_layer*P], P = hidden_size_per_layer_input"),
+    Rule("model.per_layer_model_projection", "per_layer_model_proj", "hidden state -> PLE inputs [n_layer*P, hidden]"),
+    Rule("model.per_layer_projection_norm", "per_layer_proj_norm", "RMSNorm gain per P-slice of that projection [P]"),
+    Rule("model.layers.{bid}.per_layer_input_gate", "blk.{bid}.inp_gate", "PLE gate [P, hidden]"),
+    Rule("model.layers.{bid}.per_layer_projection", "blk.{bid}.proj", "PLE back to the residual [hidden, P]"),
+    Rule("model.layers.{bid}.post_per_layer_input_norm", "blk.{bid}.post_norm", "RMSNorm gain after the PLE branch [hidden]"),
+    Rule("model.layers.{bid}.layer_scalar", "blk.{bid}.layer_output_scale.weight",
+         "per-layer output scale, a [1] buffer (the converter appends .weight)", suffixes=("",)),
+)
+
+# mmproj: HF names after the converter's own renames (".linear." dropped from clippable linears);
+# every linear may carry the clipping scalars input_min/input_max/output_min/output_max.
+MM = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
+_VL = "model.vision_tower.encoder.layers.{bid}."
+_AL = "model.audio_tower.layers.{bid}."
+GEMMA4_MMPROJ = (
+    # vision tower (gemma4v)
+    Rule("model.vision_tower.patch_embedder.input_proj", "v.patch_embd",
+         "patch embedding [hidden, 3*p*p] (r, c, rgb) -> conv kernel [hidden, 3, p, p]", MM),
+    Rule("model.vision_tower.patch_embedder.position_embedding_table", "v.position_embd.weight",
+         "2-D position table [2, pos, hidden] (x and y), F32", ("",)),
+    Rule("model.vision_tower.std_bias", "v.std_bias", "optional output standardization bias [hidden]", ("",)),
+    Rule("model.vision_tower.std_scale", "v.std_scale", "optional output standardization scale [hidden]", ("",)),
+    Rule(_VL + "input_layernorm", "v.blk.{bid}.ln1", "RMSNorm before attention [hidden]", MM),
+    Rule(_VL + "pre_feedforward_layernorm", "v.blk.{bid}.ln2", "RMSNorm before the MLP [hidden]", MM),
+    Rule(_VL + "post_attention_layernorm", "v.blk.{bid}.attn_post_norm", "RMSNorm after attention [hidden]", MM),
+    Rule(_VL + "post_feedforward_layernorm", "v.blk.{bid}.ffn_post_norm", "RMSNorm after the MLP [hidden]", MM),
+    Rule(_VL + "self_attn.q_proj", "v.blk.{bid}.attn_q", "query [n_head*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.k_proj", "v.blk.{bid}.attn_k", "key [n_kv*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.v_proj", "v.blk.{bid}.attn_v", "value [n_kv*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.o_proj", "v.blk.{bid}.attn_out", "attention output [hidden, n_head*head_dim]", MM),
+    Rule(_VL + "self_attn.q_norm", "v.blk.{bid}.attn_q_norm", "q RMSNorm gain [head_dim]", MM),
+    Rule(_VL + "self_attn.k_norm", "v.blk.{bid}.attn_k_norm", "k RMSNorm gain [head_dim]", MM),
+    Rule(_VL + "mlp.gate_proj", "v.blk.{bid}.ffn_gate", "MLP gate [ffn, hidden]", MM),
+    Rule(_VL + "mlp.up_proj", "v.blk.{bid}.ffn_up", "MLP up [ffn, hidden]", MM),
+    Rule(_VL + "mlp.down_proj", "v.blk.{bid}.ffn_down", "MLP down [hidden, ffn]", MM),
+    Rule(_VL + "layer_scalar", "v.blk.{bid}.out_scale.weight", "optional per-layer output scale", ("",)),
+    Rule("model.embed_vision.embedding_projection", "mm.input_projection", "vision -> text hidden [H_text, hidden]", MM),
+    # audio conformer (gemma4a)
+    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.conv", "a.conv1d.{bid}",
+         "subsampling Conv2d 3x3 stride 2 [c_out, c_in, 3, 3], F32", MM),
+    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.norm", "a.conv1d.{bid}.norm",
+         "LayerNorm after that conv [c_out]", MM),
+    Rule("model.audio_tower.subsample_conv_projection.input_proj_linear", "a.input_projection",
+         "subsampled features -> hidden [hidden, (mel/4)*c1], F32", MM),
+    Rule(_AL + "feed_forward1.ffw_layer_1", "a.blk.{bid}.ffn_up", "first macaron FFN up [4*hidden, hidden]", MM),
+    Rule(_AL + "feed_forward1.ffw_layer_2", "a.blk.{bid}.ffn_down", "first macaron FFN down [hidden, 4*hidden]", MM),
+    Rule(_AL + "feed_forward1.pre_layer_norm", "a.blk.{bid}.ffn_norm", "RMSNorm before FFN1 [hidden]", MM),
+    Rule(_AL + "feed_forward1.post_layer_norm", "a.blk.{bid}.ffn_post_norm", "RMSNorm after FFN1 [hidden]", MM),
+    Rule(_AL + "feed_forward2.ffw_layer_1", "a.blk.{bid}.ffn_up_1", "second macaron FFN up", MM),
+    Rule(_AL + "feed_forward2.ffw_layer_2", "a.blk.{bid}.ffn_down_1", "second macaron FFN down", MM),
+    Rule(_AL + "feed_forward2.pre_layer_norm", "a.blk.{bid}.ffn_norm_1", "RMSNorm before FFN2 [hidden]", MM),
+    Rule(_AL + "feed_forward2.post_layer_norm", "a.blk.{bid}.ffn_post_norm_1", "RMSNorm after FFN2 [hidden]", MM),
+    Rule(_AL + "norm_pre_attn", "a.blk.{bid}.attn_pre_norm", "RMSNorm before attention [hidden]", MM),
+    Rule(_AL + "norm_post_attn", "a.blk.{bid}.attn_post_norm", "RMSNorm after attention [hidden]", MM),
+    Rule(_AL + "norm_out", "a.blk.{bid}.ln2", "block output RMSNorm [hidden]", MM),
+    Rule(_AL + "self_attn.q_proj", "a.blk.{bid}.attn_q", "query [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.k_proj", "a.blk.{bid}.attn_k", "key [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.v_proj", "a.blk.{bid}.attn_v", "value [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.post", "a.blk.{bid}.attn_out", "attention output [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.relative_k_proj", "a.blk.{bid}.attn_k_rel", "relative-position key [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.per_dim_scale", "a.blk.{bid}.per_dim_scale.weight",
+         "per-dim query scale [head_dim], stored as softplus(x)", ("",)),
+    Rule(_AL + "lconv1d.pre_layer_norm", "a.blk.{bid}.conv_norm", "RMSNorm before the light conv [hidden]", MM),
+    Rule(_AL + "lconv1d.linear_start", "a.blk.{bid}.conv_pw1", "pointwise in, GLU halves [2*hidden, hidden]", MM),
+    Rule(_AL + "lconv1d.depthwise_conv1d", "a.blk.{bid}.conv_dw", "causal depthwise conv [hidden, 1, K] -> [hidden, K], F32", MM),
+    Rule(_AL + "lconv1d.conv_norm", "a.blk.{bid}.norm_conv", "RMSNorm after the depthwise conv [hidden]", MM),
+    Rule(_AL + "lconv1d.linear_end", "a.blk.{bid}.conv_pw2", "pointwise out [hidden, hidden]", MM),
+    Rule("model.audio_tower.output_proj", "a.pre_encode.out", "tower output projection [out_dims, hidden]", MM),
+    Rule("model.embed_audio.embedding_projection", "mm.a.input_projection", "audio -> text hidden [H_text, out_dims]", MM),
+)
+
+
+class PatchEmbedToConv(Transform):
+    """[hidden, p*p*3] in (row, col, channel) order -> conv kernel [hidden, 3, p, p]
+    (Gemma4VisionAudioModel.modify_tensors: reshape(n, p, p, 3).permute(0, 3, 1, 2))."""
+
+    label = "-> conv [n, 3, p, p]"
+
+    def shape(self, s):
+        p = int((s[1] // 3) ** 0.5)
+        if p * p * 3 != s[1]:
+            raise GGQuantError(f"patch embedding width {s[1]} is not 3*p*p")
+        return (s[0], 3, p, p)
+
+    def __call__(self, x, src_dtype):
+        n, _, p, _ = self.shape(x.shape)
+        return np.ascontiguousarray(x.reshape(n, p, p, 3).transpose(0, 3, 1, 2))
+
+
+DEPTHWISE_TO_2D = Reshape(lambda s: (s[0], s[2]) if len(s) == 3 and s[1] == 1 else s, "[C, 1, K] -> [C, K]")
+
+
+class Gemma4(Gemma3):
+    hf_architectures = ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM")
+    gguf_arch = "gemma4"
+    TEXT_TENSORS = GEMMA4_TEXT
+    MMPROJ_TENSORS = GEMMA4_MMPROJ
+    TEXT_DEFAULTS = GEMMA4_TEXT_DEFAULTS
+    norm_shift = 0.0  # Gemma4RMSNorm multiplies by w directly
+    VISIBLE_TOKENS = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                      "<tool_response|>", '<|"|>')  # always rendered so the chat parser sees them
+
+    def text_hparams(self, config: dict) -> dict:
+        h = dict(super(Gemma3, self).text_hparams(config))
+        raw_text = dict(h)
+        for k, v in self.TEXT_DEFAULTS.items():
+            h.setdefault(k, v)
+        # Gemma4TextConfig.__post_init__
+        if h.get("use_bidirectional_attention") == "all":
+            h["is_causal"] = False
+        if not isinstance(h.get("layer_types"), list):
+            n = h["num_hidden_layers"]
+            h["layer_types"] = [SLIDING if (i + 1) % 6 else FULL for i in range(n)] if isinstance(n, int) else None
+        else:
+            h["layer_types"] = list(h["layer_types"])
+            if h["layer_types"] and h["layer_types"][-1] != FULL:
+                h["layer_types"][-1] = FULL  # transformers forces the last layer to full attention
+        if not isinstance(h.get("rope_parameters"), dict):
+            h["rope_parameters"] = json.loads(json.dumps(GEMMA4_DEFAULT_ROPE))
+        if not isinstance(h.get("per_layer_config"), dict):
+            overrides = {"head_dim": raw_text.get("global_head_dim", GEMMA4_DEFAULT_GLOBAL_HEAD_DIM)}
+            n_gkv = raw_text.get("num_global_key_value_heads")
+            if n_gkv is not None and h.get("attention_k_eq_v", True):
+                overrides["num_key_value_heads"] = n_gkv
+            h["per_layer_config"] = {str(i): dict(overrides) for i, t in enumerate(h["layer_types"] or []) if t == FULL}
+        return h
+
+    def rope_parameters(self, h):
+        return h["rope_parameters"]
+
+    # --- derived dims (converter's reading of per_layer_config) ------------------------------
+    def _full_layer_value(self, key: str):
+        lt = self.hparams["layer_types"]
+        for idx, cfg in self.hparams["per_layer_config"].items():
+            try:
+                i = int(idx)
+            except ValueError:
+                continue
+            if i < len(lt) and lt[i] == FULL and isinstance(cfg, dict) and key in cfg:
+                return cfg[key]
+        return None
+
+    @property
+    def head_dim_full(self) -> int:
+        v = self._full_layer_value("head_dim")
+        if not isinstance(v, int):
+            raise GGQuantError(f"{self.config_path}: cannot find the full-attention head dim (global_head_dim, or "
+                               f"head_dim in per_layer_config for a full layer)")
+        return v
+
+    @property
+    def n_kv_full(self) -> int | None:
+        return self._full_layer_value("num_key_value_heads")
+
+    @property
+    def first_shared(self) -> int:
+        return self.block_count - self.hparams["num_kv_shared_layers"]
+
+    def layer_dims(self, il: int) -> dict:
+        h = self.hparams
+        full = h["layer_types"][il] == FULL
+        ff = h["intermediate_size"] * (2 if h.get("use_double_wide_mlp") and il >= self.first_shared else 1)
+        nkv = (self.n_kv_full or h["num_key_value_heads"]) if full else h["num_key_value_heads"]
+        # shared layers may or may not carry k/v (transformers ignores them); v is optional everywhere
+        return dict(head_dim=self.head_dim_full if full else h["head_dim"], n_kv=nkv, ffn=ff,
+                    has_kv=il < self.first_shared, has_v=not h.get("attention_k_eq_v"))
+
+    def expected_shapes(self):
+        exp = super().expected_shapes()
+        h = self.hparams
+        H, L, P = h["hidden_size"], self.block_count, h.get("hidden_size_per_layer_input") or 0
+        if P:
+            exp.update({
+                "model.embed_tokens_per_layer.weight": ((h["vocab_size_per_layer_input"], L * P), True),
+                "model.per_layer_model_projection.weight": ((L * P, H), True),
+                "model.per_layer_projection_norm.weight": ((P,), True),
+            })
+        for il in range(L):
+            p = f"model.layers.{il}."
+            exp[p + "layer_scalar"] = ((1,), True)
+            if P:
+                exp.update({p + "per_layer_input_gate.weight": ((P, H), True),
+                            p + "per_layer_projection.weight": ((H, P), True),
+                            p + "post_per_layer_input_norm.weight": ((H,), True)})
+        return exp
+
+    # --- checks -----------------------------------------------------------------------------
+    def validate(self, parts):
+        h = self.hparams
+        if h.get("enable_moe_block"):
+            raise GGQuantError(f"{self.config_path}: enable_moe_block is set (Gemma 4 26B-A4B MoE); ggquant "
+                               f"converts the dense Gemma 4 models (E2B, E4B, 31B) only")
+        lt = h.get("layer_types")
+        L = self.block_count
+        if not isinstance(lt, list) or len(lt) != L or any(t not in (SLIDING, FULL) for t in lt):
+            raise GGQuantError(f"{self.config_path}: 'layer_types' must list {L} entries of '{SLIDING}'/'{FULL}', "
+                               f"got {lt!r}")
+        n_shared = self.need("num_kv_shared_layers")
+        if not 0 <= n_shared < L:
+            raise GGQuantError(f"{self.config_path}: num_kv_shared_layers = {n_shared} must be in [0, {L})")
+        if n_shared:
+            first = L - n_shared
+            # llama.cpp (src/llama-model.cpp, gemma4) hard-codes the reuse map: shared sliding
+            # layers read layer first-2, shared full layers layer first-1; anything else makes
+            # llama-kv-cache.cpp hit GGML_ASSERT and kill the process while loading.
+            if first < 2 or lt[first - 1] != FULL or lt[first - 2] != SLIDING:
+                got = ", ".join(f"{i}: {lt[i]}" for i in range(max(0, first - 2), first))
+                raise GGQuantError(
+                    f"{self.config_path}: KV-sharing layout llama.cpp cannot load: with num_kv_shared_layers = "
+                    f"{n_shared} the first shared layer is {first}, so layers {first - 2} and {first - 1} (the "
+                    f"last two with their own KV) must be '{SLIDING}' then '{FULL}' (got {got or 'none'}); "
+                    f"llama.cpp would abort while loading this model")
+        rp_full = h["rope_parameters"].get(FULL)
+        if not isinstance(rp_full, dict) or rp_full.get("rope_type") != "proportional":
+            raise GGQuantError(f"{self.config_path}: rope_parameters.{FULL}.rope_type must be 'proportional' "
+                               f"(what llama.cpp's gemma4 expects), got {rp_full!r}")
+        if not isinstance(rp_full.get("partial_rotary_factor"), (int, float)):
+            raise GGQuantError(f"{self.config_path}: rope_parameters.{FULL}.partial_rotary_factor is missing")
+        self.head_dim_full  # raises when missing
+        P = h.get("hidden_size_per_layer_input") or 0
+        if P and h.get("vocab_size_per_layer_input") != h.get("vocab_size"):
+            raise GGQuantError(
+                f"{self.config_path}: vocab_size_per_layer_input = {h.get('vocab_size_per_layer_input')} differs "
+                f"from vocab_size = {h.get('vocab_size')}; llama.cpp sizes per_layer_token_embd by the vocabulary "
+                f"and would refuse the GGUF")
+        super().validate(parts)
+        if MMPROJ in parts:
+            self.mmproj_hparams()  # raises when the towers or the image normalisation are missing
+
+    def check_vocab_sizes(self):
+        super().check_vocab_sizes()
+        n_tokens = len(self.tokens()[0])
+        assert self.ckpt is not None
+        for name, t in self.ckpt.tensors.items():
+            if self.normalize_name(name) == "model.embed_tokens_per_layer.weight" and t.n_outer != n_tokens:
+                raise GGQuantError(
+                    f"{t.file}: tensor '{name}' has {t.n_outer} rows but the tokenizer has {n_tokens} tokens; "
+                    f"llama.cpp would refuse the GGUF (per_layer_token_embd has the wrong shape)")
+
+    # --- vocabulary --------------------------------------------------------------------------
+    def read_tokens(self):
+        tokens, scores, types = V.hf_bpe_tokens(self.dir)
+        types = [int(TokenType.USER_DEFINED) if t in self.VISIBLE_TOKENS else ty for t, ty in zip(tokens, types)]
+        return tokens, scores, types
+
+    def vocab(self, kv: KV) -> None:
+        tokens, scores, types = self.tokens()
+        kv.string(Keys.Tokenizer.MODEL, "gemma4")
+        kv.array(Keys.Tokenizer.LIST, tokens)
+        kv.array(Keys.Tokenizer.SCORES, scores)
+        kv.array(Keys.Tokenizer.TOKEN_TYPE, types)
+        sv = V.SpecialVocab(self.dir, load_merges=True)
+        if not sv.merges:
+            raise GGQuantError(f"{self.dir / 'tokenizer.json'}: no BPE merges found; llama.cpp's gemma4 tokenizer "
+                               f"needs them ('cannot find tokenizer merges')")
+        sv.write(kv)
+        kv.bool(Keys.Tokenizer.ADD_PREFIX, False)
+        kv.bool(Keys.Tokenizer.ADD_BOS, True)
+
+    # --- tensors ----------------------------------------------------------------------------
+    def normalize_name(self, name: str) -> str:
+        name = super().normalize_name(name)
+        if name.startswith("model.vision_tower."):
+            name = name.replace(".linear.weight", ".weight")
+        elif name.startswith("model.audio_tower."):
+            name = name.replace(".linear.", ".")
+        return name
+
+    def is_mmproj_tensor(self, name: str) -> bool:
+        return name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
+                                "model.embed_audio."))
+
+    def has_mmproj(self) -> bool:
+        return isinstance(self.raw.get("vision_config"), dict)
+
+    def block_count_for(self, part: str) -> int:
+        if part == TEXT:
+            return self.block_count
+        return CLIP_TOWERS
+
+    def map_tensor(self, name, part):
+        gname, bid = super().map_tensor(name, part)
+        if part == MMPROJ and bid is not None:
+            vis, aud = self.mmproj_hparams()
+            limit = (vis["num_hidden_layers"] if name.startswith("model.vision_tower.")
+                     else 2 if "subsample_conv_projection" in name else aud["num_hidden_layers"])
+            if bid >= limit:
+                raise GGQuantError(f"{self.dir}: tensor '{name}' is for layer {bid}, but the tower has {limit} layers "
+                                   f"in {self.config_path.name}")
+        return gname, bid
+
+    def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
+        if part == MMPROJ:
+            if hf_name.endswith("patch_embedder.input_proj.weight"):
+                return PatchEmbedToConv()
+            if hf_name.startswith("model.audio_tower."):
+                if hf_name.endswith(("per_dim_scale", "per_dim_key_scale")):
+                    return Softplus()
+                if "lconv1d.depthwise_conv1d" in hf_name and hf_name.endswith(".weight"):
+                    if src.ndim != 3 or src.shape[1] != 1:
+                        raise GGQuantError(f"{src.file}: tensor '{src.name}' has shape {list(src.shape)}; expected a "
+                                           f"depthwise kernel [C, 1, K]")
+                    return DEPTHWISE_TO_2D
+            return SCALAR_TO_1D if not src.shape else IDENTITY
+        return super().transform(hf_name, gguf_name, src, part)
+
+    def force_type(self, hf_name, gguf_name, n_dims, ftype, part):
+        if part != MMPROJ:
+            return None
+        # Gemma4VisionAudioModel.tensor_force_quant (note Python's `or` / `and` precedence)
+        if ("audio_tower" in hf_name or "embed_audio" in hf_name) and (
+                ".conv" in hf_name or "_conv" in hf_name and ".weight" in hf_name):
+            return T.F32
+        if "position_embedding_table" in hf_name:
+            return T.F32
+        # MmprojModel.tensor_force_quant
+        if ".patch_embd.weight" in gguf_name or ".patch_merger.weight" in gguf_name:
+            return T.F16 if ftype == T.F16 else T.F32
+        return None
+
+    def extra_tensors(self, part):
+        if part != TEXT:
+            return []
+        # Proportional RoPE on full layers: ggml's NeoX rope rotates dims [0, n_rot) pairs only,
+        # so the unrotated pairs get a huge frequency factor (angle / 1e30 ~ 0); llama.cpp uses
+        # this tensor on full-attention layers only (Gemma4Model.generate_extra_tensors).
+        hd = self.head_dim_full
+        prf = self.hparams["rope_parameters"][FULL]["partial_rotary_factor"]
+        n_rot = int(hd * prf / 2)
+        n_unrot = int(hd / 2) - n_rot
+        return [("rope_freqs.weight", np.array([1.0] * n_rot + [ROPE_FREQ_UNROTATED] * n_unrot, dtype=np.float32))]
+
+    # --- metadata ---------------------------------------------------------------------------
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        super().text_metadata(kv, file_type)
+        a, h = self.gguf_arch, self.hparams
+        L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        kv.u32(A.SHARED_KV_LAYERS.format(arch=a), h["num_kv_shared_layers"])
+        kv.u32(L.EMBD_LENGTH_PER_LAYER_INP.format(arch=a), h.get("hidden_size_per_layer_input") or 0)
+        swa = [t == SLIDING for t in h["layer_types"]]
+        kv.array(A.SLIDING_WINDOW_PATTERN.format(arch=a), swa)
+        hd_full, hd_swa = self.head_dim_full, h["head_dim"]
+        kv.u32(A.KEY_LENGTH.format(arch=a), hd_full)
+        kv.u32(A.VALUE_LENGTH.format(arch=a), hd_full)
+        kv.u32(A.KEY_LENGTH_SWA.format(arch=a), hd_swa)
+        kv.u32(A.VALUE_LENGTH_SWA.format(arch=a), hd_swa)
+        exp_ff = h.get("expert_intermediate_size", h.get("moe_intermediate_size"))
+        if exp_ff is not None:
+            kv.u32(L.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), exp_ff)
+        if h.get("use_double_wide_mlp"):
+            n_ff = h["intermediate_size"]
+            kv.array(L.FEED_FORWARD_LENGTH.format(arch=a),
+                     [n_ff if il < self.first_shared else n_ff * 2 for il in range(self.block_count)])
+        kv_full, kv_swa = self.n_kv_full, h.get("num_key_value_heads")
+        if kv_full is not None and kv_swa is not None:
+            kv.array(A.HEAD_COUNT_KV.format(arch=a), [kv_swa if s else kv_full for s in swa])
+        rp = h["rope_parameters"]
+        prf_swa = rp.get("partial_rotary_factor", 1.0)
+        kv.u32(R.DIMENSION_COUNT.format(arch=a), int(hd_full))
+        kv.u32(R.DIMENSION_COUNT_SWA.format(arch=a), int(hd_swa * prf_swa))
+
+    # --- mmproj ------------------------------------------------------------------------------
+    def mmproj_hparams(self) -> tuple[dict, dict | None]:
+        vc = self.raw.get("vision_config")
+        if not isinstance(vc, dict):
+            raise GGQuantError(f"{self.config_path}: no 'vision_config'; this {self.hf_arch} checkpoint has no "
+                               f"vision tower to write as an mmproj (llama.cpp requires one)")
+        vis = {**VISION_DEFAULTS, **vc}
+        ac = self.raw.get("audio_config")
+        aud = {**AUDIO_DEFAULTS, **ac} if isinstance(ac, dict) and ac else None
+        return vis, aud
+
+    def preprocessor(self) -> dict:
+        """MmprojModel: preprocessor_config.json, then processor_config.json merged over it."""
+        cfg: dict = {}
+        p = read_json(self.dir / "preprocessor_config.json", "", required=False)
+        if isinstance(p, dict):
+            cfg.update({**p, **p["media_proc_cfg"]} if isinstance(p.get("media_proc_cfg"), dict) else p)
+        q = read_json(self.dir / "processor_config.json", "", required=False)
+        if isinstance(q, dict):
+            cfg.update({**q, **q["image_processor"]} if isinstance(q.get("image_processor"), dict) else q)
+        return cfg
+
+    def mmproj_metadata(self, kv: KV, file_type: int) -> None:
+        """MmprojModel.set_gguf_parameters + Gemma4VisionAudioModel.set_gguf_parameters."""
+        vis, aud = self.mmproj_hparams()
+        CV, CA, C = Keys.ClipVision, Keys.ClipAudio, Keys.Clip
+        n_embd_text = self.hparams.get("hidden_size") or 0
+        kv.u32(Keys.General.FILE_TYPE, file_type)
+        kv.bool(C.HAS_VISION_ENCODER, True)
+        kv.u32(CV.PROJECTION_DIM, n_embd_text)
+        kv.u32(CV.IMAGE_SIZE, DUMMY_IMAGE_SIZE)
+        kv.u32(CV.PATCH_SIZE, vis["patch_size"])
+        kv.u32(CV.EMBEDDING_LENGTH, vis["hidden_size"])
+        kv.u32(CV.FEED_FORWARD_LENGTH, vis["intermediate_size"])
+        kv.u32(CV.BLOCK_COUNT, vis["num_hidden_layers"])
+        kv.u32(CV.Attention.HEAD_COUNT, vis["num_attention_heads"])
+        pp = self.preprocessor()
+        for key, name in ((CV.IMAGE_MEAN, "image_mean"), (CV.IMAGE_STD, "image_std")):
+            if not isinstance(pp.get(name), list):
+                raise GGQuantError(f"{self.dir}: '{name}' not found in preprocessor_config.json or "
+                                   f"processor_config.json; the mmproj needs the image normalisation")
+            kv.array(key, pp[name], f"{self.dir}: {name}")
+        if aud is not None:
+            kv.bool(C.HAS_AUDIO_ENCODER, True)
+            kv.u32(CA.PROJECTION_DIM, n_embd_text)
+            kv.u32(CA.EMBEDDING_LENGTH, aud["hidden_size"])
+            kv.u32(CA.FEED_FORWARD_LENGTH, aud["hidden_size"] * 4)
+            kv.u32(CA.BLOCK_COUNT, aud["num_hidden_layers"])
+            kv.u32(CA.Attention.HEAD_COUNT, aud["num_attention_heads"])
+        kv.string(CV.PROJECTOR_TYPE, "gemma4v")
+        kv.f32(CV.Attention.LAYERNORM_EPS, vis.get("layer_norm_eps", MMPROJ_EPS))
+        if aud is not None:
+            kv.string(CA.PROJECTOR_TYPE, "gemma4a")
+            kv.u32(CA.NUM_MEL_BINS, aud.get("input_feat_size", AUDIO_MEL_BINS))
+            kv.f32(CA.Attention.LAYERNORM_EPS, aud.get("layer_norm_eps", MMPROJ_EPS))
