@@ -1,0 +1,777 @@
+"""Fused dequantize-dot kernels: y[T, N] = x[T, K] @ W[N, K]^T with W kept in its GGML block format.
+
+This is what ggml-cpu's ggml_compute_forward_mul_mat does, and how it does it:
+
+- The activation x is first converted to the weight type's ``vec_dot_type`` (ggml-cpu.c
+  type_traits_cpu): Q8_0 blocks for Q4_0 / Q5_0 / Q8_0 weights, Q8_K blocks for the k-quants,
+  fp16 for F16, bf16 for BF16, unchanged for F32. The Q8 quantizers are ports of the x86 code
+  that runs on AVX2 machines (arch/x86/quants.c quantize_row_q8_0, ggml-quants.c
+  quantize_row_q8_K_ref), so the activation quants equal ggml's byte for byte. This matters:
+  on a 4-bit model the activation rounding moves logits about as much as the weight rounding.
+- Each weight block is then dotted with the matching activation block in integers (exact) and
+  the integer sum is scaled in float32, as in ggml's ggml_vec_dot_<type>_q8_<0|K>. Integer
+  parts are exact, so results differ from ggml only in the order of the float32 sums of the
+  per-block terms (ggml's AVX2 paths keep 8 float lanes, tinyBLAS/repack use tiles).
+
+Layout of the work: rows of W are processed in chunks of ROWS rows (prange over chunks, so
+results do not depend on the thread count). A chunk's rows are unpacked once into int8
+scratch (values in ggml's signed/unsigned quant range) plus per-block scales, then each of the
+T activation rows is dotted with every row of the chunk while both sit in L1/L2. With T = 1
+this is the matrix-vector product of token-by-token decoding.
+
+Speed: LLVM does not vectorize numba's fixed-length 32-element dot loops (it unrolls them and
+the SLP vectorizer gives up), which left the int8 dot at ~1 GMAC/s. The few hot primitives are
+therefore written as LLVM vector IR through numba's @intrinsic: integer dots (sext, mul, add of
+even/odd lanes, which the x86 backend turns into vpmaddwd), a block-scaled Q8 dot that keeps 8
+float lanes like ggml's AVX2 code, the unpackers of 4/5/6-bit quants, and a float32 dot with
+4 x 8 lanes of llvm.fma (the shape of ggml_vec_dot_f32 on AVX2). None of this is fastmath: every operation and its order is
+spelled out, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .common import FP16_TO_FP32, fp32_to_fp16, get_u16
+from .qsearch import get_scale_min_k4
+
+_T = GGMLQuantizationType
+F32 = np.float32
+I32 = np.int32
+JIT = dict(cache=True, error_model="numpy")
+
+QK8_0 = GGML_QUANT_SIZES[_T.Q8_0][0]  # 32 values per Q8_0 / Q4_0 / Q5_0 block
+QK_K = GGML_QUANT_SIZES[_T.Q8_K][0]  # 256 values per k-quant super-block
+Q4_0_BYTES = GGML_QUANT_SIZES[_T.Q4_0][1]  # d fp16 | qs[16]
+Q5_0_BYTES = GGML_QUANT_SIZES[_T.Q5_0][1]  # d fp16 | qh u32 | qs[16]
+Q8_0_BYTES = GGML_QUANT_SIZES[_T.Q8_0][1]  # d fp16 | qs[32] int8
+Q4_K_BYTES = GGML_QUANT_SIZES[_T.Q4_K][1]  # d | dmin | scales[12] | qs[128]
+Q5_K_BYTES = GGML_QUANT_SIZES[_T.Q5_K][1]  # d | dmin | scales[12] | qh[32] | qs[128]
+Q6_K_BYTES = GGML_QUANT_SIZES[_T.Q6_K][1]  # ql[128] | qh[64] | scales[16] int8 | d
+
+ROWS = 16  # weight rows per parallel work item (unpacked together, reused for all T tokens)
+
+# ggml-cpu.c type_traits_cpu[t].vec_dot_type: what the activation is converted to.
+VEC_DOT_TYPE = {
+    _T.F32: _T.F32,
+    _T.F16: _T.F16,
+    _T.BF16: _T.BF16,
+    _T.Q4_0: _T.Q8_0,
+    _T.Q5_0: _T.Q8_0,
+    _T.Q8_0: _T.Q8_0,
+    _T.Q4_K: _T.Q8_K,
+    _T.Q5_K: _T.Q8_K,
+    _T.Q6_K: _T.Q8_K,
+}
+SUPPORTED = frozenset(VEC_DOT_TYPE)
+
+
+# =============================================================================================
+# LLVM vector primitives
+# =============================================================================================
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+def _elem_ptr(context, builder, arrty, arr, idx, elt, idxty=None):
+    """Pointer to arr[idx] (idx in elements of the array), cast to elt*."""
+    a = context.make_array(arrty)(context, builder, arr)
+    if idxty is not None:
+        idx = context.cast(builder, idx, idxty, types.intp)
+    p = builder.gep(a.data, [idx])
+    return builder.bitcast(p, elt.as_pointer())
+
+
+def _load_vec(builder, ptr_elt, elt, n):
+    vt = ir.VectorType(elt, n)
+    return builder.load(builder.bitcast(ptr_elt, vt.as_pointer()), align=1)
+
+
+def _splat(builder, value, n):
+    vt = ir.VectorType(value.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _reduce_add_i32(builder, v, n):
+    fnty = ir.FunctionType(_I32, [ir.VectorType(_I32, n)])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{n}i32")
+    return builder.call(fn, [v])
+
+
+def _is_int8_array(t):
+    return isinstance(t, types.Array) and t.dtype in (types.int8, types.uint8) and t.layout == "C"
+
+
+@intrinsic
+def unpack32_kq16(typingctx, w, ilo, lo_shift, ihi, hi_shift, hi_mask, offset, s0, s1, dst, idst):
+    """32 quants of a k-quant sub-block, times their sub-block scale, into int16 dst[idst:idst+32]:
+
+        q[l] = ((w[ilo+l] >> lo_shift) & 0xF | ((w[ihi+l] >> hi_shift) & hi_mask) << 4) - offset
+        dst[idst+l] = q[l] * (s0 if l < 16 else s1)
+
+    Q4_K: hi_mask 0, offset 0 (ggml dequantize_row_q4_K); Q5_K: hi_mask 1, offset 0
+    (dequantize_row_q5_K: +16 where the qh bit is set); Q6_K: hi_mask 3, offset 32 and one
+    int8 scale per 16 quants (dequantize_row_q6_K). Folding the integer sub-block scale into
+    the quants (|q * s| <= 32 * 127 fits int16) turns a super-block's sum_j s_j * dot_j into
+    one 256-long int16 x int8 dot, which is exact, like ggml's _mm256_madd_epi16(scales, ...).
+    """
+    if not (_is_int8_array(w) and isinstance(dst, types.Array) and dst.dtype == types.int16):
+        return None
+    u = types.unliteral
+    sig = types.void(w, u(ilo), u(lo_shift), u(ihi), u(hi_shift), u(hi_mask), u(offset), u(s0), u(s1),
+                     dst, u(idst))
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        tw = st[0]
+        vt = ir.VectorType(_I8, 32)
+        vt16 = ir.VectorType(_I16, 32)
+
+        def narrow(i, ty):  # an int argument truncated to ty (shifts/masks/offsets < 256, scales < 2^15)
+            return builder.trunc(args[i], ty) if args[i].type.width > ty.width else args[i]
+
+        lo = _load_vec(builder, _elem_ptr(context, builder, tw, args[0], args[1], _I8, st[1]), _I8, 32)
+        hi = _load_vec(builder, _elem_ptr(context, builder, tw, args[0], args[3], _I8, st[3]), _I8, 32)
+        lo = builder.and_(builder.lshr(lo, _splat(builder, narrow(2, _I8), 32)), ir.Constant(vt, [0xF] * 32))
+        hi = builder.and_(builder.lshr(hi, _splat(builder, narrow(4, _I8), 32)), _splat(builder, narrow(5, _I8), 32))
+        q = builder.or_(lo, builder.shl(hi, ir.Constant(vt, [4] * 32)))
+        q = builder.sub(q, _splat(builder, narrow(6, _I8), 32))
+        a0 = _splat(builder, narrow(7, _I16), 16)
+        a1 = _splat(builder, narrow(8, _I16), 16)
+        scales = builder.shuffle_vector(a0, a1, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        q16 = builder.mul(builder.sext(q, vt16), scales)
+        pd = _elem_ptr(context, builder, st[9], args[9], args[10], _I16, st[10])
+        builder.store(q16, builder.bitcast(pd, vt16.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _pair_sum(builder, p):
+    """<16 x i32> -> <8 x i32> of p[2i] + p[2i+1] (with sext'd i16 products: vpmaddwd)."""
+    und = ir.Constant(p.type, ir.Undefined)
+    ev = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2))))
+    od = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2))))
+    return builder.add(ev, od)
+
+
+def _madd16(builder, pa, ea, pb, off):
+    """8 x i32 partial sums of 16 products a[off+k] * int8 b[off+k] (a of element type ea)."""
+    v16 = ir.VectorType(_I32, 16)
+    va = builder.sext(_load_vec(builder, builder.gep(pa, [off]), ea, 16), v16)
+    vb = builder.sext(_load_vec(builder, builder.gep(pb, [off]), _I8, 16), v16)
+    return _pair_sum(builder, builder.mul(va, vb))
+
+
+@intrinsic
+def dot_i16_i8(typingctx, a, ia, b, ib, n):
+    """sum_{k<n} a[ia+k] * int8(b[ib+k]) as int32, for int16 or int8 a; n a multiple of 16."""
+    if not (isinstance(a, types.Array) and a.dtype in (types.int16, types.int8, types.uint8)
+            and _is_int8_array(b)):
+        return None
+    u = types.unliteral
+    sig = types.int32(a, u(ia), b, u(ib), u(n))
+
+    def codegen(context, builder, signature, args):
+        ta, tia, tb, tib, tn = signature.args
+        ea = ir.IntType(ta.dtype.bitwidth)
+        pa = _elem_ptr(context, builder, ta, args[0], args[1], ea, tia)
+        pb = _elem_ptr(context, builder, tb, args[2], args[3], _I8, tib)
+        nn = context.cast(builder, args[4], tn, types.intp)
+        intp = nn.type
+        v8 = ir.VectorType(_I32, 8)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8))
+        with cgutils.for_range(builder, builder.sdiv(nn, ir.Constant(intp, 16))) as loop:
+            off = builder.mul(loop.index, ir.Constant(intp, 16))
+            builder.store(builder.add(builder.load(acc), _madd16(builder, pa, ea, pb, off)), acc)
+        return _reduce_add_i32(builder, builder.load(acc), 8)
+
+    return sig, codegen
+
+
+def _reduce_f32x8(builder, s):
+    """Sum of 8 float lanes in a fixed tree: (0..3)+(4..7), then (0+1)+(2+3)."""
+    v8 = s.type
+    und = ir.Constant(v8, ir.Undefined)
+    h = builder.fadd(builder.shuffle_vector(s, und, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 2, 3])),
+                     builder.shuffle_vector(s, und, ir.Constant(ir.VectorType(_I32, 4), [4, 5, 6, 7])))
+    e = [builder.extract_element(h, ir.Constant(_I32, i)) for i in range(4)]
+    return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+
+
+def _fma_fn(builder, ty, name):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+
+
+@intrinsic
+def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
+    """sum_b (dw[idw+b] * dx[idx+b]) * sum_{k<32} int8(w[iw+b*wstride+k]) * int8(x[ix+32b+k]).
+
+    The shape of ggml_vec_dot_q8_0_q8_0 on AVX2: each block's integer products are summed
+    exactly into 8 int32 lanes, converted to float, and accumulated with a fused multiply-add by
+    the block's scale d_w * d_x into 8 float lanes, reduced once at the end. wstride is the byte
+    distance between blocks of w (34 reading Q8_0 rows in place, 32 for unpacked quants).
+    """
+    if not (_is_int8_array(w) and _is_int8_array(x) and isinstance(dw, types.Array)
+            and dw.dtype == types.float32 and isinstance(dx, types.Array) and dx.dtype == types.float32):
+        return None
+    u = types.unliteral
+    sig = types.float32(w, u(iw), u(wstride), x, u(ix), dw, u(idw), dx, u(idx), u(nblocks))
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        pw = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+        px = _elem_ptr(context, builder, st[3], args[3], args[4], _I8, st[4])
+        pdw = _elem_ptr(context, builder, st[5], args[5], args[6], _F32, st[6])
+        pdx = _elem_ptr(context, builder, st[7], args[7], args[8], _F32, st[8])
+        stride = context.cast(builder, args[2], st[2], types.intp)
+        nb_ = context.cast(builder, args[9], st[9], types.intp)
+        intp = nb_.type
+        v8f = ir.VectorType(_F32, 8)
+        fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            pwb = builder.gep(pw, [builder.mul(b, stride)])
+            pxb = builder.gep(px, [builder.mul(b, ir.Constant(intp, QK8_0))])
+            p = builder.add(_madd16(builder, pwb, _I8, pxb, ir.Constant(intp, 0)),
+                            _madd16(builder, pwb, _I8, pxb, ir.Constant(intp, 16)))
+            scale = builder.fmul(builder.load(builder.gep(pdw, [b])), builder.load(builder.gep(pdx, [b])))
+            builder.store(builder.call(fma8, [builder.sitofp(p, v8f), _splat(builder, scale, 8),
+                                              builder.load(acc)]), acc)
+        return _reduce_f32x8(builder, builder.load(acc))
+
+    return sig, codegen
+
+
+@intrinsic
+def unpack32_q0(typingctx, w, iqs, qh, offset, dst, idst):
+    """The 32 quants of a Q4_0 / Q5_0 block into int8 dst[idst:idst+32].
+
+    qs[16] holds element j in its low nibble and element j+16 in its high nibble; bit j of
+    the 32-bit qh is bit 4 of element j (Q5_0; pass qh = 0 for Q4_0). offset is 8 (Q4_0) or
+    16 (Q5_0): ggml dequantize_row_q4_0 / dequantize_row_q5_0.
+    """
+    if not (_is_int8_array(w) and _is_int8_array(dst)):
+        return None
+    u = types.unliteral
+    sig = types.void(w, u(iqs), u(qh), u(offset), dst, u(idst))
+
+    def codegen(context, builder, signature, args):
+        tw, tiqs, tqh, _, tdst, tidst = signature.args
+        vt8 = ir.VectorType(_I8, 32)
+        vt32 = ir.VectorType(_I32, 32)
+        qs = _load_vec(builder, _elem_ptr(context, builder, tw, args[0], args[1], _I8, tiqs), _I8, 16)
+        both = builder.shuffle_vector(qs, qs, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+        shifts = ir.Constant(vt8, [0] * 16 + [4] * 16)
+        nib = builder.and_(builder.lshr(both, shifts), ir.Constant(vt8, [0xF] * 32))
+        qh32 = args[2]
+        if qh32.type.width > 32:
+            qh32 = builder.trunc(qh32, _I32)
+        elif qh32.type.width < 32:
+            qh32 = builder.zext(qh32, _I32)
+        bits = builder.lshr(_splat(builder, qh32, 32), ir.Constant(vt32, list(range(32))))
+        bits = builder.and_(bits, ir.Constant(vt32, [1] * 32))
+        hb = builder.shl(builder.trunc(bits, vt8), ir.Constant(vt8, [4] * 32))
+        off = builder.trunc(args[3], _I8) if args[3].type.width > 8 else args[3]
+        q = builder.sub(builder.or_(nib, hb), _splat(builder, off, 32))
+        pd = _elem_ptr(context, builder, tdst, args[4], args[5], _I8, tidst)
+        builder.store(q, builder.bitcast(pd, vt8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_f32(typingctx, a, ia, b, ib, n):
+    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in a fixed order.
+
+    The shape of ggml_vec_dot_f32 on AVX2: 4 accumulators of 8 lanes updated with fused
+    multiply-adds over steps of 32, reduced as (acc0+acc2)+(acc1+acc3) then across the lanes;
+    the n % 32 leftovers are added one by one with fma. Deterministic, no fastmath.
+    """
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and
+            isinstance(b, types.Array) and b.dtype == types.float32):
+        return None
+    u = types.unliteral
+    sig = types.float32(a, u(ia), b, u(ib), u(n))
+
+    def codegen(context, builder, signature, args):
+        ta, tia, tb, tib, tn = signature.args
+        pa = _elem_ptr(context, builder, ta, args[0], args[1], _F32, tia)
+        pb = _elem_ptr(context, builder, tb, args[2], args[3], _F32, tib)
+        nn = context.cast(builder, args[4], tn, types.intp)
+        intp = nn.type
+        v8 = ir.VectorType(_F32, 8)
+        fma8 = _fma_fn(builder, v8, "llvm.fma.v8f32")
+        fma1 = _fma_fn(builder, _F32, "llvm.fma.f32")
+        zero8 = ir.Constant(v8, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(4)]
+        nsteps = builder.sdiv(nn, ir.Constant(intp, 32))
+        with cgutils.for_range(builder, nsteps) as loop:
+            base = builder.mul(loop.index, ir.Constant(intp, 32))
+            for j in range(4):
+                off = builder.add(base, ir.Constant(intp, 8 * j))
+                xa = builder.load(builder.bitcast(builder.gep(pa, [off]), v8.as_pointer()), align=4)
+                xb = builder.load(builder.bitcast(builder.gep(pb, [off]), v8.as_pointer()), align=4)
+                builder.store(builder.call(fma8, [xa, xb, builder.load(accs[j])]), accs[j])
+        s0 = builder.fadd(builder.load(accs[0]), builder.load(accs[2]))
+        s1 = builder.fadd(builder.load(accs[1]), builder.load(accs[3]))
+        res = cgutils.alloca_once_value(builder, _reduce_f32x8(builder, builder.fadd(s0, s1)))
+        start = builder.mul(nsteps, ir.Constant(intp, 32))
+        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
+            k = builder.add(start, loop.index)
+            xa = builder.load(builder.gep(pa, [k]))
+            xb = builder.load(builder.gep(pb, [k]))
+            builder.store(builder.call(fma1, [xa, xb, builder.load(res)]), res)
+        return builder.load(res)
+
+    return sig, codegen
+
+
+# =============================================================================================
+# Activation conversion (the vec_dot_type of the weight)
+# =============================================================================================
+
+
+_ROUND_MAGIC = F32(12582912.0)  # 1.5 * 2**23, the constant of ggml-quants.c nearest_int
+
+
+@nb.njit(inline="always", **JIT)
+def _round_small(v):
+    """ggml nearest_int (round half to even) for |v| < 2**22, without its bit cast: adding and
+    subtracting 1.5 * 2**23 in float32 leaves exactly the integer nearest_int reads back."""
+    return np.int32((v + _ROUND_MAGIC) - _ROUND_MAGIC)
+
+
+@nb.njit(parallel=True, **JIT)
+def _quantize_q8_0(x, qs, d):
+    """arch/x86/quants.c quantize_row_q8_0 (AVX2 branch), per 32-block of each row.
+
+    d = amax / 127 stored as fp16; the multiplier is 127 / amax (not 1/d); products are
+    rounded half to even (_mm256_round_ps _MM_ROUND_NEAREST) and saturated by the packs.
+    d here is the fp16 value read back as float32, as ggml's dot products read it.
+    """
+    T, K = x.shape
+    for t in nb.prange(T):
+        for b in range(K // QK8_0):
+            o = b * QK8_0
+            amax = F32(0.0)
+            for j in range(QK8_0):
+                v = abs(x[t, o + j])
+                if v > amax:  # _mm256_max_ps: the order of equal maxima does not matter
+                    amax = v
+            dd = amax / F32(127.0)
+            d[t, b] = FP16_TO_FP32[fp32_to_fp16(dd)]  # GGML_CPU_FP32_TO_FP16: round to nearest even
+            idd = F32(127.0) / amax if amax != F32(0.0) else F32(0.0)
+            for j in range(QK8_0):
+                q = _round_small(x[t, o + j] * idd)
+                qs[t, o + j] = max(-128, min(127, q))
+
+
+@nb.njit(parallel=True, **JIT)
+def _quantize_q8_K(x, qs, d, bsums):
+    """ggml-quants.c quantize_row_q8_K_ref (what x86 runs): per 256-block of each row.
+
+    max = the first element of largest |x|; iscale = -127 / max; q = min(127, nearest_int(iscale
+    * x)); d = 1 / iscale in float32; bsums[j] = sum of quants j*16 .. j*16+15.
+    """
+    T, K = x.shape
+    for t in nb.prange(T):
+        for b in range(K // QK_K):
+            o = b * QK_K
+            amax = F32(0.0)
+            mx = F32(0.0)
+            for j in range(QK_K):
+                ax = abs(x[t, o + j])
+                if ax > amax:
+                    amax = ax
+                    mx = x[t, o + j]
+            if amax == F32(0.0):
+                d[t, b] = F32(0.0)
+                for j in range(QK_K):
+                    qs[t, o + j] = 0
+                for j in range(QK_K // 16):
+                    bsums[t, b * 16 + j] = 0
+                continue
+            iscale = F32(-127.0) / mx
+            for j in range(QK_K):
+                v = _round_small(iscale * x[t, o + j])
+                qs[t, o + j] = min(127, v)
+            for j in range(QK_K // 16):
+                s = 0
+                for i in range(16):
+                    s += np.int64(qs[t, o + j * 16 + i])
+                bsums[t, b * 16 + j] = s
+            d[t, b] = F32(1.0) / iscale
+
+
+def quantize_q8_0(x: np.ndarray):
+    """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/32])."""
+    T, K = x.shape
+    qs = np.empty((T, K), np.int8)
+    d = np.empty((T, K // QK8_0), np.float32)
+    _quantize_q8_0(x, qs, d)
+    return qs, d
+
+
+def quantize_q8_K(x: np.ndarray, pairs: bool = True):
+    """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/256], bsums).
+
+    bsums: int32 [T, K/16] as in block_q8_K, or with pairs=True (what the kernels take) the
+    sums of consecutive pairs, int32 [T, K/32], one per 32-quant sub-block.
+    """
+    T, K = x.shape
+    qs = np.empty((T, K), np.int8)
+    d = np.empty((T, K // QK_K), np.float32)
+    bs = np.empty((T, K // 16), np.int32)
+    _quantize_q8_K(x, qs, d, bs)
+    if pairs:
+        bs = np.ascontiguousarray(bs.reshape(T, -1, 2).sum(axis=2, dtype=np.int32))
+    return qs, d, bs
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """Activation as ggml_cpu_fp32_to_fp16 leaves it (round to nearest even), read back."""
+    with np.errstate(over="ignore"):  # beyond fp16 range -> inf, as ggml
+        return x.astype(np.float16).astype(np.float32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16 (round to nearest even; NaN kept quiet), read back as float32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    r = np.where(nan, (u >> np.uint32(16)) | np.uint32(64), r)
+    return (r.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def convert_activation(qtype, x: np.ndarray):
+    """x converted to the vec_dot_type of weights of type qtype (a tuple the kernels take)."""
+    vt = VEC_DOT_TYPE[qtype]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if vt == _T.Q8_0:
+        return quantize_q8_0(x)
+    if vt == _T.Q8_K:
+        return quantize_q8_K(x)
+    if vt == _T.F16:
+        return (round_f16(x),)
+    if vt == _T.BF16:
+        return (round_bf16(x),)
+    return (x,)
+
+
+# =============================================================================================
+# Matrix products per weight type. w: uint8 [N, row_bytes] (GGUF rows); out: float32 [T, N].
+# =============================================================================================
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_f32(w, x, out):
+    """F32 weights (w is float32 [N, K]): ggml_vec_dot_f32."""
+    N, K = w.shape
+    T = x.shape[0]
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        for t in range(T):
+            xt = x[t]
+            for r in range(r0, r1):
+                out[t, r] = dot_f32(w[r], 0, xt, 0, K)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_f16(w, x, out):
+    """F16 weights (w is uint16 [N, K]); x already rounded to fp16: ggml_vec_dot_f16."""
+    N, K = w.shape
+    T = x.shape[0]
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        wf = np.empty((ROWS, K), np.float32)
+        for r in range(r0, r1):
+            for k in range(K):
+                wf[r - r0, k] = FP16_TO_FP32[w[r, k]]
+        for t in range(T):
+            xt = x[t]
+            for r in range(r0, r1):
+                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_bf16(w, x, out):
+    """BF16 weights (w is uint16 [N, K]); x already rounded to bf16: ggml_vec_dot_bf16."""
+    N, K = w.shape
+    T = x.shape[0]
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        wf = np.empty((ROWS, K), np.uint32)
+        for r in range(r0, r1):
+            for k in range(K):
+                wf[r - r0, k] = np.uint32(w[r, k]) << np.uint32(16)
+        wv = wf.view(np.float32)
+        for t in range(T):
+            xt = x[t]
+            for r in range(r0, r1):
+                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q8_0(w, xq, xd, out):
+    """Q8_0 x Q8_0 (ggml_vec_dot_q8_0_q8_0), dotted in place: no unpacking."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb_ = K // QK8_0
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        dw = np.empty((ROWS, nb_), np.float32)
+        for r in range(r0, r1):
+            for b in range(nb_):
+                dw[r - r0, b] = FP16_TO_FP32[get_u16(w[r], b * Q8_0_BYTES)]
+        for t in range(T):
+            xt = xq[t]
+            xdt = xd[t]
+            for r in range(r0, r1):
+                out[t, r] = dot_blocks_q8(w[r], 2, Q8_0_BYTES, xt, 0, dw[r - r0], 0, xdt, 0, nb_)
+
+
+@nb.njit(**JIT)
+def _dot_q0_rows(q, dw, xq, xd, out, r0, r1):
+    """Shared tail of Q4_0 / Q5_0: unpacked int8 quants q [ROWS, K] x Q8_0 activations."""
+    T, K = xq.shape
+    nb_ = K // QK8_0
+    for t in range(T):
+        xt = xq[t]
+        xdt = xd[t]
+        for r in range(r0, r1):
+            out[t, r] = dot_blocks_q8(q[r - r0], 0, QK8_0, xt, 0, dw[r - r0], 0, xdt, 0, nb_)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q4_0(w, xq, xd, out):
+    """Q4_0 x Q8_0 (ggml_vec_dot_q4_0_q8_0): quants (nibble - 8)."""
+    N = w.shape[0]
+    K = xq.shape[1]
+    nb_ = K // QK8_0
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int8)
+        dw = np.empty((ROWS, nb_), np.float32)
+        for r in range(r0, r1):
+            wr = w[r]
+            for b in range(nb_):
+                o = b * Q4_0_BYTES
+                dw[r - r0, b] = FP16_TO_FP32[get_u16(wr, o)]
+                unpack32_q0(wr, o + 2, 0, 8, q[r - r0], b * QK8_0)
+        _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q5_0(w, xq, xd, out):
+    """Q5_0 x Q8_0 (ggml_vec_dot_q5_0_q8_0): quants (nibble | qh bit << 4) - 16."""
+    N = w.shape[0]
+    K = xq.shape[1]
+    nb_ = K // QK8_0
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int8)
+        dw = np.empty((ROWS, nb_), np.float32)
+        for r in range(r0, r1):
+            wr = w[r]
+            for b in range(nb_):
+                o = b * Q5_0_BYTES
+                dw[r - r0, b] = FP16_TO_FP32[get_u16(wr, o)]
+                qh = (np.uint32(wr[o + 2]) | (np.uint32(wr[o + 3]) << np.uint32(8)) |
+                      (np.uint32(wr[o + 4]) << np.uint32(16)) | (np.uint32(wr[o + 5]) << np.uint32(24)))
+                unpack32_q0(wr, o + 6, qh, 16, q[r - r0], b * QK8_0)
+        _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
+
+
+@nb.njit(**JIT)
+def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, has_min):
+    """k-quant rows (int16 quants with the sub-block scales folded in) x Q8_K activations.
+
+    Per super-block s: d_x * (d_w * sum_k q_k x_k  -  dmin_w * sum_j m_j * (bsum_2j + bsum_2j+1)),
+    as ggml_vec_dot_q4_K_q8_K / q5_K / q6_K (Q6_K has no mins: has_min False).
+    xbp[t, s*8 + j] = bsums[2j] + bsums[2j+1] of token t.
+    """
+    T, K = xq.shape
+    nsb = K // QK_K
+    for t in range(T):
+        xt = xq[t]
+        for r in range(r0, r1):
+            i = r - r0
+            qr = q[i]
+            acc = F32(0.0)
+            for s in range(nsb):
+                sumi = dot_i16_i8(qr, s * QK_K, xt, s * QK_K, QK_K)
+                if has_min:
+                    summs = 0
+                    for j in range(8):
+                        summs += np.int64(mn[i, s * 8 + j]) * np.int64(xbp[t, s * 8 + j])
+                    acc += (xd[t, s] * dw[i, s]) * F32(sumi) - (xd[t, s] * dmw[i, s]) * F32(summs)
+                else:
+                    acc += (xd[t, s] * dw[i, s]) * F32(sumi)
+            out[t, r] = acc
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q4_K(w, xq, xd, xbp, out):
+    N = w.shape[0]
+    K = xq.shape[1]
+    nsb = K // QK_K
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int16)
+        mn = np.empty((ROWS, nsb * 8), np.int32)
+        dw = np.empty((ROWS, nsb), np.float32)
+        dmw = np.empty((ROWS, nsb), np.float32)
+        for r in range(r0, r1):
+            i = r - r0
+            wr = w[r]
+            for s in range(nsb):
+                o = s * Q4_K_BYTES
+                dw[i, s] = FP16_TO_FP32[get_u16(wr, o)]
+                dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
+                for j in range(4):  # 32 bytes of qs: low nibbles -> sub-block 2j, high -> 2j+1
+                    sc0, m0 = get_scale_min_k4(2 * j, wr, o + 4)
+                    sc1, m1 = get_scale_min_k4(2 * j + 1, wr, o + 4)
+                    mn[i, s * 8 + 2 * j] = m0
+                    mn[i, s * 8 + 2 * j + 1] = m1
+                    src = o + 16 + 32 * j
+                    unpack32_kq16(wr, src, 0, src, 0, 0, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
+                    unpack32_kq16(wr, src, 4, src, 0, 0, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
+        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, True)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q5_K(w, xq, xd, xbp, out):
+    N = w.shape[0]
+    K = xq.shape[1]
+    nsb = K // QK_K
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int16)
+        mn = np.empty((ROWS, nsb * 8), np.int32)
+        dw = np.empty((ROWS, nsb), np.float32)
+        dmw = np.empty((ROWS, nsb), np.float32)
+        for r in range(r0, r1):
+            i = r - r0
+            wr = w[r]
+            for s in range(nsb):
+                o = s * Q5_K_BYTES
+                dw[i, s] = FP16_TO_FP32[get_u16(wr, o)]
+                dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
+                qh = o + 16
+                for j in range(4):  # qh bit 2j -> sub-block 2j, bit 2j+1 -> sub-block 2j+1
+                    sc0, m0 = get_scale_min_k4(2 * j, wr, o + 4)
+                    sc1, m1 = get_scale_min_k4(2 * j + 1, wr, o + 4)
+                    mn[i, s * 8 + 2 * j] = m0
+                    mn[i, s * 8 + 2 * j + 1] = m1
+                    src = o + 48 + 32 * j
+                    unpack32_kq16(wr, src, 0, qh, 2 * j, 1, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
+                    unpack32_kq16(wr, src, 4, qh, 2 * j + 1, 1, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
+        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, True)
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q6_K(w, xq, xd, xbp, out):
+    """Q6_K x Q8_K (ggml_vec_dot_q6_K_q8_K): quants - 32, one int8 scale per 16 quants."""
+    N = w.shape[0]
+    K = xq.shape[1]
+    nsb = K // QK_K
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int16)
+        mn = np.empty((1, 1), np.int32)
+        dw = np.empty((ROWS, nsb), np.float32)
+        for r in range(r0, r1):
+            i = r - r0
+            wr = w[r]
+            for s in range(nsb):
+                o = s * Q6_K_BYTES
+                dw[i, s] = FP16_TO_FP32[get_u16(wr, o + 208)]
+                so = o + 192
+                for h in range(2):  # two halves of 128 values: ql[64], qh[32], scales[8] each
+                    ql = o + 64 * h
+                    qh = o + 128 + 32 * h
+                    base = s * QK_K + 128 * h
+                    sg = so + 8 * h
+                    for g in range(4):  # ql byte half g // 2, qh bits 2g..2g+1
+                        s0 = np.int64(np.int8(wr[sg + 2 * g]))
+                        s1 = np.int64(np.int8(wr[sg + 2 * g + 1]))
+                        unpack32_kq16(wr, ql + 32 * (g % 2), 4 * (g // 2), qh, 2 * g, 3, 32, s0, s1,
+                                      q[i], base + 32 * g)
+        _dot_k_rows(q, mn, dw, dw, xq, xd, xbp, out, r0, r1, False)
+
+
+# =============================================================================================
+# Entry points
+# =============================================================================================
+
+
+def _check(w: np.ndarray, qtype, K: int, N: int | None = None):
+    if qtype not in SUPPORTED:
+        raise ValueError(f"matmul: weights of type {qtype.name} are not supported "
+                         f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+    block, size = GGML_QUANT_SIZES[qtype]
+    if K % block:
+        raise ValueError(f"matmul: row length {K} is not a multiple of the {qtype.name} block size {block}")
+    if w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != K // block * size:
+        raise ValueError(f"matmul: expected {qtype.name} weights as uint8 [N, {K // block * size}], "
+                         f"got {w.dtype} {w.shape}")
+
+
+def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W^T where xc = convert_activation(qtype, x) (share it between weights with one input)."""
+    K = xc[0].shape[1]
+    T = xc[0].shape[0]
+    _check(w, qtype, K)
+    N = w.shape[0]
+    if out is None:
+        out = np.empty((T, N), np.float32)
+    if qtype == _T.F32:
+        _mm_f32(w.view(np.float32), xc[0], out)
+    elif qtype == _T.F16:
+        _mm_f16(w.view(np.uint16), xc[0], out)
+    elif qtype == _T.BF16:
+        _mm_bf16(w.view(np.uint16), xc[0], out)
+    elif qtype == _T.Q8_0:
+        _mm_q8_0(w, xc[0], xc[1], out)
+    elif qtype == _T.Q4_0:
+        _mm_q4_0(w, xc[0], xc[1], out)
+    elif qtype == _T.Q5_0:
+        _mm_q5_0(w, xc[0], xc[1], out)
+    elif qtype == _T.Q4_K:
+        _mm_q4_K(w, xc[0], xc[1], xc[2], out)
+    elif qtype == _T.Q5_K:
+        _mm_q5_K(w, xc[0], xc[1], xc[2], out)
+    elif qtype == _T.Q6_K:
+        _mm_q6_K(w, xc[0], xc[1], xc[2], out)
+    return out
+
+
+def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 x [T, K] times GGML weights w (uint8 [N, row_bytes] of type qtype), transposed: [T, N]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
+    _check(w, qtype, x.shape[1])
+    return matmul_converted(w, qtype, convert_activation(qtype, x), out)

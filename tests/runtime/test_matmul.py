@@ -1,0 +1,123 @@
+"""kernels/matmul.py against ggml-cpu: activation conversion byte for byte, products to rounding."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from ggquant.kernels import matmul as mm
+from ggquant.quant import types as qt
+from tests.runtime import ggml_cpu_oracle as oracle
+
+QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
+ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES]
+
+
+def _inputs(rng, rows, k):
+    """Activation rows of every awkward kind: normal, heavy-tailed, zero, constant, one outlier,
+    tiny and huge magnitudes, and values landing exactly on rounding ties."""
+    x = [rng.standard_normal(k), rng.standard_t(2, k) * 10, np.zeros(k), np.full(k, -0.75)]
+    one = rng.standard_normal(k) * 0.01
+    one[k // 3] = 50.0
+    x += [one, rng.standard_normal(k) * 1e-30, rng.standard_normal(k) * 6e4]
+    tie = np.round(rng.standard_normal(k) * 64) / 2 * (1.0 / 127.0)  # many x*127/amax on .5
+    tie[0] = 1.0
+    x.append(tie)
+    while len(x) < rows:
+        x.append(rng.standard_normal(k) * rng.uniform(0.1, 10))
+    return np.stack(x[:rows]).astype(np.float32)
+
+
+def _q8_0_bytes(qs, d):
+    T_, K = qs.shape
+    blocks = np.empty((T_, K // 32, 34), np.uint8)
+    blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(T_, K // 32, 2)
+    blocks[:, :, 2:] = qs.view(np.uint8).reshape(T_, K // 32, 32)
+    return blocks.reshape(T_, -1)
+
+
+def _q8_K_bytes(qs, d, bsums):
+    T_, K = qs.shape
+    nb = K // 256
+    blocks = np.empty((T_, nb, 292), np.uint8)
+    blocks[:, :, :4] = d.astype(np.float32).view(np.uint8).reshape(T_, nb, 4)
+    blocks[:, :, 4:260] = qs.view(np.uint8).reshape(T_, nb, 256)
+    blocks[:, :, 260:] = bsums.astype(np.int16).view(np.uint8).reshape(T_, nb, 32)
+    return blocks.reshape(T_, -1)
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_q8_0_activation_bytes_equal_ggml(k):
+    x = _inputs(np.random.default_rng(k), 12, k)
+    qs, d = mm.quantize_q8_0(x)
+    assert np.array_equal(_q8_0_bytes(qs, d), oracle.from_float(T.Q8_0, x))
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_q8_K_activation_bytes_equal_ggml(k):
+    x = _inputs(np.random.default_rng(k + 1), 12, k)
+    qs, d, bsums = mm.quantize_q8_K(x, pairs=False)
+    assert np.array_equal(_q8_K_bytes(qs, d, bsums), oracle.from_float(T.Q8_K, x))
+
+
+def test_f16_bf16_activation_rounding_equal_ggml():
+    x = _inputs(np.random.default_rng(3), 12, 256)
+    f16 = oracle.from_float(T.F16, x).view(np.float16).astype(np.float32)
+    assert np.array_equal(mm.round_f16(x).view(np.uint32), f16.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ntok", [1, 7])
+def test_matmul_matches_ggml_vec_dot(qtype, ntok):
+    rng = np.random.default_rng(int(qtype) * 10 + ntok)
+    n, k = 37, 512  # 37 rows: a partial last row chunk
+    w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    x = _inputs(rng, ntok, k) if ntok > 1 else rng.standard_normal((1, k)).astype(np.float32)
+    got = mm.matmul(w, qtype, x)
+    ref = oracle.mul_mat(qtype, w, x)
+    # an fp16 activation overflows to inf on the 6e4-scale row: both sides must agree on that
+    assert np.array_equal(np.isfinite(got), np.isfinite(ref))
+    fin = np.isfinite(ref)
+    scale = np.where(fin, np.abs(ref), 0).max(axis=1, keepdims=True) + 1e-30
+    err = np.where(fin, np.abs(got - ref), 0)
+    # the order of the float32 sums of per-block terms differs (and d*sumi - dmin*summs cancels)
+    assert np.all(err <= 1e-5 * scale + 1e-37), err.max()
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_matmul_is_exact_dot_of_dequantized_blocks(qtype):
+    """Integer parts are exact: the product equals float64 dequant(w) . dequant(act(x))."""
+    rng = np.random.default_rng(int(qtype))
+    n, k, ntok = 20, 768, 3
+    w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    x = rng.standard_normal((ntok, k)).astype(np.float32)
+    xc = mm.convert_activation(qtype, x)
+    block = 32 if mm.VEC_DOT_TYPE[qtype] == T.Q8_0 else 256
+    xd = (xc[0].reshape(ntok, -1, block) * xc[1][:, :, None].astype(np.float64)).reshape(ntok, k)
+    ref = xd @ qt.dequantize(w, qtype, (n, k)).astype(np.float64).T
+    got = mm.matmul_converted(w, qtype, xc)
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_matmul_results_do_not_depend_on_thread_count():
+    import numba
+
+    rng = np.random.default_rng(5)
+    w = qt.quantize(rng.standard_normal((70, 512)).astype(np.float32), T.Q4_K)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a = mm.matmul(w, T.Q4_K, x)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        b = mm.matmul(w, T.Q4_K, x)
+    finally:
+        numba.set_num_threads(old)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_unsupported_type_and_bad_shapes_raise():
+    w = np.zeros((4, 18), np.uint8)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        mm.matmul(w, T.IQ2_XXS, np.zeros((1, 256), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        mm.matmul(w, T.Q4_0, np.zeros((1, 64), np.float32))
