@@ -99,6 +99,7 @@ TQ1_QS = (QK_K - 4 * QK_K // 64) // 5
 TQ1_QH = QK_K // 64
 TQ1_WIDE = TQ1_QS - TQ1_QS % 32  # qs[0:32] is read in runs of 32, the rest (qs[32:48]) in runs of 16
 TQ2_BYTES = GGML_QUANT_SIZES[T.TQ2_0][1]  # qs[QK_K/4] | d
+TQ2_RUN = 32  # dequantize_row_tq2_0 reads qs in runs of 32 bytes, each 4 times (2 bits each)
 MXFP4_BLOCK, MXFP4_BYTES = GGML_QUANT_SIZES[T.MXFP4]  # e | qs[16]
 
 assert TQ1_QS + TQ1_QH + 2 == TQ1_BYTES and IQ3S_SCALES + QK_K // 64 == IQ3S_BYTES
@@ -334,18 +335,23 @@ def _row_tq1_0(src, y, pow3):
 
 
 @nb.njit(cache=True)
-def _row_tq2_0(src, y):
-    """ggml-quants.c dequantize_row_tq2_0: 2-bit codes q, value (q - 1) * d (int32: see _trit)."""
+def _row_tq2_0(src, y, run):
+    """ggml-quants.c dequantize_row_tq2_0: 2-bit codes q, value (q - 1) * d (int32: see _trit).
+
+    run == 32 (the C's inner loop length) arrives as a run-time argument on purpose: with a
+    constant, LLVM fully unrolls these loops into scalar code; with an opaque bound it keeps
+    the loop and vectorizes it behind a run-time alias check (measured ~1.6x faster).
+    """
     for i in range(src.size // TQ2_BYTES):
         b = i * TQ2_BYTES
         d = fp16_to_fp32(get_u16(src, b + QK_K // 4))
         o = i * QK_K
-        for j in range(0, QK_K // 4, 32):
+        for j in range(0, QK_K // 4, run):
             for l in range(4):
-                for m in range(32):
+                for m in range(run):
                     q = (np.int32(src[b + j + m]) >> np.int32(2 * l)) & np.int32(3)
                     y[o + m] = F32(q - np.int32(1)) * d
-                o += 32
+                o += run
 
 
 @nb.njit(cache=True)
@@ -415,9 +421,9 @@ def _deq_tq1_0(data, out, pow3):
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_tq2_0(data, out):
+def _deq_tq2_0(data, out, run):
     for r in nb.prange(data.shape[0]):
-        _row_tq2_0(data[r], out[r])
+        _row_tq2_0(data[r], out[r], run)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -493,7 +499,7 @@ def dequantize_tq1_0(data, n_per_row):
 
 def dequantize_tq2_0(data, n_per_row):
     data, out = _prepare(T.TQ2_0, data, n_per_row)
-    _deq_tq2_0(data, out)
+    _deq_tq2_0(data, out, TQ2_RUN)
     return out
 
 
