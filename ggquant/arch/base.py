@@ -218,7 +218,7 @@ class Softplus(Transform):
         except ImportError:  # pragma: no cover - torch is a dependency; numpy is a close fallback
             y = np.where(x > 20, x, np.log1p(np.exp(x.astype(np.float64)))).astype(np.float32)
             return y
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
         if src_dtype == "F16":
             t = t.to(torch.float16)
         return torch.nn.functional.softplus(t).to(torch.float32).numpy()

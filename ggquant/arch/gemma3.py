@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import Keys
+from gguf import GGMLQuantizationType, Keys
 
 from ggquant.arch import vocab as V
 from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, AddConstant, Arch, Rule, Transform,
@@ -59,6 +59,33 @@ DECODER_GLOBAL = (
 )
 
 
+# SigLIP tower + Gemma 3 projector (llama.cpp Gemma3VisionModel). Names as published
+# (vision_tower.vision_model.*); transformers 5 saves the tower without "vision_model." and
+# may prefix "model.", which ggquant accepts too.
+_SV = "vision_tower.vision_model."
+GEMMA3_MMPROJ = (
+    Rule("multi_modal_projector.mm_input_projection.weight", "mm.input_projection.weight",
+         "SigLIP -> text hidden [vision_hidden, text_hidden] (stored as a plain matrix, no transpose), F16",
+         ("",)),
+    Rule("multi_modal_projector.mm_soft_emb_norm", "mm.soft_emb_norm", "RMSNorm gain before the projection, +1"),
+    Rule(_SV + "embeddings.patch_embedding", "v.patch_embd", "patch conv [hidden, 3, p, p], F32"),
+    Rule(_SV + "embeddings.position_embedding", "v.position_embd", "learned positions [n_patches, hidden], F32"),
+    Rule(_SV + "encoder.layers.{bid}.layer_norm1", "v.blk.{bid}.ln1", "LayerNorm before attention [hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.layer_norm2", "v.blk.{bid}.ln2", "LayerNorm before the MLP [hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.self_attn.q_proj", "v.blk.{bid}.attn_q", "query [hidden, hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.self_attn.k_proj", "v.blk.{bid}.attn_k", "key [hidden, hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.self_attn.v_proj", "v.blk.{bid}.attn_v", "value [hidden, hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.self_attn.out_proj", "v.blk.{bid}.attn_out", "attention output [hidden, hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.mlp.fc1", "v.blk.{bid}.ffn_up", "MLP up (gelu) [ffn, hidden]"),
+    Rule(_SV + "encoder.layers.{bid}.mlp.fc2", "v.blk.{bid}.ffn_down", "MLP down [hidden, ffn]"),
+    Rule(_SV + "post_layernorm", "v.post_ln", "final LayerNorm [hidden]"),
+)
+SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16)
+DEFAULT_IMAGE_SEQ_LENGTH = 256  # Gemma 3 processors: 256 soft tokens per image
+DEFAULT_PROJ_SCALE_FACTOR = 4  # clip.cpp's default pooling for gemma3; written only when different
+
+
 def rope_parameters_gemma3(h: dict) -> dict:
     """transformers Gemma3TextConfig.convert_rope_params_to_dict: nested per layer type, with
     legacy rope_scaling / rope_theta / rope_local_base_freq folded in."""
@@ -82,6 +109,7 @@ class Gemma3(Arch):
     hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     gguf_arch = "gemma3"
     TEXT_TENSORS = DECODER_GLOBAL + DECODER_LAYER
+    MMPROJ_TENSORS = GEMMA3_MMPROJ
     TEXT_DEFAULTS = GEMMA3_TEXT_DEFAULTS
     norm_shift = NORM_SHIFT
 
@@ -149,7 +177,93 @@ class Gemma3(Arch):
     def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
         if part == TEXT and self.norm_shift and hf_name.endswith("norm.weight"):
             return AddConstant(self.norm_shift)
+        if part == MMPROJ and "soft_emb_norm.weight" in hf_name:
+            return AddConstant(NORM_SHIFT)  # the projector's Gemma3RMSNorm; SigLIP norms are plain
         return SCALAR_TO_1D if not src.shape else IDENTITY
+
+    # --- mmproj (SigLIP) ------------------------------------------------------------------------
+    def has_mmproj(self) -> bool:
+        return isinstance(self.raw.get("vision_config"), dict)
+
+    def is_mmproj_tensor(self, name: str) -> bool:
+        # Gemma3VisionModel.filter_tensors keeps only these prefixes
+        return self.has_mmproj() and name.removeprefix("model.").startswith(
+            ("multi_modal_projector.", "vision_tower.", "multimodal_projector.", "vision_model."))
+
+    def normalize_name(self, name: str) -> str:
+        name = super().normalize_name(name)
+        if not self.is_text_tensor(name):
+            name = name.removeprefix("model.").replace("_weight", ".weight")
+            if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+                name = "vision_tower.vision_model." + name[len("vision_tower."):]
+        return name
+
+    def skip_tensor(self, name: str, part: str) -> bool:
+        return super().skip_tensor(name, part) or (part == MMPROJ and "vision_model.head." in name)
+
+    def block_count_for(self, part: str) -> int:
+        return self.block_count if part == TEXT else self.vision_hparams()["num_hidden_layers"]
+
+    def force_type(self, hf_name, gguf_name, n_dims, ftype, part):
+        if part != MMPROJ:
+            return None
+        # Gemma3VisionModel.tensor_force_quant (llama.cpp issue 13025), then MmprojModel's
+        if "input_projection" in hf_name:
+            return GGMLQuantizationType.F16
+        if ".embeddings." in hf_name:
+            return GGMLQuantizationType.F32
+        if ".patch_embd.weight" in gguf_name:
+            return GGMLQuantizationType.F16 if ftype == GGMLQuantizationType.F16 else GGMLQuantizationType.F32
+        return None
+
+    def vision_hparams(self) -> dict:
+        vc = self.raw.get("vision_config")
+        if not isinstance(vc, dict):
+            raise GGQuantError(f"{self.config_path}: no 'vision_config'; nothing to write as an mmproj")
+        return {**SIGLIP_DEFAULTS, **vc}
+
+    def preprocessor(self) -> dict:
+        """MmprojModel: preprocessor_config.json, then processor_config.json merged over it."""
+        cfg: dict = {}
+        p = read_json(self.dir / "preprocessor_config.json", "", required=False)
+        if isinstance(p, dict):
+            cfg.update({**p, **p["media_proc_cfg"]} if isinstance(p.get("media_proc_cfg"), dict) else p)
+        q = read_json(self.dir / "processor_config.json", "", required=False)
+        if isinstance(q, dict):
+            cfg.update({**q, **q["image_processor"]} if isinstance(q.get("image_processor"), dict) else q)
+        return cfg
+
+    def mmproj_vision_common(self, kv: KV, file_type: int, vis: dict, image_size: int) -> None:
+        """MmprojModel.set_gguf_parameters, vision part."""
+        CV = Keys.ClipVision
+        kv.u32(Keys.General.FILE_TYPE, file_type)
+        kv.bool(Keys.Clip.HAS_VISION_ENCODER, True)
+        kv.u32(CV.PROJECTION_DIM, self.hparams.get("hidden_size") or 0)
+        kv.u32(CV.IMAGE_SIZE, image_size)
+        kv.u32(CV.PATCH_SIZE, vis["patch_size"])
+        kv.u32(CV.EMBEDDING_LENGTH, vis["hidden_size"])
+        kv.u32(CV.FEED_FORWARD_LENGTH, vis["intermediate_size"])
+        kv.u32(CV.BLOCK_COUNT, vis["num_hidden_layers"])
+        kv.u32(CV.Attention.HEAD_COUNT, vis["num_attention_heads"])
+        pp = self.preprocessor()
+        for key, name in ((CV.IMAGE_MEAN, "image_mean"), (CV.IMAGE_STD, "image_std")):
+            if not isinstance(pp.get(name), list):
+                raise GGQuantError(f"{self.dir}: '{name}' not found in preprocessor_config.json or "
+                                   f"processor_config.json; the mmproj needs the image normalisation")
+            kv.array(key, pp[name], f"{self.dir}: {name}")
+
+    def mmproj_metadata(self, kv: KV, file_type: int) -> None:
+        """MmprojModel + Gemma3VisionModel.set_gguf_parameters."""
+        vis = self.vision_hparams()
+        self.mmproj_vision_common(kv, file_type, vis, vis["image_size"])
+        kv.string(Keys.Clip.PROJECTOR_TYPE, "gemma3")
+        kv.f32(Keys.ClipVision.Attention.LAYERNORM_EPS, vis.get("layer_norm_eps", 1e-6))
+        kv.bool(Keys.ClipVision.USE_GELU, True)
+        seq = self.preprocessor().get("image_seq_length", DEFAULT_IMAGE_SEQ_LENGTH)
+        per_side = int(seq ** 0.5)
+        scale = (vis["image_size"] // vis["patch_size"]) // per_side if per_side else 0
+        if scale > 0 and scale != DEFAULT_PROJ_SCALE_FACTOR:
+            kv.u32(Keys.ClipVision.Projector.SCALE_FACTOR, scale)
 
     def layer_dims(self, il: int) -> dict:
         h = self.hparams

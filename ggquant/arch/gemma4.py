@@ -22,8 +22,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, Keys, TokenType
 
 from ggquant.arch import vocab as V
-from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Reshape, Rule, Softplus, Transform,
-                               read_json)
+from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Arch, Reshape, Rule, Softplus,
+                               Transform)
 from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3
 from ggquant.errors import GGQuantError
 from ggquant.formats.safetensors import SafeTensor
@@ -318,12 +318,15 @@ class Gemma4(Gemma3):
 
     # --- tensors ----------------------------------------------------------------------------
     def normalize_name(self, name: str) -> str:
-        name = super().normalize_name(name)
+        name = name.replace("language_model.", "")
         if name.startswith("model.vision_tower."):
             name = name.replace(".linear.weight", ".weight")
         elif name.startswith("model.audio_tower."):
             name = name.replace(".linear.", ".")
         return name
+
+    def skip_tensor(self, name, part):
+        return Arch.skip_tensor(self, name, part)
 
     def is_mmproj_tensor(self, name: str) -> bool:
         return name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
@@ -429,37 +432,12 @@ class Gemma4(Gemma3):
         aud = {**AUDIO_DEFAULTS, **ac} if isinstance(ac, dict) and ac else None
         return vis, aud
 
-    def preprocessor(self) -> dict:
-        """MmprojModel: preprocessor_config.json, then processor_config.json merged over it."""
-        cfg: dict = {}
-        p = read_json(self.dir / "preprocessor_config.json", "", required=False)
-        if isinstance(p, dict):
-            cfg.update({**p, **p["media_proc_cfg"]} if isinstance(p.get("media_proc_cfg"), dict) else p)
-        q = read_json(self.dir / "processor_config.json", "", required=False)
-        if isinstance(q, dict):
-            cfg.update({**q, **q["image_processor"]} if isinstance(q.get("image_processor"), dict) else q)
-        return cfg
-
     def mmproj_metadata(self, kv: KV, file_type: int) -> None:
         """MmprojModel.set_gguf_parameters + Gemma4VisionAudioModel.set_gguf_parameters."""
         vis, aud = self.mmproj_hparams()
         CV, CA, C = Keys.ClipVision, Keys.ClipAudio, Keys.Clip
         n_embd_text = self.hparams.get("hidden_size") or 0
-        kv.u32(Keys.General.FILE_TYPE, file_type)
-        kv.bool(C.HAS_VISION_ENCODER, True)
-        kv.u32(CV.PROJECTION_DIM, n_embd_text)
-        kv.u32(CV.IMAGE_SIZE, DUMMY_IMAGE_SIZE)
-        kv.u32(CV.PATCH_SIZE, vis["patch_size"])
-        kv.u32(CV.EMBEDDING_LENGTH, vis["hidden_size"])
-        kv.u32(CV.FEED_FORWARD_LENGTH, vis["intermediate_size"])
-        kv.u32(CV.BLOCK_COUNT, vis["num_hidden_layers"])
-        kv.u32(CV.Attention.HEAD_COUNT, vis["num_attention_heads"])
-        pp = self.preprocessor()
-        for key, name in ((CV.IMAGE_MEAN, "image_mean"), (CV.IMAGE_STD, "image_std")):
-            if not isinstance(pp.get(name), list):
-                raise GGQuantError(f"{self.dir}: '{name}' not found in preprocessor_config.json or "
-                                   f"processor_config.json; the mmproj needs the image normalisation")
-            kv.array(key, pp[name], f"{self.dir}: {name}")
+        self.mmproj_vision_common(kv, file_type, vis, DUMMY_IMAGE_SIZE)
         if aud is not None:
             kv.bool(C.HAS_AUDIO_ENCODER, True)
             kv.u32(CA.PROJECTION_DIM, n_embd_text)
