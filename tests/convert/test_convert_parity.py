@@ -1,0 +1,187 @@
+"""`ggquant convert --to gguf` against llama.cpp's convert_hf_to_gguf.py: identical files.
+
+Every comparison is of the whole file (header, metadata order and types, tensor infos, padding
+and data), for the text GGUF and the --mmproj sidecar, on the tiny fixtures: Gemma 4 E4B-like
+(bf16, one file) and E2B-like (f32, sharded, double-wide MLP), a text-only Gemma4ForCausalLM,
+Gemma 3 text and Gemma 3 with a SigLIP tower, plus float16 checkpoints (Gemma 3's norm +1 is
+then added in f16, and Gemma 4's softplus runs on f16 input).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures import build_gemma3, build_gemma4, cached_build, tiny_model
+from ggquant.cli import main
+from ggquant.convert import convert, plan_conversion
+from ggquant.formats.gguf import GGUFReader
+from tests.convert.helpers import assert_identical
+
+# (model, outtype, mmproj): what is compared with llama.cpp
+CASES = (
+    [("gemma4_e4b", t, m) for t in ("f32", "f16", "bf16", "q8_0") for m in (False, True)]
+    + [("gemma4_e2b", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
+    + [("gemma4_e2b", t, True) for t in ("f16", "q8_0")]
+    + [("gemma4_e4b_text", t, False) for t in ("f32", "bf16")]
+    + [("gemma3_text", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
+    + [("gemma3_vision", "f32", False), ("gemma3_vision", "q8_0", False),
+       ("gemma3_vision", "f32", True), ("gemma3_vision", "f16", True)]
+    + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
+    + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
+)
+
+# float16 checkpoints, built here (the shared fixtures are bf16 and f32)
+EXTRA_MODELS = {
+    "f16_gemma3": lambda: cached_build("conv_f16_gemma3", build_gemma3, dtype="float16", chat_template="config"),
+    "f16_gemma4": lambda: cached_build("conv_f16_gemma4", build_gemma4, variant="e4b", dtype="float16",
+                                       chat_template="json"),
+}
+
+
+def model_dir(name: str) -> Path:
+    return EXTRA_MODELS[name]() if name in EXTRA_MODELS else tiny_model(name)
+
+
+@pytest.fixture(scope="module")
+def references():
+    """All reference GGUFs of CASES, converted by llama.cpp in one process (cached on disk)."""
+    from tests.reference import cached_reference_ggufs
+
+    paths = cached_reference_ggufs([(model_dir(n), t, m) for n, t, m in CASES])
+    return dict(zip(CASES, paths))
+
+
+def _ref(references, case) -> Path:
+    r = references[case]
+    if isinstance(r, Exception):
+        raise r
+    return r
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}{'-mmproj' if c[2] else ''}")
+def test_identical_to_llama_cpp_converter(references, tmp_path, case):
+    name, outtype, mmproj = case
+    out = tmp_path / "out.gguf"
+    conv = convert(model_dir(name), outtype=outtype, outfile=out, mmproj_only=mmproj)
+    assert conv.written == [str(out)]
+    assert_identical(_ref(references, case), out)
+
+
+def test_one_command_writes_text_and_mmproj(references, tmp_path):
+    """--mmproj writes both files (mmproj-<name> beside the text file) and says so."""
+    out = tmp_path / "e4b-{ftype}.gguf"
+    res = CliRunner().invoke(main, ["convert", str(tiny_model("gemma4_e4b")), "--outtype", "f16",
+                                    "--outfile", str(out), "--mmproj"])
+    assert res.exit_code == 0, res.output
+    text, mm = tmp_path / "e4b-f16.gguf", tmp_path / "mmproj-e4b-f16.gguf"
+    assert f"wrote {text}" in res.output and f"wrote {mm}" in res.output
+    assert_identical(_ref(references, ("gemma4_e4b", "f16", False)), text)
+    assert_identical(_ref(references, ("gemma4_e4b", "f16", True)), mm)
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint under the same folder name (general.name comes from it), files symlinked."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
+    return dst
+
+
+def test_default_outfile_follows_llama_cpp_naming(references, tmp_path):
+    """Without --outfile the files land in SRC, named <Name>-<size>-<TYPE>.gguf and
+    mmproj-<Name>-<TYPE>.gguf (gguf-py naming_convention), as llama.cpp names them."""
+    src = tiny_model("gemma4_e4b")
+    copy = _linked_copy(src, tmp_path / src.name)
+    conv = convert(copy, outtype="q8_0", mmproj=True)
+    with GGUFReader(_ref(references, ("gemma4_e4b", "q8_0", False))) as r:
+        name, size = r.get("general.name"), r.get("general.size_label")
+    assert [Path(p).name for p in conv.written] == [f"{name.replace(' ', '-')}-{size}-Q8_0.gguf",
+                                                    f"mmproj-{name.replace(' ', '-')}-Q8_0.gguf"]
+    assert_identical(_ref(references, ("gemma4_e4b", "q8_0", False)), Path(conv.written[0]))
+    assert_identical(_ref(references, ("gemma4_e4b", "q8_0", True)), Path(conv.written[1]))
+
+
+def test_auto_outtype_picks_bf16_for_bf16_weights(references, tmp_path):
+    out = tmp_path / "auto.gguf"
+    conv = convert(tiny_model("gemma3_text"), outfile=out)  # --outtype auto is the default
+    assert conv.files[0].outtype == "BF16"
+    assert_identical(_ref(references, ("gemma3_text", "bf16", False)), out)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(references, tmp_path):
+    out = tmp_path / "plan.gguf"
+    res = CliRunner().invoke(main, ["convert", str(tiny_model("gemma4_e4b")), "--outtype", "q8_0", "--outfile",
+                                    str(out), "--mmproj", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert not any(tmp_path.iterdir())
+    plan = json.loads(res.output)
+    assert plan["written"] == [] and [f["part"] for f in plan["files"]] == ["text", "mmproj"]
+    with GGUFReader(_ref(references, ("gemma4_e4b", "q8_0", False))) as r:
+        want = [(t.name, list(t.shape), t.qtype.name, t.nbytes) for t in r.tensors]
+    got = [(t["name"], t["shape"], t["type"], t["bytes"]) for t in plan["files"][0]["tensors"]]
+    assert got == want
+    assert plan["files"][0]["bytes"] == sum(w[3] for w in want)
+    assert {t["src_dtype"] for t in plan["files"][0]["tensors"]} == {"BF16", "generated"}
+    # the human-readable form: one line per tensor and a total
+    res = CliRunner().invoke(main, ["convert", str(tiny_model("gemma4_e4b")), "--outtype", "q8_0", "--outfile",
+                                    str(out), "--dry-run"])
+    assert res.exit_code == 0 and "per_layer_token_embd.weight" in res.output and "total:" in res.output
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep me")
+    res = CliRunner().invoke(main, ["convert", str(tiny_model("gemma3_text")), "--outtype", "f32", "--outfile",
+                                    str(out)])
+    assert res.exit_code == 1 and "--force" in res.output
+    assert out.read_bytes() == b"keep me"
+    res = CliRunner().invoke(main, ["convert", str(tiny_model("gemma3_text")), "--outtype", "f32", "--outfile",
+                                    str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_plan_matches_written_file(tmp_path):
+    """The plan's sizes are the file's: what --dry-run reports is what gets written."""
+    conv, arch = plan_conversion(tiny_model("gemma4_e2b"), outtype="bf16", outfile=tmp_path / "x.gguf")
+    arch.ckpt.close()
+    out = tmp_path / "x.gguf"
+    convert(tiny_model("gemma4_e2b"), outtype="bf16", outfile=out)
+    with GGUFReader(out) as r:
+        assert [(t.name, t.qtype, t.nbytes) for t in r.tensors] == [
+            (t.name, t.qtype, t.nbytes) for t in conv.files[0].tensors]
+
+
+def test_sharded_checkpoint_reads_like_one_file(tmp_path):
+    """A sharded checkpoint (index + shards) converts to the same tensors and metadata as its
+    merged copy; only the order differs (shard by shard, names sorted within each, as llama.cpp)."""
+    src = tiny_model("gemma4_e2b")
+    assert (src / "model.safetensors.index.json").is_file()
+    merged = tmp_path / src.name
+    merged.mkdir()
+    for p in src.iterdir():
+        if not p.name.startswith("model"):
+            (merged / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {}
+    for p in sorted(src.glob("model-*.safetensors")):
+        tensors.update(load_file(p))
+    save_file(tensors, merged / "model.safetensors")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    convert(src, outtype="f16", outfile=a)
+    convert(merged, outtype="f16", outfile=b)
+    with GGUFReader(a) as ra, GGUFReader(b) as rb:
+        assert [(f.name, f.type, str(f.value)) for f in ra.fields.values()] == [
+            (f.name, f.type, str(f.value)) for f in rb.fields.values()]
+        assert sorted(t.name for t in ra.tensors) == sorted(t.name for t in rb.tensors)
+        for t in ra.tensors:
+            u = rb.tensor(t.name)
+            assert (t.shape, t.qtype) == (u.shape, u.qtype) and t.raw().tobytes() == u.raw().tobytes()
+    shutil.rmtree(merged)
