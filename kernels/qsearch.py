@@ -24,6 +24,7 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba import literally
 from numba.extending import intrinsic
 
 from .common import GROUP_MAX_EPS
@@ -95,19 +96,24 @@ def c_roundf(v):
 def get_scale_min_k4(j, q, qo):
     """ggml-quants.c get_scale_min_k4: 6-bit scale and min j of a Q4_K/Q5_K scales[12] at q[qo:]."""
     if j < 4:
-        d = q[qo + j] & 63
-        m = q[qo + j + 4] & 63
+        d = np.int64(q[qo + j]) & 63
+        m = np.int64(q[qo + j + 4]) & 63
     else:
-        d = (q[qo + j + 4] & 0xF) | ((q[qo + j - 4] >> 6) << 4)
-        m = (q[qo + j + 4] >> 4) | ((q[qo + j] >> 6) << 4)
-    return np.int64(d), np.int64(m)
+        d = (np.int64(q[qo + j + 4]) & 0xF) | ((np.int64(q[qo + j - 4]) >> 6) << 4)
+        m = (np.int64(q[qo + j + 4]) >> 4) | ((np.int64(q[qo + j]) >> 6) << 4)
+    return d, m
+
+
+# Scratch the searches need from their caller (allocated once per row, never per call):
+# WORK_FLOATS float32 and WORK_INTS int32, enough for blocks of up to 32 values.
+MAX_N = 32
+WORK_FLOATS = 5 * MAX_N
+WORK_INTS = MAX_N
 
 
 @nb.njit(inline="always", **JIT)
-def _qx_weight(xi, rmse_type, qw, qwo, i, use_qw):
-    # make_qx_quants: w = qw ? qw[i] : rmse_type == 1 ? x*x : == 2 ? 1 : == 3 ? |x| : sqrt|x|
-    if use_qw:
-        return qw[qwo + i]
+def _qx_weight(xi, rmse_type):
+    # make_qx_quants without qw: w = rmse_type == 1 ? x*x : == 2 ? 1 : == 3 ? |x| : sqrt|x|
     if rmse_type == 1:
         return xi * xi
     if rmse_type == 2:
@@ -117,46 +123,68 @@ def _qx_weight(xi, rmse_type, qw, qwo, i, use_qw):
     return np.sqrt(abs(xi))
 
 
+@nb.njit(inline="always", **JIT)
+def _qx_levels(n, nmax, iscale, xb, lbuf):
+    for i in range(n):
+        lbuf[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
+
+
+@nb.njit(inline="always", **JIT)
+def _qx_sums(n, work, lbuf):
+    """sumlx = sum (w*x)*l and suml2 = sum (w*l)*l in index order; work[0:n] = w, work[n:2n] = w*x."""
+    for i in range(n):
+        fl = F32(lbuf[i])
+        work[2 * n + i] = work[n + i] * fl
+        work[3 * n + i] = (work[i] * fl) * fl
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        sumlx += work[2 * n + i]
+        suml2 += work[3 * n + i]
+    return sumlx, suml2
+
+
 @nb.njit(**JIT)
-def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw):
+def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw, work, lbuf):
     """ggml-quants.c make_qx_quants: symmetric levels in [-nmax, nmax-1], stored as l + nmax.
 
     x[xo:xo+n] -> L[Lo:Lo+n] (int8); qw[qwo:qwo+n] are the weights when use_qw (C: qw != NULL).
-    Returns the scale.
+    work/lbuf: WORK_FLOATS/WORK_INTS scratch. Returns the scale.
+
+    (Unlike the qkx/qp searches, n is not made a compile-time literal here: fully unrolled,
+    the trial loop lost LLVM's loop vectorization of the level loop and was no faster.)
     """
+    xb = x[xo:xo + n]
+    Lb = L[Lo:Lo + n]
     vmax = F32(0.0)
     amax = F32(0.0)
     for i in range(n):
-        ax = abs(x[xo + i])
+        ax = abs(xb[i])
         if ax > amax:
             amax = ax
-            vmax = x[xo + i]
+            vmax = xb[i]
     if amax < GROUP_MAX_EPS:  # all zero
         for i in range(n):
-            L[Lo + i] = 0
+            Lb[i] = 0
         return F32(0.0)
     fnmax = F32(nmax)
     iscale = F32(-nmax) / vmax
     if rmse_type == 0:
         for i in range(n):
-            l = nearest_int(iscale * x[xo + i])
-            L[Lo + i] = nmax + max(-nmax, min(nmax - 1, l))
+            l = nearest_int(iscale * xb[i])
+            Lb[i] = nmax + max(-nmax, min(nmax - 1, l))
         return F32(1.0) / iscale
-    return_early = False
-    if rmse_type < 0:
-        rmse_type = -rmse_type
-        return_early = True
-    sumlx = F32(0.0)
-    suml2 = F32(0.0)
+    return_early = rmse_type < 0
+    rtype = -rmse_type if return_early else rmse_type
+    for i in range(n):  # the C recomputes these identical weights in every trial
+        xi = xb[i]
+        w = qw[qwo + i] if use_qw else _qx_weight(xi, rtype)
+        work[i] = w
+        work[n + i] = w * xi
+    _qx_levels(n, nmax, iscale, xb, lbuf)
     for i in range(n):
-        xi = x[xo + i]
-        l = nearest_int(iscale * xi)
-        l = max(-nmax, min(nmax - 1, l))
-        L[Lo + i] = l + nmax
-        w = _qx_weight(xi, rmse_type, qw, qwo, i, use_qw)
-        fl = F32(l)
-        sumlx += w * xi * fl
-        suml2 += w * fl * fl
+        Lb[i] = lbuf[i] + nmax
+    sumlx, suml2 = _qx_sums(n, work, lbuf)
     scale = sumlx / suml2 if suml2 != F32(0.0) else F32(0.0)
     if return_early:
         return F32(0.5) * (scale + F32(1.0) / iscale) if suml2 > F32(0.0) else F32(1.0) / iscale
@@ -165,20 +193,20 @@ def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw):
         if step == 0:
             continue
         iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-        sumlx = F32(0.0)
-        suml2 = F32(0.0)
+        changed = 0
         for i in range(n):
-            xi = x[xo + i]
-            l = nearest_int(iscale * xi)
-            l = max(-nmax, min(nmax - 1, l))
-            w = _qx_weight(xi, rmse_type, qw, qwo, i, use_qw)
-            fl = F32(l)
-            sumlx += w * xi * fl
-            suml2 += w * fl * fl
+            l = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
+            changed |= l ^ lbuf[i]
+            lbuf[i] = l
+        if changed == 0:
+            # Same levels as the previous trial (or the first pass): same sums, so the C's
+            # test gives the same answer and an acceptance would rewrite the same L, scale
+            # and best. Skipping it is exact.
+            continue
+        sumlx, suml2 = _qx_sums(n, work, lbuf)
         if suml2 > F32(0.0) and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = nearest_int(iscale * x[xo + i])
-                L[Lo + i] = nmax + max(-nmax, min(nmax - 1, l))
+            for i in range(n):  # the C re-runs nearest_int here: same levels
+                Lb[i] = nmax + lbuf[i]
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -188,28 +216,32 @@ def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw):
 def make_q3_quants(n, nmax, x, xo, L, Lo, do_rmse):
     """ggml-quants.c make_q3_quants (Q3_K reference path): weights x*x, coordinate descent.
 
-    x[xo:xo+n] -> L[Lo:Lo+n] (int8, l + nmax). Returns the scale.
+    x[xo:xo+n] -> L[Lo:Lo+n] (int8, l + nmax). n and nmax must be literals. Returns the scale.
     """
+    n = literally(n)
+    nmax = literally(nmax)
+    xb = x[xo:xo + n]
+    Lb = L[Lo:Lo + n]
     vmax = F32(0.0)
     amax = F32(0.0)
     for i in range(n):
-        ax = abs(x[xo + i])
+        ax = abs(xb[i])
         if ax > amax:
             amax = ax
-            vmax = x[xo + i]
+            vmax = xb[i]
     if amax < GROUP_MAX_EPS:  # all zero
         for i in range(n):
-            L[Lo + i] = 0
+            Lb[i] = 0
         return F32(0.0)
     iscale = F32(-nmax) / vmax
     if do_rmse:
         sumlx = F32(0.0)
         suml2 = F32(0.0)
         for i in range(n):
-            xi = x[xo + i]
+            xi = xb[i]
             l = nearest_int(iscale * xi)
             l = max(-nmax, min(nmax - 1, l))
-            L[Lo + i] = l
+            Lb[i] = l
             w = xi * xi
             fl = F32(l)
             sumlx += w * xi * fl
@@ -217,59 +249,72 @@ def make_q3_quants(n, nmax, x, xo, L, Lo, do_rmse):
         for _itry in range(5):
             n_changed = 0
             for i in range(n):
-                xi = x[xo + i]
+                xi = xb[i]
                 w = xi * xi
-                fL = F32(L[Lo + i])
+                fL = F32(Lb[i])
                 slx = sumlx - w * xi * fL
                 if slx > F32(0.0):
                     sl2 = suml2 - w * fL * fL
                     new_l = nearest_int(xi * sl2 / slx)
                     new_l = max(-nmax, min(nmax - 1, new_l))
-                    if new_l != L[Lo + i]:
+                    if new_l != Lb[i]:
                         fn = F32(new_l)
                         slx += w * xi * fn
                         sl2 += w * fn * fn
                         if sl2 > F32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
-                            L[Lo + i] = new_l
+                            Lb[i] = new_l
                             sumlx = slx
                             suml2 = sl2
                             n_changed += 1
             if n_changed == 0:
                 break
         for i in range(n):
-            L[Lo + i] += nmax
+            Lb[i] += nmax
         return sumlx / suml2 if suml2 > F32(0.0) else F32(0.0)
     for i in range(n):
-        l = nearest_int(iscale * x[xo + i])
+        l = nearest_int(iscale * xb[i])
         l = max(-nmax, min(nmax - 1, l))
-        L[Lo + i] = l + nmax
+        Lb[i] = l + nmax
     return F32(1.0) / iscale
 
 
 @nb.njit(inline="always", **JIT)
-def _kx_weight(w, wo, i, use_w, xi):
-    # make_qkx3_quants: weights ? weights[i] : x*x  (make_qkx2_quants always has weights)
-    if use_w:
-        return w[wo + i]
-    return xi * xi
+def _qkx_error(n, scale, vmin, xb, Lv, work, use_mad):
+    """sum w * err(scale*L + min - x) in index order, err = |.| (use_mad) or square; w = work[0:n]."""
+    for i in range(n):
+        diff = scale * F32(Lv[i]) + vmin - xb[i]
+        diff = abs(diff) if use_mad else diff * diff
+        work[4 * n + i] = work[i] * diff
+    err = F32(0.0)
+    for i in range(n):
+        err += work[4 * n + i]
+    return err
 
 
 @nb.njit(**JIT)
-def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, le_test):
+def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, le_test, work):
     """Body shared by make_qkx2_quants and make_qkx3_quants (they differ only in the
     degenerate-range test, ``max == min`` vs ``max <= min``, and the NULL-weights default)."""
-    x0 = x[xo]
+    n = literally(n)
+    nmax = literally(nmax)
+    use_mad = literally(use_mad)
+    le_test = literally(le_test)
+    xb = x[xo:xo + n]
+    Lb = L[Lo:Lo + n]
+    for i in range(n):  # work[0:n] = the weights
+        work[i] = w[wo + i] if use_w else xb[i] * xb[i]
+    x0 = xb[0]
     vmin = x0
     vmax = x0
-    sum_w = _kx_weight(w, wo, 0, use_w, x0)
+    sum_w = work[0]
     sum_x = sum_w * x0
     for i in range(1, n):
-        xi = x[xo + i]
+        xi = xb[i]
         if xi < vmin:
             vmin = xi
         if xi > vmax:
             vmax = xi
-        wi = _kx_weight(w, wo, i, use_w, xi)
+        wi = work[i]
         sum_w += wi
         sum_x += wi * xi
     if vmin > F32(0.0):
@@ -277,37 +322,45 @@ def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, ns
     degenerate = (vmax <= vmin) if le_test else (vmax == vmin)
     if degenerate:
         for i in range(n):
-            L[Lo + i] = 0
+            Lb[i] = 0
         return F32(0.0), -vmin
     fnmax = F32(nmax)
     iscale = fnmax / (vmax - vmin)
     scale = F32(1.0) / iscale
-    best_error = F32(0.0)
     for i in range(n):
-        xi = x[xo + i]
-        l = nearest_int(iscale * (xi - vmin))
-        l = max(0, min(nmax, l))
-        L[Lo + i] = l
-        diff = scale * F32(l) + vmin - xi
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += _kx_weight(w, wo, i, use_w, xi) * diff
+        Lb[i] = max(0, min(nmax, nearest_int(iscale * (xb[i] - vmin))))
+    best_error = _qkx_error(n, scale, vmin, xb, Lb, work, use_mad)
     if nstep < 1:
         return scale, -vmin
+    have_prev = False
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * F32(step) + fnmax) / (vmax - vmin)
+        changed = 0
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (xb[i] - vmin))))
+            changed |= l ^ np.int64(Laux[i])
+            Laux[i] = l
+        if have_prev and changed == 0:
+            # Same levels as the previous step: the fit and its error are the same, and that
+            # error was either accepted (best_error == it) or rejected (best_error <= it, and
+            # best_error has not changed since), so the C's `<` test fails. Skipping is exact.
+            continue
+        have_prev = True
+        # Products in a loop without reductions, then the three sums in index order: the
+        # same float operations as the C's single loop.
+        for i in range(n):
+            fl = F32(Laux[i])
+            wl = work[i] * fl
+            work[n + i] = wl  # w*l
+            work[2 * n + i] = wl * fl  # w*l*l
+            work[3 * n + i] = wl * xb[i]  # w*l*x
         sum_l = F32(0.0)
         sum_l2 = F32(0.0)
         sum_xl = F32(0.0)
         for i in range(n):
-            xi = x[xo + i]
-            l = nearest_int(iscale * (xi - vmin))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
-            wi = _kx_weight(w, wo, i, use_w, xi)
-            fl = F32(l)
-            sum_l += wi * fl
-            sum_l2 += wi * fl * fl
-            sum_xl += wi * fl * xi
+            sum_l += work[n + i]
+            sum_l2 += work[2 * n + i]
+            sum_xl += work[3 * n + i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > F32(0.0):
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -315,15 +368,10 @@ def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, ns
             if this_min > F32(0.0):
                 this_min = F32(0.0)
                 this_scale = sum_xl / sum_l2
-            cur_error = F32(0.0)
-            for i in range(n):
-                xi = x[xo + i]
-                diff = this_scale * F32(Laux[i]) + this_min - xi
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += _kx_weight(w, wo, i, use_w, xi) * diff
+            cur_error = _qkx_error(n, this_scale, this_min, xb, Laux, work, use_mad)
             if cur_error < best_error:
                 for i in range(n):
-                    L[Lo + i] = Laux[i]
+                    Lb[i] = Laux[i]
                 best_error = cur_error
                 scale = this_scale
                 vmin = this_min
@@ -331,32 +379,53 @@ def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, ns
 
 
 @nb.njit(inline="always", **JIT)
-def make_qkx2_quants(n, nmax, x, xo, w, wo, L, Lo, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx2_quants(n, nmax, x, xo, w, wo, L, Lo, Laux, rmin, rdelta, nstep, use_mad, work):
     """ggml-quants.c make_qkx2_quants (k-quant reference paths): asymmetric levels 0..nmax.
 
-    x[xo:xo+n], weights w[wo:wo+n] -> L[Lo:Lo+n] (uint8); Laux is n bytes of scratch.
-    rmin and rdelta must be float32. Returns (scale, the_min) where the_min = -min >= 0.
+    x[xo:xo+n], weights w[wo:wo+n] -> L[Lo:Lo+n] (uint8); Laux is n bytes and work
+    WORK_FLOATS floats of scratch. rmin/rdelta must be float32; n, nmax and use_mad literals.
+    Returns (scale, the_min) where the_min = -min >= 0.
     """
-    return _make_qkx_quants(n, nmax, x, xo, w, wo, True, L, Lo, Laux, rmin, rdelta, nstep, use_mad, False)
+    return _make_qkx_quants(n, nmax, x, xo, w, wo, True, L, Lo, Laux, rmin, rdelta, nstep, use_mad, False, work)
 
 
 @nb.njit(inline="always", **JIT)
-def make_qkx3_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx3_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, work):
     """ggml-quants.c make_qkx3_quants (imatrix paths): as qkx2, weights default to x*x when
     not use_w (C: weights == NULL) and the degenerate test is max <= min."""
-    return _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, True)
+    return _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, True, work)
+
+
+@nb.njit(inline="always", **JIT)
+def _qp_mse(n, xb, scale, nmax, iscale, qw, qwo, work, use_level_buf, L, Lo):
+    """sum w*(x - scale*l)^2 in index order, as (w*diff)*diff; l from L (uint8) or recomputed."""
+    for i in range(n):
+        if use_level_buf:
+            l = np.int64(L[Lo + i])
+        else:
+            l = min(nmax, nearest_int(iscale * xb[i]))
+        diff = xb[i] - scale * F32(l)
+        work[i] = qw[qwo + i] * diff * diff
+    mse = F32(0.0)
+    for i in range(n):
+        mse += work[i]
+    return mse
 
 
 @nb.njit(**JIT)
-def make_qp_quants(n, nmax, x, xo, L, Lo, qw, qwo):
+def make_qp_quants(n, nmax, x, xo, L, Lo, qw, qwo, work):
     """ggml-quants.c make_qp_quants: non-negative sub-block scales/mins -> levels 0..nmax.
 
     x[xo:xo+n] -> L[Lo:Lo+n] (uint8; C stores ints into uint8_t, so a negative level wraps
-    exactly as it does there), weights qw[qwo:qwo+n]. Returns the super-block scale.
+    exactly as it does there), weights qw[qwo:qwo+n], work WORK_FLOATS scratch; n and nmax
+    literals. Returns the super-block scale.
     """
+    n = literally(n)
+    nmax = literally(nmax)
+    xb = x[xo:xo + n]
     vmax = F32(0.0)
     for i in range(n):
-        xi = x[xo + i]
+        xi = xb[i]
         vmax = vmax if vmax > xi else xi  # MAX(max, x[i])
     if vmax < GROUP_MAX_EPS:  # all zero
         for i in range(n):
@@ -365,30 +434,23 @@ def make_qp_quants(n, nmax, x, xo, L, Lo, qw, qwo):
     fnmax = F32(nmax)
     iscale = fnmax / vmax
     for i in range(n):
-        L[Lo + i] = nearest_int(iscale * x[xo + i]) & 0xFF
+        L[Lo + i] = nearest_int(iscale * xb[i]) & 0xFF
     scale = F32(1.0) / iscale
-    best_mse = F32(0.0)
-    for i in range(n):
-        diff = x[xo + i] - scale * F32(L[Lo + i])
-        best_mse += qw[qwo + i] * diff * diff
+    # best_mse uses the uint8 levels just stored; the trials use MIN(nmax, l) unwrapped
+    best_mse = _qp_mse(n, xb, scale, nmax, iscale, qw, qwo, work, True, L, Lo)
     for step in range(-4, 5):
         if step == 0:
             continue
         iscale_is = (F32(0.1) * F32(step) + fnmax) / vmax
         scale_is = F32(1.0) / iscale_is
-        mse = F32(0.0)
-        for i in range(n):
-            l = nearest_int(iscale_is * x[xo + i])
-            l = min(nmax, l)
-            diff = x[xo + i] - scale_is * F32(l)
-            mse += qw[qwo + i] * diff * diff
+        mse = _qp_mse(n, xb, scale_is, nmax, iscale_is, qw, qwo, work, False, L, Lo)
         if mse < best_mse:
             best_mse = mse
             iscale = iscale_is
     sumlx = F32(0.0)
     suml2 = F32(0.0)
     for i in range(n):
-        xi = x[xo + i]
+        xi = xb[i]
         l = nearest_int(iscale * xi)
         l = min(nmax, l)
         L[Lo + i] = l & 0xFF
@@ -399,7 +461,7 @@ def make_qp_quants(n, nmax, x, xo, L, Lo, qw, qwo):
     for _itry in range(5):
         n_changed = 0
         for i in range(n):
-            xi = x[xo + i]
+            xi = xb[i]
             wi = qw[qwo + i]
             fL = F32(L[Lo + i])
             slx = sumlx - wi * xi * fL
