@@ -428,18 +428,19 @@ class Arch:
     def tables(self, part: str) -> tuple[Rule, ...]:
         return self.TEXT_TENSORS if part == TEXT else self.MMPROJ_TENSORS
 
-    def map_tensor(self, name: str, part: str) -> tuple[str, int | None]:
-        """HF name (already normalized) -> GGUF name; unknown names are an error."""
+    def map_tensor(self, name: str, part: str, src: SafeTensor | None = None) -> tuple[str, int | None]:
+        """HF name (already normalized) -> GGUF name; unknown names are an error naming the
+        file and the tensor as stored (`src`)."""
+        where = f"{src.file}: tensor '{src.name}'" if src is not None else f"{self.dir}: tensor '{name}'"
         hit = map_name(self.tables(part), name)
         if hit is None:
-            src = self.ckpt[name].file.name if self.ckpt and name in self.ckpt else "the checkpoint"
             raise GGQuantError(
-                f"{self.dir / src}: tensor '{name}' is not part of a {self.hf_arch} checkpoint as ggquant knows "
-                f"it (llama.cpp's converter would stop with 'Can not map tensor'); remove it or check the model"
+                f"{where} is not part of a {self.hf_arch} checkpoint as ggquant knows it (llama.cpp's converter "
+                f"would stop with 'Can not map tensor'); remove it or check that config.json matches the weights"
             )
         gname, bid = hit
         if bid is not None and not 0 <= bid < self.block_count_for(part):
-            raise GGQuantError(f"{self.dir}: tensor '{name}' is for layer {bid}, but {self.config_path.name} declares "
+            raise GGQuantError(f"{where} is for layer {bid}, but {self.config_path.name} declares "
                                f"{self.block_count_for(part)} layers")
         return gname, bid
 
@@ -488,7 +489,7 @@ def plan_part(arch: Arch, part: str, outtype: GGMLQuantizationType) -> list[Tens
         if src.dtype not in FLOAT_DTYPES:
             raise GGQuantError(f"{src.file}: tensor '{name}' has dtype {src.dtype}; ggquant converts float "
                                f"checkpoints (F32/F16/BF16) - dequantize it first")
-        gname, _ = arch.map_tensor(norm, part)
+        gname, _ = arch.map_tensor(norm, part, src)
         if gname in seen:
             raise GGQuantError(f"{src.file}: tensors '{seen[gname]}' and '{name}' both map to GGUF tensor '{gname}'")
         seen[gname] = name

@@ -304,12 +304,15 @@ class Gemma3(Arch):
         """Missing tensors and wrong shapes, against what the config declares."""
         assert self.ckpt is not None
         present = {self.normalize_name(n): t for n, t in self.ckpt.tensors.items() if self.is_text_tensor(n)}
+        nested = any(n.startswith("model.language_model.") for n in self.ckpt.tensors)
         for name, (shape, required) in self.expected_shapes().items():
             t = present.get(name)
             if t is None:
                 if required:
+                    stored = "model.language_model." + name[len("model."):] if nested and name.startswith(
+                        "model.") else name
                     raise GGQuantError(
-                        f"{self.dir}: tensor '{name}' is missing from the checkpoint ({self.config_path.name} "
+                        f"{self.dir}: tensor '{stored}' is missing from the checkpoint ({self.config_path.name} "
                         f"declares it); the download is incomplete or the config does not belong to these weights")
                 continue
             if tuple(t.shape) != tuple(shape):

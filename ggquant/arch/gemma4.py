@@ -340,15 +340,16 @@ class Gemma4(Gemma3):
             return self.block_count
         return CLIP_TOWERS
 
-    def map_tensor(self, name, part):
-        gname, bid = super().map_tensor(name, part)
+    def map_tensor(self, name, part, src=None):
+        gname, bid = super().map_tensor(name, part, src)
         if part == MMPROJ and bid is not None:
             vis, aud = self.mmproj_hparams()
             limit = (vis["num_hidden_layers"] if name.startswith("model.vision_tower.")
                      else 2 if "subsample_conv_projection" in name else aud["num_hidden_layers"])
             if bid >= limit:
-                raise GGQuantError(f"{self.dir}: tensor '{name}' is for layer {bid}, but the tower has {limit} layers "
-                                   f"in {self.config_path.name}")
+                where = f"{src.file}: tensor '{src.name}'" if src is not None else f"{self.dir}: tensor '{name}'"
+                raise GGQuantError(f"{where} is for layer {bid}, but the tower has {limit} layers in "
+                                   f"{self.config_path.name}")
         return gname, bid
 
     def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:

@@ -360,12 +360,14 @@ def open_checkpoint(model_dir: str | os.PathLike[str]) -> Checkpoint:
         missing = sorted(listed - have)
         extra = sorted(have - listed)
         if missing:
-            raise FormatError(f"{index_path}: tensor '{missing[0]}' (and {len(missing) - 1} more) is listed in the "
-                              f"index, in {index[missing[0]]}, but that shard does not contain it; the shards are "
-                              f"incomplete or from another version of the model")
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FormatError(f"{index_path}: tensor '{missing[0]}'{more} is listed in the index, in "
+                              f"{index[missing[0]]}, but that shard does not contain it; the shards are incomplete "
+                              f"or from another version of the model")
         if extra:
-            raise FormatError(f"{ckpt.tensors[extra[0]].file}: tensor '{extra[0]}' (and {len(extra) - 1} more) is not "
-                              f"listed in {INDEX_NAME}; the index and the shards disagree")
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise FormatError(f"{ckpt.tensors[extra[0]].file}: tensor '{extra[0]}'{more} is not listed in "
+                              f"{INDEX_NAME}; the index and the shards disagree")
         for name, shard in index.items():
             if ckpt.tensors[name].file.name != shard:
                 raise FormatError(f"{index_path}: tensor '{name}' is listed in {shard} but stored in "
