@@ -1,0 +1,587 @@
+"""Already-quantized Hugging Face checkpoints: detection and the record every reader yields.
+
+Readers (one module each): compressed-tensors (`compressed_tensors.py`), GPTQ / AutoRound / AWQ
+(`gptq.py`), MLX affine (`mlx.py`) and GLQ (`glq.py`). Facts about the layouts are in
+shared/research/compressed-tensors-gptq-gguf-mapping.md and glq-format.md.
+
+Entry point:
+
+    model = open_quantized(config, names, get)     # None for an unquantized checkpoint
+    for rec in model:                              # one record per quantized logical weight
+        rec.name        # "model.layers.0.self_attn.q_proj.weight" (checkpoint naming)
+        rec.shape       # (out, in), numpy order of the float weight
+        rec.encoding    # "compressed-tensors pack-quantized int4 sym group128"
+        rec.dequantize(rows=None)           -> float32 [rows, in], the source's exact dequantization
+        rec.exact_ggml(candidates=None)     -> (GGMLQuantizationType, uint8 [rows, row_bytes]) | None
+        rec.exact_ggml_or_reason(...)       -> the same tuple, or a str saying why nothing is exact
+    model.consumed      # raw tensor names the records replace (weight_packed, scales, qzeros, ...)
+
+`config` is the parsed config.json; `names` every tensor name in the checkpoint; `get(name)`
+returns a raw tensor: a numpy array (BF16 as uint16 bits and FP8 as uint8 bits, the storage
+convention of ggquant.formats.safetensors), a torch tensor, or an object with a safetensors
+`dtype` string and `read()` / `rows(start, stop)` (ggquant.formats.safetensors.SafeTensor).
+Nothing is read until a record's payload is asked for; `rows=(start, stop)` reads only those
+output rows where the layout allows it.
+
+"Exact dequantization" means the float32 value the source format defines, computed with one
+rounding: (q - zero) * scale for integer formats (always exactly representable), scale * q + bias
+for MLX affine (one rounding of the sum, as mlx's float32 kernels do), fp8 * scale for FP8, and
+glq's own reconstruction for GLQ. Libraries that return bf16/fp16 round this value once more.
+
+Unknown quantization methods, formats, codebooks and bit widths are refused with an error that
+names them: ggquant never guesses a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ggquant.errors import FormatError, GGQuantError
+from ggquant.quant.transcode import (
+    BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, AffineBlocks, Transcoded, columns_to_blocks,
+    exact_float, transcode, verify_blocks,
+)
+
+__all__ = [
+    "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
+    "detect", "open_quantized", "SUPPORTED_METHODS", "rows_range", "unpack_stream", "unpack_per_word",
+]
+
+# quant_method values (lower-cased) -> reader family.
+_METHOD_ALIASES = {
+    "compressed-tensors": "compressed-tensors",
+    "compressed_tensors": "compressed-tensors",
+    "gptq": "gptq",
+    "auto-round": "auto-round",
+    "auto_round": "auto-round",
+    "autoround": "auto-round",
+    "intel/auto-round": "auto-round",
+    "awq": "awq",
+    "glq": "glq",
+}
+SUPPORTED_METHODS = ("compressed-tensors", "gptq", "auto-round", "awq", "glq", "mlx")
+
+
+# --------------------------------------------------------------------------------------------
+# Raw tensor access
+
+
+_NP_TAGS = {
+    np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
+    np.dtype("uint16"): "BF16",  # ggquant.formats.safetensors stores BF16 as its uint16 bits
+    np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
+    np.dtype("uint64"): "U64", np.dtype("uint32"): "U32", np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL",
+}
+
+
+def _torch_to_numpy(t) -> tuple[np.ndarray, str]:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16), "BF16"
+    fp8 = {getattr(torch, n, None): tag for n, tag in
+           (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"))}
+    if t.dtype in fp8:
+        return t.contiguous().view(torch.uint8).numpy(), fp8[t.dtype]
+    arr = t.contiguous().numpy()
+    return arr, _NP_TAGS.get(arr.dtype, str(arr.dtype))
+
+
+def rows_range(rows, n_rows: int) -> tuple[int, int]:
+    """Normalise rows=None | (start, stop) | slice to a checked (start, stop)."""
+    if rows is None:
+        return 0, n_rows
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(n_rows)
+        if step != 1:
+            raise GGQuantError(f"row ranges must be contiguous, got step {step}")
+    else:
+        start, stop = (int(x) for x in rows)
+    if not 0 <= start <= stop <= n_rows:
+        raise GGQuantError(f"rows [{start}, {stop}) outside [0, {n_rows})")
+    return start, stop
+
+
+class Source:
+    """The checkpoint's raw tensors: the set of names and a getter (see module docstring)."""
+
+    def __init__(self, names: Iterable[str], get: Callable[[str], Any]):
+        self.names = list(names)
+        self._names = set(self.names)
+        self._get = get
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+        """(numpy storage array, safetensors dtype tag), optionally only outer rows [start, stop)."""
+        if name not in self._names:
+            raise FormatError(f"tensor '{name}' is missing from the checkpoint")
+        obj = self._get(name)
+        if isinstance(obj, np.ndarray):
+            arr, tag = obj, _NP_TAGS.get(obj.dtype, str(obj.dtype))
+            return (arr if rows is None or arr.ndim == 0 else arr[rows[0]:rows[1]]), tag
+        if type(obj).__module__.startswith("torch"):
+            if rows is not None and obj.ndim > 0:
+                obj = obj[rows[0]:rows[1]]
+            return _torch_to_numpy(obj)
+        if isinstance(getattr(obj, "dtype", None), str) and hasattr(obj, "read"):
+            if rows is not None and hasattr(obj, "rows") and len(getattr(obj, "shape", ())) > 0:
+                return obj.rows(*rows), obj.dtype
+            arr = obj.read()
+            return (arr if rows is None or arr.ndim == 0 else arr[rows[0]:rows[1]]), obj.dtype
+        raise GGQuantError(f"tensor '{name}': the getter returned {type(obj).__name__}; expected a numpy "
+                           f"array, a torch tensor or a safetensors tensor")
+
+    def dtype(self, name: str) -> str:
+        obj = self._get(name)
+        if isinstance(getattr(obj, "dtype", None), str):
+            return obj.dtype
+        return self.raw(name)[1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in self._get(name).shape)
+
+    def floats(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """float32 values (exact for F32/F16/BF16)."""
+        arr, tag = self.raw(name, rows)
+        return to_float32(arr, tag, name)
+
+    def ints(self, name: str, rows: tuple[int, int] | None = None, allowed=("I32",)) -> np.ndarray:
+        arr, tag = self.raw(name, rows)
+        if tag not in allowed:
+            raise FormatError(f"tensor '{name}' has dtype {tag}; expected {' or '.join(allowed)}")
+        return np.asarray(arr)
+
+
+def to_float32(arr: np.ndarray, tag: str, what: str) -> np.ndarray:
+    if tag == "F32":
+        return np.asarray(arr, dtype=np.float32)
+    if tag == "BF16":
+        return (np.asarray(arr).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if tag == "F16":
+        return np.asarray(arr).view(np.float16).astype(np.float32)
+    if tag == "F64":
+        return np.asarray(arr, dtype=np.float64).astype(np.float32)
+    raise FormatError(f"tensor '{what}' has dtype {tag}; expected a float (F32, F16, BF16)")
+
+
+# --------------------------------------------------------------------------------------------
+# Bit unpacking shared by the readers (little-endian words, as every format here stores them)
+
+
+def _le_bytes(words: np.ndarray) -> np.ndarray:
+    """int32/uint32 [R, W] -> uint8 [R, 4W], the words' bytes in little-endian order."""
+    w = np.ascontiguousarray(words)
+    w = w.view(np.uint32) if w.dtype == np.int32 else w.astype(np.uint32, copy=False)
+    return w.astype("<u4", copy=False).view(np.uint8).reshape(w.shape[0], 4 * w.shape[1])
+
+
+def unpack_stream(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Codes of a dense little-endian bit stream per row -> uint8 [R, n].
+
+    Code i of a row occupies stream bits [i*bits, i*bits + bits), word w supplying stream bits
+    32w..32w+31, least significant first; codes may straddle words (compressed-tensors >= 0.18
+    pack_to_int32, GPTQ 3-bit, MLX 3/5/6-bit). For bits in {1, 2, 4, 8} this is also the
+    per-word layout (32/bits codes per word at bits*j).
+    """
+    b = _le_bytes(words)
+    R, nbytes = b.shape
+    if n * bits > nbytes * 8:
+        raise FormatError(f"{nbytes * 8} packed bits cannot hold {n} codes of {bits} bits")
+    if bits == 8:
+        return b[:, :n].copy()
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = np.empty((R, nbytes, per), dtype=np.uint8)
+        mask = (1 << bits) - 1
+        for j in range(per):
+            out[:, :, j] = (b >> (bits * j)) & mask
+        return out.reshape(R, nbytes * per)[:, :n]
+    # General width: a 16-bit little-endian window starting at the code's first byte covers
+    # bit offset (<= 7) + width (<= 8).
+    start = np.arange(n, dtype=np.int64) * bits
+    byte = start >> 3
+    shift = (start & 7).astype(np.uint16)
+    padded = np.concatenate([b, np.zeros((R, 1), dtype=np.uint8)], axis=1)
+    win = padded[:, byte].astype(np.uint16) | (padded[:, byte + 1].astype(np.uint16) << 8)
+    return ((win >> shift) & ((1 << bits) - 1)).astype(np.uint8)
+
+
+def unpack_per_word(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Codes packed 32//bits per word at bits*j, spare high bits unused -> uint8 [R, n].
+
+    compressed-tensors <= 0.17 pack_to_int32 (the legacy layout; differs from the dense stream
+    for bit widths that do not divide 32).
+    """
+    w = np.ascontiguousarray(words)
+    w = w.view(np.uint32) if w.dtype == np.int32 else w.astype(np.uint32, copy=False)
+    per = 32 // bits
+    if n > w.shape[1] * per:
+        raise FormatError(f"{w.shape[1]} words of {per} codes cannot hold {n} codes")
+    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    out = (w[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
+    return out.reshape(w.shape[0], w.shape[1] * per)[:, :n].astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+def _qtypes(candidates) -> list[T]:
+    return [T(c) if not isinstance(c, str) else T[c.upper()] for c in
+            (DEFAULT_CANDIDATES if candidates is None else candidates)]
+
+
+class QuantizedTensor:
+    """One logical weight of a quantized checkpoint (base class; see module docstring)."""
+
+    def __init__(self, name: str, shape: tuple[int, int], encoding: str, fmt: str,
+                 sources: tuple[str, ...], bits: int | None = None):
+        self.name = name
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.encoding = encoding  # human description of the source quantization
+        self.format = fmt  # machine id, e.g. "compressed-tensors/pack-quantized"
+        self.sources = tuple(sources)  # raw tensor names this record is made of
+        self.bits = bits
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, shape={self.shape}, {self.encoding!r})"
+
+    # Subclasses implement these two.
+    def dequantize(self, rows=None) -> np.ndarray:
+        """float32 [rows, in]: the source's exact dequantization of output rows [start, stop)."""
+        raise NotImplementedError
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        """The weight as integer codes with one scale (and offset) per 32 columns, or why not."""
+        return f"{self.encoding} values are not integer codes with a per-32-column scale"
+
+    def exact_ggml_or_reason(self, candidates=None, rows=None, verify: bool = True) -> tuple[T, np.ndarray] | str:
+        """The first candidate GGML type whose ggml dequantization equals `dequantize()` bit for bit.
+
+        candidates: GGML types in order of preference (default Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, i.e.
+        fewest bits first); F16/BF16/F32 may be listed too and are taken when every value fits.
+        verify: dequantize the produced bytes with ggquant's ggml-exact kernels and compare.
+        Returns (qtype, uint8 [rows, row_bytes]) or a reason naming the tensor.
+        """
+        rr = rows_range(rows, self.shape[0])
+        cands = _qtypes(candidates)
+        reasons: list[str] = []
+        blocks: AffineBlocks | str | None = None
+        expected: np.ndarray | None = None
+        for qtype in cands:
+            if qtype in BLOCK_TYPES:
+                if blocks is None:
+                    blocks = self.blocks(rr)
+                if isinstance(blocks, str):
+                    reasons.append(f"{qtype.name}: {blocks}")
+                    continue
+                res = transcode(blocks, [qtype])
+            elif qtype in FLOAT_TYPES:
+                if expected is None:
+                    expected = self.dequantize(rr)
+                res = exact_float(expected, [qtype])
+            else:
+                reasons.append(f"{qtype.name}: not a type ggquant transcodes into exactly")
+                continue
+            if isinstance(res, str):
+                reasons.append(res if res.startswith(qtype.name) else f"{qtype.name}: {res}")
+                continue
+            if verify and qtype in BLOCK_TYPES:
+                if expected is None:
+                    expected = self.dequantize(rr)
+                bad = verify_blocks(res, expected)
+                if bad is not None:
+                    reasons.append(f"{qtype.name}: {bad}")
+                    continue
+            return res.qtype, res.data
+        if not reasons:
+            reasons.append("no candidate types")
+        return f"{self.name}: no exact GGML encoding ({'; '.join(reasons)})"
+
+    def exact_ggml(self, candidates=None, rows=None, verify: bool = True) -> tuple[T, np.ndarray] | None:
+        """Like exact_ggml_or_reason, but None when nothing is exact (`not_exact_reason` says why)."""
+        res = self.exact_ggml_or_reason(candidates, rows, verify)
+        if isinstance(res, str):
+            self.not_exact_reason = res
+            return None
+        self.not_exact_reason = None
+        return res
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        """Metadata-only prediction (no payload read) for planning and --dry-run.
+
+        Returns (type, "") when the format makes `type` exact unless the data breaks a condition
+        that only the payload shows (a scale outside fp16, an offset that fp16 rounds), else
+        (None, reason). exact_ggml is the authority.
+        """
+        return None, f"{self.encoding} has no exact GGML block type"
+
+
+@dataclass
+class IntCodes:
+    """Integer weight rows: w[r, c] = (q[r, c] - zero[r, g(c)]) * scale[r, g(c)].
+
+    q: int16 [rows, n] codes as the format defines them (signed for compressed-tensors, unsigned
+    for GPTQ/AWQ); scale: float32 [rows, G] exact source values; zero: int16 [rows, G] or None;
+    group: int [n], the group of each column (g_idx, or column // group_size).
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None
+    group: np.ndarray
+    group_size: int | None = None  # set when group == arange(n) // group_size
+
+    def k(self) -> np.ndarray:
+        if self.zero is None:
+            return self.q
+        return self.q - self.zero[:, self.group]
+
+    def col_scale(self) -> np.ndarray:
+        return self.scale[:, self.group]
+
+    def dequantize(self) -> np.ndarray:
+        rows, n = self.q.shape
+        gs = self.group_size
+        if gs and n % gs == 0 and self.scale.shape[1] == n // gs:
+            k = self.k().reshape(rows, n // gs, gs).astype(np.float32)
+            return (k * self.scale[:, :, None]).reshape(rows, n)
+        return self.k().astype(np.float32) * self.col_scale()
+
+    def blocks(self) -> AffineBlocks | str:
+        rows, n = self.q.shape
+        if n % QK:
+            return f"rows of {n} elements are not a whole number of {QK}-element GGML blocks"
+        gs = self.group_size
+        if gs and gs % QK == 0 and self.scale.shape[1] * gs >= n:
+            d = np.repeat(self.scale, gs // QK, axis=1)[:, : n // QK]
+        else:
+            # g_idx (act-order) or a group size that is not a multiple of 32: exact only where
+            # each 32-column block happens to share one scale. Zero points may still differ
+            # per column: k = q - zero stays an integer per column.
+            d = columns_to_blocks(self.col_scale(), "scale")
+            if isinstance(d, str):
+                return d
+        return AffineBlocks(self.k().astype(np.int16), np.ascontiguousarray(d, dtype=np.float32))
+
+
+class IntQuantTensor(QuantizedTensor):
+    """An integer-quantized weight (compressed-tensors int, GPTQ, AutoRound, AWQ)."""
+
+    def __init__(self, name, shape, encoding, fmt, sources, bits: int, symmetric: bool,
+                 load: Callable[[tuple[int, int]], IntCodes], group_size: int | None, act_order: bool = False,
+                 qrange: tuple[int, int] | None = None):
+        super().__init__(name, shape, encoding, fmt, sources, bits)
+        self.symmetric = symmetric
+        self.group_size = group_size  # columns per scale (in for channel/tensor), None with g_idx
+        self.act_order = act_order
+        self._load = load
+        self._perm_rows: np.ndarray | None = None
+        self._perm_cols: np.ndarray | None = None
+        # Range of k = q - zero that the format allows (for the metadata-only prediction).
+        self.qrange = qrange
+
+    def codes(self, rows=None) -> IntCodes:
+        rr = rows_range(rows, self.shape[0])
+        if self._perm_rows is None:
+            c = self._load(rr)
+        else:
+            idx = self._perm_rows[rr[0]:rr[1]]
+            full = self._load((0, self.shape[0]))
+            c = IntCodes(full.q[idx], full.scale[idx], None if full.zero is None else full.zero[idx],
+                         full.group, full.group_size)
+        if self._perm_cols is not None:
+            c = IntCodes(c.q[:, self._perm_cols], c.scale, c.zero, c.group[self._perm_cols], None)
+        return c
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        return self.codes(rows).dequantize()
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        return self.codes(rows).blocks()
+
+    def permuted(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> IntQuantTensor:
+        """A view with output rows and/or input columns reordered (w' = w[rows][:, cols]).
+
+        Row permutations are always harmless. A column permutation is only valid when the
+        producer of this layer's input is permuted the same way (the act-order `down_proj`
+        trick: permute `down_proj` columns and `gate_proj`/`up_proj` rows by `act_order_perm`).
+        """
+        new = IntQuantTensor(self.name, self.shape, self.encoding, self.format, self.sources, self.bits,
+                             self.symmetric, self._load, self.group_size, self.act_order, self.qrange)
+        pr = self._perm_rows
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.intp)
+            pr = rows if pr is None else pr[rows]
+        pc = self._perm_cols
+        if cols is not None:
+            cols = np.asarray(cols, dtype=np.intp)
+            pc = cols if pc is None else pc[cols]
+        new._perm_rows, new._perm_cols = pr, pc
+        if cols is not None:
+            new.encoding = self.encoding + " (columns permuted)"
+        return new
+
+    def act_order_perm(self) -> np.ndarray | None:
+        """Stable argsort of g_idx when it is not the trivial column // group_size, else None."""
+        if not self.act_order:
+            return None
+        c = self._load((0, min(1, self.shape[0])))
+        return np.argsort(c.group, kind="stable")
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        n = self.shape[1]
+        if n % QK:
+            return None, f"rows of {n} elements are not a whole number of {QK}-element blocks"
+        if self.act_order:
+            return None, "act-order g_idx: 32-column blocks mix quantization groups (unless permuted)"
+        if self.group_size is not None and self.group_size % QK:
+            return None, f"group size {self.group_size} is not a multiple of {QK}"
+        lo, hi = self.qrange
+        for qtype in _qtypes(candidates):
+            if qtype in (T.Q4_0, T.Q5_0, T.Q8_0):
+                _, a, b = {T.Q4_0: (0, -8, 7), T.Q5_0: (0, -16, 15), T.Q8_0: (0, -128, 127)}[qtype]
+                if a <= lo and hi <= b:
+                    return qtype, ""
+            elif qtype in (T.Q4_1, T.Q5_1):
+                span = 15 if qtype == T.Q4_1 else 31
+                if not self.symmetric and self.bits is not None and (1 << self.bits) - 1 <= span:
+                    return qtype, ""
+            elif qtype in FLOAT_TYPES and qtype == T.F32:
+                return qtype, ""
+        return None, f"int{self.bits} {'sym' if self.symmetric else 'asym'} codes span [{lo}, {hi}], wider than the candidates"
+
+
+class AffineQuantTensor(QuantizedTensor):
+    """w = scale * u + bias per group of columns, u unsigned (MLX affine)."""
+
+    def __init__(self, name, shape, encoding, fmt, sources, bits: int, group_size: int,
+                 load: Callable[[tuple[int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        super().__init__(name, shape, encoding, fmt, sources, bits)
+        self.group_size = group_size
+        self._load = load  # rows -> (u uint8/int16 [R, n], scales f32 [R, G], biases f32 [R, G])
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        u, s, b = self._load(rows_range(rows, self.shape[0]))
+        r, n = u.shape
+        g = self.group_size
+        w = u.reshape(r, n // g, g).astype(np.float32) * s[:, :, None] + b[:, :, None]
+        return w.reshape(r, n)
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        u, s, b = self._load(rows_range(rows, self.shape[0]))
+        n = u.shape[1]
+        g = self.group_size
+        if n % QK:
+            return f"rows of {n} elements are not a whole number of {QK}-element GGML blocks"
+        if g % QK:
+            return f"group size {g} is not a multiple of {QK}"
+        rep = g // QK
+        return AffineBlocks(u.astype(np.int16), np.repeat(s, rep, axis=1), np.repeat(b, rep, axis=1))
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        if self.shape[1] % QK or self.group_size % QK:
+            return None, f"group size {self.group_size} is not a multiple of {QK}"
+        for qtype in _qtypes(candidates):
+            if qtype == T.Q4_1 and self.bits <= 4 or qtype == T.Q5_1 and self.bits <= 5:
+                return qtype, ""
+            if qtype == T.F32:
+                return qtype, ""
+        return None, (f"{self.bits}-bit affine codes need an offset type with {1 << self.bits} levels; "
+                      f"Q4_1 holds 16 and Q5_1 32")
+
+
+@dataclass
+class QuantizedModel:
+    """All quantized weights of one checkpoint, plus which raw tensors they replace."""
+
+    method: str  # "compressed-tensors", "gptq", "auto-round", "awq", "mlx", "glq"
+    description: str  # one line for logs and GGUF metadata
+    tensors: dict[str, QuantizedTensor]  # logical weight name -> record, in checkpoint order
+    consumed: frozenset[str]  # raw names the records are made of; never pass these through
+    notes: list[str] = field(default_factory=list)  # things the user should know (dropped scales, fixes)
+    config: dict = field(default_factory=dict)  # the quantization config as read
+
+    def __iter__(self) -> Iterator[QuantizedTensor]:
+        return iter(self.tensors.values())
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        return self.tensors[name]
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance for GGUF metadata (the converter adds which tensors went exact)."""
+        return {"ggquant.source.quantization": self.method, "ggquant.source.quantization_desc": self.description}
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+
+
+def detect(config: dict) -> str | None:
+    """The quantization family of a parsed config.json, None when the weights are not quantized.
+
+    Raises GGQuantError for a quantization method ggquant does not read, naming it.
+    """
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and "quant_method" in qc:
+        raw = str(qc["quant_method"])
+        method = _METHOD_ALIASES.get(raw.lower())
+        if method is None:
+            raise GGQuantError(
+                f"config.json quantization_config.quant_method is {raw!r}, which ggquant does not read; "
+                f"supported: {', '.join(SUPPORTED_METHODS)}. Convert the checkpoint to bf16 first."
+            )
+        return method
+    mlx_cfg = config.get("quantization")
+    if isinstance(mlx_cfg, dict) and ("bits" in mlx_cfg or "group_size" in mlx_cfg):
+        return "mlx"
+    if isinstance(qc, dict) and ("bits" in qc and "group_size" in qc):
+        return "mlx"  # mlx-lm writes the same dict as "quantization" and "quantization_config"
+    if isinstance(qc, dict) and qc:
+        raise GGQuantError(
+            f"config.json has a quantization_config without quant_method (keys: {', '.join(sorted(qc))}); "
+            f"ggquant cannot tell which format it is"
+        )
+    return None
+
+
+def open_quantized(config: dict, names: Iterable[str], get: Callable[[str], Any]) -> QuantizedModel | None:
+    """Read the quantized weights of a checkpoint (see module docstring); None if not quantized."""
+    method = detect(config)
+    if method is None:
+        return None
+    src = Source(names, get)
+    if method == "compressed-tensors":
+        from ggquant.formats import compressed_tensors
+
+        return compressed_tensors.read(config, src)
+    if method in ("gptq", "auto-round", "awq"):
+        from ggquant.formats import gptq
+
+        return gptq.read(config, src, method)
+    if method == "mlx":
+        from ggquant.formats import mlx
+
+        return mlx.read(config, src)
+    if method == "glq":
+        from ggquant.formats import glq
+
+        return glq.read(config, src)
+    raise AssertionError(method)
+
+
+def transcoded_result(res) -> Transcoded:  # small helper for callers holding a tuple
+    return Transcoded(*res)

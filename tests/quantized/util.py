@@ -1,0 +1,40 @@
+"""Helpers for the quantized-checkpoint tests: open a fixture folder, compare float32 bit patterns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ggquant.formats.quantized import QuantizedModel, open_quantized
+
+
+def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
+    """Read a fixture folder through open_quantized; via="torch" (safetensors' torch loader) or
+    "numpy" (raw storage arrays: BF16 as uint16 bits, the ggquant.formats.safetensors convention)."""
+    cfg = json.loads((Path(d) / "config.json").read_text())
+    from safetensors import safe_open
+
+    f = safe_open(str(Path(d) / "model.safetensors"), "pt")
+    names = list(f.keys())
+    if via == "torch":
+        return open_quantized(cfg, names, f.get_tensor)
+    from ggquant.formats.quantized import _torch_to_numpy
+
+    return open_quantized(cfg, names, lambda n: _torch_to_numpy(f.get_tensor(n))[0])
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    got = np.ascontiguousarray(got, dtype=np.float32)
+    want = np.ascontiguousarray(want, dtype=np.float32)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    bad = bits(got) != bits(want)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise AssertionError(f"{what}: {int(bad.sum())} values differ, first at [{r}, {c}]: "
+                             f"{got[r, c]!r} vs {want[r, c]!r}")
