@@ -1,0 +1,83 @@
+"""Activation statistics for the importance matrix, collected from ggquant's runtime.
+
+What llama-imatrix accumulates (tools/imatrix/imatrix.cpp, IMatrixCollector::collect_imatrix;
+research note imatrix-and-quants.md §1.1), reproduced here:
+
+- only matmuls whose weight name starts with `blk.` (plus `output.weight` with
+  --process-output); a tied output is a matmul with token_embd, so it is never collected;
+- only batches of at least 16 tokens (`src1->ne[1] >= 16`);
+- per input column j, sum over tokens of x[j]^2, accumulated in float32 token by token;
+- one count per dense weight: the number of tokens seen.
+
+The collector wraps the runtime backend's `matmul`/`matmuls`, so it sees exactly the float32
+inputs the model multiplies with each weight.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ggquant.imatrix.files import Entry, Imatrix
+
+MIN_BATCH_TOKENS = 16  # imatrix.cpp: `if (src1->ne[1] < 16 || src1->type != GGML_TYPE_F32) return false`
+OUTPUT_WEIGHT = "output.weight"
+
+
+@nb.njit(cache=True)
+def _accumulate(acc, x):
+    # imatrix.cpp: for each row (token) in order, acc[j] += x[j]*x[j] in float32
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            acc[j] += x[t, j] * x[t, j]
+
+
+class Collector:
+    def __init__(self, chunk_size: int, process_output: bool = False):
+        self.chunk_size = chunk_size
+        self.process_output = process_output
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def wanted(self, name: str, n_tokens: int) -> bool:
+        if n_tokens < MIN_BATCH_TOKENS:
+            return False
+        return name.startswith("blk.") or (self.process_output and name == OUTPUT_WEIGHT)
+
+    def observe(self, name: str, x) -> None:
+        """Record the float32 input x [n_tokens, n_in] of a matmul with weight `name`."""
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1]))
+        if not self.wanted(name, x.shape[0]):
+            return
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = np.zeros(x.shape[1], dtype=np.float32)
+            self.counts[name] = 0
+        _accumulate(acc, x)
+        self.counts[name] += x.shape[0]
+
+    def attach(self, backend) -> None:
+        """Hook a runtime backend: every matmul input is observed before it is multiplied."""
+        matmul, matmuls, to_numpy = backend.matmul, backend.matmuls, backend.to_numpy
+
+        def hooked_matmul(x, w):
+            self.observe(w.name, to_numpy(x))
+            return matmul(x, w)
+
+        def hooked_matmuls(x, ws):
+            xn = to_numpy(x)
+            for w in ws:
+                self.observe(w.name, xn)
+            return matmuls(x, ws)
+
+        backend.matmul, backend.matmuls = hooked_matmul, hooked_matmuls
+
+    @property
+    def chunk_count(self) -> int:
+        # m_last_chunk = max(count) / chunk_size
+        return max(self.counts.values(), default=0) // self.chunk_size
+
+    def to_imatrix(self, datasets: list[str]) -> Imatrix:
+        entries = {n: Entry(self.sums[n].reshape(1, -1).copy(), np.array([self.counts[n]], dtype=np.int64))
+                   for n in self.sums}
+        return Imatrix(entries, list(datasets), self.chunk_count, self.chunk_size, False)
