@@ -19,9 +19,11 @@ outputs appear only complete (temporary file + rename); a failure removes what t
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,10 +277,13 @@ def encode(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | Non
     return qtypes.get(qtype).quantize(x.reshape(-1, n), imatrix, what)
 
 
-def tensor_chunks(t: TensorPlan, imatrix: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The bytes of one planned tensor, one bounded chunk of outer rows at a time."""
+def tensor_chunks(t: TensorPlan, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, Callable | None]]:
+    """(bytes, after) for one planned tensor, one bounded chunk of outer rows at a time.
+
+    `after` (or None) must be called once the bytes are written: a chunk copied unchanged is a
+    view of the mmapped checkpoint, whose pages are handed back only then."""
     if t.generated is not None:
-        yield encode(t.generated, t.qtype, imatrix, t.name)
+        yield encode(t.generated, t.qtype, imatrix, t.name), None
         return
     src = t.src
     assert src is not None
@@ -289,14 +294,80 @@ def tensor_chunks(t: TensorPlan, imatrix: np.ndarray | None = None) -> Iterator[
         b = min(t.n_outer, a + step)
         if raw_ok:
             raw = src.rows(a, b) if src.shape else src.rows(0, 1).reshape(1)
-            yield _quiet_bf16_nans(raw) if src.dtype == "BF16" else raw
+            yield (_quiet_bf16_nans(raw) if src.dtype == "BF16" else raw), (lambda a=a, b=b: src.release(a, b))
         else:
             x = src.float_rows(a, b)
             y = t.transform(x, src.dtype)
             if y.ndim == 0:
                 y = y.reshape(1)
-            yield encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
-        src.release(a, b)
+            out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
+            del x, y
+            src.release(a, b)  # the source rows were copied: drop their pages now
+            yield out, None
+
+
+class Pipeline:
+    """Computes the chunks of a file's tensors, in file order, in one thread ahead of the writer.
+
+    The writer asks for tensor i's chunks when it reaches it (GGUFWriter calls produce() in
+    order); meanwhile this thread has already read, widened and quantized the next chunks, so
+    reading and encoding overlap with writing. At most `depth` finished chunks wait in the queue,
+    which bounds memory. An exception in the thread is raised in the writer."""
+
+    _END = object()
+
+    def __init__(self, jobs: list[Callable[[], Iterator[tuple[np.ndarray, Callable | None]]]], depth: int = 2):
+        self.jobs = jobs
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for i, job in enumerate(self.jobs):
+                for chunk in job():
+                    if not self._put((i, chunk)):
+                        return
+                if not self._put((i, self._END)):
+                    return
+        except BaseException as e:  # handed to the writer
+            self._put((None, e))
+
+    def chunks(self, i: int) -> Iterator[np.ndarray]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="ggquant-convert", daemon=True)
+            self.thread.start()
+        while True:
+            j, item = self.q.get()
+            if j is None:
+                raise item
+            if j != i:  # cannot happen: the writer consumes tensors in order
+                raise RuntimeError(f"pipeline out of order: got tensor {j}, expected {i}")
+            if item is self._END:
+                return
+            data, after = item
+            yield data
+            del data, item
+            if after is not None:  # the writer has written these bytes
+                after()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            while self.thread.is_alive():
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    self.thread.join(0.05)
 
 
 # =============================================================================================
@@ -338,10 +409,17 @@ def convert(src, *, outtype: str = "auto", outfile=None, mmproj: bool = False, m
             for f in conv.files:
                 w = GGUFWriter(f.path, force=force)
                 f.kv.write_to(w)
+                jobs = []
                 for t in f.tensors:
                     vec = f.imatrix.get(t.name) if qtypes.get(t.qtype).uses_imatrix else None
-                    w.add_tensor(t.name, t.shape, t.qtype, lambda t=t, vec=vec: tensor_chunks(t, vec))
-                w.write(progress=(lambda name, n: bar.update(n)) if bar is not None else None)
+                    jobs.append(lambda t=t, vec=vec: tensor_chunks(t, vec))
+                pipe = Pipeline(jobs)
+                for i, t in enumerate(f.tensors):
+                    w.add_tensor(t.name, t.shape, t.qtype, lambda i=i: pipe.chunks(i))
+                try:
+                    w.write(progress=(lambda name, n: bar.update(n)) if bar is not None else None)
+                finally:
+                    pipe.close()
                 done.append(f.path)
         except BaseException:
             for p in done:  # all-or-nothing across the text and mmproj files

@@ -80,7 +80,9 @@ def to_float32(raw: np.ndarray, dtype: str, what: str = "tensor") -> np.ndarray:
     if dtype == "F32":
         return raw if raw.dtype == np.float32 else raw.view(np.float32)
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        out = np.empty(raw.shape, np.uint32)
+        np.left_shift(raw, 16, out=out, dtype=np.uint32)  # one pass, no temporary
+        return out.view(np.float32)
     if dtype == "F16":
         return raw.astype(np.float32)
     if dtype == "F64":
