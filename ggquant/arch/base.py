@@ -607,6 +607,8 @@ class General:
     size_label: str | None = None
     card: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
+    base_models: list[dict] | None = None
+    datasets: list[dict] | None = None
 
     @classmethod
     def derive(cls, model_dir: Path, config: dict, total_params: int) -> General:
@@ -635,6 +637,8 @@ class General:
             g.finetune = g.finetune if g.finetune is not None else fine
             g.version = g.version if g.version is not None else ver
             g.size_label = g.size_label if g.size_label is not None else size
+        g.base_models = _card_sources(g.card, ("base_model", "base_models", "base_model_sources"), total_params)
+        g.datasets = _card_sources(g.card, ("datasets", "dataset", "dataset_sources"), total_params)
         if g.size_label is None and total_params > 0:
             g.size_label = weight_count_label(total_params)
         gen = read_json(model_dir / "generation_config.json", "", required=False) if (
@@ -683,12 +687,59 @@ class General:
         for key, ck in ((G.LICENSE_NAME, "license_name"), (G.LICENSE_LINK, "license_link")):
             if isinstance(self.card.get(ck), str):
                 kv.string(key, self.card[ck])
+        for key, cks in ((G.SOURCE_URL, ("url", "model_url")), (G.SOURCE_DOI, ("doi", "model_doi")),
+                         (G.SOURCE_UUID, ("uuid", "model_uuid")), (G.SOURCE_REPO_URL, ("repo_url", "model_repo_url"))):
+            v = next((self.card[k] for k in cks if isinstance(self.card.get(k), str)), None)
+            if v is not None:
+                kv.string(key, v)
+        for entries, count_key, prefix in ((self.base_models, G.BASE_MODEL_COUNT, "general.base_model"),
+                                           (self.datasets, G.DATASET_COUNT, "general.dataset")):
+            if entries is None:
+                continue
+            kv.u32(count_key, len(entries))
+            for i, e in enumerate(entries):
+                for field_ in ("name", "author", "version", "organization", "description", "url", "doi", "uuid",
+                               "repo_url"):
+                    if isinstance(e.get(field_), str):
+                        kv.string(f"{prefix}.{i}.{field_}", e[field_])
         tags = _card_list(self.card, ("tags", "pipeline_tag"))
         if tags:
             kv.array(G.TAGS, tags)
         langs = _card_list(self.card, ("languages", "language"))
         if langs:
             kv.array(G.LANGUAGES, langs)
+
+
+def _card_sources(card: dict, keys: tuple[str, ...], total_params: int) -> list[dict] | None:
+    """Model card base_model / datasets entries as gguf-py Metadata.apply_metadata_heuristic
+    describes them: a Hugging Face id or URL becomes name, organization, version, repo_url."""
+    if not any(k in card for k in keys):
+        return None
+    value = next((card[k] for k in keys if k in card), None)
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
+    out = []
+    for item in items:
+        entry: dict = {}
+        if isinstance(item, dict):
+            entry = item
+        elif isinstance(item, str):
+            model_id = item
+            if item.startswith(("http://", "https://", "ssh://")):
+                entry["repo_url"] = item
+                m = re.match(r"https?://huggingface.co/([^/]+/[^/]+)$", item) if "huggingface.co" in item else None
+                model_id = m.group(1) if m else None
+            if model_id is not None:
+                full, org, _, _, ver, _ = model_id_components(model_id, total_params)
+                if full is not None:
+                    entry["name"] = _id_to_title(full)
+                if org is not None:
+                    entry["organization"] = _id_to_title(org)
+                if ver is not None:
+                    entry["version"] = ver
+                if "repo_url" not in entry and org is not None and full is not None:
+                    entry["repo_url"] = f"https://huggingface.co/{org}/{full}"
+        out.append(entry)
+    return out
 
 
 def _card_list(card: dict, keys: tuple[str, ...]) -> list[str]:

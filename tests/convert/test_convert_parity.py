@@ -33,13 +33,47 @@ CASES = (
        ("gemma3_vision", "f32", True), ("gemma3_vision", "f16", True)]
     + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
     + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
+    + [("card_gemma3", "f32", False)]
 )
+
+MODEL_CARD = """---
+license: gemma
+pipeline_tag: text-generation
+tags:
+- gemma3
+- tiny
+language:
+- en
+- no
+base_model: google/gemma-3-270m
+datasets:
+- HuggingFaceFW/fineweb
+- https://example.org/corpus
+---
+# A tiny test model
+"""
+
+
+def _card_model(out_dir, **kw):
+    """A Gemma 3 with provenance: a README front matter, a hub-style _name_or_path, sampling
+    defaults in generation_config.json, and a folder name that parses as name/size/finetune/
+    version (general.* come from all of these)."""
+    build_gemma3(out_dir, **kw)
+    (out_dir / "README.md").write_text(MODEL_CARD, encoding="utf-8")
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["_name_or_path"] = "google/gemma-3-270m-it"
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = json.loads((out_dir / "generation_config.json").read_text())
+    gen.update(top_k=64, top_p=0.95, temperature=1.0, repetition_penalty=1.1)
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out_dir
 
 # float16 checkpoints, built here (the shared fixtures are bf16 and f32)
 EXTRA_MODELS = {
     "f16_gemma3": lambda: cached_build("conv_f16_gemma3", build_gemma3, dtype="float16", chat_template="config"),
     "f16_gemma4": lambda: cached_build("conv_f16_gemma4", build_gemma4, variant="e4b", dtype="float16",
                                        chat_template="json"),
+    "card_gemma3": lambda: cached_build("gemma-3-270m-it-v2", _card_model, dtype="bfloat16"),
 }
 
 
