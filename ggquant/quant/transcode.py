@@ -264,6 +264,41 @@ def _try_offset(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
     return Transcoded(qtype, _PACK_OFFSET[qtype](q.astype(np.uint8), d, m_new))
 
 
+def _normalize_constant_blocks(blocks: AffineBlocks) -> AffineBlocks:
+    """Blocks whose codes are all equal hold one value v; any scale can carry it.
+
+    Such blocks often have scales fp16 cannot hold (mlx gives an all-zero group the scale
+    -1e-7, float32-scale formats give it float32 eps). Rewrite each of them that has a non-fp16
+    scale (or offset) as u = 1, d = v, m = 0 (u = 0, d = 0 when v == 0), provided v itself is an
+    fp16 value; every other block is left as the source wrote it.
+    """
+    ub = _blocks(blocks.u)
+    const = ub.min(axis=-1) == ub.max(axis=-1)
+    if not const.any():
+        return blocks
+    bad = ~fp16_exact(blocks.d)
+    if blocks.m is not None:
+        bad |= ~fp16_exact(blocks.m)
+    fix = const & bad
+    if not fix.any():
+        return blocks
+    u0 = ub[..., 0].astype(np.float32)
+    v = u0 * blocks.d
+    if blocks.m is not None:
+        v = v + blocks.m
+    fix &= fp16_exact(v)
+    if not fix.any():
+        return blocks
+    u = ub.copy()
+    d = blocks.d.copy()
+    m = None if blocks.m is None else blocks.m.copy()
+    u[fix] = np.where(v[fix] != 0, 1, 0)[:, None]
+    d[fix] = v[fix]
+    if m is not None:
+        m[fix] = 0
+    return AffineBlocks(u.reshape(blocks.u.shape), d, m)
+
+
 def transcode(blocks: AffineBlocks, candidates=DEFAULT_CANDIDATES) -> Transcoded | str:
     """The first candidate block type that holds `blocks` exactly, or a reason why none does.
 
@@ -273,6 +308,7 @@ def transcode(blocks: AffineBlocks, candidates=DEFAULT_CANDIDATES) -> Transcoded
     rows, n = blocks.u.shape
     if n % QK:
         return f"rows of {n} elements are not a whole number of {QK}-element GGML blocks"
+    blocks = _normalize_constant_blocks(blocks)
     bad_d = fp16_exact(blocks.d)
     if not bad_d.all():
         r, b = _first_bad(bad_d)
