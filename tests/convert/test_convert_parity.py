@@ -33,7 +33,7 @@ CASES = (
        ("gemma3_vision", "f32", True), ("gemma3_vision", "f16", True)]
     + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
     + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
-    + [("card_gemma3", "f32", False)]
+    + [("card_gemma3", "f32", False), ("vision_only_gemma4", "f16", True)]
 )
 
 MODEL_CARD = """---
@@ -73,6 +73,8 @@ EXTRA_MODELS = {
     "f16_gemma3": lambda: cached_build("conv_f16_gemma3", build_gemma3, dtype="float16", chat_template="config"),
     "f16_gemma4": lambda: cached_build("conv_f16_gemma4", build_gemma4, variant="e4b", dtype="float16",
                                        chat_template="json"),
+    "vision_only_gemma4": lambda: cached_build("conv_gemma4_vision_only", build_gemma4, variant="e2b",
+                                               dtype="bfloat16", with_audio=False),
     "card_gemma3": lambda: cached_build("gemma-3-270m-it-v2", _card_model, dtype="bfloat16"),
 }
 
