@@ -173,9 +173,11 @@ def _apply_preset(arch: Arch, tensors: list[TensorPlan], kv: KV, ftype: LlamaFil
     return out, q, vectors
 
 
-def _mmproj_file(arch: Arch, outtype: str, text_path: Path | None, explicit: Path | None) -> OutFile:
-    """explicit: the mmproj's own --outfile; else next to an explicit text outfile as
-    mmproj-<its name>; else llama.cpp's default name mmproj-<name>-<TYPE>.gguf."""
+def _mmproj_file(arch: Arch, outtype: str, text_out: Path | None, text_label: str | None,
+                 explicit: Path | None) -> OutFile:
+    """explicit: the mmproj's own --outfile. Else, beside an explicit text --outfile: its name
+    with "mmproj-" in front ({ftype} filled with the mmproj's type; a text file of another type
+    gives the default name instead). Else llama.cpp's default name mmproj-<name>-<TYPE>.gguf."""
     qt, file_type = CONVERTER_OUTTYPES[outtype]
     tensors = plan_part(arch, MMPROJ, qt)
     if not tensors:
@@ -192,8 +194,12 @@ def _mmproj_file(arch: Arch, outtype: str, text_path: Path | None, explicit: Pat
     default = f"mmproj-{naming_convention(general, None, label)}.gguf"
     if explicit is not None:
         path = explicit / default if explicit.is_dir() else explicit.parent / _fill_template(explicit.name, label)
-    elif text_path is not None:
-        path = text_path.parent / f"mmproj-{text_path.name}"
+    elif text_out is not None and text_out.is_dir():
+        path = text_out / default
+    elif text_out is not None and ("{" in text_out.name or text_label == label):
+        path = text_out.parent / f"mmproj-{_fill_template(text_out.name, label)}"
+    elif text_out is not None:
+        path = text_out.parent / default
     else:
         path = arch.dir / default
     return OutFile(MMPROJ, path, label, kv, tensors)
@@ -232,16 +238,16 @@ def plan_conversion(src, *, outtype: str = "auto", outfile=None, mmproj: bool = 
         rules = [presets.Rule.parse(r) for r in tensor_types]
         arch.validate(parts)
         files: list[OutFile] = []
-        text_explicit = None  # the text file's path when the user chose it (mmproj goes beside it)
+        text_label = None
         if TEXT in parts:
             f = _text_file(arch, ot, preset, rules, imatrix, Path(outfile) if outfile else None)
             files.append(f)
-            if outfile is not None:
-                text_explicit = f.path
+            text_label = f.outtype
         if MMPROJ in parts:
             mm_type = ot if preset is None else MMPROJ_TYPE_FOR_PRESETS
             explicit = Path(mmproj_outfile) if mmproj_outfile else (Path(outfile) if mmproj_only and outfile else None)
-            files.append(_mmproj_file(arch, mm_type, text_explicit, explicit))
+            text_out = Path(outfile) if outfile and not mmproj_only else None
+            files.append(_mmproj_file(arch, mm_type, text_out, text_label, explicit))
         paths = [f.path for f in files]
         if len(set(paths)) != len(paths):
             raise GGQuantError(f"the text and mmproj outputs would both be {paths[0]}; choose another --outfile")

@@ -4,6 +4,8 @@ with and without an importance matrix and with --tensor-type overrides."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -102,6 +104,8 @@ def test_preset_mmproj_is_f16_and_named_so(tmp_path):
     out = tmp_path / "m.gguf"
     conv = convert(tiny_model("gemma4_e4b"), outtype="Q4_K_M", outfile=out, mmproj=True)
     assert [f.outtype for f in conv.files] == ["Q4_K_M", "F16"]
+    mm = Path(conv.written[1])
+    assert mm.parent == tmp_path and mm.name.startswith("mmproj-") and mm.name.endswith("-F16.gguf")
     with GGUFReader(conv.written[1]) as r:
         assert r.get("general.file_type") == 1
 
