@@ -30,6 +30,8 @@ spelled out, so results are deterministic.
 
 from __future__ import annotations
 
+import math
+
 import numba as nb
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -157,11 +159,11 @@ def unpack32_kq16(typingctx, w, ilo, lo_shift, ihi, hi_shift, hi_mask, offset, s
     return sig, codegen
 
 
-def _pair_sum(builder, p):
-    """<16 x i32> -> <8 x i32> of p[2i] + p[2i+1] (with sext'd i16 products: vpmaddwd)."""
+def _pair_sum(builder, p, n):
+    """<n x i32> -> <n/2 x i32> of p[2i] + p[2i+1] (on sext'd i16 products this is vpmaddwd)."""
     und = ir.Constant(p.type, ir.Undefined)
-    ev = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2))))
-    od = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2))))
+    ev = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, n // 2), list(range(0, n, 2))))
+    od = builder.shuffle_vector(p, und, ir.Constant(ir.VectorType(_I32, n // 2), list(range(1, n, 2))))
     return builder.add(ev, od)
 
 
@@ -170,7 +172,19 @@ def _madd16(builder, pa, ea, pb, off):
     v16 = ir.VectorType(_I32, 16)
     va = builder.sext(_load_vec(builder, builder.gep(pa, [off]), ea, 16), v16)
     vb = builder.sext(_load_vec(builder, builder.gep(pb, [off]), _I8, 16), v16)
-    return _pair_sum(builder, builder.mul(va, vb))
+    return _pair_sum(builder, builder.mul(va, vb), 16)
+
+
+def _madd32_lanes(builder, pa, ea, pb, off):
+    """8 x i32 lanes of 32 products a[off+k] * int8 b[off+k]: lane m = products 4m .. 4m+3.
+
+    This is the lane layout of ggml's AVX2 integer dots (_mm256_maddubs_epi16 on byte pairs, then
+    _mm256_madd_epi16 on i16 pairs, or madd by per-16 scales), which matters because ggml converts
+    the 8 lanes to float separately."""
+    v32 = ir.VectorType(_I32, 32)
+    va = builder.sext(_load_vec(builder, builder.gep(pa, [off]), ea, 32), v32)
+    vb = builder.sext(_load_vec(builder, builder.gep(pb, [off]), _I8, 32), v32)
+    return _pair_sum(builder, _pair_sum(builder, builder.mul(va, vb), 32), 16)
 
 
 @intrinsic
@@ -199,14 +213,22 @@ def dot_i16_i8(typingctx, a, ia, b, ib, n):
     return sig, codegen
 
 
-def _reduce_f32x8(builder, s):
-    """Sum of 8 float lanes in a fixed tree: (0..3)+(4..7), then (0+1)+(2+3)."""
-    v8 = s.type
-    und = ir.Constant(v8, ir.Undefined)
-    h = builder.fadd(builder.shuffle_vector(s, und, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 2, 3])),
-                     builder.shuffle_vector(s, und, ir.Constant(ir.VectorType(_I32, 4), [4, 5, 6, 7])))
-    e = [builder.extract_element(h, ir.Constant(_I32, i)) for i in range(4)]
-    return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+def _lanes(builder, s, idx):
+    return [builder.extract_element(s, ir.Constant(_I32, i)) for i in idx]
+
+
+def _hsum_movehl(builder, s):
+    """sgemm.cpp hsum(__m256) / quants.c hsum_float_8: h = lo + hi; (h0 + h2) + (h1 + h3)."""
+    a = _lanes(builder, s, range(8))
+    h = [builder.fadd(a[i + 4], a[i]) for i in range(4)]
+    return builder.fadd(builder.fadd(h[0], h[2]), builder.fadd(h[1], h[3]))
+
+
+def _hsum_hadd(builder, s):
+    """simd-mappings.h GGML_F32x8_REDUCE's last step: t = lo + hi; (t0 + t1) + (t2 + t3)."""
+    a = _lanes(builder, s, range(8))
+    t = [builder.fadd(a[i], a[i + 4]) for i in range(4)]
+    return builder.fadd(builder.fadd(t[0], t[1]), builder.fadd(t[2], t[3]))
 
 
 def _fma_fn(builder, ty, name):
@@ -214,13 +236,26 @@ def _fma_fn(builder, ty, name):
 
 
 @intrinsic
+def fmaf(typingctx, a, b, c):
+    """float32 fused multiply-add a * b + c with one rounding (llvm.fma.f32), as ggml's
+    _mm256_fmadd_ps does lane by lane."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_fma_fn(builder, _F32, "llvm.fma.f32"), list(args))
+
+    return sig, codegen
+
+
+@intrinsic
 def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
     """sum_b (dw[idw+b] * dx[idx+b]) * sum_{k<32} int8(w[iw+b*wstride+k]) * int8(x[ix+32b+k]).
 
-    The shape of ggml_vec_dot_q8_0_q8_0 on AVX2: each block's integer products are summed
-    exactly into 8 int32 lanes, converted to float, and accumulated with a fused multiply-add by
-    the block's scale d_w * d_x into 8 float lanes, reduced once at the end. wstride is the byte
-    distance between blocks of w (34 reading Q8_0 rows in place, 32 for unpacked quants).
+    In the float order of ggml's ggml_vec_dot_q8_0_q8_0 / q5_0 / q4_0 on AVX2 and of sgemm.cpp
+    tinyBLAS_Q0_AVX (prompt batches): per block, 8 int32 lanes of 4 consecutive products each are
+    converted to float and fused-multiply-added by the block scale d_w * d_x into 8 float lanes,
+    reduced once at the end by hsum. wstride is the byte distance between blocks of w (34 reading
+    Q8_0 rows in place, 32 for unpacked quants).
     """
     if not (_is_int8_array(w) and _is_int8_array(x) and isinstance(dw, types.Array)
             and dw.dtype == types.float32 and isinstance(dx, types.Array) and dx.dtype == types.float32):
@@ -244,12 +279,51 @@ def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
             b = loop.index
             pwb = builder.gep(pw, [builder.mul(b, stride)])
             pxb = builder.gep(px, [builder.mul(b, ir.Constant(intp, QK8_0))])
-            p = builder.add(_madd16(builder, pwb, _I8, pxb, ir.Constant(intp, 0)),
-                            _madd16(builder, pwb, _I8, pxb, ir.Constant(intp, 16)))
+            p = _madd32_lanes(builder, pwb, _I8, pxb, ir.Constant(intp, 0))
             scale = builder.fmul(builder.load(builder.gep(pdw, [b])), builder.load(builder.gep(pdx, [b])))
-            builder.store(builder.call(fma8, [builder.sitofp(p, v8f), _splat(builder, scale, 8),
+            builder.store(builder.call(fma8, [_splat(builder, scale, 8), builder.sitofp(p, v8f),
                                               builder.load(acc)]), acc)
-        return _reduce_f32x8(builder, builder.load(acc))
+        return _hsum_movehl(builder, builder.load(acc))
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_q6k_lanes(typingctx, q, iq, x, ix, corr, ic, dsc, ids, nsb):
+    """A Q6_K row (unsigned 6-bit quants times their int8 scales, int16) times a Q8_K row, in the
+    order of ggml_vec_dot_q6_K_q8_K on AVX2: per super-block, 8 int32 lanes (lane m = products
+    4m .. 4m+3 of each 32-quant chunk) minus corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1]
+    sc[2m+1]), converted to float and fused-multiply-added by d = d_x * d_w into 8 float lanes;
+    hsum_float_8 at the end."""
+    if not (isinstance(q, types.Array) and q.dtype == types.int16 and _is_int8_array(x)):
+        return None
+    u = types.unliteral
+    sig = types.float32(q, u(iq), x, u(ix), corr, u(ic), dsc, u(ids), u(nsb))
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I16, st[1])
+        px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+        pc = _elem_ptr(context, builder, st[4], args[4], args[5], _I32, st[5])
+        pd = _elem_ptr(context, builder, st[6], args[6], args[7], _F32, st[7])
+        n = context.cast(builder, args[8], st[8], types.intp)
+        intp = n.type
+        v8 = ir.VectorType(_I32, 8)
+        v8f = ir.VectorType(_F32, 8)
+        fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+            base = builder.mul(s, ir.Constant(intp, QK_K))
+            lanes = ir.Constant(v8, [0] * 8)
+            for c in range(QK_K // 32):
+                off = builder.add(base, ir.Constant(intp, 32 * c))
+                lanes = builder.add(lanes, _madd32_lanes(builder, pq, _I16, px, off))
+            cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
+            lanes = builder.sub(lanes, cv)
+            d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
+            builder.store(builder.call(fma8, [d, builder.sitofp(lanes, v8f), builder.load(acc)]), acc)
+        return _hsum_movehl(builder, builder.load(acc))
 
     return sig, codegen
 
@@ -293,21 +367,23 @@ def unpack32_q0(typingctx, w, iqs, qh, offset, dst, idst):
 
 
 @intrinsic
-def dot_f32(typingctx, a, ia, b, ib, n):
-    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in a fixed order.
+def dot_f32(typingctx, a, ia, b, ib, n, gemm):
+    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in one of ggml's two orders (fma throughout):
 
-    The shape of ggml_vec_dot_f32 on AVX2: 4 accumulators of 8 lanes updated with fused
-    multiply-adds over steps of 32, reduced as (acc0+acc2)+(acc1+acc3) then across the lanes;
-    the n % 32 leftovers are added one by one with fma. Deterministic, no fastmath.
+    gemm False: ggml_vec_dot_f32 on AVX2 (one row at a time, decode): 4 accumulators of 8 lanes
+        over steps of 32, reduced (acc0+acc2)+(acc1+acc3), then GGML_F32x8_REDUCE's hadd order;
+        the n % 32 leftovers are added one by one.
+    gemm True: sgemm.cpp tinyBLAS<8, __m256> (prompt batches, n a multiple of 8): one accumulator
+        of 8 lanes over steps of 8, reduced by hsum.
     """
     if not (isinstance(a, types.Array) and a.dtype == types.float32 and
             isinstance(b, types.Array) and b.dtype == types.float32):
         return None
     u = types.unliteral
-    sig = types.float32(a, u(ia), b, u(ib), u(n))
+    sig = types.float32(a, u(ia), b, u(ib), u(n), types.boolean)
 
     def codegen(context, builder, signature, args):
-        ta, tia, tb, tib, tn = signature.args
+        ta, tia, tb, tib, tn, _ = signature.args
         pa = _elem_ptr(context, builder, ta, args[0], args[1], _F32, tia)
         pb = _elem_ptr(context, builder, tb, args[2], args[3], _F32, tib)
         nn = context.cast(builder, args[4], tn, types.intp)
@@ -316,24 +392,36 @@ def dot_f32(typingctx, a, ia, b, ib, n):
         fma8 = _fma_fn(builder, v8, "llvm.fma.v8f32")
         fma1 = _fma_fn(builder, _F32, "llvm.fma.f32")
         zero8 = ir.Constant(v8, [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(4)]
-        nsteps = builder.sdiv(nn, ir.Constant(intp, 32))
-        with cgutils.for_range(builder, nsteps) as loop:
-            base = builder.mul(loop.index, ir.Constant(intp, 32))
-            for j in range(4):
-                off = builder.add(base, ir.Constant(intp, 8 * j))
-                xa = builder.load(builder.bitcast(builder.gep(pa, [off]), v8.as_pointer()), align=4)
-                xb = builder.load(builder.bitcast(builder.gep(pb, [off]), v8.as_pointer()), align=4)
-                builder.store(builder.call(fma8, [xa, xb, builder.load(accs[j])]), accs[j])
-        s0 = builder.fadd(builder.load(accs[0]), builder.load(accs[2]))
-        s1 = builder.fadd(builder.load(accs[1]), builder.load(accs[3]))
-        res = cgutils.alloca_once_value(builder, _reduce_f32x8(builder, builder.fadd(s0, s1)))
-        start = builder.mul(nsteps, ir.Constant(intp, 32))
-        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
-            k = builder.add(start, loop.index)
-            xa = builder.load(builder.gep(pa, [k]))
-            xb = builder.load(builder.gep(pb, [k]))
-            builder.store(builder.call(fma1, [xa, xb, builder.load(res)]), res)
+        res = cgutils.alloca_once(builder, _F32)
+
+        def load8(p, off):
+            return builder.load(builder.bitcast(builder.gep(p, [off]), v8.as_pointer()), align=4)
+
+        with builder.if_else(args[5]) as (then, otherwise):
+            with then:
+                acc = cgutils.alloca_once_value(builder, zero8)
+                with cgutils.for_range(builder, builder.sdiv(nn, ir.Constant(intp, 8))) as loop:
+                    off = builder.mul(loop.index, ir.Constant(intp, 8))
+                    builder.store(builder.call(fma8, [load8(pa, off), load8(pb, off), builder.load(acc)]), acc)
+                builder.store(_hsum_movehl(builder, builder.load(acc)), res)
+            with otherwise:
+                accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(4)]
+                nsteps = builder.sdiv(nn, ir.Constant(intp, 32))
+                with cgutils.for_range(builder, nsteps) as loop:
+                    base = builder.mul(loop.index, ir.Constant(intp, 32))
+                    for j in range(4):
+                        off = builder.add(base, ir.Constant(intp, 8 * j))
+                        builder.store(builder.call(fma8, [load8(pa, off), load8(pb, off), builder.load(accs[j])]),
+                                      accs[j])
+                s0 = builder.fadd(builder.load(accs[0]), builder.load(accs[2]))
+                s1 = builder.fadd(builder.load(accs[1]), builder.load(accs[3]))
+                builder.store(_hsum_hadd(builder, builder.fadd(s0, s1)), res)
+                start = builder.mul(nsteps, ir.Constant(intp, 32))
+                with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
+                    k = builder.add(start, loop.index)
+                    xa = builder.load(builder.gep(pa, [k]))
+                    xb = builder.load(builder.gep(pb, [k]))
+                    builder.store(builder.call(fma1, [xa, xb, builder.load(res)]), res)
         return builder.load(res)
 
     return sig, codegen
@@ -425,19 +513,13 @@ def quantize_q8_0(x: np.ndarray):
     return qs, d
 
 
-def quantize_q8_K(x: np.ndarray, pairs: bool = True):
-    """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/256], bsums).
-
-    bsums: int32 [T, K/16] as in block_q8_K, or with pairs=True (what the kernels take) the
-    sums of consecutive pairs, int32 [T, K/32], one per 32-quant sub-block.
-    """
+def quantize_q8_K(x: np.ndarray):
+    """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/256], bsums int32 [T, K/16])."""
     T, K = x.shape
     qs = np.empty((T, K), np.int8)
     d = np.empty((T, K // QK_K), np.float32)
     bs = np.empty((T, K // 16), np.int32)
     _quantize_q8_K(x, qs, d, bs)
-    if pairs:
-        bs = np.ascontiguousarray(bs.reshape(T, -1, 2).sum(axis=2, dtype=np.int32))
     return qs, d, bs
 
 
@@ -478,23 +560,25 @@ def convert_activation(qtype, x: np.ndarray):
 
 @nb.njit(parallel=True, **JIT)
 def _mm_f32(w, x, out):
-    """F32 weights (w is float32 [N, K]): ggml_vec_dot_f32."""
+    """F32 weights (w is float32 [N, K]): ggml_vec_dot_f32, or tinyBLAS for batches."""
     N, K = w.shape
     T = x.shape[0]
+    gemm = T >= 2 and K % 8 == 0  # llamafile_sgemm serves n >= 2 when k % 8 == 0
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(w[r], 0, xt, 0, K)
+                out[t, r] = dot_f32(w[r], 0, xt, 0, K, gemm)
 
 
 @nb.njit(parallel=True, **JIT)
 def _mm_f16(w, x, out):
-    """F16 weights (w is uint16 [N, K]); x already rounded to fp16: ggml_vec_dot_f16."""
+    """F16 weights (w is uint16 [N, K]); x already rounded to fp16: ggml_vec_dot_f16 / tinyBLAS."""
     N, K = w.shape
     T = x.shape[0]
+    gemm = T >= 2 and K % 8 == 0
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -505,14 +589,16 @@ def _mm_f16(w, x, out):
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K)
+                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K, gemm)
 
 
 @nb.njit(parallel=True, **JIT)
 def _mm_bf16(w, x, out):
-    """BF16 weights (w is uint16 [N, K]); x already rounded to bf16: ggml_vec_dot_bf16."""
+    """BF16 weights (w is uint16 [N, K]); x already rounded to bf16 (ggml_vec_dot_bf16 / tinyBLAS;
+    the float order of vec_dot_bf16 is not emulated)."""
     N, K = w.shape
     T = x.shape[0]
+    gemm = T >= 2 and K % 8 == 0
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -524,7 +610,7 @@ def _mm_bf16(w, x, out):
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K)
+                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K, gemm)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -601,36 +687,65 @@ def _mm_q5_0(w, xq, xd, out):
         _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
 
 
-@nb.njit(**JIT)
-def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, has_min):
-    """k-quant rows (int16 quants with the sub-block scales folded in) x Q8_K activations.
+TILED_MIN_BATCH = 8  # tiled/tiled.cpp ggml_tiled_min_batch: the tiled k-quant kernel takes batches >= 8
 
-    Per super-block s: d_x * (d_w * sum_k q_k x_k  -  dmin_w * sum_j m_j * (bsum_2j + bsum_2j+1)),
-    as ggml_vec_dot_q4_K_q8_K / q5_K / q6_K (Q6_K has no mins: has_min False).
-    xbp[t, s*8 + j] = bsums[2j] + bsums[2j+1] of token t.
+
+@nb.njit(**JIT)
+def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
+    """Q4_K / Q5_K rows (int16 quants with the sub-block scales folded in) x Q8_K activations.
+
+    Integers are exact: S1 = sum_k q_k x_k (scales folded in), S2 = sum_j m_j (bsum_2j + bsum_2j+1)
+    over a super-block, or over one pair of sub-blocks (64 quants). The float combination follows
+    the kernel llama.cpp runs (xbs: the 16 bsums of each super-block of token t):
+
+    repacked (Q4_K with a multiple of 8 rows, arch/x86/repack.cpp): tokens in groups of four go
+        through ggml_gemm_q4_K_8x8_q8_K, which accumulates per pair of sub-blocks,
+            acc = fma(float(S1_pair), d_w * d_x, acc);  acc_m = fma(float(S2_pair), dmin_w * d_x, acc_m)
+        and the T % 4 last tokens through ggml_gemv_q4_K_8x8_q8_K, the same per super-block;
+        the result is acc - acc_m.
+    otherwise (tiled/tiled-kernel.cpp tiled_run_microtile_avx2, batches of >= 8 tokens):
+        res = fnmadd(dmin_w, float(S2), d_w * float(S1));  acc = fma(res, d_x, acc)
+    (For smaller batches llama.cpp runs ggml_vec_dot_q4_K_q8_K / q5_K, whose 8-lane float order is
+    not emulated: results then differ from it by float32 rounding only.)
     """
     T, K = xq.shape
     nsb = K // QK_K
+    n_gemm = T - T % 4
     for t in range(T):
         xt = xq[t]
         for r in range(r0, r1):
             i = r - r0
             qr = q[i]
             acc = F32(0.0)
+            acc_m = F32(0.0)
             for s in range(nsb):
+                if repacked and t < n_gemm:
+                    for p in range(4):
+                        o = s * QK_K + 64 * p
+                        sumi = dot_i16_i8(qr, o, xt, o, 64)
+                        summs = 0
+                        for j in range(2 * p, 2 * p + 2):
+                            bsum = np.int64(xbs[t, s * 16 + 2 * j]) + np.int64(xbs[t, s * 16 + 2 * j + 1])
+                            summs += np.int64(mn[i, s * 8 + j]) * bsum
+                        acc = fmaf(F32(sumi), dw[i, s] * xd[t, s], acc)
+                        acc_m = fmaf(F32(summs), dmw[i, s] * xd[t, s], acc_m)
+                    continue
                 sumi = dot_i16_i8(qr, s * QK_K, xt, s * QK_K, QK_K)
-                if has_min:
-                    summs = 0
-                    for j in range(8):
-                        summs += np.int64(mn[i, s * 8 + j]) * np.int64(xbp[t, s * 8 + j])
-                    acc += (xd[t, s] * dw[i, s]) * F32(sumi) - (xd[t, s] * dmw[i, s]) * F32(summs)
+                summs = 0
+                for j in range(8):
+                    bsum = np.int64(xbs[t, s * 16 + 2 * j]) + np.int64(xbs[t, s * 16 + 2 * j + 1])
+                    summs += np.int64(mn[i, s * 8 + j]) * bsum
+                if repacked:
+                    acc = fmaf(F32(sumi), dw[i, s] * xd[t, s], acc)
+                    acc_m = fmaf(F32(summs), dmw[i, s] * xd[t, s], acc_m)
                 else:
-                    acc += (xd[t, s] * dw[i, s]) * F32(sumi)
-            out[t, r] = acc
+                    res = fmaf(-dmw[i, s], F32(summs), dw[i, s] * F32(sumi))
+                    acc = fmaf(res, xd[t, s], acc)
+            out[t, r] = acc - acc_m
 
 
 @nb.njit(parallel=True, **JIT)
-def _mm_q4_K(w, xq, xd, xbp, out):
+def _mm_q4_K(w, xq, xd, xbs, out):
     N = w.shape[0]
     K = xq.shape[1]
     nsb = K // QK_K
@@ -656,11 +771,11 @@ def _mm_q4_K(w, xq, xd, xbp, out):
                     src = o + 16 + 32 * j
                     unpack32_kq16(wr, src, 0, src, 0, 0, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
                     unpack32_kq16(wr, src, 4, src, 0, 0, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
-        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, True)
+        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, N % 8 == 0)
 
 
 @nb.njit(parallel=True, **JIT)
-def _mm_q5_K(w, xq, xd, xbp, out):
+def _mm_q5_K(w, xq, xd, xbs, out):
     N = w.shape[0]
     K = xq.shape[1]
     nsb = K // QK_K
@@ -687,39 +802,63 @@ def _mm_q5_K(w, xq, xd, xbp, out):
                     src = o + 48 + 32 * j
                     unpack32_kq16(wr, src, 0, qh, 2 * j, 1, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
                     unpack32_kq16(wr, src, 4, qh, 2 * j + 1, 1, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
-        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbp, out, r0, r1, True)
+        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, False)
 
 
 @nb.njit(parallel=True, **JIT)
-def _mm_q6_K(w, xq, xd, xbp, out):
-    """Q6_K x Q8_K (ggml_vec_dot_q6_K_q8_K): quants - 32, one int8 scale per 16 quants."""
+def _mm_q6_K(w, xq, xd, xbs, out):
+    """Q6_K x Q8_K. Batches of fewer than 8 tokens: the lane order of ggml_vec_dot_q6_K_q8_K (AVX2),
+    unsigned quants (0..63) times their int8 scales and the -32 offset subtracted through the bsums
+    per lane; larger batches: the tiled kernel's order (see _dot_k_rows)."""
     N = w.shape[0]
-    K = xq.shape[1]
+    T, K = xq.shape
     nsb = K // QK_K
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
         q = np.empty((ROWS, K), np.int16)
-        mn = np.empty((1, 1), np.int32)
+        scl = np.empty((ROWS, nsb * 16), np.int64)
         dw = np.empty((ROWS, nsb), np.float32)
+        corr = np.empty(nsb * 8, np.int32)
+        dsc = np.empty(nsb, np.float32)
         for r in range(r0, r1):
             i = r - r0
             wr = w[r]
             for s in range(nsb):
                 o = s * Q6_K_BYTES
                 dw[i, s] = FP16_TO_FP32[get_u16(wr, o + 208)]
-                so = o + 192
+                for g in range(16):
+                    scl[i, s * 16 + g] = np.int8(wr[o + 192 + g])
                 for h in range(2):  # two halves of 128 values: ql[64], qh[32], scales[8] each
                     ql = o + 64 * h
                     qh = o + 128 + 32 * h
                     base = s * QK_K + 128 * h
-                    sg = so + 8 * h
                     for g in range(4):  # ql byte half g // 2, qh bits 2g..2g+1
-                        s0 = np.int64(np.int8(wr[sg + 2 * g]))
-                        s1 = np.int64(np.int8(wr[sg + 2 * g + 1]))
-                        unpack32_kq16(wr, ql + 32 * (g % 2), 4 * (g // 2), qh, 2 * g, 3, 32, s0, s1,
-                                      q[i], base + 32 * g)
-        _dot_k_rows(q, mn, dw, dw, xq, xd, xbp, out, r0, r1, False)
+                        sg = s * 16 + 8 * h + 2 * g
+                        unpack32_kq16(wr, ql + 32 * (g % 2), 4 * (g // 2), qh, 2 * g, 3, 0,
+                                      scl[i, sg], scl[i, sg + 1], q[i], base + 32 * g)
+        tiled = T >= TILED_MIN_BATCH
+        for t in range(T):
+            xt = xq[t]
+            for r in range(r0, r1):
+                i = r - r0
+                if tiled:
+                    # tiled_run_microtile_avx2 (no mins): acc = fma(d_w * float(S1), d_x, acc)
+                    acc = F32(0.0)
+                    for s in range(nsb):
+                        sumi = np.int64(dot_i16_i8(q[i], s * QK_K, xt, s * QK_K, QK_K))
+                        for g in range(16):
+                            sumi -= 32 * np.int64(xbs[t, s * 16 + g]) * scl[i, s * 16 + g]
+                        acc = fmaf(dw[i, s] * F32(sumi), xd[t, s], acc)
+                    out[t, r] = acc
+                    continue
+                for s in range(nsb):
+                    dsc[s] = xd[t, s] * dw[i, s]  # y.d * GGML_CPU_FP16_TO_FP32(x.d)
+                    for m in range(8):
+                        v = (np.int64(xbs[t, s * 16 + 2 * m]) * scl[i, s * 16 + 2 * m] +
+                             np.int64(xbs[t, s * 16 + 2 * m + 1]) * scl[i, s * 16 + 2 * m + 1])
+                        corr[s * 8 + m] = v * 32
+                out[t, r] = dot_q6k_lanes(q[i], 0, xt, 0, corr, 0, dsc, 0, nsb)
 
 
 # =============================================================================================
@@ -775,3 +914,181 @@ def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None) -
         raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
     _check(w, qtype, x.shape[1])
     return matmul_converted(w, qtype, convert_activation(qtype, x), out)
+
+
+# =============================================================================================
+# Attention products (llama.cpp's non-flash path, F32 KV cache)
+# =============================================================================================
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _I32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+
+    return sig, codegen
+
+
+# vec.h ggml_v_expf constants, written as in the C source (hex floats)
+_EXP_R = np.float32(float.fromhex("0x1.8p23"))
+_EXP_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_EXP_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_EXP_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+_EXP_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_EXP_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_EXP_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_ONE_BITS = np.uint32(0x3F800000)
+
+
+@nb.njit(inline="always", **JIT)
+def ggml_expf(x):
+    """vec.h ggml_v_expf (the AVX2 branch), one lane: what ggml_vec_soft_max_f32 exponentiates with."""
+    z = fmaf(x, _EXP_LOG2E, _EXP_R)
+    n = z - _EXP_R
+    b = fmaf(-n, _EXP_LN2_LO, fmaf(-n, _EXP_LN2_HI, x))
+    e = _f32_as_u32(z) << np.uint32(23)
+    k = _u32_as_f32(e + _ONE_BITS)
+    u = b * b
+    j = fmaf(fmaf(fmaf(_EXP_C5, b, _EXP_C4), u, fmaf(_EXP_C3, b, _EXP_C2)), u, _EXP_C1 * b)
+    if not abs(n) > F32(126.0):
+        return fmaf(j, k, k)
+    g = np.uint32(0x82000000) if n <= F32(0.0) else np.uint32(0)
+    s1 = _u32_as_f32(g + np.uint32(0x7F000000))
+    if abs(n) > F32(192.0):
+        return s1 * s1
+    s2 = _u32_as_f32(e - g)
+    return fmaf(s2, j, s2) * s1
+
+
+@nb.njit(**JIT)
+def _softmax_row(w, n):
+    """ggml_compute_forward_soft_max_f32 on w[:n] (scale and mask already applied), in place:
+    max, then ggml_vec_soft_max_f32 (ggml_v_expf over 8-lane chunks, each chunk summed in float
+    with the hsum order, chunk sums added in double), then scaled by (float)(1 / sum).
+    w must be zero-padded to a multiple of 8 (llama.cpp pads n_kv to 256 with masked keys)."""
+    mx = F32(-np.inf)
+    for i in range(n):
+        if w[i] > mx:
+            mx = w[i]
+    total = 0.0
+    n8 = (n + 7) // 8 * 8
+    for i in range(n8):
+        w[i] = ggml_expf(w[i] - mx) if i < n else F32(0.0)
+    for c in range(0, n8, 8):
+        h0 = w[c + 4] + w[c]
+        h1 = w[c + 5] + w[c + 1]
+        h2 = w[c + 6] + w[c + 2]
+        h3 = w[c + 7] + w[c + 3]
+        total += np.float64((h0 + h2) + (h1 + h3))
+    inv = F32(1.0 / total)
+    for i in range(n):
+        w[i] = w[i] * inv
+
+
+@nb.njit(parallel=True, **JIT)
+def attention(q, k, vt, q_pos, k_pos, window, scale, gemm_pv, out):
+    """out[t, h] = softmax(scale * q[t,h] . k[j, h/g] + mask) @ v, as ggml runs it on the CPU.
+
+    q [T, H, D]; k [S, Hkv, D]; vt [Hkv, D, S_alloc] (V transposed, llama.cpp's v_trans layout,
+    zero or finite beyond S); positions q_pos [T], k_pos [S]; window > 0: key j is masked when
+    q_pos - k_pos >= window; out [T, H, D].
+    KQ: ggml_vec_dot_f32 per (key, query) (src1 is a permuted view, so no sgemm);
+    KQV: tinyBLAS over the keys for batches (gemm_pv), ggml_vec_dot_f32 for one token.
+    """
+    T, H, D = q.shape
+    S = k.shape[0]
+    Hkv = k.shape[1]
+    group = H // Hkv
+    n32 = (S + 31) // 32 * 32
+    for th in nb.prange(T * H):
+        t = th // H
+        h = th - t * H
+        kvh = h // group
+        w = np.zeros(n32, np.float32)
+        pv = np.zeros(n32, np.float32)
+        qt = q[t, h]
+        for j in range(S):
+            masked = k_pos[j] > q_pos[t] or (window > 0 and q_pos[t] - k_pos[j] >= window)
+            if masked:
+                w[j] = F32(-np.inf)
+            else:
+                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, False) * scale
+        _softmax_row(w, S)
+        for j in range(S):
+            pv[j] = w[j]
+        for d in range(D):
+            row = vt[kvh, d]
+            acc = F32(0.0)
+            if S <= row.shape[0] and n32 <= row.shape[0]:
+                acc = dot_f32(row, 0, pv, 0, n32, gemm_pv)
+            else:  # cache not padded: copy the keys into a padded buffer
+                tmp = np.zeros(n32, np.float32)
+                for j in range(S):
+                    tmp[j] = row[j]
+                acc = dot_f32(tmp, 0, pv, 0, n32, gemm_pv)
+            out[t, h, d] = acc
+
+
+# =============================================================================================
+# RoPE (NeoX pairing), as ggml-cpu ops.cpp ggml_compute_forward_rope_flt computes it
+# =============================================================================================
+
+
+@nb.njit(**JIT)
+def rope_theta_scale(base, n_dims):
+    """powf(freq_base, -2.0f / n_dims) with the C library's powf (numba lowers math.pow on float32
+    to it), as ggml_compute_forward_rope_flt."""
+    return F32(math.pow(F32(base), F32(-2.0) / F32(n_dims)))
+
+
+@nb.njit(**JIT)
+def rope_cache(pos, half, theta_scale, freq_scale, freq_factors, cos_out, sin_out):
+    """ggml_rope_cache_init with ext_factor 0 and mscale 1: theta starts at the position and is
+    multiplied by theta_scale after each pair in float32; freq factors divide it; cos/sin are the
+    C library's cosf/sinf (what numba's math.cos on float32 calls). freq_factors: empty for none."""
+    use_ff = freq_factors.shape[0] > 0
+    theta_scale = F32(theta_scale)
+    freq_scale = F32(freq_scale)
+    for t in range(pos.shape[0]):
+        theta = F32(pos[t])
+        for i in range(half):
+            th = theta / freq_factors[i] if use_ff else theta
+            th = freq_scale * th
+            cos_out[t, i] = F32(math.cos(th))
+            sin_out[t, i] = F32(math.sin(th))
+            theta = theta * theta_scale
+
+
+@nb.njit(parallel=True, **JIT)
+def rope_neox(x, cos, sin, out):
+    """ops.cpp rotate_pairs for GGML_ROPE_TYPE_NEOX on x [T, H, D]: pairs (i, i + n_dims/2) of the
+    first n_dims = 2 * cos.shape[1] dims; the rest is copied. As GCC compiles it (fp-contract):
+        y0 = fma(x0, cos, -(x1 * sin));  y1 = fma(x0, sin, x1 * cos)."""
+    T, H, D = x.shape
+    half = cos.shape[1]
+    for th in nb.prange(T * H):
+        t = th // H
+        h = th - t * H
+        for i in range(half):
+            c = cos[t, i]
+            s = sin[t, i]
+            x0 = x[t, h, i]
+            x1 = x[t, h, i + half]
+            out[t, h, i] = fmaf(x0, c, -(x1 * s))
+            out[t, h, i + half] = fmaf(x0, s, x1 * c)
+        for i in range(2 * half, D):
+            out[t, h, i] = x[t, h, i]

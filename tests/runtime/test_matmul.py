@@ -55,7 +55,7 @@ def test_q8_0_activation_bytes_equal_ggml(k):
 @pytest.mark.parametrize("k", [256, 1024])
 def test_q8_K_activation_bytes_equal_ggml(k):
     x = _inputs(np.random.default_rng(k + 1), 12, k)
-    qs, d, bsums = mm.quantize_q8_K(x, pairs=False)
+    qs, d, bsums = mm.quantize_q8_K(x)
     assert np.array_equal(_q8_K_bytes(qs, d, bsums), oracle.from_float(T.Q8_K, x))
 
 

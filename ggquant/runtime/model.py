@@ -1,0 +1,235 @@
+"""Loading a GGUF into a runnable model, the KV cache, and an evaluation session.
+
+    model = load_model("gemma-3-270m-Q4_K_M.gguf", device="cpu", threads=2)
+    sess = Session(model, n_ctx=1024)
+    logits = sess.eval(ids, logits="all")     # float32 numpy [len(ids), n_vocab]
+
+An architecture module (gemma3.py, gemma4.py) subclasses Model: it reads its hyperparameters
+from the GGUF keys the way llama.cpp's llama-model.cpp loads them, declares its tensors through
+a TensorSet (every missing tensor is reported at once, by name), and implements forward().
+The arithmetic goes through a backend (cpu.py, cuda.py) with one small interface, so the model
+files read like the llama.cpp graphs they follow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ggquant.errors import GGQuantError
+
+ARCHITECTURES: dict[str, type["Model"]] = {}
+
+
+def register(cls):
+    ARCHITECTURES[cls.arch] = cls
+    return cls
+
+
+class MissingTensorsError(GGQuantError):
+    pass
+
+
+class Meta:
+    """GGUF metadata with the architecture prefix and llama.cpp's key semantics."""
+
+    def __init__(self, reader, arch: str):
+        self.reader = reader
+        self.arch = arch
+        self.path = reader.path
+
+    def has(self, key: str) -> bool:
+        return f"{self.arch}.{key}" in self.reader.fields
+
+    def get(self, key: str, default: Any = ...):
+        full = f"{self.arch}.{key}"
+        f = self.reader.fields.get(full)
+        if f is None:
+            if default is ...:
+                raise GGQuantError(f"{self.path}: metadata key '{full}' is missing; the {self.arch} runtime "
+                                   f"needs it (was the file written by a compatible converter?)")
+            return default
+        return f.value
+
+    def per_layer(self, key: str, n_layer: int, default: Any = ...) -> list:
+        """llama_model_loader::get_key_or_arr: a scalar repeated per layer, or an array of n_layer."""
+        v = self.get(key, default)
+        if isinstance(v, (list, np.ndarray)):
+            if len(v) != n_layer:
+                raise GGQuantError(f"{self.path}: '{self.arch}.{key}' has {len(v)} entries, expected one per "
+                                   f"layer ({n_layer})")
+            return [x.item() if hasattr(x, "item") else x for x in v]
+        return [v] * n_layer
+
+
+class TensorSet:
+    """Tensors a model asks for, checked together so an error names every missing one."""
+
+    def __init__(self, reader, backend):
+        self.reader = reader
+        self.backend = backend
+        self.by_name = {t.name: t for t in reader.tensors}
+        self.missing: list[str] = []
+        self.bad_shape: list[str] = []
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None, required: bool = True):
+        info = self.by_name.get(name)
+        if info is None:
+            if required:
+                self.missing.append(name)
+            return None
+        if shape is not None and tuple(info.shape) != tuple(shape):
+            self.bad_shape.append(f"{name}: shape {tuple(info.shape)} (numpy order), expected {tuple(shape)}")
+            return None
+        self.used.add(name)
+        return self.backend.weight(info)
+
+    def vector(self, name: str, shape: tuple[int, ...] | None = None, required: bool = True):
+        """A small tensor (norm weight, scalar) as a dense float32 backend array."""
+        w = self.get(name, shape, required)
+        return None if w is None else self.backend.dense(w)
+
+    def check(self, what: str) -> None:
+        problems = []
+        if self.missing:
+            shown = ", ".join(self.missing[:12]) + (f" and {len(self.missing) - 12} more" if len(self.missing) > 12 else "")
+            problems.append(f"missing tensors: {shown}")
+        if self.bad_shape:
+            problems.append("wrong shapes: " + "; ".join(self.bad_shape[:6]))
+        if problems:
+            raise MissingTensorsError(f"{self.reader.path}: not a complete {what} model: " + " | ".join(problems))
+
+
+class KVCache:
+    """Per-layer K/V in float32 (like llama.cpp with type_k = type_v = F32), all positions kept
+    (llama-cpp-python's full-size SWA cache); sliding-window layers mask by distance instead.
+    The layout of each layer belongs to the backend (backend.kv_layer)."""
+
+    def __init__(self, backend, n_ctx: int, shapes: dict[int, tuple[int, int]]):
+        self.n_ctx = n_ctx
+        self.layers = {il: backend.kv_layer(n_ctx, h, d) for il, (h, d) in shapes.items()}
+        self.n = 0  # positions 0 .. n-1 are filled
+
+    def store(self, il: int, pos0: int, k, v) -> None:
+        """Write k/v [T, H, D] at positions pos0 .. pos0 + T - 1 of layer il."""
+        self.layers[il].store(pos0, k, v)
+
+
+class Model:
+    """Base of the architecture modules."""
+
+    arch = ""
+    n_vocab: int
+    n_ctx_train: int
+
+    def __init__(self, reader, backend):
+        self.reader = reader
+        self.backend = backend
+        self.meta = Meta(reader, self.arch)
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        raise NotImplementedError
+
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, logits: str = "last"):
+        """Run tokens ids (positions pos0 ..) through the model, appending to cache.
+
+        logits: "last" -> [1, n_vocab], "all" -> [len(ids), n_vocab], "none" -> None.
+        """
+        raise NotImplementedError
+
+
+def f32(x: float) -> float:
+    """x rounded to float32, as a Python float (numpy and torch both treat it as a weak float32 scalar)."""
+    return float(np.float32(x))
+
+
+def sqrtf(x: float) -> float:
+    return float(np.sqrt(np.float32(x)))
+
+
+def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, gelu: str = "ggml") -> Model:
+    """Open a GGUF and build the model of its general.architecture on the chosen backend."""
+    from ggquant.formats.gguf import GGUFReader
+
+    from . import gemma3, gemma4  # noqa: F401  (register the architectures)
+
+    path = Path(path)
+    if not path.exists():
+        raise GGQuantError(f"{path}: no such file")
+    if path.is_dir():
+        raise GGQuantError(f"{path} is a folder; the runtime runs GGUF files (convert a Hugging Face "
+                           f"folder with `ggquant convert` first)")
+    reader = GGUFReader(path)
+    arch = reader.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGQuantError(f"{path}: architecture {arch!r} is not supported by the ggquant runtime "
+                           f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    backend = make_backend(device, threads=threads, gelu=gelu)
+    return ARCHITECTURES[arch](reader, backend)
+
+
+def make_backend(device: str, threads: int | None = None, gelu: str = "ggml"):
+    if device == "cpu":
+        from .cpu import CPUBackend
+
+        return CPUBackend(threads=threads, gelu=gelu)
+    if device == "cuda":
+        from .cuda import CUDABackend
+
+        return CUDABackend(gelu=gelu)
+    raise GGQuantError(f"unknown device {device!r}: expected cpu or cuda")
+
+
+class Session:
+    """A model plus its KV cache: evaluates token batches and continues from where it stopped."""
+
+    def __init__(self, model: Model, n_ctx: int | None = None, n_batch: int = 512):
+        self.model = model
+        if n_ctx is None:
+            n_ctx = min(model.n_ctx_train, 4096)
+        if n_ctx < 1:
+            raise GGQuantError(f"context size must be at least 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.n_batch = max(1, n_batch)
+        self.cache = model.new_cache(n_ctx)
+        self.n_past = 0
+
+    def reset(self) -> None:
+        self.n_past = 0
+        self.cache.n = 0
+
+    def eval(self, ids, logits: str = "last") -> np.ndarray | None:
+        """Append ids to the context; logits "last" [1, V], "all" [len(ids), V] (numpy float32) or "none"."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            raise GGQuantError("nothing to evaluate: the token list is empty")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise GGQuantError(
+                f"{len(ids)} tokens do not fit: {self.n_past} of the context's {self.n_ctx} positions are "
+                f"used (raise the context size, at most the model's {self.model.n_ctx_train})")
+        bad = (ids < 0) | (ids >= self.model.n_vocab)
+        if bad.any():
+            raise GGQuantError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.model.n_vocab - 1})")
+        outs = []
+        for s in range(0, len(ids), self.n_batch):
+            chunk = ids[s:s + self.n_batch]
+            last = s + self.n_batch >= len(ids)
+            want = logits if logits == "all" else (logits if last else "none")
+            out = self.model.forward(chunk, self.n_past, self.cache, want)
+            self.n_past += len(chunk)
+            self.cache.n = self.n_past
+            if out is not None:
+                outs.append(self.model.backend.to_numpy(out))
+        if logits == "none":
+            return None
+        return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
+
+__all__ = ["ARCHITECTURES", "KVCache", "Meta", "MissingTensorsError", "Model", "Session", "TensorSet",
+           "f32", "load_model", "make_backend", "register", "sqrtf"]
