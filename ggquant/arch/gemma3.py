@@ -10,8 +10,6 @@ conversion/base.py TextModel):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gguf import GGMLQuantizationType, Keys
 
 from ggquant.arch import vocab as V
