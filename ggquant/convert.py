@@ -306,6 +306,8 @@ def tensor_chunks(t: TensorPlan, imatrix: np.ndarray | None = None) -> Iterator[
             y = t.transform(x, src.dtype)
             if y.ndim == 0:
                 y = y.reshape(1)
+            if not y.flags.writeable:  # an F32 source is a view of the read-only map; kernels want writable input
+                y = y.copy()
             out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
             del x, y
             src.release(a, b)  # the source rows were copied: drop their pages now
