@@ -14,6 +14,18 @@ tensor's type, and every tensor is encoded straight from the safetensors rows.
 
 Everything that can be wrong with the input is checked before the first byte is written, and
 outputs appear only complete (temporary file + rename); a failure removes what this run wrote.
+
+Deliberate differences from convert_hf_to_gguf.py (everything else is byte-identical):
+- general.* provenance comes from the resolved folder name (llama.cpp uses the path as typed,
+  so `convert .` names the model ""); llama.cpp's --metadata override file and --model-name
+  are not supported.
+- tokenizer.chat_templates (two or more named extra templates): gguf-py lists the names in
+  Python-set order, which changes from run to run; ggquant keeps the files' (sorted) order.
+- inputs llama.cpp converts into GGUFs it cannot load (vocab sizes that disagree, a KV-sharing
+  layout whose last two unshared layers are not sliding-then-full, missing tensors, shapes that
+  contradict config.json, a Gemma 4 tokenizer without merges) are refused instead.
+- q8_0 is the converter's Q8_0; the llama-quantize presets (Q4_K_M, ...) quantize an F32 plan,
+  and the mmproj of a preset conversion is written as F16 (llama-quantize does not quantize it).
 """
 
 from __future__ import annotations
