@@ -66,6 +66,8 @@ class GGMLType:
         if self.quantize_fn is None:
             raise GGQuantError(f"{what}: quantizing to {self.name} is not supported yet (dequantizing is)")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if not x.flags.writeable:  # mmap views: one numba specialisation for all inputs
+            x = x.copy()
         n_per_row = x.shape[-1]
         self.check_row(n_per_row, what)
         x2 = x.reshape(-1, n_per_row)
