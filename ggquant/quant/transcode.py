@@ -214,10 +214,11 @@ def _try_sym(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
             return (f"the block offset m={float(m[r, b])!r} is not an integer multiple of the scale "
                     f"d={float(d[r, b])!r} (row {r}, block {b}), so {qtype.name} (no offset) cannot hold it")
         k = u - np.repeat(c.astype(np.int16), QK, axis=1)
-    kb = _blocks(k)
-    kmin, kmax = kb.min(axis=-1), kb.max(axis=-1)
-    fit = (kmin >= lo) & (kmax <= hi)
-    if not fit.all():
+    # Whole-array bounds first (fast, contiguous); per-block bounds only to name a failing block.
+    if k.size and (int(k.min()) < lo or int(k.max()) > hi):
+        kb = _blocks(k)
+        kmin, kmax = kb.min(axis=-1), kb.max(axis=-1)
+        fit = (kmin >= lo) & (kmax <= hi)
         r, b = _first_bad(fit)
         return (f"codes span [{int(kmin.min())}, {int(kmax.max())}], beyond {qtype.name}'s [{lo}, {hi}] "
                 f"(first at row {r}, block {b})")
@@ -228,6 +229,9 @@ def _try_offset(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
     _, lo, hi = _RANGES[qtype]
     u, d = blocks.u, blocks.d
     m = blocks.m if blocks.m is not None else np.zeros_like(d)
+    if u.size and int(u.min()) >= 0 and int(u.max()) <= hi and fp16_exact(m).all():
+        # Fast path: the source's own codes and offsets fit as they are (MLX affine).
+        return Transcoded(qtype, _PACK_OFFSET[qtype](u.astype(np.uint8), d, m))
     ub = _blocks(u)
     umin = ub.min(axis=-1).astype(np.int32)
     umax = ub.max(axis=-1).astype(np.int32)
@@ -272,13 +276,13 @@ def _normalize_constant_blocks(blocks: AffineBlocks) -> AffineBlocks:
     scale (or offset) as u = 1, d = v, m = 0 (u = 0, d = 0 when v == 0), provided v itself is an
     fp16 value; every other block is left as the source wrote it.
     """
-    ub = _blocks(blocks.u)
-    const = ub.min(axis=-1) == ub.max(axis=-1)
-    if not const.any():
-        return blocks
     bad = ~fp16_exact(blocks.d)
     if blocks.m is not None:
         bad |= ~fp16_exact(blocks.m)
+    if not bad.any():  # the common case: nothing to fix, skip the per-block scan
+        return blocks
+    ub = _blocks(blocks.u)
+    const = ub.min(axis=-1) == ub.max(axis=-1)
     fix = const & bad
     if not fix.any():
         return blocks
