@@ -445,17 +445,22 @@ class IntQuantTensor(QuantizedTensor):
         if self.group_size is not None and self.group_size % QK:
             return None, f"group size {self.group_size} is not a multiple of {QK}"
         lo, hi = self.qrange
+        offset_fallback = None
         for qtype in _qtypes(candidates):
             if qtype in (T.Q4_0, T.Q5_0, T.Q8_0):
-                _, a, b = {T.Q4_0: (0, -8, 7), T.Q5_0: (0, -16, 15), T.Q8_0: (0, -128, 127)}[qtype]
+                a, b = {T.Q4_0: (-8, 7), T.Q5_0: (-16, 15), T.Q8_0: (-128, 127)}[qtype]
                 if a <= lo and hi <= b:
                     return qtype, ""
-            elif qtype in (T.Q4_1, T.Q5_1):
+            elif qtype in (T.Q4_1, T.Q5_1) and offset_fallback is None:
+                # Offset types need m = -c*s in fp16, which bf16-derived scales break in about 1 %
+                # of blocks (research note §0): predicted only when no symmetric type fits.
                 span = 15 if qtype == T.Q4_1 else 31
-                if not self.symmetric and self.bits is not None and (1 << self.bits) - 1 <= span:
-                    return qtype, ""
-            elif qtype in FLOAT_TYPES and qtype == T.F32:
+                if hi - lo <= 2 * span + 1 and (1 << self.bits) - 1 <= span:
+                    offset_fallback = qtype
+            elif qtype == T.F32:
                 return qtype, ""
+        if offset_fallback is not None:
+            return offset_fallback, ""
         return None, f"int{self.bits} {'sym' if self.symmetric else 'asym'} codes span [{lo}, {hi}], wider than the candidates"
 
 
