@@ -14,30 +14,36 @@ values; each super-block is one ``block_<type>`` of ggml-common.h, byte for byte
     Q5_K 176 B: d fp16 | dmin fp16 | scales[12] | qh[32] | qs[128]
     Q6_K 210 B: ql[128] | qh[64] | scales[16] int8 | d fp16
 
-Numba: per-block functions are ``njit`` with the qsearch.JIT options; each entry kernel is
-``parallel=True`` with ``prange`` over rows (rows are independent, so the bytes do not depend
-on the thread count). Without an imatrix the kernels receive an empty float32 array and
-use_qw=False, so each kernel has exactly one compiled specialisation.
+Numba: per-block functions are ``njit`` with the qsearch.JIT options. One ``parallel=True``
+kernel per direction serves all five types (``prange`` over rows, dispatch on the GGML type
+id): rows are independent, so the bytes do not depend on the thread count. Without an
+imatrix the kernel receives an empty float32 array and use_qw=False, so each kernel has
+exactly one compiled specialisation. ``_quantizer``/``_dequantizer`` build the registry's
+plain Python entry points (legacy.py uses them too).
 """
 
 import numba as nb
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import GROUP_MAX_EPS, fp16_to_fp32, fp32_to_fp16, get_u16, put_u16
+from .common import GROUP_MAX_EPS
 from .qsearch import (
     F32,
     JIT,
     WORK_FLOATS,
     WORK_INTS,
     as_int8,
+    fp16_to_fp32,
+    fp32_to_fp16,
     get_scale_min_k4,
+    get_u16,
     make_q3_quants,
     make_qkx2_quants,
     make_qkx3_quants,
     make_qp_quants,
     make_qx_quants,
     nearest_int,
+    put_u16,
 )
 
 _T = GGMLQuantizationType
@@ -57,7 +63,7 @@ IMPL_RMIN, IMPL_RDELTA, IMPL_NSTEP = F32(-0.9), F32(0.05), 36  # all *_impl call
 F_QK_K = F32(QK_K)
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _sum_sq(x, xo, n):
     """Sequential float32 sum of x*x over x[xo:xo+n] (the C loops sum_x2 += x[l]*x[l])."""
     s = F32(0.0)
@@ -67,7 +73,7 @@ def _sum_sq(x, xo, n):
     return s
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _pack_2bit(L, out, qo):
     """qs of Q2_K/Q3_K: per 128-group, byte l holds L[l], L[l+32], L[l+64], L[l+96] (2 bits each)."""
     for j in range(0, QK_K, 128):
@@ -154,62 +160,40 @@ def _q2_k_block(x, xo, qw, use_qw, out, oo, L, Laux, weights, scales, mins, sw, 
     _pack_2bit(L, out, qso)
 
 
-@nb.njit(parallel=True, **JIT)
-def _quantize_q2_k(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in nb.prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(16, np.uint8)
-        weights = np.empty(QK_K, np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.uint8)
-        Lm = np.empty(16, np.uint8)
-        work = np.empty(WORK_FLOATS, np.float32)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK_K):
-            _q2_k_block(xr, i * QK_K, qw, use_qw, orow, i * Q2_K_BYTES, L, Laux, weights, scales, mins, sw, Ls, Lm, work)
-
-
-@nb.njit(parallel=True, **JIT)
-def _dequantize_q2_k(data, y):
-    nrows, n = y.shape
-    for r in nb.prange(nrows):
-        b = data[r]
-        yr = y[r]
-        for i in range(n // QK_K):
-            bo = i * Q2_K_BYTES
-            yo = i * QK_K
-            d = fp16_to_fp32(get_u16(b, bo + 80))
-            dmin = fp16_to_fp32(get_u16(b, bo + 82))
-            is_ = 0
-            for half in range(2):  # dequantize_row_q2_K: two 128-value halves, q += 32 each
-                q = bo + 16 + 32 * half
-                for j in range(4):
-                    shift = 2 * j
-                    for part in range(2):
-                        sc = np.int64(b[bo + is_])
-                        is_ += 1
-                        dl = d * F32(sc & 0xF)
-                        ml = dmin * F32(sc >> 4)
-                        for l in range(16):
-                            yr[yo] = dl * F32((np.int64(b[q + 16 * part + l]) >> shift) & 3) - ml
-                            yo += 1
+@nb.njit(**JIT)
+def _dq_q2_k_row(b, yr):
+    n = yr.size
+    for i in range(n // QK_K):
+        bo = i * Q2_K_BYTES
+        yo = i * QK_K
+        d = fp16_to_fp32(get_u16(b, bo + 80))
+        dmin = fp16_to_fp32(get_u16(b, bo + 82))
+        is_ = 0
+        for half in range(2):  # dequantize_row_q2_K: two 128-value halves, q += 32 each
+            q = bo + 16 + 32 * half
+            for j in range(4):
+                shift = 2 * j
+                for part in range(2):
+                    sc = np.int64(b[bo + is_])
+                    is_ += 1
+                    dl = d * F32(sc & 0xF)
+                    ml = dmin * F32(sc >> 4)
+                    for l in range(16):
+                        yr[yo] = dl * F32((np.int64(b[q + 16 * part + l]) >> shift) & 3) - ml
+                        yo += 1
 
 
 # ----------------------------------------------------------------------------- Q3_K
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _q3_k_scale(out, so, j):
     """6-bit scale j of a Q3_K block minus 32 (the C `sc` computation, as int8)."""
     lo = (np.int64(out[so + j]) & 0xF) if j < 8 else (np.int64(out[so + j - 8]) >> 4)
     return (lo | (((np.int64(out[so + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _q3_k_put_scale(out, so, j, l):
     """Store 6-bit level l (0..63) as scale j (packing of quantize_row_q3_K_ref/_impl)."""
     if j < 8:
@@ -282,56 +266,36 @@ def _q3_k_block(x, xo, qw, use_qw, out, oo, L, weights, scales, sw, Ls, work, lb
     _pack_2bit(L, out, qso)
 
 
-@nb.njit(parallel=True, **JIT)
-def _quantize_q3_k(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in nb.prange(nrows):
-        L = np.empty(QK_K, np.int8)
-        weights = np.empty(QK_K, np.float32)
-        scales = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.int8)
-        work = np.empty(WORK_FLOATS, np.float32)
-        lbuf = np.empty(WORK_INTS, np.int32)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK_K):
-            _q3_k_block(xr, i * QK_K, qw, use_qw, orow, i * Q3_K_BYTES, L, weights, scales, sw, Ls, work, lbuf)
-
-
-@nb.njit(parallel=True, **JIT)
-def _dequantize_q3_k(data, y):
-    nrows, n = y.shape
-    for r in nb.prange(nrows):
-        b = data[r]
-        yr = y[r]
-        for i in range(n // QK_K):
-            bo = i * Q3_K_BYTES
-            hmo, so = bo, bo + 96
-            d_all = fp16_to_fp32(get_u16(b, bo + 108))
-            yo = i * QK_K
-            is_ = 0
-            mbit = 0
-            for half in range(2):  # dequantize_row_q3_K: q += 32 per 128 values, m <<= 1 per j
-                q = bo + 32 + 32 * half
-                for j in range(4):
-                    shift = 2 * j
-                    for part in range(2):
-                        dl = d_all * F32(_q3_k_scale(b, so, is_))
-                        is_ += 1
-                        for l in range(16):
-                            k = 16 * part + l
-                            lo = (np.int64(b[q + k]) >> shift) & 3
-                            hi = 0 if (np.int64(b[hmo + k]) >> mbit) & 1 else 4
-                            yr[yo] = dl * F32(lo - hi)
-                            yo += 1
-                    mbit += 1
+@nb.njit(**JIT)
+def _dq_q3_k_row(b, yr):
+    n = yr.size
+    for i in range(n // QK_K):
+        bo = i * Q3_K_BYTES
+        hmo, so = bo, bo + 96
+        d_all = fp16_to_fp32(get_u16(b, bo + 108))
+        yo = i * QK_K
+        is_ = 0
+        mbit = 0
+        for half in range(2):  # dequantize_row_q3_K: q += 32 per 128 values, m <<= 1 per j
+            q = bo + 32 + 32 * half
+            for j in range(4):
+                shift = 2 * j
+                for part in range(2):
+                    dl = d_all * F32(_q3_k_scale(b, so, is_))
+                    is_ += 1
+                    for l in range(16):
+                        k = 16 * part + l
+                        lo = (np.int64(b[q + k]) >> shift) & 3
+                        hi = 0 if (np.int64(b[hmo + k]) >> mbit) & 1 else 4
+                        yr[yo] = dl * F32(lo - hi)
+                        yo += 1
+                mbit += 1
 
 
 # ----------------------------------------------------------------------------- Q4_K / Q5_K
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _put_scales_k4(out, so, Ls, Lm, clamp63):
     """6-bit scale/min packing of Q4_K/Q5_K (inverse of get_scale_min_k4). The values are
     uint8 as in C; clamp63 applies the MIN(63, .) that some callers do first."""
@@ -350,7 +314,17 @@ def _put_scales_k4(out, so, Ls, Lm, clamp63):
             out[so + j] = (np.int64(out[so + j]) | ((lm >> 4) << 6)) & 0xFF
 
 
-@nb.njit(**JIT)
+_f32a, _u8a = nb.types.float32[::1], nb.types.uint8[::1]
+_i64, _b = nb.types.int64, nb.types.boolean
+
+
+# Explicit signature: one compiled version for both nmax values (Q4_K and Q5_K).
+_SIG_Q45_LEVELS = nb.types.void(
+    _f32a, _i64, _f32a, _b, _i64, _u8a, _i64, _u8a, _u8a, _f32a, _f32a, _f32a, _f32a, _u8a, _u8a, _f32a
+)
+
+
+@nb.njit(_SIG_Q45_LEVELS, **JIT)
 def _q45_k_levels(x, xo, qw, use_qw, nmax, out, oo, L, Laux, weights, scales, mins, sw, Ls, Lm, work):
     """Levels L (0..nmax) and d/dmin/scales[12] of one Q4_K (nmax 15) or Q5_K (nmax 31)
     super-block, written to out[oo:oo+16]. Ports the shared part of
@@ -367,7 +341,8 @@ def _q45_k_levels(x, xo, qw, use_qw, nmax, out, oo, L, Laux, weights, scales, mi
             av_x = np.sqrt(_sum_sq(x, xo + 32 * j, 32) / F32(32.0))
             for l in range(32):
                 weights[l] = av_x + abs(x[xo + 32 * j + l])
-            s, m = make_qkx2_quants(32, nmax, x, xo + 32 * j, weights, 0, L, 32 * j, Laux, rmin, rdelta, nstep, False, work)
+            s, m = make_qkx2_quants(32, nmax, x, xo + 32 * j, weights, 0, L, 32 * j, Laux,
+                                    rmin, rdelta, nstep, False, work)
             scales[j] = s
             mins[j] = m
             if s > max_scale:
@@ -417,130 +392,95 @@ def _q45_k_levels(x, xo, qw, use_qw, nmax, out, oo, L, Laux, weights, scales, mi
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
-@nb.njit(parallel=True, **JIT)
-def _quantize_q4_k(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in nb.prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
-        work = np.empty(WORK_FLOATS, np.float32)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK_K):
-            oo = i * Q4_K_BYTES
-            _q45_k_levels(xr, i * QK_K, qw, use_qw, 15, orow, oo, L, Laux, weights, scales, mins, sw, Ls, Lm, work)
-            q = oo + 16
-            for j in range(0, QK_K, 64):
-                for l in range(32):
-                    orow[q + l] = np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 4)
-                q += 32
+@nb.njit(**JIT)
+def _q4_k_pack(L, out, oo):
+    """qs of Q4_K: per 64-group, byte l holds L[l] (low nibble) and L[l+32] (high nibble)."""
+    q = oo + 16
+    for j in range(0, QK_K, 64):
+        for l in range(32):
+            out[q + l] = np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 4)
+        q += 32
 
 
-@nb.njit(parallel=True, **JIT)
-def _quantize_q5_k(x, qw, use_qw, out):
-    nrows, n = x.shape
-    for r in nb.prange(nrows):
-        L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
-        work = np.empty(WORK_FLOATS, np.float32)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK_K):
-            oo = i * Q5_K_BYTES
-            _q45_k_levels(xr, i * QK_K, qw, use_qw, 31, orow, oo, L, Laux, weights, scales, mins, sw, Ls, Lm, work)
-            qh = oo + 16
-            ql = oo + 48
-            for k in range(32):
-                orow[qh + k] = 0
-            m1 = 1
-            m2 = 2
-            for nn in range(0, QK_K, 64):
-                for j in range(32):
-                    l1 = np.int64(L[nn + j])
-                    if l1 > 15:
-                        l1 -= 16
-                        orow[qh + j] = np.int64(orow[qh + j]) | m1
-                    l2 = np.int64(L[nn + j + 32])
-                    if l2 > 15:
-                        l2 -= 16
-                        orow[qh + j] = np.int64(orow[qh + j]) | m2
-                    orow[ql + j] = (l1 | (l2 << 4)) & 0xFF
-                m1 <<= 2
-                m2 <<= 2
-                ql += 32
+@nb.njit(**JIT)
+def _q5_k_pack(L, out, oo):
+    """qh/qs of Q5_K (quantize_row_q5_K_ref): bit 4 of L[64g+j] and L[64g+j+32] go to qh[j]
+    bits 2g and 2g+1, the low nibbles to qs as in Q4_K."""
+    qh = oo + 16
+    ql = oo + 48
+    for k in range(32):
+        out[qh + k] = 0
+    m1 = 1
+    m2 = 2
+    for nn in range(0, QK_K, 64):
+        for j in range(32):
+            l1 = np.int64(L[nn + j])
+            if l1 > 15:
+                l1 -= 16
+                out[qh + j] = np.int64(out[qh + j]) | m1
+            l2 = np.int64(L[nn + j + 32])
+            if l2 > 15:
+                l2 -= 16
+                out[qh + j] = np.int64(out[qh + j]) | m2
+            out[ql + j] = (l1 | (l2 << 4)) & 0xFF
+        m1 <<= 2
+        m2 <<= 2
+        ql += 32
 
 
-@nb.njit(parallel=True, **JIT)
-def _dequantize_q4_k(data, y):
-    nrows, n = y.shape
-    for r in nb.prange(nrows):
-        b = data[r]
-        yr = y[r]
-        for i in range(n // QK_K):
-            bo = i * Q4_K_BYTES
-            d = fp16_to_fp32(get_u16(b, bo))
-            dmin = fp16_to_fp32(get_u16(b, bo + 2))
-            q = bo + 16
-            yo = i * QK_K
-            for is_ in range(0, 8, 2):
-                sc, m = get_scale_min_k4(is_, b, bo + 4)
-                d1 = d * F32(sc)
-                m1 = dmin * F32(m)
-                sc, m = get_scale_min_k4(is_ + 1, b, bo + 4)
-                d2 = d * F32(sc)
-                m2 = dmin * F32(m)
-                for l in range(32):
-                    yr[yo + l] = d1 * F32(np.int64(b[q + l]) & 0xF) - m1
-                for l in range(32):
-                    yr[yo + 32 + l] = d2 * F32(np.int64(b[q + l]) >> 4) - m2
-                q += 32
-                yo += 64
+@nb.njit(**JIT)
+def _dq_q4_k_row(b, yr):
+    n = yr.size
+    for i in range(n // QK_K):
+        bo = i * Q4_K_BYTES
+        d = fp16_to_fp32(get_u16(b, bo))
+        dmin = fp16_to_fp32(get_u16(b, bo + 2))
+        q = bo + 16
+        yo = i * QK_K
+        for is_ in range(0, 8, 2):
+            sc, m = get_scale_min_k4(is_, b, bo + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = get_scale_min_k4(is_ + 1, b, bo + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            for l in range(32):
+                yr[yo + l] = d1 * F32(np.int64(b[q + l]) & 0xF) - m1
+            for l in range(32):
+                yr[yo + 32 + l] = d2 * F32(np.int64(b[q + l]) >> 4) - m2
+            q += 32
+            yo += 64
 
 
-@nb.njit(parallel=True, **JIT)
-def _dequantize_q5_k(data, y):
-    nrows, n = y.shape
-    for r in nb.prange(nrows):
-        b = data[r]
-        yr = y[r]
-        for i in range(n // QK_K):
-            bo = i * Q5_K_BYTES
-            d = fp16_to_fp32(get_u16(b, bo))
-            dmin = fp16_to_fp32(get_u16(b, bo + 2))
-            qh = bo + 16
-            ql = bo + 48
-            yo = i * QK_K
-            u1 = 1
-            u2 = 2
-            for is_ in range(0, 8, 2):
-                sc, m = get_scale_min_k4(is_, b, bo + 4)
-                d1 = d * F32(sc)
-                m1 = dmin * F32(m)
-                sc, m = get_scale_min_k4(is_ + 1, b, bo + 4)
-                d2 = d * F32(sc)
-                m2 = dmin * F32(m)
-                for l in range(32):
-                    h = 16 if np.int64(b[qh + l]) & u1 else 0
-                    yr[yo + l] = d1 * F32((np.int64(b[ql + l]) & 0xF) + h) - m1
-                for l in range(32):
-                    h = 16 if np.int64(b[qh + l]) & u2 else 0
-                    yr[yo + 32 + l] = d2 * F32((np.int64(b[ql + l]) >> 4) + h) - m2
-                ql += 32
-                yo += 64
-                u1 <<= 2
-                u2 <<= 2
+@nb.njit(**JIT)
+def _dq_q5_k_row(b, yr):
+    n = yr.size
+    for i in range(n // QK_K):
+        bo = i * Q5_K_BYTES
+        d = fp16_to_fp32(get_u16(b, bo))
+        dmin = fp16_to_fp32(get_u16(b, bo + 2))
+        qh = bo + 16
+        ql = bo + 48
+        yo = i * QK_K
+        u1 = 1
+        u2 = 2
+        for is_ in range(0, 8, 2):
+            sc, m = get_scale_min_k4(is_, b, bo + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = get_scale_min_k4(is_ + 1, b, bo + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            for l in range(32):
+                h = 16 if np.int64(b[qh + l]) & u1 else 0
+                yr[yo + l] = d1 * F32((np.int64(b[ql + l]) & 0xF) + h) - m1
+            for l in range(32):
+                h = 16 if np.int64(b[qh + l]) & u2 else 0
+                yr[yo + 32 + l] = d2 * F32((np.int64(b[ql + l]) >> 4) + h) - m2
+            ql += 32
+            yo += 64
+            u1 <<= 2
+            u2 <<= 2
 
 
 # ----------------------------------------------------------------------------- Q6_K
@@ -593,51 +533,95 @@ def _q6_k_block(x, xo, qw, use_qw, out, oo, L, scales, work, lbuf):
         qh += 32
 
 
+@nb.njit(**JIT)
+def _dq_q6_k_row(b, yr):
+    n = yr.size
+    for i in range(n // QK_K):
+        bo = i * Q6_K_BYTES
+        d = fp16_to_fp32(get_u16(b, bo + 208))
+        ql = bo
+        qh = bo + 128
+        sc = bo + 192
+        yo = i * QK_K
+        for _half in range(2):
+            for l in range(32):
+                is_ = l // 16
+                l0 = np.int64(b[ql + l])
+                l32 = np.int64(b[ql + l + 32])
+                h = np.int64(b[qh + l])
+                q1 = ((l0 & 0xF) | (((h >> 0) & 3) << 4)) - 32
+                q2 = ((l32 & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                q3 = ((l0 >> 4) | (((h >> 4) & 3) << 4)) - 32
+                q4 = ((l32 >> 4) | (((h >> 6) & 3) << 4)) - 32
+                yr[yo + l] = d * F32(as_int8(b[sc + is_])) * F32(q1)
+                yr[yo + l + 32] = d * F32(as_int8(b[sc + is_ + 2])) * F32(q2)
+                yr[yo + l + 64] = d * F32(as_int8(b[sc + is_ + 4])) * F32(q3)
+                yr[yo + l + 96] = d * F32(as_int8(b[sc + is_ + 6])) * F32(q4)
+            yo += 128
+            ql += 64
+            qh += 32
+            sc += 8
+
+
+# ----------------------------------------------------------------------------- kernels
+
+# One parallel kernel per direction for the whole family, dispatching on the GGML type id:
+# numba re-optimizes every callee linked into each parallel kernel, so one kernel per type
+# multiplied the cold compile time. Rows are independent (prange over rows, scratch allocated
+# once per row), so the bytes do not depend on the thread count.
+Q2_K_ID, Q3_K_ID, Q4_K_ID, Q5_K_ID, Q6_K_ID = (int(t) for t in (_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K))
+
+
 @nb.njit(parallel=True, **JIT)
-def _quantize_q6_k(x, qw, use_qw, out):
+def _quantize_kquants(x, qw, use_qw, out, type_id):
     nrows, n = x.shape
     for r in nb.prange(nrows):
-        L = np.empty(QK_K, np.int8)
+        L = np.empty(QK_K, np.uint8)
+        L8 = np.empty(QK_K, np.int8)
+        Laux = np.empty(32, np.uint8)
+        weights = np.empty(QK_K, np.float32)
         scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        sw = np.empty(16, np.float32)
+        Ls = np.empty(16, np.uint8)
+        Lm = np.empty(16, np.uint8)
+        Ls8 = np.empty(16, np.int8)
         work = np.empty(WORK_FLOATS, np.float32)
         lbuf = np.empty(WORK_INTS, np.int32)
         xr = x[r]
         orow = out[r]
         for i in range(n // QK_K):
-            _q6_k_block(xr, i * QK_K, qw, use_qw, orow, i * Q6_K_BYTES, L, scales, work, lbuf)
+            xo = i * QK_K
+            if type_id == Q2_K_ID:
+                _q2_k_block(xr, xo, qw, use_qw, orow, i * Q2_K_BYTES, L, Laux, weights, scales, mins, sw, Ls, Lm,
+                            work)
+            elif type_id == Q3_K_ID:
+                _q3_k_block(xr, xo, qw, use_qw, orow, i * Q3_K_BYTES, L8, weights, scales, sw, Ls8, work, lbuf)
+            elif type_id == Q4_K_ID:
+                oo = i * Q4_K_BYTES
+                _q45_k_levels(xr, xo, qw, use_qw, 15, orow, oo, L, Laux, weights, scales, mins, sw, Ls, Lm, work)
+                _q4_k_pack(L, orow, oo)
+            elif type_id == Q5_K_ID:
+                oo = i * Q5_K_BYTES
+                _q45_k_levels(xr, xo, qw, use_qw, 31, orow, oo, L, Laux, weights, scales, mins, sw, Ls, Lm, work)
+                _q5_k_pack(L, orow, oo)
+            else:
+                _q6_k_block(xr, xo, qw, use_qw, orow, i * Q6_K_BYTES, L8, scales, work, lbuf)
 
 
 @nb.njit(parallel=True, **JIT)
-def _dequantize_q6_k(data, y):
-    nrows, n = y.shape
-    for r in nb.prange(nrows):
-        b = data[r]
-        yr = y[r]
-        for i in range(n // QK_K):
-            bo = i * Q6_K_BYTES
-            d = fp16_to_fp32(get_u16(b, bo + 208))
-            ql = bo
-            qh = bo + 128
-            sc = bo + 192
-            yo = i * QK_K
-            for _half in range(2):
-                for l in range(32):
-                    is_ = l // 16
-                    l0 = np.int64(b[ql + l])
-                    l32 = np.int64(b[ql + l + 32])
-                    h = np.int64(b[qh + l])
-                    q1 = ((l0 & 0xF) | (((h >> 0) & 3) << 4)) - 32
-                    q2 = ((l32 & 0xF) | (((h >> 2) & 3) << 4)) - 32
-                    q3 = ((l0 >> 4) | (((h >> 4) & 3) << 4)) - 32
-                    q4 = ((l32 >> 4) | (((h >> 6) & 3) << 4)) - 32
-                    yr[yo + l] = d * F32(as_int8(b[sc + is_])) * F32(q1)
-                    yr[yo + l + 32] = d * F32(as_int8(b[sc + is_ + 2])) * F32(q2)
-                    yr[yo + l + 64] = d * F32(as_int8(b[sc + is_ + 4])) * F32(q3)
-                    yr[yo + l + 96] = d * F32(as_int8(b[sc + is_ + 6])) * F32(q4)
-                yo += 128
-                ql += 64
-                qh += 32
-                sc += 8
+def _dequantize_kquants(data, y, type_id):
+    for r in nb.prange(y.shape[0]):
+        if type_id == Q2_K_ID:
+            _dq_q2_k_row(data[r], y[r])
+        elif type_id == Q3_K_ID:
+            _dq_q3_k_row(data[r], y[r])
+        elif type_id == Q4_K_ID:
+            _dq_q4_k_row(data[r], y[r])
+        elif type_id == Q5_K_ID:
+            _dq_q5_k_row(data[r], y[r])
+        else:
+            _dq_q6_k_row(data[r], y[r])
 
 
 # ----------------------------------------------------------------------------- registry
@@ -656,12 +640,12 @@ def _quantizer(kernel, qtype):
             raise ValueError(f"{qtype.name}: n_per_row={n_per_row} is not a multiple of {block}")
         out = np.empty((nrows, n_per_row // block * type_size), dtype=np.uint8)
         if imatrix is None:
-            kernel(x, _NO_QW, False, out)
+            kernel(x, _NO_QW, False, out, int(qtype))
         else:
             qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
             if qw.size != n_per_row:
                 raise ValueError(f"{qtype.name}: imatrix has {qw.size} values, expected {n_per_row}")
-            kernel(x, qw, True, out)
+            kernel(x, qw, True, out, int(qtype))
         return out
 
     quantize.__name__ = f"quantize_{qtype.name.lower()}"
@@ -678,25 +662,13 @@ def _dequantizer(kernel, qtype):
             raise ValueError(f"{qtype.name}: n_per_row={n_per_row} is not a multiple of {block}")
         data = data.reshape(-1, n_per_row // block * type_size)
         y = np.empty((data.shape[0], n_per_row), dtype=np.float32)
-        kernel(data, y)
+        kernel(data, y, int(qtype))
         return y
 
     dequantize.__name__ = f"dequantize_{qtype.name.lower()}"
     return dequantize
 
 
-QUANTIZE = {
-    _T.Q2_K: _quantizer(_quantize_q2_k, _T.Q2_K),
-    _T.Q3_K: _quantizer(_quantize_q3_k, _T.Q3_K),
-    _T.Q4_K: _quantizer(_quantize_q4_k, _T.Q4_K),
-    _T.Q5_K: _quantizer(_quantize_q5_k, _T.Q5_K),
-    _T.Q6_K: _quantizer(_quantize_q6_k, _T.Q6_K),
-}
-
-DEQUANTIZE = {
-    _T.Q2_K: _dequantizer(_dequantize_q2_k, _T.Q2_K),
-    _T.Q3_K: _dequantizer(_dequantize_q3_k, _T.Q3_K),
-    _T.Q4_K: _dequantizer(_dequantize_q4_k, _T.Q4_K),
-    _T.Q5_K: _dequantizer(_dequantize_q5_k, _T.Q5_K),
-    _T.Q6_K: _dequantizer(_dequantize_q6_k, _T.Q6_K),
-}
+_KQUANTS = (_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+QUANTIZE = {t: _quantizer(_quantize_kquants, t) for t in _KQUANTS}
+DEQUANTIZE = {t: _dequantizer(_dequantize_kquants, t) for t in _KQUANTS}

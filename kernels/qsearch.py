@@ -13,26 +13,76 @@ Conventions that keep the results bit-identical with the C reference:
 * Comparisons are the C ones (strict ``<``/``>``; ``MAX(a, b)`` is ``a > b ? a : b``), which
   also decides what happens with NaN (a NaN is "true" in C's ``d ? ... : ...`` tests).
 * C pointers into a block become (array, offset) pairs: ``x[xo + i]`` is C's ``x[i]`` where
-  the caller passed ``x + xo``. This avoids creating numpy views (and their reference
-  counting) in the hot loops.
+  the caller passed ``x + xo`` (a search takes one view of its block per call, never per
+  element).
 * ``error_model="numpy"`` gives IEEE division (1/0 = inf, 0/0 = NaN) like C instead of
   Python's ZeroDivisionError. fastmath stays off (no FMA contraction: libggml-base is built
   without it, see shared/research/imatrix-and-quants.md §2.6).
+
+Speed (the searches are most of the quantizers' time), without changing a single float op:
+
+* Callers pass preallocated scratch (``WORK_FLOATS``/``WORK_INTS``); nothing allocates per call.
+* Each trial computes its integer levels and the per-element products in a loop without
+  reductions (LLVM vectorizes it), then adds the products in index order, as GCC does with
+  the C. numba keeps LLVM's SLP vectorizer off, so this split has to be written out.
+* A trial whose levels equal the previous trial's is skipped: its sums are bit-identical, so
+  the C's acceptance test cannot change any state (argued at each skip).
 """
 
 import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba import literally
 from numba.extending import intrinsic
 
+from . import common
 from .common import GROUP_MAX_EPS
 
 F32 = np.float32
 
 # Options for every per-row / per-block function in the quant kernels (see module docstring).
 JIT = dict(cache=True, error_model="numpy")
+
+
+# Plain (not IR-inlined) entry points to the shared fp16 / byte helpers of common.py, which are
+# inline="always": expanding them at every call site made the block functions take 10+ s each
+# to compile. LLVM still inlines these small functions into their callers.
+@nb.njit(**JIT)
+def fp32_to_fp16(f):
+    return common.fp32_to_fp16(f)
+
+
+@nb.njit(**JIT)
+def fp16_to_fp32(h):
+    return common.fp16_to_fp32(h)
+
+
+@nb.njit(**JIT)
+def put_u16(out, pos, h):
+    common.put_u16(out, pos, h)
+
+
+@nb.njit(**JIT)
+def get_u16(buf, pos):
+    return common.get_u16(buf, pos)
+
+# Explicit signatures for the searches: one compiled version each, whatever constants the call
+# sites pass (numba would otherwise compile a specialisation per literal argument combination,
+# several seconds each).
+_f32a, _i8a, _u8a, _i32a = types.float32[::1], types.int8[::1], types.uint8[::1], types.int32[::1]
+_i64, _b = types.int64, types.boolean
+SIG_QX = types.float32(_i64, _i64, _f32a, _i64, _i8a, _i64, _i64, _f32a, _i64, _b, _f32a, _i32a)
+SIG_Q3 = types.float32(_i64, _i64, _f32a, _i64, _i8a, _i64, _b)
+SIG_QKX = types.UniTuple(types.float32, 2)(
+    _i64, _i64, _f32a, _i64, _f32a, _i64, _b, _u8a, _i64, _u8a, types.float32, types.float32, _i64, _b, _b, _f32a
+)
+SIG_QP = types.float32(_i64, _i64, _f32a, _i64, _u8a, _i64, _f32a, _i64, _f32a)
+SIG_QKX2 = types.UniTuple(types.float32, 2)(
+    _i64, _i64, _f32a, _i64, _f32a, _i64, _u8a, _i64, _u8a, types.float32, types.float32, _i64, _b, _f32a
+)
+SIG_QKX3 = types.UniTuple(types.float32, 2)(
+    _i64, _i64, _f32a, _i64, _f32a, _i64, _b, _u8a, _i64, _u8a, types.float32, types.float32, _i64, _b, _f32a
+)
 
 # ggml-quants.c nearest_int: 1.5 * 2**23
 _ROUND_MAGIC = F32(12582912.0)
@@ -51,7 +101,7 @@ def _f32_as_i32(typingctx, x):
     return types.int32(types.float32), codegen
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def nearest_int(fval):
     """ggml-quants.c nearest_int: float32 add of 1.5*2**23, then read the mantissa bits.
 
@@ -64,7 +114,7 @@ def nearest_int(fval):
     return (i & 0x007FFFFF) - 0x00400000
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def c_f32_to_int_lowbyte(v):
     """Low byte (0..255) of C's ``(int8_t)v`` / ``(uint8_t)v`` on x86-64 GCC.
 
@@ -77,13 +127,13 @@ def c_f32_to_int_lowbyte(v):
     return np.int64(0)
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def as_int8(i):
     """C conversion of an int to int8_t (GCC: modulo 256, two's complement)."""
     return ((np.int64(i) & 0xFF) ^ 0x80) - 0x80
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def c_roundf(v):
     """C roundf: round half away from zero (not numpy's half-to-even)."""
     t = np.trunc(v)
@@ -92,7 +142,7 @@ def c_roundf(v):
     return t
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def get_scale_min_k4(j, q, qo):
     """ggml-quants.c get_scale_min_k4: 6-bit scale and min j of a Q4_K/Q5_K scales[12] at q[qo:]."""
     if j < 4:
@@ -111,7 +161,7 @@ WORK_FLOATS = 5 * MAX_N
 WORK_INTS = MAX_N
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _qx_weight(xi, rmse_type):
     # make_qx_quants without qw: w = rmse_type == 1 ? x*x : == 2 ? 1 : == 3 ? |x| : sqrt|x|
     if rmse_type == 1:
@@ -123,13 +173,13 @@ def _qx_weight(xi, rmse_type):
     return np.sqrt(abs(xi))
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _qx_levels(n, nmax, iscale, xb, lbuf):
     for i in range(n):
         lbuf[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _qx_sums(n, work, lbuf):
     """sumlx = sum (w*x)*l and suml2 = sum (w*l)*l in index order; work[0:n] = w, work[n:2n] = w*x."""
     for i in range(n):
@@ -144,15 +194,12 @@ def _qx_sums(n, work, lbuf):
     return sumlx, suml2
 
 
-@nb.njit(**JIT)
+@nb.njit(SIG_QX, **JIT)
 def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw, work, lbuf):
     """ggml-quants.c make_qx_quants: symmetric levels in [-nmax, nmax-1], stored as l + nmax.
 
     x[xo:xo+n] -> L[Lo:Lo+n] (int8); qw[qwo:qwo+n] are the weights when use_qw (C: qw != NULL).
     work/lbuf: WORK_FLOATS/WORK_INTS scratch. Returns the scale.
-
-    (Unlike the qkx/qp searches, n is not made a compile-time literal here: fully unrolled,
-    the trial loop lost LLVM's loop vectorization of the level loop and was no faster.)
     """
     xb = x[xo:xo + n]
     Lb = L[Lo:Lo + n]
@@ -212,14 +259,12 @@ def make_qx_quants(n, nmax, x, xo, L, Lo, rmse_type, qw, qwo, use_qw, work, lbuf
     return scale
 
 
-@nb.njit(**JIT)
+@nb.njit(SIG_Q3, **JIT)
 def make_q3_quants(n, nmax, x, xo, L, Lo, do_rmse):
     """ggml-quants.c make_q3_quants (Q3_K reference path): weights x*x, coordinate descent.
 
-    x[xo:xo+n] -> L[Lo:Lo+n] (int8, l + nmax). n and nmax must be literals. Returns the scale.
+    x[xo:xo+n] -> L[Lo:Lo+n] (int8, l + nmax). Returns the scale.
     """
-    n = literally(n)
-    nmax = literally(nmax)
     xb = x[xo:xo + n]
     Lb = L[Lo:Lo + n]
     vmax = F32(0.0)
@@ -278,7 +323,7 @@ def make_q3_quants(n, nmax, x, xo, L, Lo, do_rmse):
     return F32(1.0) / iscale
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _qkx_error(n, scale, vmin, xb, Lv, work, use_mad):
     """sum w * err(scale*L + min - x) in index order, err = |.| (use_mad) or square; w = work[0:n]."""
     for i in range(n):
@@ -291,14 +336,10 @@ def _qkx_error(n, scale, vmin, xb, Lv, work, use_mad):
     return err
 
 
-@nb.njit(**JIT)
+@nb.njit(SIG_QKX, **JIT)
 def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, le_test, work):
     """Body shared by make_qkx2_quants and make_qkx3_quants (they differ only in the
     degenerate-range test, ``max == min`` vs ``max <= min``, and the NULL-weights default)."""
-    n = literally(n)
-    nmax = literally(nmax)
-    use_mad = literally(use_mad)
-    le_test = literally(le_test)
     xb = x[xo:xo + n]
     Lb = L[Lo:Lo + n]
     for i in range(n):  # work[0:n] = the weights
@@ -378,25 +419,25 @@ def _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, ns
     return scale, -vmin
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(SIG_QKX2, **JIT)
 def make_qkx2_quants(n, nmax, x, xo, w, wo, L, Lo, Laux, rmin, rdelta, nstep, use_mad, work):
     """ggml-quants.c make_qkx2_quants (k-quant reference paths): asymmetric levels 0..nmax.
 
     x[xo:xo+n], weights w[wo:wo+n] -> L[Lo:Lo+n] (uint8); Laux is n bytes and work
-    WORK_FLOATS floats of scratch. rmin/rdelta must be float32; n, nmax and use_mad literals.
+    WORK_FLOATS floats of scratch. rmin/rdelta must be float32.
     Returns (scale, the_min) where the_min = -min >= 0.
     """
     return _make_qkx_quants(n, nmax, x, xo, w, wo, True, L, Lo, Laux, rmin, rdelta, nstep, use_mad, False, work)
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(SIG_QKX3, **JIT)
 def make_qkx3_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, work):
     """ggml-quants.c make_qkx3_quants (imatrix paths): as qkx2, weights default to x*x when
     not use_w (C: weights == NULL) and the degenerate test is max <= min."""
     return _make_qkx_quants(n, nmax, x, xo, w, wo, use_w, L, Lo, Laux, rmin, rdelta, nstep, use_mad, True, work)
 
 
-@nb.njit(inline="always", **JIT)
+@nb.njit(**JIT)
 def _qp_mse(n, xb, scale, nmax, iscale, qw, qwo, work, use_level_buf, L, Lo):
     """sum w*(x - scale*l)^2 in index order, as (w*diff)*diff; l from L (uint8) or recomputed."""
     for i in range(n):
@@ -412,16 +453,14 @@ def _qp_mse(n, xb, scale, nmax, iscale, qw, qwo, work, use_level_buf, L, Lo):
     return mse
 
 
-@nb.njit(**JIT)
+@nb.njit(SIG_QP, **JIT)
 def make_qp_quants(n, nmax, x, xo, L, Lo, qw, qwo, work):
     """ggml-quants.c make_qp_quants: non-negative sub-block scales/mins -> levels 0..nmax.
 
     x[xo:xo+n] -> L[Lo:Lo+n] (uint8; C stores ints into uint8_t, so a negative level wraps
-    exactly as it does there), weights qw[qwo:qwo+n], work WORK_FLOATS scratch; n and nmax
-    literals. Returns the super-block scale.
+    exactly as it does there), weights qw[qwo:qwo+n], work WORK_FLOATS scratch. Returns the
+    super-block scale.
     """
-    n = literally(n)
-    nmax = literally(nmax)
     xb = x[xo:xo + n]
     vmax = F32(0.0)
     for i in range(n):

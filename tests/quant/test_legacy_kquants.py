@@ -181,7 +181,8 @@ def test_bitcast_nearest_int_equals_shared_helper():
     """qsearch.nearest_int (LLVM bitcast) is common.nearest_int (array view), garbage range included."""
     rng = np.random.default_rng(3)
     v = np.concatenate([
-        rng.standard_normal(10000) * 100, np.arange(-8, 8, 0.5), [4194303.0, -4194304.0, 4194304.5, 1e7, -1e9, 3e38],
+        rng.standard_normal(10000) * 100, np.arange(-8, 8, 0.5),
+        [4194303.0, -4194304.0, 4194304.5, 1e7, -1e9, 3e38],
         [np.inf, -np.inf, np.nan], rng.standard_normal(1000) * 1e12,
     ]).astype(np.float32)
     a, b = _both_nearest_int(v)
@@ -204,7 +205,8 @@ def test_c_roundf_and_int_conversion():
     v = np.array([0.5, -0.5, 1.5, 2.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.5, 3.0, 0.0,
                   2.0**31, -(2.0**31), 3e9, np.nan, 255.9, 256.0, -1.5], dtype=np.float32)
     r, lb = _c_conversions(v)
-    expect_r = np.where(np.isnan(v), np.nan, np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5)).astype(np.float32)
+    half_away = np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5)
+    expect_r = np.where(np.isnan(v), np.nan, half_away).astype(np.float32)
     np.testing.assert_array_equal(r, expect_r)
     # cvttss2si: truncation toward zero; out of int32 range / NaN -> 0x80000000 (low byte 0)
     expect_lb = [0, 0, 1, 2, 254, 0, 0, 126, 129, 3, 0, 0, 0, 0, 0, 255, 0, 255]
