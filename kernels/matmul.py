@@ -366,38 +366,47 @@ def unpack32_q0(typingctx, w, iqs, qh, offset, dst, idst):
     return sig, codegen
 
 
-@intrinsic
-def dot_f32(typingctx, a, ia, b, ib, n, gemm):
-    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in one of ggml's two orders (fma throughout):
+DOT_VEC = 0  # ggml_vec_dot_f32 (one row at a time, decode)
+DOT_GEMM = 1  # sgemm.cpp tinyBLAS<8, __m256> (batches)
+DOT_VEC_F16 = 2  # ggml_vec_dot_f16: like DOT_VEC, but the leftovers are summed in double
 
-    gemm False: ggml_vec_dot_f32 on AVX2 (one row at a time, decode): 4 accumulators of 8 lanes
-        over steps of 32, reduced (acc0+acc2)+(acc1+acc3), then GGML_F32x8_REDUCE's hadd order;
-        the n % 32 leftovers are added one by one.
-    gemm True: sgemm.cpp tinyBLAS<8, __m256> (prompt batches, n a multiple of 8): one accumulator
+
+@intrinsic
+def dot_f32(typingctx, a, ia, b, ib, n, mode):
+    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in one of ggml's orders (fma in the vector parts):
+
+    DOT_VEC: ggml_vec_dot_f32 on AVX2: 4 accumulators of 8 lanes over steps of 32, reduced
+        (acc0+acc2)+(acc1+acc3), then GGML_F32x8_REDUCE's hadd order; the n % 32 leftovers are added
+        one by one in float (`sumf += x[i]*y[i]`, a multiply then an add: measured, not fused).
+    DOT_VEC_F16: ggml_vec_dot_f16: the same, but sumf is a double (ggml_float): the leftover
+        float products are added in double and the sum is rounded to float at the end.
+    DOT_GEMM: sgemm.cpp tinyBLAS<8, __m256> (prompt batches, n a multiple of 8): one accumulator
         of 8 lanes over steps of 8, reduced by hsum.
     """
     if not (isinstance(a, types.Array) and a.dtype == types.float32 and
             isinstance(b, types.Array) and b.dtype == types.float32):
         return None
     u = types.unliteral
-    sig = types.float32(a, u(ia), b, u(ib), u(n), types.boolean)
+    sig = types.float32(a, u(ia), b, u(ib), u(n), u(mode))
 
     def codegen(context, builder, signature, args):
-        ta, tia, tb, tib, tn, _ = signature.args
+        ta, tia, tb, tib, tn, tm = signature.args
         pa = _elem_ptr(context, builder, ta, args[0], args[1], _F32, tia)
         pb = _elem_ptr(context, builder, tb, args[2], args[3], _F32, tib)
         nn = context.cast(builder, args[4], tn, types.intp)
+        mode_ = context.cast(builder, args[5], tm, types.intp)
         intp = nn.type
         v8 = ir.VectorType(_F32, 8)
         fma8 = _fma_fn(builder, v8, "llvm.fma.v8f32")
-        fma1 = _fma_fn(builder, _F32, "llvm.fma.f32")
         zero8 = ir.Constant(v8, [0.0] * 8)
         res = cgutils.alloca_once(builder, _F32)
+        f64 = ir.DoubleType()
 
         def load8(p, off):
             return builder.load(builder.bitcast(builder.gep(p, [off]), v8.as_pointer()), align=4)
 
-        with builder.if_else(args[5]) as (then, otherwise):
+        is_gemm = builder.icmp_signed("==", mode_, ir.Constant(intp, DOT_GEMM))
+        with builder.if_else(is_gemm) as (then, otherwise):
             with then:
                 acc = cgutils.alloca_once_value(builder, zero8)
                 with cgutils.for_range(builder, builder.sdiv(nn, ir.Constant(intp, 8))) as loop:
@@ -415,13 +424,23 @@ def dot_f32(typingctx, a, ia, b, ib, n, gemm):
                                       accs[j])
                 s0 = builder.fadd(builder.load(accs[0]), builder.load(accs[2]))
                 s1 = builder.fadd(builder.load(accs[1]), builder.load(accs[3]))
-                builder.store(_hsum_hadd(builder, builder.fadd(s0, s1)), res)
+                red = _hsum_hadd(builder, builder.fadd(s0, s1))
                 start = builder.mul(nsteps, ir.Constant(intp, 32))
-                with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
-                    k = builder.add(start, loop.index)
-                    xa = builder.load(builder.gep(pa, [k]))
-                    xb = builder.load(builder.gep(pb, [k]))
-                    builder.store(builder.call(fma1, [xa, xb, builder.load(res)]), res)
+                is_f16 = builder.icmp_signed("==", mode_, ir.Constant(intp, DOT_VEC_F16))
+                with builder.if_else(is_f16) as (f16, f32_):
+                    with f16:
+                        dres = cgutils.alloca_once_value(builder, builder.fpext(red, f64))
+                        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
+                            k = builder.add(start, loop.index)
+                            prod = builder.fmul(builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k])))
+                            builder.store(builder.fadd(builder.load(dres), builder.fpext(prod, f64)), dres)
+                        builder.store(builder.fptrunc(builder.load(dres), _F32), res)
+                    with f32_:
+                        builder.store(red, res)
+                        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
+                            k = builder.add(start, loop.index)
+                            prod = builder.fmul(builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k])))
+                            builder.store(builder.fadd(builder.load(res), prod), res)
         return builder.load(res)
 
     return sig, codegen
@@ -563,14 +582,14 @@ def _mm_f32(w, x, out):
     """F32 weights (w is float32 [N, K]): ggml_vec_dot_f32, or tinyBLAS for batches."""
     N, K = w.shape
     T = x.shape[0]
-    gemm = T >= 2 and K % 8 == 0  # llamafile_sgemm serves n >= 2 when k % 8 == 0
+    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC  # llamafile_sgemm serves n >= 2, k % 8 == 0
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(w[r], 0, xt, 0, K, gemm)
+                out[t, r] = dot_f32(w[r], 0, xt, 0, K, mode)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -578,7 +597,7 @@ def _mm_f16(w, x, out):
     """F16 weights (w is uint16 [N, K]); x already rounded to fp16: ggml_vec_dot_f16 / tinyBLAS."""
     N, K = w.shape
     T = x.shape[0]
-    gemm = T >= 2 and K % 8 == 0
+    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC_F16
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -589,7 +608,7 @@ def _mm_f16(w, x, out):
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K, gemm)
+                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K, mode)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -598,7 +617,7 @@ def _mm_bf16(w, x, out):
     the float order of vec_dot_bf16 is not emulated)."""
     N, K = w.shape
     T = x.shape[0]
-    gemm = T >= 2 and K % 8 == 0
+    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -610,7 +629,7 @@ def _mm_bf16(w, x, out):
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K, gemm)
+                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K, mode)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -1000,14 +1019,14 @@ def _softmax_row(w, n):
 
 
 @nb.njit(parallel=True, **JIT)
-def attention(q, k, vt, q_pos, k_pos, window, scale, gemm_pv, out):
+def attention(q, k, vt, q_pos, k_pos, window, scale, pv_mode, out):
     """out[t, h] = softmax(scale * q[t,h] . k[j, h/g] + mask) @ v, as ggml runs it on the CPU.
 
     q [T, H, D]; k [S, Hkv, D]; vt [Hkv, D, S_alloc] (V transposed, llama.cpp's v_trans layout,
     zero or finite beyond S); positions q_pos [T], k_pos [S]; window > 0: key j is masked when
     q_pos - k_pos >= window; out [T, H, D].
     KQ: ggml_vec_dot_f32 per (key, query) (src1 is a permuted view, so no sgemm);
-    KQV: tinyBLAS over the keys for batches (gemm_pv), ggml_vec_dot_f32 for one token.
+    KQV: tinyBLAS over the keys for batches (pv_mode DOT_GEMM), ggml_vec_dot_f32 for one token.
     """
     T, H, D = q.shape
     S = k.shape[0]
@@ -1026,7 +1045,7 @@ def attention(q, k, vt, q_pos, k_pos, window, scale, gemm_pv, out):
             if masked:
                 w[j] = F32(-np.inf)
             else:
-                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, False) * scale
+                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, DOT_VEC) * scale
         _softmax_row(w, S)
         for j in range(S):
             pv[j] = w[j]
@@ -1034,12 +1053,12 @@ def attention(q, k, vt, q_pos, k_pos, window, scale, gemm_pv, out):
             row = vt[kvh, d]
             acc = F32(0.0)
             if S <= row.shape[0] and n32 <= row.shape[0]:
-                acc = dot_f32(row, 0, pv, 0, n32, gemm_pv)
+                acc = dot_f32(row, 0, pv, 0, n32, pv_mode)
             else:  # cache not padded: copy the keys into a padded buffer
                 tmp = np.zeros(n32, np.float32)
                 for j in range(S):
                     tmp[j] = row[j]
-                acc = dot_f32(tmp, 0, pv, 0, n32, gemm_pv)
+                acc = dot_f32(tmp, 0, pv, 0, n32, pv_mode)
             out[t, h, d] = acc
 
 
@@ -1092,3 +1111,15 @@ def rope_neox(x, cos, sin, out):
             out[t, h, i + half] = fmaf(x0, s, x1 * c)
         for i in range(2 * half, D):
             out[t, h, i] = x[t, h, i]
+
+
+@nb.njit(parallel=True, **JIT)
+def softcap(x, cap, out):
+    """cap * tanh(x / cap) as llama.cpp's graph computes it: ggml_scale(1.0f/cap), ggml_tanh (the C
+    library's tanhf, which numba's math.tanh on float32 calls), ggml_scale(cap)."""
+    inv = F32(1.0) / F32(cap)
+    c = F32(cap)
+    flat = x.reshape(-1)
+    o = out.reshape(-1)
+    for i in nb.prange(flat.shape[0]):
+        o[i] = F32(math.tanh(flat[i] * inv)) * c

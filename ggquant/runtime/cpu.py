@@ -250,11 +250,15 @@ class CPUBackend:
         out = np.empty((T, H, D), np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
         self._mm.attention(q, layer.k[:n_kv], layer.vt, np.asarray(q_pos, np.int64),
-                           np.arange(n_kv, dtype=np.int64), int(window), np.float32(scale), T >= 2, out)
+                           np.arange(n_kv, dtype=np.int64), int(window), np.float32(scale),
+                           self._mm.DOT_GEMM if T >= 2 else self._mm.DOT_VEC, out)
         return out.reshape(T, H * D)
 
     def softcap(self, x, cap):
-        return np.tanh(x * (F32(1.0) / F32(cap))) * F32(cap)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        self._mm.softcap(x, F32(cap), out)
+        return out
 
     def synchronize(self):
         pass
