@@ -7,6 +7,8 @@ that ggml computes in float is kept in float32. fastmath stays off.
 
 import numba as nb
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
 F32 = np.float32
 
@@ -16,14 +18,32 @@ GROUP_MAX_EPS = F32(1e-15)
 _ROUND_MAGIC = F32(12582912.0)
 
 
+@intrinsic
+def _bitcast(typingctx, x, to):
+    """Reinterpret a scalar's bits (C memcpy) as the type of `to`, without allocating."""
+    dst = to.instance_type if isinstance(to, types.NumberClass) else to
+    if x.bitwidth != dst.bitwidth:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(dst))
+
+    return dst(x, to), codegen
+
+
 @nb.njit(cache=True, inline="always")
 def f32_bits(x):
-    return np.array([x], dtype=np.float32).view(np.uint32)[0]
+    return _bitcast(np.float32(x), np.uint32)
+
+
+@nb.njit(cache=True, inline="always")
+def f32_as_i32(x):
+    return _bitcast(np.float32(x), np.int32)
 
 
 @nb.njit(cache=True, inline="always")
 def bits_f32(u):
-    return np.array([u], dtype=np.uint32).view(np.float32)[0]
+    return _bitcast(np.uint32(u), np.float32)
 
 
 @nb.njit(cache=True, inline="always")
@@ -34,7 +54,7 @@ def nearest_int(fval):
     garbage as ggml (its assert is compiled out), which we reproduce on purpose.
     """
     val = F32(fval) + _ROUND_MAGIC
-    i = np.int32(f32_bits(val))
+    i = f32_as_i32(val)
     return (i & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 

@@ -31,9 +31,7 @@ Speed (the searches are most of the quantizers' time), without changing a single
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
 
 from . import common
 from .common import GROUP_MAX_EPS
@@ -89,18 +87,6 @@ _ROUND_MAGIC = F32(12582912.0)
 _I32_LIMIT = F32(2147483648.0)  # 2**31, exactly representable
 
 
-@intrinsic
-def _f32_as_i32(typingctx, x):
-    """Reinterpret a float32's bits as int32 (C memcpy) without allocating an array."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
 @nb.njit(**JIT)
 def nearest_int(fval):
     """ggml-quants.c nearest_int: float32 add of 1.5*2**23, then read the mantissa bits.
@@ -110,7 +96,7 @@ def nearest_int(fval):
     on every call and made the search loops ~20x slower.
     """
     val = F32(fval) + _ROUND_MAGIC
-    i = np.int64(_f32_as_i32(val))
+    i = np.int64(common.f32_as_i32(val))
     return (i & 0x007FFFFF) - 0x00400000
 
 
