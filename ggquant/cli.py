@@ -106,6 +106,44 @@ def imatrix():
     """Importance matrices: collect (ggquant imatrix MODEL -f TEXT -o OUT), show, convert."""
 
 
+@imatrix.command("collect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-f", "--file", "text_file", type=click.Path(path_type=Path), required=True,
+              help="Calibration text (UTF-8).")
+@click.option("-o", "--output-file", "out", type=click.Path(path_type=Path), default=Path("imatrix.gguf"),
+              show_default=True)
+@click.option("--output-format", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True)
+@click.option("-c", "--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, help="Process at most this many chunks.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("-t", "--threads", type=int, help="CPU threads (default: all cores).")
+@click.option("--in-file", "in_files", multiple=True, type=click.Path(path_type=Path),
+              help="Earlier imatrix files (GGUF or .dat) to merge with the new statistics.")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (untied models).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, threads, in_files,
+                    process_output, as_json, force):
+    """Collect an importance matrix for MODEL (GGUF) from a calibration text, like llama-imatrix."""
+    from ggquant.imatrix.collect import collect_imatrix
+    from ggquant.imatrix.files import load, merge, save_dat, save_gguf
+
+    if out.exists() and not force:
+        raise GGQuantError(f"{out} exists; pass --force to overwrite it")
+    previous = [load(p) for p in in_files]  # read (and validate) before the long run
+    im, stats = collect_imatrix(model, text_file, ctx=ctx, chunks=chunks, device=device, threads=threads,
+                                process_output=process_output, progress=not as_json and sys.stderr.isatty())
+    if previous:
+        im = merge([*previous, im])
+    (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)
+    stats.update(output=str(out), format=output_format, merged=[str(p) for p in in_files])
+    if as_json:
+        click.echo(json.dumps(stats, indent=1))
+    else:
+        click.echo(f"{model}: {stats['entries']} entries from {stats['chunks']} chunks x {ctx} tokens "
+                   f"({stats['tokens_per_s']:.1f} tokens/s) -> {out}")
+
+
 @imatrix.command("show")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--top", type=int, default=5, help="Columns with the largest mean squared activation to list.")
@@ -147,6 +185,12 @@ def imatrix_convert(inp, out, output_format, force):
     im = load(inp)
     (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)
     click.echo(f"{inp} -> {out} ({output_format}, {len(im.entries)} entries)")
+
+
+from ggquant.runtime.cli import parity_command, run_command  # noqa: E402
+
+main.add_command(run_command, "run")
+main.add_command(parity_command, "parity")
 
 
 if __name__ == "__main__":
