@@ -81,3 +81,74 @@ class Collector:
         entries = {n: Entry(self.sums[n].reshape(1, -1).copy(), np.array([self.counts[n]], dtype=np.int64))
                    for n in self.sums}
         return Imatrix(entries, list(datasets), self.chunk_count, self.chunk_size, False)
+
+
+def read_text(path) -> str:
+    from pathlib import Path
+
+    from ggquant.errors import GGQuantError
+
+    p = Path(path)
+    if not p.is_file():
+        raise GGQuantError(f"{p}: calibration text file not found")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GGQuantError(f"{p}: not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise GGQuantError(f"{p}: the calibration text is empty")
+    return text
+
+
+def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None = None, device: str = "cpu",
+                    threads: int | None = None, process_output: bool = False, progress: bool = True):
+    """llama-imatrix's compute_imatrix over ggquant's runtime; returns (Imatrix, stats dict).
+
+    The text is tokenized once (BOS first if the vocabulary adds one), cut into chunks of `ctx`
+    tokens (at least two are needed), and each chunk is evaluated from an empty KV cache with
+    its first token replaced by BOS when the vocabulary adds BOS (imatrix.cpp compute_imatrix).
+    """
+    import time
+
+    from ggquant.errors import GGQuantError
+    from ggquant.runtime.model import Session, load_model
+    from ggquant.runtime.tokenizer import Tokenizer
+
+    text = read_text(text_path)
+    model = load_model(model_path, device=device, threads=threads)
+    tok = Tokenizer.from_gguf(model.reader)
+    ids = np.asarray(tok.encode(text, add_special=True), dtype=np.int64)
+    if len(ids) < 2 * ctx:
+        raise GGQuantError(
+            f"{text_path}: {len(ids)} tokens, but llama-imatrix needs at least 2 chunks of --ctx {ctx} "
+            f"({2 * ctx} tokens); give more text or a smaller --ctx"
+        )
+    n_chunk = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
+    if not any(t.name.startswith("blk.") and len(t.shape) >= 2 for t in model.reader.tensors):
+        raise GGQuantError(f"{model_path}: no blk.* matmul weights to collect statistics for")
+    col = Collector(ctx, process_output)
+    col.attach(model.backend)
+    sess = Session(model, n_ctx=ctx, n_batch=ctx)
+    bos = tok.bos_id if getattr(tok, "add_bos", False) else None
+    want = "all" if process_output else "none"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_chunk, unit="chunk", desc="imatrix", leave=False)
+    t0 = time.perf_counter()
+    for c in range(n_chunk):
+        chunk = ids[c * ctx:(c + 1) * ctx].copy()
+        if bos is not None:
+            chunk[0] = bos
+        sess.reset()
+        sess.eval(chunk, logits=want)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{(c + 1) * ctx / (time.perf_counter() - t0):.1f}")
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    im = col.to_imatrix([str(text_path)])
+    return im, {"chunks": n_chunk, "tokens": n_chunk * ctx, "seconds": seconds,
+                "tokens_per_s": n_chunk * ctx / seconds if seconds else 0.0, "entries": len(im.entries)}

@@ -1,0 +1,111 @@
+"""llama.cpp's own imatrix statistics, collected through llama-cpp-python's `cb_eval`.
+
+llama-imatrix is not shipped, but the scheduler callback it uses is (research note
+imatrix-and-quants.md §5). This is a faithful port of IMatrixCollector::collect_imatrix for
+dense MUL_MAT nodes: one sequence per decode (n_batch = n_ubatch = n_ctx), logits for all
+positions, BOS replacing the first token of each chunk, float32 accumulation token by token.
+"""
+
+import ctypes
+
+import numpy as np
+
+# struct ggml_tensor field offsets on x86-64 (research note §5, sizeof 336)
+OFF_TYPE, OFF_NE, OFF_NB, OFF_OP, OFF_SRC, OFF_DATA, OFF_NAME = 0, 16, 48, 80, 152, 248, 256
+GGML_TYPE_F32 = 0
+
+
+def _op_id(lib, name: str) -> int:
+    lib.ggml_op_name.restype = ctypes.c_char_p
+    lib.ggml_op_name.argtypes = [ctypes.c_int]
+    for i in range(200):
+        if lib.ggml_op_name(i) == name.encode():
+            return i
+    raise RuntimeError(f"ggml op {name} not found")
+
+
+def _i64s(addr, n):
+    return list((ctypes.c_int64 * n).from_address(addr))
+
+
+def _name(addr):
+    return ctypes.string_at(addr + OFF_NAME).decode()
+
+
+def collect(model_path, chunks: list[list[int]], n_ctx: int, threads: int = 2) -> dict:
+    """Returns {weight name: (sums float32 [n_in], count)} as llama-imatrix would accumulate."""
+    import llama_cpp
+
+    from tests.ggml_oracle import libggml_base
+
+    mul_mat = _op_id(libggml_base(), "MUL_MAT")
+    stats: dict[str, list] = {}
+    errors: list[BaseException] = []
+
+    def cb(t, ask, _ud):
+        try:
+            if ctypes.c_int32.from_address(t + OFF_OP).value != mul_mat:
+                return False
+            src0, src1 = (ctypes.c_void_p * 2).from_address(t + OFF_SRC)
+            ne = _i64s(src1 + OFF_NE, 4)
+            wname = _name(src0)
+            if "#" in wname:
+                wname = wname.split("#")[1]
+            if ne[1] < 16 or ctypes.c_int32.from_address(src1 + OFF_TYPE).value != GGML_TYPE_F32:
+                return False
+            if not wname.startswith("blk."):
+                return False
+            if ask:
+                return True
+            nb = _i64s(src1 + OFF_NB, 4)
+            data = ctypes.c_void_p.from_address(src1 + OFF_DATA).value
+            size = (ne[3] - 1) * nb[3] + (ne[2] - 1) * nb[2] + (ne[1] - 1) * nb[1] + ne[0] * 4
+            buf = (ctypes.c_char * size).from_address(data)
+            x = np.lib.stride_tricks.as_strided(np.frombuffer(buf, dtype=np.float32),
+                                                shape=(ne[3], ne[2], ne[1], ne[0]),
+                                                strides=(nb[3], nb[2], nb[1], nb[0]))
+            rows = x.reshape(-1, ne[0])
+            e = stats.setdefault(wname, [np.zeros(ne[0], np.float32), 0])
+            for r in rows:  # token by token, float32 (imatrix.cpp loop order)
+                e[0] += r * r
+            e[1] += rows.shape[0]
+            return True
+        except BaseException as exc:  # never let a Python exception cross into C
+            errors.append(exc)
+            return False
+
+    cb_c = llama_cpp.ggml_backend_sched_eval_callback(cb)
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
+    assert model, model_path
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.type_k = cp.type_v = GGML_TYPE_F32
+    cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.cb_eval = cb_c
+    cp.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    assert ctx
+    try:
+        for ids in chunks:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+            try:
+                for i, tid in enumerate(ids):
+                    batch.token[i] = tid
+                    batch.pos[i] = i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(ids)
+                assert llama_cpp.llama_decode(ctx, batch) == 0
+            finally:
+                llama_cpp.llama_batch_free(batch)
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    if errors:
+        raise errors[0]
+    return {k: (v[0], v[1]) for k, v in stats.items()}

@@ -1,0 +1,90 @@
+"""ggquant's imatrix statistics against llama.cpp's own collection (cb_eval), and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ggquant.cli import main
+from ggquant.imatrix.collect import collect_imatrix
+from ggquant.imatrix.files import load
+from ggquant.formats.gguf import GGUFReader
+from ggquant.quant.requantize import quantize_gguf
+from ggquant.runtime.tokenizer import Tokenizer
+from tests import real_text
+from tests.imatrix import llama_imatrix
+from tests.real_models import gemma3_270m_gguf
+
+
+def chunks_like_llama_imatrix(model_path, text, ctx, n_chunks):
+    with GGUFReader(model_path) as r:
+        tok = Tokenizer.from_gguf(r)
+    ids = tok.encode(text, add_special=True)
+    out = []
+    for c in range(n_chunks):
+        chunk = list(ids[c * ctx:(c + 1) * ctx])
+        chunk[0] = tok.bos_id
+        out.append(chunk)
+    return out
+
+
+def assert_same_statistics(ours, ref, rtol=1e-3):
+    assert sorted(ours.entries) == sorted(ref)
+    for name, (sums, count) in ref.items():
+        e = ours.entries[name]
+        assert e.counts.tolist() == [count], name
+        err = np.max(np.abs(e.sums[0] - sums)) / np.max(np.abs(sums))
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b"])
+def test_tiny_gemma4_statistics_equal_llama_cpp(reference_gguf, tmp_path, name):
+    model = reference_gguf(name, "f32")
+    text = real_text.calibration_text()[:20000]
+    ctx, n = 64, 3
+    im, stats = collect_imatrix(model, real_text.write(tmp_path / "cal.txt", text), ctx=ctx, chunks=n,
+                                progress=False)
+    ref = llama_imatrix.collect(model, chunks_like_llama_imatrix(model, text, ctx, n), ctx)
+    assert stats["chunks"] == n and im.chunk_size == ctx and im.chunk_count == n
+    assert_same_statistics(im, ref)
+
+
+@pytest.fixture(scope="module")
+def gemma3_f32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("g3") / "gemma3-270m-F32.gguf"
+    quantize_gguf(gemma3_270m_gguf(), out, "F32", allow_requantize=True, progress=False)
+    return out
+
+
+def test_real_gemma3_statistics_equal_llama_cpp(gemma3_f32, tmp_path):
+    text = real_text.calibration_text()[:40000]
+    ctx, n = 128, 2
+    im, _ = collect_imatrix(gemma3_f32, real_text.write(tmp_path / "cal.txt", text), ctx=ctx, chunks=n,
+                            progress=False)
+    ref = llama_imatrix.collect(gemma3_f32, chunks_like_llama_imatrix(gemma3_f32, text, ctx, n), ctx)
+    assert len(ref) == 18 * 7
+    assert_same_statistics(im, ref)
+
+
+def test_cli_collects_merges_and_refuses_bad_text(reference_gguf, tmp_path):
+    model = reference_gguf("gemma4_e4b", "f32")
+    cal = real_text.write(tmp_path / "cal.txt", real_text.calibration_text()[:8000])
+    run = CliRunner().invoke
+    r = run(main, ["imatrix", str(model), "-f", cal, "-o", str(tmp_path / "a.gguf"), "--ctx", "32",
+                   "--chunks", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["chunks"] == 2
+    r = run(main, ["imatrix", str(model), "-f", cal, "-o", str(tmp_path / "b.dat"), "--ctx", "32", "--chunks", "2",
+                   "--in-file", str(tmp_path / "a.gguf"), "--output-format", "dat"])
+    assert r.exit_code == 0, r.output
+    assert load(tmp_path / "b.dat").legacy
+    short = real_text.write(tmp_path / "short.txt", "too short")
+    r = run(main, ["imatrix", str(model), "-f", short, "-o", str(tmp_path / "c.gguf")])
+    assert r.exit_code == 1 and "at least 2 chunks" in r.output and not (tmp_path / "c.gguf").exists()
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    r = run(main, ["imatrix", str(model), "-f", str(tmp_path / "bin.txt"), "-o", str(tmp_path / "d.gguf")])
+    assert r.exit_code == 1 and "UTF-8" in r.output
+    (tmp_path / "empty.txt").write_text("")
+    r = run(main, ["imatrix", str(model), "-f", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "e.gguf")])
+    assert r.exit_code == 1 and "empty" in r.output
