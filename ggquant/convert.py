@@ -1,5 +1,7 @@
 """`ggquant convert SRC --to gguf`: a Hugging Face folder -> GGUF (text, and the mmproj sidecar).
 
+(`--to hf`, the reverse direction, lives in ggquant.export_hf; this module's command dispatches.)
+
 The data flow of DESIGN.md, one streaming pass:
 
     formats.safetensors (reader) -> arch (names, transforms, metadata) -> plan (types)
@@ -476,17 +478,26 @@ def format_plan(conv: Conversion) -> str:
 # =============================================================================================
 
 
+MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
-              help="Target format.")
+              help="Target format: gguf (SRC is a Hugging Face folder) or hf (SRC is a GGUF file).")
 @click.option("--outtype", default="auto", show_default=True,
               help="f32, f16, bf16, q8_0 (llama.cpp converter rules), auto (bf16/f16 as the weights), or a "
                    "llama-quantize preset: Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K IQ4_XS IQ4_NL "
                    "Q4_0 Q4_1 Q5_0 Q5_1.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "f16", "f32"]),
+              help="--to hf: safetensors dtype; auto keeps BF16/F16 GGUFs as they are and writes F32 otherwise "
+                   "(lossless for quantized GGUFs).")
 @click.option("--outfile", type=click.Path(path_type=Path),
-              help="Output file (or folder); {ftype} in the name is replaced. Default: llama.cpp's name in SRC.")
-@click.option("--mmproj", is_flag=True, help="Also write the vision/audio towers as the mmproj sidecar GGUF.")
+              help="Output file (or folder); {ftype} in the name is replaced. Default: llama.cpp's name in SRC. "
+                   "With --to hf: the folder to create.")
+@click.option("--mmproj", "mmproj", is_flag=False, flag_value=MMPROJ_FLAG, default=None, metavar="[MMPROJ.gguf]",
+              help="--to gguf: also write the vision/audio towers as the mmproj sidecar GGUF. --to hf: the mmproj "
+                   "GGUF whose towers go into the checkpoint (the conditional-generation model).")
 @click.option("--mmproj-only", is_flag=True, help="Write only the mmproj (like llama.cpp's --mmproj).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for a quantization preset.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
@@ -495,14 +506,38 @@ def format_plan(conv: Conversion) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
-def convert_command(src, to, outtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json, force,
-                    threads):
-    """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter."""
-    if to != "gguf":
-        raise GGQuantError("--to hf (GGUF -> Hugging Face) is not implemented yet")
-    conv = convert(src, outtype=outtype, outfile=outfile, mmproj=mmproj, mmproj_only=mmproj_only, imatrix=imatrix,
-                   tensor_types=tensor_types, dry_run=dry_run, force=force, threads=threads,
-                   progress=not as_json and sys.stderr.isatty())
+def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json,
+                    force, threads):
+    """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
+    or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf)."""
+    progress = not as_json and sys.stderr.isatty()
+    if to == "hf":
+        from ggquant.export_hf import export_hf, format_export
+
+        for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
+                           ("--imatrix", imatrix), ("--tensor-type", tensor_types)):
+            if used:
+                raise GGQuantError(f"{flag} applies to --to gguf; --to hf takes --dtype, --outfile and --mmproj")
+        if mmproj == MMPROJ_FLAG:
+            raise GGQuantError("--to hf: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
+        e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
+                      threads=threads, progress=progress)
+        if as_json:
+            click.echo(json.dumps(e.to_json(), indent=1))
+        elif dry_run:
+            click.echo(format_export(e))
+        else:
+            click.echo(f"wrote {e.out} ({e.arch}, {e.dtype}, {len(e.tensors)} tensors, {e.nbytes / 2**20:.2f} MiB: "
+                       f"{', '.join(e.files)})")
+            click.echo(f"{e.src}: converted in {e.seconds:.1f} s")
+        return
+    if dtype != "auto":
+        raise GGQuantError("--dtype applies to --to hf; --to gguf takes --outtype")
+    if mmproj not in (None, MMPROJ_FLAG):
+        raise GGQuantError(f"--to gguf: --mmproj takes no value (got {mmproj!r}); it writes the towers of SRC")
+    conv = convert(src, outtype=outtype, outfile=outfile, mmproj=mmproj is not None, mmproj_only=mmproj_only,
+                   imatrix=imatrix, tensor_types=tensor_types, dry_run=dry_run, force=force, threads=threads,
+                   progress=progress)
     if as_json:
         click.echo(json.dumps(conv.to_json(), indent=1))
     elif dry_run:

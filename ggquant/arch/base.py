@@ -152,9 +152,35 @@ class Rule:
         return None
 
 
+    def unmatch(self, gguf_name: str) -> tuple[str, int | None] | None:
+        """The inverse of match(): GGUF name -> (HF base name + the same ending, layer)."""
+        pat = getattr(self, "_gguf_regex", None)
+        if pat is None:
+            pat = re.compile("^" + re.escape(self.gguf).replace(re.escape("{bid}"), r"(\d+)") + "$")
+            object.__setattr__(self, "_gguf_regex", pat)
+        for suf in self.suffixes:
+            if suf and not gguf_name.endswith(suf):
+                continue
+            base = gguf_name[: len(gguf_name) - len(suf)] if suf else gguf_name
+            m = pat.match(base)
+            if m:
+                bid = int(m.group(1)) if m.groups() else None
+                return self.hf.format(bid=bid) + suf, bid
+        return None
+
+
 def map_name(rules: tuple[Rule, ...], name: str) -> tuple[str, int | None] | None:
     for r in rules:
         hit = r.match(name)
+        if hit is not None:
+            return hit
+    return None
+
+
+def unmap_name(rules: tuple[Rule, ...], gguf_name: str) -> tuple[str, int | None] | None:
+    """GGUF name -> (normalized HF name, layer) through the same tables, read backwards."""
+    for r in rules:
+        hit = r.unmatch(gguf_name)
         if hit is not None:
             return hit
     return None
@@ -177,12 +203,20 @@ class Transform:
     def __call__(self, x: np.ndarray, src_dtype: str) -> np.ndarray:
         raise NotImplementedError
 
+    def inverse(self, hf_shape: tuple[int, ...]) -> Transform:
+        """The transform that maps GGUF outer rows (float32) back to the HF tensor of shape
+        `hf_shape` (`ggquant convert --to hf`); inverse(s).shape(self.shape(s)) == s."""
+        raise NotImplementedError(f"{type(self).__name__} has no inverse")
+
 
 class Identity(Transform):
     identity = True
 
     def __call__(self, x, src_dtype):
         return x
+
+    def inverse(self, hf_shape):
+        return self
 
 
 IDENTITY = Identity()
@@ -197,13 +231,20 @@ class AddConstant(Transform):
 
     def __init__(self, c: float):
         self.c = np.float32(c)
-        self.label = f"+{c:g}"
+        self.label = f"{c:+g}"
 
     def __call__(self, x, src_dtype):
         y = x + self.c
         if src_dtype == "F16":
             y = y.astype(np.float16).astype(np.float32)
         return y
+
+    def inverse(self, hf_shape):
+        """y - c in float32. Exact whenever the forward sum was (a bf16 or f16 weight plus 1,
+        |w| >= 2**-16), and in every case adding c again gives y back bit for bit (Sterbenz:
+        y - 1 is exact for y in [0.5, 2], the range of Gemma norm gains), so GGUF -> HF -> GGUF
+        reproduces the GGUF."""
+        return AddConstant(-float(self.c))
 
 
 class Softplus(Transform):
@@ -223,6 +264,41 @@ class Softplus(Transform):
             t = t.to(torch.float16)
         return torch.nn.functional.softplus(t).to(torch.float32).numpy()
 
+    def inverse(self, hf_shape):
+        return SoftplusInverse()
+
+
+class SoftplusInverse(Transform):
+    """x with softplus(x) == y: log(expm1(y)) in float64, rounded to float32, then moved by a
+    few ulps until torch's float32 softplus maps it back to y exactly (Softplus above).
+
+    Softplus loses information in float32 (its slope is below 1, so several x share one y):
+    a float32 source comes back as the x nearest to the exact inverse among those that give
+    the same GGUF value, and GGUF -> HF -> GGUF is byte-identical. A bf16 or f16 source comes
+    back exactly once the HF tensor is rounded to its dtype (the float32 error is far below
+    half a bf16/f16 ulp)."""
+
+    label = "softplus^-1"
+    MAX_STEPS = 64
+
+    def __call__(self, y, src_dtype):
+        y = np.asarray(y, dtype=np.float32)
+        y64 = y.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            # softplus(x) = x for x > 20 in torch (threshold); below, log(expm1(y)) is exact math
+            x = np.where(y64 > 20.0, y64, np.log(np.expm1(y64))).astype(np.float32)
+        fwd = Softplus()
+        for _ in range(self.MAX_STEPS):
+            got = fwd(x, "F32")
+            bad = got.view(np.uint32) != y.view(np.uint32)
+            bad &= np.isfinite(y) & (y > 0)
+            if not bad.any():
+                break
+            # step one ulp towards the value whose softplus is y (softplus is increasing)
+            x = np.where(bad, np.nextafter(x, np.where(got < y, np.float32(np.inf), np.float32(-np.inf))), x)
+            x = x.astype(np.float32)
+        return x
+
 
 class Reshape(Transform):
     """A reshape that keeps the outer dimension (e.g. depthwise conv [C, 1, K] -> [C, K],
@@ -239,6 +315,25 @@ class Reshape(Transform):
         if x.ndim == 0:
             return x.reshape(1)
         return x.reshape((x.shape[0],) + self.inner(x.shape)[1:])
+
+    def inverse(self, hf_shape):
+        return ReshapeTo(tuple(hf_shape))
+
+
+class ReshapeTo(Transform):
+    """Outer rows reshaped back to the HF layout `hf_shape` (the inverse of a Reshape)."""
+
+    def __init__(self, hf_shape: tuple[int, ...]):
+        self.hf_shape = hf_shape
+        self.label = f"-> {list(hf_shape)}"
+
+    def shape(self, src_shape):
+        return self.hf_shape
+
+    def __call__(self, x, src_dtype):
+        if not self.hf_shape:
+            return x.reshape(())
+        return x.reshape((x.shape[0],) + self.hf_shape[1:])
 
 
 SCALAR_TO_1D = Reshape(lambda s: s if s else (1,), "[] -> [1]")
@@ -446,6 +541,83 @@ class Arch:
 
     def block_count_for(self, part: str) -> int:
         return self.block_count
+
+    # --- GGUF -> HF (`ggquant convert MODEL.gguf --to hf`) --------------------------------------
+    # The reverse direction reads the same tables backwards and inverts the same transforms;
+    # only what the forward direction throws away is new knowledge here: the HF shape of
+    # reshaped tensors (hf_shape), the stored names (denormalize_name) and config.json
+    # (hf_config, from the GGUF metadata).
+    GENERATED: tuple[str, ...] = ()  # GGUF names of generated tensors: no HF counterpart
+
+    @classmethod
+    def hf_config(cls, g: GGUFFacts, mm: GGUFFacts | None) -> dict:
+        """config.json for the model in GGUF `g` (plus its mmproj `mm`, if given)."""
+        raise NotImplementedError
+
+    def unmap_tensor(self, gguf_name: str, part: str, where: str) -> tuple[str, int | None]:
+        """GGUF name -> (normalized HF name, layer); unknown names are an error naming the file."""
+        hit = unmap_name(self.tables(part), gguf_name)
+        if hit is None:
+            raise GGQuantError(f"{where}: tensor '{gguf_name}' is not part of a {self.gguf_arch} "
+                               f"{'model' if part == TEXT else 'mmproj'} as ggquant knows it; cannot name it in "
+                               f"the Hugging Face checkpoint")
+        return hit
+
+    def hf_shape(self, hf_name: str, gguf_shape: tuple[int, ...], part: str) -> tuple[int, ...]:
+        """The HF shape of a tensor whose GGUF shape (numpy order) is `gguf_shape`."""
+        return tuple(gguf_shape)
+
+    def inverse_transform(self, hf_name: str, gguf_name: str, gguf_shape: tuple[int, ...],
+                          part: str) -> tuple[Transform, tuple[int, ...]]:
+        """(transform GGUF rows -> HF rows, HF shape): the inverse of the forward `transform`
+        hook, chosen by asking that hook what it would do to an HF tensor of that shape."""
+        hf_shape = self.hf_shape(hf_name, gguf_shape, part)
+        stub = SafeTensor(hf_name, "F32", tuple(hf_shape), Path(hf_name), 0, 4 * math.prod(hf_shape))
+        fwd = self.transform(hf_name, gguf_name, stub, part)
+        if tuple(fwd.shape(tuple(hf_shape))) != tuple(gguf_shape):
+            raise GGQuantError(f"tensor '{gguf_name}': shape {list(gguf_shape)} is not what {self.gguf_arch} stores "
+                               f"for '{hf_name}' {list(hf_shape)}")
+        return fwd.inverse(tuple(hf_shape)), tuple(hf_shape)
+
+    def denormalize_name(self, name: str, part: str, conditional: bool) -> str:
+        """Normalized HF name -> the name transformers stores (inverse of normalize_name)."""
+        return name
+
+
+class GGUFFacts:
+    """What the GGUF -> HF direction reads from one GGUF file, without knowing the reader:
+    metadata values, tensor shapes (numpy order) and the float32 values of small tensors."""
+
+    def __init__(self, path: Path, fields: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                 values: Callable[[str], np.ndarray]):
+        self.path = Path(path)
+        self.fields = fields
+        self.shapes = shapes
+        self._values = values
+
+    @property
+    def arch(self) -> str:
+        return str(self.fields.get(Keys.General.ARCHITECTURE, ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.fields.get(key, default)
+        return v.tolist() if isinstance(v, np.ndarray) else v
+
+    def need(self, key: str, types: type | tuple = int) -> Any:
+        v = self.get(key)
+        if v is None or isinstance(v, bool) and types is not bool or not isinstance(v, types):
+            raise GGQuantError(f"{self.path}: metadata key '{key}' is missing or has the wrong type (got {v!r}); "
+                               f"this is not a complete GGUF of this architecture")
+        return v
+
+    def values(self, name: str) -> np.ndarray:
+        return self._values(name)
+
+
+def f32_value(v: float) -> float:
+    """A float32 metadata value as the shortest decimal that reads back as the same float32
+    (1e-06, not 9.999999974752427e-07)."""
+    return float(str(np.float32(v)))
 
 
 def choose_type(arch: Arch, hf_name: str, gguf_name: str, shape: tuple[int, ...],

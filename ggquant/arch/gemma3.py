@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType, Keys
 
 from ggquant.arch import vocab as V
 from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, AddConstant, Arch, Rule, Transform,
-                               read_json, with_defaults)
+                               f32_value, read_json, with_defaults)
 from ggquant.errors import GGQuantError
 from ggquant.formats.safetensors import SafeTensor
 
@@ -414,3 +414,146 @@ class Gemma3(Arch):
         if h.get("sliding_window_pattern") != 1:
             kv.u32(A.SLIDING_WINDOW.format(arch=a), self.need("sliding_window"))
         kv.u32(A.HEAD_COUNT_KV.format(arch=a), h.get("num_key_value_heads", 4))
+
+    # --- GGUF -> HF -------------------------------------------------------------------------
+    HF_CAUSAL, HF_CONDITIONAL = "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"
+    HF_TEXT_MODEL_TYPE, HF_MODEL_TYPE = "gemma3_text", "gemma3"
+    # the conditional checkpoints' layout as published (and as transformers 5 saves it)
+    CONDITIONAL_TEXT_PREFIX = "language_model."
+    SWA_PATTERN_DEFAULT = 6  # llama.cpp gemma3 load_arch_hparams: load_swa_pattern(ml, 6)
+    SWA_FREQ_BASE_DEFAULT = 10_000.0  # llama_hparams::rope_freq_base_train_swa default
+    LAYERS_27B = 62  # llama.cpp scales attention by 1/sqrt(hidden/heads) for the 27B only
+
+    @classmethod
+    def hf_layer_types(cls, g, n_layer: int) -> list[str] | None:
+        """llama_model_base::load_swa_pattern: a bool array (true = sliding), or a period."""
+        pat = g.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=cls.gguf_arch))
+        if isinstance(pat, list):
+            if len(pat) != n_layer:
+                raise GGQuantError(f"{g.path}: {cls.gguf_arch}.attention.sliding_window_pattern has {len(pat)} "
+                                   f"entries for {n_layer} layers")
+            return [SLIDING if s else FULL for s in pat]
+        n = pat if isinstance(pat, int) else cls.SWA_PATTERN_DEFAULT
+        if n == 0:
+            return [SLIDING] * n_layer
+        # llama_hparams::set_swa_pattern: layer il is sliding unless (il % n) == n - 1
+        return [SLIDING if (i % n) < n - 1 else FULL for i in range(n_layer)]
+
+    @classmethod
+    def hf_rope(cls, g) -> dict:
+        a, R = cls.gguf_arch, Keys.Rope
+        full: dict = {"rope_type": "default", "rope_theta": f32_value(g.need(R.FREQ_BASE.format(arch=a), (int, float)))}
+        stype = g.get(R.SCALING_TYPE.format(arch=a))
+        factor = g.get(R.SCALING_FACTOR.format(arch=a))
+        if stype in ("linear", "yarn") and factor is not None:
+            full["rope_type"] = stype
+            full["factor"] = f32_value(factor)
+        if stype == "yarn":
+            full["original_max_position_embeddings"] = g.need(R.SCALING_ORIG_CTX_LEN.format(arch=a))
+            for key, name in ((R.SCALING_YARN_EXT_FACTOR, "extrapolation_factor"),
+                              (R.SCALING_YARN_ATTN_FACTOR, "attention_factor"),
+                              (R.SCALING_YARN_BETA_FAST, "beta_fast"), (R.SCALING_YARN_BETA_SLOW, "beta_slow")):
+                v = g.get(key.format(arch=a))
+                if v is not None:
+                    full[name] = f32_value(v)
+        elif stype not in (None, "none", "linear"):
+            raise GGQuantError(f"{g.path}: rope scaling type {stype!r} has no Hugging Face Gemma equivalent")
+        swa = {"rope_type": "default",
+               "rope_theta": f32_value(g.get(R.FREQ_BASE_SWA.format(arch=a), cls.SWA_FREQ_BASE_DEFAULT))}
+        return {FULL: full, SLIDING: swa}
+
+    @classmethod
+    def hf_text_config(cls, g) -> dict:
+        """Gemma3TextConfig from the GGUF keys llama.cpp reads (src/models/gemma3.cpp)."""
+        a, L, A = cls.gguf_arch, Keys.LLM, Keys.Attention
+        n_layer = g.need(L.BLOCK_COUNT.format(arch=a))
+        H = g.need(L.EMBEDDING_LENGTH.format(arch=a))
+        heads = g.need(A.HEAD_COUNT.format(arch=a))
+        n_kv = g.need(A.HEAD_COUNT_KV.format(arch=a))
+        hd = g.get(A.KEY_LENGTH.format(arch=a), H // heads)
+        swa = g.get(A.SLIDING_WINDOW.format(arch=a))
+        ctx = g.need(L.CONTEXT_LENGTH.format(arch=a))
+        layer_types = cls.hf_layer_types(g, n_layer) if swa else [FULL] * n_layer
+        softcap = g.get(L.FINAL_LOGIT_SOFTCAPPING.format(arch=a))
+        emb = g.shapes.get("token_embd.weight")
+        if emb is None:
+            raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {a} GGUF needs it")
+        cfg = dict(
+            architectures=[cls.HF_CAUSAL], model_type=cls.HF_TEXT_MODEL_TYPE,
+            vocab_size=emb[0], hidden_size=H, intermediate_size=g.need(L.FEED_FORWARD_LENGTH.format(arch=a)),
+            num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=n_kv, head_dim=hd,
+            max_position_embeddings=ctx,
+            rms_norm_eps=f32_value(g.need(A.LAYERNORM_RMS_EPS.format(arch=a), (int, float))),
+            sliding_window=swa or ctx, layer_types=layer_types, rope_parameters=cls.hf_rope(g),
+            query_pre_attn_scalar=H // heads if n_layer == cls.LAYERS_27B else hd,
+            final_logit_softcapping=f32_value(softcap) if softcap else None, attn_logit_softcapping=None,
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings="output.weight" not in g.shapes,
+        )
+        if g.get(A.CAUSAL.format(arch=a)) is False:
+            cfg["use_bidirectional_attention"] = True
+        cfg.update(hf_token_ids(g))
+        return cfg
+
+    @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        text = cls.hf_text_config(g)
+        if mm is None:
+            return text
+        C, CV = Keys.Clip, Keys.ClipVision
+        if mm.get(CV.PROJECTOR_TYPE, mm.get(C.PROJECTOR_TYPE)) != "gemma3":
+            raise GGQuantError(f"{mm.path}: projector type {mm.get(CV.PROJECTOR_TYPE, mm.get(C.PROJECTOR_TYPE))!r} "
+                               f"is not Gemma 3's ('gemma3'); this mmproj belongs to another model")
+        image, patch = mm.need(CV.IMAGE_SIZE), mm.need(CV.PATCH_SIZE)
+        scale = mm.get(CV.Projector.SCALE_FACTOR, DEFAULT_PROJ_SCALE_FACTOR)
+        vision = dict(
+            model_type="siglip_vision_model", hidden_size=mm.need(CV.EMBEDDING_LENGTH),
+            intermediate_size=mm.need(CV.FEED_FORWARD_LENGTH), num_hidden_layers=mm.need(CV.BLOCK_COUNT),
+            num_attention_heads=mm.need(CV.Attention.HEAD_COUNT), image_size=image, patch_size=patch,
+            layer_norm_eps=f32_value(mm.get(CV.Attention.LAYERNORM_EPS, 1e-6)), num_channels=3,
+            hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        )
+        text.pop("architectures")
+        ids = token_ids_by_text(g, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                                image_token_index="<image_soft_token>")
+        return dict(architectures=[cls.HF_CONDITIONAL], model_type=cls.HF_MODEL_TYPE, text_config=text,
+                    vision_config=vision, mm_tokens_per_image=((image // patch) // scale) ** 2,
+                    tie_word_embeddings=text["tie_word_embeddings"], **ids)
+
+    @classmethod
+    def hf_preprocessor(cls, config: dict, mm) -> dict:
+        """preprocessor_config.json: the image normalisation the mmproj carries."""
+        v = config["vision_config"]
+        return {"image_processor_type": "Gemma3ImageProcessor", "do_normalize": True, "do_rescale": True,
+                "do_resize": True, "rescale_factor": 1 / 255, "resample": 2,
+                "image_mean": mm.get(Keys.ClipVision.IMAGE_MEAN), "image_std": mm.get(Keys.ClipVision.IMAGE_STD),
+                "image_seq_length": config["mm_tokens_per_image"],
+                "size": {"height": v["image_size"], "width": v["image_size"]}}
+
+    @classmethod
+    def hf_named_tokens(cls) -> dict[str, str]:
+        """tokenizer_config.json names of the multimodal marker tokens (Gemma 3 processors)."""
+        return {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+    def denormalize_name(self, name: str, part: str, conditional: bool) -> str:
+        if part == TEXT:
+            return self.CONDITIONAL_TEXT_PREFIX + name if conditional else name
+        if name == "multi_modal_projector.mm_input_projection.weight":
+            return "multi_modal_projector.mm_input_projection_weight"
+        return name
+
+
+def hf_token_ids(g) -> dict:
+    """bos/eos/pad ids of the GGUF tokenizer, as config.json carries them."""
+    T = Keys.Tokenizer
+    out = {}
+    for key, name in ((T.BOS_ID, "bos_token_id"), (T.EOS_ID, "eos_token_id"), (T.PAD_ID, "pad_token_id")):
+        if isinstance(g.get(key), int):
+            out[name] = g.get(key)
+    return out
+
+
+def token_ids_by_text(g, **names: str) -> dict:
+    """{config key: id} of tokens found by their text (multimodal marker tokens)."""
+    tokens = g.get(Keys.Tokenizer.LIST) or []
+    index = {t: i for i, t in enumerate(tokens)}
+    return {k: index[t] for k, t in names.items() if t in index}

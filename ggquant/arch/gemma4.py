@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType, Keys, TokenType
 
 from ggquant.arch import vocab as V
 from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Arch, Reshape, Rule, Softplus,
-                               Transform)
-from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3
+                               Transform, f32_value)
+from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3, hf_token_ids, token_ids_by_text
 from ggquant.errors import GGQuantError
 from ggquant.formats.safetensors import SafeTensor
 
@@ -146,7 +146,37 @@ class PatchEmbedToConv(Transform):
         return np.ascontiguousarray(x.reshape(n, p, p, 3).transpose(0, 3, 1, 2))
 
 
+    def inverse(self, hf_shape):
+        return ConvToPatchEmbed()
+
+
+class ConvToPatchEmbed(Transform):
+    """The inverse of PatchEmbedToConv: conv kernel [hidden, 3, p, p] -> [hidden, p*p*3]."""
+
+    label = "conv -> [n, p*p*3]"
+
+    def shape(self, s):
+        return (s[0], s[1] * s[2] * s[3])
+
+    def __call__(self, x, src_dtype):
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(x.shape[0], -1)
+
+
 DEPTHWISE_TO_2D = Reshape(lambda s: (s[0], s[2]) if len(s) == 3 and s[1] == 1 else s, "[C, 1, K] -> [C, K]")
+
+
+# Gemma4ClippableLinear modules (transformers modeling_gemma4.py): their weight is stored as
+# `<module>.linear.weight`, which the converter shortens to `<module>.weight`.
+CLIPPABLE_VISION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+CLIPPABLE_AUDIO = ("feed_forward1.ffw_layer_1", "feed_forward1.ffw_layer_2", "feed_forward2.ffw_layer_1",
+                   "feed_forward2.ffw_layer_2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                   "self_attn.post", "lconv1d.linear_start", "lconv1d.linear_end")
+CLIP_SCALARS = (".input_min", ".input_max", ".output_min", ".output_max")  # HF: 0-d buffers
+# token text -> Gemma4Config key of the multimodal marker tokens
+GEMMA4_MARKERS = dict(boi_token_id="<|image>", eoi_token_id="<image|>", image_token_id="<|image|>",
+                      boa_token_id="<|audio>", eoa_token_index="<audio|>", audio_token_id="<|audio|>",
+                      video_token_id="<|video|>")
 
 
 class Gemma4(Gemma3):
@@ -452,3 +482,183 @@ class Gemma4(Gemma3):
             kv.string(CA.PROJECTOR_TYPE, "gemma4a")
             kv.u32(CA.NUM_MEL_BINS, aud.get("input_feat_size", AUDIO_MEL_BINS))
             kv.f32(CA.Attention.LAYERNORM_EPS, aud.get("layer_norm_eps", MMPROJ_EPS))
+
+    # --- GGUF -> HF -------------------------------------------------------------------------
+    HF_CAUSAL, HF_CONDITIONAL = "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"
+    HF_TEXT_MODEL_TYPE, HF_MODEL_TYPE = "gemma4_text", "gemma4"
+    CONDITIONAL_TEXT_PREFIX = "model.language_model."
+    GENERATED = ("rope_freqs.weight",)
+
+    @classmethod
+    def hf_text_config(cls, g) -> dict:
+        """Gemma4TextConfig from the keys llama.cpp reads (src/models/gemma4.cpp) and what the
+        converter encodes in tensors (rope_freqs: the proportional-RoPE fraction)."""
+        a, L, A, R = cls.gguf_arch, Keys.LLM, Keys.Attention, Keys.Rope
+        n_layer = g.need(L.BLOCK_COUNT.format(arch=a))
+        H = g.need(L.EMBEDDING_LENGTH.format(arch=a))
+        pat = g.get(A.SLIDING_WINDOW_PATTERN.format(arch=a))
+        if not isinstance(pat, list) or len(pat) != n_layer:
+            raise GGQuantError(f"{g.path}: {a}.attention.sliding_window_pattern must list {n_layer} layers, got "
+                               f"{pat!r}")
+        layer_types = [SLIDING if s_ else FULL for s_ in pat]
+        n_shared = g.get(A.SHARED_KV_LAYERS.format(arch=a), 0)
+        first_shared = n_layer - n_shared
+        hd_full = g.need(A.KEY_LENGTH.format(arch=a))
+        hd_swa = g.need(A.KEY_LENGTH_SWA.format(arch=a))
+
+        def per_type(key: str, what: str) -> tuple[int, int]:
+            """(sliding value, full value) of a scalar-or-per-layer key."""
+            v = g.get(key)
+            if isinstance(v, int):
+                return v, v
+            if not isinstance(v, list) or len(v) != n_layer:
+                raise GGQuantError(f"{g.path}: metadata key '{key}' ({what}) is missing or has the wrong length")
+            sw = {v[i] for i in range(n_layer) if layer_types[i] == SLIDING}
+            fu = {v[i] for i in range(n_layer) if layer_types[i] == FULL}
+            if len(sw) > 1 or len(fu) > 1:
+                raise GGQuantError(f"{g.path}: '{key}' varies within a layer type ({v}); Gemma 4 in transformers has "
+                                   f"one value per layer type")
+            return (sw or fu).pop(), (fu or sw).pop()
+
+        kv_swa, kv_full = per_type(A.HEAD_COUNT_KV.format(arch=a), "KV heads")
+        ff_key = L.FEED_FORWARD_LENGTH.format(arch=a)
+        ff = g.get(ff_key)
+        double_wide = False
+        if isinstance(ff, list):
+            n_ff = ff[0]
+            if ff == [n_ff] * n_layer:
+                pass
+            elif ff == [n_ff if i < first_shared else 2 * n_ff for i in range(n_layer)]:
+                double_wide = True
+            else:
+                raise GGQuantError(f"{g.path}: '{ff_key}' = {ff} is neither uniform nor Gemma 4's double-wide MLP "
+                                   f"(twice as wide on the {n_shared} KV-shared layers)")
+        else:
+            n_ff = g.need(ff_key)
+        # proportional RoPE: rope_freqs holds 1.0 for the rotated pairs, 1e30 for the others
+        prf = 1.0
+        if "rope_freqs.weight" in g.shapes:
+            freqs = g.values("rope_freqs.weight")
+            n_rot = int(np.count_nonzero(freqs == 1.0))
+            if freqs.size != hd_full // 2 or np.any(freqs[n_rot:] != np.float32(ROPE_FREQ_UNROTATED)):
+                raise GGQuantError(f"{g.path}: rope_freqs.weight is not a proportional-RoPE mask (1.0 then 1e30) "
+                                   f"over {hd_full // 2} pairs")
+            prf = n_rot * 2 / hd_full
+        emb = g.shapes.get("token_embd.weight")
+        if emb is None:
+            raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {a} GGUF needs it")
+        P = g.get(L.EMBD_LENGTH_PER_LAYER_INP.format(arch=a), 0)
+        has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared))
+        swa_theta = f32_value(g.get(R.FREQ_BASE_SWA.format(arch=a), cls.SWA_FREQ_BASE_DEFAULT))
+        softcap = g.get(L.FINAL_LOGIT_SOFTCAPPING.format(arch=a))
+        cfg = dict(
+            architectures=[cls.HF_CAUSAL], model_type=cls.HF_TEXT_MODEL_TYPE,
+            vocab_size=emb[0], vocab_size_per_layer_input=emb[0], hidden_size=H, intermediate_size=n_ff,
+            num_hidden_layers=n_layer, num_attention_heads=g.need(A.HEAD_COUNT.format(arch=a)),
+            num_key_value_heads=kv_swa, head_dim=hd_swa, global_head_dim=hd_full,
+            hidden_size_per_layer_input=P, num_kv_shared_layers=n_shared, use_double_wide_mlp=double_wide,
+            layer_types=layer_types, sliding_window=g.need(A.SLIDING_WINDOW.format(arch=a)),
+            max_position_embeddings=g.need(L.CONTEXT_LENGTH.format(arch=a)),
+            rms_norm_eps=f32_value(g.need(A.LAYERNORM_RMS_EPS.format(arch=a), (int, float))),
+            rope_parameters={
+                SLIDING: {"rope_type": "default", "rope_theta": swa_theta},
+                FULL: {"rope_type": "proportional", "partial_rotary_factor": prf,
+                       "rope_theta": f32_value(g.need(R.FREQ_BASE.format(arch=a), (int, float)))},
+            },
+            final_logit_softcapping=f32_value(softcap) if softcap else None,
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings="output.weight" not in g.shapes,
+            attention_k_eq_v=not has_v, enable_moe_block=False,
+        )
+        if kv_full != kv_swa:
+            cfg["per_layer_config"] = {str(i): {"head_dim": hd_full, "num_key_value_heads": kv_full}
+                                       for i, t in enumerate(layer_types) if t == FULL}
+        cfg.update(hf_token_ids(g))
+        return cfg
+
+    @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        text = cls.hf_text_config(g)
+        if mm is None:
+            return text
+        C, CV, CA = Keys.Clip, Keys.ClipVision, Keys.ClipAudio
+        if mm.get(CV.PROJECTOR_TYPE, mm.get(C.PROJECTOR_TYPE)) != "gemma4v":
+            raise GGQuantError(f"{mm.path}: vision projector type {mm.get(CV.PROJECTOR_TYPE)!r} is not Gemma 4's "
+                               f"('gemma4v'); this mmproj belongs to another model")
+        hidden, heads = mm.need(CV.EMBEDDING_LENGTH), mm.need(CV.Attention.HEAD_COUNT)
+        hd = hidden // heads  # clip.cpp: head_dim = n_embd / n_head
+        k = mm.shapes.get("v.blk.0.attn_k.weight")
+        pos = mm.shapes.get("v.position_embd.weight")
+        if k is None or pos is None:
+            raise GGQuantError(f"{mm.path}: tensors 'v.blk.0.attn_k.weight' and 'v.position_embd.weight' are needed "
+                               f"to describe the vision tower; the mmproj is incomplete")
+        vision = dict(
+            model_type="gemma4_vision", hidden_size=hidden, intermediate_size=mm.need(CV.FEED_FORWARD_LENGTH),
+            num_hidden_layers=mm.need(CV.BLOCK_COUNT), num_attention_heads=heads, num_key_value_heads=k[0] // hd,
+            head_dim=hd, patch_size=mm.need(CV.PATCH_SIZE), position_embedding_size=pos[1],
+            pooling_kernel_size=mm.get(CV.Projector.SCALE_FACTOR, 3),  # clip.cpp gemma4v: n_merge 3 by default
+            use_clipped_linears=any(n.startswith("v.blk.") and n.endswith(CLIP_SCALARS) for n in mm.shapes),
+            standardize="v.std_bias" in mm.shapes,
+            rms_norm_eps=f32_value(mm.get(CV.Attention.LAYERNORM_EPS, MMPROJ_EPS)),
+        )
+        audio = None
+        if mm.get(C.HAS_AUDIO_ENCODER):
+            if mm.get(CA.PROJECTOR_TYPE) != "gemma4a":
+                raise GGQuantError(f"{mm.path}: audio projector type {mm.get(CA.PROJECTOR_TYPE)!r} is not Gemma 4's "
+                                   f"('gemma4a')")
+            need = ("a.conv1d.0.weight", "a.conv1d.1.weight", "a.blk.0.conv_dw.weight", "a.pre_encode.out.weight")
+            missing = [n for n in need if n not in mm.shapes]
+            if missing:
+                raise GGQuantError(f"{mm.path}: tensor '{missing[0]}' is missing; the audio tower is incomplete")
+            # gemma4a.cpp hard-codes chunk 12, left context 13, logit cap 50, residual 0.5, silu
+            audio = dict(
+                model_type="gemma4_audio", hidden_size=mm.need(CA.EMBEDDING_LENGTH),
+                num_hidden_layers=mm.need(CA.BLOCK_COUNT), num_attention_heads=mm.need(CA.Attention.HEAD_COUNT),
+                hidden_act="silu",
+                subsampling_conv_channels=[mm.shapes["a.conv1d.0.weight"][0], mm.shapes["a.conv1d.1.weight"][0]],
+                conv_kernel_size=mm.shapes["a.blk.0.conv_dw.weight"][-1], attention_chunk_size=12,
+                attention_context_left=13, attention_context_right=0, attention_logit_cap=50.0,
+                residual_weight=0.5, output_proj_dims=mm.shapes["a.pre_encode.out.weight"][0],
+                use_clipped_linears=any(n.startswith("a.blk.") and n.endswith(CLIP_SCALARS) for n in mm.shapes),
+                rms_norm_eps=f32_value(mm.get(CA.Attention.LAYERNORM_EPS, MMPROJ_EPS)),
+            )
+        text.pop("architectures")
+        return dict(architectures=[cls.HF_CONDITIONAL], model_type=cls.HF_MODEL_TYPE, text_config=text,
+                    vision_config=vision, audio_config=audio, tie_word_embeddings=text["tie_word_embeddings"],
+                    **token_ids_by_text(g, **GEMMA4_MARKERS))
+
+    @classmethod
+    def hf_preprocessor(cls, config: dict, mm) -> dict:
+        v = config["vision_config"]
+        return {"image_processor_type": "Gemma4ImageProcessor", "do_convert_rgb": True, "do_normalize": False,
+                "do_rescale": True, "do_resize": True, "rescale_factor": 1 / 255, "resample": 3,
+                "image_mean": mm.get(Keys.ClipVision.IMAGE_MEAN), "image_std": mm.get(Keys.ClipVision.IMAGE_STD),
+                "patch_size": v["patch_size"], "pooling_kernel_size": v["pooling_kernel_size"],
+                "max_soft_tokens": 280}
+
+    @classmethod
+    def hf_named_tokens(cls) -> dict[str, str]:
+        return {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
+
+    def hf_shape(self, hf_name, gguf_shape, part):
+        if part == MMPROJ:
+            if hf_name.endswith(CLIP_SCALARS) and tuple(gguf_shape) == (1,):
+                return ()
+            if hf_name.endswith("lconv1d.depthwise_conv1d.weight") and len(gguf_shape) == 2:
+                return (gguf_shape[0], 1, gguf_shape[1])
+            if hf_name.endswith("patch_embedder.input_proj.weight") and len(gguf_shape) == 4:
+                return ConvToPatchEmbed().shape(tuple(gguf_shape))
+        return tuple(gguf_shape)
+
+    def denormalize_name(self, name, part, conditional):
+        if part == TEXT:
+            if conditional and name.startswith("model."):
+                return self.CONDITIONAL_TEXT_PREFIX + name[len("model."):]
+            return name
+        for tower, mods in (("model.vision_tower.", CLIPPABLE_VISION), ("model.audio_tower.", CLIPPABLE_AUDIO)):
+            if name.startswith(tower):
+                for suf in (".weight", ".bias"):
+                    base = name[: -len(suf)]
+                    if name.endswith(suf) and any(base.endswith("." + m) for m in mods):
+                        return base + ".linear" + suf
+        return name
