@@ -98,7 +98,7 @@ class TensorSet:
     def check(self, what: str) -> None:
         problems = []
         if self.missing:
-            shown = ", ".join(self.missing[:12]) + (f" and {len(self.missing) - 12} more" if len(self.missing) > 12 else "")
+            shown = ", ".join(self.missing[:40]) + (f" and {len(self.missing) - 40} more" if len(self.missing) > 40 else "")
             problems.append(f"missing tensors: {shown}")
         if self.bad_shape:
             problems.append("wrong shapes: " + "; ".join(self.bad_shape[:6]))
