@@ -49,6 +49,8 @@ from ggquant.arch import arch_class
 from ggquant.arch.base import (CONVERTER_OUTTYPES, KV, MMPROJ, TEXT, Arch, General, TensorPlan, hf_architecture,
                                load_config, naming_convention, plan_part, weight_count_label)
 from ggquant.errors import GGQuantError
+from ggquant.convert_quantized import (QuantizedSourceTensor, attach_quantized, file_json, finish_plan, measure_lossy,
+                                       plan_lines, tensor_json)
 from ggquant.formats.safetensors import open_checkpoint
 
 T = GGMLQuantizationType
@@ -73,8 +75,9 @@ class OutFile:
         return {
             "part": self.part, "path": str(self.path), "outtype": self.outtype, "bytes": self.nbytes,
             "tensors": [{"name": t.name, "shape": list(t.shape), "src_dtype": t.src_dtype, "type": t.qtype.name,
-                         "bytes": t.nbytes, "source": t.hf_name, "reason": t.reason} for t in self.tensors],
-        }
+                         "bytes": t.nbytes, "source": t.hf_name, "reason": t.reason} | tensor_json(t)
+                        for t in self.tensors],
+        } | file_json(self)
 
 
 @dataclass
@@ -220,7 +223,7 @@ def _mmproj_file(arch: Arch, outtype: str, text_out: Path | None, text_label: st
 
 
 def plan_conversion(src, *, outtype: str = "auto", outfile=None, mmproj: bool = False, mmproj_only: bool = False,
-                    imatrix=None, tensor_types=(), mmproj_outfile=None) -> tuple[Conversion, Arch]:
+                    imatrix=None, tensor_types=(), mmproj_outfile=None, exact: bool = False) -> tuple[Conversion, Arch]:
     """Read and check everything, decide every output tensor; write nothing."""
     from ggquant.quant import presets
 
@@ -234,6 +237,7 @@ def plan_conversion(src, *, outtype: str = "auto", outfile=None, mmproj: bool = 
     ckpt = open_checkpoint(model_dir)
     try:
         arch = cls(model_dir, config, ckpt)
+        qsrc = attach_quantized(arch)  # a quantized checkpoint: packed tensors -> logical weights
         want_mmproj = mmproj or mmproj_only
         parts = ((TEXT,) if not mmproj_only else ()) + ((MMPROJ,) if want_mmproj else ())
         if want_mmproj and not arch.has_mmproj():
@@ -262,6 +266,8 @@ def plan_conversion(src, *, outtype: str = "auto", outfile=None, mmproj: bool = 
             explicit = Path(mmproj_outfile) if mmproj_outfile else (Path(outfile) if mmproj_only and outfile else None)
             text_out = Path(outfile) if outfile and not mmproj_only else None
             files.append(_mmproj_file(arch, mm_type, text_out, text_label, explicit))
+        finish_plan(files, arch, qsrc, auto=outtype.strip().lower() == "auto", preset=preset, rules=rules,
+                    exact=exact, outfile=outfile)  # quantized weights: exact or requantized; --exact
         paths = [f.path for f in files]
         if len(set(paths)) != len(paths):
             raise GGQuantError(f"the text and mmproj outputs would both be {paths[0]}; choose another --outfile")
@@ -307,6 +313,9 @@ def tensor_chunks(t: TensorPlan, imatrix: np.ndarray | None = None) -> Iterator[
         return
     src = t.src
     assert src is not None
+    if isinstance(src, QuantizedSourceTensor):  # a quantized checkpoint's weight: transcoded or requantized
+        yield from src.encode_chunks(t, imatrix)
+        return
     inner = max(1, int(np.prod(src.shape[1:], dtype=np.int64))) if src.shape else 1
     step = max(1, CHUNK_BYTES // (4 * inner))
     raw_ok = t.transform.identity and (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
@@ -399,7 +408,7 @@ class Pipeline:
 
 def convert(src, *, outtype: str = "auto", outfile=None, mmproj: bool = False, mmproj_only: bool = False,
             imatrix=None, tensor_types=(), dry_run: bool = False, force: bool = False, threads: int | None = None,
-            progress: bool = False, mmproj_outfile=None) -> Conversion:
+            progress: bool = False, mmproj_outfile=None, exact: bool = False) -> Conversion:
     """Convert a Hugging Face folder to GGUF; returns what was (or, with dry_run, would be) written."""
     from ggquant.formats.gguf import GGUFWriter
     from ggquant.quant import types as qtypes
@@ -410,9 +419,11 @@ def convert(src, *, outtype: str = "auto", outfile=None, mmproj: bool = False, m
 
         numba.set_num_threads(int(threads))
     conv, arch = plan_conversion(src, outtype=outtype, outfile=outfile, mmproj=mmproj, mmproj_only=mmproj_only,
-                                 imatrix=imatrix, tensor_types=tensor_types, mmproj_outfile=mmproj_outfile)
+                                 imatrix=imatrix, tensor_types=tensor_types, mmproj_outfile=mmproj_outfile,
+                                 exact=exact)
     try:
         if dry_run:
+            measure_lossy(conv)  # SQNR of requantized quantized-source weights
             conv.seconds = time.perf_counter() - t0
             return conv
         if not force:
@@ -470,6 +481,7 @@ def format_plan(conv: Conversion) -> str:
         n = sum(t.n_elements for t in f.tensors)
         lines.append(f"  total: {len(f.tensors)} tensors, {weight_count_label(n)} parameters, {f.nbytes} bytes "
                      f"({f.nbytes / 2**20:.2f} MiB)")
+        lines.extend(plan_lines(f))
     return "\n".join(lines)
 
 
@@ -503,11 +515,12 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="With a preset: type for tensors whose name matches REGEX (first match wins).")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and sizes; write nothing.")
+@click.option("--exact", is_flag=True, help="Refuse every lossy step (quantized checkpoints: only exact transcoding).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
 def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json,
-                    force, threads):
+                    force, threads, exact):
     """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
     or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf)."""
     progress = not as_json and sys.stderr.isatty()
@@ -515,7 +528,8 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
         from ggquant.export_hf import export_hf, format_export
 
         for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
-                           ("--imatrix", imatrix), ("--tensor-type", tensor_types)):
+                           ("--imatrix", imatrix), ("--tensor-type", tensor_types),
+                           ("--exact", exact)):
             if used:
                 raise GGQuantError(f"{flag} applies to --to gguf; --to hf takes --dtype, --outfile and --mmproj")
         if mmproj == MMPROJ_FLAG:
@@ -537,7 +551,7 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
         raise GGQuantError(f"--to gguf: --mmproj takes no value (got {mmproj!r}); it writes the towers of SRC")
     conv = convert(src, outtype=outtype, outfile=outfile, mmproj=mmproj is not None, mmproj_only=mmproj_only,
                    imatrix=imatrix, tensor_types=tensor_types, dry_run=dry_run, force=force, threads=threads,
-                   progress=progress)
+                   progress=progress, exact=exact)
     if as_json:
         click.echo(json.dumps(conv.to_json(), indent=1))
     elif dry_run:

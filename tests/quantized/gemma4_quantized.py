@@ -1,0 +1,264 @@
+"""Tiny Gemma 4 checkpoints in already-quantized formats, for `ggquant convert` tests.
+
+Made from the standard tiny Gemma 4 E4B fixture (fixtures.TINY_MODELS["gemma4_e4b"]): its text
+Linears are quantized, every other tensor is copied unchanged, config.json gains the format's
+quantization block, and the tokenizer files come along.
+
+- `build_ct`: compressed-tensors 0.20 itself (apply_quantization_config + calculate_qparams +
+  ModelCompressor.compress_model, as fixtures.quantized.build_compressed_tensors), W4A16-like:
+  int sym group 32 (the tiny widths are 64/96/128, so group 128 cannot divide them), with the
+  ignore list of the published Gemma 4 W4A16 checkpoints: PLE, vision, audio and lm_head stay bf16.
+- `build_gptq`: GPTQ v1 layout hand-packed per the research note (fixtures.quantized helpers):
+  qweight/qzeros/scales(F16)/g_idx, sym or asym, optionally act-order (random g_idx).
+- `build_mlx`: mlx.core.quantize (affine) of the text Linears and both embeddings, mlx-lm's
+  config ("quantization" with per-module overrides, e.g. an 8-bit module).
+- `dequantized_copy`: the same checkpoint with every quantized weight replaced by its exact
+  float32 dequantization (ggquant's reader, proven against the libraries in
+  tests/quantized/test_*.py) and no quantization config: the reference for logits.
+
+This lives under tests/ rather than fixtures/ on purpose: fixtures.cache keys every entry on a
+hash of fixtures/*.py, so a new module there would rebuild every shared fixture. Entries here are
+keyed on this file's own hash instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fixtures import cached_build, tiny_model
+
+SOURCE_MODEL = "gemma4_e4b"
+# The published Gemma 4 W4A16 checkpoints' ignore list (per-layer embeddings, towers, lm_head).
+CT_IGNORE = ["lm_head", "re:.*per_layer.*", "re:.*vision_tower.*", "re:.*audio_tower.*", "re:.*embed_vision.*",
+             "re:.*embed_audio.*"]
+_TEXT_LINEAR = re.compile(r"^model\.language_model\.(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                          r"|per_layer_model_projection)\.weight$")
+_TOWER_LINEAR = re.compile(r"^model\.(vision_tower|audio_tower)\..*\.linear\.weight$")
+_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def _read_checkpoint(src: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(src / "model.safetensors"))
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors"):
+            shutil.copy2(p, out / p.name)
+
+
+def _update_config(out: Path, **keys) -> None:
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in keys.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _save(out: Path, sd: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+
+
+# --- compressed-tensors -----------------------------------------------------------------------
+
+
+def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, digest: str) -> Path:
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    from fixtures.quantized import _module_tree, _observe
+
+    src = tiny_model(SOURCE_MODEL)
+    sd = _read_checkpoint(src)
+    linears = {k[: -len(".weight")]: v.float().numpy() for k, v in sd.items()
+               if _TEXT_LINEAR.match(k) or _TOWER_LINEAR.match(k) or "per_layer_input_gate" in k
+               or "per_layer_projection.weight" in k}
+    model = _module_tree(linears, torch.bfloat16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=num_bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=CT_IGNORE))
+    quantized = []
+    for name, mod in model.named_modules():
+        s = getattr(mod, "quantization_scheme", None)
+        if s is not None and s.weights is not None:
+            _observe(mod, s.weights)
+            quantized.append(name)
+    comp = ModelCompressor.from_pretrained_model(model)
+    comp.compress_model(model)
+    state = model.state_dict()
+    for mod in quantized:
+        del sd[f"{mod}.weight"]
+        for k, v in state.items():
+            if k.startswith(mod + ".") and not k.endswith(".weight"):
+                sd[k] = v
+    _copy_side_files(src, out)
+    _save(out, sd)
+    comp.update_config(str(out))
+    return out
+
+
+def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True) -> Path:
+    return cached_build("gemma4_ct", _build_ct, num_bits=num_bits, group_size=group_size, symmetric=symmetric,
+                        digest=_DIGEST)
+
+
+# --- GPTQ (hand-packed) ------------------------------------------------------------------------
+
+
+def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: bool, seed: int, fp16_scales: bool,
+                digest: str) -> Path:
+    import torch
+
+    from fixtures.quantized import _asym_codes, _sym_codes, pack_bits_rows
+
+    src = tiny_model(SOURCE_MODEL)
+    sd = _read_checkpoint(src)
+    rng = np.random.default_rng(seed)
+    for key in [k for k in sd if _TEXT_LINEAR.match(k) and "per_layer" not in k]:
+        mod = key[: -len(".weight")]
+        w = sd.pop(key).float().numpy()
+        R, n = w.shape
+        G = n // group_size
+        g_idx = (rng.permutation(n) // group_size if act_order else np.arange(n) // group_size).astype(np.int32)
+        if sym:
+            qs, s = _sym_codes(w, bits, g_idx, G, "float16")
+            q, z = qs + (1 << (bits - 1)), np.full((R, G), 1 << (bits - 1), dtype=np.int16)
+        else:
+            q, z, s = _asym_codes(w, bits, g_idx, G, "float16")
+        if fp16_scales:  # scales using all 11 fp16 bits (bf16 weights give 8): products no longer fit F16
+            s = (s * (1 + rng.integers(1, 8, s.shape) / 1024)).astype(np.float16).astype(np.float32)
+        qweight = pack_bits_rows(q.astype(np.uint32), bits).view(np.uint32).T.copy()  # [in*bits/32, out]
+        per = 32 // bits  # GPTQ v1: zero - 1, summed arithmetically into each word
+        words = np.zeros((G, R * bits // 32), dtype=np.int64)
+        zt = z.T.astype(np.int64)
+        for j in range(per):
+            words += (zt[:, j::per] - 1) << (bits * j)
+        sd[f"{mod}.qweight"] = torch.from_numpy(qweight.view(np.int32))
+        sd[f"{mod}.qzeros"] = torch.from_numpy((words & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+        sd[f"{mod}.scales"] = torch.from_numpy(s.T.astype(np.float16))
+        sd[f"{mod}.g_idx"] = torch.from_numpy(g_idx)
+    _copy_side_files(src, out)
+    _save(out, sd)
+    _update_config(out, quantization_config={"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                             "sym": sym, "desc_act": act_order, "format": "gptq",
+                                             "damp_percent": 0.01, "true_sequential": True})
+    return out
+
+
+def build_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: bool = False, seed: int = 11,
+               fp16_scales: bool = False) -> Path:
+    return cached_build("gemma4_gptq", _build_gptq, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST)
+
+
+# --- GLQ (glq 0.8.16, GPL-3.0: imported by this test fixture only) --------------------------------
+
+# Layer 0's Linears with every bpw of 2..8 once; the other layers stay bf16.
+GLQ_BPW = {"self_attn.q_proj": 2, "self_attn.k_proj": 3, "self_attn.v_proj": 4, "self_attn.o_proj": 5,
+           "mlp.gate_proj": 6, "mlp.up_proj": 7, "mlp.down_proj": 8}
+
+
+def _build_glq(out: Path, layer: int, digest: str) -> Path:
+    import torch
+    from glq.codebook import E8ShellCodebook
+    from glq.quantize_model import quantize_layer_e8_shell_rht
+
+    # glq's paired residual scale search for the 8-bit stage is slow and unseeded; pinned as in
+    # fixtures.quantized.build_glq (the decoder reads the stored scales).
+    E8ShellCodebook.compute_paired_resid_scale = lambda self, secondary: 2.0
+    cb = E8ShellCodebook.build(verbose=False)
+    src = tiny_model(SOURCE_MODEL)
+    sd = _read_checkpoint(src)
+    layer_bpw = {}
+    for sub, bpw in GLQ_BPW.items():
+        mod = f"model.language_model.layers.{layer}.{sub}"
+        w = sd.pop(f"{mod}.weight").float()
+        _, art, _ = quantize_layer_e8_shell_rht(w, torch.eye(w.shape[1]), cb, bpw=bpw)
+        sd.update({f"{mod}.{k}": v for k, v in art.items()})
+        layer_bpw[mod] = bpw
+    _copy_side_files(src, out)
+    _save(out, sd)
+    _update_config(out, quantization_config={"quant_method": "glq", "codebook": "e8_shell", "block_diagonal": True,
+                                             "codesz": 8, "bpw": 5, "layer_bpw": layer_bpw})
+    return out
+
+
+def build_glq(layer: int = 0) -> Path:
+    return cached_build("gemma4_glq", _build_glq, layer=layer, digest=_DIGEST)
+
+
+# --- MLX affine --------------------------------------------------------------------------------
+
+
+def _build_mlx(out: Path, bits: int, group_size: int, overrides: dict, digest: str) -> Path:
+    import mlx.core as mx
+
+    src = tiny_model(SOURCE_MODEL)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = mx.load(str(src / "model.safetensors"))
+    quant: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    embeds = ("model.language_model.embed_tokens.weight", "model.language_model.embed_tokens_per_layer.weight")
+    for key in sorted(tensors):
+        if not (_TEXT_LINEAR.match(key) or key in embeds):
+            continue
+        mod = key[: -len(".weight")]
+        o = overrides.get(mod, {})
+        b, g = o.get("bits", bits), o.get("group_size", group_size)
+        wq, scales, biases = mx.quantize(tensors[key], group_size=g, bits=b, mode="affine")
+        tensors.update({key: wq, f"{mod}.scales": scales, f"{mod}.biases": biases})
+        if o:
+            quant[mod] = {"group_size": g, "bits": b}
+    mx.eval(tensors)
+    _copy_side_files(src, out)
+    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    _update_config(out, quantization=quant, quantization_config=quant)
+    return out
+
+
+def build_mlx(bits: int = 4, group_size: int = 32, overrides: dict | None = None) -> Path:
+    return cached_build("gemma4_mlx", _build_mlx, bits=bits, group_size=group_size, overrides=overrides or {},
+                        digest=_DIGEST)
+
+
+# --- the dequantized reference -------------------------------------------------------------------
+
+
+def _dequantized_copy(out: Path, qdir: str, digest: str) -> Path:
+    import torch
+    from safetensors import safe_open
+
+    from ggquant.formats.quantized import _torch_to_numpy, open_quantized
+
+    qdir_p = Path(qdir)
+    cfg = json.loads((qdir_p / "config.json").read_text())
+    f = safe_open(str(qdir_p / "model.safetensors"), "pt")
+    names = list(f.keys())
+    model = open_quantized(cfg, names, lambda n: _torch_to_numpy(f.get_tensor(n))[0])
+    sd = {n: f.get_tensor(n) for n in names if n not in model.consumed}
+    for rec in model:
+        sd[rec.name] = torch.from_numpy(np.ascontiguousarray(rec.dequantize()))
+    _copy_side_files(qdir_p, out)
+    _save(out, sd)
+    _update_config(out, quantization_config=None, quantization=None)
+    return out
+
+
+def dequantized_copy(qdir: Path) -> Path:
+    """`qdir` with every quantized weight replaced by its exact float32 dequantization."""
+    return cached_build(Path(qdir).name + "_f32", _dequantized_copy, qdir=str(qdir), digest=_DIGEST)
