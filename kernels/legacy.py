@@ -154,16 +154,17 @@ def _q4_0_row(xr, qw, use_qw, orow, L8, Lu, Laux, weight, work, lbuf):
 
 
 @nb.njit(**JIT)
-def _dq_q4_0_row(b, yr):
-    n = yr.size
-    for ib in range(n // QK):
+def _dq_q4_0_row(b, yr, qk):
+    """dequantize_row_q4_0: y[j] = (lo nibble - 8) * d, y[j + 16] = (hi nibble - 8) * d."""
+    half = qk // 2  # run-time trip count: see DEQUANTIZER LOOPS in kquants.py
+    for ib in range(yr.size // QK):
         bo = ib * Q4_0_BYTES
         yo = ib * QK
         d = fp16_to_fp32(get_u16(b, bo))
-        for j in range(16):
-            q = np.int64(b[bo + 2 + j])
+        for j in range(half):
+            q = np.int32(b[bo + 2 + j])
             yr[yo + j] = F32((q & 0x0F) - 8) * d
-            yr[yo + j + 16] = F32((q >> 4) - 8) * d
+            yr[yo + QK // 2 + j] = F32((q >> 4) - 8) * d
 
 
 # ----------------------------------------------------------------------------- Q4_1
@@ -202,17 +203,18 @@ def _q4_1_row(xr, qw, use_qw, orow, L8, Lu, Laux, weight, work, lbuf):
 
 
 @nb.njit(**JIT)
-def _dq_q4_1_row(b, yr):
-    n = yr.size
-    for ib in range(n // QK):
+def _dq_q4_1_row(b, yr, qk):
+    """dequantize_row_q4_1: y = nibble * d + m (a product, then a sum: no FMA in the C)."""
+    half = qk // 2  # run-time trip count: see DEQUANTIZER LOOPS in kquants.py
+    for ib in range(yr.size // QK):
         bo = ib * Q4_1_BYTES
         yo = ib * QK
         d = fp16_to_fp32(get_u16(b, bo))
         m = fp16_to_fp32(get_u16(b, bo + 2))
-        for j in range(16):
-            q = np.int64(b[bo + 4 + j])
+        for j in range(half):
+            q = np.int32(b[bo + 4 + j])
             yr[yo + j] = F32(q & 0x0F) * d + m
-            yr[yo + j + 16] = F32(q >> 4) * d + m
+            yr[yo + QK // 2 + j] = F32(q >> 4) * d + m
 
 
 # ----------------------------------------------------------------------------- Q5_0
@@ -326,14 +328,15 @@ def _q8_0_row(xr, qw, use_qw, orow, L8, Lu, Laux, weight, work, lbuf):
 
 
 @nb.njit(**JIT)
-def _dq_q8_0_row(b, yr):
-    n = yr.size
-    for ib in range(n // QK):
+def _dq_q8_0_row(b, yr, qk):
+    """dequantize_row_q8_0: y = qs * d (qs int8)."""
+    qs = b.view(np.int8)
+    for ib in range(yr.size // QK):
         bo = ib * Q8_0_BYTES
         yo = ib * QK
         d = fp16_to_fp32(get_u16(b, bo))
-        for j in range(QK):
-            yr[yo + j] = F32(as_int8(b[bo + 2 + j])) * d
+        for j in range(qk):  # run-time trip count: see DEQUANTIZER LOOPS in kquants.py
+            yr[yo + j] = F32(qs[bo + 2 + j]) * d
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -370,20 +373,21 @@ def _quantize_legacy(x, qw, use_qw, out, type_id):
 
 
 @nb.njit(parallel=True, **JIT)
-def _dequantize_legacy(data, y, type_id):
+def _dequantize_legacy(data, y, type_id, qk):
+    # qk: the block size, passed at run time (see DEQUANTIZER LOOPS in kquants.py).
     nrows = y.shape[0]
     for task in nb.prange((nrows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for r in range(task * ROWS_PER_TASK, min(nrows, (task + 1) * ROWS_PER_TASK)):
             if type_id == Q4_0_ID:
-                _dq_q4_0_row(data[r], y[r])
+                _dq_q4_0_row(data[r], y[r], qk)
             elif type_id == Q4_1_ID:
-                _dq_q4_1_row(data[r], y[r])
+                _dq_q4_1_row(data[r], y[r], qk)
             elif type_id == Q5_0_ID:
                 _dq_q5_0_row(data[r], y[r])
             elif type_id == Q5_1_ID:
                 _dq_q5_1_row(data[r], y[r])
             else:
-                _dq_q8_0_row(data[r], y[r])
+                _dq_q8_0_row(data[r], y[r], qk)
 
 
 # ----------------------------------------------------------------------------- registry
