@@ -88,3 +88,30 @@ def test_cli_collects_merges_and_refuses_bad_text(reference_gguf, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     r = run(main, ["imatrix", str(model), "-f", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "e.gguf")])
     assert r.exit_code == 1 and "empty" in r.output
+
+
+@pytest.mark.parametrize("preset_name", ["Q4_K_M", "IQ4_XS"])
+def test_ggquant_imatrix_file_quantizes_like_llama(reference_gguf, tmp_path, preset_name):
+    """An imatrix GGUF collected and written by ggquant, given to llama_model_quantize, gives the
+    same tensor bytes as ggquant's own imatrix-weighted quantization of the same model."""
+    from ggquant.imatrix.files import save_gguf
+    from ggquant.quant import presets
+    from tests import ggml_oracle
+    from tests.quant.test_quantize_gguf import assert_same_model
+
+    model = reference_gguf("gemma4_e2b", "f32")
+    cal = real_text.write(tmp_path / "cal.txt", real_text.calibration_text()[:20000])
+    im, _ = collect_imatrix(model, cal, ctx=64, chunks=3, progress=False)
+    im_file = save_gguf(im, tmp_path / "imatrix.gguf")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(model, ours, preset_name, imatrix=im_file, progress=False)
+    ggml_oracle.llama_quantize(model, ref, presets.PRESETS[preset_name], imatrix=load(im_file).normalised())
+    assert_same_model(ours, ref)
+
+
+def test_imatrix_lowers_kl_on_real_gemma3(tmp_path):
+    """Quality: Q3_K_M with a ggquant imatrix is closer to the F32 model than without one."""
+    from tests.imatrix.quality import measure
+
+    [(_, res)] = measure(tmp_path, ["Q3_K_M"], ctx=128, cal_chunks=4, eval_chunks_n=2, log=lambda *_: None)
+    assert res["with"]["kl_mean"] < 0.8 * res["without"]["kl_mean"], res
