@@ -1,0 +1,54 @@
+"""imatrix collection speed: ggquant's runtime vs llama.cpp's own collection (cb_eval), same run.
+
+    .venv/bin/python bench/imatrix.py [--model F32.gguf] [--ctx 256] [--chunks 4] [--threads 2]
+
+Default model: the F32 dequantization of the real Gemma 3 270M (made once under .cache/bench).
+Both engines see the same chunks (BOS first, one sequence per decode) and the same threads;
+llama.cpp's side is the cb_eval port in tests/imatrix/llama_imatrix.py. Target: >= 1.0x.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ggquant.imatrix.collect import collect_imatrix  # noqa: E402
+from ggquant.quant.requantize import quantize_gguf  # noqa: E402
+from tests import real_text  # noqa: E402
+from tests.imatrix import llama_imatrix  # noqa: E402
+from tests.imatrix.test_collect import chunks_like_llama_imatrix  # noqa: E402
+from tests.real_models import gemma3_270m_gguf  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    work = ROOT / ".cache" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(a.model) if a.model else work / "gemma3-270m-F32.gguf"
+    if not model.exists():
+        quantize_gguf(gemma3_270m_gguf(), model, "F32", allow_requantize=True, progress=False)
+    text = real_text.write(work / "calibration.txt", real_text.calibration_text())
+    n_tok = a.ctx * a.chunks
+    collect_imatrix(model, text, ctx=a.ctx, chunks=1, threads=a.threads, progress=False)  # warm-up (compile)
+    t = time.perf_counter()
+    collect_imatrix(model, text, ctx=a.ctx, chunks=a.chunks, threads=a.threads, progress=False)
+    ours = n_tok / (time.perf_counter() - t)
+    chunks = chunks_like_llama_imatrix(model, real_text.calibration_text(), a.ctx, a.chunks)
+    t = time.perf_counter()
+    llama_imatrix.collect(model, chunks, a.ctx, threads=a.threads)
+    ref = n_tok / (time.perf_counter() - t)
+    print(f"{model.name}: {a.chunks} chunks x {a.ctx} tokens, {a.threads} threads")
+    print(f"ggquant imatrix   {ours:8.1f} tokens/s")
+    print(f"llama.cpp cb_eval {ref:8.1f} tokens/s")
+    print(f"ratio             {ours / ref:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
