@@ -13,18 +13,20 @@ n_per_row * itemsize bytes. What ggml does (ggml.c ggml_quantize_chunk and the t
         else (bits + 0x7fff + ((bits >> 16) & 1)) >> 16 in uint32; and bf16 -> fp32 is a
         16-bit left shift.
 
-The kernels work on the uint32 view of the float32 input and use integer arithmetic only,
-so they need no float bit-casts and cannot be disturbed by FTZ/DAZ or fastmath. The F16
-encoder is an integer formulation of round-to-nearest-even that equals ggml's float-trick
-routine for all 2**32 inputs (checked exhaustively against libggml-base; tests check a
-random sample plus every special class).
+The kernels work on the uint32 view of the float32 input and use integer arithmetic
+(the F16 decoder adds one exact float product whose operand and result are normal numbers),
+so they cannot be disturbed by FTZ/DAZ or fastmath. The F16 encoder is an integer
+formulation of round-to-nearest-even that equals ggml's float-trick routine for all 2**32
+inputs (checked exhaustively against libggml-base; tests check a random sample plus every
+special class); the F16 decoder equals ggml_compute_fp16_to_fp32 for all 65536 inputs
+(tested). The decoders are straight-line per element, so LLVM vectorizes them.
 """
 
 import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import FP16_TO_FP32
+from .common import f32_bits
 
 # --- bit-pattern constants (IEEE binary32 / binary16) ---------------------------------
 _F32_ABS_MASK = np.uint32(0x7FFFFFFF)
@@ -37,9 +39,12 @@ _F16_QNAN = np.uint32(0x7E00)  # ggml_compute_fp32_to_fp16's NaN (payload droppe
 _F32_BITS_F16_OVERFLOW = np.uint32(0x477FF000)
 # 2**-14, the smallest normal fp16, as binary32 bits.
 _F32_BITS_F16_MIN_NORMAL = np.uint32(0x38800000)
-# Exponent rebias 127 -> 15 for normal numbers: (127 - 15) << 23.
+# Exponent rebias between 127 and 15 for normal numbers: (127 - 15) << 23.
 _F32_TO_F16_REBIAS = np.uint32(0x38000000)
 _BF16_NAN_QUIET = np.uint32(64)  # ggml_compute_fp32_to_bf16: "force to quiet"
+_U32 = np.uint32
+_F16_MIN_NORMAL = np.uint32(0x0400)  # exponent field 1 of binary16
+_F16_SUBNORMAL_UNIT = np.float32(2.0**-24)  # value of the binary16 mantissa's last bit at exponent 0
 
 
 @nb.njit(cache=True, inline="always")
@@ -89,10 +94,31 @@ def _bf16_encode(src_u32, dst_u16):
         dst_u16[i] = _f32_bits_to_bf16(src_u32[i])
 
 
+@nb.njit(cache=True, inline="always")
+def _f16_bits_to_f32(h):
+    """ggml-impl.h ggml_compute_fp16_to_fp32 on bit patterns: binary16 -> binary32 bits.
+
+    Normal numbers rebias the exponent (15 -> 127) and move the mantissa up 13 bits; zero
+    and subnormals are m * 2**-24, computed as a float32 product (exact, and both operands
+    and the result are normal floats, so FTZ/DAZ cannot touch it); infinities and NaNs get
+    the all-ones exponent, and a NaN gets the quiet bit, as the C's multiplication of the
+    NaN by 2**-112 sets it on x86. Every step is cast back to uint32: numba widens uint32
+    arithmetic to 64 bits, and the casts let LLVM keep 8 values per AVX2 vector.
+    """
+    sign = _U32((_U32(h) & _U32(0x8000)) << _U32(16))
+    em = _U32(_U32(h) & _U32(0x7FFF))  # exponent and mantissa
+    normal = _U32(_U32(em << _U32(13)) + _F32_TO_F16_REBIAS)  # rebias 15 -> 127
+    special = _U32(_U32(em << _U32(13)) | _F32_INF)
+    special = _U32(special | (_F32_QUIET_BIT if em > _F16_INF else _U32(0)))
+    tiny = f32_bits(np.float32(np.int32(em)) * _F16_SUBNORMAL_UNIT)
+    bits = tiny if em < _F16_MIN_NORMAL else (special if em >= _F16_INF else normal)
+    return _U32(sign | bits)
+
+
 @nb.njit(parallel=True, cache=True)
-def _u16_table_decode(src_u16, table_u32, dst_u32):
+def _f16_decode(src_u16, dst_u32):
     for i in nb.prange(src_u16.size):
-        dst_u32[i] = table_u32[src_u16[i]]
+        dst_u32[i] = _f16_bits_to_f32(src_u16[i])
 
 
 @nb.njit(parallel=True, cache=True)
@@ -100,22 +126,6 @@ def _bf16_decode(src_u16, dst_u32):
     # ggml_compute_bf16_to_fp32: the bf16 bits become the high half of the binary32.
     for i in nb.prange(src_u16.size):
         dst_u32[i] = np.uint32(src_u16[i]) << np.uint32(16)
-
-
-def _fp16_to_fp32_bits_table() -> np.ndarray:
-    """All 65536 results of ggml_compute_fp16_to_fp32, as binary32 bits.
-
-    Numbers convert exactly (so common.FP16_TO_FP32 is right for them); for a NaN the C
-    forms a binary32 NaN with the same payload and multiplies it by 2**-112, which makes
-    it quiet. numpy's half->float keeps a signalling NaN signalling, so set the quiet bit.
-    """
-    bits = FP16_TO_FP32.view(np.uint32).copy()
-    is_nan = (bits & _F32_ABS_MASK) > _F32_INF
-    bits[is_nan] |= _F32_QUIET_BIT
-    return bits
-
-
-_FP16_TO_FP32_BITS = _fp16_to_fp32_bits_table()
 
 
 # --- registry entry points -------------------------------------------------------------
@@ -146,7 +156,7 @@ def quantize_f16(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray
 def dequantize_f16(data: np.ndarray, n_per_row: int) -> np.ndarray:
     data = np.ascontiguousarray(data, dtype=np.uint8)
     out = np.empty((data.shape[0], n_per_row), dtype=np.float32)
-    _u16_table_decode(data.reshape(-1).view(np.uint16), _FP16_TO_FP32_BITS, out.reshape(-1).view(np.uint32))
+    _f16_decode(data.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
     return out
 
 
