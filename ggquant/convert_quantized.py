@@ -137,11 +137,11 @@ class QuantizedSourceTensor:
         if self.exact:
             for a in range(0, t.n_outer, step):
                 b = min(t.n_outer, a + step)
-                res = self.rec.exact_ggml_or_reason([t.qtype], rows=(a, b), verify=True)
+                res = exact_chunk(self.rec, t.qtype, (a, b))
                 if isinstance(res, str):  # planned exact from the metadata and scales; the payload disagrees
                     raise GGQuantError(f"tensor '{t.name}' was planned as an exact {t.qtype.name} copy of "
                                        f"{self.name}, but rows [{a}, {b}) are not: {res}")
-                yield res[1], None
+                yield res, None
         else:
             self._acc = [0.0, 0.0]
             for out in self._lossy_chunks(t, imatrix, step):
@@ -178,6 +178,26 @@ class QuantizedSourceTensor:
             pass
         self._finish_sqnr()
         self.release()
+
+
+def exact_chunk(rec: QuantizedTensor, qtype: T, rows: tuple[int, int]) -> np.ndarray | str:
+    """Rows [start, stop) of `rec` as exact `qtype` bytes, or why they cannot be.
+
+    Block types first take the one-pass kernel (ggquant.kernels.transcode: pack, read back as
+    ggml does, compare with float32(u)*d (+ m), the source's own dequantization of its blocks);
+    anything it reports goes through the general packer (offset folding, constant blocks) with
+    verify=True, as do the float types.
+    """
+    if qtype in BLOCK_TYPES:
+        from ggquant.kernels.transcode import pack_exact
+
+        blocks = rec.blocks(rows)
+        if not isinstance(blocks, str) and not (blocks.m is not None and qtype in (T.Q4_0, T.Q5_0, T.Q8_0)):
+            out, bad = pack_exact(qtype, blocks.u, blocks.d, blocks.m)
+            if (bad < 0).all():
+                return out
+    res = rec.exact_ggml_or_reason([qtype], rows=rows, verify=True)
+    return res if isinstance(res, str) else res[1]
 
 
 class PermutedFloatTensor:

@@ -281,3 +281,23 @@ def test_glq_types_above_bpw_with_sqnr(tmp_path):
     real = {t.name: t.src.sqnr for t in _quantized_plans(conv)}
     assert real == pytest.approx({n: t["sqnr_db"] for n, t in rows.items()}, abs=1e-3)  # dry run = real run
     assert_logits_close(path, qdir, tmp_path, LOSSY_LOGIT_TOL)
+
+
+# --- what the converter's one-pass exact kernel checks against -----------------------------------
+
+
+@pytest.mark.parametrize("build", [G.build_ct, G.build_gptq, lambda: G.build_gptq(sym=False),
+                                   lambda: G.build_gptq(act_order=True), lambda: G.build_mlx(overrides=MLX_8BIT)],
+                         ids=["ct", "gptq-sym", "gptq-asym", "gptq-act-order", "mlx"])
+def test_source_blocks_dequantize_like_the_source(build):
+    # convert_quantized.exact_chunk compares ggml's reading of the packed bytes with the blocks'
+    # float32(u) * d (+ m); those equal the reader's exact dequantization bit for bit
+    conv = convert(build(), dry_run=True)
+    n = 0
+    for t in _quantized_plans(conv):
+        blocks = t.src.rec.blocks()
+        if isinstance(blocks, str):
+            continue
+        assert_bits_equal(blocks.dequantize(), t.src.rec.dequantize(), t.name)
+        n += 1
+    assert n >= 12
