@@ -115,45 +115,34 @@ def _is_int8_array(t):
 
 
 @intrinsic
-def unpack32_kq16(typingctx, w, ilo, lo_shift, ihi, hi_shift, hi_mask, offset, s0, s1, dst, idst):
-    """32 quants of a k-quant sub-block, times their sub-block scale, into int16 dst[idst:idst+32]:
+def unpack32_kq(typingctx, w, ilo, lo_shift, ihi, hi_shift, hi_mask, dst, idst):
+    """32 quants of a k-quant sub-block, unsigned, into uint8 dst[idst:idst+32]:
 
-        q[l] = ((w[ilo+l] >> lo_shift) & 0xF | ((w[ihi+l] >> hi_shift) & hi_mask) << 4) - offset
-        dst[idst+l] = q[l] * (s0 if l < 16 else s1)
+        q[l] = (w[ilo+l] >> lo_shift) & 0xF | ((w[ihi+l] >> hi_shift) & hi_mask) << 4
 
-    Q4_K: hi_mask 0, offset 0 (ggml dequantize_row_q4_K); Q5_K: hi_mask 1, offset 0
-    (dequantize_row_q5_K: +16 where the qh bit is set); Q6_K: hi_mask 3, offset 32 and one
-    int8 scale per 16 quants (dequantize_row_q6_K). Folding the integer sub-block scale into
-    the quants (|q * s| <= 32 * 127 fits int16) turns a super-block's sum_j s_j * dot_j into
-    one 256-long int16 x int8 dot, which is exact, like ggml's _mm256_madd_epi16(scales, ...).
+    Q4_K: hi_mask 0 (dequantize_row_q4_K); Q5_K: hi_mask 1 (dequantize_row_q5_K: +16 where the qh
+    bit is set); Q6_K: hi_mask 3 (dequantize_row_q6_K, before its -32).
     """
-    if not (_is_int8_array(w) and isinstance(dst, types.Array) and dst.dtype == types.int16):
+    if not (_is_int8_array(w) and _is_int8_array(dst)):
         return None
     u = types.unliteral
-    sig = types.void(w, u(ilo), u(lo_shift), u(ihi), u(hi_shift), u(hi_mask), u(offset), u(s0), u(s1),
-                     dst, u(idst))
+    sig = types.void(w, u(ilo), u(lo_shift), u(ihi), u(hi_shift), u(hi_mask), dst, u(idst))
 
     def codegen(context, builder, signature, args):
         st = signature.args
         tw = st[0]
         vt = ir.VectorType(_I8, 32)
-        vt16 = ir.VectorType(_I16, 32)
 
-        def narrow(i, ty):  # an int argument truncated to ty (shifts/masks/offsets < 256, scales < 2^15)
-            return builder.trunc(args[i], ty) if args[i].type.width > ty.width else args[i]
+        def narrow(i):  # shifts and masks are < 256
+            return builder.trunc(args[i], _I8) if args[i].type.width > 8 else args[i]
 
         lo = _load_vec(builder, _elem_ptr(context, builder, tw, args[0], args[1], _I8, st[1]), _I8, 32)
         hi = _load_vec(builder, _elem_ptr(context, builder, tw, args[0], args[3], _I8, st[3]), _I8, 32)
-        lo = builder.and_(builder.lshr(lo, _splat(builder, narrow(2, _I8), 32)), ir.Constant(vt, [0xF] * 32))
-        hi = builder.and_(builder.lshr(hi, _splat(builder, narrow(4, _I8), 32)), _splat(builder, narrow(5, _I8), 32))
+        lo = builder.and_(builder.lshr(lo, _splat(builder, narrow(2), 32)), ir.Constant(vt, [0xF] * 32))
+        hi = builder.and_(builder.lshr(hi, _splat(builder, narrow(4), 32)), _splat(builder, narrow(5), 32))
         q = builder.or_(lo, builder.shl(hi, ir.Constant(vt, [4] * 32)))
-        q = builder.sub(q, _splat(builder, narrow(6, _I8), 32))
-        a0 = _splat(builder, narrow(7, _I16), 16)
-        a1 = _splat(builder, narrow(8, _I16), 16)
-        scales = builder.shuffle_vector(a0, a1, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-        q16 = builder.mul(builder.sext(q, vt16), scales)
-        pd = _elem_ptr(context, builder, st[9], args[9], args[10], _I16, st[10])
-        builder.store(q16, builder.bitcast(pd, vt16.as_pointer()), align=1)
+        pd = _elem_ptr(context, builder, st[6], args[6], args[7], _I8, st[7])
+        builder.store(q, builder.bitcast(pd, vt.as_pointer()), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -175,16 +164,123 @@ def _madd16(builder, pa, ea, pb, off):
     return _pair_sum(builder, builder.mul(va, vb), 16)
 
 
+def _host_has(feature: str) -> bool:
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get(feature, False))
+    except Exception:  # pragma: no cover - exotic llvmlite builds
+        return False
+
+
+# With AVX2 the byte products go through the instructions ggml itself uses (vpsignb, vpmaddubsw,
+# vpmaddwd): twice the work per instruction of widening to 16 bits first. The results are the same
+# integers either way (|products| stay far from the 16-bit saturation of vpmaddubsw here).
+HAS_AVX2 = _host_has("avx2")
+
+
+def _x86(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _maddubs_lanes(builder, u8, s8):
+    """_mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), 1): <8 x i32>, lane m = products 4m .. 4m+3."""
+    v16 = ir.VectorType(ir.IntType(16), 16)
+    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [u8, s8])
+    return _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [p16, ir.Constant(v16, [1] * 16)])
+
+
 def _madd32_lanes(builder, pa, ea, pb, off):
     """8 x i32 lanes of 32 products a[off+k] * int8 b[off+k]: lane m = products 4m .. 4m+3.
 
     This is the lane layout of ggml's AVX2 integer dots (_mm256_maddubs_epi16 on byte pairs, then
-    _mm256_madd_epi16 on i16 pairs, or madd by per-16 scales), which matters because ggml converts
-    the 8 lanes to float separately."""
+    _mm256_madd_epi16 on i16 pairs), which matters because ggml converts the 8 lanes to float
+    separately. With AVX2 and int8 a: ggml's own sign trick (|a| times b with a's sign); otherwise
+    two vpmaddwd on widened values and one horizontal add of neighbouring pairs."""
+    intp = off.type
+    if HAS_AVX2 and ea.width == 8:
+        v32 = ir.VectorType(_I8, 32)
+        x = _load_vec(builder, builder.gep(pa, [off]), _I8, 32)
+        y = _load_vec(builder, builder.gep(pb, [off]), _I8, 32)
+        ax = _x86(builder, "llvm.x86.avx2.psign.b", v32, [x, x])
+        sy = _x86(builder, "llvm.x86.avx2.psign.b", v32, [y, x])
+        return _maddubs_lanes(builder, ax, sy)
+    lo = _madd16(builder, pa, ea, pb, off)  # pairs of elements 0..15
+    hi = _madd16(builder, pa, ea, pb, builder.add(off, ir.Constant(intp, 16)))  # pairs of 16..31
+    v8 = ir.VectorType(_I32, 8)
+    ev = builder.shuffle_vector(lo, hi, ir.Constant(v8, list(range(0, 16, 2))))
+    od = builder.shuffle_vector(lo, hi, ir.Constant(v8, list(range(1, 16, 2))))
+    return builder.add(ev, od)
+
+
+def _kq_chunk_lanes(builder, pq, px, off, scales, signed=False):
+    """8 x i32 lanes of 32 products of unsigned quants q (0..63) and int8 activations x, times the
+    sub-block scales (an <16 x i16> vector: one scale per i16 lane, i.e. per byte pair):
+    ggml's _mm256_madd_epi16(scales, _mm256_maddubs_epi16(q, x)) lane layout."""
+    i16 = ir.IntType(16)
+    v16 = ir.VectorType(i16, 16)
+    m16 = ir.VectorType(_I32, 16)
+    if HAS_AVX2 and not signed:
+        q = _load_vec(builder, builder.gep(pq, [off]), _I8, 32)
+        x = _load_vec(builder, builder.gep(px, [off]), _I8, 32)
+        p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q, x])
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [p16, scales])
     v32 = ir.VectorType(_I32, 32)
-    va = builder.sext(_load_vec(builder, builder.gep(pa, [off]), ea, 32), v32)
-    vb = builder.sext(_load_vec(builder, builder.gep(pb, [off]), _I8, 32), v32)
-    return _pair_sum(builder, _pair_sum(builder, builder.mul(va, vb), 32), 16)
+    ext = builder.sext if signed else builder.zext
+    q = ext(_load_vec(builder, builder.gep(pq, [off]), _I8, 32), v32)
+    x = builder.sext(_load_vec(builder, builder.gep(px, [off]), _I8, 32), v32)
+    p16 = _pair_sum(builder, builder.mul(q, x), 32)  # byte pairs, as vpmaddubsw
+    return _pair_sum(builder, builder.mul(p16, builder.sext(scales, m16)), 16)  # times scales, as vpmaddwd
+
+
+def _make_dot_kqv(signed: bool):
+    @intrinsic
+    def dot_kqv(typingctx, q, iq, x, ix, sv, isv, nchunks):
+        if not (_is_int8_array(q) and _is_int8_array(x) and isinstance(sv, types.Array) and sv.dtype == types.int16):
+            return None
+        u = types.unliteral
+        sig = types.int32(q, u(iq), x, u(ix), sv, u(isv), u(nchunks))
+
+        def codegen(context, builder, signature, args):
+            st = signature.args
+            i16 = ir.IntType(16)
+            v32 = ir.VectorType(_I8, 32)
+            pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+            px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+            ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
+            n = context.cast(builder, args[6], st[6], types.intp)
+            intp = n.type
+            v8 = ir.VectorType(_I32, 8)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8))
+            with cgutils.for_range(builder, n) as loop:
+                c = loop.index
+                off = builder.mul(c, ir.Constant(intp, 32))
+                sv = _load_vec(builder, builder.gep(ps, [builder.mul(c, ir.Constant(intp, 16))]), i16, 16)
+                if signed and HAS_AVX2:  # ggml's sign trick: |q| times x with q's sign
+                    qv = _load_vec(builder, builder.gep(pq, [off]), _I8, 32)
+                    xv = _load_vec(builder, builder.gep(px, [off]), _I8, 32)
+                    aq = _x86(builder, "llvm.x86.avx2.psign.b", v32, [qv, qv])
+                    sx = _x86(builder, "llvm.x86.avx2.psign.b", v32, [xv, qv])
+                    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [aq, sx])
+                    lanes = _x86(builder, "llvm.x86.avx2.pmadd.wd", v8, [p16, sv])
+                else:
+                    lanes = _kq_chunk_lanes(builder, pq, px, off, sv, signed)
+                builder.store(builder.add(builder.load(acc), lanes), acc)
+            return _reduce_add_i32(builder, builder.load(acc), 8)
+
+        return sig, codegen
+
+    dot_kqv.__doc__ = (
+        "Exact int32 sum over nchunks chunks of 32 quants of scale(k) * q[iq+k] * int8(x[ix+k]) with "
+        + ("signed (int8) quants" if signed else "unsigned quants (0..63)")
+        + "; sv holds 16 int16 scales per chunk (one per byte pair, sv[isv + 16c ..]): "
+        "the integer ggml's k-quant kernels form before converting to float.")
+    return dot_kqv
+
+
+dot_kqv_u = _make_dot_kqv(False)
+dot_kqv_s = _make_dot_kqv(True)
 
 
 @intrinsic
@@ -289,25 +385,28 @@ def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
 
 
 @intrinsic
-def dot_q6k_lanes(typingctx, q, iq, x, ix, corr, ic, dsc, ids, nsb):
-    """A Q6_K row (unsigned 6-bit quants times their int8 scales, int16) times a Q8_K row, in the
-    order of ggml_vec_dot_q6_K_q8_K on AVX2: per super-block, 8 int32 lanes (lane m = products
-    4m .. 4m+3 of each 32-quant chunk) minus corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1]
-    sc[2m+1]), converted to float and fused-multiply-added by d = d_x * d_w into 8 float lanes;
-    hsum_float_8 at the end."""
-    if not (isinstance(q, types.Array) and q.dtype == types.int16 and _is_int8_array(x)):
+def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
+    """A Q6_K row (unsigned 6-bit quants, uint8) times a Q8_K row, in the order of
+    ggml_vec_dot_q6_K_q8_K on AVX2: per super-block, 8 int32 lanes (lane m = scale times the
+    products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per 32-chunk) minus
+    corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1] sc[2m+1]), converted to float and
+    fused-multiply-added by d = d_x * d_w into 8 float lanes; hsum_float_8 at the end."""
+    if not (_is_int8_array(q) and _is_int8_array(x)):
         return None
     u = types.unliteral
-    sig = types.float32(q, u(iq), x, u(ix), corr, u(ic), dsc, u(ids), u(nsb))
+    sig = types.float32(q, u(iq), x, u(ix), sv, u(isv), corr, u(ic), dsc, u(ids), u(nsb))
 
     def codegen(context, builder, signature, args):
         st = signature.args
-        pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I16, st[1])
+        pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
         px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
-        pc = _elem_ptr(context, builder, st[4], args[4], args[5], _I32, st[5])
-        pd = _elem_ptr(context, builder, st[6], args[6], args[7], _F32, st[7])
-        n = context.cast(builder, args[8], st[8], types.intp)
+        i16 = ir.IntType(16)
+        ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
+        pc = _elem_ptr(context, builder, st[6], args[6], args[7], _I32, st[7])
+        pd = _elem_ptr(context, builder, st[8], args[8], args[9], _F32, st[9])
+        n = context.cast(builder, args[10], st[10], types.intp)
         intp = n.type
+        i16 = ir.IntType(16)
         v8 = ir.VectorType(_I32, 8)
         v8f = ir.VectorType(_F32, 8)
         fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
@@ -318,7 +417,9 @@ def dot_q6k_lanes(typingctx, q, iq, x, ix, corr, ic, dsc, ids, nsb):
             lanes = ir.Constant(v8, [0] * 8)
             for c in range(QK_K // 32):
                 off = builder.add(base, ir.Constant(intp, 32 * c))
-                lanes = builder.add(lanes, _madd32_lanes(builder, pq, _I16, px, off))
+                sv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
+                                                                      ir.Constant(intp, 16 * c))]), i16, 16)
+                lanes = builder.add(lanes, _kq_chunk_lanes(builder, pq, px, off, sv))
             cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
             lanes = builder.sub(lanes, cv)
             d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
@@ -710,12 +811,13 @@ TILED_MIN_BATCH = 8  # tiled/tiled.cpp ggml_tiled_min_batch: the tiled k-quant k
 
 
 @nb.njit(**JIT)
-def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
-    """Q4_K / Q5_K rows (int16 quants with the sub-block scales folded in) x Q8_K activations.
+def _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
+    """Q4_K / Q5_K rows (unsigned quants q, scales expanded to 16 int16 per 32 quants in sv, 6-bit
+    mins mn per 32) x Q8_K activations.
 
-    Integers are exact: S1 = sum_k q_k x_k (scales folded in), S2 = sum_j m_j (bsum_2j + bsum_2j+1)
-    over a super-block, or over one pair of sub-blocks (64 quants). The float combination follows
-    the kernel llama.cpp runs (xbs: the 16 bsums of each super-block of token t):
+    Integers are exact: S1 = sum_k sc(k) q_k x_k, S2 = sum_j m_j (bsum_2j + bsum_2j+1) over a
+    super-block, or over one pair of sub-blocks (64 quants). The float combination follows the
+    kernel llama.cpp runs (xbs: the 16 bsums of each super-block of token t):
 
     repacked (Q4_K with a multiple of 8 rows, arch/x86/repack.cpp): tokens in groups of four go
         through ggml_gemm_q4_K_8x8_q8_K, which accumulates per pair of sub-blocks,
@@ -735,13 +837,14 @@ def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
         for r in range(r0, r1):
             i = r - r0
             qr = q[i]
+            sr = sv[i]
             acc = F32(0.0)
             acc_m = F32(0.0)
             for s in range(nsb):
+                o = s * QK_K
                 if repacked and t < n_gemm:
                     for p in range(4):
-                        o = s * QK_K + 64 * p
-                        sumi = dot_i16_i8(qr, o, xt, o, 64)
+                        sumi = dot_kqv_u(qr, o + 64 * p, xt, o + 64 * p, sr, (s * 8 + 2 * p) * 16, 2)
                         summs = 0
                         for j in range(2 * p, 2 * p + 2):
                             bsum = np.int64(xbs[t, s * 16 + 2 * j]) + np.int64(xbs[t, s * 16 + 2 * j + 1])
@@ -749,7 +852,7 @@ def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
                         acc = fmaf(F32(sumi), dw[i, s] * xd[t, s], acc)
                         acc_m = fmaf(F32(summs), dmw[i, s] * xd[t, s], acc_m)
                     continue
-                sumi = dot_i16_i8(qr, s * QK_K, xt, s * QK_K, QK_K)
+                sumi = dot_kqv_u(qr, o, xt, o, sr, s * 128, 8)
                 summs = 0
                 for j in range(8):
                     bsum = np.int64(xbs[t, s * 16 + 2 * j]) + np.int64(xbs[t, s * 16 + 2 * j + 1])
@@ -763,79 +866,65 @@ def _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
             out[t, r] = acc - acc_m
 
 
+@nb.njit(**JIT)
+def _unpack_k45(wr, q, sv, mn, dw, dmw, i, nsb, qs_off, has_qh, block_bytes):
+    """One Q4_K / Q5_K row into unsigned quants, expanded scales and mins (get_scale_min_k4)."""
+    for s in range(nsb):
+        o = s * block_bytes
+        dw[i, s] = FP16_TO_FP32[get_u16(wr, o)]
+        dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
+        for j in range(8):
+            sc, m = get_scale_min_k4(j, wr, o + 4)
+            for k in range(16):
+                sv[i, s * 128 + 16 * j + k] = sc
+            mn[i, s * 8 + j] = m
+        qh = o + 16
+        for j in range(4):  # 32 bytes of qs: low nibbles -> sub-block 2j, high -> 2j+1 (+ qh bits 2j, 2j+1)
+            src = o + qs_off + 32 * j
+            if has_qh:
+                unpack32_kq(wr, src, 0, qh, 2 * j, 1, q[i], s * QK_K + 64 * j)
+                unpack32_kq(wr, src, 4, qh, 2 * j + 1, 1, q[i], s * QK_K + 64 * j + 32)
+            else:
+                unpack32_kq(wr, src, 0, src, 0, 0, q[i], s * QK_K + 64 * j)
+                unpack32_kq(wr, src, 4, src, 0, 0, q[i], s * QK_K + 64 * j + 32)
+
+
 @nb.njit(parallel=True, **JIT)
-def _mm_q4_K(w, xq, xd, xbs, out):
+def _mm_q45_K(w, xq, xd, xbs, out, is_q5):
     N = w.shape[0]
     K = xq.shape[1]
     nsb = K // QK_K
+    block_bytes = Q5_K_BYTES if is_q5 else Q4_K_BYTES
+    qs_off = 48 if is_q5 else 16
+    repacked = (not is_q5) and N % 8 == 0  # llama.cpp repacks Q4_K (q4_K_8x8) on AVX2, not Q5_K
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
-        q = np.empty((ROWS, K), np.int16)
+        q = np.empty((ROWS, K), np.uint8)
+        sv = np.empty((ROWS, K // 2), np.int16)
         mn = np.empty((ROWS, nsb * 8), np.int32)
         dw = np.empty((ROWS, nsb), np.float32)
         dmw = np.empty((ROWS, nsb), np.float32)
         for r in range(r0, r1):
-            i = r - r0
-            wr = w[r]
-            for s in range(nsb):
-                o = s * Q4_K_BYTES
-                dw[i, s] = FP16_TO_FP32[get_u16(wr, o)]
-                dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
-                for j in range(4):  # 32 bytes of qs: low nibbles -> sub-block 2j, high -> 2j+1
-                    sc0, m0 = get_scale_min_k4(2 * j, wr, o + 4)
-                    sc1, m1 = get_scale_min_k4(2 * j + 1, wr, o + 4)
-                    mn[i, s * 8 + 2 * j] = m0
-                    mn[i, s * 8 + 2 * j + 1] = m1
-                    src = o + 16 + 32 * j
-                    unpack32_kq16(wr, src, 0, src, 0, 0, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
-                    unpack32_kq16(wr, src, 4, src, 0, 0, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
-        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, N % 8 == 0)
-
-
-@nb.njit(parallel=True, **JIT)
-def _mm_q5_K(w, xq, xd, xbs, out):
-    N = w.shape[0]
-    K = xq.shape[1]
-    nsb = K // QK_K
-    for c in nb.prange((N + ROWS - 1) // ROWS):
-        r0 = c * ROWS
-        r1 = min(N, r0 + ROWS)
-        q = np.empty((ROWS, K), np.int16)
-        mn = np.empty((ROWS, nsb * 8), np.int32)
-        dw = np.empty((ROWS, nsb), np.float32)
-        dmw = np.empty((ROWS, nsb), np.float32)
-        for r in range(r0, r1):
-            i = r - r0
-            wr = w[r]
-            for s in range(nsb):
-                o = s * Q5_K_BYTES
-                dw[i, s] = FP16_TO_FP32[get_u16(wr, o)]
-                dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
-                qh = o + 16
-                for j in range(4):  # qh bit 2j -> sub-block 2j, bit 2j+1 -> sub-block 2j+1
-                    sc0, m0 = get_scale_min_k4(2 * j, wr, o + 4)
-                    sc1, m1 = get_scale_min_k4(2 * j + 1, wr, o + 4)
-                    mn[i, s * 8 + 2 * j] = m0
-                    mn[i, s * 8 + 2 * j + 1] = m1
-                    src = o + 48 + 32 * j
-                    unpack32_kq16(wr, src, 0, qh, 2 * j, 1, 0, sc0, sc0, q[i], s * QK_K + 64 * j)
-                    unpack32_kq16(wr, src, 4, qh, 2 * j + 1, 1, 0, sc1, sc1, q[i], s * QK_K + 64 * j + 32)
-        _dot_k_rows(q, mn, dw, dmw, xq, xd, xbs, out, r0, r1, False)
+            _unpack_k45(w[r], q, sv, mn, dw, dmw, r - r0, nsb, qs_off, is_q5, block_bytes)
+        _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked)
 
 
 @nb.njit(parallel=True, **JIT)
 def _mm_q6_K(w, xq, xd, xbs, out):
     """Q6_K x Q8_K. Batches of fewer than 8 tokens: the lane order of ggml_vec_dot_q6_K_q8_K (AVX2),
     unsigned quants (0..63) times their int8 scales and the -32 offset subtracted through the bsums
-    per lane; larger batches: the tiled kernel's order (see _dot_k_rows)."""
+    per lane; larger batches: the tiled kernel's order (tiled_run_microtile_avx2 without mins,
+    acc = fma(d_w * float(S1), d_x, acc), S1 exact over the super-block with signed quants)."""
     N = w.shape[0]
     T, K = xq.shape
     nsb = K // QK_K
+    tiled = T >= TILED_MIN_BATCH
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
-        q = np.empty((ROWS, K), np.int16)
+        q = np.empty((ROWS, K), np.uint8)
+        sv = np.empty((ROWS, K // 2), np.int16)
         scl = np.empty((ROWS, nsb * 16), np.int64)
         dw = np.empty((ROWS, nsb), np.float32)
         corr = np.empty(nsb * 8, np.int32)
@@ -847,27 +936,26 @@ def _mm_q6_K(w, xq, xd, xbs, out):
                 o = s * Q6_K_BYTES
                 dw[i, s] = FP16_TO_FP32[get_u16(wr, o + 208)]
                 for g in range(16):
-                    scl[i, s * 16 + g] = np.int8(wr[o + 192 + g])
-                for h in range(2):  # two halves of 128 values: ql[64], qh[32], scales[8] each
+                    v = np.int8(wr[o + 192 + g])
+                    scl[i, s * 16 + g] = v
+                    for k in range(8):  # chunk g // 2 holds scales g (bytes 0..15) and g + 1 (16..31)
+                        sv[i, s * 128 + 8 * g + k] = v
+                for h in range(2):  # two halves of 128 values: ql[64], qh[32] each
                     ql = o + 64 * h
                     qh = o + 128 + 32 * h
-                    base = s * QK_K + 128 * h
                     for g in range(4):  # ql byte half g // 2, qh bits 2g..2g+1
-                        sg = s * 16 + 8 * h + 2 * g
-                        unpack32_kq16(wr, ql + 32 * (g % 2), 4 * (g // 2), qh, 2 * g, 3, 0,
-                                      scl[i, sg], scl[i, sg + 1], q[i], base + 32 * g)
-        tiled = T >= TILED_MIN_BATCH
+                        unpack32_kq(wr, ql + 32 * (g % 2), 4 * (g // 2), qh, 2 * g, 3, q[i], s * QK_K + 128 * h + 32 * g)
+            if tiled:
+                for k in range(K):  # signed quants (q - 32), as bytes
+                    q[i, k] = q[i, k] - np.uint8(32)
         for t in range(T):
             xt = xq[t]
             for r in range(r0, r1):
                 i = r - r0
                 if tiled:
-                    # tiled_run_microtile_avx2 (no mins): acc = fma(d_w * float(S1), d_x, acc)
                     acc = F32(0.0)
                     for s in range(nsb):
-                        sumi = np.int64(dot_i16_i8(q[i], s * QK_K, xt, s * QK_K, QK_K))
-                        for g in range(16):
-                            sumi -= 32 * np.int64(xbs[t, s * 16 + g]) * scl[i, s * 16 + g]
+                        sumi = dot_kqv_s(q[i], s * QK_K, xt, s * QK_K, sv[i], s * 128, 8)
                         acc = fmaf(dw[i, s] * F32(sumi), xd[t, s], acc)
                     out[t, r] = acc
                     continue
@@ -877,7 +965,7 @@ def _mm_q6_K(w, xq, xd, xbs, out):
                         v = (np.int64(xbs[t, s * 16 + 2 * m]) * scl[i, s * 16 + 2 * m] +
                              np.int64(xbs[t, s * 16 + 2 * m + 1]) * scl[i, s * 16 + 2 * m + 1])
                         corr[s * 8 + m] = v * 32
-                out[t, r] = dot_q6k_lanes(q[i], 0, xt, 0, corr, 0, dsc, 0, nsb)
+                out[t, r] = dot_q6k_lanes(q[i], 0, xt, 0, sv[i], 0, corr, 0, dsc, 0, nsb)
 
 
 # =============================================================================================
@@ -918,9 +1006,9 @@ def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = N
     elif qtype == _T.Q5_0:
         _mm_q5_0(w, xc[0], xc[1], out)
     elif qtype == _T.Q4_K:
-        _mm_q4_K(w, xc[0], xc[1], xc[2], out)
+        _mm_q45_K(w, xc[0], xc[1], xc[2], out, False)
     elif qtype == _T.Q5_K:
-        _mm_q5_K(w, xc[0], xc[1], xc[2], out)
+        _mm_q45_K(w, xc[0], xc[1], xc[2], out, True)
     elif qtype == _T.Q6_K:
         _mm_q6_K(w, xc[0], xc[1], xc[2], out)
     return out
