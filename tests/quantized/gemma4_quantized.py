@@ -7,7 +7,8 @@ quantization block, and the tokenizer files come along.
 - `build_ct`: compressed-tensors 0.20 itself (apply_quantization_config + calculate_qparams +
   ModelCompressor.compress_model, as fixtures.quantized.build_compressed_tensors), W4A16-like:
   int sym group 32 (the tiny widths are 64/96/128, so group 128 cannot divide them), with the
-  ignore list of the published Gemma 4 W4A16 checkpoints: PLE, vision, audio and lm_head stay bf16.
+  ignore list of the published Gemma 4 W4A16 checkpoints: PLE, vision, audio and lm_head stay bf16;
+  optionally a second config group (MLP int8 per channel: mixed precision).
 - `build_gptq`: GPTQ v1 layout hand-packed per the research note (fixtures.quantized helpers):
   qweight/qzeros/scales(F16)/g_idx, sym or asym, optionally act-order (random g_idx).
 - `build_mlx`: mlx.core.quantize (affine) of the text Linears and both embeddings, mlx-lm's
@@ -76,7 +77,7 @@ def _save(out: Path, sd: dict) -> None:
 # --- compressed-tensors -----------------------------------------------------------------------
 
 
-def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, digest: str) -> Path:
+def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_int8: bool, digest: str) -> Path:
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
@@ -90,9 +91,13 @@ def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, digest
                if _TEXT_LINEAR.match(k) or _TOWER_LINEAR.match(k) or "per_layer_input_gate" in k
                or "per_layer_projection.weight" in k}
     model = _module_tree(linears, torch.bfloat16)
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+    groups = {}
+    if mlp_int8:  # mixed precision (llama.cpp refuses several config groups): MLP int8 per channel
+        groups["group_1"] = QuantizationScheme(targets=["re:.*mlp.*"], weights=QuantizationArgs(
+            num_bits=8, type="int", symmetric=True, strategy="channel"))
+    groups["group_0"] = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=num_bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=CT_IGNORE))
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=CT_IGNORE))
     quantized = []
     for name, mod in model.named_modules():
         s = getattr(mod, "quantization_scheme", None)
@@ -113,9 +118,9 @@ def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, digest
     return out
 
 
-def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True) -> Path:
+def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True, mlp_int8: bool = False) -> Path:
     return cached_build("gemma4_ct", _build_ct, num_bits=num_bits, group_size=group_size, symmetric=symmetric,
-                        digest=_DIGEST)
+                        mlp_int8=mlp_int8, digest=_DIGEST)
 
 
 # --- GPTQ (hand-packed) ------------------------------------------------------------------------

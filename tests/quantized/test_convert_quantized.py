@@ -188,6 +188,18 @@ def test_ct_dry_run_cli_lists_source_and_exactness(ct_dir, tmp_path):
     assert t["source_tensor"] == "model.language_model.layers.0.self_attn.q_proj.weight"
 
 
+def test_ct_mixed_precision_groups_int4_and_int8(tmp_path):
+    # two config groups (llama.cpp's converter refuses these): int4 g32 attention, int8 channel MLP
+    qdir = G.build_ct(mlp_int8=True)
+    path = tmp_path / "mixed.gguf"
+    conv = convert(qdir, outfile=path, exact=True)
+    types = {t.name: t.qtype for t in _quantized_plans(conv)}
+    assert {q for n, q in types.items() if ".ffn_" in n} == {T.Q8_0}
+    assert {q for n, q in types.items() if ".attn_" in n} == {T.Q4_0}
+    assert assert_exact_tensors_bit_equal(conv, path) == N_TEXT_LINEARS
+    assert_logits_close(path, qdir, tmp_path, EXACT_LOGIT_TOL)
+
+
 # --- GPTQ (hand-packed v1 layout) ---------------------------------------------------------------
 
 
@@ -237,6 +249,33 @@ def test_gptq_act_order_fp16_scales_is_lossy_and_exact_refuses(tmp_path):
     assert assert_exact_tensors_bit_equal(conv, path) == 12
     assert all(t.src.sqnr > 40 for t in _quantized_plans(conv) if not t.src.exact)
     assert_logits_close(path, qdir, tmp_path, LOSSY_LOGIT_TOL)
+
+
+def test_lossy_requantization_uses_the_imatrix(tmp_path):
+    from ggquant.imatrix.files import load
+    from ggquant.quant import types as qtypes
+    from tests.imatrix_util import write_imatrix_gguf
+
+    qdir = G.build_gptq(act_order=True, fp16_scales=True)
+    plan = convert(qdir, outtype="Q4_K_M", dry_run=True)
+    rng = np.random.default_rng(3)
+    sums = {t.name: rng.gamma(1.0, 1.0, t.shape[-1]).astype(np.float32) * 32
+            for t in plan.files[0].tensors if len(t.shape) == 2 and t.name.startswith("blk.")}
+    im = write_imatrix_gguf(tmp_path / "imatrix.gguf", sums, {n: 32 for n in sums})
+    path = tmp_path / "q4km.gguf"
+    conv = convert(qdir, outtype="Q4_K_M", imatrix=im, outfile=path)
+    vectors = load(im).normalised()
+    checked = differs = 0
+    with GGUFReader(path) as r:
+        for t in _quantized_plans(conv):
+            if t.src.exact or not qtypes.get(t.qtype).uses_imatrix:
+                continue
+            w = t.src.rec.dequantize()
+            got = np.ascontiguousarray(r.tensor(t.name).raw()).view(np.uint8).reshape(t.shape[0], -1)
+            assert np.array_equal(got, ggml_oracle.quantize(t.qtype, w, vectors[t.name])), t.name
+            differs += not np.array_equal(got, ggml_oracle.quantize(t.qtype, w))
+            checked += 1
+    assert checked >= 12 and differs == checked
 
 
 # --- MLX affine ---------------------------------------------------------------------------------
