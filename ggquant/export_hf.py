@@ -237,6 +237,12 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
                 raise GGQuantError(f"{mm.path}: general.architecture = {mm.arch!r}; --mmproj takes the mmproj GGUF "
                                    f"(general.architecture = clip)")
         config = cls.hf_config(g, mm)
+        n_tokens = len(g.get(Keys.Tokenizer.LIST) or [])
+        emb = g.shapes.get("token_embd.weight")
+        if emb is not None and n_tokens != emb[0]:
+            raise GGQuantError(f"{src}: the vocabulary has {n_tokens} tokens but token_embd.weight has {emb[0]} rows; "
+                               f"llama.cpp refuses such a GGUF and a Hugging Face model would index past its "
+                               f"embeddings")
         conditional = mm is not None
         arch = cls(out, config, None)
         if dtype == "auto":

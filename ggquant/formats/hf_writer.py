@@ -141,7 +141,8 @@ def encode_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "F16":
-        return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond 65504 is inf, as in torch
+            return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
     if dtype == "BF16":
         return f32_to_bf16(x)
     raise GGQuantError(f"dtype {dtype} is not written by ggquant")

@@ -156,3 +156,20 @@ def test_failure_while_writing_keeps_the_old_folder(ggufs, tmp_path, monkeypatch
     with pytest.raises(GGQuantError, match="simulated"):
         ex.export_hf(ggufs["g3"], outfile=out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_vocabulary_must_match_the_embeddings(ggufs, tmp_path):
+    r = GGUFReader(ggufs["g3"])
+    try:
+        w = GGUFWriter(tmp_path / "v.gguf")
+        for f in r.fields.values():
+            if f.name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                w.add_field(f.name, f.value[:-1], f.type, f.item_type)
+            else:
+                copy_field(w, f)
+        for t in r.tensors:
+            w.add_tensor(t.name, t.shape, t.qtype, lambda t=t: [t.raw()])
+        w.write()
+    finally:
+        r.close()
+    fails(tmp_path, [str(tmp_path / "v.gguf")], "v.gguf", "511 tokens", "512 rows")
