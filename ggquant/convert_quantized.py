@@ -9,13 +9,14 @@ and the converter's data flow (ggquant.convert):
                              place as a `QuantizedSourceTensor`, a SafeTensor stand-in whose
                              float rows are the source's exact dequantization. The arch name map,
                              shape checks and planning then treat it like a bf16 weight.
+                             GLQ weights stored padded are cropped to config.json's shapes.
     finish_plan(...)         after the normal plan (converter outtypes, llama-quantize presets,
                              --tensor-type) each quantized weight gets its final type and is
                              marked exact or lossy; --exact refuses every lossy step.
     encode_chunks            (called by convert.tensor_chunks) writes exact tensors by moving
-                             the source's integers into GGML blocks (ggquant.quant.transcode,
-                             every chunk verified bit for bit against the source's dequantization)
-                             and lossy ones by dequantizing exactly and quantizing (imatrix if given).
+                             the source's integers into GGML blocks, every chunk checked bit for
+                             bit (see below), and lossy ones by dequantizing exactly and
+                             quantizing (imatrix if given).
 
 Type of a quantized weight (research note compressed-tensors-gptq-gguf-mapping.md §5, §7):
   1. a --tensor-type rule that names it: that type (exact if the values fit it, else lossy);
@@ -26,9 +27,12 @@ Type of a quantized weight (research note compressed-tensors-gptq-gguf-mapping.m
      from the exact dequantization; GLQ gets a type at least one step above the layer's bpw
      (GLQTensor.suggested_type) and its SQNR is reported;
   3. an explicit --outtype: f32 (always exact), f16/bf16 (exact when every value fits), or a
-     quantized type P (q8_0, a preset's choice): exact P when the values fit P; else, when P has
-     at least as many bits per weight as the source's codes, the exact type (never requantize an
-     int4 weight to a 4-bit type through float); else P, requantized (lossy).
+     quantized type P (q8_0, a preset's choice): when P has at least as many bits per weight as
+     the source's codes (floor(bpw(P)) >= bits), the exact type of 2. (never requantize an int4
+     weight to a 4-bit type through float: Q4_K_M keeps a W4A16 model's Q4_0 blocks); else P,
+     requantized from the exact dequantization (lossy; with --imatrix when given).
+An exact tensor is written by ggquant.kernels.transcode (pack, read back as ggml does, compare
+with the source value) or, for what that kernel reports, the general packer with verify=True.
 Lossy quantized weights report their SQNR (10 log10 |w|^2 / |w - ggml(w)|^2, in dB, against the
 source's exact dequantization) in --dry-run and --json.
 

@@ -73,8 +73,8 @@ def _row_nibbles(u, d, m, kind, out):
                 return ib
             put_u16(out, oo + 2, hm)
         put_u16(out, oo, hd)
-        dd = fp16_to_fp32(hd)  # what ggml reads back (== dv, checked above)
-        mm = fp16_to_fp32(hm)
+        dd = fp16_to_fp32(get_u16(out, oo))  # read back as ggml reads the block
+        mm = fp16_to_fp32(get_u16(out, oo + 2)) if offset_type else F32(0.0)
         qh = np.uint32(0)
         for j in range(half):
             c0 = np.int32(u[xo + j])
@@ -83,8 +83,8 @@ def _row_nibbles(u, d, m, kind, out):
             q1 = c1 - np.int32(lo)
             if q0 < 0 or q0 > span or q1 < 0 or q1 > span:
                 return ib
-            byte = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
-            out[oo + head + j] = np.uint8(byte)
+            out[oo + head + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+            byte = np.int32(out[oo + head + j])
             # decode: low nibble (| bit 4 from qh) - 8/16 (sym) or q*d + m (offset)
             r0 = byte & 0x0F
             r1 = byte >> 4
@@ -130,7 +130,7 @@ def _row_q8_0(u, d, out):
         if not ok:
             return ib
         put_u16(out, oo, hd)
-        dd = fp16_to_fp32(hd)
+        dd = fp16_to_fp32(get_u16(out, oo))
         for j in range(QK):
             c = np.int32(u[xo + j])
             if c < -128 or c > 127:
