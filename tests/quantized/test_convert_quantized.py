@@ -340,3 +340,15 @@ def test_source_blocks_dequantize_like_the_source(build):
         assert_bits_equal(blocks.dequantize(), t.src.rec.dequantize(), t.name)
         n += 1
     assert n >= 12
+
+
+def test_unknown_quantization_method_is_refused_by_name(ct_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "bnb"
+    shutil.copytree(ct_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GGQuantError, match=r"quant_method is 'bitsandbytes', which ggquant does not read"):
+        convert(d, dry_run=True)
