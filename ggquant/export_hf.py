@@ -361,8 +361,10 @@ def _side_files(export: Export, cls: type[Arch], g: GGUFFacts, mm: GGUFFacts | N
 
 def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = False, dry_run: bool = False,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, threads: int | None = None,
-              progress: bool = False) -> Export:
-    """Convert a GGUF (+ mmproj) to a Hugging Face folder; returns what was (or would be) written."""
+              progress: bool = False, linears=None) -> Export:
+    """Convert a GGUF (+ mmproj) to a Hugging Face folder; returns what was (or would be) written.
+    `linears`: a hook that writes the Linear weights in a quantized layout (entries, chunks,
+    config_json; formats.ct_writer.CompressedTensorsLinears for --to compressed-tensors)."""
     from ggquant.formats.hf_writer import SafetensorsWriter
 
     t0 = time.perf_counter()
@@ -378,12 +380,21 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
         if out.exists() and not out.is_dir():
             raise GGQuantError(f"{out} exists and is not a folder; --to hf writes a folder")
         cls = type(export.model)
-        side = _side_files(export, cls, sources[0].facts, sources[1].facts if len(sources) > 1 else None)
-        writer = SafetensorsWriter(out, [(t.name, export.dtype, t.shape) for t in export.tensors], max_shard_bytes)
-        export.files = sorted(list(side) + writer.file_names())
+        entries = (linears.entries(export) if linears is not None
+                   else [(t.name, export.dtype, t.shape) for t in export.tensors])
+        writer = SafetensorsWriter(out, entries, max_shard_bytes)
+        mm = sources[1].facts if len(sources) > 1 else None
+        side_names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+        side_names += ["tokenizer.model"] if sources[0].facts.get(Keys.Tokenizer.MODEL) == "llama" else []
+        side_names += ["preprocessor_config.json"] if mm is not None else []
+        export.files = sorted(side_names + writer.file_names())
         if dry_run:
             export.seconds = time.perf_counter() - t0
             return export
+        side = _side_files(export, cls, sources[0].facts, mm)  # before any tensor: tokenizer errors first
+        assert sorted(side) == sorted(side_names), (sorted(side), side_names)
+        if linears is not None:
+            side["config.json"] = linears.config_json(side["config.json"])
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
@@ -396,7 +407,8 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
                 bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="convert", leave=False,
                            file=sys.stderr)
             try:
-                writer.write(lambda p: tensor_chunks(by_name[p.name], export.dtype),
+                writer.write((lambda p: linears.chunks(p, export)) if linears is not None
+                             else (lambda p: tensor_chunks(by_name[p.name], export.dtype)),
                              progress=(lambda name, n: bar.update(n)) if bar is not None else None)
             finally:
                 if bar is not None:

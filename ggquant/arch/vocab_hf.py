@@ -72,6 +72,7 @@ class GGUFVocab:
                 raise GGQuantError(f"{g.path}: {name} id {tid} is outside the vocabulary (0..{n - 1})")
         self.add_bos = bool(g.get(K.ADD_BOS, False))
         self.add_eos = bool(g.get(K.ADD_EOS, False))
+        self.add_space_prefix = bool(g.get(K.ADD_PREFIX, False))
 
     def named(self) -> dict[str, str]:
         return {name: self.tokens[tid] for name, tid in self.ids.items()}
@@ -160,12 +161,15 @@ def tokenizer_json(v: GGUFVocab, special: list[bool], added: list[int], n_model_
     else:
         merges = _gguf_merges(v)
     unk = v.named().get("unk_token")
+    normalizer: dict = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if v.add_space_prefix:  # llama.cpp SPM: a space before the text (Gemma 3 has none)
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, normalizer]}
     doc = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": [_added_entry(i, v.tokens[i], special[i]) for i in added],
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+        "normalizer": normalizer,
         "pre_tokenizer": None,
         "post_processor": _post_processor(v),
         "decoder": {"type": "Sequence", "decoders": [

@@ -341,3 +341,52 @@ def test_peak_memory_is_a_chunk_not_a_tensor(tmp_path):
     growth = int(res.stdout.split()[-1])
     f32_mib = rows * cols * 4 // 2**20
     assert growth < f32_mib // 4, f"peak RSS grew by {growth} MiB writing a {f32_mib} MiB tensor"
+
+
+def test_untied_output_becomes_lm_head(tiny_gemma3_text, tmp_path):
+    """A GGUF with its own output.weight: lm_head.weight, tie_word_embeddings false."""
+    import torch
+
+    from ggquant.formats.gguf import GGUFWriter, copy_field
+
+    src = convert(tiny_gemma3_text, outtype="f32", outfile=tmp_path / "m.gguf").written[0]
+    r = GGUFReader(src)
+    try:
+        w = GGUFWriter(tmp_path / "untied.gguf")
+        for f in r.fields.values():
+            copy_field(w, f)
+        for t in r.tensors:
+            w.add_tensor(t.name, t.shape, t.qtype, lambda t=t: [t.raw()])
+        emb = r.tensor("token_embd.weight")
+        w.add_tensor("output.weight", emb.shape, emb.qtype, lambda: [(emb.raw().view(np.float32) * 0.5)])
+        w.write()
+    finally:
+        r.close()
+    e = export_hf(tmp_path / "untied.gguf", outfile=tmp_path / "hf", dtype="f32")
+    assert e.config["tie_word_embeddings"] is False
+    model = _load(tmp_path / "hf")
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight * 0.5)
+
+
+def _config_dict(folder: Path) -> dict:
+    from transformers import AutoConfig
+
+    d = AutoConfig.from_pretrained(folder).to_dict()
+    for k in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    return d
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_reloads_identically(round_trip, case):
+    """config.json written from the GGUF metadata is the original configuration, every field,
+    once transformers has filled in its defaults."""
+    rt = round_trip(case)
+    want, got = _config_dict(rt.orig), _config_dict(rt.hf)
+    if case == "e4b_no_mm":  # the conditional model's text config, as a causal LM
+        text = {k: v for k, v in want["text_config"].items() if k not in ("dtype", "torch_dtype", "_name_or_path")}
+        got = {k: v for k, v in got.items() if k in text}
+        want = {**text, "architectures": None}
+        got["architectures"] = None
+    assert got == want
