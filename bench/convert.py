@@ -96,8 +96,8 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     n_chars = next(n for n in range(1, 4096) if n + n * n >= n_trained)
     chars = [chr(0x4E00 + i) for i in range(n_chars)]
     pairs = [(a, b) for a in chars for b in chars][: n_trained - n_chars]
-    vocab = tk.TinyVocab("gemma4", tuple(tk.GEMMA4_SPECIALS) + tk.BYTE_PIECES + tuple(chars) + tuple(a + b for a, b in pairs),
-                         tuple(pairs), tuple(tk.GEMMA4_SPECIALS), n_chars)
+    tokens = tuple(tk.GEMMA4_SPECIALS) + tk.BYTE_PIECES + tuple(chars) + tuple(a + b for a, b in pairs)
+    vocab = tk.TinyVocab("gemma4", tokens, tuple(pairs), tuple(tk.GEMMA4_SPECIALS), n_chars)
     assert vocab.size == vocab_size
     with mock.patch.object(tk, "build_vocab", lambda family, size: vocab):
         tk.write_tokenizer(out, "gemma4", vocab_size=vocab_size, chat_template="config")

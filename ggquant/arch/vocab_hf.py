@@ -267,8 +267,8 @@ def tokenizer_files(g: GGUFFacts, *, visible_specials: tuple[str, ...] = (), nam
     cfg: dict[str, Any] = {
         "add_bos_token": v.add_bos,
         "add_eos_token": v.add_eos,
-        "added_tokens_decoder": {str(i): {k: x for k, x in _added_entry(i, v.tokens[i], special[i]).items() if k != "id"}
-                                 for i in added},
+        "added_tokens_decoder": {str(i): {k: x for k, x in _added_entry(i, v.tokens[i], special[i]).items()
+                                          if k != "id"} for i in added},
         **named,
         **extra_named,
         "clean_up_tokenization_spaces": False,

@@ -117,8 +117,9 @@ class SafetensorsWriter:
                                            f"({t.dtype} {list(t.shape)})")
             written.append(path)
         if self.n_shards > 1:
+            by_name = sorted(self.tensors, key=lambda t: t.name)
             index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {t.name: self.shard_name(t.shard) for t in sorted(self.tensors, key=lambda t: t.name)}}
+                     "weight_map": {t.name: self.shard_name(t.shard) for t in by_name}}
             path = self.folder / INDEX_NAME
             path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             written.append(path)

@@ -175,7 +175,7 @@ def _same_gguf(a: Path, b: Path) -> str | None:
     ra, rb = GGUFReader(a), GGUFReader(b)
     try:
         if list(ra.fields) != list(rb.fields):
-            return f"keys: {[k for k in ra.fields if k not in rb.fields]} vs {[k for k in rb.fields if k not in ra.fields]}"
+            return f"keys: {sorted(set(ra.fields) ^ set(rb.fields))} (or their order) differ"
         for k, fa in ra.fields.items():
             fb = rb.fields[k]
             va, vb = fa.value, fb.value
