@@ -234,6 +234,26 @@ def _kq_chunk_lanes(builder, pq, px, off, scales, signed=False):
     return _pair_sum(builder, builder.mul(p16, builder.sext(scales, m16)), 16)  # times scales, as vpmaddwd
 
 
+@intrinsic
+def store_splat16(typingctx, dst, idst, value):
+    """dst[idst:idst+16] = value (int16 dst): one vector store instead of 16 scalar ones."""
+    if not (isinstance(dst, types.Array) and dst.dtype == types.int16):
+        return None
+    u = types.unliteral
+    sig = types.void(dst, u(idst), u(value))
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        i16 = ir.IntType(16)
+        v = args[2]
+        v = builder.trunc(v, i16) if v.type.width > 16 else (builder.sext(v, i16) if v.type.width < 16 else v)
+        pd = _elem_ptr(context, builder, st[0], args[0], args[1], i16, st[1])
+        builder.store(_splat(builder, v, 16), builder.bitcast(pd, ir.VectorType(i16, 16).as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _make_dot_kqv(signed: bool):
     @intrinsic
     def dot_kqv(typingctx, q, iq, x, ix, sv, isv, nchunks):
@@ -429,6 +449,78 @@ def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
     return sig, codegen
 
 
+def _q0_block_quants(builder, pb, kind):
+    """The 32 signed quants of the block at pb (i8*) as <32 x i8>, and the pointer to its fp16 d.
+
+    kind 8: Q8_0 (d | qs[32]); 5: Q5_0 (d | qh u32 | qs[16], (nibble | qh bit << 4) - 16);
+    4: Q4_0 (d | qs[16], nibble - 8). Nibbles: element j low, element j + 16 high."""
+    vt8 = ir.VectorType(_I8, 32)
+    if kind == 8:
+        return _load_vec(builder, builder.gep(pb, [ir.Constant(_I32, 2)]), _I8, 32)
+    qoff = 6 if kind == 5 else 2
+    qs = _load_vec(builder, builder.gep(pb, [ir.Constant(_I32, qoff)]), _I8, 16)
+    both = builder.shuffle_vector(qs, qs, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+    nib = builder.and_(builder.lshr(both, ir.Constant(vt8, [0] * 16 + [4] * 16)), ir.Constant(vt8, [0xF] * 32))
+    if kind == 4:
+        return builder.sub(nib, ir.Constant(vt8, [8] * 32))
+    qh = builder.load(builder.bitcast(builder.gep(pb, [ir.Constant(_I32, 2)]), _I32.as_pointer()), align=1)
+    vt32 = ir.VectorType(_I32, 32)
+    bits = builder.and_(builder.lshr(_splat(builder, qh, 32), ir.Constant(vt32, list(range(32)))), ir.Constant(vt32, [1] * 32))
+    hb = builder.shl(builder.trunc(bits, vt8), ir.Constant(vt8, [4] * 32))
+    return builder.sub(builder.or_(nib, hb), ir.Constant(vt8, [16] * 32))
+
+
+def _make_dot_row_q0(kind: int, block_bytes: int):
+    @intrinsic
+    def dot_row(typingctx, w, iw, x, ix, dx, idx, nblocks):
+        if not (_is_int8_array(w) and _is_int8_array(x) and isinstance(dx, types.Array) and dx.dtype == types.float32):
+            return None
+        u = types.unliteral
+        sig = types.float32(w, u(iw), x, u(ix), dx, u(idx), u(nblocks))
+
+        def codegen(context, builder, signature, args):
+            st = signature.args
+            pw = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+            px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+            pdx = _elem_ptr(context, builder, st[4], args[4], args[5], _F32, st[5])
+            n = context.cast(builder, args[6], st[6], types.intp)
+            intp = n.type
+            v32 = ir.VectorType(_I8, 32)
+            v8f = ir.VectorType(_F32, 8)
+            fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+            acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+            with cgutils.for_range(builder, n) as loop:
+                b = loop.index
+                pb = builder.gep(pw, [builder.mul(b, ir.Constant(intp, block_bytes))])
+                q = _q0_block_quants(builder, pb, kind)
+                xv = _load_vec(builder, builder.gep(px, [builder.mul(b, ir.Constant(intp, QK8_0))]), _I8, 32)
+                if HAS_AVX2:
+                    aq = _x86(builder, "llvm.x86.avx2.psign.b", v32, [q, q])
+                    sx = _x86(builder, "llvm.x86.avx2.psign.b", v32, [xv, q])
+                    lanes = _maddubs_lanes(builder, aq, sx)
+                else:
+                    v32i = ir.VectorType(_I32, 32)
+                    prod = builder.mul(builder.sext(q, v32i), builder.sext(xv, v32i))
+                    lanes = _pair_sum(builder, _pair_sum(builder, prod, 32), 16)
+                half = builder.load(builder.bitcast(pb, ir.HalfType().as_pointer()), align=1)
+                dw = builder.fpext(half, _F32)  # GGML_CPU_FP16_TO_FP32 is exact
+                scale = builder.fmul(dw, builder.load(builder.gep(pdx, [b])))
+                builder.store(builder.call(fma8, [_splat(builder, scale, 8), builder.sitofp(lanes, v8f),
+                                                  builder.load(acc)]), acc)
+            return _hsum_movehl(builder, builder.load(acc))
+
+        return sig, codegen
+
+    dot_row.__doc__ = (f"A whole row of {block_bytes}-byte blocks read in place (kind {kind}) times a Q8_0 row, in "
+                       "the order of dot_blocks_q8 (ggml_vec_dot_q*_0_q8_0 on AVX2), fp16 scales converted inline.")
+    return dot_row
+
+
+dot_row_q8_0 = _make_dot_row_q0(8, Q8_0_BYTES)
+dot_row_q5_0 = _make_dot_row_q0(5, Q5_0_BYTES)
+dot_row_q4_0 = _make_dot_row_q0(4, Q4_0_BYTES)
+
+
 @intrinsic
 def unpack32_q0(typingctx, w, iqs, qh, offset, dst, idst):
     """The 32 quants of a Q4_0 / Q5_0 block into int8 dst[idst:idst+32].
@@ -562,7 +654,7 @@ def _round_small(v):
     return np.int32((v + _ROUND_MAGIC) - _ROUND_MAGIC)
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT)
 def _quantize_q8_0(x, qs, d):
     """arch/x86/quants.c quantize_row_q8_0 (AVX2 branch), per 32-block of each row.
 
@@ -571,7 +663,7 @@ def _quantize_q8_0(x, qs, d):
     d here is the fp16 value read back as float32, as ggml's dot products read it.
     """
     T, K = x.shape
-    for t in nb.prange(T):
+    for t in range(T):
         for b in range(K // QK8_0):
             o = b * QK8_0
             amax = F32(0.0)
@@ -587,7 +679,7 @@ def _quantize_q8_0(x, qs, d):
                 qs[t, o + j] = max(-128, min(127, q))
 
 
-@nb.njit(parallel=True, **JIT)
+@nb.njit(**JIT)
 def _quantize_q8_K(x, qs, d, bsums):
     """ggml-quants.c quantize_row_q8_K_ref (what x86 runs): per 256-block of each row.
 
@@ -595,7 +687,7 @@ def _quantize_q8_K(x, qs, d, bsums):
     * x)); d = 1 / iscale in float32; bsums[j] = sum of quants j*16 .. j*16+15.
     """
     T, K = x.shape
-    for t in nb.prange(T):
+    for t in range(T):
         for b in range(K // QK_K):
             o = b * QK_K
             amax = F32(0.0)
@@ -739,6 +831,11 @@ def _mm_q8_0(w, xq, xd, out):
     N = w.shape[0]
     T, K = xq.shape
     nb_ = K // QK8_0
+    if T == 1:  # decode: every weight byte is used once, read the blocks in place
+        for c in nb.prange((N + ROWS - 1) // ROWS):
+            for r in range(c * ROWS, min(N, c * ROWS + ROWS)):
+                out[0, r] = dot_row_q8_0(w[r], 0, xq[0], 0, xd[0], 0, nb_)
+        return
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -769,8 +866,13 @@ def _dot_q0_rows(q, dw, xq, xd, out, r0, r1):
 def _mm_q4_0(w, xq, xd, out):
     """Q4_0 x Q8_0 (ggml_vec_dot_q4_0_q8_0): quants (nibble - 8)."""
     N = w.shape[0]
-    K = xq.shape[1]
+    T, K = xq.shape
     nb_ = K // QK8_0
+    if T == 1:
+        for c in nb.prange((N + ROWS - 1) // ROWS):
+            for r in range(c * ROWS, min(N, c * ROWS + ROWS)):
+                out[0, r] = dot_row_q4_0(w[r], 0, xq[0], 0, xd[0], 0, nb_)
+        return
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -789,8 +891,13 @@ def _mm_q4_0(w, xq, xd, out):
 def _mm_q5_0(w, xq, xd, out):
     """Q5_0 x Q8_0 (ggml_vec_dot_q5_0_q8_0): quants (nibble | qh bit << 4) - 16."""
     N = w.shape[0]
-    K = xq.shape[1]
+    T, K = xq.shape
     nb_ = K // QK8_0
+    if T == 1:
+        for c in nb.prange((N + ROWS - 1) // ROWS):
+            for r in range(c * ROWS, min(N, c * ROWS + ROWS)):
+                out[0, r] = dot_row_q5_0(w[r], 0, xq[0], 0, xd[0], 0, nb_)
+        return
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
@@ -875,8 +982,7 @@ def _unpack_k45(wr, q, sv, mn, dw, dmw, i, nsb, qs_off, has_qh, block_bytes):
         dmw[i, s] = FP16_TO_FP32[get_u16(wr, o + 2)]
         for j in range(8):
             sc, m = get_scale_min_k4(j, wr, o + 4)
-            for k in range(16):
-                sv[i, s * 128 + 16 * j + k] = sc
+            store_splat16(sv[i], s * 128 + 16 * j, sc)
             mn[i, s * 8 + j] = m
         qh = o + 16
         for j in range(4):  # 32 bytes of qs: low nibbles -> sub-block 2j, high -> 2j+1 (+ qh bits 2j, 2j+1)
@@ -938,7 +1044,8 @@ def _mm_q6_K(w, xq, xd, xbs, out):
                 for g in range(16):
                     v = np.int8(wr[o + 192 + g])
                     scl[i, s * 16 + g] = v
-                    for k in range(8):  # chunk g // 2 holds scales g (bytes 0..15) and g + 1 (16..31)
+                    # chunk g // 2 holds scales g (bytes 0..15) and g + 1 (16..31): 8 int16 lanes each
+                    for k in range(8):
                         sv[i, s * 128 + 8 * g + k] = v
                 for h in range(2):  # two halves of 128 values: ql[64], qh[32] each
                     ql = o + 64 * h
@@ -985,11 +1092,15 @@ def _check(w: np.ndarray, qtype, K: int, N: int | None = None):
                          f"got {w.dtype} {w.shape}")
 
 
-def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W^T where xc = convert_activation(qtype, x) (share it between weights with one input)."""
+def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = None,
+                     check: bool = True) -> np.ndarray:
+    """y = x @ W^T where xc = convert_activation(qtype, x) (share it between weights with one input).
+
+    check=False skips the shape checks (for callers that validated w once, e.g. at model load)."""
     K = xc[0].shape[1]
     T = xc[0].shape[0]
-    _check(w, qtype, K)
+    if check:
+        _check(w, qtype, K)
     N = w.shape[0]
     if out is None:
         out = np.empty((T, N), np.float32)
@@ -1014,13 +1125,14 @@ def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = N
     return out
 
 
-def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None, check: bool = True) -> np.ndarray:
     """float32 x [T, K] times GGML weights w (uint8 [N, row_bytes] of type qtype), transposed: [T, N]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
-    _check(w, qtype, x.shape[1])
-    return matmul_converted(w, qtype, convert_activation(qtype, x), out)
+    if check:
+        if x.ndim != 2:
+            raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
+        _check(w, qtype, x.shape[1])
+    return matmul_converted(w, qtype, convert_activation(qtype, x), out, check=False)
 
 
 # =============================================================================================
@@ -1211,3 +1323,48 @@ def softcap(x, cap, out):
     o = out.reshape(-1)
     for i in nb.prange(flat.shape[0]):
         o[i] = F32(math.tanh(flat[i] * inv)) * c
+
+
+# =============================================================================================
+# Element-wise ops of the graph, as ggml-cpu computes them
+# =============================================================================================
+
+
+@nb.njit(**JIT)
+def rms_norm(x, w, eps, use_w, out):
+    """ops.cpp ggml_compute_forward_rms_norm_f32 (+ the fused ggml_mul by w), rows of x [R, n]:
+    sum of float32 squares accumulated in double, mean cast to float, scale = 1 / sqrtf(mean + eps),
+    y = x * scale * w."""
+    R, n = x.shape
+    eps = F32(eps)
+    for r in range(R):
+        acc = 0.0
+        for i in range(n):
+            v = x[r, i] * x[r, i]
+            acc += np.float64(v)
+        mean = F32(acc / n)
+        scale = F32(1.0) / F32(math.sqrt(mean + eps))
+        if use_w:
+            for i in range(n):
+                out[r, i] = (x[r, i] * scale) * w[i]
+        else:
+            for i in range(n):
+                out[r, i] = x[r, i] * scale
+
+
+@nb.njit(**JIT)
+def gelu_table_f16(x, table, gate, use_gate, out):
+    """vec.h ggml_vec_gelu_f32 / ggml_vec_geglu_f32 with GGML_GELU_FP16: x <= -10 -> 0, x >= 10 ->
+    x, otherwise table[fp16(x)] (the table holds fp16(gelu) as float32); times gate if use_gate."""
+    flat = x.reshape(-1)
+    g = gate.reshape(-1)
+    o = out.reshape(-1)
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if v <= F32(-10.0):
+            y = F32(0.0)
+        elif v >= F32(10.0):
+            y = v
+        else:
+            y = table[fp32_to_fp16(v)]
+        o[i] = y * g[i] if use_gate else y

@@ -59,6 +59,7 @@ def _gelu_table() -> np.ndarray:
 
 
 _GELU_TABLE: np.ndarray | None = None
+_ONE = np.ones(1, np.float32)
 
 
 def gelu(x: np.ndarray, mode: str = "ggml") -> np.ndarray:
@@ -177,6 +178,7 @@ class CPUBackend:
             raise GGQuantError(f"gelu must be 'ggml' or 'exact', got {gelu!r}")
         self.gelu_mode = gelu
         self._mm = mm
+        self._rope_memo: dict = {}
 
     # --- weights --------------------------------------------------------------------------
     def weight(self, info) -> CPUWeight:
@@ -185,7 +187,14 @@ class CPUBackend:
                 f"{info.name}: tensor type {info.qtype.name} is not supported by the CPU runtime "
                 f"(supported: {', '.join(t.name for t in self._mm.SUPPORTED)}); requantize the model "
                 f"with `ggquant quantize`")
-        return CPUWeight(info.name, info.qtype, info.shape, info.raw())
+        raw = info.raw()
+        raw = raw.view(np.ndarray) if isinstance(raw, np.ndarray) else np.asarray(raw)  # plain view: cheaper calls
+        if len(info.shape) == 2:
+            try:
+                self._mm._check(raw, info.qtype, info.shape[-1])
+            except ValueError as e:
+                raise GGQuantError(f"{info.name}: {e}") from None
+        return CPUWeight(info.name, info.qtype, info.shape, raw)
 
     def dense(self, w: CPUWeight) -> np.ndarray:
         """The whole tensor dequantized to float32 (for norms, scalars and small tables)."""
@@ -213,7 +222,9 @@ class CPUBackend:
     # --- operations -----------------------------------------------------------------------
     def matmul(self, x: np.ndarray, w: CPUWeight) -> np.ndarray:
         """x [T, K] @ w[N, K]^T -> [T, N]."""
-        return self._mm.matmul(w.raw, w.qtype, x)
+        if x.shape[-1] != w.shape[-1]:
+            raise GGQuantError(f"{w.name}: input width {x.shape[-1]}, the weight expects {w.shape[-1]}")
+        return self._mm.matmul(w.raw, w.qtype, x, check=False)
 
     def matmuls(self, x: np.ndarray, ws: list[CPUWeight]) -> list[np.ndarray]:
         """Several products of one input, converting the activation once per vec_dot_type."""
@@ -224,21 +235,49 @@ class CPUBackend:
             vt = self._mm.VEC_DOT_TYPE.get(w.qtype)
             if vt not in conv:
                 conv[vt] = self._mm.convert_activation(w.qtype, x)
-            out.append(self._mm.matmul_converted(w.raw, w.qtype, conv[vt]))
+            out.append(self._mm.matmul_converted(w.raw, w.qtype, conv[vt], check=False))
         return out
 
     def rms_norm(self, x, w, eps):
-        return rms_norm(x, w, eps)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        n = x.shape[-1]
+        x2, o2 = x.reshape(-1, n), out.reshape(-1, n)
+        if w is None:
+            self._mm.rms_norm(x2, _ONE, F32(eps), False, o2)
+        else:
+            self._mm.rms_norm(x2, np.ascontiguousarray(w, dtype=np.float32).reshape(-1), F32(eps), True, o2)
+        return out
+
+    def _gelu(self, x, gate):
+        if self.gelu_mode == "exact":
+            y = _gelu_tanh_f32(x)
+            return y * gate if gate is not None else y
+        global _GELU_TABLE
+        if _GELU_TABLE is None:
+            _GELU_TABLE = _gelu_table()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        g = _ONE if gate is None else np.ascontiguousarray(gate, dtype=np.float32)
+        self._mm.gelu_table_f16(x, _GELU_TABLE, g, gate is not None, out)
+        return out
 
     def geglu(self, gate, up):
-        return gelu(gate, self.gelu_mode) * up
+        return self._gelu(gate, up)
 
     def gelu(self, x):
-        return gelu(x, self.gelu_mode)
+        return self._gelu(x, None)
 
     def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
-        cos, sin = rope_cache(pos, n_dims, base, freq_scale, freq_factors)
-        return rope_neox(x, cos, sin)
+        pos = np.asarray(pos)
+        key = (int(pos[0]), len(pos), n_dims, float(base), float(freq_scale),
+               None if freq_factors is None else id(freq_factors))
+        tab = self._rope_memo.get(key)
+        if tab is None:  # the same positions are rotated by every layer of a kind: compute once
+            if len(self._rope_memo) > 64:
+                self._rope_memo.clear()
+            tab = self._rope_memo[key] = rope_cache(pos, n_dims, base, freq_scale, freq_factors)
+        return rope_neox(x, *tab)
 
     def kv_layer(self, n_ctx: int, h: int, d: int) -> CPULayerCache:
         return CPULayerCache(n_ctx, h, d)
