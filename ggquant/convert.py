@@ -495,8 +495,10 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
-              help="Target format: gguf (SRC is a Hugging Face folder) or hf (SRC is a GGUF file).")
+@click.option("--to", "to", type=click.Choice(["gguf", "hf", "compressed-tensors"]), default="gguf",
+              show_default=True, help="Target format: gguf (SRC is a Hugging Face folder), hf or compressed-tensors "
+              "(SRC is a GGUF file; compressed-tensors: Linear weights as W4A16 from Q4_0 / W8A16 from Q8_0, exact, "
+              "other types requantized to int4 group 32, lossy).")
 @click.option("--outtype", default="auto", show_default=True,
               help="f32, f16, bf16, q8_0 (llama.cpp converter rules), auto (bf16/f16 as the weights), or a "
                    "llama-quantize preset: Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K IQ4_XS IQ4_NL "
@@ -524,8 +526,11 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
     """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
     or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf)."""
     progress = not as_json and sys.stderr.isatty()
-    if to == "hf":
+    if to in ("hf", "compressed-tensors"):
         from ggquant.export_hf import export_hf, format_export
+        from ggquant.formats.ct_writer import CompressedTensorsLinears
+
+        linears = CompressedTensorsLinears() if to == "compressed-tensors" else None
 
         for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
                            ("--imatrix", imatrix), ("--tensor-type", tensor_types),
@@ -535,7 +540,11 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
         if mmproj == MMPROJ_FLAG:
             raise GGQuantError("--to hf: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
         e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
-                      threads=threads, progress=progress)
+                      threads=threads, progress=progress, linears=linears)
+        if linears is not None and linears.lossy:
+            click.echo(f"lossy: {len(linears.lossy)} Linear weights requantized to int4 group {32} "
+                       f"(not Q4_0/Q8_0 in the GGUF): {', '.join(linears.lossy[:4])}"
+                       f"{' ...' if len(linears.lossy) > 4 else ''}", err=True)
         if as_json:
             click.echo(json.dumps(e.to_json(), indent=1))
         elif dry_run:

@@ -1,0 +1,155 @@
+"""`ggquant convert MODEL.gguf --to compressed-tensors`: the linear weights of the HF export as
+compressed-tensors `pack-quantized` modules (the rest of the export is export_hf's, unchanged).
+
+Format facts (research note compressed-tensors-gptq-gguf-mapping.md §1-2, ct 0.20):
+- per quantized Linear M: `M.weight_packed` I32 [out, in*nb/32] (unsigned codes u = q + 2^(nb-1),
+  code i of a row at bits 4*(i%8) (int4) or 8*(i%4) (int8) of word i//(32/nb), LSB first: the
+  dense (ct >= 0.18) and legacy packings coincide for 4 and 8 bits), `M.weight_scale` [out, in/g],
+  `M.weight_shape` I64 [2] = [out, in]. Dequant: W = q * scale.
+- Q4_0 is int4 symmetric group 32 exactly: d (fp16) is the scale, the stored nibble is already
+  u = q + 8. Element j of a block is the low nibble of qs[j] (j < 16) or the high nibble of
+  qs[j-16] (ggml-common.h block_q4_0). Q8_0 is int8 symmetric group 32 (qs = q, u = q + 128).
+- float (F32/F16/BF16) Linears stay float and go into `ignore`; any other quantized source
+  type is requantized, lossy, from ggml's dequantization to Q4_0 (ggquant's
+  ggml-exact quantizer) and then mapped exactly: int4 sym group 32.
+- scales are written in float32 for an F32 export (the fp16 d widens exactly, so the library's
+  dequantization, computed in the scale dtype, is ggml's value bit for bit) and fp16 otherwise
+  (still exact storage of d).
+- config.json gets `quantization_config` with the keys and values ModelCompressor.update_config
+  of compressed-tensors 0.20 writes (targets ["Linear"], format pack-quantized, ignore = the
+  Linear modules left in float, lm_head included).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+T = GGMLQuantizationType
+GROUP = 32
+CT_VERSION = "0.20.0"
+_EXACT = {4: T.Q4_0, 8: T.Q8_0}
+_FLOAT = {T.F32, T.F16, T.BF16}
+_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
+
+
+def _is_linear(t) -> bool:
+    """A 2-D `.weight` of a Linear module (embeddings are nn.Embedding, not Linear)."""
+    return t.name.endswith(".weight") and len(t.shape) == 2 and "embed" not in t.name
+
+
+def pack_q4_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 rows (uint8 [rows, n_in/32*18]) -> (weight_packed int32 [rows, n_in/8], d float16 [rows, n_in/32])."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, n_in // 32, 18)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, n_in // 32)
+    qs = b[:, :, 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, n_in // 8, 8).astype(np.uint32)
+    words = np.bitwise_or.reduce(codes << (np.arange(8, dtype=np.uint32) * 4), axis=2)
+    return np.ascontiguousarray(words).view(np.int32), d
+
+
+def pack_q8_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows (uint8 [rows, n_in/32*34]) -> (weight_packed int32 [rows, n_in/4], d float16 [rows, n_in/32])."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, n_in // 32, 34)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, n_in // 32)
+    q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8)
+    codes = (q.astype(np.int32) + 128).astype(np.uint32).reshape(rows, n_in // 4, 4)
+    words = np.bitwise_or.reduce(codes << (np.arange(4, dtype=np.uint32) * 8), axis=2)
+    return np.ascontiguousarray(words).view(np.int32), d
+
+
+class CompressedTensorsLinears:
+    """export_hf's `linears` hook: which tensors are written and how, plus the config patch."""
+
+    def __init__(self):
+        self.bits: int | None = None
+        self.quantized: dict[str, object] = {}  # module name -> HFTensor of its weight
+        self.lossy: list[str] = []  # modules requantized through float
+        self.ignore: list[str] = []
+        self.scale_dtype = "F32"
+
+    # -- planning ---------------------------------------------------------------------------
+    def entries(self, export) -> list[tuple[str, str, tuple[int, ...]]]:
+        cands = [t for t in export.tensors if _is_linear(t)]
+        # float matrices stay float (llama.cpp keeps e.g. per_layer_model_proj in F32 on purpose) and
+        # are listed in `ignore`, like the Linears whose rows do not split into groups of 32
+        ok = [t for t in cands if t.inverse.identity and t.shape[1] % GROUP == 0 and not t.name.startswith("lm_head")
+              and t.gguf_type not in _FLOAT]
+        types = {t.gguf_type for t in ok}
+        self.bits = 8 if types == {T.Q8_0} else 4
+        self.scale_dtype = "F32" if export.dtype == "F32" else "F16"
+        self.quantized = {t.name[:-len(".weight")]: t for t in ok}
+        self.lossy = sorted(m for m, t in self.quantized.items() if t.gguf_type != _EXACT[self.bits])
+        linear_modules = {t.name[:-len(".weight")] for t in cands}
+        self.ignore = sorted({"lm_head"} | (linear_modules - set(self.quantized)))
+        out = []
+        for t in export.tensors:
+            m = t.name[:-len(".weight")]
+            if m in self.quantized and t.name.endswith(".weight"):
+                n_out, n_in = t.shape
+                out += [(m + ".weight_packed", "I32", (n_out, n_in * self.bits // 32)),
+                        (m + ".weight_scale", self.scale_dtype, (n_out, n_in // GROUP)),
+                        (m + ".weight_shape", "I64", (2,))]
+            else:
+                out.append((t.name, export.dtype, t.shape))
+        # widest dtype first (as safetensors' own serializer orders them): with mixed dtypes in one
+        # file, every tensor then starts at a multiple of its element size
+        from ggquant.formats.hf_writer import DTYPE_BYTES
+
+        return sorted(out, key=lambda e: -DTYPE_BYTES[e[1]])
+
+    # -- writing ----------------------------------------------------------------------------
+    def chunks(self, p, export) -> Iterator[np.ndarray]:
+        from ggquant.export_hf import tensor_chunks
+
+        for suffix in _SUFFIXES:
+            if p.name.endswith(suffix) and p.name[:-len(suffix)] in self.quantized:
+                yield from self._module_chunks(self.quantized[p.name[:-len(suffix)]], suffix)
+                return
+        yield from tensor_chunks(next(t for t in export.tensors if t.name == p.name), export.dtype)
+
+    def _module_chunks(self, t, suffix: str) -> Iterator[np.ndarray]:
+        from ggquant.export_hf import CHUNK_BYTES
+        from ggquant.quant import types as qtypes
+
+        n_out, n_in = t.shape
+        if suffix == ".weight_shape":
+            yield np.array([n_out, n_in], dtype=np.int64)
+            return
+        src, target = t.source, _EXACT[self.bits]
+        step = max(1, CHUNK_BYTES // (4 * n_in))
+        for a in range(0, n_out, step):
+            b = min(n_out, a + step)
+            if t.gguf_type == target:
+                raw = src.raw_rows(t.gguf_name, a, b)
+            else:  # lossy: ggml's dequantization, requantized to Q4_0 (int4 sym group 32)
+                raw = qtypes.get(target).quantize(src.floats(t.gguf_name, a, b), what=t.gguf_name)
+            words, d = (pack_q4_0 if self.bits == 4 else pack_q8_0)(raw, n_in)
+            if suffix == ".weight_packed":
+                yield words
+            else:
+                yield d.astype(np.float32) if self.scale_dtype == "F32" else d
+            src.release(t.gguf_name, a, b)
+
+    # -- config -----------------------------------------------------------------------------
+    def quantization_config(self) -> dict:
+        """As compressed-tensors 0.20's ModelCompressor.update_config writes it (keys sorted)."""
+        weights = {"dynamic": False, "group_size": GROUP, "num_bits": self.bits, "strategy": "group",
+                   "symmetric": True, "type": "int"}
+        return {"config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None,
+                                              "output_activations": None, "targets": ["Linear"],
+                                              "weights": weights}},
+                "format": "pack-quantized", "global_compression_ratio": None, "ignore": list(self.ignore),
+                "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
+                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+                "version": CT_VERSION}
+
+    def config_json(self, data: bytes) -> bytes:
+        cfg = json.loads(data)
+        cfg["quantization_config"] = self.quantization_config()
+        return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

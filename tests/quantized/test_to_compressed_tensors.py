@@ -1,0 +1,207 @@
+"""`ggquant convert MODEL.gguf --to compressed-tensors`: Q4_0 -> W4A16 and Q8_0 -> W8A16 exactly.
+
+A tiny Gemma 4 is converted to GGUF and quantized (--pure) to Q4_0 and Q8_0; the export is
+decompressed by compressed-tensors 0.20 itself (its pack-quantized compressor, per module) and
+must equal ggml's dequantization of the GGUF blocks bit for bit in float32; the config must
+equal, key by key, what the library's ModelCompressor.update_config writes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
+
+from ggquant.cli import main
+from ggquant.convert import convert
+from ggquant.formats.gguf import GGUFReader
+from ggquant.quant import types as qtypes
+from ggquant.quant.requantize import quantize_gguf
+
+ct = pytest.importorskip("compressed_tensors")
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_gemma4_e4b, tmp_path_factory):
+    root = tmp_path_factory.mktemp("to_ct")
+    f32 = convert(tiny_gemma4_e4b, outtype="f32", outfile=root / "m.gguf").written[0]
+    out = {}
+    for qt in ("Q4_0", "Q8_0", "Q5_0"):
+        g = root / f"m-{qt}.gguf"
+        quantize_gguf(f32, g, qt, pure=True)
+        d = root / f"ct-{qt}"
+        res = CliRunner().invoke(main, ["convert", str(g), "--to", "compressed-tensors", "--outfile", str(d)])
+        assert res.exit_code == 0, res.output
+        try:
+            err = res.stderr
+        except ValueError:  # older click: stderr mixed into output
+            err = ""
+        out[qt] = (g, d, res.output + err)
+    return out
+
+
+def _library_decompress(d, float32_scales: bool = False):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    g = qc["config_groups"]["group_0"]
+    scheme = QuantizationScheme.model_validate({k: g[k] for k in ("targets", "weights", "format")})
+    comp = BaseCompressor.get_value_from_registry(qc["format"])
+    tensors = load_file(str(d / "model.safetensors"))
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
+    out = {}
+    for m in modules:
+        sd = {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + ".")}
+        if float32_scales:
+            sd["weight_scale"] = sd["weight_scale"].float()
+        out[m + ".weight"] = comp.decompress(sd, scheme)["weight"]
+    return out, tensors
+
+
+def _ggml(gguf):
+    r = GGUFReader(gguf)
+    try:
+        return {t.name: qtypes.get(t.qtype).dequantize(t.raw(), t.shape) for t in r.tensors}, \
+               {t.name: t.qtype.name for t in r.tensors}
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("qt,bits", [("Q4_0", 4), ("Q8_0", 8)])
+def test_exact_equals_ggml(exported, qt, bits):
+    from ggquant import export_hf as ex
+
+    g, d, _ = exported[qt]
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    want, types = _ggml(g)
+    got, tensors = _library_decompress(d)
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    by_hf = {t.name: t for t in plan.tensors}
+    assert len(got) >= 7 * 2  # every attention/MLP projection of the tiny model, at least
+    for name, w in got.items():
+        t = by_hf[name]
+        assert types[t.gguf_name] == qt
+        assert w.dtype == torch.float32  # scales stored in float32: the product is exact
+        ref = want[t.gguf_name].reshape(t.shape)
+        assert np.array_equal(w.numpy().view(np.uint32), ref.view(np.uint32)), name
+        m = name[:-len(".weight")]
+        assert tensors[m + ".weight_packed"].dtype == torch.int32
+        assert tensors[m + ".weight_packed"].shape == (t.shape[0], t.shape[1] * bits // 32)
+        assert tensors[m + ".weight_shape"].dtype == torch.int64
+        assert tensors[m + ".weight_shape"].tolist() == list(t.shape)
+        # in bf16, as a model would run it: the same single rounding
+        lib16 = w.to(torch.bfloat16)
+        comp16 = torch.from_numpy(ref).to(torch.bfloat16)
+        assert torch.equal(lib16.view(torch.int16), comp16.view(torch.int16))
+    # every float tensor of the plain export is still there, unchanged in name
+    for t in plan.tensors:
+        if t.name not in got:
+            assert t.name in tensors
+    # every tensor starts at a multiple of its element size
+    raw = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    size = {"I64": 8, "I32": 4, "F32": 4, "F16": 2, "BF16": 2}
+    for k, v in json.loads(raw[8:8 + n]).items():
+        if k != "__metadata__":
+            assert (8 + n + v["data_offsets"][0]) % size[v["dtype"]] == 0, k
+    ignore = set(qc["ignore"])
+    assert "lm_head" in ignore and not ignore & {n[:-len(".weight")] for n in got}
+
+
+def test_lossy_requantizes_other_types(exported):
+    g, d, output = exported["Q5_0"]
+    assert "lossy" in output
+    got, _ = _library_decompress(d)
+    want, _ = _ggml(g)
+    from ggquant import export_hf as ex
+
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    by_hf = {t.name: t for t in plan.tensors}
+    for name, w in got.items():
+        ref = want[by_hf[name].gguf_name].reshape(w.shape)
+        q4 = qtypes.get(T.Q4_0)
+        expect = q4.dequantize(q4.quantize(ref), ref.shape)  # ggml Q4_0 of ggml's dequantization
+        assert np.array_equal(w.numpy().view(np.uint32), expect.view(np.uint32)), name
+
+
+def test_config_matches_library(exported):
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    for qt, bits in (("Q4_0", 4), ("Q8_0", 8)):
+        d = exported[qt][1]
+        ours = json.loads((d / "config.json").read_text())
+        qc = QuantizationConfig(
+            config_groups={"group_0": QuantizationScheme(
+                targets=["Linear"], format="pack-quantized",
+                weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=32))},
+            format="pack-quantized", ignore=ours["quantization_config"]["ignore"], quantization_status="compressed")
+        lib_dir = d.parent / f"lib-{qt}"
+        lib_dir.mkdir()
+        (lib_dir / "config.json").write_text(json.dumps({k: v for k, v in ours.items() if k != "quantization_config"}))
+        ModelCompressor(quantization_config=qc).update_config(str(lib_dir))
+        lib = json.loads((lib_dir / "config.json").read_text())
+        assert lib == ours
+        # the library parses it back to the same config
+        assert QuantizationConfig.model_validate(ours["quantization_config"]) == qc
+
+
+def test_transformers_loads_and_decompresses(exported):
+    """transformers' compressed-tensors quantizer loads the folder (dequantize=True) and its
+    weights equal ggml's dequantization bit for bit, quantized and float tensors alike."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from ggquant import export_hf as ex
+
+    g, d, _ = exported["Q4_0"]
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    want, types = _ggml(g)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    sd = model.state_dict()
+    n_q = 0
+    for t in plan.tensors:
+        if not t.inverse.identity:
+            continue
+        ref = want[t.gguf_name].reshape(t.shape)
+        got = sd[t.name].detach().numpy()
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), t.name
+        n_q += types[t.gguf_name] == "Q4_0"
+    assert n_q >= 14
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_bf16_export_keeps_exact_fp16_scales(exported, tmp_path):
+    """--dtype bf16: the float tensors are bf16, the scales fp16 (the d of each block, stored
+    exactly); decompressed with float32 scales the weights are still ggml's bit for bit."""
+    from ggquant.export_hf import export_hf
+    from ggquant.formats.ct_writer import CompressedTensorsLinears
+
+    g = exported["Q4_0"][0]
+    lin = CompressedTensorsLinears()
+    e = export_hf(g, outfile=tmp_path / "ct", dtype="bf16", linears=lin)
+    assert e.dtype == "BF16" and lin.scale_dtype == "F16" and not lin.lossy
+    got, tensors = _library_decompress(tmp_path / "ct", float32_scales=True)
+    want, _ = _ggml(g)
+    by_hf = {t.name: t for t in e.tensors}
+    assert got
+    for name, w in got.items():
+        assert tensors[name[:-len(".weight")] + ".weight_scale"].dtype == torch.float16
+        ref = want[by_hf[name].gguf_name].reshape(w.shape)
+        assert np.array_equal(w.numpy().view(np.uint32), ref.view(np.uint32)), name
