@@ -524,21 +524,22 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json,
                     force, threads, exact):
     """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
-    or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf)."""
+    or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf), its Linear weights optionally
+    int4/int8 pack-quantized (--to compressed-tensors; --exact refuses the lossy requantization)."""
     progress = not as_json and sys.stderr.isatty()
     if to in ("hf", "compressed-tensors"):
         from ggquant.export_hf import export_hf, format_export
         from ggquant.formats.ct_writer import CompressedTensorsLinears
 
-        linears = CompressedTensorsLinears() if to == "compressed-tensors" else None
+        linears = CompressedTensorsLinears(exact=exact) if to == "compressed-tensors" else None
 
         for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
                            ("--imatrix", imatrix), ("--tensor-type", tensor_types),
-                           ("--exact", exact)):
+                           ("--exact", exact and linears is None)):
             if used:
-                raise GGQuantError(f"{flag} applies to --to gguf; --to hf takes --dtype, --outfile and --mmproj")
+                raise GGQuantError(f"{flag} applies to --to gguf; --to {to} takes --dtype, --outfile and --mmproj")
         if mmproj == MMPROJ_FLAG:
-            raise GGQuantError("--to hf: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
+            raise GGQuantError(f"--to {to}: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
         e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
                       threads=threads, progress=progress, linears=linears)
         if linears is not None and linears.lossy:

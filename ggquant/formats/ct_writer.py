@@ -28,6 +28,8 @@ from collections.abc import Iterator
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ggquant.errors import GGQuantError
+
 T = GGMLQuantizationType
 GROUP = 32
 CT_VERSION = "0.20.0"
@@ -66,7 +68,8 @@ def pack_q8_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
 class CompressedTensorsLinears:
     """export_hf's `linears` hook: which tensors are written and how, plus the config patch."""
 
-    def __init__(self):
+    def __init__(self, exact: bool = False):
+        self.exact = exact  # refuse the lossy requantization (--exact)
         self.bits: int | None = None
         self.quantized: dict[str, object] = {}  # module name -> HFTensor of its weight
         self.lossy: list[str] = []  # modules requantized through float
@@ -85,6 +88,11 @@ class CompressedTensorsLinears:
         self.scale_dtype = "F32" if export.dtype == "F32" else "F16"
         self.quantized = {t.name[:-len(".weight")]: t for t in ok}
         self.lossy = sorted(m for m, t in self.quantized.items() if t.gguf_type != _EXACT[self.bits])
+        if self.exact and self.lossy:
+            kinds = sorted({self.quantized[m].gguf_type.name for m in self.lossy})
+            raise GGQuantError(f"--exact: {len(self.lossy)} Linear weights are {', '.join(kinds)}, which int4/int8 "
+                               f"pack-quantized cannot hold exactly (only Q4_0 -> W4A16 and Q8_0 -> W8A16 are "
+                               f"exact), e.g. {self.lossy[0]}; drop --exact to requantize them to int4 group 32")
         linear_modules = {t.name[:-len(".weight")] for t in cands}
         self.ignore = sorted({"lm_head"} | (linear_modules - set(self.quantized)))
         out = []

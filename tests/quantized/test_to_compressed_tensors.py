@@ -136,6 +136,18 @@ def test_lossy_requantizes_other_types(exported):
         assert np.array_equal(w.numpy().view(np.uint32), expect.view(np.uint32)), name
 
 
+def test_exact_refuses_lossy(exported, tmp_path):
+    g = exported["Q5_0"][0]
+    res = CliRunner().invoke(main, ["convert", str(g), "--to", "compressed-tensors", "--exact",
+                                    "--outfile", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "Q5_0" in str(res.exception) + res.output and not (tmp_path / "x").exists()
+    g = exported["Q4_0"][0]
+    res = CliRunner().invoke(main, ["convert", str(g), "--to", "compressed-tensors", "--exact",
+                                    "--outfile", str(tmp_path / "y")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "y" / "model.safetensors").exists()
+
+
 def test_config_matches_library(exported):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
