@@ -518,20 +518,25 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
               help="With a preset: type for tensors whose name matches REGEX (first match wins).")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and sizes; write nothing.")
 @click.option("--exact", is_flag=True, help="Refuse every lossy step (quantized checkpoints: only exact transcoding).")
+@click.option("--group-size", type=click.Choice(["32", "128"]), default="32", show_default=True,
+              help="--to compressed-tensors: 32 (exact from Q4_0/Q8_0) or 128 (int4, requantized: lossy).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
 def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json,
-                    force, threads, exact):
+                    force, threads, exact, group_size):
     """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
     or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf), its Linear weights optionally
     int4/int8 pack-quantized (--to compressed-tensors; --exact refuses the lossy requantization)."""
     progress = not as_json and sys.stderr.isatty()
+    group_size = int(group_size)
     if to in ("hf", "compressed-tensors"):
         from ggquant.export_hf import export_hf, format_export
         from ggquant.formats.ct_writer import CompressedTensorsLinears
 
-        linears = CompressedTensorsLinears(exact=exact) if to == "compressed-tensors" else None
+        linears = CompressedTensorsLinears(exact=exact, group_size=group_size) if to == "compressed-tensors" else None
+        if group_size != 32 and linears is None:
+            raise GGQuantError("--group-size applies to --to compressed-tensors")
 
         for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
                            ("--imatrix", imatrix), ("--tensor-type", tensor_types),
@@ -543,7 +548,7 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
         e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
                       threads=threads, progress=progress, linears=linears)
         if linears is not None and linears.lossy:
-            click.echo(f"lossy: {len(linears.lossy)} Linear weights requantized to int4 group {32} "
+            click.echo(f"lossy: {len(linears.lossy)} Linear weights requantized to int4 group {linears.group} "
                        f"(not Q4_0/Q8_0 in the GGUF): {', '.join(linears.lossy[:4])}"
                        f"{' ...' if len(linears.lossy) > 4 else ''}", err=True)
         if as_json:
@@ -557,6 +562,8 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
         return
     if dtype != "auto":
         raise GGQuantError("--dtype applies to --to hf; --to gguf takes --outtype")
+    if group_size != 32:
+        raise GGQuantError("--group-size applies to --to compressed-tensors; --to gguf takes --outtype")
     if mmproj not in (None, MMPROJ_FLAG):
         raise GGQuantError(f"--to gguf: --mmproj takes no value (got {mmproj!r}); it writes the towers of SRC")
     conv = convert(src, outtype=outtype, outfile=outfile, mmproj=mmproj is not None, mmproj_only=mmproj_only,

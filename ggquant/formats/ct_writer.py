@@ -65,11 +65,29 @@ def pack_q8_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(words).view(np.int32), d
 
 
+def quantize_int4_sym(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [rows, n] -> (weight_packed int32 [rows, n/8], scale float32 [rows, n/group]) by
+    compressed-tensors' own int4 symmetric rule (calculate_qparams + quantize, float32):
+    scale = absmax / 7.5 (bit range 15 / 2; 0 -> float32 eps), q = clamp(round_half_even(x / scale), -8, 7)."""
+    rows, n = x.shape
+    g = np.ascontiguousarray(x, dtype=np.float32).reshape(rows, n // group, group)
+    scale = np.max(np.abs(g), axis=2) / np.float32(7.5)
+    scale[scale == 0] = np.finfo(np.float32).eps
+    q = np.clip(np.rint(g / scale[:, :, None]), -8, 7).astype(np.int32)
+    codes = (q + 8).astype(np.uint32).reshape(rows, n // 8, 8)
+    words = np.bitwise_or.reduce(codes << (np.arange(8, dtype=np.uint32) * 4), axis=2)
+    return np.ascontiguousarray(words).view(np.int32), scale
+
+
 class CompressedTensorsLinears:
     """export_hf's `linears` hook: which tensors are written and how, plus the config patch."""
 
-    def __init__(self, exact: bool = False):
+    def __init__(self, exact: bool = False, group_size: int = GROUP):
+        if group_size not in (32, 128):
+            raise GGQuantError(f"--group-size {group_size}: compressed-tensors export writes groups of 32 "
+                               f"(exact from Q4_0/Q8_0) or 128 (int4, requantized)")
         self.exact = exact  # refuse the lossy requantization (--exact)
+        self.group = group_size
         self.bits: int | None = None
         self.quantized: dict[str, object] = {}  # module name -> HFTensor of its weight
         self.lossy: list[str] = []  # modules requantized through float
@@ -81,13 +99,15 @@ class CompressedTensorsLinears:
         cands = [t for t in export.tensors if _is_linear(t)]
         # float matrices stay float (llama.cpp keeps e.g. per_layer_model_proj in F32 on purpose) and
         # are listed in `ignore`, like the Linears whose rows do not split into groups of 32
-        ok = [t for t in cands if t.inverse.identity and t.shape[1] % GROUP == 0 and not t.name.startswith("lm_head")
-              and t.gguf_type not in _FLOAT]
+        ok = [t for t in cands if t.inverse.identity and t.shape[1] % self.group == 0
+              and not t.name.startswith("lm_head") and t.gguf_type not in _FLOAT]
         types = {t.gguf_type for t in ok}
-        self.bits = 8 if types == {T.Q8_0} else 4
-        self.scale_dtype = "F32" if export.dtype == "F32" else "F16"
+        self.bits = 8 if types == {T.Q8_0} and self.group == GROUP else 4
+        # fp16 holds every Q4_0/Q8_0 d exactly; the requantized g128 scales are float32 values
+        self.scale_dtype = "F32" if export.dtype == "F32" or self.group != GROUP else "F16"
         self.quantized = {t.name[:-len(".weight")]: t for t in ok}
-        self.lossy = sorted(m for m, t in self.quantized.items() if t.gguf_type != _EXACT[self.bits])
+        self.lossy = sorted(m for m, t in self.quantized.items()
+                            if t.gguf_type != _EXACT[self.bits] or self.group != GROUP)
         if self.exact and self.lossy:
             kinds = sorted({self.quantized[m].gguf_type.name for m in self.lossy})
             raise GGQuantError(f"--exact: {len(self.lossy)} Linear weights are {', '.join(kinds)}, which int4/int8 "
@@ -101,7 +121,7 @@ class CompressedTensorsLinears:
             if m in self.quantized and t.name.endswith(".weight"):
                 n_out, n_in = t.shape
                 out += [(m + ".weight_packed", "I32", (n_out, n_in * self.bits // 32)),
-                        (m + ".weight_scale", self.scale_dtype, (n_out, n_in // GROUP)),
+                        (m + ".weight_scale", self.scale_dtype, (n_out, n_in // self.group)),
                         (m + ".weight_shape", "I64", (2,))]
             else:
                 out.append((t.name, export.dtype, t.shape))
@@ -133,11 +153,14 @@ class CompressedTensorsLinears:
         step = max(1, CHUNK_BYTES // (4 * n_in))
         for a in range(0, n_out, step):
             b = min(n_out, a + step)
-            if t.gguf_type == target:
+            if self.group != GROUP:
+                words, d = quantize_int4_sym(src.floats(t.gguf_name, a, b), self.group)
+            elif t.gguf_type == target:
                 raw = src.raw_rows(t.gguf_name, a, b)
             else:  # lossy: ggml's dequantization, requantized to Q4_0 (int4 sym group 32)
                 raw = qtypes.get(target).quantize(src.floats(t.gguf_name, a, b), what=t.gguf_name)
-            words, d = (pack_q4_0 if self.bits == 4 else pack_q8_0)(raw, n_in)
+            if self.group == GROUP:
+                words, d = (pack_q4_0 if self.bits == 4 else pack_q8_0)(raw, n_in)
             if suffix == ".weight_packed":
                 yield words
             else:
@@ -147,7 +170,7 @@ class CompressedTensorsLinears:
     # -- config -----------------------------------------------------------------------------
     def quantization_config(self) -> dict:
         """As compressed-tensors 0.20's ModelCompressor.update_config writes it (keys sorted)."""
-        weights = {"dynamic": False, "group_size": GROUP, "num_bits": self.bits, "strategy": "group",
+        weights = {"dynamic": False, "group_size": self.group, "num_bits": self.bits, "strategy": "group",
                    "symmetric": True, "type": "int"}
         return {"config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None,
                                               "output_activations": None, "targets": ["Linear"],

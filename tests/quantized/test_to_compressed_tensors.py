@@ -217,3 +217,71 @@ def test_bf16_export_keeps_exact_fp16_scales(exported, tmp_path):
         assert tensors[name[:-len(".weight")] + ".weight_scale"].dtype == torch.float16
         ref = want[by_hf[name].gguf_name].reshape(w.shape)
         assert np.array_equal(w.numpy().view(np.uint32), ref.view(np.uint32)), name
+
+
+def test_group_128_is_compressed_tensors_own_int4(exported, tmp_path):
+    """--group-size 128: int4 sym g128 computed by compressed-tensors' rule from ggml's
+    dequantization; the codes equal the library's own quantize() with the same scales, and
+    its decompression equals code * scale."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from ggquant import export_hf as ex
+
+    g = exported["Q4_0"][0]
+    d = tmp_path / "ct"
+    res = CliRunner().invoke(main, ["convert", str(g), "--to", "compressed-tensors", "--group-size", "128",
+                                    "--outfile", str(d)])
+    assert res.exit_code == 0, res.output
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    got, tensors = _library_decompress(d)
+    want, _ = _ggml(g)
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    by_hf = {t.name: t for t in plan.tensors}
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
+    assert got
+    for name, w in got.items():
+        x = torch.from_numpy(want[by_hf[name].gguf_name].reshape(w.shape).copy())
+        xg = x.reshape(x.shape[0], -1, 128)
+        scale, zp = calculate_qparams(xg.amin(dim=2), xg.amax(dim=2), args)
+        m = name[:-len(".weight")]
+        assert torch.equal(tensors[m + ".weight_scale"].view(torch.int32), scale.view(torch.int32)), name
+        q = quantize(x, scale, zp, args, dtype=torch.int8)
+        expect = q.float() * scale.repeat_interleave(128, dim=1)
+        assert torch.equal(w.view(torch.int32), expect.view(torch.int32)), name
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "zeros", "outlier", "tiny", "huge"])
+def test_int4_g128_rule_equals_library(kind):
+    """quantize_int4_sym against compressed-tensors' calculate_qparams + quantize on hard inputs."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from ggquant.formats.ct_writer import quantize_int4_sym
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((16, 512)).astype(np.float32)
+    if kind == "heavy":
+        x = (rng.standard_t(2, (16, 512)) * 10).astype(np.float32)
+    elif kind == "zeros":
+        x[::2] = 0
+    elif kind == "outlier":
+        x[:, 5] = 1e4
+    elif kind == "tiny":
+        x *= np.float32(1e-30)
+    elif kind == "huge":
+        x *= np.float32(6e4)
+    words, scale = quantize_int4_sym(x, 128)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
+    xt = torch.from_numpy(x)
+    xg = xt.reshape(16, -1, 128)
+    s, zp = calculate_qparams(xg.amin(dim=2), xg.amax(dim=2), args)
+    assert np.array_equal(scale.view(np.uint32), s.numpy().view(np.uint32))
+    q = quantize(xt, s, zp, args, dtype=torch.int8).numpy().astype(np.int64)
+    codes = (words.view(np.uint32)[:, :, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 0xF
+    assert np.array_equal(codes.reshape(16, 512).astype(np.int64) - 8, q)
