@@ -12,6 +12,9 @@ Format facts (research note compressed-tensors-gptq-gguf-mapping.md §1-2, ct 0.
 - float (F32/F16/BF16) Linears stay float and go into `ignore`; any other quantized source
   type is requantized, lossy, from ggml's dequantization to Q4_0 (ggquant's
   ggml-exact quantizer) and then mapped exactly: int4 sym group 32.
+- group_size 128 (--group-size 128): every Linear is requantized (lossy) from ggml's
+  dequantization by compressed-tensors' own int4 symmetric rule (quantize_int4_sym), with
+  float32 scales.
 - scales are written in float32 for an F32 export (the fp16 d widens exactly, so the library's
   dequantization, computed in the scale dtype, is ggml's value bit for bit) and fp16 otherwise
   (still exact storage of d).
