@@ -1,8 +1,10 @@
 """CUDA backend (torch): the same model code on a GPU, in float32.
 
 Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]) and are dequantized
-with torch ops per block type right before each product (the layouts of ggml-common.h, as in
-ggml's dequantize_row_<type>), then multiplied in float32. Activations are not quantized: the
+with torch ops per block type (the layouts of ggml-common.h, as in ggml's dequantize_row_<type>)
+the first time they are multiplied; the float32 result is kept on the device while memory allows
+(cache_weights, see CUDABackend), otherwise it is recomputed for every product. Products are
+float32. Activations are not quantized: the
 CPU backend reproduces llama.cpp's CPU arithmetic, this one is plain float32, and both agree
 within 1e-2 on the tiny F32 models (tests/runtime/test_cuda.py).
 
@@ -103,10 +105,21 @@ def dequantize(torch, qtype, raw, n_per_row: int):
     raise GGQuantError(f"the CUDA backend cannot dequantize {qtype.name} yet")
 
 
-class CUDABackend:
-    """torch, float32. device "cuda" (default) or "cpu" (for tests)."""
+# auto weight cache: keep this much device memory free after caching a dense float32 copy
+CACHE_RESERVE_BYTES = 4 << 30
+ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
 
-    def __init__(self, gelu: str = "ggml", device: str = "cuda"):
+
+class CUDABackend:
+    """torch, float32. device "cuda" (default) or "cpu" (for tests).
+
+    cache_weights: keep each matrix's dequantized float32 copy on the device after its first
+    product (True), never (False), or while at least CACHE_RESERVE_BYTES stay free (None, on CUDA;
+    always on the CPU). Dequantizing every matrix for every decode step costs several times the
+    weight bytes in device traffic and, for k-quants, dozens of kernels per matrix; the cached
+    products are bit-identical (the same float32 values are multiplied)."""
+
+    def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise GGQuantError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is "
@@ -118,6 +131,9 @@ class CUDABackend:
             raise GGQuantError(f"gelu must be 'ggml' or 'exact', got {gelu!r}")
         self.gelu_mode = gelu
         self._gelu_table = None
+        self.cache_weights = cache_weights
+        self._rope_tables: dict = {}
+        self._masks: dict = {}
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -128,13 +144,32 @@ class CUDABackend:
         return TorchWeight(info.name, info.qtype, info.shape, raw)
 
     def _deq(self, w: TorchWeight):
-        return dequantize(self.torch, w.qtype, w.raw, w.shape[-1])
+        if w._dense is not None:
+            return w._dense
+        y = dequantize(self.torch, w.qtype, w.raw, w.shape[-1])
+        if self._may_cache(w, y):
+            w._dense = y
+        return y
+
+    def _may_cache(self, w: TorchWeight, y) -> bool:
+        if w.qtype == _T.F32 or self.cache_weights is True:  # F32: y is a view of raw, no extra memory
+            return True
+        if self.cache_weights is False:
+            return False
+        if self.device.type != "cuda":
+            return True
+        cuda = self.torch.cuda
+        free, _ = cuda.mem_get_info(self.device)
+        free += cuda.memory_reserved(self.device) - cuda.memory_allocated(self.device)  # torch's idle blocks
+        return free >= CACHE_RESERVE_BYTES  # y is already allocated: keeping it costs nothing more now
 
     def dense(self, w: TorchWeight):
         return self._deq(w).reshape(w.shape)
 
     def rows(self, w: TorchWeight, ids):
         idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        if w._dense is not None:  # the same float32 values as dequantizing the selected rows
+            return w._dense.index_select(0, idx)
         return dequantize(self.torch, w.qtype, w.raw.index_select(0, idx), w.shape[-1])
 
     # --- arrays -------------------------------------------------------------------------------
@@ -152,7 +187,9 @@ class CUDABackend:
         return x.reshape(-1, x.shape[-1]) @ self._deq(w).T
 
     def matmuls(self, x, ws):
-        return [self.matmul(x, w) for w in ws]
+        # CUDABackend.matmul, not self.matmul: a hook on the instance's matmul (imatrix Collector)
+        # must see each weight once, as it does on the CPU backend
+        return [CUDABackend.matmul(self, x, w) for w in ws]
 
     def rms_norm(self, x, w, eps):
         ms = (x.double() * x.double()).mean(dim=-1, keepdim=True).float()
@@ -175,14 +212,32 @@ class CUDABackend:
     def geglu(self, gate, up):
         return self.gelu(gate) * up
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+    def _rope_table(self, n_pos, n_dims, base, freq_scale, freq_factors):
+        """Device cos/sin [>= n_pos, n_dims/2] for positions 0.. (rope_cache rows depend only on
+        their own position), built on the host once per layer kind instead of every call."""
         from .cpu import rope_cache
 
+        key = (n_dims, base, freq_scale, None if freq_factors is None else id(freq_factors))
+        hit = self._rope_tables.get(key)
+        if hit is not None and hit[0] is freq_factors and hit[1].shape[0] >= n_pos:
+            return hit[1], hit[2]
+        n = max(ROPE_TABLE_MIN, 1 << (max(n_pos, 1) - 1).bit_length())
         ff = None if freq_factors is None else self.to_numpy(freq_factors)
-        cos, sin = rope_cache(np.asarray(pos), n_dims, base, freq_scale, ff)
-        c = self.torch.from_numpy(cos).to(self.device)[:, None, :]
-        s = self.torch.from_numpy(sin).to(self.device)[:, None, :]
-        half = cos.shape[1]
+        cos, sin = rope_cache(np.arange(n), n_dims, base, freq_scale, ff)
+        c, s = self.torch.from_numpy(cos).to(self.device), self.torch.from_numpy(sin).to(self.device)
+        self._rope_tables[key] = (freq_factors, c, s)
+        return c, s
+
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+        pos = np.asarray(pos, dtype=np.int64)
+        ct, st = self._rope_table(int(pos.max()) + 1, n_dims, base, freq_scale, freq_factors)
+        p0 = int(pos[0])
+        if np.array_equal(pos, np.arange(p0, p0 + len(pos))):  # contiguous: a slice, no index upload
+            c, s = ct[p0:p0 + len(pos), None, :], st[p0:p0 + len(pos), None, :]
+        else:
+            idx = self.torch.as_tensor(pos, device=self.device)
+            c, s = ct.index_select(0, idx)[:, None, :], st.index_select(0, idx)[:, None, :]
+        half = ct.shape[1]
         x0, x1 = x[..., :half], x[..., half:2 * half]
         return self.torch.cat([x0 * c - x1 * s, x0 * s + x1 * c, x[..., 2 * half:]], dim=-1)
 
@@ -194,17 +249,31 @@ class CUDABackend:
         T, H, D = q.shape
         k, v = layer.k[:n_kv], layer.v[:n_kv]  # [S, Hkv, D]
         g = H // k.shape[1]
-        qp = torch.as_tensor(np.asarray(q_pos), device=self.device)[:, None]
-        kp = torch.arange(n_kv, device=self.device)[None, :]
-        masked = kp > qp
-        if window > 0:
-            masked |= (qp - kp) >= window
+        masked = self._mask(q_pos, n_kv, window)
         kk = k.repeat_interleave(g, dim=1).permute(1, 2, 0)  # [H, D, S]
         vv = v.repeat_interleave(g, dim=1).permute(1, 0, 2)  # [H, S, D]
         s = torch.matmul(q.permute(1, 0, 2), kk) * scale  # [H, T, S]
         s = s.masked_fill(masked[None], float("-inf"))
         p = torch.softmax(s, dim=-1)
         return torch.matmul(p, vv).permute(1, 0, 2).reshape(T, H * D)
+
+    def _mask(self, q_pos, n_kv: int, window: int):
+        """[T, S] bool, True where key j is hidden from query i; the layers of one forward share a
+        few masks, so the last ones are kept instead of rebuilt (and uploaded) per layer."""
+        q_pos = np.asarray(q_pos, dtype=np.int64)
+        key = (q_pos.tobytes(), n_kv, window)
+        m = self._masks.get(key)
+        if m is None:
+            torch = self.torch
+            qp = torch.as_tensor(q_pos, device=self.device)[:, None]
+            kp = torch.arange(n_kv, device=self.device)[None, :]
+            m = kp > qp
+            if window > 0:
+                m |= (qp - kp) >= window
+            if len(self._masks) >= 4:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = m
+        return m
 
     def softcap(self, x, cap):
         return self.torch.tanh(x * (1.0 / cap)) * cap

@@ -1,0 +1,723 @@
+"""Decode speed of ggquant's CUDA (torch) backend on a random-weight Gemma 4 with E4B's full config,
+and the fraction of the HBM roofline it reaches (issue 4, "Speed"; anchor: research note
+anchor-cuda-h100.md, llama.cpp CUDA F16 tg128 = 174 tok/s = 0.538 of roofline on the H100).
+
+    python bench/runtime_cuda.py --weights bf16            # build (cached) + decode bench on CUDA
+    python bench/runtime_cuda.py --weights q8_0 --imatrix  # + imatrix collection tokens/s (issue 6)
+    python bench/runtime_cuda.py --tiny                    # same code path, tiny dims, torch on CPU
+
+Steps:
+1. Build the GGUF with ggquant's own streaming GGUFWriter: the metadata keys and tensor names
+   `ggquant convert` writes for Gemma 4 (E4B: 42 layers, 5 sliding + 1 full, 18 KV-shared, hidden
+   2560, FFN 10240, PLE 256, vocab 262144; research note gemma4-architecture-and-parity.md §1),
+   an SPM vocabulary of 262144 dummy pieces (decode never tokenizes text), F32 norms with the
+   damped gains of fixtures/gemma4.py so activations stay finite, and random 2-D weights:
+     bf16  N(0, 1/fan_in)-like values (a sum of four uniforms) rounded to BF16;
+     q8_0  the same values quantized with ggquant's bit-exact Q8_0 quantizer;
+     q4_k  random Q4_K blocks written directly (random 4-bit quants and 6-bit scales/mins, one
+           bounded fp16 d per tensor): ggquant's Q4_K quantizer runs at ~2 Melem/s/core, far too
+           slow for 7.5 G elements in the time limit, and dequantize/matmul speed does not depend
+           on the values. The output says so.
+   Values come from a counter-based hash (splitmix64) in parallel numba kernels, chunk by chunk:
+   peak memory is one chunk, never the model. The file is cached in --workdir.
+2. Load with load_model(path, device="cuda"), warm up, time prompt (--prompt tokens, one batch)
+   and greedy decode (--decode tokens, batch 1) through Session.eval, torch.cuda.synchronize()
+   around every timing; median of --repeat runs.
+3. Roofline: the weight bytes one decode step reads are counted by hooking the backend's
+   matmul/matmuls/rows during a real decode step (every matrix it multiplies with, the tied
+   output = the whole token_embd, one row of token_embd and of per_layer_token_embd). The
+   roofline is those bytes / the measured device-to-device copy bandwidth (read + write bytes,
+   as in the anchor note), so the fraction is comparable with llama.cpp's. Separately the
+   traffic the backend really causes is estimated (it dequantizes whole matrices to float32
+   before multiplying, or multiplies with a cached dense copy) and shown as achieved GB/s.
+   Below 50 % of roofline, a torch-profiler summary of one decode step says where time goes.
+4. --imatrix: tokens/s of ggquant's imatrix collection (Collector attached to the backend, as
+   collect_imatrix does) over 2 chunks of 512 random tokens, beside the same chunks without it.
+
+KV-cache reads are not counted (a few MB per token at these context lengths, < 1 % of weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import GGUFValueType as V  # noqa: E402
+from gguf import LlamaFileType  # noqa: E402
+
+FORMAT_VERSION = 1  # bump when the generated file changes, so cached files are rebuilt
+CHUNK_ELEMS = 1 << 25  # elements generated per chunk (128 MiB of float32)
+
+# fixtures/gemma4.py random-weight rules (note §7): damped gains keep a random net finite
+GAIN_RANGE = (0.5, 1.5)
+POST_NORM_DAMPING = 0.2
+FINAL_NORM_SCALE = 2.0
+LAYER_SCALAR_RANGE = (0.7, 1.3)
+PROPORTIONAL_ROPE_OFF = 1e30  # rope_freqs factor that switches a pair off (proportional RoPE)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    vocab: int
+    hidden: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_swa: int
+    head_dim_full: int
+    ffn: int
+    ple: int  # per-layer input width
+    n_shared_kv: int
+    window: int
+    swa_per_full: int  # layer pattern: this many sliding layers, then one full
+    rope_base: float
+    rope_base_swa: float
+    partial_rotary_full: float  # proportional RoPE on full layers
+    softcap: float
+    eps: float
+    ctx_train: int
+
+    def is_swa(self, il: int) -> bool:
+        return (il + 1) % (self.swa_per_full + 1) != 0
+
+    def head_dim(self, il: int) -> int:
+        return self.head_dim_swa if self.is_swa(il) else self.head_dim_full
+
+
+# research note gemma4-architecture-and-parity.md §1 (E4B column)
+E4B = Config("e4b", vocab=262144, hidden=2560, n_layer=42, n_head=8, n_head_kv=2, head_dim_swa=256,
+             head_dim_full=512, ffn=10240, ple=256, n_shared_kv=18, window=512, swa_per_full=5,
+             rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
+             ctx_train=131072)
+# same structure (pattern, sharing rule, two head dims, PLE, proportional RoPE), tiny dims
+# (row lengths are multiples of 256, the Q4_K block)
+TINY = Config("tiny", vocab=4096, hidden=256, n_layer=12, n_head=8, n_head_kv=2, head_dim_swa=32,
+              head_dim_full=64, ffn=512, ple=256, n_shared_kv=6, window=16, swa_per_full=5,
+              rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
+              ctx_train=4096)
+
+WEIGHTS = {"bf16": (T.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+           "q4_k": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M)}
+
+
+# --- random values (parallel numba, counter-based so any chunking gives the same file) ---------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_SQRT3 = math.sqrt(3.0)
+
+
+@nb.njit(cache=True, inline="always")
+def _mix64(z):
+    # splitmix64 finalizer: a well-mixed 64-bit hash of the counter
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@nb.njit(parallel=True, cache=True)
+def _fill_normal(out, seed, start, std):
+    """out[i] ~ approximately N(0, std^2): Irwin-Hall sum of four 16-bit uniforms of hash(seed, start + i)."""
+    s0 = np.uint64(seed) * _GOLDEN
+    k = np.float64(std) * _SQRT3 / 65536.0
+    for i in nb.prange(out.size):
+        h = _mix64(s0 + np.uint64(start + i) * _GOLDEN)
+        a = np.float64(h & np.uint64(0xFFFF)) + np.float64((h >> np.uint64(16)) & np.uint64(0xFFFF)) \
+            + np.float64((h >> np.uint64(32)) & np.uint64(0xFFFF)) + np.float64(h >> np.uint64(48))
+        out[i] = np.float32((a - 131070.0) * k)  # mean 4 * 65535 / 2, variance 4 * 65536^2 / 12
+
+
+@nb.njit(parallel=True, cache=True)
+def _f32_bits_to_bf16(bits, out):
+    # float32 -> bf16, round to nearest even (ggml_compute_fp32_to_bf16; values here are finite)
+    for i in nb.prange(bits.size):
+        b = bits[i]
+        out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+Q4K_BLOCK, Q4K_BYTES = 256, 144
+Q4K_SC_LO = 8  # sub-block scales uniform in 8..15, mins ~ 3.75 * scale (with dmin = 2 d) so a
+Q4K_DMIN_PER_D = 2.0  # sub-block's values d * sc * (q - m * 2 / sc) ~ d * sc * (q - 7.5) have mean ~0
+Q4K_RMS_SC = math.sqrt(11.5 ** 2 + (8 * 8 - 1) / 12)  # rms of uniform 8..15
+Q4K_RMS_Q = math.sqrt((16 * 16 - 1) / 12)  # rms of q - 7.5, q uniform 0..15
+
+
+@nb.njit(parallel=True, cache=True)
+def _fill_q4_k(out, seed, start, d_bits, dmin_bits):
+    """out uint8 [n_blocks, 144]: random block_q4_K (ggml-common.h: d, dmin fp16 | scales[12] | qs[128])."""
+    s0 = np.uint64(seed) * _GOLDEN
+    sc = np.empty((out.shape[0], 8), np.int64)
+    mn = np.empty((out.shape[0], 8), np.int64)
+    for b in nb.prange(out.shape[0]):
+        blk = out[b]
+        blk[0] = d_bits & 0xFF
+        blk[1] = d_bits >> 8
+        blk[2] = dmin_bits & 0xFF
+        blk[3] = dmin_bits >> 8
+        c = (s0 + np.uint64(start + b) * np.uint64(17)) * _GOLDEN
+        h = _mix64(c)
+        for j in range(8):
+            sc[b, j] = Q4K_SC_LO + np.int64((h >> np.uint64(3 * j)) & np.uint64(7))
+            mn[b, j] = (sc[b, j] * 15 + 2) // 4  # round(3.75 sc): 30..56, fits 6 bits
+        # inverse of get_scale_min_k4 (ggml-quants.c): 6-bit scales/mins of sub-blocks 0..7
+        for j in range(4):
+            blk[4 + j] = sc[b, j] | ((sc[b, j + 4] >> 4) << 6)
+            blk[8 + j] = mn[b, j] | ((mn[b, j + 4] >> 4) << 6)
+            blk[12 + j] = (sc[b, j + 4] & 0xF) | ((mn[b, j + 4] & 0xF) << 4)
+        for w in range(16):  # 128 bytes of 4-bit quants, 8 bytes per hash
+            h = _mix64(c + np.uint64(w + 1))
+            for t in range(8):
+                blk[16 + 8 * w + t] = np.uint8((h >> np.uint64(8 * t)) & np.uint64(0xFF))
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def matrix_producer(name: str, shape: tuple[int, int], qtype, std: float):
+    """produce() for the writer: the tensor's bytes in row chunks of about CHUNK_ELEMS elements."""
+    from ggquant.quant import types as qt
+
+    rows, cols = shape
+    step = max(1, CHUNK_ELEMS // cols)
+    seed = _seed(name)
+
+    def produce():
+        buf = np.empty(step * cols, np.float32)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0) * cols
+            if qtype == T.Q4_K:
+                nblk = n // Q4K_BLOCK
+                d = np.float16(std / (Q4K_RMS_SC * Q4K_RMS_Q))
+                dmin = np.float16(float(d) * Q4K_DMIN_PER_D)
+                out = np.empty((nblk, Q4K_BYTES), np.uint8)
+                _fill_q4_k(out, seed, r0 * cols // Q4K_BLOCK, int(d.view(np.uint16)), int(dmin.view(np.uint16)))
+                yield out
+                continue
+            x = buf[:n]
+            _fill_normal(x, seed, r0 * cols, std)
+            if qtype == T.F32:
+                yield x
+            elif qtype == T.BF16:
+                out = np.empty(n, np.uint16)
+                _f32_bits_to_bf16(x.view(np.uint32), out)
+                yield out
+            else:
+                yield qt.get(qtype).quantize(x.reshape(-1, cols), what=name)
+
+    return produce
+
+
+def vector_producer(values: np.ndarray):
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    return lambda: [v]
+
+
+# --- the GGUF ----------------------------------------------------------------------------------
+def add_metadata(w, cfg: Config, ftype) -> None:
+    """The keys `ggquant convert` writes for Gemma 4 (same names, types, order), E4B's values."""
+    a = "gemma4"
+    kv = [
+        ("general.architecture", a, V.STRING),
+        ("general.type", "model", V.STRING),
+        ("general.name", f"ggquant bench random Gemma4 {cfg.name.upper()}", V.STRING),
+        (f"{a}.block_count", cfg.n_layer, V.UINT32),
+        (f"{a}.context_length", cfg.ctx_train, V.UINT32),
+        (f"{a}.embedding_length", cfg.hidden, V.UINT32),
+        (f"{a}.feed_forward_length", cfg.ffn, V.UINT32),
+        (f"{a}.attention.head_count", cfg.n_head, V.UINT32),
+        (f"{a}.attention.head_count_kv", cfg.n_head_kv, V.UINT32),
+        (f"{a}.rope.freq_base", cfg.rope_base, V.FLOAT32),
+        (f"{a}.rope.freq_base_swa", cfg.rope_base_swa, V.FLOAT32),
+        (f"{a}.attention.layer_norm_rms_epsilon", cfg.eps, V.FLOAT32),
+        (f"{a}.attention.key_length", cfg.head_dim_full, V.UINT32),
+        (f"{a}.attention.value_length", cfg.head_dim_full, V.UINT32),
+        ("general.file_type", int(ftype), V.UINT32),
+        (f"{a}.final_logit_softcapping", cfg.softcap, V.FLOAT32),
+        (f"{a}.attention.sliding_window", cfg.window, V.UINT32),
+        (f"{a}.attention.shared_kv_layers", cfg.n_shared_kv, V.UINT32),
+        (f"{a}.embedding_length_per_layer_input", cfg.ple, V.UINT32),
+    ]
+    for k, v, t in kv:
+        w.add_field(k, v, t)
+    w.add_field(f"{a}.attention.sliding_window_pattern", [cfg.is_swa(il) for il in range(cfg.n_layer)],
+                V.ARRAY, V.BOOL)
+    for k, v in [(f"{a}.attention.key_length_swa", cfg.head_dim_swa), (f"{a}.attention.value_length_swa", cfg.head_dim_swa),
+                 (f"{a}.rope.dimension_count", cfg.head_dim_full), (f"{a}.rope.dimension_count_swa", cfg.head_dim_swa),
+                 ("general.quantization_version", 2)]:
+        w.add_field(k, v, V.UINT32)
+    # SentencePiece-style vocabulary as in the anchor's file: 5 specials, 256 byte pieces, dummies
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    tokens = specials + [f"<0x{i:02X}>" for i in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(cfg.vocab - len(tokens))]
+    types = np.full(cfg.vocab, 1, np.int32)  # NORMAL
+    types[:len(specials)] = 3  # CONTROL
+    types[3] = 2  # UNKNOWN
+    types[len(specials):len(specials) + 256] = 6  # BYTE
+    w.add_field("tokenizer.ggml.model", "llama", V.STRING)
+    w.add_field("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING)
+    w.add_field("tokenizer.ggml.scores", -np.arange(cfg.vocab, dtype=np.float32), V.ARRAY, V.FLOAT32)
+    w.add_field("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32)
+    for k, v in [("bos", 2), ("eos", 1), ("unknown", 3), ("padding", 0)]:
+        w.add_field(f"tokenizer.ggml.{k}_token_id", v, V.UINT32)
+    w.add_field("tokenizer.ggml.add_bos_token", True, V.BOOL)
+    w.add_field("tokenizer.ggml.add_eos_token", False, V.BOOL)
+
+
+def add_tensors(w, cfg: Config, qtype) -> None:
+    H, P, L = cfg.hidden, cfg.ple, cfg.n_layer
+    rng = np.random.default_rng(0)
+    gains = lambda n, k=1.0: rng.uniform(*GAIN_RANGE, n) * k  # noqa: E731
+
+    def mat(name, rows, cols, std=None):
+        w.add_tensor(name, (rows, cols), qtype, matrix_producer(name, (rows, cols), qtype, std or cols ** -0.5))
+
+    def vec(name, values):
+        w.add_tensor(name, (len(values),), T.F32, vector_producer(values))
+
+    n_rot = int(cfg.head_dim_full * cfg.partial_rotary_full) // 2  # pairs rotated on full layers
+    vec("rope_freqs.weight", [1.0] * n_rot + [PROPORTIONAL_ROPE_OFF] * (cfg.head_dim_full // 2 - n_rot))
+    mat("token_embd.weight", cfg.vocab, H, H ** -0.5)
+    mat("per_layer_token_embd.weight", cfg.vocab, L * P, P ** -0.5)
+    n_kv = L - cfg.n_shared_kv
+    for il in range(L):
+        p, d = f"blk.{il}.", cfg.head_dim(il)
+        vec(p + "attn_norm.weight", gains(H))
+        vec(p + "layer_output_scale.weight", rng.uniform(*LAYER_SCALAR_RANGE, 1))
+        mat(p + "ffn_down.weight", H, cfg.ffn)
+        mat(p + "ffn_gate.weight", cfg.ffn, H)
+        mat(p + "ffn_up.weight", cfg.ffn, H)
+        mat(p + "inp_gate.weight", P, H)
+        mat(p + "proj.weight", H, P)
+        for n in ("post_attention_norm", "post_ffw_norm", "post_norm"):
+            vec(p + n + ".weight", gains(H, POST_NORM_DAMPING))
+        vec(p + "ffn_norm.weight", gains(H))
+        if il < n_kv:
+            vec(p + "attn_k_norm.weight", gains(d, d ** -0.25))
+            mat(p + "attn_k.weight", cfg.n_head_kv * d, H)
+        mat(p + "attn_output.weight", H, cfg.n_head * d)
+        vec(p + "attn_q_norm.weight", gains(d, d ** -0.25))
+        mat(p + "attn_q.weight", cfg.n_head * d, H)
+        if il < n_kv:
+            mat(p + "attn_v.weight", cfg.n_head_kv * d, H)
+    vec("output_norm.weight", gains(H, FINAL_NORM_SCALE))
+    mat("per_layer_model_proj.weight", L * P, H)
+    vec("per_layer_proj_norm.weight", gains(P))
+
+
+def build(cfg: Config, weights: str, workdir: Path, rebuild: bool, log) -> tuple[Path, float | None]:
+    """The cached GGUF, built if missing; returns (path, build seconds or None when reused)."""
+    from ggquant.formats.gguf import GGUFWriter
+
+    qtype, ftype = WEIGHTS[weights]
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"gemma4-{cfg.name}-{weights}-v{FORMAT_VERSION}.gguf"
+    if path.exists() and not rebuild:
+        log(f"reusing {path} ({path.stat().st_size / 1e9:.2f} GB)")
+        return path, None
+    w = GGUFWriter(path, force=True)
+    add_metadata(w, cfg, ftype)
+    add_tensors(w, cfg, qtype)
+    total = w.total_bytes
+    log(f"building {path} ({total / 1e9:.2f} GB of tensors, {nb.get_num_threads()} numba threads)")
+    t0 = time.perf_counter()
+    done = [0, 0.0]
+
+    def progress(_name, n):
+        done[0] += n
+        now = time.perf_counter()
+        if now - done[1] > 10:
+            done[1] = now
+            log(f"  {done[0] / total:6.1%}  {done[0] / 1e9:.2f} GB  {now - t0:.0f} s")
+
+    w.write(progress)
+    dt = time.perf_counter() - t0
+    log(f"built in {dt:.1f} s ({total / dt / 1e9:.2f} GB/s)")
+    return path, dt
+
+
+def check_q4_k_blocks() -> None:
+    """The random Q4_K blocks dequantize (ggquant's bit-exact dequantizer) to mean ~0, std ~ target."""
+    from ggquant.quant import types as qt
+
+    std = 2560 ** -0.5
+    rows, cols = 64, 2560
+    raw = b"".join(bytes(c) for c in matrix_producer("check", (rows, cols), T.Q4_K, std)())
+    x = qt.dequantize(np.frombuffer(raw, np.uint8).reshape(rows, -1), T.Q4_K, (rows, cols))
+    if not (np.isfinite(x).all() and abs(x.mean()) < 0.05 * std and abs(x.std() / std - 1) < 0.1):
+        raise RuntimeError(f"random Q4_K blocks are off: mean {x.mean():.3g}, std {x.std():.3g} (target {std:.3g})")
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def copy_bandwidth(torch, device, gib: float = 2.0, repeat: int = 20) -> float:
+    """Device-to-device copy GB/s, read + write bytes counted (anchor note: 3011.8 GB/s on the H100)."""
+    n = int(gib * (1 << 30)) // 2
+    src = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(3 + repeat):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            torch.cuda.synchronize()
+            dt = e0.elapsed_time(e1) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            dt = time.perf_counter() - t0
+        if i >= 3:
+            times.append(dt)
+    del src, dst
+    return 2 * n * 2 / statistics.median(times) / 1e9
+
+
+class TrafficMeter:
+    """Hooks a backend's matmul/matmuls/rows and counts the weight bytes each call reads."""
+
+    def __init__(self, backend):
+        self.be = backend
+        self.on = False
+        self.file_bytes = 0  # GGUF-encoded bytes of the weights read (the roofline's numerator)
+        self.traffic = 0  # estimated device traffic the backend causes for them
+        self.calls = []
+        mm, mms, rows = backend.matmul, backend.matmuls, backend.rows
+        self._depth = 0  # a backend's matmuls may call its (hooked) matmul: count each weight once
+
+        def matmul(x, w):
+            self._depth += 1
+            try:
+                y = mm(x, w)
+            finally:
+                self._depth -= 1
+            if self._depth == 0:
+                self._count(w, None)
+            return y
+
+        def matmuls(x, ws):
+            self._depth += 1
+            try:
+                ys = mms(x, ws)
+            finally:
+                self._depth -= 1
+            if self._depth == 0:
+                for w in ws:
+                    self._count(w, None)
+            return ys
+
+        def rows_(w, ids):
+            y = rows(w, ids)
+            self._count(w, len(np.asarray(ids).reshape(-1)))
+            return y
+
+        backend.matmul, backend.matmuls, backend.rows = matmul, matmuls, rows_
+
+    def _count(self, w, n_rows):
+        if not self.on:
+            return
+        raw_bytes = int(w.raw.numel() * w.raw.element_size())
+        n_el = math.prod(w.shape)
+        dense = getattr(w, "_dense", None)
+        if n_rows is not None:  # a gather: n_rows rows of the raw blocks, dequantized to float32
+            fb = raw_bytes // w.shape[0] * n_rows
+            self.file_bytes += fb
+            self.traffic += fb + 4 * n_rows * w.shape[-1]
+            self.calls.append((w.name, "rows", fb))
+            return
+        self.file_bytes += raw_bytes
+        if dense is not None:  # multiplies with a cached dense copy
+            self.traffic += int(dense.numel() * dense.element_size())
+            how = f"dense {str(dense.dtype).replace('torch.', '')}"
+        elif w.qtype == T.F32:
+            self.traffic += raw_bytes
+            how = "f32"
+        else:  # dequantized to float32 (write), then read by the matmul: at least raw + 8 B/element
+            self.traffic += raw_bytes + 8 * n_el
+            how = "dequant->f32 per call"
+        self.calls.append((w.name, how, raw_bytes))
+
+
+def sync(torch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load(path: Path, device: str):
+    from ggquant.runtime.model import ARCHITECTURES, load_model
+
+    if device == "cuda":
+        return load_model(path, device="cuda")
+    # torch backend on CPU tensors (how CI checks it), built like tests/runtime/test_cuda.py
+    import ggquant.runtime.gemma4  # noqa: F401
+    from ggquant.formats.gguf import GGUFReader
+    from ggquant.runtime.cuda import CUDABackend
+
+    r = GGUFReader(path)
+    return ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device="cpu"))
+
+
+def decode_bench(model, torch, device, n_prompt, n_decode, repeat, seed=0):
+    """(prompt tok/s list, decode tok/s list, last token) with greedy decoding at batch 1."""
+    from ggquant.runtime.model import Session
+
+    rng = np.random.default_rng(seed)
+    ids = [2] + [int(t) for t in rng.integers(261, model.n_vocab, n_prompt - 1)]
+    sess = Session(model, n_ctx=n_prompt + n_decode + 8, n_batch=512)
+    pp, tg = [], []
+    for r in range(repeat + 1):  # the first run is a warm-up (cuBLAS handles, allocator, numba)
+        sess.reset()
+        sync(torch, device)
+        t0 = time.perf_counter()
+        tok = int(np.argmax(sess.eval(ids, "last")[-1]))
+        sync(torch, device)
+        t1 = time.perf_counter()
+        for _ in range(n_decode if r else 4):
+            logits = sess.eval([tok], "last")[-1]
+            tok = int(np.argmax(logits))
+        sync(torch, device)
+        t2 = time.perf_counter()
+        if r:
+            pp.append(n_prompt / (t1 - t0))
+            tg.append(n_decode / (t2 - t1))
+    if not np.isfinite(logits).all():
+        raise RuntimeError("decode produced non-finite logits: the random weights are not sane")
+    return pp, tg, sess
+
+
+def profile_step(sess, torch, device, rows: int = 15) -> dict:
+    """torch profiler over one decode step: top ops by device (and CPU) self time, launch counts.
+    Device busy time much below the wall time means the step is bound by the host (Python, op
+    dispatch, kernel launches, synchronizations), not by memory bandwidth."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sess.eval([5], "last")  # the step before is the same kind of step
+    sync(torch, device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        sess.eval([6], "last")
+        sync(torch, device)
+        wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    dev = [e for e in ka if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    tables = []
+    if cuda:
+        tables.append(("device", ka.table(sort_by="self_device_time_total", row_limit=rows)))
+    tables.append(("cpu", ka.table(sort_by="self_cpu_time_total", row_limit=10 if cuda else rows)))
+    return {"wall_ms": wall * 1e3,
+            "device_busy_ms": sum(e.self_device_time_total for e in dev) / 1e3,
+            "kernels": sum(e.count for e in dev),
+            "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")),
+            "kernel_launches": sum(e.count for e in ka if "LaunchKernel" in e.key),
+            "syncs": sum(e.count for e in ka if "Synchronize" in e.key),
+            "memcpy_calls": sum(e.count for e in ka if e.key.startswith(("cudaMemcpy", "cuMemcpy"))),
+            "tables": tables}
+
+
+def imatrix_bench(model, torch, device, ctx=512, chunks=2):
+    """imatrix collection tokens/s (Collector hooked into the backend, as collect_imatrix does)."""
+    from ggquant.imatrix.collect import Collector
+    from ggquant.runtime.model import Session
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(261, model.n_vocab, (chunks + 1, ctx))
+    data[:, 0] = 2  # BOS first, as compute_imatrix does
+    sess = Session(model, n_ctx=ctx, n_batch=ctx)
+
+    def run(rows):
+        sync(torch, device)
+        t0 = time.perf_counter()
+        for c in rows:
+            sess.reset()
+            sess.eval(data[c], logits="none")
+        sync(torch, device)
+        return len(rows) * ctx / (time.perf_counter() - t0)
+
+    run([chunks])  # warm-up chunk
+    plain = run(range(chunks))
+    be = model.backend
+    saved = be.matmul, be.matmuls
+    col = Collector(ctx)
+    col.attach(be)
+    collected = run(range(chunks))
+    be.matmul, be.matmuls = saved
+    bad = [n for n, s in col.sums.items() if not np.isfinite(s).all()]
+    if bad:
+        raise RuntimeError(f"imatrix statistics not finite for {bad[:3]}")
+    return {"ctx": ctx, "chunks": chunks, "entries": len(col.sums), "collect_tok_s": collected,
+            "plain_prompt_tok_s": plain}
+
+
+def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw, log) -> dict:
+    """Load one GGUF, time prompt/decode, count bytes, profile (below target), imatrix; print and return."""
+    res: dict = {"weights": weights, "gguf": str(path), "gguf_bytes": path.stat().st_size, "build_s": build_s}
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = load(path, device_name)
+    sync(torch, device)
+    res["load_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        res["gpu_mem_after_load_gib"] = torch.cuda.memory_allocated() / 2 ** 30
+    log(f"{weights}: loaded in {res['load_s']:.1f} s" + (f", {res['gpu_mem_after_load_gib']:.1f} GiB on the GPU"
+                                                         if device.type == "cuda" else ""))
+
+    meter = TrafficMeter(model.backend)
+    pp, tg, sess = decode_bench(model, torch, device, args.prompt, args.decode, args.repeat)
+    meter.on = True
+    sess.eval([7], "last")
+    sync(torch, device)
+    meter.on = False
+    tok_s = statistics.median(tg)
+    roof = bw * 1e9 / meter.file_bytes
+    res.update(prompt_tok_s=statistics.median(pp), decode_tok_s=tok_s, decode_tok_s_all=tg,
+               weight_bytes_per_token=meter.file_bytes, backend_bytes_per_token=meter.traffic,
+               matmuls_per_token=sum(1 for c in meter.calls if c[1] != "rows"),
+               weight_read_modes=sorted({c[1] for c in meter.calls}),
+               roofline_tok_s=roof, roofline_fraction=tok_s / roof,
+               achieved_weight_gb_s=meter.file_bytes * tok_s / 1e9,
+               achieved_backend_gb_s=meter.traffic * tok_s / 1e9, ms_per_token=1e3 / tok_s,
+               ms_per_token_floor=1e3 / roof)
+    if device.type == "cuda":
+        res["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+
+    prof = None
+    if args.profile == "always" or (args.profile == "auto" and res["roofline_fraction"] < 0.5):
+        prof = profile_step(sess, torch, device)
+        res["profile"] = {k: v for k, v in prof.items() if k != "tables"}
+    if args.imatrix:
+        res["imatrix"] = imatrix_bench(model, torch, device)
+    res["bench_s"] = time.perf_counter() - t0
+
+    log("")
+    log(f"ggquant torch backend, random Gemma 4 {cfg.name.upper()}, {weights} weights, {args.device_label}")
+    log(f"  GGUF {res['gguf_bytes'] / 1e9:.2f} GB, build {'cached' if build_s is None else f'{build_s:.1f} s'}, "
+        f"load {res['load_s']:.1f} s" + (f", GPU memory peak {res['gpu_mem_peak_gib']:.1f} GiB" if device.type == "cuda" else ""))
+    log(f"  prompt {args.prompt} tok: {res['prompt_tok_s']:.1f} tok/s;  decode {args.decode} tok at batch 1: "
+        f"{tok_s:.2f} tok/s (runs: {', '.join(f'{t:.2f}' for t in tg)})")
+    log(f"  weight bytes read per token: {meter.file_bytes / 1e9:.3f} GB in the file's encoding "
+        f"({res['matmuls_per_token']} matmuls incl. the tied output, + one row of token_embd and "
+        f"per_layer_token_embd); weight read modes: {', '.join(res['weight_read_modes'])}")
+    log(f"  backend's own weight traffic per token (estimate): {meter.traffic / 1e9:.3f} GB")
+    log(f"  roofline at {bw:.1f} GB/s copy bandwidth: {roof:.1f} tok/s "
+        f"({res['ms_per_token_floor']:.2f} ms/token floor vs {res['ms_per_token']:.2f} measured)")
+    log(f"  achieved: {res['achieved_weight_gb_s']:.1f} GB/s of file weights, "
+        f"{res['achieved_backend_gb_s']:.1f} GB/s of backend traffic")
+    log(f"  fraction of roofline: {res['roofline_fraction']:.3f} (target >= 0.5; llama.cpp CUDA F16 0.538, "
+        f"Q8_0 0.309, Q4_K_M 0.207 in anchor-cuda-h100.md)")
+    if prof is not None:
+        p = res["profile"]
+        log(f"\n  one decode step under the profiler: wall {p['wall_ms']:.1f} ms, device busy {p['device_busy_ms']:.1f} ms "
+            f"({p['kernels']} kernels), {p['aten_ops']} aten ops, {p['kernel_launches']} kernel launches, "
+            f"{p['syncs']} synchronizations, {p['memcpy_calls']} memcpy calls")
+        for what, table in prof["tables"]:
+            log(f"  top ops by self {what} time:")
+            log(table)
+    if args.imatrix:
+        im = res["imatrix"]
+        log(f"  imatrix collection ({im['chunks']} chunks of {im['ctx']}, {im['entries']} weights): "
+            f"{im['collect_tok_s']:.1f} tok/s (same chunks without the collector: {im['plain_prompt_tok_s']:.1f} tok/s)")
+    log("")
+    del meter, sess, model
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default="bf16",
+                    help=f"comma-separated list of {', '.join(WEIGHTS)} (each built, cached and benchmarked in turn)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/ggq_bench"))
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the GGUF even when cached")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny dims, torch backend on CPU (a local check)")
+    ap.add_argument("--device", choices=["cuda", "torch-cpu"], default=None,
+                    help="cuda (default), torch-cpu (default with --tiny)")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--decode", type=int, default=None, help="decode tokens (64; 8 with --tiny)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs, median reported (3; 1 with --tiny)")
+    ap.add_argument("--imatrix", action="store_true", help="also time imatrix collection (2 chunks of 512)")
+    ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
+                    help="torch profiler summary of one decode step (auto: when below 50%% of roofline)")
+    ap.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (2 GiB; 0.25 with --tiny)")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    variants = [w.strip() for w in args.weights.split(",") if w.strip()]
+    bad = [w for w in variants if w not in WEIGHTS]
+    if bad or not variants:
+        ap.error(f"--weights: unknown {bad}; choose from {', '.join(WEIGHTS)}")
+    cfg = TINY if args.tiny else E4B
+    args.decode = args.decode or (8 if args.tiny else 64)
+    args.repeat = args.repeat or (1 if args.tiny else 3)
+    args.copy_gib = args.copy_gib or (0.25 if args.tiny else 2.0)
+    device_name = args.device or ("torch-cpu" if args.tiny else "cuda")
+    nb.set_num_threads(nb.config.NUMBA_NUM_THREADS)
+    t0 = time.perf_counter()
+    out: dict = {"config": asdict(cfg), "results": []}
+
+    if "q4_k" in variants:
+        check_q4_k_blocks()
+        log("note: q4_k weights are random Q4_K blocks (random quants, 6-bit scales/mins, bounded fp16 d), "
+            "not quantized floats; decode speed does not depend on the values")
+    built = [(w, *build(cfg, w, args.workdir, args.rebuild, log)) for w in variants]
+    if args.build_only:
+        return 0
+
+    import torch
+
+    device = torch.device("cuda" if device_name == "cuda" else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible to torch; use --device torch-cpu (with --tiny) to check locally")
+        args.device_label = torch.cuda.get_device_name()
+    else:
+        args.device_label = f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    bw = copy_bandwidth(torch, device, args.copy_gib)
+    out.update(device=args.device_label, torch=torch.__version__, copy_gb_s=bw)
+    log(f"device: {args.device_label}; torch {torch.__version__}; device-to-device copy {bw:.1f} GB/s "
+        f"(read + write bytes, {args.copy_gib:g} GiB buffer, median of 20)")
+
+    for weights, path, build_s in built:
+        out["results"].append(bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw, log))
+
+    log(f"summary ({args.device_label}, copy {bw:.0f} GB/s, config {cfg.name}):")
+    log(f"  {'weights':8} {'GB/token':>9} {'prompt t/s':>11} {'decode t/s':>11} {'roofline t/s':>13} {'fraction':>9}"
+        + ("  imatrix t/s" if args.imatrix else ""))
+    for r in out["results"]:
+        log(f"  {r['weights']:8} {r['weight_bytes_per_token'] / 1e9:9.3f} {r['prompt_tok_s']:11.1f} "
+            f"{r['decode_tok_s']:11.2f} {r['roofline_tok_s']:13.1f} {r['roofline_fraction']:9.3f}"
+            + (f"  {r['imatrix']['collect_tok_s']:11.1f}" if args.imatrix else ""))
+    out["total_s"] = time.perf_counter() - t0
+    log(f"total {out['total_s']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
