@@ -337,7 +337,7 @@ def build(cfg: Config, weights: str, workdir: Path, rebuild: bool, log) -> tuple
     total = w.total_bytes
     log(f"building {path} ({total / 1e9:.2f} GB of tensors, {nb.get_num_threads()} numba threads)")
     t0 = time.perf_counter()
-    done = [0, 0.0]
+    done = [0, t0]
 
     def progress(_name, n):
         done[0] += n
@@ -512,12 +512,22 @@ def profile_step(sess, torch, device, rows: int = 15) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sess.eval([5], "last")  # the step before is the same kind of step
     sync(torch, device)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        sess.eval([6], "last")
-        sync(torch, device)
-        wall = time.perf_counter() - t0
+    be = sess.model.backend
+    saved = {m: getattr(be, m) for m in BACKEND_OPS if hasattr(be, m)}
+    for m, f in saved.items():  # label each backend call, so the host time splits by model operation
+        setattr(be, m, _labelled(torch, f"backend.{m}", f))
+    try:
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            sess.eval([6], "last")
+            sync(torch, device)
+            wall = time.perf_counter() - t0
+    finally:
+        for m, f in saved.items():
+            setattr(be, m, f)
     ka = prof.key_averages()
+    by_op = {e.key[len("backend."):]: (e.count, e.cpu_time_total / 1e3) for e in ka
+             if e.key.startswith("backend.") and e.device_type == DeviceType.CPU}
     dev = [e for e in ka if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     tables = []
     if cuda:
@@ -530,7 +540,17 @@ def profile_step(sess, torch, device, rows: int = 15) -> dict:
             "kernel_launches": sum(e.count for e in ka if "LaunchKernel" in e.key),
             "syncs": sum(e.count for e in ka if "Synchronize" in e.key),
             "memcpy_calls": sum(e.count for e in ka if e.key.startswith(("cudaMemcpy", "cuMemcpy"))),
-            "tables": tables}
+            "backend_ops": by_op, "tables": tables}
+
+
+BACKEND_OPS = ("matmul", "matmuls", "rows", "rms_norm", "gelu", "geglu", "rope", "attention", "softcap")
+
+
+def _labelled(torch, label, f):
+    def g(*a, **k):
+        with torch.profiler.record_function(label):
+            return f(*a, **k)
+    return g
 
 
 def imatrix_bench(model, torch, device, ctx=512, chunks=2):
@@ -629,6 +649,9 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
         log(f"\n  one decode step under the profiler: wall {p['wall_ms']:.1f} ms, device busy {p['device_busy_ms']:.1f} ms "
             f"({p['kernels']} kernels), {p['aten_ops']} aten ops, {p['kernel_launches']} kernel launches, "
             f"{p['syncs']} synchronizations, {p['memcpy_calls']} memcpy calls")
+        ops = sorted(p["backend_ops"].items(), key=lambda kv: -kv[1][1])
+        log("  host time by backend call (inclusive, under the profiler): "
+            + ", ".join(f"{k} {n}x {ms:.1f} ms" for k, (n, ms) in ops))
         for what, table in prof["tables"]:
             log(f"  top ops by self {what} time:")
             log(table)
