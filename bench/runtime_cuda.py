@@ -3,8 +3,11 @@ and the fraction of the HBM roofline it reaches (issue 4, "Speed"; anchor: resea
 anchor-cuda-h100.md, llama.cpp CUDA F16 tg128 = 174 tok/s = 0.538 of roofline on the H100).
 
     python bench/runtime_cuda.py --weights bf16            # build (cached) + decode bench on CUDA
-    python bench/runtime_cuda.py --weights q8_0 --imatrix  # + imatrix collection tokens/s (issue 6)
-    python bench/runtime_cuda.py --tiny                    # same code path, tiny dims, torch on CPU
+    python bench/runtime_cuda.py --weights bf16,q8_0,q4_k --imatrix --json out.json
+                                                           # all three, + imatrix collection tok/s (issue 6)
+    python bench/runtime_cuda.py --tiny --weights bf16,q8_0,q4_k   # same code path, tiny dims, torch on CPU
+
+Needs numpy, numba (the builder's kernels and ggquant's runtime), torch, and the gguf package.
 
 Steps:
 1. Build the GGUF with ggquant's own streaming GGUFWriter: the metadata keys and tensor names
