@@ -115,3 +115,28 @@ def test_imatrix_lowers_kl_on_real_gemma3(tmp_path):
 
     [(_, res)] = measure(tmp_path, ["Q3_K_M"], ctx=128, cal_chunks=4, eval_chunks_n=2, log=lambda *_: None)
     assert res["with"]["kl_mean"] < 0.8 * res["without"]["kl_mean"], res
+
+
+def test_torch_backend_collects_each_matmul_input_once(reference_gguf):
+    """Regression: the torch backend's fused `matmuls` must not route through the hooked
+    `matmul` (which counted q/k/v and gate/up inputs twice)."""
+    from ggquant.imatrix.collect import Collector
+    from ggquant.runtime.cuda import CUDABackend
+    from ggquant.runtime.model import ARCHITECTURES, Session, load_model
+
+    path = reference_gguf("gemma4_e4b", "f32")
+    ids = [2] + list(range(30, 61))
+    cols = {}
+    for kind in ("cpu", "torch"):
+        if kind == "cpu":
+            model = load_model(path, threads=2)
+        else:
+            r = GGUFReader(path)
+            model = ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device="cpu"))
+        col = Collector(len(ids))
+        col.attach(model.backend)
+        Session(model, len(ids), n_batch=len(ids)).eval(ids, "none")
+        cols[kind] = col
+    assert cols["torch"].counts == cols["cpu"].counts == {n: len(ids) for n in cols["cpu"].counts}
+    for n, s in cols["cpu"].sums.items():  # plain fp32 torch vs ggml-emulating CPU arithmetic
+        assert np.max(np.abs(cols["torch"].sums[n] - s)) <= 1e-3 * np.max(np.abs(s)), n
