@@ -124,8 +124,7 @@ class Gemma3(Model):
     def __init__(self, reader, backend):
         super().__init__(reader, backend)
         ts = TensorSet(reader, backend)
-        emb = ts.by_name.get("token_embd.weight")
-        n_vocab = emb.shape[0] if emb is not None else len(reader.get("tokenizer.ggml.tokens", []))
+        n_vocab = ts.n_vocab()
         self.hp = hp = Gemma3Params.from_meta(self.meta, n_vocab)
         self.n_vocab, self.n_ctx_train = n_vocab, hp.n_ctx_train
         H = hp.n_embd

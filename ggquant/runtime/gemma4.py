@@ -149,8 +149,7 @@ class Gemma4(Model):
     def __init__(self, reader, backend):
         super().__init__(reader, backend)
         ts = TensorSet(reader, backend)
-        emb = ts.by_name.get("token_embd.weight")
-        n_vocab = emb.shape[0] if emb is not None else len(reader.get("tokenizer.ggml.tokens", []))
+        n_vocab = ts.n_vocab()
         self.hp = hp = Gemma4Params.from_meta(self.meta, n_vocab)
         self.n_vocab, self.n_ctx_train = n_vocab, hp.n_ctx_train
         H, P, L = hp.n_embd, hp.n_embd_per_layer, hp.n_layer

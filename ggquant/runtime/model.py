@@ -90,6 +90,12 @@ class TensorSet:
         self.used.add(name)
         return self.backend.weight(info)
 
+    def n_vocab(self) -> int:
+        """Rows of token_embd (or the vocabulary size when the table is missing, so the
+        missing-tensor error is the one the user sees)."""
+        emb = self.by_name.get("token_embd.weight")
+        return emb.shape[0] if emb is not None else len(self.reader.get("tokenizer.ggml.tokens", []))
+
     def vector(self, name: str, shape: tuple[int, ...] | None = None, required: bool = True):
         """A small tensor (norm weight, scalar) as a dense float32 backend array."""
         w = self.get(name, shape, required)
