@@ -120,11 +120,15 @@ def imatrix():
 @click.option("--in-file", "in_files", multiple=True, type=click.Path(path_type=Path),
               help="Earlier imatrix files (GGUF or .dat) to merge with the new statistics.")
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (untied models).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False), default=None,
+              help="MODEL is a Hugging Face folder: the type its weights are converted to in memory, as "
+                   "`ggquant convert --outtype` writes them [default: f32].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, threads, in_files,
-                    process_output, as_json, force):
-    """Collect an importance matrix for MODEL (GGUF) from a calibration text, like llama-imatrix."""
+                    process_output, outtype, as_json, force):
+    """Collect an importance matrix for MODEL (a GGUF, or a Hugging Face folder run as its F32 conversion,
+    built in memory) from a calibration text, like llama-imatrix."""
     from ggquant.imatrix.collect import collect_imatrix
     from ggquant.imatrix.files import load, merge, save_dat, save_gguf
 
@@ -132,7 +136,8 @@ def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, t
         raise GGQuantError(f"{out} exists; pass --force to overwrite it")
     previous = [load(p) for p in in_files]  # read (and validate) before the long run
     im, stats = collect_imatrix(model, text_file, ctx=ctx, chunks=chunks, device=device, threads=threads,
-                                process_output=process_output, progress=not as_json and sys.stderr.isatty())
+                                process_output=process_output, progress=not as_json and sys.stderr.isatty(),
+                                outtype=outtype)
     if previous:
         im = merge([*previous, im])
     (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)
@@ -140,7 +145,8 @@ def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, t
     if as_json:
         click.echo(json.dumps(stats, indent=1))
     else:
-        click.echo(f"{model}: {stats['entries']} entries from {stats['chunks']} chunks x {ctx} tokens "
+        where = "" if stats["weights"] == "GGUF" else f" ({stats['weights']})"
+        click.echo(f"{model}{where}: {stats['entries']} entries from {stats['chunks']} chunks x {ctx} tokens "
                    f"({stats['tokens_per_s']:.1f} tokens/s) -> {out}")
 
 

@@ -11,6 +11,10 @@ research note imatrix-and-quants.md §1.1), reproduced here:
 
 The collector wraps the runtime backend's `matmul`/`matmuls`, so it sees exactly the float32
 inputs the model multiplies with each weight.
+
+MODEL is a GGUF or a Hugging Face folder. A folder runs as its F32 conversion, built in memory
+(runtime/hf_source.py), so the statistics (and the file) equal those collected on the F32 GGUF
+that `ggquant convert --outtype f32` writes; another converter outtype can be asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ggquant.imatrix.files import Entry, Imatrix
 
 MIN_BATCH_TOKENS = 16  # imatrix.cpp: `if (src1->ne[1] < 16 || src1->type != GGML_TYPE_F32) return false`
 OUTPUT_WEIGHT = "output.weight"
+HF_FOLDER_OUTTYPE = "f32"  # llama-imatrix is meant to run on the unquantized model
 
 
 @nb.njit(cache=True)
@@ -101,8 +106,12 @@ def read_text(path) -> str:
 
 
 def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None = None, device: str = "cpu",
-                    threads: int | None = None, process_output: bool = False, progress: bool = True):
+                    threads: int | None = None, process_output: bool = False, progress: bool = True,
+                    outtype: str | None = None):
     """llama-imatrix's compute_imatrix over ggquant's runtime; returns (Imatrix, stats dict).
+
+    model_path: a GGUF, or a Hugging Face folder converted in memory to `outtype` (default f32;
+    outtype is refused for a GGUF).
 
     The text is tokenized once (BOS first if the vocabulary adds one), cut into chunks of `ctx`
     tokens (at least two are needed), and each chunk is evaluated from an empty KV cache with
@@ -111,11 +120,16 @@ def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None
     import time
 
     from ggquant.errors import GGQuantError
+    from ggquant.runtime.hf_source import weights_label
     from ggquant.runtime.model import Session, load_model
     from ggquant.runtime.tokenizer import Tokenizer
 
+    from pathlib import Path
+
     text = read_text(text_path)
-    model = load_model(model_path, device=device, threads=threads)
+    if outtype is None and Path(model_path).is_dir():
+        outtype = HF_FOLDER_OUTTYPE
+    model = load_model(model_path, device=device, threads=threads, outtype=outtype)
     tok = Tokenizer.from_gguf(model.reader)
     ids = np.asarray(tok.encode(text, add_special=True), dtype=np.int64)
     if len(ids) < 2 * ctx:
@@ -151,4 +165,5 @@ def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None
     seconds = time.perf_counter() - t0
     im = col.to_imatrix([str(text_path)])
     return im, {"chunks": n_chunk, "tokens": n_chunk * ctx, "seconds": seconds,
-                "tokens_per_s": n_chunk * ctx / seconds if seconds else 0.0, "entries": len(im.entries)}
+                "tokens_per_s": n_chunk * ctx / seconds if seconds else 0.0, "entries": len(im.entries),
+                "weights": weights_label(model.reader)}

@@ -1,7 +1,8 @@
 """The engines `ggquant parity` compares: each evaluates one chunk of token ids in a fresh context
 and returns the float32 logits of every position [n, n_vocab].
 
-- GgquantEngine: ggquant's own runtime on a GGUF (CPU or CUDA backend).
+- GgquantEngine: ggquant's own runtime on a GGUF, or on a Hugging Face folder converted in memory
+  (runtime/hf_source.py; F32 unless told otherwise, the tightest comparison) (CPU or CUDA backend).
 - LlamaCppEngine: llama.cpp through llama-cpp-python, configured for tight comparisons: an F32
   KV cache (type_k = type_v = 0), flash attention off, the whole chunk in one batch
   (n_batch = n_ubatch = n_ctx), logits for every position. llama.cpp adds no BOS in eval; the
@@ -20,13 +21,21 @@ import numpy as np
 from ggquant.errors import GGQuantError
 
 
+HF_FOLDER_OUTTYPE = "f32"  # a Hugging Face folder is compared as its F32 conversion
+LLAMA_CPP_NAMES = ("llama.cpp", "llamacpp", "llama-cpp")
+
+
 class GgquantEngine:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, gelu: str = "ggml",
-                 n_ctx: int = 512):
+                 n_ctx: int = 512, outtype: str | None = None):
         from ggquant.runtime.model import Session, load_model
 
-        self.name = f"ggquant ({device}) {Path(path).name}"
-        self.model = load_model(path, device=device, threads=threads, gelu=gelu)
+        path = Path(path)
+        if path.is_dir() and outtype is None:
+            outtype = HF_FOLDER_OUTTYPE
+        self.model = load_model(path, device=device, threads=threads, gelu=gelu, outtype=outtype)
+        label = getattr(self.model.reader, "label", None)
+        self.name = f"ggquant ({device}) {path.name}" + (f" (Hugging Face folder as {label})" if label else "")
         self.session = Session(self.model, n_ctx=n_ctx, n_batch=n_ctx)
         self.n_vocab = self.model.n_vocab
 
@@ -120,14 +129,24 @@ class HFEngine:
         pass
 
 
-def make_engine(against: str, model_path: Path, device: str, threads: int | None, n_ctx: int):
-    """--against llama.cpp | HF_DIR | OTHER.gguf."""
-    if against in ("llama.cpp", "llamacpp", "llama-cpp"):
-        return LlamaCppEngine(model_path, n_ctx=n_ctx, threads=threads)
+def engine_kind(against: str) -> str:
+    """--against llama.cpp -> "llama.cpp", a folder -> "hf" (transformers), a file -> "gguf"."""
+    if against in LLAMA_CPP_NAMES:
+        return "llama.cpp"
     p = Path(against)
     if p.is_dir():
-        return HFEngine(p, threads=threads)
+        return "hf"
     if p.is_file():
-        return GgquantEngine(p, device=device, threads=threads, n_ctx=n_ctx)
+        return "gguf"
     raise GGQuantError(f"--against {against!r}: expected llama.cpp, a Hugging Face folder or a GGUF file "
                        f"(no such file or folder)")
+
+
+def make_engine(against: str, model_path: Path, device: str, threads: int | None, n_ctx: int):
+    """--against llama.cpp | HF_DIR | OTHER.gguf. For llama.cpp, model_path must be a GGUF."""
+    kind = engine_kind(against)
+    if kind == "llama.cpp":
+        return LlamaCppEngine(model_path, n_ctx=n_ctx, threads=threads)
+    if kind == "hf":
+        return HFEngine(Path(against), threads=threads)
+    return GgquantEngine(Path(against), device=device, threads=threads, n_ctx=n_ctx)

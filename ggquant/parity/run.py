@@ -1,5 +1,11 @@
 """`ggquant parity`: run ggquant and a reference engine on the same token ids, chunk by chunk.
 
+MODEL may be a GGUF or a Hugging Face folder. A folder runs in ggquant's runtime as its F32
+conversion, built in memory (runtime/hf_source.py); llama.cpp cannot read a folder, so for
+`--against llama.cpp` the folder is converted to a temporary F32 GGUF (the same bytes) in a
+temporary directory that is removed when the comparison ends, whatever happens, and the result
+says so.
+
 Chunking follows llama-perplexity: the text is tokenized once (without BOS) and cut into chunks
 of ctx positions; each chunk starts with BOS (when the vocabulary adds one) followed by the next
 ctx - 1 text tokens, and each engine evaluates every chunk in a fresh context.
@@ -7,8 +13,10 @@ ctx - 1 text tokens, and each engine evaluates every chunk in a fresh context.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +31,11 @@ class ParityResult:
     reference: str
     ctx: int
     stats: ParityStats
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"model": self.model, "reference": self.reference, "ctx": self.ctx, **self.stats.summary(),
-                "kl_per_chunk": self.stats.per_chunk_kl()}
+                "kl_per_chunk": self.stats.per_chunk_kl(), "notes": list(self.notes)}
 
 
 def chunk_ids(text_ids: list[int], ctx: int, bos: int | None, chunks: int | None) -> list[list[int]]:
@@ -48,34 +57,66 @@ def chunk_ids(text_ids: list[int], ctx: int, bos: int | None, chunks: int | None
 
 def run_parity(model_path: str | Path, against: str, text: str, ctx: int = 512, chunks: int | None = None,
                device: str = "cpu", threads: int | None = None,
-               progress: Callable[[int, int, ParityStats], None] | None = None) -> ParityResult:
-    from ggquant.formats.gguf import GGUFReader
+               progress: Callable[[int, int, ParityStats], None] | None = None,
+               log: Callable[[str], None] | None = None) -> ParityResult:
+    """Compare ggquant on MODEL (a GGUF or a Hugging Face folder) with `against`, chunk by chunk.
+
+    log(message) is told about steps the user should know of (the temporary GGUF for llama.cpp);
+    the same messages are kept in the result's notes."""
     from ggquant.runtime.tokenizer import Tokenizer
 
-    from .engines import GgquantEngine, HFEngine, make_engine
+    from .engines import GgquantEngine, engine_kind, make_engine
 
     model_path = Path(model_path)
-    if not model_path.is_file():
-        raise GGQuantError(f"{model_path}: no such GGUF file")
+    if not model_path.exists():
+        raise GGQuantError(f"{model_path}: no such GGUF file or Hugging Face folder")
     if ctx < 2:
         raise GGQuantError(f"--ctx must be at least 2, got {ctx}")
-    tok = Tokenizer.from_gguf(GGUFReader(model_path))
-    ids = tok.encode(text, add_special=False)
-    pieces = chunk_ids(ids, ctx, tok.bos_id if tok.add_bos else None, chunks)
-    ref = make_engine(against, model_path, device, threads, ctx)
-    # transformers is the exact-math reference: compare with ggquant's exact GELU there
-    gelu = "exact" if isinstance(ref, HFEngine) else "ggml"
-    ours = GgquantEngine(model_path, device=device, threads=threads, gelu=gelu, n_ctx=ctx)
-    stats = ParityStats()
-    for i, chunk in enumerate(pieces):
-        a = ours.eval(chunk)
-        b = ref.eval(chunk)
-        stats.update(a, b, chunk)
-        del a, b
-        if progress is not None:
-            progress(i + 1, len(pieces), stats)
-    ref.close()
-    return ParityResult(str(model_path), ref.name, ctx, stats)
+    kind = engine_kind(against)
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        if log is not None:
+            log(msg)
+
+    with contextlib.ExitStack() as stack:
+        # transformers is the exact-math reference: compare with ggquant's exact GELU there
+        ours = GgquantEngine(model_path, device=device, threads=threads, gelu="exact" if kind == "hf" else "ggml",
+                             n_ctx=ctx)
+        stack.callback(ours.close)
+        tok = Tokenizer.from_gguf(ours.model.reader)
+        ids = tok.encode(text, add_special=False)
+        pieces = chunk_ids(ids, ctx, tok.bos_id if tok.add_bos else None, chunks)
+        ref_model = model_path
+        if kind == "llama.cpp" and model_path.is_dir():
+            ref_model = _temporary_gguf(stack, model_path, note)
+        ref = make_engine(against, ref_model, device, threads, ctx)
+        stack.callback(ref.close)  # runs before the temporary folder is removed
+        if ref_model != model_path:
+            ref.name = f"llama.cpp on a temporary F32 GGUF of {model_path.name}"
+        stats = ParityStats()
+        for i, chunk in enumerate(pieces):
+            a = ours.eval(chunk)
+            b = ref.eval(chunk)
+            stats.update(a, b, chunk)
+            del a, b
+            if progress is not None:
+                progress(i + 1, len(pieces), stats)
+        return ParityResult(str(model_path), ref.name, ctx, stats, notes)
+
+
+def _temporary_gguf(stack: contextlib.ExitStack, folder: Path, note: Callable[[str], None]) -> Path:
+    """Convert `folder` to an F32 GGUF in a temporary directory that `stack` removes on exit."""
+    from ggquant.convert import convert
+
+    from .engines import HF_FOLDER_OUTTYPE
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ggquant-parity-")))
+    note(f"llama.cpp reads GGUF files: {folder} was converted to a temporary {HF_FOLDER_OUTTYPE.upper()} GGUF "
+         f"in {tmp} (ggquant convert --outtype {HF_FOLDER_OUTTYPE}), removed when the comparison ends")
+    conv = convert(folder, outtype=HF_FOLDER_OUTTYPE, outfile=tmp / "model-{FTYPE}.gguf", progress=False)
+    return Path(conv.written[0])
 
 
 def format_result(res: ParityResult) -> str:
@@ -88,6 +129,7 @@ def format_result(res: ParityResult) -> str:
         f"top-1 agreement {100 * s['top1_agreement']:.2f}%",
         f"NMSE            {s['nmse']:.3e}   max |dlogit| {s['max_abs_logit_diff']:.3e}",
         f"perplexity      model {s['ppl_model']:.4f}   reference {s['ppl_reference']:.4f}",
+        *(f"note            {n}" for n in res.notes),
     ])
 
 

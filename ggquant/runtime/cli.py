@@ -43,13 +43,18 @@ def _default_text() -> tuple[str, str]:
 @click.option("--logits-out", type=click.Path(path_type=Path),
               help="Save the float32 logits of every prompt position, [n_tokens, n_vocab], as .npy.")
 @click.option("--force", is_flag=True, help="Overwrite --logits-out if it exists.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "auto"], case_sensitive=False),
+              default=None, help="MODEL is a Hugging Face folder: the type its weights are converted to in memory, "
+              "as `ggquant convert --outtype` would write them (default: the dtype they are stored in, bf16/f16/f32).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of streaming the text.")
 def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, seed, device, threads, ctx,
-                n_batch, no_bos, special, logits_out, force, as_json):
-    """Generate text from a GGUF with ggquant's own runtime (streams the text)."""
+                n_batch, no_bos, special, logits_out, force, outtype, as_json):
+    """Generate text with ggquant's own runtime (streams the text). MODEL is a GGUF, or a Hugging Face
+    folder (Gemma 4, Gemma 3) converted in memory exactly as `ggquant convert` would, without writing a GGUF."""
     import numpy as np
 
     from ggquant.runtime.generate import generate
+    from ggquant.runtime.hf_source import weights_label
     from ggquant.runtime.model import Session, load_model
     from ggquant.runtime.sampling import Sampler
     from ggquant.runtime.tokenizer import Tokenizer
@@ -67,7 +72,7 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
     if logits_out is not None and logits_out.exists() and not force:
         raise GGQuantError(f"{logits_out} exists; pass --force to overwrite it")
     sampler = Sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-    m = load_model(model, device=device, threads=threads)
+    m = load_model(model, device=device, threads=threads, outtype=outtype)
     tok = Tokenizer.from_gguf(m.reader)
     ids = tok.encode(prompt, add_special=not no_bos, parse_special=special)
     if not ids:
@@ -94,14 +99,15 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
     if logits_out is not None:
         logits_out.parent.mkdir(parents=True, exist_ok=True)
         np.save(logits_out, gen.prompt_logits.astype(np.float32))
-    summary = {"model": str(model), "device": device, "prompt_tokens": len(ids), "generated_tokens": len(gen.ids),
-               "stop": gen.stop, "prompt_tokens_per_s": gen.prompt_tps, "decode_tokens_per_s": gen.decode_tps,
-               "text": gen.text, "ids": gen.ids}
+    summary = {"model": str(model), "device": device, "weights": weights_label(m.reader), "prompt_tokens": len(ids),
+               "generated_tokens": len(gen.ids), "stop": gen.stop, "prompt_tokens_per_s": gen.prompt_tps,
+               "decode_tokens_per_s": gen.decode_tps, "text": gen.text, "ids": gen.ids}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         out.write("\n")
-        click.echo(f"[{len(ids)} prompt tokens at {gen.prompt_tps:.1f} tok/s, {len(gen.ids)} generated at "
+        where = "" if summary["weights"] == "GGUF" else summary["weights"] + "; "
+        click.echo(f"[{where}{len(ids)} prompt tokens at {gen.prompt_tps:.1f} tok/s, {len(gen.ids)} generated at "
                    f"{gen.decode_tps:.1f} tok/s, stop: {gen.stop}]", err=True)
 
 
@@ -117,7 +123,9 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of KL per position and per chunk.")
 def parity_command(model, against, text_file, ctx, chunks, device, threads, as_json, plot):
-    """Compare ggquant's logits with llama.cpp, transformers or another GGUF, chunk by chunk."""
+    """Compare ggquant's logits with llama.cpp, transformers or another GGUF, chunk by chunk. MODEL is a GGUF
+    or a Hugging Face folder (run as its F32 conversion, built in memory; for --against llama.cpp the folder
+    is also converted to a temporary F32 GGUF, removed afterwards)."""
     from ggquant.parity.run import format_result, read_text, run_parity
     from ggquant.parity.run import plot as do_plot
 
@@ -137,7 +145,7 @@ def parity_command(model, against, text_file, ctx, chunks, device, threads, as_j
                        f"max |dlogit| {s['max_abs_logit_diff']:.3e}", err=True)
 
     res = run_parity(model, against, text, ctx=ctx, chunks=chunks, device=device, threads=threads,
-                     progress=progress)
+                     progress=progress, log=None if as_json else (lambda msg: click.echo(msg, err=True)))
     if plot is not None:
         do_plot(res, plot)
     if as_json:

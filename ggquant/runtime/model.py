@@ -1,6 +1,8 @@
-"""Loading a GGUF into a runnable model, the KV cache, and an evaluation session.
+"""Loading a GGUF (or a Hugging Face folder) into a runnable model, the KV cache, and an
+evaluation session.
 
     model = load_model("gemma-3-270m-Q4_K_M.gguf", device="cpu", threads=2)
+    model = load_model("gemma-3-270m/", outtype="f32")   # HF folder, converted in memory
     sess = Session(model, n_ctx=1024)
     logits = sess.eval(ids, logits="all")     # float32 numpy [len(ids), n_vocab]
 
@@ -159,19 +161,34 @@ def sqrtf(x: float) -> float:
     return float(np.sqrt(np.float32(x)))
 
 
-def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, gelu: str = "ggml") -> Model:
-    """Open a GGUF and build the model of its general.architecture on the chosen backend."""
-    from ggquant.formats.gguf import GGUFReader
+def open_reader(path: str | Path, outtype: str | None = None):
+    """A GGUF file (GGUFReader) or a Hugging Face folder converted in memory (hf_source: the same
+    fields and tensor bytes `ggquant convert --outtype OUTTYPE` would write, computed lazily).
 
-    from . import gemma3, gemma4  # noqa: F401  (register the architectures)
+    outtype applies to folders only; None keeps the dtype the weights are stored in."""
+    from ggquant.formats.gguf import GGUFReader
 
     path = Path(path)
     if not path.exists():
-        raise GGQuantError(f"{path}: no such file")
+        raise GGQuantError(f"{path}: no such file or folder")
     if path.is_dir():
-        raise GGQuantError(f"{path} is a folder; the runtime runs GGUF files (convert a Hugging Face "
-                           f"folder with `ggquant convert` first)")
-    reader = GGUFReader(path)
+        from .hf_source import open_hf_folder
+
+        return open_hf_folder(path, outtype)
+    if outtype is not None:
+        raise GGQuantError(f"{path}: --outtype applies to a Hugging Face folder; a GGUF runs as its tensors are "
+                           f"stored (requantize it with `ggquant quantize`)")
+    return GGUFReader(path)
+
+
+def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, gelu: str = "ggml",
+               outtype: str | None = None) -> Model:
+    """Open a GGUF (or a Hugging Face folder, see open_reader) and build the model of its
+    general.architecture on the chosen backend."""
+    from . import gemma3, gemma4  # noqa: F401  (register the architectures)
+
+    path = Path(path)
+    reader = open_reader(path, outtype)
     arch = reader.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGQuantError(f"{path}: architecture {arch!r} is not supported by the ggquant runtime "
@@ -227,7 +244,10 @@ class Session:
             chunk = ids[s:s + self.n_batch]
             last = s + self.n_batch >= len(ids)
             want = logits if logits == "all" else (logits if last else "none")
-            out = self.model.forward(chunk, self.n_past, self.cache, want)
+            if len(chunk) == 1 and hasattr(self.model.backend, "decode_step"):  # CUDA: a replayed graph
+                out = self.model.backend.decode_step(self.model, chunk, self.n_past, self.cache, want)
+            else:
+                out = self.model.forward(chunk, self.n_past, self.cache, want)
             self.n_past += len(chunk)
             self.cache.n = self.n_past
             if out is not None:
@@ -238,4 +258,4 @@ class Session:
 
 
 __all__ = ["ARCHITECTURES", "KVCache", "Meta", "MissingTensorsError", "Model", "Session", "TensorSet",
-           "f32", "load_model", "make_backend", "register", "sqrtf"]
+           "f32", "load_model", "make_backend", "open_reader", "register", "sqrtf"]

@@ -140,3 +140,27 @@ def test_torch_backend_collects_each_matmul_input_once(reference_gguf):
     assert cols["torch"].counts == cols["cpu"].counts == {n: len(ids) for n in cols["cpu"].counts}
     for n, s in cols["cpu"].sums.items():  # plain fp32 torch vs ggml-emulating CPU arithmetic
         assert np.max(np.abs(cols["torch"].sums[n] - s)) <= 1e-3 * np.max(np.abs(s)), n
+
+
+def test_cli_on_a_hf_folder_writes_the_same_file_as_on_the_converted_f32_gguf(tiny_model_dir, tmp_path):
+    """`ggquant imatrix HF_DIR` runs the folder as its F32 conversion (built in memory, bf16 weights
+    widened): the file equals, byte for byte, the one collected on the F32 GGUF `ggquant convert`
+    writes."""
+    from ggquant.convert import convert
+
+    folder = tiny_model_dir("gemma4_e4b")
+    gguf = convert(folder, outtype="f32", outfile=tmp_path / "m-{FTYPE}.gguf").written[0]
+    cal = real_text.write(tmp_path / "cal.txt", real_text.calibration_text()[:8000])
+    outs, stats = {}, {}
+    for key, model in (("folder", folder), ("gguf", gguf)):
+        outs[key] = tmp_path / f"{key}.gguf"
+        r = CliRunner().invoke(main, ["imatrix", str(model), "-f", cal, "-o", str(outs[key]), "--ctx", "32",
+                                      "--chunks", "2", "--threads", "2", "--json"])
+        assert r.exit_code == 0, r.output
+        stats[key] = json.loads(r.output)
+        assert stats[key]["chunks"] == 2 and stats[key]["entries"] > 0
+    assert stats["folder"]["weights"] == "Hugging Face folder converted in memory to F32"
+    assert stats["gguf"]["weights"] == "GGUF"
+    assert outs["folder"].read_bytes() == outs["gguf"].read_bytes()
+    r = CliRunner().invoke(main, ["imatrix", str(gguf), "-f", cal, "-o", str(tmp_path / "x.gguf"), "--outtype", "f32"])
+    assert r.exit_code == 1 and "--outtype applies to a Hugging Face folder" in r.output

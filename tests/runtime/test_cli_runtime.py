@@ -125,3 +125,35 @@ def test_parity_plot_without_matplotlib_is_a_clear_error(reference_gguf, tmp_pat
 def test_parity_bad_against_is_named(reference_gguf):
     r = _invoke("parity", reference_gguf("gemma3_text", "f32"), "--against", "/no/such/thing")
     assert r.exit_code == 1 and "/no/such/thing" in r.output
+
+
+def test_run_on_a_hf_folder_equals_run_on_its_converted_gguf(tiny_model_dir, tmp_path):
+    """`ggquant run HF_DIR` (bf16 weights, run as stored) generates the same ids and prompt logits as
+    `ggquant run` on the BF16 GGUF that `ggquant convert` writes for the folder."""
+    from ggquant.convert import convert
+
+    folder = tiny_model_dir("gemma4_e4b")
+    gguf = convert(folder, outtype="bf16", outfile=tmp_path / "m-{FTYPE}.gguf").written[0]
+    args = ["-p", "The robot bought honey", "-n", "6", "--threads", "2", "--json"]
+    runs = {}
+    for key, model in (("folder", folder), ("gguf", gguf)):
+        r = _invoke("run", model, *args, "--logits-out", tmp_path / f"{key}.npy")
+        assert r.exit_code == 0, r.output
+        runs[key] = json.loads(r.output[r.output.index("{"):])
+    assert runs["folder"]["ids"] == runs["gguf"]["ids"] and runs["folder"]["text"] == runs["gguf"]["text"]
+    assert runs["folder"]["weights"] == "Hugging Face folder converted in memory to BF16"
+    assert runs["gguf"]["weights"] == "GGUF"
+    a, b = np.load(tmp_path / "folder.npy"), np.load(tmp_path / "gguf.npy")
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    r = _invoke("run", folder, "-p", "hi", "-n", "2", "--outtype", "f32", "--threads", "2")
+    assert r.exit_code == 0 and r.output.startswith("hi") and "converted in memory to F32" in r.output
+
+
+def test_run_on_a_folder_that_is_not_a_model_fails_with_the_converters_message(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    r = _invoke("run", tmp_path, "-p", "x", "-n", "1")
+    assert r.exit_code == 1
+    assert f"{tmp_path / 'config.json'}: not found; a Hugging Face model folder needs config.json" in r.output
+    (tmp_path / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    r = _invoke("run", tmp_path, "-p", "x", "-n", "1")
+    assert r.exit_code == 1 and "architecture 'MistralForCausalLM' is not supported" in r.output

@@ -1,0 +1,235 @@
+"""A Hugging Face folder opened as the GGUF reader the runtime reads, without writing a GGUF.
+
+    reader = open_hf_folder("gemma-3-270m/", outtype="f32")
+    reader.get("general.architecture")      # "gemma3"
+    reader.tensor("blk.0.attn_q.weight").raw()   # uint8 [n_rows, row_bytes], computed now
+
+Everything comes from the converter (ggquant.convert.plan_conversion, text part only), so the
+metadata, the tokenizer fields and every tensor's name, shape, type and bytes are exactly what
+`ggquant convert SRC --outtype OUTTYPE` would write:
+
+- metadata: the plan's key/values are encoded by GGUFWriter and parsed back by the GGUF reader's
+  own parser (header bytes only, in memory), so `fields` holds the same `Field` objects, with
+  the same value types and float32 rounding, as GGUFReader gives for the converted file;
+- tensors: `raw()` computes the tensor's bytes when it is called, one tensor at a time, from the
+  safetensors mmap (convert.tensor_chunks: widen, transform, encode). A tensor stored unchanged
+  (same dtype, no transform: every bf16 matmul weight with the default outtype) is returned as a
+  read-only view of the mmap, so opening and running a bf16 folder copies no weights at all.
+  Nothing is cached: the runtime backends call raw() once per tensor and keep the result.
+
+The default outtype (None) is the dtype the text weights are stored in: bf16 -> bf16, f16 -> f16,
+f32 -> f32 (llama.cpp's `--outtype auto` turns f32 into f16; the runtime keeps f32). A checkpoint
+whose weights are not float (a quantized checkpoint) gets the converter's own `auto` choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ggquant.errors import GGQuantError
+
+# --outtype values the runtime can run (the converter's own outtypes; every type they produce
+# has CPU and CUDA kernels). llama-quantize presets would quantize the whole model at load time.
+RUNTIME_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_STORED_TO_OUTTYPE = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+# (source dtype, GGUF type) pairs whose bytes the converter copies unchanged (convert.tensor_chunks)
+_SAME_BYTES = {("F32", GGMLQuantizationType.F32), ("F16", GGMLQuantizationType.F16),
+               ("BF16", GGMLQuantizationType.BF16)}
+_SCAN_ROWS_BYTES = 32 << 20  # bf16 signalling-NaN scan: bounded temporaries per step
+
+
+def stored_outtype(model_dir: Path) -> str:
+    """bf16 / f16 / f32 from the dtype of the first 2-D text tensor (convert._auto_outtype's rule,
+    except that f32 stays f32); "auto" when that tensor is not float (a quantized checkpoint)."""
+    from ggquant.arch import arch_class
+    from ggquant.arch.base import hf_architecture, load_config
+    from ggquant.formats.safetensors import open_checkpoint
+
+    config = load_config(model_dir)
+    cls = arch_class(hf_architecture(config, model_dir / "config.json"), str(model_dir / "config.json"))
+    with open_checkpoint(model_dir) as ckpt:
+        arch = cls(model_dir, config, ckpt)
+        for name, t in ckpt.tensors.items():
+            if arch.is_text_tensor(name) and t.ndim >= 2:
+                return _STORED_TO_OUTTYPE.get(t.dtype, "auto")
+    return "auto"
+
+
+class HFTensor:
+    """One planned text tensor: what GGUFReader's TensorInfo offers the runtime (name, shape in
+    numpy order, qtype, sizes) with raw() computed on demand."""
+
+    __slots__ = ("name", "shape", "qtype", "nbytes", "_plan", "_reader")
+
+    def __init__(self, plan, reader: "HFFolderReader"):
+        self.name = plan.name
+        self.shape = tuple(int(d) for d in plan.shape)
+        self.qtype = plan.qtype
+        self.nbytes = plan.nbytes
+        self._plan = plan
+        self._reader = reader
+
+    @property
+    def row_bytes(self) -> int:
+        from ggquant.formats.gguf import BLOCK_SIZES
+
+        block_size, type_size = BLOCK_SIZES[self.qtype]
+        ne0 = self.shape[-1] if self.shape else 1
+        return ne0 // block_size * type_size
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if self.shape else 1
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def source(self) -> str | None:
+        """The checkpoint tensor it comes from (None for generated tensors such as rope_freqs)."""
+        return self._plan.hf_name
+
+    def raw(self) -> np.ndarray:
+        """Read-only uint8 [n_rows, row_bytes]: the bytes `ggquant convert` writes for this tensor."""
+        if self._reader.closed:
+            raise GGQuantError(f"{self._reader.path}: tensor '{self.name}': the folder was closed; open it again")
+        data = _tensor_bytes(self._plan)
+        out = data.reshape(self.n_rows, self.row_bytes)
+        out.flags.writeable = False  # like a view of a GGUF mmap (and the same numba array type)
+        return out
+
+    def __repr__(self) -> str:
+        return f"HFTensor({self.name!r}, shape={self.shape}, qtype={self.qtype.name})"
+
+
+def _has_signalling_nan(bits: np.ndarray) -> bool:
+    flat = bits.reshape(-1)
+    step = max(1, _SCAN_ROWS_BYTES // 2)
+    for a in range(0, flat.size, step):
+        if ((flat[a:a + step] & 0x7FFF) > 0x7F80).any():
+            return True
+    return False
+
+
+def _tensor_bytes(t) -> np.ndarray:
+    """The whole tensor's bytes as a flat uint8 array, equal to what convert.tensor_chunks yields."""
+    from ggquant.convert import _quiet_bf16_nans, tensor_chunks
+    from ggquant.formats.safetensors import SafeTensor
+
+    src = t.src
+    if (isinstance(src, SafeTensor) and src.shape and t.generated is None and t.transform.identity
+            and (src.dtype, t.qtype) in _SAME_BYTES):
+        # Stored unchanged: one view of the whole (possibly trimmed) tensor instead of chunk copies.
+        view = src.rows(0, t.n_outer)
+        if src.dtype == "BF16" and _has_signalling_nan(view):
+            view = _quiet_bf16_nans(view)  # the converter writes quiet NaNs (a copy, rare)
+        if not view.flags.aligned:  # the kernels view the bytes as f32/u16: keep numba's aligned array type
+            view = view.copy()
+        return view.reshape(-1).view(np.uint8)
+    out = np.empty(t.nbytes, np.uint8)
+    pos = 0
+    for data, after in tensor_chunks(t):
+        b = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if pos + b.size > out.size:
+            raise GGQuantError(f"tensor '{t.name}': the converter produced more than its {t.nbytes} bytes")
+        out[pos:pos + b.size] = b
+        pos += b.size
+        del data, b
+        if after is not None:
+            after()
+    if pos != out.size:
+        raise GGQuantError(f"tensor '{t.name}': the converter produced {pos} of its {t.nbytes} bytes")
+    return out
+
+
+def _fields(kv, where: Path) -> dict:
+    """The plan's metadata as GGUFReader parses it from the converted file: GGUFWriter encodes the
+    key/values into header bytes (memory only; nothing is written) and the reader's parser reads
+    them back, so types, value representations and float32 rounding are the file's."""
+    from ggquant.formats import gguf as gguf_io
+
+    w = gguf_io.GGUFWriter(where / "in-memory.gguf", force=True)  # write() is never called
+    kv.write_to(w)
+    header, _ = w._header(0, 1, [])
+    return gguf_io._parse_buf(where, header, len(header)).fields
+
+
+class HFFolderReader:
+    """The text model of a Hugging Face folder, converted in memory: `path`, `fields`, `tensors`,
+    `get`, `tensor`, `close`, as GGUFReader offers them."""
+
+    def __init__(self, path: Path, outtype: str, conversion, arch, part):
+        self.path = path
+        self.outtype = outtype  # the outtype asked for (a converter outtype)
+        self.label = part.outtype  # what the converted file's name would say, e.g. "BF16"
+        self.conversion = conversion
+        self._arch = arch
+        self.closed = False
+        self.fields = _fields(part.kv, path)
+        self.tensors: list[HFTensor] = [HFTensor(t, self) for t in part.tensors]
+        self._by_name = {t.name: t for t in self.tensors}
+
+    @property
+    def files(self) -> list[Path]:
+        ckpt = self._arch.ckpt
+        return [f.path for f in ckpt.files] if ckpt is not None else []
+
+    def tensor(self, name: str) -> HFTensor:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GGQuantError(f"{self.path}: no tensor named '{name}' in the converted model "
+                               f"({len(self.tensors)} tensors)") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.fields.get(key)
+        return default if f is None else f.value
+
+    def close(self) -> None:
+        """Close the safetensors maps (arrays already returned by raw() stay valid)."""
+        if not self.closed and self._arch.ckpt is not None:
+            self._arch.ckpt.close()
+        self.closed = True
+
+    def __enter__(self) -> "HFFolderReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def weights_label(reader) -> str:
+    """"GGUF" for a GGUF reader; "Hugging Face folder converted in memory to <TYPE>" for a folder."""
+    return f"Hugging Face folder converted in memory to {reader.label}" if isinstance(reader, HFFolderReader) else "GGUF"
+
+
+def open_hf_folder(path: str | Path, outtype: str | None = None) -> HFFolderReader:
+    """Plan the conversion of the folder's text model to `outtype` and expose it as a reader.
+
+    Every problem the converter would report (no config.json, an unsupported architecture,
+    pickle-only weights, missing or misshapen tensors) is raised here, unchanged, before any
+    tensor data is read."""
+    from ggquant.convert import plan_conversion
+
+    path = Path(path)
+    ot = stored_outtype(path) if outtype is None else outtype.strip().lower()
+    if ot not in RUNTIME_OUTTYPES and ot != "auto":
+        raise GGQuantError(f"--outtype {outtype!r}: a Hugging Face folder runs as one of "
+                           f"{', '.join(RUNTIME_OUTTYPES)} (or auto); quantize to other types with "
+                           f"`ggquant convert --outtype PRESET` and run the GGUF")
+    conv, arch = plan_conversion(path, outtype=ot)
+    try:
+        [part] = [f for f in conv.files if f.part == "text"]
+        return HFFolderReader(path, ot, conv, arch, part)
+    except BaseException:
+        if arch.ckpt is not None:
+            arch.ckpt.close()
+        raise
+
+
+__all__ = ["HFFolderReader", "HFTensor", "RUNTIME_OUTTYPES", "open_hf_folder", "stored_outtype", "weights_label"]
