@@ -18,8 +18,9 @@ metadata, the tokenizer fields and every tensor's name, shape, type and bytes ar
   Nothing is cached: the runtime backends call raw() once per tensor and keep the result.
 
 The default outtype (None) is the dtype the text weights are stored in: bf16 -> bf16, f16 -> f16,
-f32 -> f32 (llama.cpp's `--outtype auto` turns f32 into f16; the runtime keeps f32). A checkpoint
-whose weights are not float (a quantized checkpoint) gets the converter's own `auto` choice.
+f32 -> f32 (llama.cpp's `--outtype auto` turns f32 into f16; the runtime keeps f32). A quantized
+checkpoint gets the converter's `auto` plan (its weights moved exactly into GGML blocks) when the
+runtime has kernels for every type in it, else the float plan of its stored dtype.
 """
 
 from __future__ import annotations
@@ -223,6 +224,8 @@ def open_hf_folder(path: str | Path, outtype: str | None = None) -> HFFolderRead
                            f"{', '.join(RUNTIME_OUTTYPES)} (or auto); quantize to other types with "
                            f"`ggquant convert --outtype PRESET` and run the GGUF")
     conv, arch = plan_conversion(path, outtype=ot)
+    if outtype is None and _has_quantized_weights(conv):
+        conv, arch, ot = _prefer_exact_transcoding(path, conv, arch, ot)
     try:
         [part] = [f for f in conv.files if f.part == "text"]
         return HFFolderReader(path, ot, conv, arch, part)
@@ -231,5 +234,28 @@ def open_hf_folder(path: str | Path, outtype: str | None = None) -> HFFolderRead
             arch.ckpt.close()
         raise
 
+
+def _has_quantized_weights(conv) -> bool:
+    from ggquant.convert_quantized import QuantizedSourceTensor
+
+    return any(isinstance(t.src, QuantizedSourceTensor) for f in conv.files for t in f.tensors)
+
+
+def _prefer_exact_transcoding(path: Path, conv, arch, ot: str):
+    """A quantized checkpoint (GPTQ, compressed-tensors, ...): the converter's `auto` moves its
+    weights exactly into GGML blocks (int4 sym -> Q4_0, ...). Use that plan when the runtime has
+    kernels for every type it picks; otherwise keep the float plan (the weights dequantized as the
+    converter does, stored in the checkpoint's float dtype)."""
+    from ggquant.convert import plan_conversion
+    from ggquant.kernels.matmul import SUPPORTED
+
+    conv2, arch2 = plan_conversion(path, outtype="auto")
+    if all(len(t.shape) < 2 or t.qtype in SUPPORTED for f in conv2.files for t in f.tensors):
+        if arch.ckpt is not None:
+            arch.ckpt.close()
+        return conv2, arch2, "auto"
+    if arch2.ckpt is not None:
+        arch2.ckpt.close()
+    return conv, arch, ot
 
 __all__ = ["HFFolderReader", "HFTensor", "RUNTIME_OUTTYPES", "open_hf_folder", "stored_outtype", "weights_label"]

@@ -175,3 +175,19 @@ def test_bad_folders_raise_the_converters_error_unchanged(tmp_path, kind, fragme
         load_model(d)
     assert str(run_err.value) == str(conv_err.value)
     assert fragment in str(run_err.value)
+
+
+def test_quantized_checkpoint_runs_as_its_exact_transcoding(tmp_path):
+    """A compressed-tensors W4A16 folder: by default the runtime takes the converter's `auto` plan
+    (int4 sym g32 -> Q4_0, moved exactly), and the logits equal the converted GGUF's."""
+    from tests.quantized import gemma4_quantized as G
+
+    folder = G.build_ct()
+    m = load_model(folder, threads=2)
+    assert m.reader.outtype == "auto" and m.reader.label == "Q4_0"
+    assert any(t.qtype.name == "Q4_0" for t in m.reader.tensors)
+    gguf = convert(folder, outtype="auto", outfile=tmp_path / "m-{FTYPE}.gguf").written[0]
+    ids = _ids()[:20]
+    ours = Session(m, 32).eval(ids, "all")
+    ref = Session(load_model(gguf, threads=2), 32).eval(ids, "all")
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
