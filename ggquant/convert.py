@@ -495,10 +495,11 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["gguf", "hf", "compressed-tensors"]), default="gguf",
+@click.option("--to", "to", type=click.Choice(["gguf", "hf", "compressed-tensors", "glq"]), default="gguf",
               show_default=True, help="Target format: gguf (SRC is a Hugging Face folder), hf or compressed-tensors "
               "(SRC is a GGUF file; compressed-tensors: Linear weights as W4A16 from Q4_0 / W8A16 from Q8_0, exact, "
-              "other types requantized to int4 group 32, lossy).")
+              "other types requantized to int4 group 32, lossy), glq (SRC is a GGUF file or a float Hugging Face "
+              "folder; decoder Linears quantized by glq's E8 lattice quantizer: needs the optional glq package).")
 @click.option("--outtype", default="auto", show_default=True,
               help="f32, f16, bf16, q8_0 (llama.cpp converter rules), auto (bf16/f16 as the weights), or a "
                    "llama-quantize preset: Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K IQ4_XS IQ4_NL "
@@ -520,16 +521,36 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 @click.option("--exact", is_flag=True, help="Refuse every lossy step (quantized checkpoints: only exact transcoding).")
 @click.option("--group-size", type=click.Choice(["32", "128"]), default="32", show_default=True,
               help="--to compressed-tensors: 32 (exact from Q4_0/Q8_0) or 128 (int4, requantized: lossy).")
+@click.option("--bpw", type=click.IntRange(2, 8), help="--to glq: bits per weight of every quantized Linear "
+              "(2..8, default 4).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
 def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatrix, tensor_types, dry_run, as_json,
-                    force, threads, exact, group_size):
+                    force, threads, exact, group_size, bpw):
     """Convert a Hugging Face model folder to GGUF (Gemma 4, Gemma 3), identical to llama.cpp's converter,
     or a GGUF (and its mmproj) back to a Hugging Face folder (--to hf), its Linear weights optionally
     int4/int8 pack-quantized (--to compressed-tensors; --exact refuses the lossy requantization)."""
     progress = not as_json and sys.stderr.isatty()
     group_size = int(group_size)
+    if bpw is not None and to != "glq":
+        raise GGQuantError(f"--bpw applies to --to glq, not --to {to}")
+    if to == "glq":
+        from ggquant.formats.glq_writer import DEFAULT_BPW, export_glq, format_glq
+
+        for flag, used in (("--outtype", outtype != "auto"), ("--mmproj-only", mmproj_only),
+                           ("--tensor-type", tensor_types), ("--group-size", group_size != 32),
+                           ("--exact", exact)):
+            if used:
+                why = " (GLQ is lossy by design)" if flag == "--exact" else ""
+                raise GGQuantError(f"{flag} does not apply to --to glq{why}; it takes --bpw, --imatrix, --dtype, "
+                                   f"--outfile and --mmproj")
+        if mmproj == MMPROJ_FLAG:
+            raise GGQuantError("--to glq: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
+        r = export_glq(src, outfile=outfile, bpw=bpw or DEFAULT_BPW, imatrix=imatrix, dtype=dtype, mmproj=mmproj,
+                       force=force, dry_run=dry_run, threads=threads, progress=progress)
+        click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_glq(r, dry_run))
+        return
     if to in ("hf", "compressed-tensors"):
         from ggquant.export_hf import export_hf, format_export
         from ggquant.formats.ct_writer import CompressedTensorsLinears

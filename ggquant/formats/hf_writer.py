@@ -27,7 +27,7 @@ import numpy as np
 
 from ggquant.errors import GGQuantError
 
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}  # ints: compressed-tensors
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I16": 2}  # ints: compressed-tensors, GLQ
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HEADER_ALIGN = 8
