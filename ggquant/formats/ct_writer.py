@@ -21,6 +21,12 @@ Format facts (research note compressed-tensors-gptq-gguf-mapping.md §1-2, ct 0.
 - config.json gets `quantization_config` with the keys and values ModelCompressor.update_config
   of compressed-tensors 0.20 writes (targets ["Linear"], format pack-quantized, ignore = the
   Linear modules left in float, lm_head included).
+- mixed precision (group 32): a GGUF whose Linears are partly Q8_0 (e.g. `ggquant quantize
+  --tensor-type`) gets two config groups, both exact: group_0 int4 (Q4_0, and the requantized
+  other types) and group_1 int8 (Q8_0), each with `targets` = its exact module names (a target
+  without "re:" matches a module by its full name, compressed_tensors.utils.match); the top-level
+  format stays pack-quantized, the one format of both groups. llama.cpp's converter refuses such
+  multi-group checkpoints; compressed-tensors and vLLM load them.
 """
 
 from __future__ import annotations
@@ -91,7 +97,8 @@ class CompressedTensorsLinears:
                                f"(exact from Q4_0/Q8_0) or 128 (int4, requantized)")
         self.exact = exact  # refuse the lossy requantization (--exact)
         self.group = group_size
-        self.bits: int | None = None
+        self.bits: int | None = None  # the bits of a single-group export; None when mixed
+        self.bits_of: dict[str, int] = {}  # module name -> 4 or 8
         self.quantized: dict[str, object] = {}  # module name -> HFTensor of its weight
         self.lossy: list[str] = []  # modules requantized through float
         self.ignore: list[str] = []
@@ -104,13 +111,17 @@ class CompressedTensorsLinears:
         # are listed in `ignore`, like the Linears whose rows do not split into groups of 32
         ok = [t for t in cands if t.inverse.identity and t.shape[1] % self.group == 0
               and not t.name.startswith("lm_head") and t.gguf_type not in _FLOAT]
-        types = {t.gguf_type for t in ok}
-        self.bits = 8 if types == {T.Q8_0} and self.group == GROUP else 4
+        # group 32: Q8_0 stays int8 (exact), everything else is int4 (exact from Q4_0); both kinds
+        # present -> two config groups
+        self.quantized = {t.name[:-len(".weight")]: t for t in ok}
+        self.bits_of = {m: 8 if t.gguf_type == T.Q8_0 and self.group == GROUP else 4
+                        for m, t in self.quantized.items()}
+        kinds = set(self.bits_of.values())
+        self.bits = kinds.pop() if len(kinds) == 1 else (None if kinds else 4)
         # fp16 holds every Q4_0/Q8_0 d exactly; the requantized g128 scales are float32 values
         self.scale_dtype = "F32" if export.dtype == "F32" or self.group != GROUP else "F16"
-        self.quantized = {t.name[:-len(".weight")]: t for t in ok}
         self.lossy = sorted(m for m, t in self.quantized.items()
-                            if t.gguf_type != _EXACT[self.bits] or self.group != GROUP)
+                            if t.gguf_type != _EXACT[self.bits_of[m]] or self.group != GROUP)
         if self.exact and self.lossy:
             kinds = sorted({self.quantized[m].gguf_type.name for m in self.lossy})
             raise GGQuantError(f"--exact: {len(self.lossy)} Linear weights are {', '.join(kinds)}, which int4/int8 "
@@ -123,7 +134,7 @@ class CompressedTensorsLinears:
             m = t.name[:-len(".weight")]
             if m in self.quantized and t.name.endswith(".weight"):
                 n_out, n_in = t.shape
-                out += [(m + ".weight_packed", "I32", (n_out, n_in * self.bits // 32)),
+                out += [(m + ".weight_packed", "I32", (n_out, n_in * self.bits_of[m] // 32)),
                         (m + ".weight_scale", self.scale_dtype, (n_out, n_in // self.group)),
                         (m + ".weight_shape", "I64", (2,))]
             else:
@@ -140,11 +151,12 @@ class CompressedTensorsLinears:
 
         for suffix in _SUFFIXES:
             if p.name.endswith(suffix) and p.name[:-len(suffix)] in self.quantized:
-                yield from self._module_chunks(self.quantized[p.name[:-len(suffix)]], suffix)
+                m = p.name[:-len(suffix)]
+                yield from self._module_chunks(self.quantized[m], suffix, self.bits_of[m])
                 return
         yield from tensor_chunks(next(t for t in export.tensors if t.name == p.name), export.dtype)
 
-    def _module_chunks(self, t, suffix: str) -> Iterator[np.ndarray]:
+    def _module_chunks(self, t, suffix: str, bits: int) -> Iterator[np.ndarray]:
         from ggquant.export_hf import CHUNK_BYTES
         from ggquant.quant import types as qtypes
 
@@ -152,7 +164,7 @@ class CompressedTensorsLinears:
         if suffix == ".weight_shape":
             yield np.array([n_out, n_in], dtype=np.int64)
             return
-        src, target = t.source, _EXACT[self.bits]
+        src, target = t.source, _EXACT[bits]
         step = max(1, CHUNK_BYTES // (4 * n_in))
         for a in range(0, n_out, step):
             b = min(n_out, a + step)
@@ -163,7 +175,7 @@ class CompressedTensorsLinears:
             else:  # lossy: ggml's dequantization, requantized to Q4_0 (int4 sym group 32)
                 raw = qtypes.get(target).quantize(src.floats(t.gguf_name, a, b), what=t.gguf_name)
             if self.group == GROUP:
-                words, d = (pack_q4_0 if self.bits == 4 else pack_q8_0)(raw, n_in)
+                words, d = (pack_q4_0 if bits == 4 else pack_q8_0)(raw, n_in)
             if suffix == ".weight_packed":
                 yield words
             else:
@@ -173,11 +185,19 @@ class CompressedTensorsLinears:
     # -- config -----------------------------------------------------------------------------
     def quantization_config(self) -> dict:
         """As compressed-tensors 0.20's ModelCompressor.update_config writes it (keys sorted)."""
-        weights = {"dynamic": False, "group_size": self.group, "num_bits": self.bits, "strategy": "group",
-                   "symmetric": True, "type": "int"}
-        return {"config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None,
-                                              "output_activations": None, "targets": ["Linear"],
-                                              "weights": weights}},
+
+        def group(bits: int, targets: list[str]) -> dict:
+            weights = {"dynamic": False, "group_size": self.group, "num_bits": bits, "strategy": "group",
+                       "symmetric": True, "type": "int"}
+            return {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                    "targets": targets, "weights": weights}
+
+        if self.bits is not None:  # one scheme for every quantized Linear
+            groups = {"group_0": group(self.bits, ["Linear"])}
+        else:  # int4 and int8: each group targets its modules by exact name
+            groups = {f"group_{i}": group(b, sorted(m for m, x in self.bits_of.items() if x == b))
+                      for i, b in enumerate((4, 8))}
+        return {"config_groups": groups,
                 "format": "pack-quantized", "global_compression_ratio": None, "ignore": list(self.ignore),
                 "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
                 "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},

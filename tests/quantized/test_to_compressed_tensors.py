@@ -285,3 +285,138 @@ def test_int4_g128_rule_equals_library(kind):
     q = quantize(xt, s, zp, args, dtype=torch.int8).numpy().astype(np.int64)
     codes = (words.view(np.uint32)[:, :, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 0xF
     assert np.array_equal(codes.reshape(16, 512).astype(np.int64) - 8, q)
+
+
+# --- mixed precision: Q4_0 and Q8_0 Linears -> two exact config groups ------------------------------
+
+MIX_RULES = ("ffn_(gate|up)=q8_0", "attn_v=q8_0")
+
+
+@pytest.fixture(scope="module")
+def mixed(exported):
+    """A GGUF quantized to Q4_0 with `--tensor-type` overrides to Q8_0 (gate, up and v projections),
+    exported with --exact (both groups are exact)."""
+    g4 = exported["Q4_0"][0]
+    g = g4.parent / "m-mix.gguf"
+    quantize_gguf(g4.parent / "m.gguf", g, "Q4_0", pure=True, tensor_types=MIX_RULES)
+    d = g4.parent / "ct-mix"
+    res = CliRunner().invoke(main, ["convert", str(g), "--to", "compressed-tensors", "--exact", "--outfile", str(d)])
+    assert res.exit_code == 0, res.output
+    return g, d
+
+
+def test_mixed_q4_0_q8_0_two_exact_groups(mixed):
+    """group_0 int4 / group_1 int8 with the exact module names as targets: compressed-tensors'
+    own apply_quantization_config assigns every Linear the scheme of its GGUF type, its compressor
+    decompresses each module with that scheme to ggml's dequantization bit for bit, and the config
+    is the one ModelCompressor.update_config writes for those two schemes."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ggquant import export_hf as ex
+
+    g, d = mixed
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    want, types = _ggml(g)
+    by_hf = {t.name: t for t in plan.tensors}
+    bits_of = {t.name[:-len(".weight")]: {"Q4_0": 4, "Q8_0": 8}[types[t.gguf_name]] for t in plan.tensors
+               if types[t.gguf_name] in ("Q4_0", "Q8_0") and len(t.shape) == 2 and "embed" not in t.name}
+    assert sorted(set(bits_of.values())) == [4, 8]
+    cfg = json.loads((d / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format"] == "pack-quantized" and sorted(qc["config_groups"]) == ["group_0", "group_1"]
+    for name, bits in (("group_0", 4), ("group_1", 8)):
+        grp = qc["config_groups"][name]
+        assert grp["weights"]["num_bits"] == bits and grp["weights"]["group_size"] == 32
+        assert grp["targets"] == sorted(m for m, b in bits_of.items() if b == bits)
+    assert any(m.endswith("mlp.down_proj") for m in qc["config_groups"]["group_0"]["targets"])
+    assert any(m.endswith("self_attn.v_proj") for m in qc["config_groups"]["group_1"]["targets"])
+
+    # the library's matching of those targets, on the model itself
+    lib_qc = QuantizationConfig.model_validate(qc)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)))
+    apply_quantization_config(model, lib_qc)
+    schemes = {n: m.quantization_scheme for n, m in model.named_modules()
+               if getattr(m, "quantization_scheme", None) is not None}
+    assert {n: s.weights.num_bits for n, s in schemes.items()} == bits_of
+
+    # its compressor, module by module, with the scheme the library assigned
+    comp = BaseCompressor.get_value_from_registry(qc["format"])
+    tensors = load_file(str(d / "model.safetensors"))
+    for m, scheme in schemes.items():
+        sd = {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + ".")}
+        w = comp.decompress(sd, scheme)["weight"]
+        t = by_hf[m + ".weight"]
+        assert tensors[m + ".weight_packed"].shape == (t.shape[0], t.shape[1] * bits_of[m] // 32)
+        ref = want[t.gguf_name].reshape(t.shape)
+        assert np.array_equal(w.numpy().view(np.uint32), ref.view(np.uint32)), m
+
+    # the config ModelCompressor writes for the same two schemes
+    def scheme(bits, targets):
+        return QuantizationScheme(targets=targets, format="pack-quantized", weights=QuantizationArgs(
+            num_bits=bits, type="int", symmetric=True, strategy="group", group_size=32))
+
+    lib = QuantizationConfig(config_groups={
+        "group_0": scheme(4, qc["config_groups"]["group_0"]["targets"]),
+        "group_1": scheme(8, qc["config_groups"]["group_1"]["targets"])},
+        format="pack-quantized", ignore=qc["ignore"], quantization_status="compressed")
+    lib_dir = d.parent / "lib-mix"
+    lib_dir.mkdir()
+    (lib_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    ModelCompressor(quantization_config=lib).update_config(str(lib_dir))
+    assert json.loads((lib_dir / "config.json").read_text()) == cfg
+    assert lib_qc == lib
+
+
+def test_mixed_loads_in_transformers(mixed):
+    """transformers' compressed-tensors loader (its default path: apply_quantization_config, the
+    modules decompressed by compressed-tensors on the first forward) gives every Linear, int4 and
+    int8 groups alike, and every float tensor, ggml's dequantization of the source GGUF bit for bit.
+
+    (transformers 5.23's `dequantize=True` path is not used: its dense-module converter decompresses
+    every dense module with the first config group's scheme (integrations/compressed_tensors.py
+    get_dense_scheme), so it misreads the int8 group of any multi-group checkpoint.)"""
+    from transformers import AutoModelForCausalLM
+
+    from ggquant import export_hf as ex
+
+    g, d = mixed
+    plan, sources = ex.plan_export(g, outfile=d)
+    for s in sources:
+        s.close()
+    want, types = _ggml(g)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()  # decompresses the modules
+    sd = model.state_dict()
+    seen = {"Q4_0": 0, "Q8_0": 0}
+    for t in plan.tensors:
+        if not t.inverse.identity:
+            continue
+        ref = want[t.gguf_name].reshape(t.shape)
+        assert np.array_equal(sd[t.name].detach().numpy().view(np.uint32), ref.view(np.uint32)), t.name
+        if types[t.gguf_name] in seen:
+            seen[types[t.gguf_name]] += 1
+    assert seen["Q4_0"] >= 12 and seen["Q8_0"] >= 12, seen
+
+
+def test_q8_0_with_other_types_keeps_q8_0_exact(exported, tmp_path):
+    """Q8_0 next to a type int4/int8 cannot hold (Q5_0): the Q8_0 Linears stay exact int8 (group_1),
+    only the Q5_0 ones are requantized to int4 (group_0)."""
+    from ggquant.export_hf import export_hf
+    from ggquant.formats.ct_writer import CompressedTensorsLinears
+
+    g5 = exported["Q5_0"][0]
+    g = tmp_path / "m-q5-q8.gguf"
+    quantize_gguf(g5.parent / "m.gguf", g, "Q5_0", pure=True, tensor_types=("ffn_down=q8_0",))
+    lin = CompressedTensorsLinears()
+    export_hf(g, outfile=tmp_path / "ct", linears=lin, dry_run=True)
+    assert lin.bits is None and lin.lossy and all(m.endswith("down_proj") == (b == 8) for m, b in lin.bits_of.items())
+    assert not [m for m in lin.lossy if m.endswith("down_proj")]
+    groups = lin.quantization_config()["config_groups"]
+    assert groups["group_1"]["targets"] == sorted(m for m in lin.bits_of if m.endswith("down_proj"))
