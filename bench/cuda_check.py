@@ -4,7 +4,9 @@
 
 For each GGUF: logits of the torch backend on CUDA against ggquant's CPU backend (batch of 30
 then token-by-token decode of 10), max |dlogit| and argmax agreement (target <= 1e-2 on the
-tiny F32 models). Then every block dequantizer on the GPU against the bit-exact CPU kernels.
+tiny F32 models); then CUDA-graph decode against eager decode on the GPU (30 steps across two
+KV windows of 16 positions: the same logits). Then every block dequantizer on the GPU against
+the bit-exact CPU kernels. tests/runtime/test_cuda_kernels.py checks the Triton kernels.
 """
 
 import sys
@@ -34,12 +36,31 @@ def main():
         d = float(np.abs(got - cpu).max())
         same = int((got.argmax(-1) == cpu.argmax(-1)).sum())
         print(f"{Path(path).name}: max |dlogit| cuda vs cpu = {d:.2e}, argmax {same}/{len(ids)}")
+        print(f"{Path(path).name}: graph decode vs eager decode max |dlogit| = {graph_vs_eager(path):.2e}")
     for qtype in SUPPORTED:
         x = (rng.standard_normal((64, 1024)) * rng.uniform(0.1, 3, (64, 1))).astype(np.float32)
         raw = qt.quantize(x, qtype)
         ref = qt.dequantize(raw, qtype, x.shape)
         got = dequantize(torch, qtype, torch.from_numpy(raw).cuda(), 1024).cpu().numpy()
         print(f"dequantize {T(qtype).name:<5} on cuda: bit-equal to ggml's = {np.array_equal(got.view(np.uint32), ref.view(np.uint32))}")
+
+
+def graph_vs_eager(path) -> float:
+    import ggquant.runtime.cuda as cuda
+    from ggquant.runtime.model import Session, load_model
+
+    old, cuda.GRAPH_KV_STEP = cuda.GRAPH_KV_STEP, 16
+    try:
+        outs = []
+        for graphs in (False, True):
+            m = load_model(path, device="cuda")
+            m.backend.graphs = graphs
+            s = Session(m, 64)
+            s.eval([2, 100, 200], "last")
+            outs.append(np.concatenate([s.eval([t], "last") for t in range(300, 330)]))
+    finally:
+        cuda.GRAPH_KV_STEP = old
+    return float(np.abs(outs[0] - outs[1]).max())
 
 
 if __name__ == "__main__":

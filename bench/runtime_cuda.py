@@ -59,6 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import GGUFValueType as V  # noqa: E402
 from gguf import LlamaFileType  # noqa: E402
@@ -411,7 +412,7 @@ class TrafficMeter:
             finally:
                 self._depth -= 1
             if self._depth == 0:
-                self._count(w, None)
+                self._count(w, None, _one_row(x))
             return y
 
         def matmuls(x, ws):
@@ -422,7 +423,7 @@ class TrafficMeter:
                 self._depth -= 1
             if self._depth == 0:
                 for w in ws:
-                    self._count(w, None)
+                    self._count(w, None, _one_row(x))
             return ys
 
         def rows_(w, ids):
@@ -432,11 +433,17 @@ class TrafficMeter:
 
         backend.matmul, backend.matmuls, backend.rows = matmul, matmuls, rows_
 
-    def _count(self, w, n_rows):
+    def remove(self):
+        """Back to the class's methods (a hooked backend decodes eagerly, without its CUDA graph)."""
+        for m in ("matmul", "matmuls", "rows"):
+            self.be.__dict__.pop(m, None)
+
+    def _count(self, w, n_rows, one_row=False):
         if not self.on:
             return
-        raw_bytes = int(w.raw.numel() * w.raw.element_size())
         n_el = math.prod(w.shape)
+        block, size = GGML_QUANT_SIZES[w.qtype]
+        raw_bytes = n_el // block * size  # the GGUF's bytes (w.raw is None once repacked)
         dense = getattr(w, "_dense", None)
         if n_rows is not None:  # a gather: n_rows rows of the raw blocks, dequantized to float32
             fb = raw_bytes // w.shape[0] * n_rows
@@ -445,7 +452,10 @@ class TrafficMeter:
             self.calls.append((w.name, "rows", fb))
             return
         self.file_bytes += raw_bytes
-        if dense is not None:  # multiplies with a cached dense copy
+        if one_row and getattr(w, "kind", None) is not None:  # Triton matvec: reads the (repacked) blocks once
+            self.traffic += sum(int(p.numel() * p.element_size()) for p in w.parts)
+            how = f"blocks ({w.kind} matvec)"
+        elif dense is not None:  # multiplies with a cached dense copy
             self.traffic += int(dense.numel() * dense.element_size())
             how = f"dense {str(dense.dtype).replace('torch.', '')}"
         elif w.qtype == T.F32:
@@ -455,6 +465,10 @@ class TrafficMeter:
             self.traffic += raw_bytes + 8 * n_el
             how = "dequant->f32 per call"
         self.calls.append((w.name, how, raw_bytes))
+
+
+def _one_row(x) -> bool:
+    return math.prod(x.shape[:-1]) == 1
 
 
 def sync(torch, device):
@@ -604,12 +618,12 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
     log(f"{weights}: loaded in {res['load_s']:.1f} s" + (f", {res['gpu_mem_after_load_gib']:.1f} GiB on the GPU"
                                                          if device.type == "cuda" else ""))
 
-    meter = TrafficMeter(model.backend)
     pp, tg, sess = decode_bench(model, torch, device, args.prompt, args.decode, args.repeat)
+    meter = TrafficMeter(model.backend)  # after timing: a hooked backend decodes without its CUDA graph
     meter.on = True
     sess.eval([7], "last")
     sync(torch, device)
-    meter.on = False
+    meter.remove()
     tok_s = statistics.median(tg)
     roof = bw * 1e9 / meter.file_bytes
     res.update(prompt_tok_s=statistics.median(pp), decode_tok_s=tok_s, decode_tok_s_all=tg,

@@ -268,6 +268,14 @@ class CPUBackend:
     def gelu(self, x):
         return self._gelu(x, None)
 
+    def add_rms_norm(self, x, y, w, eps):
+        """x + rms_norm(y, w): the residual add after a post-norm (one fused kernel on CUDA)."""
+        return x + self.rms_norm(y, w, eps)
+
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+        """rope(rms_norm(x, w, eps), ...) (one fused kernel on CUDA)."""
+        return self.rope(self.rms_norm(x, w, eps), pos, n_dims, base, freq_scale, freq_factors)
+
     def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
         pos = np.asarray(pos)
         key = (int(pos[0]), len(pos), n_dims, float(base), float(freq_scale),

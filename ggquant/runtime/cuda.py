@@ -1,15 +1,21 @@
 """CUDA backend (torch): the same model code on a GPU, in float32.
 
-Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]) and are dequantized
-with torch ops per block type (the layouts of ggml-common.h, as in ggml's dequantize_row_<type>)
-the first time they are multiplied; the float32 result is kept on the device while memory allows
-(cache_weights, see CUDABackend), otherwise it is recomputed for every product. Products are
-float32. Activations are not quantized: the
-CPU backend reproduces llama.cpp's CPU arithmetic, this one is plain float32, and both agree
-within 1e-2 on the tiny F32 models (tests/runtime/test_cuda.py).
+Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]; Q8_0 and Q4_K
+repacked once into separate quant/scale arrays, see repack) and are dequantized with torch ops
+per block type (the layouts of ggml-common.h, as in ggml's dequantize_row_<type>) for batched
+products; the float32 result is kept on the device while memory allows (cache_weights, see
+CUDABackend). Activations are not quantized: the CPU backend reproduces llama.cpp's CPU
+arithmetic, this one is plain float32, and both agree within 1e-2 on the tiny F32 models
+(tests/runtime/test_cuda.py).
+
+Batch-1 decode (the bandwidth-bound case) runs through Triton kernels (cuda_kernels.py) that
+read each weight byte once in its block format and fuse the per-row operations, and the whole
+step is replayed as one CUDA graph (decode_step): the token id and position live in device
+tensors, the attention covers the KV cache up to a multiple of GRAPH_KV_STEP positions with a
+mask, so one captured graph serves GRAPH_KV_STEP consecutive positions.
 
 The class also runs on device="cpu" (TorchBackend("cpu")), which is how CI checks the
-dequantizers and the model wiring without a GPU.
+dequantizers and the model wiring without a GPU (without Triton: torch ops only).
 """
 
 from __future__ import annotations
@@ -32,10 +38,14 @@ def _torch():
 
 
 class TorchWeight:
-    __slots__ = ("name", "qtype", "shape", "raw", "_dense")
+    """raw: uint8 [N, row_bytes] block bytes (None once repacked); kind/parts: the layout the
+    Triton matvec reads (cuda_kernels.py), None where the type has no kernel."""
 
-    def __init__(self, name, qtype, shape, raw):
+    __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense")
+
+    def __init__(self, name, qtype, shape, raw, kind=None, parts=()):
         self.name, self.qtype, self.shape, self.raw = name, qtype, tuple(shape), raw
+        self.kind, self.parts = kind, parts
         self._dense = None
 
 
@@ -105,21 +115,93 @@ def dequantize(torch, qtype, raw, n_per_row: int):
     raise GGQuantError(f"the CUDA backend cannot dequantize {qtype.name} yet")
 
 
+_DENSE_DTYPES = {_T.F32: "float32", _T.F16: "float16", _T.BF16: "bfloat16"}
+
+
+def repack(torch, qtype, raw, n_per_row: int) -> tuple[str, tuple]:
+    """Block bytes uint8 [N, row_bytes] -> (kind, parts) in the layout the Triton matvec reads
+    (cuda_kernels.py docstring); every value of ggml's blocks is kept, only de-interleaved."""
+    N = raw.shape[0]
+    if qtype in _DENSE_DTYPES:
+        return "dense", (raw.view(getattr(torch, _DENSE_DTYPES[qtype])).reshape(N, n_per_row),)
+    block, size = GGML_QUANT_SIZES[qtype]
+    b = raw.reshape(N, n_per_row // block, size)
+    if qtype == _T.Q8_0:
+        d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
+        return "q8_0", (b[..., 2:].contiguous().view(torch.int8).reshape(N, n_per_row), d)
+    if qtype == _T.Q4_K:
+        d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
+        dmin = b[..., 2:4].contiguous().view(torch.float16).reshape(N, -1)
+        sc, mn = _scale_min_k4(torch, b[..., 4:16])
+        u8 = torch.uint8
+        return "q4_k", (b[..., 16:].contiguous().reshape(N, n_per_row // 2), sc.to(u8).reshape(N, -1),
+                        mn.to(u8).reshape(N, -1), d, dmin)
+    raise GGQuantError(f"no repacked layout for {qtype.name}")
+
+
+def dequantize_parts(torch, kind: str, parts: tuple):
+    """The float32 values of a repacked weight: equal to dequantize() of its block bytes."""
+    if kind == "dense":
+        return parts[0].float()
+    if kind == "q8_0":
+        q, d = parts
+        N, K = q.shape
+        return (d.float()[..., None] * q.reshape(N, -1, 32).float()).reshape(N, K)
+    if kind == "q4_k":
+        qs, sc, mn, d, dmin = parts
+        N = qs.shape[0]
+        q = qs.int().reshape(N, -1, 4, 32)
+        q = torch.stack([q & 0xF, q >> 4], dim=3).reshape(N, -1, 8, 32).float()
+        y = (d.float()[..., None] * sc.reshape(N, -1, 8).float())[..., None] * q \
+            - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
+        return y.reshape(N, -1)
+    raise GGQuantError(f"unknown weight layout {kind!r}")
+
+
+def _triton_kernels(device) -> object | None:
+    """cuda_kernels when Triton can run on this device (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        from . import cuda_kernels
+    except ImportError:  # torch without triton: the torch-op path
+        return None
+    return cuda_kernels
+
+
 # auto weight cache: keep this much device memory free after caching a dense float32 copy
 CACHE_RESERVE_BYTES = 4 << 30
 ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
+GRAPH_KV_STEP = 256  # a captured decode graph attends over the cache rounded up to this many positions
+
+
+class _Step:
+    """Inputs of a captured decode step, in device memory: token id and position [1] int64, and
+    the (static) number of cache positions the attention covers."""
+
+    def __init__(self, ids, pos, n_kv: int, n_ctx: int):
+        self.ids, self.pos, self.n_kv, self.n_ctx = ids, pos, n_kv, n_ctx
+        self.masks: dict = {}
+
+
+class _Graph:
+    __slots__ = ("graph", "out", "cache", "keep")
 
 
 class CUDABackend:
     """torch, float32. device "cuda" (default) or "cpu" (for tests).
 
     cache_weights: keep each matrix's dequantized float32 copy on the device after its first
-    product (True), never (False), or while at least CACHE_RESERVE_BYTES stay free (None, on CUDA;
-    always on the CPU). Dequantizing every matrix for every decode step costs several times the
-    weight bytes in device traffic and, for k-quants, dozens of kernels per matrix; the cached
-    products are bit-identical (the same float32 values are multiplied)."""
+    batched product (True), never (False), or while at least CACHE_RESERVE_BYTES stay free (None,
+    on CUDA; always on the CPU). The cached products are bit-identical (the same float32 values
+    are multiplied). Batch-1 products never use the copy: the Triton matvec reads the blocks.
 
-    def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None):
+    kernels / graphs: use the Triton kernels and CUDA-graph decode (None: when available)."""
+
+    def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None,
+                 kernels: bool | None = None, graphs: bool | None = None):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise GGQuantError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is "
@@ -132,8 +214,16 @@ class CUDABackend:
         self.gelu_mode = gelu
         self._gelu_table = None
         self.cache_weights = cache_weights
+        self.kern = _triton_kernels(self.device) if kernels is not False else None
+        if kernels and self.kern is None:
+            raise GGQuantError("the Triton kernels need triton and a CUDA device (or TRITON_INTERPRET=1)")
+        self.graphs = (self.device.type == "cuda" and self.kern is not None) if graphs is None else graphs
         self._rope_tables: dict = {}
         self._masks: dict = {}
+        self._step: _Step | None = None
+        self._graph_cache: dict = {}
+        self._keep: list = []  # device tensors a captured graph reads that were since replaced
+        self._step_dev = None
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -141,12 +231,23 @@ class CUDABackend:
             raise GGQuantError(f"{info.name}: tensor type {info.qtype.name} is not supported by the CUDA runtime "
                                f"(supported: {', '.join(t.name for t in SUPPORTED)})")
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)
-        return TorchWeight(info.name, info.qtype, info.shape, raw)
+        w = TorchWeight(info.name, info.qtype, info.shape, raw)
+        if self.kern is not None and len(info.shape) == 2 and \
+                info.qtype in (*_DENSE_DTYPES, _T.Q8_0, _T.Q4_K):
+            w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1])
+            if w.kind != "dense":
+                w.raw = None  # the repacked parts hold every value
+        return w
+
+    def _dequant(self, w: TorchWeight, raw=None, parts=None):
+        if w.raw is None:
+            return dequantize_parts(self.torch, w.kind, parts if parts is not None else w.parts)
+        return dequantize(self.torch, w.qtype, raw if raw is not None else w.raw, w.shape[-1])
 
     def _deq(self, w: TorchWeight):
         if w._dense is not None:
             return w._dense
-        y = dequantize(self.torch, w.qtype, w.raw, w.shape[-1])
+        y = self._dequant(w)
         if self._may_cache(w, y):
             w._dense = y
         return y
@@ -167,10 +268,15 @@ class CUDABackend:
         return self._deq(w).reshape(w.shape)
 
     def rows(self, w: TorchWeight, ids):
-        idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        if self._step is not None:  # a captured decode step: the token id is a device input
+            idx = self._step.ids
+        else:
+            idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
         if w._dense is not None:  # the same float32 values as dequantizing the selected rows
             return w._dense.index_select(0, idx)
-        return dequantize(self.torch, w.qtype, w.raw.index_select(0, idx), w.shape[-1])
+        if w.raw is None:
+            return self._dequant(w, parts=tuple(p.index_select(0, idx) for p in w.parts))
+        return self._dequant(w, raw=w.raw.index_select(0, idx))
 
     # --- arrays -------------------------------------------------------------------------------
     def asarray(self, x):
@@ -184,7 +290,11 @@ class CUDABackend:
 
     # --- operations ---------------------------------------------------------------------------
     def matmul(self, x, w: TorchWeight):
-        return x.reshape(-1, x.shape[-1]) @ self._deq(w).T
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 1 and w.kind is not None and self.kern is not None:  # decode: read the blocks once
+            n, k = w.shape
+            return self.kern.matvec(self.torch, w.kind, w.parts, x.reshape(k).contiguous(), n, k).reshape(1, n)
+        return x @ self._deq(w).T
 
     def matmuls(self, x, ws):
         # CUDABackend.matmul, not self.matmul: a hook on the instance's matmul (imatrix Collector)
@@ -192,35 +302,54 @@ class CUDABackend:
         return [CUDABackend.matmul(self, x, w) for w in ws]
 
     def rms_norm(self, x, w, eps):
+        if self.kern is not None:
+            return self.kern.rms_norm(self.torch, x, w, eps)
         ms = (x.double() * x.double()).mean(dim=-1, keepdim=True).float()
         y = x * self.torch.rsqrt(ms + eps)
         return y * w if w is not None else y
 
-    def gelu(self, x):
-        torch = self.torch
-        if self.gelu_mode == "exact":
-            return torch.nn.functional.gelu(x, approximate="tanh")
+    def add_rms_norm(self, x, y, w, eps):
+        """x + rms_norm(y, w): the residual add after a post-norm, one kernel."""
+        if self.kern is not None:
+            return self.kern.rms_norm(self.torch, y, w, eps, residual=x)
+        return x + self.rms_norm(y, w, eps)
+
+    def _table(self):
         if self._gelu_table is None:
             from .cpu import _gelu_table
 
-            self._gelu_table = torch.from_numpy(_gelu_table()).to(self.device)
-        idx = x.to(torch.float16).view(torch.int16).long() & 0xFFFF
-        y = self._gelu_table[idx]
-        y = torch.where(x >= 10.0, x, y)
-        return torch.where(x <= -10.0, torch.zeros_like(x), y)
+            self._gelu_table = self.torch.from_numpy(_gelu_table()).to(self.device)
+        return self._gelu_table
+
+    def gelu(self, x):
+        return self.geglu(x, None)
 
     def geglu(self, gate, up):
-        return self.gelu(gate) * up
+        """gelu(gate) * up (up None: gelu(gate)); "ggml": the CPU's fp16-table GELU, "exact": tanh."""
+        torch = self.torch
+        table = self._table() if self.gelu_mode == "ggml" else None
+        if self.kern is not None:
+            return self.kern.geglu(torch, gate, up, table)
+        if table is None:
+            y = torch.nn.functional.gelu(gate, approximate="tanh")
+        else:
+            y = table[gate.to(torch.float16).view(torch.int16).long() & 0xFFFF]
+            y = torch.where(gate >= 10.0, gate, torch.where(gate <= -10.0, torch.zeros_like(gate), y))
+        return y * up if up is not None else y
 
     def _rope_table(self, n_pos, n_dims, base, freq_scale, freq_factors):
         """Device cos/sin [>= n_pos, n_dims/2] for positions 0.. (rope_cache rows depend only on
         their own position), built on the host once per layer kind instead of every call."""
         from .cpu import rope_cache
 
+        if self._step is not None:
+            n_pos = max(n_pos, self._step.n_ctx)  # one table for every graph of this cache
         key = (n_dims, base, freq_scale, None if freq_factors is None else id(freq_factors))
         hit = self._rope_tables.get(key)
         if hit is not None and hit[0] is freq_factors and hit[1].shape[0] >= n_pos:
             return hit[1], hit[2]
+        if hit is not None:
+            self._keep.append(hit)  # a captured graph may still read the old table
         n = max(ROPE_TABLE_MIN, 1 << (max(n_pos, 1) - 1).bit_length())
         ff = None if freq_factors is None else self.to_numpy(freq_factors)
         cos, sin = rope_cache(np.arange(n), n_dims, base, freq_scale, ff)
@@ -228,15 +357,25 @@ class CUDABackend:
         self._rope_tables[key] = (freq_factors, c, s)
         return c, s
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+    def _positions(self, pos):
+        """(device int64 positions, largest position + 1): the step's input inside a captured decode."""
+        if self._step is not None:
+            return self._step.pos, self._step.n_kv
         pos = np.asarray(pos, dtype=np.int64)
-        ct, st = self._rope_table(int(pos.max()) + 1, n_dims, base, freq_scale, freq_factors)
-        p0 = int(pos[0])
-        if np.array_equal(pos, np.arange(p0, p0 + len(pos))):  # contiguous: a slice, no index upload
-            c, s = ct[p0:p0 + len(pos), None, :], st[p0:p0 + len(pos), None, :]
-        else:
-            idx = self.torch.as_tensor(pos, device=self.device)
-            c, s = ct.index_select(0, idx)[:, None, :], st.index_select(0, idx)[:, None, :]
+        return self.torch.as_tensor(pos, device=self.device), int(pos.max()) + 1
+
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+        return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False)
+
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, norm=True):
+        """rope(rms_norm(x, w, eps), ...) of x [T, H, D] (one kernel with Triton)."""
+        pos_d, n_pos = self._positions(pos)
+        ct, st = self._rope_table(n_pos, n_dims, base, freq_scale, freq_factors)
+        if self.kern is not None:
+            return self.kern.norm_rope(self.torch, x, w, eps, pos_d, ct, st, norm=norm, rope=True)
+        if norm:
+            x = self.rms_norm(x, w, eps)
+        c, s = ct.index_select(0, pos_d)[:, None, :], st.index_select(0, pos_d)[:, None, :]
         half = ct.shape[1]
         x0, x1 = x[..., :half], x[..., half:2 * half]
         return self.torch.cat([x0 * c - x1 * s, x0 * s + x1 * c, x[..., 2 * half:]], dim=-1)
@@ -245,34 +384,46 @@ class CUDABackend:
         return _TorchLayerCache(self, n_ctx, h, d)
 
     def attention(self, q, layer, n_kv: int, q_pos, window: int, scale: float = 1.0):
+        """q [T, H, D] against cache positions 0 .. n_kv-1 -> [T, H*D]; query head h uses KV head
+        h // (H / Hkv) (GQA), keys after the query or at least `window` behind it are masked."""
         torch = self.torch
         T, H, D = q.shape
-        k, v = layer.k[:n_kv], layer.v[:n_kv]  # [S, Hkv, D]
-        g = H // k.shape[1]
-        masked = self._mask(q_pos, n_kv, window)
-        kk = k.repeat_interleave(g, dim=1).permute(1, 2, 0)  # [H, D, S]
-        vv = v.repeat_interleave(g, dim=1).permute(1, 0, 2)  # [H, S, D]
-        s = torch.matmul(q.permute(1, 0, 2), kk) * scale  # [H, T, S]
-        s = s.masked_fill(masked[None], float("-inf"))
+        if self._step is not None:
+            n_kv = self._step.n_kv
+        if T == 1 and self.kern is not None:  # decode: one kernel (flash decoding), mask computed inside
+            pos_d, _ = self._positions(q_pos)
+            return self.kern.attention_decode(torch, q.reshape(H, D).contiguous(), layer.k, layer.v, pos_d,
+                                              n_kv, window, scale).reshape(1, H * D)
+        hkv = layer.k.shape[0]
+        g = H // hkv
+        k, v = layer.k[:, :n_kv], layer.v[:, :n_kv]  # [Hkv, S, D]
+        qg = q.permute(1, 0, 2).reshape(hkv, g * T, D)  # rows (head in group, token)
+        bias = self._mask(q_pos, n_kv, window)  # [T, S] 0 / -inf
+        s = torch.baddbmm(bias.repeat(g, 1)[None], qg, k.transpose(1, 2), alpha=scale)  # [Hkv, g*T, S]
         p = torch.softmax(s, dim=-1)
-        return torch.matmul(p, vv).permute(1, 0, 2).reshape(T, H * D)
+        return torch.bmm(p, v).reshape(H, T, D).permute(1, 0, 2).reshape(T, H * D)
 
     def _mask(self, q_pos, n_kv: int, window: int):
-        """[T, S] bool, True where key j is hidden from query i; the layers of one forward share a
-        few masks, so the last ones are kept instead of rebuilt (and uploaded) per layer."""
-        q_pos = np.asarray(q_pos, dtype=np.int64)
-        key = (q_pos.tobytes(), n_kv, window)
-        m = self._masks.get(key)
+        """[T, S] float32, -inf where key j is hidden from query i (after it, or `window` or more
+        behind it), else 0; the layers of one forward share a few masks, kept instead of rebuilt."""
+        step = self._step
+        if step is not None:
+            masks, key = step.masks, (n_kv, window)
+        else:
+            q_pos = np.asarray(q_pos, dtype=np.int64)
+            masks, key = self._masks, (q_pos.tobytes(), n_kv, window)
+        m = masks.get(key)
         if m is None:
             torch = self.torch
-            qp = torch.as_tensor(q_pos, device=self.device)[:, None]
+            qp = (step.pos if step is not None else torch.as_tensor(q_pos, device=self.device))[:, None]
             kp = torch.arange(n_kv, device=self.device)[None, :]
-            m = kp > qp
+            hide = kp > qp
             if window > 0:
-                m |= (qp - kp) >= window
-            if len(self._masks) >= 4:
-                self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = m
+                hide |= (qp - kp) >= window
+            m = torch.zeros(hide.shape, dtype=torch.float32, device=self.device).masked_fill_(hide, float("-inf"))
+            if step is None and len(masks) >= 4:
+                masks.pop(next(iter(masks)))
+            masks[key] = m
         return m
 
     def softcap(self, x, cap):
@@ -282,16 +433,70 @@ class CUDABackend:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
+    # --- decode as one CUDA graph -------------------------------------------------------------
+    def decode_step(self, model, ids, pos0: int, cache, logits: str):
+        """model.forward of one token, replayed from a CUDA graph captured once per cache and
+        GRAPH_KV_STEP-position window (the first call of a window captures it)."""
+        if not self.graphs or self._hooked():
+            return model.forward(ids, pos0, cache, logits)
+        torch = self.torch
+        n_kv = min(cache.n_ctx, -(-(pos0 + 1) // GRAPH_KV_STEP) * GRAPH_KV_STEP)
+        if self._step_dev is None:
+            self._step_dev = torch.zeros(2, dtype=torch.int64, device=self.device)
+            self._pool = torch.cuda.graph_pool_handle()
+        self._step_dev.copy_(torch.tensor([int(ids[0]), pos0], dtype=torch.int64))
+        key = (id(cache), n_kv, logits == "none")
+        g = self._graph_cache.get(key)
+        if g is None:
+            g = self._graph_cache[key] = self._capture(model, ids, pos0, cache, logits, n_kv)
+        g.graph.replay()
+        return g.out
+
+    def _hooked(self) -> bool:
+        """An operation replaced on the instance (imatrix Collector, profilers) must see every
+        call: a replayed graph would skip it, so such a step runs eagerly."""
+        return any(getattr(getattr(self, m), "__func__", None) is not getattr(CUDABackend, m)
+                   for m in ("matmul", "matmuls", "rows"))
+
+    def _capture(self, model, ids, pos0, cache, logits, n_kv) -> _Graph:
+        torch = self.torch
+        self._step = _Step(self._step_dev[0:1], self._step_dev[1:2], n_kv, cache.n_ctx)
+        try:
+            # warm-up on a side stream (compiles kernels, builds tables and masks); it computes
+            # this very step, so the K/V it stores are the ones the replay stores again
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                model.forward(ids, pos0, cache, logits)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._step.masks = {}  # built from the position: must be recomputed inside the graph
+            g = _Graph()
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=self._pool):
+                g.out = model.forward(ids, pos0, cache, logits)
+            g.cache, g.keep = cache, self._step.masks
+        finally:
+            self._step = None
+        return g
+
 
 class _TorchLayerCache:
+    """K and V of one layer, [Hkv, n_ctx, D] each (a head's positions contiguous for the bmm)."""
+
     def __init__(self, be: CUDABackend, n_ctx: int, h: int, d: int):
-        self.k = be.zeros((n_ctx, h, d))
-        self.v = be.zeros((n_ctx, h, d))
+        self.be = be
+        self.k = be.zeros((h, n_ctx, d))
+        self.v = be.zeros((h, n_ctx, d))
 
     def store(self, pos0: int, k, v) -> None:
+        step = self.be._step
+        if step is not None:  # captured decode: the position is a device input
+            self.k.index_copy_(1, step.pos, k.permute(1, 0, 2))
+            self.v.index_copy_(1, step.pos, v.permute(1, 0, 2))
+            return
         t = k.shape[0]
-        self.k[pos0:pos0 + t] = k
-        self.v[pos0:pos0 + t] = v
+        self.k[:, pos0:pos0 + t] = k.permute(1, 0, 2)
+        self.v[:, pos0:pos0 + t] = v.permute(1, 0, 2)
 
 
 TorchBackend = CUDABackend

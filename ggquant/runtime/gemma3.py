@@ -151,17 +151,16 @@ class Gemma3(Model):
 
             h = be.rms_norm(x, L.attn_norm, eps)
             q, k, v = be.matmuls(h, [L.wq, L.wk, L.wv])
-            q = be.rms_norm(q.reshape(T, nh, d), L.q_norm, eps)  # per-head norm
-            q = be.rope(q, pos, d, base, scale) * hp.attn_scale
-            k = be.rope(be.rms_norm(k.reshape(T, nkv, d), L.k_norm, eps), pos, d, base, scale)
+            q = be.norm_rope(q.reshape(T, nh, d), L.q_norm, eps, pos, d, base, scale) * hp.attn_scale
+            k = be.norm_rope(k.reshape(T, nkv, d), L.k_norm, eps, pos, d, base, scale)
             cache.store(il, pos0, k, v.reshape(T, nkv, d))
             a = be.attention(q, cache.layers[il], pos0 + T, pos, hp.n_swa if swa else 0)  # [T, nh*d]
-            x = x + be.rms_norm(be.matmul(a, L.wo), L.post_attn_norm, eps)
+            x = be.add_rms_norm(x, be.matmul(a, L.wo), L.post_attn_norm, eps)
 
             m = be.rms_norm(x, L.ffn_norm, eps)
             gate, up = be.matmuls(m, [L.w_gate, L.w_up])
             f = be.matmul(be.geglu(gate, up), L.w_down)
-            x = x + be.rms_norm(f, L.post_ffw_norm, eps)
+            x = be.add_rms_norm(x, f, L.post_ffw_norm, eps)
 
         if logits == "none":
             return None

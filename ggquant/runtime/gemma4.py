@@ -206,22 +206,22 @@ class Gemma4(Model):
                 q = outs[0]
                 k = outs[1] if own else None
                 v = (outs[2] if Ly.wv is not None else k) if own else None
-            q = be.rope(be.rms_norm(q.reshape(T, nh, d), Ly.q_norm, eps), pos, hp.n_rot[il], base, scale, ff)
+            q = be.norm_rope(q.reshape(T, nh, d), Ly.q_norm, eps, pos, hp.n_rot[il], base, scale, ff)
             if il < hp.n_kv_from_start:
-                k = be.rope(be.rms_norm(k.reshape(T, nkv, d), Ly.k_norm, eps), pos, hp.n_rot[il], base, scale, ff)
+                k = be.norm_rope(k.reshape(T, nkv, d), Ly.k_norm, eps, pos, hp.n_rot[il], base, scale, ff)
                 v = be.rms_norm(v.reshape(T, nkv, d), None, eps)
                 cache.store(il, pos0, k, v)
             src = hp.kv_source[il]
             a = be.attention(q, cache.layers[src], pos0 + T, pos, hp.n_swa if swa else 0)  # [T, nh*d]
-            x = x + be.rms_norm(be.matmul(a, Ly.wo), Ly.post_attn_norm, eps)
+            x = be.add_rms_norm(x, be.matmul(a, Ly.wo), Ly.post_attn_norm, eps)
 
             m = be.rms_norm(x, Ly.ffn_norm, eps)
             gate, up = be.matmuls(m, [Ly.w_gate, Ly.w_up])
-            x = x + be.rms_norm(be.matmul(be.geglu(gate, up), Ly.w_down), Ly.post_ffw_norm, eps)
+            x = be.add_rms_norm(x, be.matmul(be.geglu(gate, up), Ly.w_down), Ly.post_ffw_norm, eps)
 
             if ple is not None:
-                g = be.gelu(be.matmul(x, Ly.inp_gate)) * ple[:, il, :]  # [T, P]
-                x = x + be.rms_norm(be.matmul(g, Ly.proj), Ly.post_norm, eps)
+                g = be.geglu(be.matmul(x, Ly.inp_gate), ple[:, il, :])  # gelu(.) * ple [T, P]
+                x = be.add_rms_norm(x, be.matmul(g, Ly.proj), Ly.post_norm, eps)
             if Ly.out_scale is not None:
                 x = x * Ly.out_scale
 

@@ -1,0 +1,77 @@
+"""GB/s of the Triton matvec kernels (ggquant/runtime/cuda_kernels.py) for each tile config on the
+matrix shapes of Gemma 4 E4B, timed as a CUDA graph of 20 calls (no launch gaps), on a GPU:
+
+    python bench/matvec_tune.py dense,q8_0,q4_k
+
+Prints the best configs over all shapes; MV_CONFIG holds the chosen ones."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from ggquant.runtime import cuda_kernels as ck  # noqa: E402
+from ggquant.runtime.cuda import repack  # noqa: E402
+
+SHAPES = [(2048, 2560), (512, 2560), (10240, 2560), (2560, 10240), (2560, 4096), (262144, 2560), (256, 2560), (2560, 256)]
+KIND = {"dense": T.BF16, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
+ROW = {"dense": lambda k: 2 * k, "q8_0": lambda k: k // 32 * 34, "q4_k": lambda k: k // 256 * 144}
+
+
+def time_calls(fn, n=20):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(5):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / (5 * n) * 1e-3
+
+
+def main():
+    kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["dense"]
+    configs = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
+    for kind in kinds:
+        tot = {}
+        for n, k in SHAPES:
+            raw = torch.randint(0, 255, (n, ROW[kind](k)), dtype=torch.uint8, device="cuda")
+            if kind == "dense":
+                raw = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16).view(torch.uint8)
+            if kind == "q8_0":  # sane fp16 scales
+                b = raw.view(n, k // 32, 34)
+                b[..., 0:2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device="cuda")
+            if kind == "q4_k":
+                b = raw.view(n, k // 256, 144)
+                b[..., 0:4] = torch.tensor([0x00, 0x20, 0x00, 0x20], dtype=torch.uint8, device="cuda")
+            kd, parts = repack(torch, KIND[kind], raw, k)
+            x = torch.randn(k, device="cuda")
+            nbytes = n * ROW[kind](k)
+            cfgs = [(bn, nsb, w) for bn in (4, 8, 16, 32) for nsb in (1, 2, 4) for w in (2, 4, 8)] if kind == "q4_k" else configs
+            for cfg in cfgs:
+                try:
+                    t = time_calls(lambda: ck.matvec(torch, kd, parts, x, n, k, cfg))
+                except Exception as e:  # noqa: BLE001
+                    print(kind, cfg, "failed", type(e).__name__, str(e)[:100])
+                    continue
+                tot.setdefault(cfg, 0.0)
+                tot[cfg] += t
+                if (n, k) in ((10240, 2560), (262144, 2560)):
+                    print(f"{kind} {n}x{k} {cfg}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s")
+        total_bytes = sum(n * ROW[kind](k) for n, k in SHAPES)
+        best = sorted(tot.items(), key=lambda kv: kv[1])[:6]
+        for cfg, t in best:
+            print(f"{kind} all shapes {cfg}: {t * 1e6:8.1f} us, {total_bytes / t / 1e9:7.0f} GB/s")
+        print(f"{kind} current {ck.MV_CONFIG[kind]}: {tot.get(ck.MV_CONFIG[kind], float('nan')) * 1e6:8.1f} us")
+
+
+main()

@@ -1,0 +1,327 @@
+"""Triton kernels for batch-1 decode on the torch/CUDA backend (cuda.py).
+
+A decode step multiplies every weight matrix by one activation row: it is bound by the bytes
+of weight read. torch's path for a quantized matrix (dequantize to float32, then a GEMM) reads
+the blocks, writes and re-reads a float32 copy - or keeps that copy, 4-8x the bytes of the
+blocks. These kernels read each weight byte once, in the (repacked) block format, and also fuse
+the small per-row operations (RMS norm, norm + RoPE, GELU * up) into one launch each, because
+at batch 1 a step is ~40 kernels per layer and their launch/tail cost dominates otherwise
+(research note anchor-cuda-h100.md: llama.cpp spends 2.7-3.8 ms per token outside weight
+streaming on E4B).
+
+Layouts (built once at load by cuda.repack; each a bijection of ggml's block bytes, so the
+weights read per token are the GGUF's own bytes, plus 1/8 bit per element for Q4_K):
+  Q8_0  qs int8 [N, K] (block j = columns 32j..32j+31), d fp16 [N, K/32]
+  Q4_K  qs uint8 [N, K/2] (the 128 qs bytes of each super-block, in order), sc, mn uint8
+        [N, K/32] (the 6-bit scales/mins of get_scale_min_k4, unpacked), d, dmin fp16 [N, K/256]
+Products accumulate in float32 (ggml-cuda's mmvq dots also differ from the CPU's order).
+
+Set TRITON_INTERPRET=1 to run them on CPU tensors (how they are developed off the GPU).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# --- matrix x vector --------------------------------------------------------------------------
+@triton.jit
+def _mv_dense(w_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    base = rows.to(tl.int64) * K
+    acc = tl.zeros((BN, BK), tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        w = tl.load(w_ptr + base[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _mv_q8_0(q_ptr, d_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nb = K // 32
+    acc = tl.zeros((BN, BK // 32), tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        q = tl.load(q_ptr + r64[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0)
+        blk = k0 // 32 + tl.arange(0, BK // 32)
+        d = tl.load(d_ptr + r64[:, None] * nb + blk[None, :], mask=rmask[:, None] & (blk < nb)[None, :], other=0.0)
+        p = tl.reshape(q.to(tl.float32) * x[None, :], (BN, BK // 32, 32))
+        acc += tl.sum(p, axis=2) * d.to(tl.float32)
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, NSB: tl.constexpr):
+    # NSB super-blocks (256 columns, 128 qs bytes each) per iteration. Byte j of the tile:
+    # chunk c = j // 32 (super-block c // 4), l = j % 32; its low nibble is column 64c + l
+    # (sub-block 2c), its high nibble column 64c + 32 + l (sub-block 2c + 1) (ggml-common.h
+    # block_q4_K, dequantize_row_q4_K: y = d*sc*q - dmin*m); sc/mn hold 8 entries per
+    # super-block, so sub-block 2c of the tile is entry 8*sb0 + 2c. Dots per sub-block first,
+    # then the scales (gathering the scales per byte instead measured 3x slower on the H100).
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    j = tl.arange(0, 128 * NSB)
+    xo = (j // 32) * 64 + j % 32
+    c = tl.arange(0, 4 * NSB)
+    acc = tl.zeros((BN, 4 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        jm = (sb0 + j // 128) < nsb
+        cm = (sb0 + c // 4) < nsb
+        q = tl.load(qs_ptr + r64[:, None] * (K // 2) + sb0 * 128 + j[None, :], mask=rmask[:, None] & jm[None, :],
+                    other=0)
+        xlo = tl.load(x_ptr + sb0 * 256 + xo, mask=jm, other=0.0)
+        xhi = tl.load(x_ptr + sb0 * 256 + 32 + xo, mask=jm, other=0.0)
+        lo = tl.sum(tl.reshape((q & 15).to(tl.float32) * xlo[None, :], (BN, 4 * NSB, 32)), axis=2)
+        hi = tl.sum(tl.reshape((q >> 4).to(tl.float32) * xhi[None, :], (BN, 4 * NSB, 32)), axis=2)
+        slo = tl.sum(tl.reshape(xlo, (4 * NSB, 32)), axis=1)
+        shi = tl.sum(tl.reshape(xhi, (4 * NSB, 32)), axis=1)
+        so = r64[:, None] * (K // 32) + sb0 * 8 + 2 * c[None, :]
+        m2 = rmask[:, None] & cm[None, :]
+        sc_lo = tl.load(sc_ptr + so, mask=m2, other=0).to(tl.float32)
+        sc_hi = tl.load(sc_ptr + so + 1, mask=m2, other=0).to(tl.float32)
+        mn_lo = tl.load(mn_ptr + so, mask=m2, other=0).to(tl.float32)
+        mn_hi = tl.load(mn_ptr + so + 1, mask=m2, other=0).to(tl.float32)
+        do = r64[:, None] * nsb + sb0 + c[None, :] // 4
+        d = tl.load(d_ptr + do, mask=m2, other=0.0).to(tl.float32)
+        dm = tl.load(dm_ptr + do, mask=m2, other=0.0).to(tl.float32)
+        acc += d * (sc_lo * lo + sc_hi * hi) - dm * (mn_lo * slo[None, :] + mn_hi * shi[None, :])
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+def _block_rows(n: int, target_programs: int = 528) -> int:
+    """Rows per program: enough programs to fill the GPU (132 SMs x 4 on the H100), at most 64."""
+    bn = 64
+    while bn > 1 and (n + bn - 1) // bn < target_programs:
+        bn //= 2
+    return bn
+
+
+# (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
+# over E4B's matrix shapes on the H100 (bench/matvec_tune.py): bf16 3050 GB/s, Q8_0 2800 GB/s
+MV_CONFIG = {"dense": (16, 512, 4), "q8_0": (16, 512, 4), "q4_k": (16, 1, 4)}
+
+
+def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
+    """x float32 [k] (contiguous) -> float32 [n]: the product of the weight (parts in the layout
+    of `kind`) with x."""
+    y = torch.empty(n, dtype=torch.float32, device=x.device)
+    bn_max, bk, warps = config or MV_CONFIG[kind]
+    bn = min(bn_max, _block_rows(n))
+    if kind == "q4_k" and config is None:
+        # a row's super-blocks in one or a few iterations (K = 2560 has only 10): ~8 KiB of blocks
+        # per program, so the small matrices of a layer are not a chain of dependent tiny loads
+        bk = min(16, _pow2(k // 256))
+        bn = min(max(1, 64 // bk), _block_rows(n))
+    grid = ((n + bn - 1) // bn,)
+    if kind == "dense":
+        _mv_dense[grid](parts[0], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
+    elif kind == "q8_0":
+        _mv_q8_0[grid](parts[0], parts[1], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
+    elif kind == "q4_k":
+        _mv_q4_k[grid](*parts, x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
+    else:
+        raise ValueError(kind)
+    return y
+
+
+# --- row-wise operations ----------------------------------------------------------------------
+@triton.jit
+def _rms_norm(x_ptr, w_ptr, r_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, HAS_R: tl.constexpr,
+              BD: tl.constexpr):
+    """y = (r +) x / sqrt(mean(x^2) + eps) (* w), one row per program (ggml_rms_norm, then the
+    graph's mul by the norm weight and add of the residual)."""
+    row = tl.program_id(0).to(tl.int64) * D
+    i = tl.arange(0, BD)
+    m = i < D
+    x = tl.load(x_ptr + row + i, mask=m, other=0.0)
+    s = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = x * s
+    if HAS_W:
+        y = y * tl.load(w_ptr + i, mask=m, other=0.0)
+    if HAS_R:
+        y = y + tl.load(r_ptr + row + i, mask=m, other=0.0)
+    tl.store(y_ptr + row + i, y, mask=m)
+
+
+def rms_norm(torch, x, w, eps: float, residual=None):
+    """x [..., D] float32 -> same shape; w [D] or None; residual (same shape as x) added after."""
+    x = x.contiguous()
+    D = x.shape[-1]
+    y = torch.empty_like(x)
+    rows = x.numel() // D
+    r = residual.contiguous() if residual is not None else x
+    _rms_norm[(rows,)](x, w if w is not None else x, r, y, D, float(eps), HAS_W=w is not None,
+                       HAS_R=residual is not None, BD=_pow2(D))
+    return y
+
+
+@triton.jit
+def _norm_rope(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, eps,
+               NORM: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, BD: tl.constexpr):
+    """One head of one token: optional RMS norm over its D values (times w), then NeoX RoPE of
+    the first 2*HALF dims at the token's position (ggml_rope_ext, mode NEOX: pairs i, i+HALF)."""
+    pid = tl.program_id(0)
+    t = pid // H
+    row = pid.to(tl.int64) * D
+    i = tl.arange(0, BD)
+    m = i < D
+    x = tl.load(x_ptr + row + i, mask=m, other=0.0)
+    if ROPE:
+        partner = tl.where(i < HALF, i + HALF, tl.where(i < 2 * HALF, i - HALF, i))
+        xp = tl.load(x_ptr + row + partner, mask=m, other=0.0)
+    if NORM:
+        s = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        x = x * s
+        if HAS_W:
+            x = x * tl.load(w_ptr + i, mask=m, other=0.0)
+        if ROPE:
+            xp = xp * s
+            if HAS_W:
+                xp = xp * tl.load(w_ptr + partner, mask=m, other=0.0)
+    if ROPE:
+        p = tl.load(pos_ptr + t).to(tl.int64)
+        rot = i < 2 * HALF
+        f = tl.where(i < HALF, i, i - HALF)
+        c = tl.load(cos_ptr + p * HALF + f, mask=m & rot, other=1.0)
+        sn = tl.load(sin_ptr + p * HALF + f, mask=m & rot, other=0.0)
+        x = tl.where(i < HALF, x * c - xp * sn, tl.where(rot, xp * sn + x * c, x))
+    tl.store(y_ptr + row + i, x, mask=m)
+
+
+def norm_rope(torch, x, w, eps, pos, cos, sin, norm: bool, rope: bool):
+    """x [T, H, D] float32; pos int64 [T] on the device; cos/sin [P, HALF] -> new [T, H, D]."""
+    x = x.contiguous()
+    T, H, D = x.shape
+    y = torch.empty_like(x)
+    half = cos.shape[1] if rope else 0
+    _norm_rope[(T * H,)](x, w if w is not None else x, pos if rope else x, cos if rope else x,
+                         sin if rope else x, y, H, D, half, float(eps), NORM=norm,
+                         HAS_W=w is not None, ROPE=rope, BD=_pow2(D))
+    return y
+
+
+@triton.jit
+def _geglu(g_ptr, u_ptr, t_ptr, y_ptr, n, TABLE: tl.constexpr, HAS_U: tl.constexpr, B: tl.constexpr):
+    """y = gelu(g) (* u). TABLE: ggml's CPU GELU (vec.h, GGML_GELU_FP16: 0 below -10, x above 10,
+    else the table entry at fp16(x)), which the CPU backend reproduces; otherwise the tanh
+    formula of ggml-cuda's op_gelu: 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))."""
+    i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0)
+    if TABLE:
+        bits = g.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        y = tl.load(t_ptr + bits, mask=m, other=0.0)
+        y = tl.where(g >= 10.0, g, tl.where(g <= -10.0, 0.0, y))
+    else:
+        z = 0.7978845608028654 * g * (1.0 + 0.044715 * g * g)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # tanh(z), saturating to +-1 without inf/inf
+        y = 0.5 * g * (1.0 + th)
+    if HAS_U:
+        y = y * tl.load(u_ptr + i, mask=m, other=0.0)
+    tl.store(y_ptr + i, y, mask=m)
+
+
+def geglu(torch, g, u, table):
+    """gelu(g) * u (u None: gelu(g)); table: ggml's fp16 GELU table as float32 [65536], or None
+    for the tanh formula."""
+    g = g.contiguous()
+    u = u.contiguous() if u is not None else g
+    y = torch.empty_like(g)
+    n = g.numel()
+    _geglu[((n + 1023) // 1024,)](g, u, table if table is not None else g, y, n, TABLE=table is not None,
+                                  HAS_U=u is not g, B=1024)
+    return y
+
+
+# --- attention of one query token (flash decoding) ----------------------------------------------
+ATTN_SPLIT = 32  # cache positions per program (parallelism at short contexts); merged by _attn_merge
+
+
+@triton.jit
+def _attn_decode(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, pm_ptr, pl_ptr, n_kv, kv_stride, window, scale, G, D,
+                 NS, SPLIT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, FINAL: tl.constexpr):
+    """Query head h against cache positions [sp*SPLIT, (sp+1)*SPLIT) of KV head h // G, with an
+    online softmax; positions after the query's, or `window` (> 0) or more behind it, are
+    masked. FINAL: one split, write softmax(s) v; else the unnormalised partial (acc, max, sum)."""
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    kvh = h // G
+    p = tl.load(pos_ptr)
+    d = tl.arange(0, BD)
+    dm = d < D
+    q = tl.load(q_ptr + h * D + d, mask=dm, other=0.0)
+    base = kvh.to(tl.int64) * kv_stride
+    m_i = -1.0e30
+    l_i = 0.0
+    acc = tl.zeros((BD,), tl.float32)
+    end = tl.minimum(sp * SPLIT + SPLIT, n_kv)
+    for s0 in range(sp * SPLIT, end, BS):
+        j = s0 + tl.arange(0, BS)
+        inside = j < end
+        ok = inside & (j <= p) & ((window == 0) | (p - j < window))
+        off = base + j[:, None].to(tl.int64) * D + d[None, :]
+        kb = tl.load(k_ptr + off, mask=inside[:, None] & dm[None, :], other=0.0)
+        s = tl.where(ok, tl.sum(kb * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(s - m_new)
+        vb = tl.load(v_ptr + off, mask=inside[:, None] & dm[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(e, axis=0)
+        acc = acc * alpha + tl.sum(e[:, None] * vb, axis=0)
+        m_i = m_new
+    if FINAL:
+        tl.store(o_ptr + h * D + d, acc / l_i, mask=dm)
+    else:
+        tl.store(o_ptr + (h * NS + sp) * D + d, acc, mask=dm)
+        tl.store(pm_ptr + h * NS + sp, m_i)
+        tl.store(pl_ptr + h * NS + sp, l_i)
+
+
+@triton.jit
+def _attn_merge(a_ptr, pm_ptr, pl_ptr, o_ptr, NS, D, BN: tl.constexpr, BD: tl.constexpr):
+    h = tl.program_id(0)
+    i = tl.arange(0, BN)
+    d = tl.arange(0, BD)
+    m = tl.load(pm_ptr + h * NS + i, mask=i < NS, other=-1.0e30)
+    l = tl.load(pl_ptr + h * NS + i, mask=i < NS, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    a = tl.load(a_ptr + (h * NS + i[:, None]) * D + d[None, :], mask=(i < NS)[:, None] & (d < D)[None, :], other=0.0)
+    tl.store(o_ptr + h * D + d, tl.sum(w[:, None] * a, axis=0) / tl.sum(w * l, axis=0), mask=d < D)
+
+
+def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
+    """q [H, D] float32; k, v [Hkv, n_ctx, D] (the cache); pos int64 [1] on the device -> [H, D]."""
+    H, D = q.shape
+    hkv, n_ctx, _ = k.shape
+    bd = _pow2(D)
+    bs = max(1, min(ATTN_SPLIT, 8192 // bd))
+    ns = -(-n_kv // ATTN_SPLIT)
+    out = torch.empty((H, D), dtype=torch.float32, device=q.device)
+    args = (n_kv, n_ctx * D, int(window), float(scale), H // hkv, D, ns)
+    if ns == 1:
+        _attn_decode[(H, 1)](q, k, v, pos, out, out, out, *args, SPLIT=ATTN_SPLIT, BS=bs, BD=bd, FINAL=True,
+                             num_warps=8)
+        return out
+    part = torch.empty((H, ns, D), dtype=torch.float32, device=q.device)
+    pm = torch.empty((H, ns), dtype=torch.float32, device=q.device)
+    pl = torch.empty((H, ns), dtype=torch.float32, device=q.device)
+    _attn_decode[(H, ns)](q, k, v, pos, part, pm, pl, *args, SPLIT=ATTN_SPLIT, BS=bs, BD=bd, FINAL=False,
+                          num_warps=8)
+    _attn_merge[(H,)](part, pm, pl, out, ns, D, BN=_pow2(ns), BD=bd)
+    return out

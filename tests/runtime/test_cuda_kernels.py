@@ -1,0 +1,144 @@
+"""The decode path of the torch/CUDA backend: repacked weight layouts (exact, checked everywhere
+with torch on the CPU), the Triton kernels against torch references (on a GPU, or on the CPU
+under TRITON_INTERPRET=1 when triton is installed), and the CUDA-graph decode against eager
+decoding (GPU only). CI has neither triton nor a GPU: those tests skip there."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from ggquant.quant import types as qt
+
+torch = pytest.importorskip("torch")
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _kernels():
+    if not (HAS_CUDA or INTERPRET):
+        pytest.skip("Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
+    pytest.importorskip("triton")
+    from ggquant.runtime import cuda_kernels
+
+    return cuda_kernels
+
+
+def _weights(qtype, n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, k)) * rng.uniform(0.1, 3, (n, 1))).astype(np.float32)
+    raw = qt.quantize(x, qtype)
+    return raw, qt.dequantize(raw, qtype, x.shape)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+def test_repacked_layout_holds_ggml_values(qtype):
+    from ggquant.runtime.cuda import dequantize_parts, repack
+
+    raw, ref = _weights(qtype, 6, 512)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw), 512)
+    got = dequantize_parts(torch, kind, parts).numpy()
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype,n,k", [(T.F32, 40, 384), (T.BF16, 300, 512), (T.F16, 7, 96),
+                                       (T.Q8_0, 300, 512), (T.Q8_0, 5, 288), (T.Q4_K, 300, 512),
+                                       (T.Q4_K, 3, 768), (T.Q4_K, 33, 1280)], ids=str)
+def test_matvec_equals_dequantized_product(qtype, n, k):
+    from ggquant.runtime.cuda import repack
+
+    ck = _kernels()
+    raw, ref = _weights(qtype, n, k, seed=n + k)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(k).astype(np.float32)).to(DEV)
+    got = ck.matvec(torch, kind, parts, x, n, k).cpu().numpy().astype(np.float64)
+    want = ref.astype(np.float64) @ x.cpu().numpy().astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
+
+
+def test_rms_norm_rope_geglu_kernels():
+    from ggquant.runtime.cpu import _gelu_table, rope_cache
+
+    ck = _kernels()
+    rng = np.random.default_rng(2)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(DEV)  # noqa: E731
+    x, r, w = rng.standard_normal((3, 80)), rng.standard_normal((3, 80)), rng.uniform(0.5, 1.5, 80)
+    xt = t(x)
+    want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w + r
+    assert np.abs(ck.rms_norm(torch, xt, t(w), 1e-6, residual=t(r)).cpu().numpy() - want).max() < 1e-5
+    assert np.abs(ck.rms_norm(torch, xt, None, 1e-6).cpu().numpy()
+                  - x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6)).max() < 1e-5
+
+    # norm + NeoX rope over the first 2*half of D dims, positions from a device tensor
+    T_, H, D, half = 3, 2, 40, 16
+    q = rng.standard_normal((T_, H, D))
+    qw = rng.uniform(0.5, 1.5, D)
+    pos = np.array([5, 0, 17])
+    cos, sin = rope_cache(np.arange(32), 2 * half, 10000.0, 1.0, None)
+    n = q / np.sqrt((q * q).mean(-1, keepdims=True) + 1e-6) * qw
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    want = np.concatenate([n[..., :half] * c - n[..., half:2 * half] * s,
+                           n[..., :half] * s + n[..., half:2 * half] * c, n[..., 2 * half:]], -1)
+    got = ck.norm_rope(torch, t(q), t(qw), 1e-6, torch.as_tensor(pos, device=DEV), t(cos), t(sin), True, True)
+    assert np.abs(got.cpu().numpy() - want).max() < 1e-5
+
+    g, u = rng.standard_normal(3000) * 6, rng.standard_normal(3000)
+    tanh = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * g * (1 + 0.044715 * g * g)))
+    assert np.abs(ck.geglu(torch, t(g), t(u), None).cpu().numpy() - tanh * u).max() < 1e-5
+    table = _gelu_table()
+    idx = g.astype(np.float32).astype(np.float16).view(np.uint16)
+    ggml = np.where(g >= 10, g, np.where(g <= -10, 0, table[idx]))
+    assert np.array_equal(ck.geglu(torch, t(g), None, t(table)).cpu().numpy(), ggml.astype(np.float32))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_graph_decode_equals_eager_decode(reference_gguf, qtype):
+    """The replayed graphs (several positions per graph, and a second KV window) give the eager
+    step's logits, and the same cache contents."""
+    import ggquant.runtime.cuda as cuda
+    from ggquant.formats.gguf import GGUFReader
+    from ggquant.runtime.model import ARCHITECTURES, Session
+
+    path = reference_gguf("gemma4_e4b", qtype)
+    old = cuda.GRAPH_KV_STEP
+    cuda.GRAPH_KV_STEP = 16  # cross a window boundary within a short test
+    try:
+        outs = []
+        for graphs in (False, True):
+            r = GGUFReader(path)
+            m = ARCHITECTURES[r.get("general.architecture")](r, cuda.CUDABackend(device="cuda", graphs=graphs))
+            s = Session(m, 64)
+            s.eval([2, 100, 200], "last")
+            outs.append(np.concatenate([s.eval([t], "last") for t in range(300, 330)]))
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-5
+        assert np.array_equal(outs[0].argmax(-1), outs[1].argmax(-1))
+    finally:
+        cuda.GRAPH_KV_STEP = old
+
+
+@pytest.mark.parametrize("n_kv,window,D", [(9, 0, 64), (300, 0, 32), (600, 100, 48)])
+def test_attention_decode_kernel(n_kv, window, D):
+    ck = _kernels()
+    rng = np.random.default_rng(n_kv)
+    H, hkv, n_ctx = 4, 2, 640
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    k = rng.standard_normal((hkv, n_ctx, D)).astype(np.float32)
+    v = rng.standard_normal((hkv, n_ctx, D)).astype(np.float32)
+    p = n_kv - 3  # keys after the query position (up to n_kv) are masked
+    j = np.arange(n_kv)
+    ok = (j <= p) & ((window == 0) | (p - j < window))
+    want = np.empty((H, D))
+    for h in range(H):
+        s = (k[h // 2, :n_kv] @ q[h]).astype(np.float64) * 0.5
+        s[~ok] = -np.inf
+        e = np.exp(s - s.max())
+        want[h] = (e / e.sum()) @ v[h // 2, :n_kv]
+    t = lambda a: torch.from_numpy(a).to(DEV)  # noqa: E731
+    got = ck.attention_decode(torch, t(q), t(k), t(v), torch.tensor([p], device=DEV), n_kv, window, 0.5)
+    assert np.abs(got.cpu().numpy() - want).max() < 1e-5
