@@ -113,8 +113,9 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
 
 
 # (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
-# over E4B's matrix shapes on the H100 (bench/matvec_tune.py): bf16 3050 GB/s, Q8_0 2800 GB/s
-MV_CONFIG = {"dense": (16, 512, 4), "q8_0": (16, 512, 4), "q4_k": (16, 1, 4)}
+# over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
+# bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
+MV_CONFIG = {"dense": (16, 512, 4), "q8_0": (16, 512, 4), "q4_k": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -123,11 +124,6 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     y = torch.empty(n, dtype=torch.float32, device=x.device)
     bn_max, bk, warps = config or MV_CONFIG[kind]
     bn = min(bn_max, _block_rows(n))
-    if kind == "q4_k" and config is None:
-        # a row's super-blocks in one or a few iterations (K = 2560 has only 10): ~8 KiB of blocks
-        # per program, so the small matrices of a layer are not a chain of dependent tiny loads
-        bk = min(16, _pow2(k // 256))
-        bn = min(max(1, 64 // bk), _block_rows(n))
     grid = ((n + bn - 1) // bn,)
     if kind == "dense":
         _mv_dense[grid](parts[0], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
