@@ -568,8 +568,10 @@ def convert_command(src, to, outtype, dtype, outfile, mmproj, mmproj_only, imatr
             raise GGQuantError(f"--to {to}: --mmproj needs the mmproj GGUF file (--mmproj MMPROJ.gguf)")
         e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
                       threads=threads, progress=progress, linears=linears)
+        for note in getattr(linears, "notes", []):
+            click.echo(f"note: {note}", err=True)
         if linears is not None and linears.lossy:
-            click.echo(f"lossy: {len(linears.lossy)} Linear weights requantized to int4 group {linears.group} "
+            click.echo(f"lossy: {len(linears.lossy)} Linear weights requantized to int group {linears.group} "
                        f"(not Q4_0/Q8_0 in the GGUF): {', '.join(linears.lossy[:4])}"
                        f"{' ...' if len(linears.lossy) > 4 else ''}", err=True)
         if as_json:

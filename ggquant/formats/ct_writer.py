@@ -63,15 +63,46 @@ def pack_q4_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(words).view(np.int32), d
 
 
+def _int8_words(q: np.ndarray, rows: int, n_in: int) -> np.ndarray:
+    """int8 codes [rows, ...] (n_in per row) -> weight_packed int32 [rows, n_in/4] (u = q + 128)."""
+    codes = (q.astype(np.int32) + 128).astype(np.uint32).reshape(rows, n_in // 4, 4)
+    return np.ascontiguousarray(np.bitwise_or.reduce(codes << (np.arange(4, dtype=np.uint32) * 8), axis=2)).view(np.int32)
+
+
 def pack_q8_0(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0 rows (uint8 [rows, n_in/32*34]) -> (weight_packed int32 [rows, n_in/4], d float16 [rows, n_in/32])."""
     rows = raw.shape[0]
     b = raw.reshape(rows, n_in // 32, 34)
     d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, n_in // 32)
-    q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8)
-    codes = (q.astype(np.int32) + 128).astype(np.uint32).reshape(rows, n_in // 4, 4)
-    words = np.bitwise_or.reduce(codes << (np.arange(4, dtype=np.uint32) * 8), axis=2)
-    return np.ascontiguousarray(words).view(np.int32), d
+    return _int8_words(np.ascontiguousarray(b[:, :, 2:]).view(np.int8), rows, n_in), d
+
+
+def pack_q4_0_as_int8(raw: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 rows as int8 group 32 (the same codes q in [-8, 7] and the same d: exact): for a
+    fused module whose other shards are int8 (see _widen_fused)."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, n_in // 32, 18)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, n_in // 32)
+    qs = b[:, :, 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).astype(np.int8) - np.int8(8)
+    return _int8_words(q, rows, n_in), d
+
+
+# Linears that vLLM fuses into one module (qkv_proj, gate_up_proj; its packed_modules_mapping for
+# Gemma) and then requires to share one quantization scheme and one ignore status
+# (compressed_tensors/utils.py should_ignore_layer / find_matched_target: "Found a different
+# quantization schemes ... vLLM requires all to use the same scheme")
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fused_sets(modules) -> list[list[str]]:
+    sets: dict[tuple[str, int], list[str]] = {}
+    for m in modules:
+        parent, _, leaf = m.rpartition(".")
+        for i, names in enumerate(FUSED):
+            if leaf in names:
+                sets.setdefault((parent, i), []).append(m)
+    return [sorted(v) for v in sets.values() if len(v) > 1]
 
 
 def quantize_int4_sym(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,12 +147,13 @@ class CompressedTensorsLinears:
         self.quantized = {t.name[:-len(".weight")]: t for t in ok}
         self.bits_of = {m: 8 if t.gguf_type == T.Q8_0 and self.group == GROUP else 4
                         for m, t in self.quantized.items()}
+        self._widen_fused(cands)
         kinds = set(self.bits_of.values())
         self.bits = kinds.pop() if len(kinds) == 1 else (None if kinds else 4)
         # fp16 holds every Q4_0/Q8_0 d exactly; the requantized g128 scales are float32 values
         self.scale_dtype = "F32" if export.dtype == "F32" or self.group != GROUP else "F16"
-        self.lossy = sorted(m for m, t in self.quantized.items()
-                            if t.gguf_type != _EXACT[self.bits_of[m]] or self.group != GROUP)
+        self.lossy = sorted(m for m, t in self.quantized.items() if self.group != GROUP or not (
+            t.gguf_type == _EXACT[self.bits_of[m]] or (t.gguf_type == T.Q4_0 and self.bits_of[m] == 8)))
         if self.exact and self.lossy:
             kinds = sorted({self.quantized[m].gguf_type.name for m in self.lossy})
             raise GGQuantError(f"--exact: {len(self.lossy)} Linear weights are {', '.join(kinds)}, which int4/int8 "
@@ -144,6 +176,26 @@ class CompressedTensorsLinears:
         from ggquant.formats.hf_writer import DTYPE_BYTES
 
         return sorted(out, key=lambda e: -DTYPE_BYTES[e[1]])
+
+    def _widen_fused(self, cands) -> None:
+        """One scheme per vLLM-fused module: where q/k/v (or gate/up) mix int4 and int8, the int4
+        shards are written as int8 (from Q4_0: the same codes and scales, exact). A fused set that
+        mixes float and quantized shards cannot be made uniform exactly: it is reported."""
+        self.widened, self.notes = [], []
+        linear = {t.name[:-len(".weight")] for t in cands}
+        for members in _fused_sets(linear):
+            quant = [m for m in members if m in self.bits_of]
+            if quant and len(quant) < len(members):
+                self.notes.append(f"{', '.join(members)}: float and quantized shards of one module vLLM fuses "
+                                  f"(vLLM refuses mixed schemes there; other loaders are fine)")
+            if len({self.bits_of[m] for m in quant}) > 1:
+                for m in quant:
+                    if self.bits_of[m] == 4:
+                        self.bits_of[m] = 8
+                        self.widened.append(m)
+        if self.widened:
+            self.notes.append(f"{len(self.widened)} int4 shards of vLLM-fused modules written as int8 (the same "
+                              f"values) so each fused module has one scheme, e.g. {self.widened[0]}")
 
     # -- writing ----------------------------------------------------------------------------
     def chunks(self, p, export) -> Iterator[np.ndarray]:
@@ -170,12 +222,13 @@ class CompressedTensorsLinears:
             b = min(n_out, a + step)
             if self.group != GROUP:
                 words, d = quantize_int4_sym(src.floats(t.gguf_name, a, b), self.group)
-            elif t.gguf_type == target:
+            elif t.gguf_type == target or (t.gguf_type == T.Q4_0 and bits == 8):
                 raw = src.raw_rows(t.gguf_name, a, b)
-            else:  # lossy: ggml's dequantization, requantized to Q4_0 (int4 sym group 32)
+            else:  # lossy: ggml's dequantization, requantized to Q4_0 / Q8_0 (int4 / int8 sym group 32)
                 raw = qtypes.get(target).quantize(src.floats(t.gguf_name, a, b), what=t.gguf_name)
             if self.group == GROUP:
-                words, d = (pack_q4_0 if bits == 4 else pack_q8_0)(raw, n_in)
+                pack = pack_q4_0 if bits == 4 else (pack_q4_0_as_int8 if t.gguf_type == T.Q4_0 else pack_q8_0)
+                words, d = pack(raw, n_in)
             if suffix == ".weight_packed":
                 yield words
             else:

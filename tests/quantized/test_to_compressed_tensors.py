@@ -326,6 +326,17 @@ def test_mixed_q4_0_q8_0_two_exact_groups(mixed):
     by_hf = {t.name: t for t in plan.tensors}
     bits_of = {t.name[:-len(".weight")]: {"Q4_0": 4, "Q8_0": 8}[types[t.gguf_name]] for t in plan.tensors
                if types[t.gguf_name] in ("Q4_0", "Q8_0") and len(t.shape) == 2 and "embed" not in t.name}
+    # vLLM fuses q/k/v and gate/up and needs one scheme per fused module: with v in Q8_0, q and k
+    # (Q4_0) are written as int8 with the same codes and scales
+    fused = {}
+    for m in bits_of:
+        parent, leaf = m.rsplit(".", 1)
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            fused.setdefault((parent, leaf in ("gate_proj", "up_proj")), []).append(m)
+    widened = [m for ms in fused.values() if len({bits_of[x] for x in ms}) > 1 for m in ms if bits_of[m] == 4]
+    assert widened and all(m.endswith(("q_proj", "k_proj")) for m in widened)
+    bits_of.update({m: 8 for m in widened})
+    assert all(len({bits_of[x] for x in ms}) == 1 for ms in fused.values())
     assert sorted(set(bits_of.values())) == [4, 8]
     cfg = json.loads((d / "config.json").read_text())
     qc = cfg["quantization_config"]
