@@ -186,8 +186,8 @@ def _build_glq(out: Path, layer: int, digest: str) -> Path:
 
     # glq's paired residual scale search for the 8-bit stage is slow and unseeded; pinned as in
     # fixtures.quantized.build_glq (the decoder reads the stored scales).
-    E8ShellCodebook.compute_paired_resid_scale = lambda self, secondary: 2.0
     cb = E8ShellCodebook.build(verbose=False)
+    cb.compute_paired_resid_scale = lambda secondary, *args, **kwargs: 2.0  # this instance only
     src = tiny_model(SOURCE_MODEL)
     sd = _read_checkpoint(src)
     layer_bpw = {}
