@@ -224,6 +224,7 @@ class CUDABackend:
         self._graph_cache: dict = {}
         self._keep: list = []  # device tensors a captured graph reads that were since replaced
         self._step_dev = None
+        self._stacks: dict = {}  # matmuls' stacked weights (see _stacked)
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -297,9 +298,38 @@ class CUDABackend:
         return x @ self._deq(w).T
 
     def matmuls(self, x, ws):
+        """x times each of ws (same input width). At batch 1 with kernels, one matvec over the
+        weights' rows stacked (q/k/v, gate/up): one launch instead of several small ones."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] == 1 and self.kern is not None and len(ws) > 1:
+            fused = self._stacked(ws)
+            if fused is not None:
+                y = CUDABackend.matmul(self, x2, fused)
+                return list(y.split([w.shape[0] for w in ws], dim=1))
         # CUDABackend.matmul, not self.matmul: a hook on the instance's matmul (imatrix Collector)
         # must see each weight once, as it does on the CPU backend
         return [CUDABackend.matmul(self, x, w) for w in ws]
+
+    def _stacked(self, ws) -> TorchWeight | None:
+        """One weight whose rows are ws' rows in order, built on first use; each of ws then reads
+        a row slice of it (views: no second copy is kept). None when the layouts differ."""
+        key = tuple(id(w) for w in ws)
+        hit = self._stacks.get(key)
+        if hit is not None:
+            return hit
+        if len({(w.kind, w.qtype, w.shape[1]) for w in ws}) != 1 or ws[0].kind is None:
+            return None
+        torch = self.torch
+        parts = tuple(torch.cat([w.parts[i] for w in ws]) for i in range(len(ws[0].parts)))
+        n = sum(w.shape[0] for w in ws)
+        fused = TorchWeight("+".join(w.name for w in ws), ws[0].qtype, (n, ws[0].shape[1]), None, ws[0].kind, parts)
+        a = 0
+        for w in ws:
+            b = a + w.shape[0]
+            w.parts, w.raw = tuple(p[a:b] for p in parts), None
+            a = b
+        self._stacks[key] = fused
+        return fused
 
     def rms_norm(self, x, w, eps):
         if self.kern is not None:
