@@ -62,8 +62,11 @@ def _scale_min_k4(torch, s):
     return lo, mn
 
 
-def dequantize(torch, qtype, raw, n_per_row: int):
-    """uint8 [N, row_bytes] torch tensor -> float32 [N, n_per_row] (ggml dequantize_row_<type>)."""
+def dequantize(torch, qtype, raw, n_per_row: int, codes: bool = False):
+    """uint8 [N, row_bytes] torch tensor -> float32 [N, n_per_row] (ggml dequantize_row_<type>).
+
+    codes (Q4_0, Q5_0, Q6_K): instead, (signed codes int32 [N, n_per_row], scale [N, groups]) with
+    values = scale * codes per group of 32 (16 for Q6_K): fp16 d, or Q6_K's float32 d*sc (exact)."""
     N = raw.shape[0]
     if qtype == _T.F32:
         return raw.contiguous().view(torch.float32).reshape(N, n_per_row)
@@ -86,6 +89,8 @@ def dequantize(torch, qtype, raw, n_per_row: int):
             q = (q | (bits << 4)) - 16
         else:
             q = q - 8
+        if codes:
+            return q.reshape(N, -1), d.to(torch.float16)
         return (d[..., None] * q.float()).reshape(N, -1)
     if qtype in (_T.Q4_K, _T.Q5_K):
         d, dmin = _fp16(torch, b[..., 0:2]), _fp16(torch, b[..., 2:4])
@@ -110,6 +115,8 @@ def dequantize(torch, qtype, raw, n_per_row: int):
         nib = torch.cat([lo, hi], dim=3)  # [N, nsb, 2, 4, 32]
         sh = torch.arange(0, 8, 2, device=raw.device, dtype=torch.int32).reshape(1, 1, 1, 4, 1)
         q = (nib | (((qh >> sh) & 3) << 4)) - 32
+        if codes:
+            return q.reshape(N, -1), (d[..., None] * sc).reshape(N, -1)
         y = q.float().reshape(N, -1, 16, 16) * (d[..., None] * sc)[..., None]
         return y.reshape(N, -1)
     raise GGQuantError(f"the CUDA backend cannot dequantize {qtype.name} yet")
@@ -128,7 +135,10 @@ def repack(torch, qtype, raw, n_per_row: int) -> tuple[str, tuple]:
     b = raw.reshape(N, n_per_row // block, size)
     if qtype == _T.Q8_0:
         d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
-        return "q8_0", (b[..., 2:].contiguous().view(torch.int8).reshape(N, n_per_row), d)
+        return "int8", (b[..., 2:].contiguous().view(torch.int8).reshape(N, n_per_row), d)
+    if qtype in (_T.Q4_0, _T.Q5_0, _T.Q6_K):  # the signed codes as int8, and their scales
+        q = dequantize(torch, qtype, raw, n_per_row, codes=True)
+        return "int8", (q[0].to(torch.int8).reshape(N, n_per_row), q[1])
     if qtype == _T.Q4_K:
         d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
         dmin = b[..., 2:4].contiguous().view(torch.float16).reshape(N, -1)
@@ -143,10 +153,10 @@ def dequantize_parts(torch, kind: str, parts: tuple):
     """The float32 values of a repacked weight: equal to dequantize() of its block bytes."""
     if kind == "dense":
         return parts[0].float()
-    if kind == "q8_0":
+    if kind == "int8":
         q, d = parts
         N, K = q.shape
-        return (d.float()[..., None] * q.reshape(N, -1, 32).float()).reshape(N, K)
+        return (d.float()[..., None] * q.reshape(N, d.shape[1], -1).float()).reshape(N, K)
     if kind == "q4_k":
         qs, sc, mn, d, dmin = parts
         N = qs.shape[0]
@@ -234,7 +244,7 @@ class CUDABackend:
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)
         w = TorchWeight(info.name, info.qtype, info.shape, raw)
         if self.kern is not None and len(info.shape) == 2 and \
-                info.qtype in (*_DENSE_DTYPES, _T.Q8_0, _T.Q4_K):
+                info.qtype in (*_DENSE_DTYPES, _T.Q8_0, _T.Q4_0, _T.Q5_0, _T.Q6_K, _T.Q4_K):
             w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1])
             if w.kind != "dense":
                 w.raw = None  # the repacked parts hold every value

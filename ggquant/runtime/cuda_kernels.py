@@ -9,9 +9,13 @@ at batch 1 a step is ~40 kernels per layer and their launch/tail cost dominates 
 (research note anchor-cuda-h100.md: llama.cpp spends 2.7-3.8 ms per token outside weight
 streaming on E4B).
 
-Layouts (built once at load by cuda.repack; each a bijection of ggml's block bytes, so the
-weights read per token are the GGUF's own bytes, plus 1/8 bit per element for Q4_K):
-  Q8_0  qs int8 [N, K] (block j = columns 32j..32j+31), d fp16 [N, K/32]
+Layouts (built once at load by cuda.repack; each holds exactly ggml's values; the bytes read per
+token are the GGUF's own for Q8_0, plus 1/8 bit per element for Q4_K; Q4_0/Q5_0/Q6_K widen
+their codes to int8 (legacy types: 8.5 bits, Q6_K: 10 bits per element, still ~3x fewer
+bytes than a float32 copy)):
+  int8  q int8 [N, K] with scale [N, K/G]: Q8_0, Q4_0, Q5_0 (q = the block's signed codes,
+        fp16 d, G = 32) and Q6_K (q in [-32, 31], float32 d*sc per 16 columns, exact: an
+        fp16 times a 6-bit int)
   Q4_K  qs uint8 [N, K/2] (the 128 qs bytes of each super-block, in order), sc, mn uint8
         [N, K/32] (the 6-bit scales/mins of get_scale_min_k4, unpacked), d, dmin fp16 [N, K/256]
 Products accumulate in float32 (ggml-cuda's mmvq dots also differ from the CPU's order).
@@ -46,20 +50,22 @@ def _mv_dense(w_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _mv_q8_0(q_ptr, d_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+def _mv_int8(q_ptr, s_ptr, x_ptr, y_ptr, N, K, G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # int8 codes with one scale per G columns (fp16 d of Q8_0/Q4_0/Q5_0, G = 32; float32 d*sc of
+    # Q6_K, G = 16): y = sum over groups of scale * (q . x)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     r64 = rows.to(tl.int64)
-    nb = K // 32
-    acc = tl.zeros((BN, BK // 32), tl.float32)
+    nb = K // G
+    acc = tl.zeros((BN, BK // G), tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
         q = tl.load(q_ptr + r64[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
         x = tl.load(x_ptr + cols, mask=cmask, other=0.0)
-        blk = k0 // 32 + tl.arange(0, BK // 32)
-        d = tl.load(d_ptr + r64[:, None] * nb + blk[None, :], mask=rmask[:, None] & (blk < nb)[None, :], other=0.0)
-        p = tl.reshape(q.to(tl.float32) * x[None, :], (BN, BK // 32, 32))
+        blk = k0 // G + tl.arange(0, BK // G)
+        d = tl.load(s_ptr + r64[:, None] * nb + blk[None, :], mask=rmask[:, None] & (blk < nb)[None, :], other=0.0)
+        p = tl.reshape(q.to(tl.float32) * x[None, :], (BN, BK // G, G))
         acc += tl.sum(p, axis=2) * d.to(tl.float32)
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
@@ -115,7 +121,7 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
 # (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
 # over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
 # bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
-MV_CONFIG = {"dense": (16, 512, 4), "q8_0": (16, 512, 4), "q4_k": (16, 2, 4)}
+MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -127,8 +133,8 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     grid = ((n + bn - 1) // bn,)
     if kind == "dense":
         _mv_dense[grid](parts[0], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
-    elif kind == "q8_0":
-        _mv_q8_0[grid](parts[0], parts[1], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
+    elif kind == "int8":
+        _mv_int8[grid](parts[0], parts[1], x, y, n, k, G=k // parts[1].shape[1], BN=bn, BK=bk, num_warps=warps)
     elif kind == "q4_k":
         _mv_q4_k[grid](*parts, x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
     else:

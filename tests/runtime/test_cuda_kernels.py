@@ -36,7 +36,8 @@ def _weights(qtype, n, k, seed=0):
     return raw, qt.dequantize(raw, qtype, x.shape)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K],
+                         ids=lambda t: t.name)
 def test_repacked_layout_holds_ggml_values(qtype):
     from ggquant.runtime.cuda import dequantize_parts, repack
 
@@ -48,7 +49,8 @@ def test_repacked_layout_holds_ggml_values(qtype):
 
 @pytest.mark.parametrize("qtype,n,k", [(T.F32, 40, 384), (T.BF16, 300, 512), (T.F16, 7, 96),
                                        (T.Q8_0, 300, 512), (T.Q8_0, 5, 288), (T.Q4_K, 300, 512),
-                                       (T.Q4_K, 3, 768), (T.Q4_K, 33, 1280)], ids=str)
+                                       (T.Q4_K, 3, 768), (T.Q4_K, 33, 1280),
+                                       (T.Q4_0, 40, 320), (T.Q5_0, 17, 512), (T.Q6_K, 30, 768)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 
