@@ -173,17 +173,13 @@ class Field:
     offset: int = field(default=-1, compare=False)
 
 
-@dataclass
-class TensorInfo:
-    """A tensor's header entry plus zero-copy access to its bytes in the mmap."""
+class TensorSizes:
+    """Sizes derived from `shape` (numpy order) and `qtype`: shared by TensorInfo and the other
+    tensor-like objects the runtime reads (runtime/hf_source.HFTensor)."""
 
-    name: str
-    shape: tuple[int, ...]  # numpy order: outermost first (ggml ne reversed)
+    __slots__ = ()
+    shape: tuple[int, ...]
     qtype: GGMLQuantizationType
-    offset: int  # absolute offset of the first byte of data in `file`
-    nbytes: int
-    file: Path
-    _buf: Any = field(default=None, repr=False, compare=False)
 
     @property
     def row_bytes(self) -> int:
@@ -199,6 +195,19 @@ class TensorInfo:
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass
+class TensorInfo(TensorSizes):
+    """A tensor's header entry plus zero-copy access to its bytes in the mmap."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order: outermost first (ggml ne reversed)
+    qtype: GGMLQuantizationType
+    offset: int  # absolute offset of the first byte of data in `file`
+    nbytes: int
+    file: Path
+    _buf: Any = field(default=None, repr=False, compare=False)
 
     def raw(self) -> np.ndarray:
         """Read-only uint8 view of the data, shape (n_rows, row_bytes); no copy is made."""

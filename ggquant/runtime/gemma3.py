@@ -162,11 +162,4 @@ class Gemma3(Model):
             f = be.matmul(be.geglu(gate, up), L.w_down)
             x = be.add_rms_norm(x, f, L.post_ffw_norm, eps)
 
-        if logits == "none":
-            return None
-        if logits == "last":
-            x = x[-1:]
-        out = be.matmul(be.rms_norm(x, self.output_norm, eps), self.output)  # [T, V]
-        if hp.final_softcap:
-            out = be.softcap(out, hp.final_softcap)
-        return out
+        return self.head(x, logits)

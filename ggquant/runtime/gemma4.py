@@ -225,11 +225,4 @@ class Gemma4(Model):
             if Ly.out_scale is not None:
                 x = x * Ly.out_scale
 
-        if logits == "none":
-            return None
-        if logits == "last":
-            x = x[-1:]
-        out = be.matmul(be.rms_norm(x, self.output_norm, eps), self.output)  # [T, V]
-        if hp.final_softcap:
-            out = be.softcap(out, hp.final_softcap)
-        return out
+        return self.head(x, logits)

@@ -32,6 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
+from ggquant.formats.gguf import TensorSizes
 
 # --outtype values the runtime can run (the converter's own outtypes; every type they produce
 # has CPU and CUDA kernels). llama-quantize presets would quantize the whole model at load time.
@@ -60,7 +61,7 @@ def stored_outtype(model_dir: Path) -> str:
     return "auto"
 
 
-class HFTensor:
+class HFTensor(TensorSizes):
     """One planned text tensor: what GGUFReader's TensorInfo offers the runtime (name, shape in
     numpy order, qtype, sizes) with raw() computed on demand."""
 
@@ -73,22 +74,6 @@ class HFTensor:
         self.nbytes = plan.nbytes
         self._plan = plan
         self._reader = reader
-
-    @property
-    def row_bytes(self) -> int:
-        from ggquant.formats.gguf import BLOCK_SIZES
-
-        block_size, type_size = BLOCK_SIZES[self.qtype]
-        ne0 = self.shape[-1] if self.shape else 1
-        return ne0 // block_size * type_size
-
-    @property
-    def n_rows(self) -> int:
-        return int(np.prod(self.shape[:-1], dtype=np.int64)) if self.shape else 1
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def source(self) -> str | None:

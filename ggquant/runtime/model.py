@@ -135,6 +135,9 @@ class Model:
     arch = ""
     n_vocab: int
     n_ctx_train: int
+    hp: Any  # the architecture's hyperparameters (head() reads eps and final_softcap)
+    output_norm: Any
+    output: Any  # the output matrix (the token embedding when tied)
 
     def __init__(self, reader, backend):
         self.reader = reader
@@ -143,6 +146,19 @@ class Model:
 
     def new_cache(self, n_ctx: int) -> KVCache:
         raise NotImplementedError
+
+    def head(self, x, logits: str):
+        """The logits of the final hidden states x [T, H] as `forward` returns them: output norm,
+        output matrix (the tied embedding when there is none), final softcap when set."""
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[-1:]
+        be, hp = self.backend, self.hp
+        out = be.matmul(be.rms_norm(x, self.output_norm, hp.eps), self.output)  # [T, V]
+        if hp.final_softcap:
+            out = be.softcap(out, hp.final_softcap)
+        return out
 
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, logits: str = "last"):
         """Run tokens ids (positions pos0 ..) through the model, appending to cache.
