@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	@mkdir -p $(DEMO)
 	@echo '== a tiny random Gemma 4 (E4B-like: PLE, KV sharing, vision + audio towers), built in code'
-	@ln -sfn "$$($(PY) -c "from fixtures import tiny_model; print(tiny_model('gemma4_e4b'))")" $(DEMO)/gemma4_e4b
+	@ln -sfn "$$($(PY) -c "from ggquant.fixtures import tiny_model; print(tiny_model('gemma4_e4b'))")" $(DEMO)/gemma4_e4b
 	@echo '$$ ggquant convert gemma4_e4b --to gguf --outtype f32 --mmproj --outfile gemma4-e4b-F32.gguf --force'
 	@$(GGQ) convert $(DEMO)/gemma4_e4b --to gguf --outtype f32 --mmproj --outfile $(DEMO)/gemma4-e4b-F32.gguf --force
 	@echo '$$ ggquant quantize gemma4-e4b-F32.gguf gemma4-e4b-Q8_0.gguf --outtype Q8_0 --force'

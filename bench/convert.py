@@ -90,7 +90,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     """A Gemma 4 style byte-fallback BPE of exactly vocab_size tokens: the Gemma 4 specials, the
     256 byte pieces, n single CJK characters and then their pairs (one merge each), written by
     the fixture tokenizer writer (tokenizer.json, tokenizer_config.json with a chat template)."""
-    import fixtures.tokenizer as tk
+    import ggquant.fixtures.tokenizer as tk
 
     n_trained = vocab_size - len(tk.GEMMA4_SPECIALS) - len(tk.BYTE_PIECES)
     n_chars = next(n for n in range(1, 4096) if n + n * n >= n_trained)

@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fixtures.quantized import pack_bits_rows  # noqa: E402
+from ggquant.fixtures.quantized import pack_bits_rows  # noqa: E402
 from ggquant.convert_quantized import exact_chunk  # noqa: E402
 from ggquant.formats.quantized import open_quantized  # noqa: E402
 from ggquant.quant import types as qtypes  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import TINY_MODELS, tiny_model
+from ggquant.fixtures import TINY_MODELS, tiny_model
 
 # Conversions made together in one converter process the first time any is requested (one
 # process imports torch/transformers once; that import is most of a tiny conversion's time).

@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures.cache import cache_root
+from ggquant.fixtures.cache import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 _SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -240,7 +240,7 @@ def cached_reference_ggufs(requests: list[tuple[Path, str, bool]]) -> list[Path 
     content key), the conversion options and the llama.cpp version. All missing files are
     converted in one converter process. Per request: the path, or the conversion's error.
     """
-    from fixtures.cache import cache_key
+    from ggquant.fixtures.cache import cache_key
 
     targets = []
     for hf_dir, outtype, mmproj in requests:

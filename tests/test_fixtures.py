@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import TINY_MODELS, tiny_model
-from fixtures import tokenizer as tk
+from ggquant.fixtures import TINY_MODELS, tiny_model
+from ggquant.fixtures import tokenizer as tk
 from tests.conftest import DEFAULT_REFERENCE_CONVERSIONS
 
 N_TOKENS = 40  # BOS + 39 random ordinary tokens; longer than the sliding window (8)

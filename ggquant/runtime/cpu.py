@@ -34,6 +34,7 @@ F32 = np.float32
 GELU_COEF_A = F32(0.044715)
 SQRT_2_OVER_PI = F32(0.79788456080286535587989211986876)
 GELU_PASS = F32(10.0)  # vec.h: inputs at or beyond +-10 bypass the fp16 table
+KV_PAD = 256  # llama.cpp pads n_kv to a multiple of 256 (llama-kv-cache.cpp get_padding)
 
 
 def _gelu_tanh_f32(x: np.ndarray) -> np.ndarray:
@@ -292,13 +293,16 @@ class CPUBackend:
 
     def attention(self, q, layer: CPULayerCache, n_kv: int, q_pos, window: int, scale: float = 1.0):
         """q [T, H, D] against the first n_kv cached positions -> [T, H * D] (kernels/matmul.py
-        attention: ggml's KQ / softmax / KQV order; KQV as tinyBLAS when T >= 2)."""
+        attention: ggml's KQ / softmax / KQV order for this host's ISA; KQV as tinyBLAS when T >= 2)."""
         T, H, D = q.shape
         out = np.empty((T, H, D), np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
+        isa = self._mm.ISA
+        # KQV = v^T [D, n_kv] x softmax [n_kv, T]: n_kv is padded to KV_PAD, a multiple of every step
+        pv_mode = isa.float_mode(_T.F32, T, D, KV_PAD)
         self._mm.attention(q, layer.k[:n_kv], layer.vt, np.asarray(q_pos, np.int64),
                            np.arange(n_kv, dtype=np.int64), int(window), np.float32(scale),
-                           self._mm.DOT_GEMM if T >= 2 else self._mm.DOT_VEC, out)
+                           isa.kq_mode, pv_mode, isa.lanes, out)
         return out.reshape(T, H * D)
 
     def softcap(self, x, cap):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures import tiny_model
+from ggquant.fixtures import tiny_model
 from ggquant.cli import main
 from ggquant.errors import GGQuantError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from fixtures import tiny_model
+from ggquant.fixtures import tiny_model
 from ggquant.convert import convert
 from ggquant.errors import GGQuantError
 from ggquant.formats.gguf import GGUFReader

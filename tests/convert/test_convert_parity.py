@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures import build_gemma3, build_gemma4, cached_build, tiny_model
+from ggquant.fixtures import build_gemma3, build_gemma4, cached_build, tiny_model
 from ggquant.cli import main
 from ggquant.convert import convert, plan_conversion
 from ggquant.formats.gguf import GGUFReader

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures import tiny_model
-from fixtures.tokenizer import CORPUS
+from ggquant.fixtures import tiny_model
+from ggquant.fixtures.tokenizer import CORPUS
 from ggquant.cli import main
 from ggquant.convert import convert
 from ggquant.export_hf import export_hf

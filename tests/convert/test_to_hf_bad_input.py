@@ -19,7 +19,7 @@ from ggquant.formats.gguf import GGUFReader, GGUFWriter, copy_field
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
     """f32 GGUFs of the tiny Gemma 4 E4B (text + mmproj) and Gemma 3 text."""
-    from fixtures import tiny_model
+    from ggquant.fixtures import tiny_model
 
     root = tmp_path_factory.mktemp("bad_hf")
     text, mm = convert(tiny_model("gemma4_e4b"), outtype="f32", outfile=root / "g4.gguf", mmproj=True).written

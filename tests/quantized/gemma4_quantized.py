@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fixtures import cached_build, tiny_model
+from ggquant.fixtures import cached_build, tiny_model
 
 SOURCE_MODEL = "gemma4_e4b"
 # The published Gemma 4 W4A16 checkpoints' ignore list (per-layer embeddings, towers, lm_head).
@@ -83,7 +83,7 @@ def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_in
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
 
-    from fixtures.quantized import _module_tree, _observe
+    from ggquant.fixtures.quantized import _module_tree, _observe
 
     src = tiny_model(SOURCE_MODEL)
     sd = _read_checkpoint(src)
@@ -130,7 +130,7 @@ def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: boo
                 digest: str) -> Path:
     import torch
 
-    from fixtures.quantized import _asym_codes, _sym_codes, pack_bits_rows
+    from ggquant.fixtures.quantized import _asym_codes, _sym_codes, pack_bits_rows
 
     src = tiny_model(SOURCE_MODEL)
     sd = _read_checkpoint(src)

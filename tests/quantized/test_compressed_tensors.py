@@ -23,7 +23,7 @@ ct = pytest.importorskip("compressed_tensors")
 torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from fixtures.quantized import build_compressed_tensors, build_ct_act_order, build_ct_legacy  # noqa: E402
+from ggquant.fixtures.quantized import build_compressed_tensors, build_ct_act_order, build_ct_legacy  # noqa: E402
 
 
 def _w(**kw):

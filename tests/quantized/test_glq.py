@@ -20,8 +20,8 @@ from tests.quantized.util import assert_bits_equal, open_dir
 glq = pytest.importorskip("glq")
 pytest.importorskip("torch")
 
-from fixtures.cache import cached_build  # noqa: E402
-from fixtures.quantized import (  # noqa: E402
+from ggquant.fixtures.cache import cached_build  # noqa: E402
+from ggquant.fixtures.quantized import (  # noqa: E402
     GLQ_EMBEDDING, GLQ_LAYERS, build_glq, glq_embedding_rows, glq_linear_forward,
 )
 

@@ -23,8 +23,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 pytest.importorskip("auto_round")
 
-from fixtures.cache import cached_build  # noqa: E402
-from fixtures.quantized import (  # noqa: E402
+from ggquant.fixtures.cache import cached_build  # noqa: E402
+from ggquant.fixtures.quantized import (  # noqa: E402
     build_auto_round, build_gptq, relabel_as_autoround_015_model_free,
 )
 

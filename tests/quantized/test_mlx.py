@@ -19,7 +19,7 @@ from tests.quantized.util import assert_bits_equal, open_dir
 pytest.importorskip("mlx.core")
 pytest.importorskip("llama_cpp")
 
-from fixtures.quantized import build_mlx, mlx_dequantize  # noqa: E402
+from ggquant.fixtures.quantized import build_mlx, mlx_dequantize  # noqa: E402
 
 CASES = {  # id -> (build kwargs, exact type or None)
     "b2_g64": (dict(bits=2, group_size=64), T.Q4_1),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import tiny_model
+from ggquant.fixtures import tiny_model
 from ggquant.convert import convert, plan_conversion
 from ggquant.errors import GGQuantError
 from ggquant.formats.gguf import GGUFReader

@@ -559,23 +559,123 @@ def unpack32_q0(typingctx, w, iqs, qh, offset, dst, idst):
     return sig, codegen
 
 
-DOT_VEC = 0  # ggml_vec_dot_f32 (one row at a time, decode)
-DOT_GEMM = 1  # sgemm.cpp tinyBLAS<8, __m256> (batches)
-DOT_VEC_F16 = 2  # ggml_vec_dot_f16: like DOT_VEC, but the leftovers are summed in double
+# ggml's float32 dot products: one mode per kernel llama.cpp runs for a product and per ISA it
+# was built for (ggml-cpu compiles for the host: GGML_NATIVE). A mode fixes the vector width, the
+# number of accumulators, how a step multiplies and adds, how the accumulators are combined and
+# summed horizontally, and how the n % step leftovers are added:
+#   (lanes, accumulators, madd, combine, hsum, leftovers)
+DOT_VEC = 0          # vec.cpp ggml_vec_dot_f32, AVX2 (GGML_F32_STEP 32, EPR 8)
+DOT_GEMM = 1         # llamafile/sgemm.cpp tinyBLAS<8, __m256> (batches; n a multiple of 8)
+DOT_VEC_F16 = 2      # ggml_vec_dot_f16, AVX2: DOT_VEC with sumf a double (ggml_float)
+DOT_VEC16 = 3        # ggml_vec_dot_f32, AVX-512 (GGML_F32_STEP 64, EPR 16)
+DOT_GEMM16 = 4       # tinyBLAS<16, __m512> (F32 and F16 weights; n a multiple of 16)
+DOT_VEC16_F16 = 5    # ggml_vec_dot_f16, AVX-512 without FP16 arithmetic (GGML_F32Cx16)
+DOT_BF16_VEC8 = 6    # ggml_vec_dot_bf16, AVX2: c1..c4 over steps of 32, (c1+c3)+(c2+c4), double sum
+DOT_BF16_VEC16 = 7   # ggml_vec_dot_bf16, AVX-512F: c1, c2 over steps of 32, each reduced into a double
+DOT_BF16_DP = 8      # ggml_vec_dot_bf16, AVX512_BF16: _mm512_dpbf16_ps into c1, c2 over steps of 64
+DOT_GEMM_DP = 9      # tinyBLAS<32, __m512, __m512bh> (BF16 weights on AVX512_BF16; n a multiple of 32)
+
+FMA, DPBF16 = 0, 1   # madd: llvm.fma per lane | vdpbf16ps: acc += a[2i+1] b[2i+1]; acc += a[2i] b[2i]
+TREE, EACH = 0, 1    # combine: GGML_F32xN_REDUCE's pairwise tree into one vector | each reduced alone
+HADD8, MOVEHL8, REDUCE16 = 0, 1, 2   # hsum (see the helpers above)
+NONE, F32_SUM, F64_SUM = 0, 1, 2     # leftovers: none (n is a multiple) | sumf float | sumf double
+_DOT_MODES = {
+    DOT_VEC: (8, 4, FMA, TREE, HADD8, F32_SUM),
+    DOT_GEMM: (8, 1, FMA, TREE, MOVEHL8, NONE),
+    DOT_VEC_F16: (8, 4, FMA, TREE, HADD8, F64_SUM),
+    DOT_VEC16: (16, 4, FMA, TREE, REDUCE16, F32_SUM),
+    DOT_GEMM16: (16, 1, FMA, TREE, REDUCE16, NONE),
+    DOT_VEC16_F16: (16, 4, FMA, TREE, REDUCE16, F64_SUM),
+    DOT_BF16_VEC8: (8, 4, FMA, TREE, MOVEHL8, F64_SUM),
+    DOT_BF16_VEC16: (16, 2, FMA, EACH, REDUCE16, F64_SUM),
+    DOT_BF16_DP: (16, 2, DPBF16, EACH, REDUCE16, F64_SUM),
+    DOT_GEMM_DP: (16, 1, DPBF16, TREE, REDUCE16, NONE),
+}
+
+
+def _hsum16(builder, s):
+    """GCC's _mm512_reduce_add_ps: t = hi256 + lo256; u = hi128(t) + lo128(t); (u0+u2) + (u1+u3)."""
+    a = _lanes(builder, s, range(16))
+    t = [builder.fadd(a[i + 8], a[i]) for i in range(8)]
+    u = [builder.fadd(t[i + 4], t[i]) for i in range(4)]
+    return builder.fadd(builder.fadd(u[0], u[2]), builder.fadd(u[1], u[3]))
+
+
+_HSUM = {HADD8: _hsum_hadd, MOVEHL8: _hsum_movehl, REDUCE16: _hsum16}
+
+
+def _dot_mode(builder, pa, pb, nn, mode):
+    """The float32 dot of pa[0:nn] and pb[0:nn] in mode `mode` (a Python int), as an LLVM value."""
+    lanes, n_acc, madd, combine, hsum, leftovers = _DOT_MODES[mode]
+    intp = nn.type
+    f64 = ir.DoubleType()
+    width = 2 * lanes if madd == DPBF16 else lanes  # elements a step of one accumulator reads
+    vt = ir.VectorType(_F32, lanes)
+    fma = _fma_fn(builder, vt, f"llvm.fma.v{lanes}f32")
+
+    def load(p, off, n):
+        return builder.load(builder.bitcast(builder.gep(p, [off]), ir.VectorType(_F32, n).as_pointer()), align=4)
+
+    def step(acc, off):
+        a, b = load(pa, off, width), load(pb, off, width)
+        if madd == FMA:
+            return builder.call(fma, [a, b, acc])
+        # vdpbf16ps: the products of bf16 values are exact in float32; odd element first (Intel SDM)
+        und = ir.Constant(a.type, ir.Undefined)
+        ev = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, width, 2)))
+        od = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, width, 2)))
+        p_od = builder.fmul(builder.shuffle_vector(a, und, od), builder.shuffle_vector(b, und, od))
+        p_ev = builder.fmul(builder.shuffle_vector(a, und, ev), builder.shuffle_vector(b, und, ev))
+        return builder.fadd(builder.fadd(acc, p_od), p_ev)
+
+    stride = width * n_acc
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * lanes)) for _ in range(n_acc)]
+    nsteps = builder.sdiv(nn, ir.Constant(intp, stride))
+    with cgutils.for_range(builder, nsteps) as loop:
+        base = builder.mul(loop.index, ir.Constant(intp, stride))
+        for j in range(n_acc):
+            off = builder.add(base, ir.Constant(intp, width * j))
+            builder.store(step(builder.load(accs[j]), off), accs[j])
+    vals = [builder.load(a) for a in accs]
+    if combine == TREE:  # x[i] += x[i + n/2] while n > 1
+        while len(vals) > 1:
+            h = len(vals) // 2
+            vals = [builder.fadd(vals[i], vals[i + h]) for i in range(h)]
+        total = _HSUM[hsum](builder, vals[0])
+        total = builder.fpext(total, f64) if leftovers == F64_SUM else total
+    else:  # sumf (a double) += hsum of each accumulator in turn
+        total = ir.Constant(f64, 0.0)
+        for v in vals:
+            total = builder.fadd(total, builder.fpext(_HSUM[hsum](builder, v), f64))
+    if leftovers != NONE:
+        res = cgutils.alloca_once_value(builder, total)
+        start = builder.mul(nsteps, ir.Constant(intp, stride))
+        m = builder.sub(nn, start)
+        # `sumf += x[i]*y[i]` as GCC builds it: float sumf: an in-order reduction vectorized 8 wide
+        # (products rounded, then added one by one) and a scalar tail contracted into fma (measured
+        # against ggml for every n % 64); double sumf: the float product widened, then added
+        n_mul = builder.mul(builder.sdiv(m, ir.Constant(intp, 8)), ir.Constant(intp, 8))
+        fma1 = _fma_fn(builder, _F32, "llvm.fma.f32")
+        with cgutils.for_range(builder, m) as loop:
+            k = builder.add(start, loop.index)
+            xa, xb = builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k]))
+            prod = builder.fmul(xa, xb)
+            if leftovers == F64_SUM:
+                builder.store(builder.fadd(builder.load(res), builder.fpext(prod, f64)), res)
+            else:
+                fused = builder.call(fma1, [xa, xb, builder.load(res)])
+                unfused = builder.fadd(builder.load(res), prod)
+                builder.store(builder.select(builder.icmp_signed("<", loop.index, n_mul), unfused, fused), res)
+        total = builder.load(res)
+    return builder.fptrunc(total, _F32) if total.type == f64 else total
 
 
 @intrinsic
 def dot_f32(typingctx, a, ia, b, ib, n, mode):
-    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in one of ggml's orders (fma in the vector parts):
-
-    DOT_VEC: ggml_vec_dot_f32 on AVX2: 4 accumulators of 8 lanes over steps of 32, reduced
-        (acc0+acc2)+(acc1+acc3), then GGML_F32x8_REDUCE's hadd order; the n % 32 leftovers are added
-        one by one in float (`sumf += x[i]*y[i]`, a multiply then an add: measured, not fused).
-    DOT_VEC_F16: ggml_vec_dot_f16: the same, but sumf is a double (ggml_float): the leftover
-        float products are added in double and the sum is rounded to float at the end.
-    DOT_GEMM: sgemm.cpp tinyBLAS<8, __m256> (prompt batches, n a multiple of 8): one accumulator
-        of 8 lanes over steps of 8, reduced by hsum.
-    """
+    """float32 dot of a[ia:ia+n] and b[ib:ib+n] in the order of ggml's kernel `mode` (_DOT_MODES):
+    e.g. DOT_VEC, ggml_vec_dot_f32 on AVX2: 4 accumulators of 8 lanes fused-multiply-added over
+    steps of 32, reduced (acc0+acc2)+(acc1+acc3), then GGML_F32x8_REDUCE's hadd order, the n % 32
+    leftovers added one by one in float. BF16 modes take bf16 values widened to float32."""
     if not (isinstance(a, types.Array) and a.dtype == types.float32 and
             isinstance(b, types.Array) and b.dtype == types.float32):
         return None
@@ -588,55 +688,63 @@ def dot_f32(typingctx, a, ia, b, ib, n, mode):
         pb = _elem_ptr(context, builder, tb, args[2], args[3], _F32, tib)
         nn = context.cast(builder, args[4], tn, types.intp)
         mode_ = context.cast(builder, args[5], tm, types.intp)
-        intp = nn.type
-        v8 = ir.VectorType(_F32, 8)
-        fma8 = _fma_fn(builder, v8, "llvm.fma.v8f32")
-        zero8 = ir.Constant(v8, [0.0] * 8)
         res = cgutils.alloca_once(builder, _F32)
-        f64 = ir.DoubleType()
-
-        def load8(p, off):
-            return builder.load(builder.bitcast(builder.gep(p, [off]), v8.as_pointer()), align=4)
-
-        is_gemm = builder.icmp_signed("==", mode_, ir.Constant(intp, DOT_GEMM))
-        with builder.if_else(is_gemm) as (then, otherwise):
-            with then:
-                acc = cgutils.alloca_once_value(builder, zero8)
-                with cgutils.for_range(builder, builder.sdiv(nn, ir.Constant(intp, 8))) as loop:
-                    off = builder.mul(loop.index, ir.Constant(intp, 8))
-                    builder.store(builder.call(fma8, [load8(pa, off), load8(pb, off), builder.load(acc)]), acc)
-                builder.store(_hsum_movehl(builder, builder.load(acc)), res)
-            with otherwise:
-                accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(4)]
-                nsteps = builder.sdiv(nn, ir.Constant(intp, 32))
-                with cgutils.for_range(builder, nsteps) as loop:
-                    base = builder.mul(loop.index, ir.Constant(intp, 32))
-                    for j in range(4):
-                        off = builder.add(base, ir.Constant(intp, 8 * j))
-                        builder.store(builder.call(fma8, [load8(pa, off), load8(pb, off), builder.load(accs[j])]),
-                                      accs[j])
-                s0 = builder.fadd(builder.load(accs[0]), builder.load(accs[2]))
-                s1 = builder.fadd(builder.load(accs[1]), builder.load(accs[3]))
-                red = _hsum_hadd(builder, builder.fadd(s0, s1))
-                start = builder.mul(nsteps, ir.Constant(intp, 32))
-                is_f16 = builder.icmp_signed("==", mode_, ir.Constant(intp, DOT_VEC_F16))
-                with builder.if_else(is_f16) as (f16, f32_):
-                    with f16:
-                        dres = cgutils.alloca_once_value(builder, builder.fpext(red, f64))
-                        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
-                            k = builder.add(start, loop.index)
-                            prod = builder.fmul(builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k])))
-                            builder.store(builder.fadd(builder.load(dres), builder.fpext(prod, f64)), dres)
-                        builder.store(builder.fptrunc(builder.load(dres), _F32), res)
-                    with f32_:
-                        builder.store(red, res)
-                        with cgutils.for_range(builder, builder.sub(nn, start)) as loop:
-                            k = builder.add(start, loop.index)
-                            prod = builder.fmul(builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k])))
-                            builder.store(builder.fadd(builder.load(res), prod), res)
+        for m in _DOT_MODES:  # a chain of branches; constant-folded when the caller's mode is
+            with builder.if_then(builder.icmp_signed("==", mode_, ir.Constant(nn.type, m))):
+                builder.store(_dot_mode(builder, pa, pb, nn, m), res)
         return builder.load(res)
 
     return sig, codegen
+
+
+FLOAT_KIND = {_T.F32: 0, _T.F16: 1, _T.BF16: 2}  # _mm_float's kind argument
+
+
+class CpuIsa:
+    """Which of ggml-cpu's x86 kernels llama.cpp runs, by the ISA its CPU backend was compiled for.
+
+    llama-cpp-python builds ggml for the machine it is installed on (GGML_NATIVE), so the host's
+    features decide: AVX-512F switches ggml_vec_dot_f32/f16 to 4 x 16 lanes (simd-mappings.h),
+    tinyBLAS to __m512 (llamafile/sgemm.cpp) and the softmax to 16-lane ggml_v_expf (vec.cpp);
+    AVX512_BF16 switches BF16 products to vdpbf16ps. The quantized kernels give the same results on
+    AVX2 and AVX-512 hosts (their integer parts are exact and their float order is per lane:
+    quants.c, arch/x86/repack.cpp, tiled/tiled-kernel.cpp, checked by tests/runtime/test_matmul.py
+    against ggml's own graph). Not emulated: AVX512_FP16 hosts (native fp16 F16 products) and AMX
+    hosts (the AMX buffer type takes Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_XS products); see `unmatched`.
+    """
+
+    def __init__(self, avx512: bool, avx512_bf16: bool = False, avx512_fp16: bool = False, amx: bool = False):
+        self.avx512 = avx512
+        self.avx512_bf16 = avx512_bf16 and avx512
+        self.lanes = 16 if avx512 else 8  # softmax chunks (AVX-512F with AVX-512DQ, which every AVX-512 x86 has)
+        self.kq_mode = DOT_VEC16 if avx512 else DOT_VEC
+        self.unmatched = ([] if not avx512_fp16 else ["F16 products (AVX512_FP16 arithmetic)"]) + (
+            [] if not amx else ["Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_XS products (AMX tiles)"])
+
+    @classmethod
+    def host(cls) -> "CpuIsa":
+        return cls(_host_has("avx512f"), _host_has("avx512bf16"), _host_has("avx512fp16"), _host_has("amx-int8"))
+
+    @property
+    def name(self) -> str:
+        return "AVX-512" + (" + BF16" if self.avx512_bf16 else "") if self.avx512 else "AVX2"
+
+    def float_mode(self, qtype, T: int, N: int, K: int) -> int:
+        """The dot mode of a float product (weights [N, K] of qtype, T tokens): ggml_vec_dot, or
+        tinyBLAS where llamafile_sgemm takes it (T >= 2, K a multiple of its vector step, N of 4:
+        tinyBLAS::matmul)."""
+        if qtype == _T.BF16 and self.avx512_bf16:
+            vec, gemm, step = DOT_BF16_DP, DOT_GEMM_DP, 32
+        elif self.avx512:
+            vec = {_T.F32: DOT_VEC16, _T.F16: DOT_VEC16_F16, _T.BF16: DOT_BF16_VEC16}[qtype]
+            gemm, step = DOT_GEMM16, 16
+        else:
+            vec = {_T.F32: DOT_VEC, _T.F16: DOT_VEC_F16, _T.BF16: DOT_BF16_VEC8}[qtype]
+            gemm, step = DOT_GEMM, 8
+        return gemm if T >= 2 and K % step == 0 and N % 4 == 0 else vec
+
+
+ISA = CpuIsa.host()
 
 
 # =============================================================================================
@@ -771,58 +879,29 @@ def convert_activation(qtype, x: np.ndarray):
 
 
 @nb.njit(parallel=True, **JIT)
-def _mm_f32(w, x, out):
-    """F32 weights (w is float32 [N, K]): ggml_vec_dot_f32, or tinyBLAS for batches."""
+def _mm_float(w, x, out, kind, mode):
+    """Float weights times float activations, one ggml_vec_dot / tinyBLAS order (`mode`) for all.
+
+    kind 0: F32 weights (w float32 [N, K]); 1: F16 (w uint16, x already rounded to fp16);
+    2: BF16 (w uint16, x already rounded to bf16). Rows are widened to float32 per chunk."""
     N, K = w.shape
     T = x.shape[0]
-    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC  # llamafile_sgemm serves n >= 2, k % 8 == 0
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
         r1 = min(N, r0 + ROWS)
-        for t in range(T):
-            xt = x[t]
-            for r in range(r0, r1):
-                out[t, r] = dot_f32(w[r], 0, xt, 0, K, mode)
-
-
-@nb.njit(parallel=True, **JIT)
-def _mm_f16(w, x, out):
-    """F16 weights (w is uint16 [N, K]); x already rounded to fp16: ggml_vec_dot_f16 / tinyBLAS."""
-    N, K = w.shape
-    T = x.shape[0]
-    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC_F16
-    for c in nb.prange((N + ROWS - 1) // ROWS):
-        r0 = c * ROWS
-        r1 = min(N, r0 + ROWS)
-        wf = np.empty((ROWS, K), np.float32)
+        wf = np.empty((ROWS if kind != 0 else 0, K), np.float32)
+        wb = wf.view(np.uint32)
         for r in range(r0, r1):
-            for k in range(K):
-                wf[r - r0, k] = FP16_TO_FP32[w[r, k]]
+            for k in range(K if kind != 0 else 0):
+                if kind == 1:
+                    wf[r - r0, k] = FP16_TO_FP32[w[r, k]]
+                else:
+                    wb[r - r0, k] = np.uint32(w[r, k]) << np.uint32(16)
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot_f32(wf[r - r0], 0, xt, 0, K, mode)
-
-
-@nb.njit(parallel=True, **JIT)
-def _mm_bf16(w, x, out):
-    """BF16 weights (w is uint16 [N, K]); x already rounded to bf16 (ggml_vec_dot_bf16 / tinyBLAS;
-    the float order of vec_dot_bf16 is not emulated)."""
-    N, K = w.shape
-    T = x.shape[0]
-    mode = DOT_GEMM if T >= 2 and K % 8 == 0 else DOT_VEC
-    for c in nb.prange((N + ROWS - 1) // ROWS):
-        r0 = c * ROWS
-        r1 = min(N, r0 + ROWS)
-        wf = np.empty((ROWS, K), np.uint32)
-        for r in range(r0, r1):
-            for k in range(K):
-                wf[r - r0, k] = np.uint32(w[r, k]) << np.uint32(16)
-        wv = wf.view(np.float32)
-        for t in range(T):
-            xt = x[t]
-            for r in range(r0, r1):
-                out[t, r] = dot_f32(wv[r - r0], 0, xt, 0, K, mode)
+                row = w[r].view(np.float32) if kind == 0 else wf[r - r0]
+                out[t, r] = dot_f32(row, 0, xt, 0, K, mode)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -1104,12 +1183,9 @@ def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = N
     N = w.shape[0]
     if out is None:
         out = np.empty((T, N), np.float32)
-    if qtype == _T.F32:
-        _mm_f32(w.view(np.float32), xc[0], out)
-    elif qtype == _T.F16:
-        _mm_f16(w.view(np.uint16), xc[0], out)
-    elif qtype == _T.BF16:
-        _mm_bf16(w.view(np.uint16), xc[0], out)
+    if qtype in FLOAT_KIND:
+        kind = FLOAT_KIND[qtype]
+        _mm_float(w.view(np.uint32 if kind == 0 else np.uint16), xc[0], out, kind, ISA.float_mode(qtype, T, N, K))
     elif qtype == _T.Q8_0:
         _mm_q8_0(w, xc[0], xc[1], out)
     elif qtype == _T.Q4_0:
@@ -1193,25 +1269,57 @@ def ggml_expf(x):
     return fmaf(s2, j, s2) * s1
 
 
+@nb.njit(inline="always", **JIT)
+def ggml_expf16(x):
+    """vec.h ggml_v_expf(__m512) (the AVX-512 branch), one lane: the polynomial keeps its constant
+    term (fma(c1, b, 1)) and _mm512_scalef_ps scales by 2**n, rounded once (float64 product, exact,
+    then one rounding to float32, denormals included); |n| > 192 gives 0 or inf."""
+    z = fmaf(x, _EXP_LOG2E, _EXP_R)
+    n = z - _EXP_R
+    b = fmaf(-n, _EXP_LN2_LO, fmaf(-n, _EXP_LN2_HI, x))
+    if abs(n) > F32(192.0):
+        return F32(0.0) if n <= F32(0.0) else F32(np.inf)
+    u = b * b
+    j = fmaf(fmaf(fmaf(_EXP_C5, b, _EXP_C4), u, fmaf(_EXP_C3, b, _EXP_C2)), u, fmaf(_EXP_C1, b, F32(1.0)))
+    return F32(np.float64(j) * math.ldexp(1.0, int(n)))
+
+
 @nb.njit(**JIT)
-def _softmax_row(w, n):
+def _softmax_row(w, n, lanes):
     """ggml_compute_forward_soft_max_f32 on w[:n] (scale and mask already applied), in place:
-    max, then ggml_vec_soft_max_f32 (ggml_v_expf over 8-lane chunks, each chunk summed in float
-    with the hsum order, chunk sums added in double), then scaled by (float)(1 / sum).
-    w must be zero-padded to a multiple of 8 (llama.cpp pads n_kv to 256 with masked keys)."""
+    max, then ggml_vec_soft_max_f32 — ggml_v_expf over chunks of `lanes` (8: AVX2, 16: AVX-512),
+    each chunk summed in float in its hsum order (_mm256 movehl / _mm512_reduce_add_ps), chunk sums
+    added in double — then scaled by (float)(1 / sum). w must be zero-padded to a multiple of
+    `lanes` (llama.cpp pads n_kv to 256 with masked keys, whose exp is 0)."""
     mx = F32(-np.inf)
     for i in range(n):
         if w[i] > mx:
             mx = w[i]
     total = 0.0
-    n8 = (n + 7) // 8 * 8
-    for i in range(n8):
-        w[i] = ggml_expf(w[i] - mx) if i < n else F32(0.0)
-    for c in range(0, n8, 8):
-        h0 = w[c + 4] + w[c]
-        h1 = w[c + 5] + w[c + 1]
-        h2 = w[c + 6] + w[c + 2]
-        h3 = w[c + 7] + w[c + 3]
+    npad = (n + lanes - 1) // lanes * lanes
+    for i in range(npad):
+        if i >= n:
+            w[i] = F32(0.0)
+        elif lanes == 16:
+            w[i] = ggml_expf16(w[i] - mx)
+        else:
+            w[i] = ggml_expf(w[i] - mx)
+    for c in range(0, npad, lanes):
+        if lanes == 16:
+            t0 = w[c + 8] + w[c]
+            t1 = w[c + 9] + w[c + 1]
+            t2 = w[c + 10] + w[c + 2]
+            t3 = w[c + 11] + w[c + 3]
+            t4 = w[c + 12] + w[c + 4]
+            t5 = w[c + 13] + w[c + 5]
+            t6 = w[c + 14] + w[c + 6]
+            t7 = w[c + 15] + w[c + 7]
+            h0, h1, h2, h3 = t4 + t0, t5 + t1, t6 + t2, t7 + t3
+        else:
+            h0 = w[c + 4] + w[c]
+            h1 = w[c + 5] + w[c + 1]
+            h2 = w[c + 6] + w[c + 2]
+            h3 = w[c + 7] + w[c + 3]
         total += np.float64((h0 + h2) + (h1 + h3))
     inv = F32(1.0 / total)
     for i in range(n):
@@ -1219,14 +1327,15 @@ def _softmax_row(w, n):
 
 
 @nb.njit(parallel=True, **JIT)
-def attention(q, k, vt, q_pos, k_pos, window, scale, pv_mode, out):
+def attention(q, k, vt, q_pos, k_pos, window, scale, kq_mode, pv_mode, lanes, out):
     """out[t, h] = softmax(scale * q[t,h] . k[j, h/g] + mask) @ v, as ggml runs it on the CPU.
 
     q [T, H, D]; k [S, Hkv, D]; vt [Hkv, D, S_alloc] (V transposed, llama.cpp's v_trans layout,
     zero or finite beyond S); positions q_pos [T], k_pos [S]; window > 0: key j is masked when
     q_pos - k_pos >= window; out [T, H, D].
-    KQ: ggml_vec_dot_f32 per (key, query) (src1 is a permuted view, so no sgemm);
-    KQV: tinyBLAS over the keys for batches (pv_mode DOT_GEMM), ggml_vec_dot_f32 for one token.
+    KQ: ggml_vec_dot_f32 per (key, query) (src1 is a permuted view, so no sgemm): kq_mode;
+    softmax over chunks of `lanes`; KQV: tinyBLAS over the keys for batches, ggml_vec_dot_f32 for
+    one token: pv_mode (CpuIsa picks all three for the host).
     """
     T, H, D = q.shape
     S = k.shape[0]
@@ -1245,8 +1354,8 @@ def attention(q, k, vt, q_pos, k_pos, window, scale, pv_mode, out):
             if masked:
                 w[j] = F32(-np.inf)
             else:
-                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, DOT_VEC) * scale
-        _softmax_row(w, S)
+                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, kq_mode) * scale
+        _softmax_row(w, S, lanes)
         for j in range(S):
             pv[j] = w[j]
         for d in range(D):
