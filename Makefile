@@ -7,19 +7,25 @@ DEMO := .cache/demo
 # 2 cores on the reference machine; numba uses all of them unless told otherwise
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: setup demo test bench clean
+LOCK := requirements.lock
+
+.PHONY: setup demo test bench lock clean
 
 setup: $(VENV)/.installed
 
-# CPU torch first (a wheel on the machine's disk; a bare `torch` would pull a multi-GB CUDA
-# build), then ggquant with its dev extras (llama-cpp-python builds from source, ~12 min once;
-# pip caches the wheel).
-$(VENV)/.installed: pyproject.toml
+# Everything comes from requirements.lock (exact versions, build backends included: `make lock`
+# refreshes it). CPU torch first (a wheel on the machine's disk; a bare `torch` would pull a
+# multi-GB CUDA build), then ggquant with its dev extras (llama-cpp-python builds from source,
+# ~12 min once; pip caches the wheel).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) --build-constraint $(LOCK) torch==2.13.0
+	$(PY) -m pip install -q -c $(LOCK) --build-constraint $(LOCK) -e '.[dev]'
 	touch $@
+
+lock:
+	.ci/lock
 
 demo: setup
 	@mkdir -p $(DEMO)

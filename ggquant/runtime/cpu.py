@@ -136,11 +136,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
 
 class CPULayerCache:
     """One layer's K/V in float32: k [n_ctx, Hkv, D] and V transposed, vt [Hkv, D, n_ctx rounded up
-    to 32] (llama.cpp's v_trans layout for the non-flash path; zeros beyond the filled part)."""
+    to KV_STEP] (llama.cpp's v_trans layout for the non-flash path; zeros beyond the filled part)."""
 
     def __init__(self, n_ctx: int, h: int, d: int):
         self.k = np.zeros((n_ctx, h, d), np.float32)
-        self.vt = np.zeros((h, d, (n_ctx + 31) // 32 * 32), np.float32)
+        from ggquant.kernels.matmul import KV_STEP
+
+        self.vt = np.zeros((h, d, (n_ctx + KV_STEP - 1) // KV_STEP * KV_STEP), np.float32)
 
     def store(self, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         t = k.shape[0]

@@ -698,6 +698,7 @@ def dot_f32(typingctx, a, ia, b, ib, n, mode):
 
 
 FLOAT_KIND = {_T.F32: 0, _T.F16: 1, _T.BF16: 2}  # _mm_float's kind argument
+KV_STEP = 64  # the largest step of a dot mode over keys (DOT_VEC16: 4 x 16 lanes)
 
 
 class CpuIsa:
@@ -943,11 +944,17 @@ def _dot_q0_rows(q, dw, xq, xd, out, r0, r1):
 
 @nb.njit(parallel=True, **JIT)
 def _mm_q4_0(w, xq, xd, out):
-    """Q4_0 x Q8_0 (ggml_vec_dot_q4_0_q8_0): quants (nibble - 8)."""
+    """Q4_0 x Q8_0: quants (nibble - 8).
+
+    With a multiple of 8 rows llama.cpp repacks the weights (CPU_REPACK, q4_0_8x8:
+    arch/x86/repack.cpp gemv/gemm_q4_b32_8x8_q8_0_lut_avx): each output is one float lane,
+    acc = fma(float(sum of a block's 32 products), d_w * d_x, acc) block after block. Otherwise
+    ggml_vec_dot_q4_0_q8_0 (8 lanes per block, dot_blocks_q8)."""
     N = w.shape[0]
     T, K = xq.shape
     nb_ = K // QK8_0
-    if T == 1:
+    repacked = N % 8 == 0
+    if T == 1 and not repacked:
         for c in nb.prange((N + ROWS - 1) // ROWS):
             for r in range(c * ROWS, min(N, c * ROWS + ROWS)):
                 out[0, r] = dot_row_q4_0(w[r], 0, xq[0], 0, xd[0], 0, nb_)
@@ -963,7 +970,16 @@ def _mm_q4_0(w, xq, xd, out):
                 o = b * Q4_0_BYTES
                 dw[r - r0, b] = FP16_TO_FP32[get_u16(wr, o)]
                 unpack32_q0(wr, o + 2, 0, 8, q[r - r0], b * QK8_0)
-        _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
+        if not repacked:
+            _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
+            continue
+        for t in range(T):
+            for r in range(r0, r1):
+                acc = F32(0.0)
+                for b in range(nb_):
+                    isum = dot_i16_i8(q[r - r0], b * QK8_0, xq[t], b * QK8_0, QK8_0)
+                    acc = fmaf(F32(isum), dw[r - r0, b] * xd[t, b], acc)
+                out[t, r] = acc
 
 
 @nb.njit(parallel=True, **JIT)
@@ -997,7 +1013,7 @@ TILED_MIN_BATCH = 8  # tiled/tiled.cpp ggml_tiled_min_batch: the tiled k-quant k
 
 
 @nb.njit(**JIT)
-def _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
+def _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked, is_q5):
     """Q4_K / Q5_K rows (unsigned quants q, scales expanded to 16 int16 per 32 quants in sv, 6-bit
     mins mn per 32) x Q8_K activations.
 
@@ -1010,20 +1026,42 @@ def _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked):
             acc = fma(float(S1_pair), d_w * d_x, acc);  acc_m = fma(float(S2_pair), dmin_w * d_x, acc_m)
         and the T % 4 last tokens through ggml_gemv_q4_K_8x8_q8_K, the same per super-block;
         the result is acc - acc_m.
-    otherwise (tiled/tiled-kernel.cpp tiled_run_microtile_avx2, batches of >= 8 tokens):
+    batches of >= 8 tokens (tiled/tiled-kernel.cpp, AVX2 and AVX512-VNNI microtiles alike):
         res = fnmadd(dmin_w, float(S2), d_w * float(S1));  acc = fma(res, d_x, acc)
-    (For smaller batches llama.cpp runs ggml_vec_dot_q4_K_q8_K / q5_K, whose 8-lane float order is
-    not emulated: results then differ from it by float32 rounding only.)
+    smaller batches (arch/x86/quants.c ggml_vec_dot_q4_K_q8_K / q5_K_q8_K): S1 in 8 int32 lanes per
+        super-block, fused-multiply-added by d = d_x * d_w into 8 float lanes (hsum_float_8 at the
+        end); the mins term -d_x * dmin_w * S2 in 4 float lanes (Q4_K: products of pairs of mins,
+        movehl-summed) or in one float added per super-block (Q5_K).
     """
     T, K = xq.shape
     nsb = K // QK_K
     n_gemm = T - T % 4
+    tiled = T >= TILED_MIN_BATCH
+    zero_corr = np.zeros(nsb * 8, np.int32)
+    dsc = np.empty(nsb, np.float32)
     for t in range(T):
         xt = xq[t]
         for r in range(r0, r1):
             i = r - r0
             qr = q[i]
             sr = sv[i]
+            if not repacked and not tiled:
+                acc_m = np.zeros(4, np.float32)
+                summs = F32(0.0)
+                for s in range(nsb):
+                    dsc[s] = xd[t, s] * dw[i, s]
+                    dmin = -xd[t, s] * dmw[i, s]
+                    isum = 0
+                    for l in range(4):
+                        p = 0
+                        for j in range(2 * l, 2 * l + 2):
+                            p += np.int32(mn[i, s * 8 + j]) * (xbs[t, s * 16 + 2 * j] + xbs[t, s * 16 + 2 * j + 1])
+                        acc_m[l] = fmaf(dmin, F32(p), acc_m[l])
+                        isum += p
+                    summs = fmaf(dmin, F32(isum), summs)
+                mins = summs if is_q5 else (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3])
+                out[t, r] = dot_q6k_lanes(qr, 0, xt, 0, sr, 0, zero_corr, 0, dsc, 0, nsb) + mins
+                continue
             acc = F32(0.0)
             acc_m = F32(0.0)
             for s in range(nsb):
@@ -1092,7 +1130,7 @@ def _mm_q45_K(w, xq, xd, xbs, out, is_q5):
         dmw = np.empty((ROWS, nsb), np.float32)
         for r in range(r0, r1):
             _unpack_k45(w[r], q, sv, mn, dw, dmw, r - r0, nsb, qs_off, is_q5, block_bytes)
-        _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked)
+        _dot_k_rows(q, sv, mn, dw, dmw, xq, xd, xbs, out, r0, r1, repacked, is_q5)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -1341,13 +1379,15 @@ def attention(q, k, vt, q_pos, k_pos, window, scale, kq_mode, pv_mode, lanes, ou
     S = k.shape[0]
     Hkv = k.shape[1]
     group = H // Hkv
-    n32 = (S + 31) // 32 * 32
+    # keys padded with zeros (llama.cpp pads n_kv to 256) to a multiple of every mode's step (64):
+    # the zero terms then leave the sums unchanged, as they do in llama.cpp
+    npad = (S + KV_STEP - 1) // KV_STEP * KV_STEP
     for th in nb.prange(T * H):
         t = th // H
         h = th - t * H
         kvh = h // group
-        w = np.zeros(n32, np.float32)
-        pv = np.zeros(n32, np.float32)
+        w = np.zeros(npad, np.float32)
+        pv = np.zeros(npad, np.float32)
         qt = q[t, h]
         for j in range(S):
             masked = k_pos[j] > q_pos[t] or (window > 0 and q_pos[t] - k_pos[j] >= window)
@@ -1361,13 +1401,13 @@ def attention(q, k, vt, q_pos, k_pos, window, scale, kq_mode, pv_mode, lanes, ou
         for d in range(D):
             row = vt[kvh, d]
             acc = F32(0.0)
-            if S <= row.shape[0] and n32 <= row.shape[0]:
-                acc = dot_f32(row, 0, pv, 0, n32, pv_mode)
+            if S <= row.shape[0] and npad <= row.shape[0]:
+                acc = dot_f32(row, 0, pv, 0, npad, pv_mode)
             else:  # cache not padded: copy the keys into a padded buffer
-                tmp = np.zeros(n32, np.float32)
+                tmp = np.zeros(npad, np.float32)
                 for j in range(S):
                     tmp[j] = row[j]
-                acc = dot_f32(tmp, 0, pv, 0, n32, pv_mode)
+                acc = dot_f32(tmp, 0, pv, 0, npad, pv_mode)
             out[t, h, d] = acc
 
 

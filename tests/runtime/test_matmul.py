@@ -1,4 +1,4 @@
-"""kernels/matmul.py against ggml-cpu: activation conversion byte for byte, products to rounding."""
+"""kernels/matmul.py against ggml-cpu: activation conversion byte for byte, products bit for bit."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType as T
 from ggquant.kernels import matmul as mm
 from ggquant.quant import types as qt
 from tests.runtime import ggml_cpu_oracle as oracle
+from tests.runtime import ggml_graph_oracle as graph
 
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES]
@@ -65,22 +66,29 @@ def test_f16_bf16_activation_rounding_equal_ggml():
     assert np.array_equal(mm.round_f16(x).view(np.uint32), f16.view(np.uint32))
 
 
+# Shapes that select every kernel ggml-cpu's mul_mat picks (ggml_graph_oracle runs it): rows a
+# multiple of 8 or 16 (CPU_REPACK Q4_0/Q4_K, tinyBLAS needs a multiple of 4) or not (37); K with
+# and without vec_dot leftovers (1000 = 15 x 64 + 40); 1 token (vec_dot / gemv), 3 and 7 (vec_dot,
+# repack gemm+gemv), 8 and 19 (tiled k-quants, tinyBLAS).
+SHAPES = [(64, 1024), (37, 1024), (40, 1000)]
+
+
+@pytest.mark.skipif(bool(mm.ISA.unmatched), reason=f"llama.cpp's kernels for {mm.ISA.unmatched} are not emulated")
+@pytest.mark.parametrize("isa", [mm.ISA.name])
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("ntok", [1, 7])
-def test_matmul_matches_ggml_vec_dot(qtype, ntok):
+@pytest.mark.parametrize("ntok", [1, 3, 7, 8, 19])
+def test_matmul_bit_identical_to_ggml_mul_mat(qtype, ntok, isa):
+    """ggquant's product equals ggml's mul_mat as llama.cpp's CPU backend runs it on this host
+    (the kernel for this ISA, weight type, row count and batch size), bit for bit."""
     rng = np.random.default_rng(int(qtype) * 10 + ntok)
-    n, k = 37, 512  # 37 rows: a partial last row chunk
-    w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
-    x = _inputs(rng, ntok, k) if ntok > 1 else rng.standard_normal((1, k)).astype(np.float32)
-    got = mm.matmul(w, qtype, x)
-    ref = oracle.mul_mat(qtype, w, x)
-    # an fp16 activation overflows to inf on the 6e4-scale row: both sides must agree on that
-    assert np.array_equal(np.isfinite(got), np.isfinite(ref))
-    fin = np.isfinite(ref)
-    scale = np.where(fin, np.abs(ref), 0).max(axis=1, keepdims=True) + 1e-30
-    err = np.where(fin, np.abs(got - ref), 0)
-    # the order of the float32 sums of per-block terms differs (and d*sumi - dmin*summs cancels)
-    assert np.all(err <= 1e-5 * scale + 1e-37), err.max()
+    for n, k in SHAPES:
+        if k % qt.get(qtype).block_size:
+            continue
+        w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+        x = _inputs(rng, ntok, k) if ntok > 1 else rng.standard_normal((1, k)).astype(np.float32)
+        got = mm.matmul(w, qtype, x)
+        ref = graph.mul_mat(qtype, w, x)
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (n, k, np.mean(got != ref))
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
