@@ -11,9 +11,18 @@ the first run pays for building and converting.
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 import pytest
+
+# $GGML_LIB_DIR: run llama.cpp on another build of ggml (e.g. for AVX2, with GGQUANT_CPU_ISA=avx2,
+# on an AVX-512 host: .ci/isa-check). Loading its libraries first makes llama-cpp-python's libllama
+# bind to them (the dynamic loader reuses an already loaded soname).
+if os.environ.get("GGML_LIB_DIR"):
+    for _lib in ("libggml-base.so.0", "libggml-cpu.so.0", "libggml.so.0"):
+        ctypes.CDLL(os.path.join(os.environ["GGML_LIB_DIR"], _lib), mode=ctypes.RTLD_GLOBAL)
 
 from ggquant.fixtures import TINY_MODELS, tiny_model
 

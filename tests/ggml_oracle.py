@@ -7,6 +7,7 @@ including the imatrix path) and the type traits' to_float.
 
 import ctypes
 import functools
+import os
 import pathlib
 
 import numpy as np
@@ -29,6 +30,10 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_floa
 
 
 def lib_dir() -> pathlib.Path:
+    """llama-cpp-python's libggml*, or $GGML_LIB_DIR (another build of ggml, e.g. for AVX2 with
+    GGQUANT_CPU_ISA=avx2 on an AVX-512 host)."""
+    if os.environ.get("GGML_LIB_DIR"):
+        return pathlib.Path(os.environ["GGML_LIB_DIR"])
     import llama_cpp
 
     return pathlib.Path(llama_cpp.__file__).parent / "lib"

@@ -31,6 +31,7 @@ spelled out, so results are deterministic.
 from __future__ import annotations
 
 import math
+import os
 
 import numba as nb
 import numpy as np
@@ -724,6 +725,13 @@ class CpuIsa:
 
     @classmethod
     def host(cls) -> "CpuIsa":
+        """This host's kernels, or those named by $GGQUANT_CPU_ISA (avx2 | avx512 | avx512-bf16):
+        to check the emulation of another build of llama.cpp (e.g. an AVX2 libggml-cpu) here."""
+        forced = os.environ.get("GGQUANT_CPU_ISA", "").lower()
+        if forced:
+            if forced not in ("avx2", "avx512", "avx512-bf16"):
+                raise ValueError(f"GGQUANT_CPU_ISA={forced!r}: expected avx2, avx512 or avx512-bf16")
+            return cls(forced != "avx2", forced == "avx512-bf16")
         return cls(_host_has("avx512f"), _host_has("avx512bf16"), _host_has("avx512fp16"), _host_has("amx-int8"))
 
     @property
