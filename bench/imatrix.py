@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ggquant.imatrix.collect import collect_imatrix  # noqa: E402
-from ggquant.quant.requantize import quantize_gguf  # noqa: E402
+from ggquant.convert.gguf_to_gguf import quantize_gguf  # noqa: E402
 from tests import real_text  # noqa: E402
 from tests.imatrix import llama_imatrix  # noqa: E402
 from tests.imatrix.test_collect import chunks_like_llama_imatrix  # noqa: E402

@@ -11,7 +11,7 @@ ggquant.formats.quantized.open_quantized from in-memory arrays (no disk I/O):
     mlx-4bit-g64   MLX affine 4-bit group 64, bf16 scales/biases                -> Q4_1 exact
 
 Columns (MB/s of float32-equivalent weight, rows*cols*4 bytes, best of --repeat):
-    convert        what `ggquant convert` runs per exact tensor (convert_quantized.exact_chunk):
+    convert        what `ggquant convert` runs per exact tensor (convert.encode.exact_chunk):
                    the source's blocks (unpacked codes + scales), then one numba pass that packs,
                    reads each block back as ggml does and compares it with the source value
     exact+verify   the general packer (ggquant.quant.transcode) with verify=True: ggml-dequantize
@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggquant.fixtures.quantized import pack_bits_rows  # noqa: E402
-from ggquant.convert_quantized import exact_chunk  # noqa: E402
+from ggquant.convert.encode import exact_chunk  # noqa: E402
 from ggquant.formats.quantized import open_quantized  # noqa: E402
 from ggquant.quant import types as qtypes  # noqa: E402
 

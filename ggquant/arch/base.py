@@ -32,7 +32,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from ggquant.errors import GGQuantError
-from ggquant.formats.safetensors import FLOAT_DTYPES, Checkpoint, SafeTensor
+from ggquant.formats.safetensors import FLOAT_DTYPES, Checkpoint
+from ggquant.tensor import SourceQuant, Tensor, shape_only
 
 T = GGMLQuantizationType
 TEXT, MMPROJ = "text", "mmproj"
@@ -352,11 +353,19 @@ class TensorPlan:
     shape: tuple[int, ...]  # numpy order, as written
     qtype: GGMLQuantizationType
     reason: str  # why this type
-    src: SafeTensor | None = None  # None for generated tensors
+    src: Tensor | None = None  # None for generated tensors
     hf_name: str | None = None
     n_outer: int = 1  # source outer rows read (fewer than src.n_outer when trimmed)
     transform: Transform = IDENTITY
     generated: np.ndarray | None = None  # float32 payload of a generated tensor
+    # a quantized checkpoint's weight (src.encoding is SourceQuant): decided by the plan
+    exact: bool | None = None  # its values are the source's, bit for bit
+    why: str = ""  # how its type was chosen / why it is not exact
+    sqnr: float | None = None  # dB, of a lossy one, measured while encoding (or by --dry-run)
+
+    @property
+    def source_quant(self) -> bool:
+        return self.src is not None and isinstance(self.src.encoding, SourceQuant)
 
     @property
     def src_dtype(self) -> str:
@@ -492,14 +501,14 @@ class Arch:
         """Tensors llama.cpp does not convert at all."""
         return name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq"))
 
-    def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
+    def transform(self, hf_name: str, gguf_name: str, src: Tensor, part: str) -> Transform:
         return SCALAR_TO_1D if not src.shape else IDENTITY
 
     def force_type(self, hf_name: str, gguf_name: str, n_dims: int, ftype: GGMLQuantizationType,
                    part: str) -> GGMLQuantizationType | None:
         return None
 
-    def n_outer(self, hf_name: str, src: SafeTensor, part: str) -> int:
+    def n_outer(self, hf_name: str, src: Tensor, part: str) -> int:
         """Outer rows of the source that are written (llama.cpp trims some embedding tables)."""
         return src.n_outer
 
@@ -523,7 +532,7 @@ class Arch:
     def tables(self, part: str) -> tuple[Rule, ...]:
         return self.TEXT_TENSORS if part == TEXT else self.MMPROJ_TENSORS
 
-    def map_tensor(self, name: str, part: str, src: SafeTensor | None = None) -> tuple[str, int | None]:
+    def map_tensor(self, name: str, part: str, src: Tensor | None = None) -> tuple[str, int | None]:
         """HF name (already normalized) -> GGUF name; unknown names are an error naming the
         file and the tensor as stored (`src`)."""
         where = f"{src.file}: tensor '{src.name}'" if src is not None else f"{self.dir}: tensor '{name}'"
@@ -572,7 +581,7 @@ class Arch:
         """(transform GGUF rows -> HF rows, HF shape): the inverse of the forward `transform`
         hook, chosen by asking that hook what it would do to an HF tensor of that shape."""
         hf_shape = self.hf_shape(hf_name, gguf_shape, part)
-        stub = SafeTensor(hf_name, "F32", tuple(hf_shape), Path(hf_name), 0, 4 * math.prod(hf_shape))
+        stub = shape_only(hf_name, tuple(hf_shape))
         fwd = self.transform(hf_name, gguf_name, stub, part)
         if tuple(fwd.shape(tuple(hf_shape))) != tuple(gguf_shape):
             raise GGQuantError(f"tensor '{gguf_name}': shape {list(gguf_shape)} is not what {self.gguf_arch} stores "

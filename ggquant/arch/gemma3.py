@@ -16,7 +16,7 @@ from ggquant.arch import vocab as V
 from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, AddConstant, Arch, Rule, Transform,
                                f32_value, read_json, with_defaults)
 from ggquant.errors import GGQuantError
-from ggquant.formats.safetensors import SafeTensor
+from ggquant.tensor import Tensor
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 NORM_SHIFT = 1.0  # Gemma3RMSNorm: output * (1 + weight)
@@ -165,14 +165,14 @@ class Gemma3(Arch):
         kv.bool(Keys.Tokenizer.ADD_PREFIX, False)
 
     # --- tensors ----------------------------------------------------------------------------
-    def n_outer(self, hf_name: str, src: SafeTensor, part: str) -> int:
+    def n_outer(self, hf_name: str, src: Tensor, part: str) -> int:
         if part == TEXT and "embed_tokens.weight" in hf_name:
             if not hasattr(self, "_n_vocab_real"):
                 self._n_vocab_real = self.n_vocab_real()
             return min(src.n_outer, self._n_vocab_real)
         return src.n_outer
 
-    def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
+    def transform(self, hf_name: str, gguf_name: str, src: Tensor, part: str) -> Transform:
         if part == TEXT and self.norm_shift and hf_name.endswith("norm.weight"):
             return AddConstant(self.norm_shift)
         if part == MMPROJ and "soft_emb_norm.weight" in hf_name:

@@ -26,7 +26,7 @@ from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Arch, R
                                Transform, f32_value)
 from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3, hf_token_ids, token_ids_by_text
 from ggquant.errors import GGQuantError
-from ggquant.formats.safetensors import SafeTensor
+from ggquant.tensor import Tensor
 
 T = GGMLQuantizationType
 
@@ -382,7 +382,7 @@ class Gemma4(Gemma3):
                                    f"{self.config_path.name}")
         return gname, bid
 
-    def transform(self, hf_name: str, gguf_name: str, src: SafeTensor, part: str) -> Transform:
+    def transform(self, hf_name: str, gguf_name: str, src: Tensor, part: str) -> Transform:
         if part == MMPROJ:
             if hf_name.endswith("patch_embedder.input_proj.weight"):
                 return PatchEmbedToConv()

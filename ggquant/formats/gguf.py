@@ -14,7 +14,8 @@ File layout (ggml/src/gguf.cpp, gguf_init_from_reader; gguf-py gguf_writer.py), 
 The reader applies every check of ggml's C parser before it trusts a number from the file, and
 checks each length against the bytes left *before* allocating anything, so a crafted header
 (2^63 tensors, a 2^60-byte string) fails at once with a FormatError naming the file, the field
-and the byte offset. Tensor payloads are never read: `TensorInfo.raw()` is a view of the mmap.
+and the byte offset. Tensor payloads are never read: each tensor is a ggquant.tensor.Tensor (Blocks encoding) whose
+`raw()` is a view of the mmap.
 
 The writer follows DESIGN.md "Writers stream": the header, every key/value and every tensor
 info are laid out first, then each tensor's payload is produced chunk by chunk, written and
@@ -50,10 +51,10 @@ from gguf import (
 from gguf.gguf_writer import SHARD_NAME_FORMAT
 
 from ggquant.errors import FormatError, GGQuantError
+from ggquant.tensor import Blocks, MappedRegion, Tensor
 
 __all__ = [
     "Field",
-    "TensorInfo",
     "GGUFReader",
     "GGUFWriter",
     "PlannedTensor",
@@ -173,56 +174,39 @@ class Field:
     offset: int = field(default=-1, compare=False)
 
 
-class TensorSizes:
-    """Sizes derived from `shape` (numpy order) and `qtype`: shared by TensorInfo and the other
-    tensor-like objects the runtime reads (runtime/hf_source.HFTensor)."""
+class _Map:
+    """One GGUF file's read-only map, as the tensors' MappedRegion owner: buffer() for views,
+    release() to hand finished pages back (MADV_DONTNEED), close() when the reader closes."""
 
-    __slots__ = ()
-    shape: tuple[int, ...]
-    qtype: GGMLQuantizationType
+    def __init__(self, path: Path, buf: Any):
+        self.path = path
+        self.buf = buf
 
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one row (the innermost dimension, ne[0])."""
-        block_size, type_size = BLOCK_SIZES[self.qtype]
-        ne0 = self.shape[-1] if self.shape else 1
-        return ne0 // block_size * type_size
+    def buffer(self) -> Any:
+        if self.buf is None:
+            raise GGQuantError(f"{self.path}: the reader was closed; reopen the file")
+        return self.buf
 
-    @property
-    def n_rows(self) -> int:
-        return math.prod(self.shape[:-1]) if self.shape else 1
+    def release(self, offset: int, nbytes: int) -> None:
+        if self.buf is None or nbytes <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = min(len(self.buf), offset + nbytes)
+        if stop > start:
+            self.buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
+    def close(self) -> None:
+        buf, self.buf = self.buf, None
+        try:
+            buf.close()
+        except BufferError:
+            pass  # a raw() view is still alive: the mapping goes away when the last view does
 
 
-@dataclass
-class TensorInfo(TensorSizes):
-    """A tensor's header entry plus zero-copy access to its bytes in the mmap."""
-
-    name: str
-    shape: tuple[int, ...]  # numpy order: outermost first (ggml ne reversed)
-    qtype: GGMLQuantizationType
-    offset: int  # absolute offset of the first byte of data in `file`
-    nbytes: int
-    file: Path
-    _buf: Any = field(default=None, repr=False, compare=False)
-
-    def raw(self) -> np.ndarray:
-        """Read-only uint8 view of the data, shape (n_rows, row_bytes); no copy is made."""
-        if self._buf is None:
-            raise GGQuantError(f"{self.file}: tensor '{self.name}': the reader was closed; reopen the file")
-        flat = np.frombuffer(self._buf, dtype=np.uint8, count=self.nbytes, offset=self.offset)
-        return flat.reshape(self.n_rows, self.row_bytes)
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Read-only uint8 view of rows [start, stop), for streaming a tensor in chunks."""
-        if not 0 <= start <= stop <= self.n_rows:
-            raise GGQuantError(
-                f"tensor '{self.name}': row range [{start}, {stop}) is outside [0, {self.n_rows}]"
-            )
-        return self.raw()[start:stop]
+def _tensor(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, offset: int, nbytes: int,
+            owner: _Map) -> Tensor:
+    """A tensor of the file: GGML blocks at `offset`, read as views of the map (Tensor.raw())."""
+    return Tensor(name, shape, Blocks(qtype), MappedRegion(owner, offset, np.dtype(np.uint8), owner.path), nbytes)
 
 
 class TensorNotFoundError(GGQuantError, KeyError):
@@ -279,8 +263,8 @@ class _Cursor:
 
 
 class _ParsedFile:
-    def __init__(self, path: Path, buf: Any, version: int, alignment: int, fields: dict[str, Field],
-                 tensors: list[TensorInfo], data_offset: int):
+    def __init__(self, path: Path, buf: _Map, version: int, alignment: int, fields: dict[str, Field],
+                 tensors: list[Tensor], data_offset: int):
         self.path = path
         self.buf = buf
         self.version = version
@@ -340,15 +324,16 @@ def _parse_file(path: Path) -> _ParsedFile:
     if size == 0:
         raise FormatError(f"{path}: file is empty, expected a GGUF file starting with the magic 'GGUF'")
     with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        owner = _Map(path, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     try:
-        return _parse_buf(path, buf, size)
+        return _parse_buf(path, owner, size)
     except BaseException:
-        buf.close()
+        owner.close()
         raise
 
 
-def _parse_buf(path: Path, buf: Any, size: int) -> _ParsedFile:
+def _parse_buf(path: Path, owner: _Map, size: int) -> _ParsedFile:
+    buf = owner.buf
     cur = _Cursor(buf, size, path)
 
     # --- header ---------------------------------------------------------------------------
@@ -464,15 +449,16 @@ def _parse_buf(path: Path, buf: Any, size: int) -> _ParsedFile:
                 f"tensor '{name}' (data offset)", off_pos,
                 f"data [{data_offset + rel}, {data_offset + rel + nbytes}) runs past the end of the file ({size} bytes)",
             )
-        tensors.append(TensorInfo(name, shape, qtype, data_offset + rel, nbytes, path, buf))
-    by_offset = sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset)  # empty tensors occupy nothing
+        tensors.append(_tensor(name, shape, qtype, data_offset + rel, nbytes, owner))
+    by_offset = sorted((t for t in tensors if t.nbytes), key=lambda t: t.source.offset)  # empty ones occupy nothing
     for a, b in zip(by_offset, by_offset[1:]):
-        if b.offset < a.offset + a.nbytes:
+        ao, bo = a.source.offset, b.source.offset
+        if bo < ao + a.nbytes:
             raise FormatError(
-                f"{path}: tensor '{b.name}' (data offset) data at byte offset {b.offset} overlaps tensor "
-                f"'{a.name}' [{a.offset}, {a.offset + a.nbytes}); expected disjoint tensors"
+                f"{path}: tensor '{b.name}' (data offset) data at byte offset {bo} overlaps tensor "
+                f"'{a.name}' [{ao}, {ao + a.nbytes}); expected disjoint tensors"
             )
-    return _ParsedFile(path, buf, version, alignment, fields, tensors, data_offset)
+    return _ParsedFile(path, owner, version, alignment, fields, tensors, data_offset)
 
 
 class GGUFReader:
@@ -496,7 +482,7 @@ class GGUFReader:
         self.version = first.version
         self.alignment = first.alignment
         self.fields: dict[str, Field] = first.fields
-        self.tensors: list[TensorInfo] = [t for p in self._parsed for t in p.tensors]
+        self.tensors: list[Tensor] = [t for p in self._parsed for t in p.tensors]
         self._by_name = {t.name: t for t in self.tensors}
 
     def _load_shards(self, first: _ParsedFile) -> None:
@@ -554,7 +540,7 @@ class GGUFReader:
     def files(self) -> list[Path]:
         return [p.path for p in self._parsed]
 
-    def tensor(self, name: str) -> TensorInfo:
+    def tensor(self, name: str) -> Tensor:
         try:
             return self._by_name[name]
         except KeyError:
@@ -567,12 +553,7 @@ class GGUFReader:
     def close(self) -> None:
         """Release the mmaps. Views returned by raw() stay valid; their mapping is freed with them."""
         for p in getattr(self, "_parsed", []):
-            for t in p.tensors:
-                t._buf = None
-            try:
-                p.buf.close()
-            except BufferError:
-                pass  # a raw() view is still alive: the mapping goes away when the last view does
+            p.buf.close()
         self._parsed = []
 
     def __enter__(self) -> GGUFReader:
@@ -877,6 +858,13 @@ class GGUFWriter:
         # gguf-py write_tensors_to_file pads the header even when there are no tensors
         header += bytes(_pad(len(header), self.alignment) - len(header))
         return header, offsets
+
+    def fields(self) -> dict[str, Field]:
+        """The metadata added so far as a reader parses it back from the file this writer would
+        write (encoded and parsed in memory; nothing is written): same value types, same float32
+        rounding as GGUFReader.fields of that file."""
+        header, _ = self._header(0, 1, [])
+        return _parse_buf(self.path, _Map(self.path, header), len(header)).fields
 
     def plan(self) -> list[PlannedTensor]:
         """Every tensor's shard, absolute offset and size, computed without producing any data."""

@@ -28,7 +28,7 @@ def inspect_gguf(path) -> dict:
             t = f.type.name if f.item_type is None else f"{f.type.name}[{f.item_type.name}]"
             meta[f.name] = {"type": t, "value": _summarise(f.value)}
         tensors = [
-            {"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "offset": t.offset}
+            {"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "offset": t.source.offset}
             for t in r.tensors
         ]
         return {"path": str(path), "format": "gguf", "version": r.version, "alignment": r.alignment,

@@ -13,9 +13,10 @@ A checkpoint folder is either one `model.safetensors` or shards listed by
 Everything is checked before a payload byte is trusted: header length against the file size,
 JSON syntax, dtype, shape, that `end - begin` equals dtype size x elements, that tensors do not
 overlap and that every tensor lies inside the file (a truncated shard fails here, naming the
-file and the first tensor it cuts). Payloads are never read at open time: `SafeTensor.rows()`
-returns a view of a read-only mmap for an outer-row range, and `release()` hands the pages of
-a finished range back to the kernel, so reading a model keeps resident memory at one chunk.
+file and the first tensor it cuts). Payloads are never read at open time: each tensor is a
+ggquant.tensor.Tensor (Dense encoding) whose `rows()` is a view of a read-only mmap for an
+outer-row range, and whose `release()` hands the pages of a finished range back to the kernel,
+so reading a model keeps resident memory at one chunk.
 
 Pickle checkpoints (`pytorch_model.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: loading them
 executes code from the file.
@@ -31,15 +32,15 @@ import json
 import math
 import mmap
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
+from ggquant.tensor import Dense, MappedRegion, Tensor
 
-__all__ = ["DTYPES", "SafeTensor", "SafetensorsFile", "Checkpoint", "open_checkpoint", "PICKLE_SUFFIXES"]
+__all__ = ["DTYPES", "SafetensorsFile", "Checkpoint", "open_checkpoint", "PICKLE_SUFFIXES"]
 
 # A header larger than this is not a real checkpoint header (the 262k-vocab Gemma 4 header is
 # ~100 kB); refusing it early stops a crafted length from allocating gigabytes.
@@ -49,7 +50,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PAGE = mmap.PAGESIZE
 
 # safetensors dtype string -> numpy storage dtype (bf16 and fp8 have no numpy dtype: their raw
-# bits are stored as unsigned integers of the same width and decoded by `to_float32`).
+# bits are stored as unsigned integers of the same width and decoded by ggquant.tensor.to_float32).
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -69,84 +70,6 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E8M0": np.dtype("u1"),
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-
-
-def to_float32(raw: np.ndarray, dtype: str, what: str = "tensor") -> np.ndarray:
-    """Decode raw storage of safetensors `dtype` to float32 (exact for F16/BF16/F32).
-
-    BF16 -> F32 is a 16-bit left shift (the bf16 bits are the high half of the f32), which is
-    what torch's bfloat16.to(float32) does, NaN payloads included.
-    """
-    if dtype == "F32":
-        return raw if raw.dtype == np.float32 else raw.view(np.float32)
-    if dtype == "BF16":
-        out = np.empty(raw.shape, np.uint32)
-        np.left_shift(raw, 16, out=out, dtype=np.uint32)  # one pass, no temporary
-        return out.view(np.float32)
-    if dtype == "F16":
-        return raw.astype(np.float32)
-    if dtype == "F64":
-        return raw.astype(np.float32)
-    raise GGQuantError(
-        f"{what}: dtype {dtype} cannot be converted to a float GGUF tensor; ggquant reads F32, F16, "
-        f"BF16 and F64 weights (dequantize FP8/int checkpoints first)"
-    )
-
-
-@dataclass
-class SafeTensor:
-    """One tensor of a safetensors file: header facts plus lazy access to its bytes."""
-
-    name: str
-    dtype: str  # safetensors dtype string, e.g. "BF16"
-    shape: tuple[int, ...]  # numpy order
-    file: Path
-    offset: int  # absolute file offset of the first byte
-    nbytes: int
-    _owner: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def n_outer(self) -> int:
-        """Rows along the outermost dimension (1 for a scalar)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def outer_bytes(self) -> int:
-        """Bytes of one outermost slice (a row of a matrix, a channel of a conv kernel)."""
-        return self.nbytes // self.n_outer if self.n_outer else 0
-
-    @property
-    def storage(self) -> np.dtype:
-        return DTYPES[self.dtype]
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Read-only view of outer rows [start, stop), shape (stop-start, *shape[1:]); no copy.
-
-        A scalar (shape ()) is returned with shape () for the range [0, 1).
-        """
-        if not 0 <= start <= stop <= self.n_outer:
-            raise GGQuantError(f"{self.file}: tensor '{self.name}': rows [{start}, {stop}) outside [0, {self.n_outer})")
-        buf = self._owner.buffer()
-        count = (stop - start) * (self.outer_bytes // self.storage.itemsize)
-        arr = np.frombuffer(buf, dtype=self.storage, count=count, offset=self.offset + start * self.outer_bytes)
-        if not self.shape:
-            return arr.reshape(())
-        return arr.reshape((stop - start,) + self.shape[1:])
-
-    def read(self) -> np.ndarray:
-        return self.rows(0, self.n_outer)
-
-    def float_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) decoded to float32 (read-only view for F32 sources; treat as const)."""
-        return to_float32(self.rows(start, stop), self.dtype, f"{self.file}: tensor '{self.name}'")
-
-    def release(self, start: int, stop: int) -> None:
-        """Drop the resident pages of rows [start, stop) (MADV_DONTNEED on the read-only map)."""
-        self._owner.release(self.offset + start * self.outer_bytes, (stop - start) * self.outer_bytes)
 
 
 class SafetensorsFile:
@@ -188,7 +111,7 @@ class SafetensorsFile:
         if meta is not None and not isinstance(meta, dict):
             raise FormatError(f"{self.path}: __metadata__ must be an object of strings")
         self.metadata: dict[str, str] = dict(meta or {})
-        self.tensors: dict[str, SafeTensor] = {}
+        self.tensors: dict[str, Tensor] = {}
         for name, info in header.items():
             self.tensors[name] = self._parse_entry(name, info)
         self._check_layout()
@@ -214,10 +137,11 @@ class SafetensorsFile:
         if end - begin != nbytes:
             raise FormatError(f"{what}: {dtype} {shape} needs {nbytes} bytes but data_offsets {offs} span "
                               f"{end - begin}; the header is inconsistent")
-        return SafeTensor(name, dtype, tuple(shape), self.path, self.data_start + begin, nbytes, self)
+        return Tensor(name, tuple(shape), Dense(dtype), MappedRegion(self, self.data_start + begin, DTYPES[dtype],
+                                                                      self.path), nbytes)
 
     def _check_layout(self) -> None:
-        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        spans = sorted((t.source.offset, t.source.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
         prev_end, prev_name = self.data_start, None
         for begin, end, name in spans:
             if begin < prev_end:
@@ -275,7 +199,7 @@ class Checkpoint:
         self.dir = model_dir
         self.files = files
         self.index = index
-        self.tensors: dict[str, SafeTensor] = {}
+        self.tensors: dict[str, Tensor] = {}
         for f in files:
             for name in sorted(f.tensors):
                 if name in self.tensors:
@@ -286,7 +210,7 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def __getitem__(self, name: str) -> SafeTensor:
+    def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
 
     @property

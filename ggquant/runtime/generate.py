@@ -82,3 +82,33 @@ def generate(session: Session, tokenizer: Tokenizer | None, prompt_ids: list[int
                 on_text(tail)
     gen.decode_seconds = time.perf_counter() - t0
     return gen
+
+
+def run(model, prompt: str = "", n_predict: int = 128, *, temp: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+        min_p: float = 0.05, seed: int | None = None, device: str = "cpu", threads: int | None = None,
+        ctx: int | None = None, n_batch: int = 512, add_bos: bool = True, special: bool = False,
+        outtype: str | None = None, all_logits: bool = False,
+        on_text: Callable[[str], None] | None = None) -> tuple[Generation, object, list[int]]:
+    """`ggquant run`: load MODEL (a GGUF, or a Hugging Face folder converted in memory), tokenize
+    the prompt, evaluate it and sample n_predict tokens. Returns (generation, model, prompt ids)."""
+    from .model import load_model
+
+    if n_predict < 0:
+        raise GGQuantError(f"-n must be >= 0, got {n_predict}")
+    sampler = Sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    m = load_model(model, device=device, threads=threads, outtype=outtype)
+    tok = Tokenizer.from_gguf(m.reader)
+    ids = tok.encode(prompt, add_special=add_bos, parse_special=special)
+    if not ids:
+        raise GGQuantError("the prompt is empty (and no BOS is added): give --prompt")
+    if ctx is None:
+        ctx = min(m.n_ctx_train, len(ids) + max(n_predict, 1))
+    if ctx > m.n_ctx_train:
+        raise GGQuantError(f"--ctx-size {ctx} exceeds the model's training context {m.n_ctx_train}")
+    if len(ids) > ctx:
+        raise GGQuantError(f"the prompt has {len(ids)} tokens but the context holds {ctx} "
+                           f"(the model's training context is {m.n_ctx_train}); shorten the prompt or raise --ctx-size")
+    gen = generate(Session(m, n_ctx=ctx, n_batch=n_batch), tok, ids, n_predict, sampler, on_text=on_text,
+                   all_logits=all_logits)
+    return gen, m, ids
+

@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
-from ggquant.formats.gguf import TensorSizes
+from ggquant.tensor import Blocks, Dense, Tensor
 
 # --outtype values the runtime can run (the converter's own outtypes; every type they produce
 # has CPU and CUDA kernels). llama-quantize presets would quantize the whole model at load time.
@@ -61,36 +61,24 @@ def stored_outtype(model_dir: Path) -> str:
     return "auto"
 
 
-class HFTensor(TensorSizes):
-    """One planned text tensor: what GGUFReader's TensorInfo offers the runtime (name, shape in
-    numpy order, qtype, sizes) with raw() computed on demand."""
-
-    __slots__ = ("name", "shape", "qtype", "nbytes", "_plan", "_reader")
+class PlannedBytes:
+    """The source of a tensor of the converted model: the bytes `ggquant convert` writes for it,
+    computed from the checkpoint when asked for (Tensor.raw()), nothing cached."""
 
     def __init__(self, plan, reader: "HFFolderReader"):
-        self.name = plan.name
-        self.shape = tuple(int(d) for d in plan.shape)
-        self.qtype = plan.qtype
-        self.nbytes = plan.nbytes
-        self._plan = plan
-        self._reader = reader
+        self.plan = plan
+        self.reader = reader
+        self.where = reader.path
 
-    @property
-    def source(self) -> str | None:
-        """The checkpoint tensor it comes from (None for generated tensors such as rope_freqs)."""
-        return self._plan.hf_name
-
-    def raw(self) -> np.ndarray:
-        """Read-only uint8 [n_rows, row_bytes]: the bytes `ggquant convert` writes for this tensor."""
-        if self._reader.closed:
-            raise GGQuantError(f"{self._reader.path}: tensor '{self.name}': the folder was closed; open it again")
-        data = _tensor_bytes(self._plan)
-        out = data.reshape(self.n_rows, self.row_bytes)
+    def rows(self, t: Tensor, start: int, stop: int) -> np.ndarray:
+        if self.reader.closed:
+            raise GGQuantError(f"{self.reader.path}: tensor '{t.name}': the folder was closed; open it again")
+        out = _tensor_bytes(self.plan).reshape(t.n_outer, -1)[start:stop]
         out.flags.writeable = False  # like a view of a GGUF mmap (and the same numba array type)
         return out
 
-    def __repr__(self) -> str:
-        return f"HFTensor({self.name!r}, shape={self.shape}, qtype={self.qtype.name})"
+    def release(self, t: Tensor, start: int, stop: int) -> None:
+        pass
 
 
 def _has_signalling_nan(bits: np.ndarray) -> bool:
@@ -104,16 +92,15 @@ def _has_signalling_nan(bits: np.ndarray) -> bool:
 
 def _tensor_bytes(t) -> np.ndarray:
     """The whole tensor's bytes as a flat uint8 array, equal to what convert.tensor_chunks yields."""
-    from ggquant.convert import _quiet_bf16_nans, tensor_chunks
-    from ggquant.formats.safetensors import SafeTensor
+    from ggquant.convert.encode import quiet_bf16_nans, tensor_chunks
 
     src = t.src
-    if (isinstance(src, SafeTensor) and src.shape and t.generated is None and t.transform.identity
+    if (src is not None and isinstance(src.encoding, Dense) and src.shape and t.generated is None and t.transform.identity
             and (src.dtype, t.qtype) in _SAME_BYTES):
         # Stored unchanged: one view of the whole (possibly trimmed) tensor instead of chunk copies.
         view = src.rows(0, t.n_outer)
         if src.dtype == "BF16" and _has_signalling_nan(view):
-            view = _quiet_bf16_nans(view)  # the converter writes quiet NaNs (a copy, rare)
+            view = quiet_bf16_nans(view)  # the converter writes quiet NaNs (a copy, rare)
         if not view.flags.aligned:  # the kernels view the bytes as f32/u16: keep numba's aligned array type
             view = view.copy()
         return view.reshape(-1).view(np.uint8)
@@ -134,15 +121,12 @@ def _tensor_bytes(t) -> np.ndarray:
 
 
 def _fields(kv, where: Path) -> dict:
-    """The plan's metadata as GGUFReader parses it from the converted file: GGUFWriter encodes the
-    key/values into header bytes (memory only; nothing is written) and the reader's parser reads
-    them back, so types, value representations and float32 rounding are the file's."""
-    from ggquant.formats import gguf as gguf_io
+    """The plan's metadata as GGUFReader parses it from the converted file (GGUFWriter.fields)."""
+    from ggquant.formats.gguf import GGUFWriter
 
-    w = gguf_io.GGUFWriter(where / "in-memory.gguf", force=True)  # write() is never called
+    w = GGUFWriter(where / "in-memory.gguf", force=True)  # write() is never called
     kv.write_to(w)
-    header, _ = w._header(0, 1, [])
-    return gguf_io._parse_buf(where, header, len(header)).fields
+    return w.fields()
 
 
 class HFFolderReader:
@@ -157,7 +141,8 @@ class HFFolderReader:
         self._arch = arch
         self.closed = False
         self.fields = _fields(part.kv, path)
-        self.tensors: list[HFTensor] = [HFTensor(t, self) for t in part.tensors]
+        self.tensors: list[Tensor] = [Tensor(t.name, tuple(int(d) for d in t.shape), Blocks(t.qtype),
+                                             PlannedBytes(t, self), t.nbytes) for t in part.tensors]
         self._by_name = {t.name: t for t in self.tensors}
 
     @property
@@ -165,7 +150,7 @@ class HFFolderReader:
         ckpt = self._arch.ckpt
         return [f.path for f in ckpt.files] if ckpt is not None else []
 
-    def tensor(self, name: str) -> HFTensor:
+    def tensor(self, name: str) -> Tensor:
         try:
             return self._by_name[name]
         except KeyError:
@@ -221,9 +206,7 @@ def open_hf_folder(path: str | Path, outtype: str | None = None) -> HFFolderRead
 
 
 def _has_quantized_weights(conv) -> bool:
-    from ggquant.convert_quantized import QuantizedSourceTensor
-
-    return any(isinstance(t.src, QuantizedSourceTensor) for f in conv.files for t in f.tensors)
+    return any(t.source_quant for f in conv.files for t in f.tensors)
 
 
 def _prefer_exact_transcoding(path: Path, conv, arch, ot: str):
@@ -243,4 +226,4 @@ def _prefer_exact_transcoding(path: Path, conv, arch, ot: str):
         arch2.ckpt.close()
     return conv, arch, ot
 
-__all__ = ["HFFolderReader", "HFTensor", "RUNTIME_OUTTYPES", "open_hf_folder", "stored_outtype", "weights_label"]
+__all__ = ["HFFolderReader", "RUNTIME_OUTTYPES", "open_hf_folder", "stored_outtype", "weights_label"]

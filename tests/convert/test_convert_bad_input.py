@@ -254,15 +254,16 @@ def test_failure_while_writing_leaves_nothing(monkeypatch, tmp_path):
     """All or nothing across the text and mmproj files: an error in the second file's payload
     removes the first file too, and no temporary file stays behind."""
     from ggquant import convert as conv
+    from ggquant.convert import encode as enc
 
-    real = conv.encode
+    real = enc.encode
 
     def boom(x, qtype, imatrix, what):
         if "v.blk.1" in what:
             raise GGQuantError(f"{what}: simulated failure")
         return real(x, qtype, imatrix, what)
 
-    monkeypatch.setattr(conv, "encode", boom)
+    monkeypatch.setattr(enc, "encode", boom)
     out = tmp_path / "m.gguf"
     with pytest.raises(GGQuantError, match="simulated"):
         conv.convert(tiny_model("gemma4_e4b"), outtype="q8_0", outfile=out, mmproj=True)

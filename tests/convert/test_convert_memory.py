@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from ggquant.arch.base import TensorPlan
-    from ggquant.convert import Pipeline, tensor_chunks
+    from ggquant.convert.encode import Pipeline, tensor_chunks
     from ggquant.formats.gguf import GGUFWriter
     from ggquant.formats.safetensors import SafetensorsFile
     from ggquant.quant import types as qt

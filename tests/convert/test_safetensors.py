@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats.safetensors import SafetensorsFile, open_checkpoint, to_float32
+from ggquant.formats.safetensors import SafetensorsFile, open_checkpoint
+from ggquant.tensor import to_float32
 
 
 def write_st(path, header: dict, data: bytes, raw_header: bytes | None = None):

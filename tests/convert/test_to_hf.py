@@ -25,7 +25,7 @@ from ggquant.fixtures import tiny_model
 from ggquant.fixtures.tokenizer import CORPUS
 from ggquant.cli import main
 from ggquant.convert import convert
-from ggquant.export_hf import export_hf
+from ggquant.convert.gguf_to_hf import export_hf
 from ggquant.formats.gguf import GGUFReader
 
 # name -> (fixture, --dtype, with --mmproj)
@@ -54,9 +54,9 @@ class RoundTrip:
         self.hf = self.dir / "hf" / self.orig.name
         # E4B with towers goes through tiny row chunks: every inverse transform (norm shift,
         # conv reshapes, softplus) then works on many partial chunks
-        from ggquant import export_hf as ex
+        from ggquant.convert import encode
 
-        with mock.patch.object(ex, "CHUNK_BYTES", 256 if case == "e4b_mm" else ex.CHUNK_BYTES):
+        with mock.patch.object(encode, "CHUNK_BYTES", 256 if case == "e4b_mm" else encode.CHUNK_BYTES):
             self.export = export_hf(self.gguf[0], outfile=self.hf, dtype=self.dtype,
                                     mmproj=self.gguf[1] if self.mm else None)
 
@@ -230,11 +230,11 @@ def test_tokenizer_and_chat_template(round_trip, case):
 def test_quantized_gguf_dequantizes_in_chunks(tiny_gemma4_e4b, tmp_path, monkeypatch):
     """A Q8_0 GGUF comes back as F32 (--dtype auto: lossless), every tensor equal to ggml's
     dequantization, also when read in many small row chunks."""
-    from ggquant import export_hf as ex
+    from ggquant.convert import encode
     from ggquant.quant import types as qtypes
 
     text = convert(tiny_gemma4_e4b, outtype="q8_0", outfile=tmp_path / "q.gguf").written[0]
-    monkeypatch.setattr(ex, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 512)
     e = export_hf(text, outfile=tmp_path / "hf")
     assert e.dtype == "F32"
     state = _state(tmp_path / "hf")
@@ -305,7 +305,7 @@ MEMORY_SCRIPT = r'''
 import os, resource, sys
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType as V
-from ggquant.export_hf import GGUFSource, HFTensor, tensor_chunks
+from ggquant.convert.gguf_to_hf import GGUFSource, HFTensor, tensor_chunks
 from ggquant.formats.gguf import GGUFWriter
 from ggquant.formats.hf_writer import SafetensorsWriter
 from ggquant.quant import types as qt

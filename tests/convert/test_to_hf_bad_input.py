@@ -130,7 +130,7 @@ def test_existing_output_needs_force(ggufs, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(ggufs, tmp_path, monkeypatch):
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     real = ex.tensor_chunks
 
@@ -147,7 +147,7 @@ def test_failure_while_writing_leaves_nothing(ggufs, tmp_path, monkeypatch):
 
 def test_failure_while_writing_keeps_the_old_folder(ggufs, tmp_path, monkeypatch):
     """--force replaces the folder only once the new one is complete."""
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     out = tmp_path / "out"
     out.mkdir()

@@ -40,7 +40,7 @@ TEXTS = (("requests", "LICENSE"), ("requests", "METADATA"), ("jinja2", "METADATA
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from ggquant.export_hf import export_hf
+    from ggquant.convert.gguf_to_hf import export_hf
     from tests.real_models import gemma3_270m_gguf
 
     gguf = gemma3_270m_gguf()

@@ -15,7 +15,7 @@ from ggquant.imatrix.collect import collect_imatrix
 from ggquant.imatrix.files import save_gguf
 from ggquant.parity.engines import LlamaCppEngine
 from ggquant.parity.stats import ParityStats
-from ggquant.quant.requantize import quantize_gguf
+from ggquant.convert.gguf_to_gguf import quantize_gguf
 from ggquant.runtime.tokenizer import Tokenizer
 from tests import real_text
 from tests.real_models import gemma3_270m_gguf

@@ -10,7 +10,7 @@ from ggquant.cli import main
 from ggquant.imatrix.collect import collect_imatrix
 from ggquant.imatrix.files import load
 from ggquant.formats.gguf import GGUFReader
-from ggquant.quant.requantize import quantize_gguf
+from ggquant.convert.gguf_to_gguf import quantize_gguf
 from ggquant.runtime.tokenizer import Tokenizer
 from tests import real_text
 from tests.imatrix import llama_imatrix

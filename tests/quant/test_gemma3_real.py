@@ -7,7 +7,7 @@ from gguf import LlamaFileType as F
 
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import types as qtypes
-from ggquant.quant.requantize import quantize_gguf
+from ggquant.convert.gguf_to_gguf import quantize_gguf
 from tests import ggml_oracle
 from tests.quant.test_quantize_gguf import assert_same_model
 from tests.real_models import gemma3_270m_gguf

@@ -8,7 +8,7 @@ from gguf import LlamaFileType as F
 
 from ggquant.errors import GGQuantError
 from ggquant.quant import presets
-from ggquant.quant.requantize import quantize_gguf
+from ggquant.convert.gguf_to_gguf import quantize_gguf
 from tests import ggml_oracle
 from tests.toy_models import build_toy_llama
 

@@ -248,13 +248,14 @@ def _dequantized_copy(out: Path, qdir: str, digest: str) -> Path:
     import torch
     from safetensors import safe_open
 
-    from ggquant.formats.quantized import _torch_to_numpy, open_quantized
+    from ggquant.formats.quantized import open_quantized
+    from ggquant.formats.quantized.records import torch_to_numpy
 
     qdir_p = Path(qdir)
     cfg = json.loads((qdir_p / "config.json").read_text())
     f = safe_open(str(qdir_p / "model.safetensors"), "pt")
     names = list(f.keys())
-    model = open_quantized(cfg, names, lambda n: _torch_to_numpy(f.get_tensor(n))[0])
+    model = open_quantized(cfg, names, lambda n: torch_to_numpy(f.get_tensor(n))[0])
     sd = {n: f.get_tensor(n) for n in names if n not in model.consumed}
     for rec in model:
         sd[rec.name] = torch.from_numpy(np.ascontiguousarray(rec.dequantize()))

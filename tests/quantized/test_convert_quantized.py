@@ -7,7 +7,7 @@ For each format a tiny Gemma 4 E4B (tests/quantized/gemma4_quantized.py) is conv
   dequantized to F32 and converted by ggquant as a plain HF checkpoint, within what the types
   allow (exact weights: only llama.cpp's Q8_0 activation rounding in Q4_0/Q5_0/Q4_1 matmuls);
 - the plan (types, exact/lossy, SQNR), the GGUF metadata, --exact and --dry-run behave as the
-  module docstring of ggquant.convert_quantized says.
+  module docstring of ggquant.convert.quantized says.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from gguf import LlamaFileType
 
 from ggquant.cli import main
 from ggquant.convert import convert
-from ggquant.convert_quantized import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, QuantizedSourceTensor
+from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED
 from ggquant.errors import GGQuantError
 from ggquant.formats.gguf import GGUFReader
 from tests import ggml_oracle
@@ -44,7 +44,7 @@ MLX_8BIT = {"model.language_model.layers.1.mlp.down_proj": {"bits": 8}}
 
 
 def _quantized_plans(conv, part: int = 0):
-    return [t for t in conv.files[part].tensors if isinstance(t.src, QuantizedSourceTensor)]
+    return [t for t in conv.files[part].tensors if t.source_quant]
 
 
 def _types(conv, part: int = 0) -> dict[str, str]:
@@ -56,13 +56,13 @@ def assert_exact_tensors_bit_equal(conv, path: Path) -> int:
     n = 0
     with GGUFReader(path) as r:
         for t in _quantized_plans(conv):
-            if not t.src.exact:
+            if not t.exact:
                 continue
             g = r.tensor(t.name)
             assert g.qtype == t.qtype
             got = ggml_oracle.dequantize(t.qtype, np.ascontiguousarray(g.raw()).view(np.uint8).reshape(t.shape[0], -1),
                                          t.shape[-1])
-            want = t.src.rec.dequantize((0, t.n_outer))
+            want = t.src.encoding.record.dequantize((0, t.n_outer))
             assert_bits_equal(got.reshape(want.shape), want, t.name)
             n += 1
     return n
@@ -125,7 +125,7 @@ def test_ct_w4a16_gemma4_is_exact_q4_0_and_runs(ct_dir, ct_gguf):
     assert text.name == "model-q4_0.gguf"  # --outtype auto names the file after the quantized weights
     types = _types(conv)
     plans = _quantized_plans(conv)
-    assert len(plans) == N_TEXT_LINEARS and all(t.src.exact and t.qtype == T.Q4_0 for t in plans)
+    assert len(plans) == N_TEXT_LINEARS and all(t.exact and t.qtype == T.Q4_0 for t in plans)
     # the seed's ignore list: PLE and the towers stay bf16 (norms F32, as llama.cpp converts them)
     for name in PLE + ("token_embd.weight", "blk.0.inp_gate.weight", "blk.0.proj.weight"):
         assert types[name] == "BF16", name
@@ -161,7 +161,7 @@ def test_ct_preset_keeps_int4_exact_and_honours_tensor_type(ct_dir, tmp_path):
     assert {t.qtype for t in plans if ".attn_q." not in t.name} == {T.Q4_0}
     # an explicit --tensor-type is honoured, and int4 codes fit Q8_0 exactly too
     assert {t.qtype for t in plans if ".attn_q." in t.name} == {T.Q8_0}
-    assert all(t.src.exact for t in plans)
+    assert all(t.exact for t in plans)
     assert _types(conv)["token_embd.weight"] not in ("BF16", "F32")  # the preset still quantizes bf16 tensors
     assert assert_exact_tensors_bit_equal(conv, path) == N_TEXT_LINEARS
     with GGUFReader(path) as r:
@@ -247,7 +247,7 @@ def test_gptq_act_order_fp16_scales_is_lossy_and_exact_refuses(tmp_path):
     with GGUFReader(path) as r:
         assert len(r.get(KEY_REQUANTIZED)) == 60 and len(r.get(KEY_EXACT)) == 12
     assert assert_exact_tensors_bit_equal(conv, path) == 12
-    assert all(t.src.sqnr > 40 for t in _quantized_plans(conv) if not t.src.exact)
+    assert all(t.sqnr > 40 for t in _quantized_plans(conv) if not t.exact)
     assert_logits_close(path, qdir, tmp_path, LOSSY_LOGIT_TOL)
 
 
@@ -268,9 +268,9 @@ def test_lossy_requantization_uses_the_imatrix(tmp_path):
     checked = differs = 0
     with GGUFReader(path) as r:
         for t in _quantized_plans(conv):
-            if t.src.exact or not qtypes.get(t.qtype).uses_imatrix:
+            if t.exact or not qtypes.get(t.qtype).uses_imatrix:
                 continue
-            w = t.src.rec.dequantize()
+            w = t.src.encoding.record.dequantize()
             got = np.ascontiguousarray(r.tensor(t.name).raw()).view(np.uint8).reshape(t.shape[0], -1)
             assert np.array_equal(got, ggml_oracle.quantize(t.qtype, w, vectors[t.name])), t.name
             differs += not np.array_equal(got, ggml_oracle.quantize(t.qtype, w))
@@ -285,7 +285,7 @@ def test_mlx_affine_q4_1_exact_8bit_lossy(tmp_path):
     qdir = G.build_mlx(overrides=MLX_8BIT)
     path = tmp_path / "mlx.gguf"
     conv = convert(qdir, outfile=path)
-    types = {t.name: (t.qtype, t.src.exact) for t in _quantized_plans(conv)}
+    types = {t.name: (t.qtype, t.exact) for t in _quantized_plans(conv)}
     assert types.pop("blk.1.ffn_down.weight") == (T.Q8_0, False)  # 256 levels: no exact GGML type
     # the other text Linears, per_layer_model_proj and both embeddings (token_embd, per_layer_token_embd)
     assert len(types) == N_TEXT_LINEARS - 1 + 3
@@ -317,7 +317,7 @@ def test_glq_types_above_bpw_with_sqnr(tmp_path):
         assert t["sqnr_db"] > (40 if t["type"] == "Q8_0" else 22), t
     path = tmp_path / "glq.gguf"
     conv = convert(qdir, outfile=path)
-    real = {t.name: t.src.sqnr for t in _quantized_plans(conv)}
+    real = {t.name: t.sqnr for t in _quantized_plans(conv)}
     assert real == pytest.approx({n: t["sqnr_db"] for n, t in rows.items()}, abs=1e-3)  # dry run = real run
     assert_logits_close(path, qdir, tmp_path, LOSSY_LOGIT_TOL)
 
@@ -329,15 +329,15 @@ def test_glq_types_above_bpw_with_sqnr(tmp_path):
                                    lambda: G.build_gptq(act_order=True), lambda: G.build_mlx(overrides=MLX_8BIT)],
                          ids=["ct", "gptq-sym", "gptq-asym", "gptq-act-order", "mlx"])
 def test_source_blocks_dequantize_like_the_source(build):
-    # convert_quantized.exact_chunk compares ggml's reading of the packed bytes with the blocks'
+    # convert.encode.exact_chunk compares ggml's reading of the packed bytes with the blocks'
     # float32(u) * d (+ m); those equal the reader's exact dequantization bit for bit
     conv = convert(build(), dry_run=True)
     n = 0
     for t in _quantized_plans(conv):
-        blocks = t.src.rec.blocks()
+        blocks = t.src.encoding.record.blocks()
         if isinstance(blocks, str):
             continue
-        assert_bits_equal(blocks.dequantize(), t.src.rec.dequantize(), t.name)
+        assert_bits_equal(blocks.dequantize(), t.src.encoding.record.dequantize(), t.name)
         n += 1
     assert n >= 12
 

@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats import glq as glq_reader
+from ggquant.formats.quantized import glq as glq_reader
 from ggquant.formats.quantized import open_quantized
 from tests.quantized.util import assert_bits_equal, open_dir
 

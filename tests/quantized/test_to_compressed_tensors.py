@@ -20,7 +20,7 @@ from ggquant.cli import main
 from ggquant.convert import convert
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import types as qtypes
-from ggquant.quant.requantize import quantize_gguf
+from ggquant.convert.gguf_to_gguf import quantize_gguf
 
 ct = pytest.importorskip("compressed_tensors")
 torch = pytest.importorskip("torch")
@@ -76,7 +76,7 @@ def _ggml(gguf):
 
 @pytest.mark.parametrize("qt,bits", [("Q4_0", 4), ("Q8_0", 8)])
 def test_exact_equals_ggml(exported, qt, bits):
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     g, d, _ = exported[qt]
     plan, sources = ex.plan_export(g, outfile=d)
@@ -123,7 +123,7 @@ def test_lossy_requantizes_other_types(exported):
     assert "lossy" in output
     got, _ = _library_decompress(d)
     want, _ = _ggml(g)
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     plan, sources = ex.plan_export(g, outfile=d)
     for s in sources:
@@ -176,7 +176,7 @@ def test_transformers_loads_and_decompresses(exported):
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     g, d, _ = exported["Q4_0"]
     plan, sources = ex.plan_export(g, outfile=d)
@@ -202,8 +202,8 @@ def test_transformers_loads_and_decompresses(exported):
 def test_bf16_export_keeps_exact_fp16_scales(exported, tmp_path):
     """--dtype bf16: the float tensors are bf16, the scales fp16 (the d of each block, stored
     exactly); decompressed with float32 scales the weights are still ggml's bit for bit."""
-    from ggquant.export_hf import export_hf
-    from ggquant.formats.ct_writer import CompressedTensorsLinears
+    from ggquant.convert.gguf_to_hf import export_hf
+    from ggquant.convert.to_compressed_tensors import CompressedTensorsLinears
 
     g = exported["Q4_0"][0]
     lin = CompressedTensorsLinears()
@@ -227,7 +227,7 @@ def test_group_128_is_compressed_tensors_own_int4(exported, tmp_path):
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     g = exported["Q4_0"][0]
     d = tmp_path / "ct"
@@ -262,7 +262,7 @@ def test_int4_g128_rule_equals_library(kind):
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-    from ggquant.formats.ct_writer import quantize_int4_sym
+    from ggquant.convert.to_compressed_tensors import quantize_int4_sym
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((16, 512)).astype(np.float32)
@@ -316,7 +316,7 @@ def test_mixed_q4_0_q8_0_two_exact_groups(mixed):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     g, d = mixed
     plan, sources = ex.plan_export(g, outfile=d)
@@ -394,7 +394,7 @@ def test_mixed_loads_in_transformers(mixed):
     get_dense_scheme), so it misreads the int8 group of any multi-group checkpoint.)"""
     from transformers import AutoModelForCausalLM
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     g, d = mixed
     plan, sources = ex.plan_export(g, outfile=d)
@@ -419,8 +419,8 @@ def test_mixed_loads_in_transformers(mixed):
 def test_q8_0_with_other_types_keeps_q8_0_exact(exported, tmp_path):
     """Q8_0 next to a type int4/int8 cannot hold (Q5_0): the Q8_0 Linears stay exact int8 (group_1),
     only the Q5_0 ones are requantized to int4 (group_0)."""
-    from ggquant.export_hf import export_hf
-    from ggquant.formats.ct_writer import CompressedTensorsLinears
+    from ggquant.convert.gguf_to_hf import export_hf
+    from ggquant.convert.to_compressed_tensors import CompressedTensorsLinears
 
     g5 = exported["Q5_0"][0]
     g = tmp_path / "m-q5-q8.gguf"

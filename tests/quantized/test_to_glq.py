@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from ggquant.cli import main
 from ggquant.convert import convert
 from ggquant.errors import GGQuantError
-from ggquant.formats import glq_writer as W
+from ggquant.convert import to_glq as W
 from tests.quantized.util import open_dir
 
 glq = pytest.importorskip("glq")
@@ -77,7 +77,7 @@ def e2b_glq3(e2b_gguf, root):
 
 def _float_export(gguf: Path, out: Path) -> Path:
     """The same GGUF as a plain float HF folder (the float model the GLQ one approximates)."""
-    from ggquant.export_hf import export_hf
+    from ggquant.convert.gguf_to_hf import export_hf
 
     if not out.exists():
         export_hf(gguf, outfile=out)
@@ -148,7 +148,7 @@ def test_layout_and_config(e4b_glq2, e4b_gguf):
     stages a layer does not use; every other tensor as `--to hf` writes it."""
     from safetensors import safe_open
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     r = e4b_glq2
     cfg = json.loads((r.out / "config.json").read_text())
@@ -238,7 +238,7 @@ def test_cli_json_and_reproducible(e2b_glq3, e2b_gguf):
     same bytes, and ggquant's reader equals that W_hat."""
     from safetensors import safe_open
 
-    from ggquant import export_hf as ex
+    from ggquant.convert import gguf_to_hf as ex
 
     d, rep = e2b_glq3
     g = rep["glq"]
@@ -273,7 +273,6 @@ def test_cli_json_and_reproducible(e2b_glq3, e2b_gguf):
 def test_round_trip_to_gguf(e4b_glq2, root):
     """GLQ -> GGUF: every GLQ Linear becomes a GGML type above its bpw, with its SQNR reported
     (against ggquant's dequantization of the GLQ weights), recomputed here from the GGUF."""
-    from ggquant.convert_quantized import QuantizedSourceTensor
     from ggquant.formats.gguf import GGUFReader
     from ggquant.quant import types as qtypes
 
@@ -283,14 +282,14 @@ def test_round_trip_to_gguf(e4b_glq2, root):
     rows = {t["name"]: t for t in json.loads(text)["files"][0]["tensors"] if "source_format" in t}
     assert len(rows) == 96
     conv = convert(e4b_glq2.out, dry_run=True)
-    plans = {t.name: t for t in conv.files[0].tensors if isinstance(t.src, QuantizedSourceTensor)}
+    plans = {t.name: t for t in conv.files[0].tensors if t.source_quant}
     with GGUFReader(out) as r:
         for name, row in rows.items():
             assert row["source_format"] == "glq/e8_shell" and row["exact"] is False
             assert row["sqnr_db"] > 20, row  # one GGML step above 2 bpw (Q5_0/Q4_K here) on ~10 dB weights
             g = r.tensor(name)
             got = qtypes.get(g.qtype).dequantize(g.raw(), g.shape)
-            want = plans[name].src.rec.dequantize()
+            want = plans[name].src.encoding.record.dequantize()
             sqnr = 10 * np.log10((want.astype(np.float64) ** 2).sum() / ((got - want).astype(np.float64) ** 2).sum())
             assert sqnr == pytest.approx(row["sqnr_db"], abs=1e-3), name
 
@@ -372,7 +371,7 @@ def _hf_weight(d: Path, mod: str) -> np.ndarray:
 
 
 def test_core_does_not_import_glq():
-    code = "import sys, ggquant.cli, ggquant.convert, ggquant.formats.glq_writer; " \
+    code = "import sys, ggquant.cli, ggquant.convert, ggquant.convert.to_glq; " \
            "print([m for m in sys.modules if m == 'glq' or m.startswith('glq.')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])

@@ -1,7 +1,7 @@
 """The one-pass exact packing kernel (ggquant.kernels.transcode) that `ggquant convert` uses:
 the same bytes as the general packer (ggquant.quant.transcode), ggml dequantizes them to the
 source values bit for bit, and every block that cannot be exact is reported at its index; the
-converter's chunk path (convert_quantized.exact_chunk) then falls back to the general packer.
+converter's chunk path (convert.encode.exact_chunk) then falls back to the general packer.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ggquant.convert_quantized import exact_chunk
-from ggquant.formats.quantized import AffineQuantTensor
+from ggquant.convert.encode import exact_chunk
+from ggquant.formats.quantized.records import AffineQuantTensor
 from ggquant.kernels.transcode import pack_exact
 from ggquant.quant import transcode as tc
 from tests import ggml_oracle

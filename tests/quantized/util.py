@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ggquant.formats.quantized import QuantizedModel, open_quantized
+from ggquant.formats.quantized import open_quantized
+from ggquant.formats.quantized.records import QuantizedModel
 
 
 def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
@@ -20,9 +21,9 @@ def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
     names = list(f.keys())
     if via == "torch":
         return open_quantized(cfg, names, f.get_tensor)
-    from ggquant.formats.quantized import _torch_to_numpy
+    from ggquant.formats.quantized.records import torch_to_numpy
 
-    return open_quantized(cfg, names, lambda n: _torch_to_numpy(f.get_tensor(n))[0])
+    return open_quantized(cfg, names, lambda n: torch_to_numpy(f.get_tensor(n))[0])
 
 
 def bits(x: np.ndarray) -> np.ndarray:

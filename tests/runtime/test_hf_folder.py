@@ -123,11 +123,11 @@ def _mapped_base(x):
 def test_opening_reads_no_tensor_data_and_raw_is_lazy(monkeypatch):
     """Opening plans only; raw() computes one tensor when asked. A bf16 weight run as bf16 is a
     view of the safetensors mmap (no copy); run as f32 only that tensor is widened."""
-    from ggquant.formats.safetensors import SafeTensor
+    from ggquant.tensor import Tensor
 
     read: list[str] = []
-    orig = SafeTensor.rows
-    monkeypatch.setattr(SafeTensor, "rows", lambda self, a, b: read.append(self.name) or orig(self, a, b))
+    orig = Tensor.rows
+    monkeypatch.setattr(Tensor, "rows", lambda self, a, b: read.append(self.name) or orig(self, a, b))
     folder = tiny_model("gemma4_e4b")
     bf16 = open_reader(folder)
     f32 = open_reader(folder, "f32")

@@ -32,7 +32,8 @@ import re
 import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats.quantized import IntCodes, IntQuantTensor, QuantizedModel, Source, unpack_stream
+from ggquant.formats.quantized import reader
+from ggquant.formats.quantized.records import IntCodes, IntQuantTensor, QuantizedModel, Source, unpack_stream
 
 __all__ = ["read", "AWQ_PACK_ORDER"]
 
@@ -60,6 +61,7 @@ def _fullmatch_or_match(pattern: str, name: str) -> bool:
     return re.match(pattern, name) is not None
 
 
+@reader("gptq", "auto-round", "awq")
 def read(config: dict, src: Source, method: str) -> QuantizedModel:
     qc = config["quantization_config"]
     notes: list[str] = []

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ggquant.convert.encode import row_chunks
+from ggquant.convert.gguf_to_hf import tensor_chunks
 from ggquant.errors import GGQuantError
 
 T = GGMLQuantizationType
@@ -199,7 +201,6 @@ class CompressedTensorsLinears:
 
     # -- writing ----------------------------------------------------------------------------
     def chunks(self, p, export) -> Iterator[np.ndarray]:
-        from ggquant.export_hf import tensor_chunks
 
         for suffix in _SUFFIXES:
             if p.name.endswith(suffix) and p.name[:-len(suffix)] in self.quantized:
@@ -209,23 +210,20 @@ class CompressedTensorsLinears:
         yield from tensor_chunks(next(t for t in export.tensors if t.name == p.name), export.dtype)
 
     def _module_chunks(self, t, suffix: str, bits: int) -> Iterator[np.ndarray]:
-        from ggquant.export_hf import CHUNK_BYTES
         from ggquant.quant import types as qtypes
 
         n_out, n_in = t.shape
         if suffix == ".weight_shape":
             yield np.array([n_out, n_in], dtype=np.int64)
             return
-        src, target = t.source, _EXACT[bits]
-        step = max(1, CHUNK_BYTES // (4 * n_in))
-        for a in range(0, n_out, step):
-            b = min(n_out, a + step)
+        src, target = t.source.tensors[t.gguf_name], _EXACT[bits]
+        for a, b in row_chunks(n_out, n_in):
             if self.group != GROUP:
-                words, d = quantize_int4_sym(src.floats(t.gguf_name, a, b), self.group)
+                words, d = quantize_int4_sym(src.float_rows(a, b), self.group)
             elif t.gguf_type == target or (t.gguf_type == T.Q4_0 and bits == 8):
-                raw = src.raw_rows(t.gguf_name, a, b)
+                raw = src.rows(a, b)
             else:  # lossy: ggml's dequantization, requantized to Q4_0 / Q8_0 (int4 / int8 sym group 32)
-                raw = qtypes.get(target).quantize(src.floats(t.gguf_name, a, b), what=t.gguf_name)
+                raw = qtypes.get(target).quantize(src.float_rows(a, b), what=t.gguf_name)
             if self.group == GROUP:
                 pack = pack_q4_0 if bits == 4 else (pack_q4_0_as_int8 if t.gguf_type == T.Q4_0 else pack_q8_0)
                 words, d = pack(raw, n_in)
@@ -233,7 +231,7 @@ class CompressedTensorsLinears:
                 yield words
             else:
                 yield d.astype(np.float32) if self.scale_dtype == "F32" else d
-            src.release(t.gguf_name, a, b)
+            src.release(a, b)
 
     # -- config -----------------------------------------------------------------------------
     def quantization_config(self) -> dict:

@@ -39,9 +39,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,7 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ggquant.convert.encode import row_chunks
+from ggquant.convert.gguf_to_hf import tensor_chunks
 from ggquant.errors import GGQuantError
+from ggquant.files import check_overwrite, output_folder
 
 GLQ_PIN = "0.8.16"  # the last glq release installable on Python 3.11 (research note §0.1)
 MISSING_GLQ = f"--to glq needs the optional glq package (GPL-3.0): pip install glq=={GLQ_PIN}"
@@ -122,7 +123,7 @@ def library() -> _Library:
     and a per-process cache of the paired residual scale (see the module docstring)."""
     import torch
 
-    from ggquant.formats.glq import e8_shell_codebook
+    from ggquant.formats.quantized.glq import e8_shell_codebook
 
     cb_cls, quantize_layer = import_glq()
     from importlib.metadata import version
@@ -332,8 +333,6 @@ class _GGUFHook(GLQLinears):
         return _sorted_by_width(out)
 
     def chunks(self, p, export) -> Iterator[np.ndarray]:
-        from ggquant.export_hf import tensor_chunks
-
         if self.module_of(p.name) is not None:
             yield self.module_chunk(p.name, _export_floats)
             return
@@ -342,8 +341,6 @@ class _GGUFHook(GLQLinears):
 
 def _export_floats(t) -> np.ndarray:
     """An export tensor (GGUF source, HF layout after the inverse transform) as float32."""
-    from ggquant.export_hf import tensor_chunks
-
     parts = [np.ascontiguousarray(c).reshape(-1).view(np.uint8) for c in tensor_chunks(t, "F32")]
     return np.concatenate(parts).view(np.float32).reshape(t.shape).copy()
 
@@ -403,7 +400,7 @@ def export_glq(src, *, outfile, bpw: int = DEFAULT_BPW, imatrix=None, dtype: str
         res = _export_hf_folder(Path(src), Path(outfile), GLQLinears(**hook_args), force=force, dry_run=dry_run,
                                 progress=progress)
     else:
-        from ggquant.export_hf import export_hf
+        from ggquant.convert.gguf_to_hf import export_hf
 
         hook = _GGUFHook(**hook_args)
         e = export_hf(src, outfile=outfile, dtype=dtype, mmproj=mmproj, force=force, dry_run=dry_run,
@@ -448,7 +445,7 @@ def _hf_imatrix_names(model_dir: Path, config: dict, ckpt) -> dict[str, str]:
 
 def _export_hf_folder(model_dir: Path, out: Path, hook: GLQLinears, *, force: bool, dry_run: bool,
                       progress: bool) -> GLQExport:
-    from ggquant.export_hf import DEFAULT_MAX_SHARD_BYTES, _replace_dir
+    from ggquant.convert.gguf_to_hf import DEFAULT_MAX_SHARD_BYTES
     from ggquant.formats.hf_writer import DTYPE_BYTES, SafetensorsWriter
     from ggquant.formats.safetensors import FLOAT_DTYPES, open_checkpoint
 
@@ -461,8 +458,7 @@ def _export_hf_folder(model_dir: Path, out: Path, hook: GLQLinears, *, force: bo
         raise GGQuantError(f"{model_dir}: already quantized (quant_method {qc.get('quant_method')!r}); --to glq "
                            f"quantizes float weights: convert it to GGUF first (ggquant convert {model_dir}) and "
                            f"convert that GGUF --to glq")
-    if out.exists() and not force:
-        raise GGQuantError(f"{out} already exists; pass --force to replace it (or choose another --outfile)")
+    check_overwrite([out], force)
     if out.exists() and not out.is_dir():
         raise GGQuantError(f"{out} exists and is not a folder; --to glq writes a folder")
     ckpt = open_checkpoint(model_dir)
@@ -487,9 +483,7 @@ def _export_hf_folder(model_dir: Path, out: Path, hook: GLQLinears, *, force: bo
                         sorted([p.name for p in side] + writer.file_names()), planned)
         if dry_run:
             return res
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        with output_folder(out) as tmp:
             writer.folder = tmp
             bar = None
             if progress:
@@ -503,9 +497,7 @@ def _export_hf_folder(model_dir: Path, out: Path, hook: GLQLinears, *, force: bo
                     yield hook.module_chunk(p.name, lambda t: t.float_rows(0, t.n_outer).copy())
                     return
                 t = ckpt[p.name]
-                step = max(1, (32 << 20) // max(t.outer_bytes, 1))
-                for a in range(0, t.n_outer, step):
-                    b = min(t.n_outer, a + step)
+                for a, b in row_chunks(t.n_outer, t.outer_bytes // 4):
                     yield t.rows(a, b) if t.shape else t.rows(0, 1)
                     t.release(a, b)
 
@@ -517,10 +509,6 @@ def _export_hf_folder(model_dir: Path, out: Path, hook: GLQLinears, *, force: bo
             for p in side:
                 data = p.read_bytes()
                 (tmp / p.name).write_bytes(hook.config_json(data) if p.name == "config.json" else data)
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         res.written = True
         return res
     finally:

@@ -53,11 +53,8 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
     folder (Gemma 4, Gemma 3) converted in memory exactly as `ggquant convert` would, without writing a GGUF."""
     import numpy as np
 
-    from ggquant.runtime.generate import generate
+    from ggquant.runtime.generate import run
     from ggquant.runtime.hf_source import weights_label
-    from ggquant.runtime.model import Session, load_model
-    from ggquant.runtime.sampling import Sampler
-    from ggquant.runtime.tokenizer import Tokenizer
 
     if prompt is not None and prompt_file is not None:
         raise GGQuantError("give either --prompt or --prompt-file, not both")
@@ -67,35 +64,25 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
         prompt = prompt_file.read_text(encoding="utf-8")
     if prompt is None:
         prompt = ""
-    if n_predict < 0:
-        raise GGQuantError(f"-n must be >= 0, got {n_predict}")
     if logits_out is not None and logits_out.exists() and not force:
         raise GGQuantError(f"{logits_out} exists; pass --force to overwrite it")
-    sampler = Sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-    m = load_model(model, device=device, threads=threads, outtype=outtype)
-    tok = Tokenizer.from_gguf(m.reader)
-    ids = tok.encode(prompt, add_special=not no_bos, parse_special=special)
-    if not ids:
-        raise GGQuantError("the prompt is empty (and no BOS is added): give --prompt")
-    if ctx is None:
-        ctx = min(m.n_ctx_train, len(ids) + max(n_predict, 1))
-    if ctx > m.n_ctx_train:
-        raise GGQuantError(f"--ctx-size {ctx} exceeds the model's training context {m.n_ctx_train}")
-    if len(ids) > ctx:
-        raise GGQuantError(f"the prompt has {len(ids)} tokens but the context holds {ctx} "
-                           f"(the model's training context is {m.n_ctx_train}); shorten the prompt or raise --ctx-size")
-    sess = Session(m, n_ctx=ctx, n_batch=n_batch)
     out = sys.stdout
-    if not as_json:
-        out.write(prompt)
+    started = []
+
+    def on_text(s):  # the prompt is echoed once the model has loaded and tokenized it
+        if as_json:
+            return
+        if not started:
+            out.write(prompt)
+            started.append(True)
+        out.write(s)
         out.flush()
 
-    def on_text(s):
-        if not as_json:
-            out.write(s)
-            out.flush()
-
-    gen = generate(sess, tok, ids, n_predict, sampler, on_text=on_text, all_logits=logits_out is not None)
+    gen, m, ids = run(model, prompt, n_predict, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                      device=device, threads=threads, ctx=ctx, n_batch=n_batch, add_bos=not no_bos, special=special,
+                      outtype=outtype, all_logits=logits_out is not None, on_text=on_text)
+    if not as_json and not started:
+        out.write(prompt)
     if logits_out is not None:
         logits_out.parent.mkdir(parents=True, exist_ok=True)
         np.save(logits_out, gen.prompt_logits.astype(np.float32))

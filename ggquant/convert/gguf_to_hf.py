@@ -23,11 +23,7 @@ beside the target and renamed into place at the end.
 from __future__ import annotations
 
 import json
-import mmap
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,10 +33,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
 from ggquant.arch.base import IDENTITY, MMPROJ, TEXT, Arch, GGUFFacts, Transform
+from ggquant.convert.encode import row_chunks
 from ggquant.errors import GGQuantError
+from ggquant.files import check_overwrite, output_folder
 
 T = GGMLQuantizationType
-CHUNK_BYTES = 32 << 20  # float32 working set of one chunk
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical save_pretrained default ("5GB")
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _RAW_OK = {(T.F32, "F32"), (T.F16, "F16"), (T.BF16, "BF16")}
@@ -63,8 +60,8 @@ def arch_for_gguf(name: str, path: Path) -> type[Arch]:
 
 
 class GGUFSource:
-    """A GGUF opened for the reverse direction: metadata and tensor infos from GGUFReader,
-    payload rows from a private read-only map whose pages are handed back after each chunk."""
+    """A GGUF opened for the reverse direction: its tensors (Tensor records, Blocks encoding, read
+    as views of the map and released chunk by chunk) and its facts for the architecture."""
 
     def __init__(self, path: Path):
         from ggquant.formats.gguf import GGUFReader
@@ -74,56 +71,11 @@ class GGUFSource:
             raise GGQuantError(f"{self.path}: not found; pass a .gguf file")
         self.reader = GGUFReader(self.path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self._maps: dict[Path, tuple] = {}
         fields = {k: f.value for k, f in self.reader.fields.items()}
         self.facts = GGUFFacts(self.path, fields, {n: tuple(t.shape) for n, t in self.tensors.items()},
-                               self.values)
-
-    def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            fd = open(file, "rb")
-            self._maps[file] = (fd, mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ))
-        return self._maps[file][1]
-
-    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """uint8 [stop - start, row_bytes] of GGML rows (innermost dimension) of a tensor."""
-        t = self.tensors[name]
-        mm = self._map(t.file)
-        rb = t.row_bytes
-        return np.frombuffer(mm, dtype=np.uint8, count=(stop - start) * rb,
-                             offset=t.offset + start * rb).reshape(stop - start, rb)
-
-    def release(self, name: str, start: int, stop: int) -> None:
-        t = self.tensors[name]
-        mm = self._maps.get(t.file, (None, None))[1]
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        a = (t.offset + start * t.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        b = min(len(mm), t.offset + stop * t.row_bytes)
-        if b > a:
-            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-
-    def floats(self, name: str, start: int, stop: int) -> np.ndarray:
-        """GGML rows [start, stop) of a tensor, dequantized to float32 [stop - start, ne0]."""
-        from ggquant.quant import types as qtypes
-
-        t = self.tensors[name]
-        ne0 = t.shape[-1] if t.shape else 1
-        return qtypes.get(t.qtype).dequantize(self.raw_rows(name, start, stop), (stop - start, ne0))
-
-    def values(self, name: str) -> np.ndarray:
-        """A whole (small) tensor as float32, flattened."""
-        t = self.tensors[name]
-        return self.floats(name, 0, t.n_rows).reshape(-1)
+                               lambda name: self.tensors[name].float_rows(0, self.tensors[name].n_outer).reshape(-1))
 
     def close(self) -> None:
-        for fd, mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:
-                pass
-            fd.close()
-        self._maps = {}
         self.reader.close()
 
 
@@ -309,31 +261,20 @@ def tensor_chunks(t: HFTensor, dtype: str) -> Iterator[np.ndarray]:
     """The HF bytes of one tensor, one bounded chunk of outer rows at a time."""
     from ggquant.formats.hf_writer import encode_dtype
 
-    src = t.source
+    src = t.source.tensors[t.gguf_name]
     gshape = t.gguf_shape if t.gguf_shape else (1,)
-    n_outer = gshape[0]
     inner = int(np.prod(gshape[1:], dtype=np.int64)) if len(gshape) > 1 else 1
-    ne0 = gshape[-1]
-    rows_per_outer = max(1, inner // ne0) if len(gshape) > 1 else 1
-    step = max(1, CHUNK_BYTES // (4 * max(inner, 1)))
     raw = t.inverse.identity and (t.gguf_type, dtype) in _RAW_OK
-    for a in range(0, n_outer, step):
-        b = min(n_outer, a + step)
-        if len(gshape) == 1:
-            r0, r1 = 0, 1
-        else:
-            r0, r1 = a * rows_per_outer, b * rows_per_outer
+    # a vector goes whole (its inverse transform may need all of it)
+    chunks = row_chunks(src.n_outer, inner) if len(gshape) > 1 else [(0, src.n_outer)]
+    for a, b in chunks:
         if raw:
-            yield src.raw_rows(t.gguf_name, r0, r1)
+            yield src.rows(a, b)
         else:
-            x = src.floats(t.gguf_name, r0, r1)
-            x = x.reshape((b - a,) + tuple(gshape[1:])) if len(gshape) > 1 else x.reshape(gshape)
-            y = t.inverse(x, "F32")
-            yield encode_dtype(y, dtype)
-            del x, y
-        src.release(t.gguf_name, r0, r1)
-        if len(gshape) == 1:
-            break
+            x = src.float_rows(a, b).reshape((b - a,) + tuple(gshape[1:]) if len(gshape) > 1 else gshape)
+            yield encode_dtype(t.inverse(x, "F32"), dtype)
+            del x
+        src.release(a, b)
 
 
 def _hf_generation_config(config: dict) -> dict:
@@ -364,7 +305,7 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
               progress: bool = False, linears=None) -> Export:
     """Convert a GGUF (+ mmproj) to a Hugging Face folder; returns what was (or would be) written.
     `linears`: a hook that writes the Linear weights in a quantized layout (entries, chunks,
-    config_json; formats.ct_writer.CompressedTensorsLinears for --to compressed-tensors)."""
+    config_json; convert.to_compressed_tensors.CompressedTensorsLinears for --to compressed-tensors)."""
     from ggquant.formats.hf_writer import SafetensorsWriter
 
     t0 = time.perf_counter()
@@ -375,8 +316,7 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
     export, sources = plan_export(src, outfile=outfile, dtype=dtype, mmproj=mmproj)
     try:
         out = export.out
-        if out.exists() and not force:
-            raise GGQuantError(f"{out} already exists; pass --force to replace it (or choose another --outfile)")
+        check_overwrite([out], force)
         if out.exists() and not out.is_dir():
             raise GGQuantError(f"{out} exists and is not a folder; --to hf writes a folder")
         cls = type(export.model)
@@ -395,9 +335,7 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
         assert sorted(side) == sorted(side_names), (sorted(side), side_names)
         if linears is not None:
             side["config.json"] = linears.config_json(side["config.json"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        with output_folder(out) as tmp:
             writer.folder = tmp
             by_name = {t.name: t for t in export.tensors}
             bar = None
@@ -415,34 +353,12 @@ def export_hf(src, *, outfile, dtype: str = "auto", mmproj=None, force: bool = F
                     bar.close()
             for name, data in side.items():
                 (tmp / name).write_bytes(data)
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         export.written = True
         export.seconds = time.perf_counter() - t0
         return export
     finally:
         for s in sources:
             s.close()
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing one (--force) is moved aside first and
-    deleted only after the rename succeeded."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_export(e: Export) -> str:

@@ -1,4 +1,6 @@
-"""The `ggquant` command line. Flag names follow llama.cpp's tools where the meaning is the same."""
+"""`ggquant imatrix`: collect (llama-imatrix), show and convert importance matrices."""
+
+from __future__ import annotations
 
 import json
 import sys
@@ -10,88 +12,6 @@ import numpy as np
 from ggquant.errors import GGQuantError
 
 
-class _Group(click.Group):
-    """Print GGQuantError as one readable line (no traceback) and exit 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except GGQuantError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-
-
-def _size(text: str | None) -> int | None:
-    """llama.cpp's --split-max-size syntax: 500M, 2G, or plain bytes."""
-    if text is None:
-        return None
-    mult = {"K": 1000, "M": 1000**2, "G": 1000**3}
-    t = text.strip().upper()
-    try:
-        return int(float(t[:-1]) * mult[t[-1]]) if t[-1] in mult else int(t)
-    except (ValueError, IndexError):
-        raise GGQuantError(f"--split-max-size {text!r}: expected a size like 500M or 2G") from None
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="ggquant")
-def main():
-    """ggquant: move LLM weights into and out of GGUF, bit-exact with ggml, and prove it."""
-
-
-@main.command()
-@click.argument("inp", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path), required=False)
-@click.option("--outtype", required=True, help="Preset: Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S "
-              "Q2_K IQ4_XS IQ4_NL Q4_0 Q4_1 Q5_0 Q5_1 F16 BF16 F32")
-@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Override the type of tensors whose name matches REGEX (first match wins).")
-@click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd (and per_layer_token_embd).")
-@click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight.")
-@click.option("--pure", is_flag=True, help="No mixture rules: every quantizable tensor gets the preset's type.")
-@click.option("--allow-requantize", is_flag=True, help="Allow requantizing tensors that are already quantized.")
-@click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and sizes; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-@click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
-@click.option("--split-max-size", help="Split the output into shards of at most this size (e.g. 2G).")
-def quantize(inp, out, outtype, imatrix, tensor_types, token_embedding_type, output_tensor_type, pure,
-             allow_requantize, dry_run, as_json, force, threads, split_max_size):
-    """Quantize a GGUF with llama.cpp's presets and mixture rules (bit-exact with llama-quantize)."""
-    from ggquant.quant.requantize import default_outfile, format_plan, quantize_gguf
-
-    out = out or default_outfile(inp, outtype)
-    res = quantize_gguf(inp, out, outtype, imatrix=imatrix, tensor_types=tensor_types, pure=pure,
-                        allow_requantize=allow_requantize, token_embedding_type=token_embedding_type,
-                        output_tensor_type=output_tensor_type, dry_run=dry_run, force=force, threads=threads,
-                        progress=not as_json and sys.stderr.isatty(), split_max_size=_size(split_max_size))
-    if as_json:
-        click.echo(json.dumps(res.to_json(), indent=1))
-    elif dry_run:
-        click.echo(format_plan(res))
-    else:
-        changed = sum(c.converts for c in res.tensors)
-        click.echo(f"{inp} -> {', '.join(res.written)}: {res.outtype}, {changed}/{len(res.tensors)} tensors "
-                   f"converted, {res.bytes_in / 2**20:.2f} MiB -> {res.bytes_out / 2**20:.2f} MiB "
-                   f"in {res.seconds:.1f} s")
-
-
-@main.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
-def inspect(path, as_json):
-    """Show a GGUF's metadata and tensors, or a safetensors folder's config and tensors."""
-    from ggquant.formats.inspect import format_report
-    from ggquant.formats.inspect import inspect as do_inspect
-
-    rep = do_inspect(path)
-    click.echo(json.dumps(rep, indent=1) if as_json else format_report(rep))
-
-
-from ggquant.convert import convert_command  # noqa: E402
-main.add_command(convert_command, "convert")
-
 class _ImatrixGroup(click.Group):
     """`ggquant imatrix MODEL -f TEXT ...` collects; `imatrix show|convert ...` are subcommands."""
 
@@ -101,12 +21,12 @@ class _ImatrixGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@main.group(cls=_ImatrixGroup)
-def imatrix():
+@click.group("imatrix", cls=_ImatrixGroup)
+def imatrix_command():
     """Importance matrices: collect (ggquant imatrix MODEL -f TEXT -o OUT), show, convert."""
 
 
-@imatrix.command("collect")
+@imatrix_command.command("collect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-f", "--file", "text_file", type=click.Path(path_type=Path), required=True,
               help="Calibration text (UTF-8).")
@@ -150,7 +70,7 @@ def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, t
                    f"({stats['tokens_per_s']:.1f} tokens/s) -> {out}")
 
 
-@imatrix.command("show")
+@imatrix_command.command("show")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--top", type=int, default=5, help="Columns with the largest mean squared activation to list.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
@@ -179,7 +99,7 @@ def imatrix_show(path, top, as_json):
         click.echo(f"  {r['name']:<40} n_in {r['n_in']:>6}  count {cnt}  top {tops}")
 
 
-@imatrix.command("convert")
+@imatrix_command.command("convert")
 @click.argument("inp", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--output-format", type=click.Choice(["gguf", "dat"]), required=True)
@@ -191,13 +111,3 @@ def imatrix_convert(inp, out, output_format, force):
     im = load(inp)
     (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)
     click.echo(f"{inp} -> {out} ({output_format}, {len(im.entries)} entries)")
-
-
-from ggquant.runtime.cli import parity_command, run_command  # noqa: E402
-
-main.add_command(run_command, "run")
-main.add_command(parity_command, "parity")
-
-
-if __name__ == "__main__":
-    main()

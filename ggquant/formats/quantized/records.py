@@ -1,36 +1,7 @@
-"""Already-quantized Hugging Face checkpoints: detection and the record every reader yields.
+"""The record every quantized-checkpoint reader yields (QuantizedTensor and its kinds), the raw
+tensor access the readers share (Source), and the bit unpacking of their packed layouts.
 
-Readers (one module each): compressed-tensors (`compressed_tensors.py`), GPTQ / AutoRound / AWQ
-(`gptq.py`), MLX affine (`mlx.py`) and GLQ (`glq.py`). Facts about the layouts are in
-shared/research/compressed-tensors-gptq-gguf-mapping.md and glq-format.md.
-
-Entry point:
-
-    model = open_quantized(config, names, get)     # None for an unquantized checkpoint
-    for rec in model:                              # one record per quantized logical weight
-        rec.name        # "model.layers.0.self_attn.q_proj.weight" (checkpoint naming)
-        rec.shape       # (out, in), numpy order of the float weight
-        rec.encoding    # "compressed-tensors pack-quantized int4 sym group128"
-        rec.dequantize(rows=None)           -> float32 [rows, in], the source's exact dequantization
-        rec.exact_ggml(candidates=None)     -> (GGMLQuantizationType, uint8 [rows, row_bytes]) | None
-        rec.exact_ggml_or_reason(...)       -> the same tuple, or a str saying why nothing is exact
-    model.consumed      # raw tensor names the records replace (weight_packed, scales, qzeros, ...)
-
-`config` is the parsed config.json; `names` every tensor name in the checkpoint; `get(name)`
-returns a raw tensor: a numpy array (BF16 as uint16 bits and FP8 as uint8 bits, the storage
-convention of ggquant.formats.safetensors), a torch tensor, or an object with a safetensors
-`dtype` string and `read()` / `rows(start, stop)` (ggquant.formats.safetensors.SafeTensor).
-Nothing is read until a record's payload is asked for; `rows=(start, stop)` reads only those
-output rows where the layout allows it.
-
-"Exact dequantization" means the float32 value the source format defines, computed with one
-rounding: (q - zero) * scale for integer formats (always exactly representable), scale * q + bias
-for MLX affine (one rounding of the sum, as mlx's float32 kernels do), fp8 * scale for FP8, and
-glq's own reconstruction for GLQ. Libraries that return bf16/fp16 round this value once more.
-
-Unknown quantization methods, formats, codebooks and bit widths are refused with an error that
-names them: ggquant never guesses a layout.
-"""
+The registry and detection live in ggquant.formats.quantized (this package's __init__)."""
 
 from __future__ import annotations
 
@@ -48,23 +19,8 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "detect", "open_quantized", "SUPPORTED_METHODS", "rows_range", "unpack_stream", "unpack_per_word",
+    "rows_range", "unpack_stream", "unpack_per_word",
 ]
-
-# quant_method values (lower-cased) -> reader family.
-_METHOD_ALIASES = {
-    "compressed-tensors": "compressed-tensors",
-    "compressed_tensors": "compressed-tensors",
-    "gptq": "gptq",
-    "auto-round": "auto-round",
-    "auto_round": "auto-round",
-    "autoround": "auto-round",
-    "intel/auto-round": "auto-round",
-    "awq": "awq",
-    "glq": "glq",
-}
-SUPPORTED_METHODS = ("compressed-tensors", "gptq", "auto-round", "awq", "glq", "mlx")
-
 
 # --------------------------------------------------------------------------------------------
 # Raw tensor access
@@ -78,7 +34,7 @@ _NP_TAGS = {
 }
 
 
-def _torch_to_numpy(t) -> tuple[np.ndarray, str]:
+def torch_to_numpy(t) -> tuple[np.ndarray, str]:
     import torch
 
     t = t.detach().cpu()
@@ -129,7 +85,7 @@ class Source:
         if type(obj).__module__.startswith("torch"):
             if rows is not None and obj.ndim > 0:
                 obj = obj[rows[0]:rows[1]]
-            return _torch_to_numpy(obj)
+            return torch_to_numpy(obj)
         if isinstance(getattr(obj, "dtype", None), str) and hasattr(obj, "read"):
             if rows is not None and hasattr(obj, "rows") and len(getattr(obj, "shape", ())) > 0:
                 return obj.rows(*rows), obj.dtype
@@ -529,64 +485,3 @@ class QuantizedModel:
     def metadata(self) -> dict[str, str]:
         """Provenance for GGUF metadata (the converter adds which tensors went exact)."""
         return {"ggquant.source.quantization": self.method, "ggquant.source.quantization_desc": self.description}
-
-
-# --------------------------------------------------------------------------------------------
-# Detection
-
-
-def detect(config: dict) -> str | None:
-    """The quantization family of a parsed config.json, None when the weights are not quantized.
-
-    Raises GGQuantError for a quantization method ggquant does not read, naming it.
-    """
-    qc = config.get("quantization_config")
-    if isinstance(qc, dict) and "quant_method" in qc:
-        raw = str(qc["quant_method"])
-        method = _METHOD_ALIASES.get(raw.lower())
-        if method is None:
-            raise GGQuantError(
-                f"config.json quantization_config.quant_method is {raw!r}, which ggquant does not read; "
-                f"supported: {', '.join(SUPPORTED_METHODS)}. Convert the checkpoint to bf16 first."
-            )
-        return method
-    mlx_cfg = config.get("quantization")
-    if isinstance(mlx_cfg, dict) and ("bits" in mlx_cfg or "group_size" in mlx_cfg):
-        return "mlx"
-    if isinstance(qc, dict) and ("bits" in qc and "group_size" in qc):
-        return "mlx"  # mlx-lm writes the same dict as "quantization" and "quantization_config"
-    if isinstance(qc, dict) and qc:
-        raise GGQuantError(
-            f"config.json has a quantization_config without quant_method (keys: {', '.join(sorted(qc))}); "
-            f"ggquant cannot tell which format it is"
-        )
-    return None
-
-
-def open_quantized(config: dict, names: Iterable[str], get: Callable[[str], Any]) -> QuantizedModel | None:
-    """Read the quantized weights of a checkpoint (see module docstring); None if not quantized."""
-    method = detect(config)
-    if method is None:
-        return None
-    src = Source(names, get)
-    if method == "compressed-tensors":
-        from ggquant.formats import compressed_tensors
-
-        return compressed_tensors.read(config, src)
-    if method in ("gptq", "auto-round", "awq"):
-        from ggquant.formats import gptq
-
-        return gptq.read(config, src, method)
-    if method == "mlx":
-        from ggquant.formats import mlx
-
-        return mlx.read(config, src)
-    if method == "glq":
-        from ggquant.formats import glq
-
-        return glq.read(config, src)
-    raise AssertionError(method)
-
-
-def transcoded_result(res) -> Transcoded:  # small helper for callers holding a tuple
-    return Transcoded(*res)

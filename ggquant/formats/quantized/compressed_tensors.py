@@ -36,7 +36,8 @@ import re
 import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats.quantized import (
+from ggquant.formats.quantized import reader
+from ggquant.formats.quantized.records import (
     IntCodes, IntQuantTensor, QuantizedModel, QuantizedTensor, Source, unpack_per_word, unpack_stream,
 )
 
@@ -166,7 +167,8 @@ def _unpack(words: np.ndarray, bits: int, n: int, legacy: bool) -> np.ndarray:
     return unpack_per_word(words, bits, n) if legacy else unpack_stream(words, bits, n)
 
 
-def read(config: dict, src: Source) -> QuantizedModel:
+@reader("compressed-tensors")
+def read(config: dict, src: Source, method: str) -> QuantizedModel:
     qc = config["quantization_config"]
     version = _version(qc.get("version"))
     for key in ("transform_config", "sparsity_config"):
@@ -450,7 +452,7 @@ class FloatQuantTensor(QuantizedTensor):
         self._load = load  # rows -> (fp8 bytes uint8 [R, n], per-element-broadcastable scale float32)
 
     def dequantize(self, rows=None) -> np.ndarray:
-        from ggquant.formats.quantized import rows_range
+        from ggquant.formats.quantized.records import rows_range
 
         x, s = self._load(rows_range(rows, self.shape[0]))
         return FP8_E4M3_TO_F32[x] * s

@@ -38,7 +38,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats.quantized import QuantizedModel, QuantizedTensor, Source, rows_range
+from ggquant.formats.quantized import reader
+from ggquant.formats.quantized.records import QuantizedModel, QuantizedTensor, Source, rows_range
 
 __all__ = ["read", "e8_shell_codebook", "derive_e8_shell_codebook", "GLQTensor", "CODEBOOK_SHA256",
            "SUGGESTED_TYPES", "block_sizes", "fht"]
@@ -214,7 +215,8 @@ class GLQTensor(QuantizedTensor):
                 f"holds them (F32 does); suggested type {self.suggested_type.name}")
 
 
-def read(config: dict, src: Source) -> QuantizedModel:
+@reader("glq")
+def read(config: dict, src: Source, method: str) -> QuantizedModel:
     qc = config["quantization_config"]
     codebook = str(qc.get("codebook", "e8_shell"))
     if codebook != "e8_shell":

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType
 
+from ggquant.convert.encode import CHUNK_BYTES
 from ggquant.errors import GGQuantError
 from ggquant.imatrix import files as imatrix_files
 from ggquant.quant import presets
@@ -25,12 +26,8 @@ KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
 KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
-_DROPPED_KEYS = ("split.no", "split.count", "split.tensors.count",
+DROPPED_KEYS = ("split.no", "split.count", "split.tensors.count",
                  "general.quantization_version", "general.file_type")
-
-# Bound on the float32 working set of one chunk (the writer holds one chunk at a time).
-CHUNK_BYTES = 32 << 20
-
 
 @dataclass
 class Result:
@@ -70,7 +67,7 @@ def encode_rows(rows_u8: np.ndarray, src: qtypes.GGMLType, dst: qtypes.GGMLType,
     return dst.quantize(x, imatrix, what)
 
 
-def tensor_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
+def requantized_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
     """Generator of output byte chunks for reader tensor `t`, one bounded row range at a time.
 
     3-D (expert) tensors use their own imatrix slice per expert, and chunks never cross an
@@ -88,7 +85,7 @@ def tensor_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
         im = None
         if imatrix is not None:
             im = imatrix[expert * n_per_row : (expert + 1) * n_per_row] if imatrix.size > n_per_row else imatrix
-        yield encode_rows(t.rows(start, stop), src, dst, n_per_row, im, t.name)
+        yield encode_rows(t.block_rows(start, stop), src, dst, n_per_row, im, t.name)
         start = stop
 
 
@@ -127,7 +124,7 @@ def quantize_gguf(inp, out, outtype: str, *, imatrix=None, tensor_types=(), pure
 
         writer = GGUFWriter(out, force=force, split_max_size=split_max_size, alignment=reader.alignment)
         for f in reader.fields.values():
-            if f.name not in _DROPPED_KEYS:
+            if f.name not in DROPPED_KEYS:
                 writer.add_field(f.name, f.value, f.type, f.item_type)
         writer.add_field("general.quantization_version", GGML_QUANT_VERSION, GGUFValueType.UINT32)
         writer.add_field("general.file_type", int(ftype), GGUFValueType.UINT32)
@@ -144,7 +141,7 @@ def quantize_gguf(inp, out, outtype: str, *, imatrix=None, tensor_types=(), pure
             t = reader.tensor(c.name)
             dst = qtypes.get(c.dst_type)
             vec = im_values.get(c.name) if dst.uses_imatrix else None
-            writer.add_tensor(c.name, c.shape, c.dst_type, _counted(tensor_chunks, bar, t, dst, vec))
+            writer.add_tensor(c.name, c.shape, c.dst_type, _counted(requantized_chunks, bar, t, dst, vec))
         writer.write()
         if bar is not None:
             bar.close()

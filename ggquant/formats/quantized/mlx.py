@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
-from ggquant.formats.quantized import AffineQuantTensor, QuantizedModel, Source, unpack_stream
+from ggquant.formats.quantized import reader
+from ggquant.formats.quantized.records import AffineQuantTensor, QuantizedModel, Source, unpack_stream
 
 __all__ = ["read", "SUPPORTED_BITS"]
 
@@ -43,7 +44,8 @@ def _params(d: dict, default: dict, where: str) -> tuple[int, int]:
     return bits, gs
 
 
-def read(config: dict, src: Source) -> QuantizedModel:
+@reader("mlx")
+def read(config: dict, src: Source, method: str) -> QuantizedModel:
     qc = config.get("quantization")
     if not isinstance(qc, dict):
         qc = config["quantization_config"]
