@@ -40,3 +40,19 @@ def test_transformers_gemma4_imports_from_repo_root():
     code = "import transformers.models.gemma4.modeling_gemma4, transformers.models.gemma3.modeling_gemma3"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_pyproject_lists_every_package():
+    """A wheel (`pip install ggquant`, not editable) ships only the packages pyproject lists."""
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    roots = {"ggquant": REPO / "ggquant"} | {name: REPO / d for name, d in cfg["package-dir"].items()}
+    found = set()
+    for prefix, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            if "__pycache__" not in rel and not any(p.startswith(".") for p in rel):
+                found.add(".".join((prefix, *rel)))
+    assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
