@@ -160,8 +160,6 @@ def test_layout_and_config(e4b_glq2, e4b_gguf):
 
     assert GLQConfig(**qc).to_dict() == {k: qc[k] for k in ("quant_method", "codebook", "codesz", "bpw", "layer_bpw")}
     plan, sources = ex.plan_export(e4b_gguf, outfile=r.out)
-    for s in sources:
-        s.close()
     with safe_open(str(r.out / "model.safetensors"), "np") as f:
         names = set(f.keys())
         for mod, res in r.linears.layers.items():
@@ -180,6 +178,8 @@ def test_layout_and_config(e4b_glq2, e4b_gguf):
                 if t.name.endswith("norm.weight"):
                     want = np.concatenate(list(ex.tensor_chunks(t, "F32"))).view(np.float32).reshape(t.shape)
                     assert np.array_equal(f.get_tensor(t.name).view(np.uint32), want.view(np.uint32)), t.name
+    for s in sources:
+        s.close()
     assert r.files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                        "tokenizer_config.json"]
     assert sorted(p.name for p in r.out.iterdir()) == r.files

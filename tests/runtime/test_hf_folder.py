@@ -123,11 +123,11 @@ def _mapped_base(x):
 def test_opening_reads_no_tensor_data_and_raw_is_lazy(monkeypatch):
     """Opening plans only; raw() computes one tensor when asked. A bf16 weight run as bf16 is a
     view of the safetensors mmap (no copy); run as f32 only that tensor is widened."""
-    from ggquant.tensor import Tensor
+    from ggquant.tensor import MappedRegion
 
-    read: list[str] = []
-    orig = Tensor.rows
-    monkeypatch.setattr(Tensor, "rows", lambda self, a, b: read.append(self.name) or orig(self, a, b))
+    read: list[str] = []  # tensors read from the safetensors files
+    orig = MappedRegion.rows
+    monkeypatch.setattr(MappedRegion, "rows", lambda self, t, a, b: read.append(t.name) or orig(self, t, a, b))
     folder = tiny_model("gemma4_e4b")
     bf16 = open_reader(folder)
     f32 = open_reader(folder, "f32")
@@ -138,7 +138,7 @@ def test_opening_reads_no_tensor_data_and_raw_is_lazy(monkeypatch):
     assert len(set(read)) == 1
     read.clear()
     w32 = f32.tensor(name).raw()
-    assert set(read) == {bf16.tensor(name).source} and w32.nbytes == 2 * w.nbytes
+    assert set(read) == {bf16.tensor(name).source.plan.hf_name} and w32.nbytes == 2 * w.nbytes
     assert w32.flags.owndata or not isinstance(_mapped_base(w32), mmap.mmap)
 
 
