@@ -31,7 +31,7 @@ Type of a quantized weight (research note compressed-tensors-gptq-gguf-mapping.m
      the source's codes (floor(bpw(P)) >= bits), the exact type of 2. (never requantize an int4
      weight to a 4-bit type through float: Q4_K_M keeps a W4A16 model's Q4_0 blocks); else P,
      requantized from the exact dequantization (lossy; with --imatrix when given).
-An exact tensor is written by ggquant.kernels.transcode (pack, read back as ggml does, compare
+An exact tensor is written by ggquant.kernels.quants.transcode (pack, read back as ggml does, compare
 with the source value) or, for what that kernel reports, the general packer with verify=True.
 Lossy quantized weights report their SQNR (10 log10 |w|^2 / |w - ggml(w)|^2, in dB, against the
 source's exact dequantization) in --dry-run and --json.
@@ -187,13 +187,13 @@ class QuantizedSourceTensor:
 def exact_chunk(rec: QuantizedTensor, qtype: T, rows: tuple[int, int]) -> np.ndarray | str:
     """Rows [start, stop) of `rec` as exact `qtype` bytes, or why they cannot be.
 
-    Block types first take the one-pass kernel (ggquant.kernels.transcode: pack, read back as
+    Block types first take the one-pass kernel (ggquant.kernels.quants.transcode: pack, read back as
     ggml does, compare with float32(u)*d (+ m), the source's own dequantization of its blocks);
     anything it reports goes through the general packer (offset folding, constant blocks) with
     verify=True, as do the float types.
     """
     if qtype in BLOCK_TYPES:
-        from ggquant.kernels.transcode import pack_exact
+        from ggquant.kernels.quants.transcode import pack_exact
 
         blocks = rec.blocks(rows)
         if not isinstance(blocks, str) and not (blocks.m is not None and qtype in (T.Q4_0, T.Q5_0, T.Q8_0)):
