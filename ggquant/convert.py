@@ -503,7 +503,8 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
               "folder; decoder Linears quantized by glq's E8 lattice quantizer: needs the optional glq package).")
 @click.option("--outtype", default="auto", show_default=True,
               help="f32, f16, bf16, q8_0 (llama.cpp converter rules), auto (bf16/f16 as the weights), or a "
-                   "llama-quantize preset: " + " ".join(p for p in PRESETS if p.lower() not in CONVERTER_OUTTYPES) + ".")
+                   "llama-quantize preset: "
+                   + " ".join(p for p in PRESETS if p.lower() not in CONVERTER_OUTTYPES) + ".")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "f16", "f32"]),
               help="--to hf: safetensors dtype; auto keeps BF16/F16 GGUFs as they are and writes F32 otherwise "
                    "(lossless for quantized GGUFs).")
