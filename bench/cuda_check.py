@@ -22,7 +22,8 @@ def main():
     from gguf import GGMLQuantizationType as T
 
     from ggquant.quant import types as qt
-    from ggquant.runtime.cuda import SUPPORTED, dequantize
+    from ggquant.quant.types import CUDA_TYPES
+    from ggquant.runtime.cuda import dequantize
     from ggquant.runtime.model import Session, load_model
 
     print("device:", torch.cuda.get_device_name())
@@ -37,7 +38,7 @@ def main():
         same = int((got.argmax(-1) == cpu.argmax(-1)).sum())
         print(f"{Path(path).name}: max |dlogit| cuda vs cpu = {d:.2e}, argmax {same}/{len(ids)}")
         print(f"{Path(path).name}: graph decode vs eager decode max |dlogit| = {graph_vs_eager(path):.2e}")
-    for qtype in SUPPORTED:
+    for qtype in CUDA_TYPES:
         x = (rng.standard_normal((64, 1024)) * rng.uniform(0.1, 3, (64, 1))).astype(np.float32)
         raw = qt.quantize(x, qtype)
         ref = qt.dequantize(raw, qtype, x.shape)

@@ -1,4 +1,4 @@
-"""GB/s of the Triton matvec kernels (ggquant/runtime/cuda_kernels.py) for each tile config on the
+"""GB/s of the Triton matvec kernels (kernels/ggquant_kernels/cuda/triton.py) for each tile config on the
 matrix shapes of Gemma 4 E4B, timed as a CUDA graph of calls (no launch gaps) that cycle through
 enough copies of each matrix to exceed the L2 cache (a decode step reads every weight cold), on a GPU:
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggquant.runtime import cuda_kernels as ck  # noqa: E402
+from ggquant.kernels.cuda import triton as ck  # noqa: E402
 from ggquant.runtime.cuda import repack  # noqa: E402
 
 SHAPES = [(2048, 2560), (512, 2560), (10240, 2560), (2560, 10240), (2560, 4096), (262144, 2560), (256, 2560), (2560, 256)]

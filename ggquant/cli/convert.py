@@ -11,7 +11,9 @@ import click
 
 from ggquant.convert import convert, export_hf
 from ggquant.convert.hf_to_gguf import format_plan
+from ggquant.arch.base import CONVERTER_OUTTYPES
 from ggquant.errors import GGQuantError
+from ggquant.quant.presets import PRESETS
 
 MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 
@@ -25,8 +27,8 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
               "folder; decoder Linears quantized by glq's E8 lattice quantizer: needs the optional glq package).")
 @click.option("--outtype", default="auto", show_default=True,
               help="f32, f16, bf16, q8_0 (llama.cpp converter rules), auto (bf16/f16 as the weights), or a "
-                   "llama-quantize preset: Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K IQ4_XS IQ4_NL "
-                   "Q4_0 Q4_1 Q5_0 Q5_1.")
+                   "llama-quantize preset: "
+                   + " ".join(p for p in PRESETS if p.lower() not in CONVERTER_OUTTYPES) + ".")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "f16", "f32"]),
               help="--to hf: safetensors dtype; auto keeps BF16/F16 GGUFs as they are and writes F32 otherwise "
                    "(lossless for quantized GGUFs).")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ggquant.errors import GGQuantError
+from ggquant.quant.presets import PRESETS
 
 
 def _size(text: str | None) -> int | None:
@@ -26,8 +27,7 @@ def _size(text: str | None) -> int | None:
 @click.command("quantize")
 @click.argument("inp", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path), required=False)
-@click.option("--outtype", required=True, help="Preset: Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S "
-              "Q2_K IQ4_XS IQ4_NL Q4_0 Q4_1 Q5_0 Q5_1 F16 BF16 F32")
+@click.option("--outtype", required=True, help="Preset: " + " ".join(PRESETS))
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of tensors whose name matches REGEX (first match wins).")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ggquant.errors import GGQuantError
+from ggquant.runtime.hf_source import RUNTIME_OUTTYPES
 
 
 def _default_text() -> tuple[str, str]:
@@ -43,7 +44,7 @@ def _default_text() -> tuple[str, str]:
 @click.option("--logits-out", type=click.Path(path_type=Path),
               help="Save the float32 logits of every prompt position, [n_tokens, n_vocab], as .npy.")
 @click.option("--force", is_flag=True, help="Overwrite --logits-out if it exists.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "auto"], case_sensitive=False),
+@click.option("--outtype", type=click.Choice([*RUNTIME_OUTTYPES, "auto"], case_sensitive=False),
               default=None, help="MODEL is a Hugging Face folder: the type its weights are converted to in memory, "
               "as `ggquant convert --outtype` would write them (default: the dtype they are stored in, bf16/f16/f32).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of streaming the text.")

@@ -100,7 +100,7 @@ def exact_chunk(rec, qtype: T, rows: tuple[int, int]) -> np.ndarray | str:
     """Rows [start, stop) of a quantized checkpoint's record as exact `qtype` bytes, or why they
     cannot be.
 
-    Block types first take the one-pass kernel (ggquant.kernels.transcode: pack, read back as
+    Block types first take the one-pass kernel (ggquant.kernels.quants.transcode: pack, read back as
     ggml does, compare with float32(u)*d (+ m), the source's own dequantization of its blocks);
     anything it reports goes through the general packer (offset folding, constant blocks) with
     verify=True, as do the float types.
@@ -108,7 +108,7 @@ def exact_chunk(rec, qtype: T, rows: tuple[int, int]) -> np.ndarray | str:
     from ggquant.quant.transcode import BLOCK_TYPES
 
     if qtype in BLOCK_TYPES:
-        from ggquant.kernels.transcode import pack_exact
+        from ggquant.kernels.quants.transcode import pack_exact
 
         blocks = rec.blocks(rows)
         if not isinstance(blocks, str) and not (blocks.m is not None and qtype in (T.Q4_0, T.Q5_0, T.Q8_0)):

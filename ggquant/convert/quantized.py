@@ -31,7 +31,7 @@ Type of a quantized weight (research note compressed-tensors-gptq-gguf-mapping.m
      the source's codes (floor(bpw(P)) >= bits), the exact type of 2. (never requantize an int4
      weight to a 4-bit type through float: Q4_K_M keeps a W4A16 model's Q4_0 blocks); else P,
      requantized from the exact dequantization (lossy; with --imatrix when given).
-An exact tensor is written by ggquant.kernels.transcode (pack, read back as ggml does, compare
+An exact tensor is written by ggquant.kernels.quants.transcode (pack, read back as ggml does, compare
 with the source value) or, for what that kernel reports, the general packer with verify=True.
 Lossy quantized weights report their SQNR (10 log10 |w|^2 / |w - ggml(w)|^2, in dB, against the
 source's exact dequantization) in --dry-run and --json.
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from ggquant.arch.base import MMPROJ, TEXT, Arch, TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
@@ -65,17 +65,7 @@ from ggquant.tensor import Dense, SourceQuant, Tensor, permuted, source_quant, t
 T = GGMLQuantizationType
 
 
-# general.file_type of an --outtype auto conversion, from the type holding most quantized weights.
-_FILE_TYPES = {
-    T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
-    T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-    T.Q5_1: LlamaFileType.MOSTLY_Q5_1, T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
-    T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M, T.Q6_K: LlamaFileType.MOSTLY_Q6_K,
-}
 FALLBACK_TYPE = T.Q8_0  # a non-exact integer source: ~0.5 % rel-RMSE for int4 act-order (note §7)
-# A K-quant suggested for a row that is not a whole number of 256-element super-blocks: the
-# 32-element type llama-quantize falls back to (llama-quant.cpp llama_tensor_get_type).
-_ROW_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 
 def bits_per_weight(qtype: T) -> float:
@@ -335,9 +325,12 @@ def _decide(t: TensorPlan, *, auto: bool, ruled: bool) -> None:
         return take(planned, False, f"{rec.encoding} -> {planned.name}: requantized ({bad or 'lossy'})")
     # --outtype auto
     if is_glq:
+        from ggquant.quant import types as qtypes
+
         sugg = getattr(rec, "suggested_type", FALLBACK_TYPE)
         if t.shape[-1] % GGML_QUANT_SIZES[sugg][0]:
-            sugg = _ROW_FALLBACK.get(sugg, FALLBACK_TYPE)
+            # a K-quant for a row that is not whole super-blocks: llama-quantize's 32-element fallback
+            sugg = qtypes.get(sugg).row_fallback or FALLBACK_TYPE
         if t.shape[-1] % GGML_QUANT_SIZES[sugg][0]:
             sugg = T.F16
         return take(sugg, False, f"{rec.encoding} -> {sugg.name} (no GGML type holds GLQ values; one step "
@@ -409,10 +402,11 @@ def _relabel(f, plans: list[TensorPlan], outfile) -> None:
     for t in plans:
         by_type[t.qtype] = by_type.get(t.qtype, 0) + t.n_elements
     main = max(by_type, key=lambda q: by_type[q])
-    if main not in _FILE_TYPES:
+    file_type = qtypes.get(main).file_type
+    if file_type is None:
         return
     if f.part == TEXT:
-        f.kv.u32(Keys.General.FILE_TYPE, int(_FILE_TYPES[main]))
+        f.kv.u32(Keys.General.FILE_TYPE, int(file_type))
     label = main.name
     old = f.outtype
     if label == old:

@@ -19,30 +19,22 @@ from gguf import LlamaFileType as F
 from ggquant.errors import GGQuantError
 from ggquant.quant import types as qtypes
 
-# llama_ftype_get_default_type
-DEFAULT_TYPE = {
-    F.ALL_F32: T.F32, F.MOSTLY_F16: T.F16, F.MOSTLY_BF16: T.BF16,
-    F.MOSTLY_Q4_0: T.Q4_0, F.MOSTLY_Q4_1: T.Q4_1, F.MOSTLY_Q5_0: T.Q5_0, F.MOSTLY_Q5_1: T.Q5_1,
-    F.MOSTLY_Q8_0: T.Q8_0,
-    F.MOSTLY_Q2_K: T.Q2_K, F.MOSTLY_Q2_K_S: T.Q2_K,
-    F.MOSTLY_Q3_K_S: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q3_K, F.MOSTLY_Q3_K_L: T.Q3_K,
-    F.MOSTLY_Q4_K_S: T.Q4_K, F.MOSTLY_Q4_K_M: T.Q4_K,
-    F.MOSTLY_Q5_K_S: T.Q5_K, F.MOSTLY_Q5_K_M: T.Q5_K,
-    F.MOSTLY_Q6_K: T.Q6_K,
-    F.MOSTLY_IQ4_NL: T.IQ4_NL, F.MOSTLY_IQ4_XS: T.IQ4_XS,
-}
-
-# The presets `ggquant quantize --outtype` accepts (llama-quantize's names).
-PRESETS = {
-    "Q8_0": F.MOSTLY_Q8_0, "Q6_K": F.MOSTLY_Q6_K,
-    "Q5_K_M": F.MOSTLY_Q5_K_M, "Q5_K_S": F.MOSTLY_Q5_K_S,
-    "Q4_K_M": F.MOSTLY_Q4_K_M, "Q4_K_S": F.MOSTLY_Q4_K_S,
-    "Q3_K_L": F.MOSTLY_Q3_K_L, "Q3_K_M": F.MOSTLY_Q3_K_M, "Q3_K_S": F.MOSTLY_Q3_K_S,
-    "Q2_K": F.MOSTLY_Q2_K,
-    "IQ4_XS": F.MOSTLY_IQ4_XS, "IQ4_NL": F.MOSTLY_IQ4_NL,
-    "Q4_0": F.MOSTLY_Q4_0, "Q4_1": F.MOSTLY_Q4_1, "Q5_0": F.MOSTLY_Q5_0, "Q5_1": F.MOSTLY_Q5_1,
-    "F16": F.MOSTLY_F16, "BF16": F.MOSTLY_BF16, "F32": F.ALL_F32,
-}
+# The file types ggquant quantizes to: llama-quantize's preset name (None: a mixture the quantizer
+# plans, Q2_K_S, that `--outtype` does not offer), the file type, and its default tensor type
+# (llama_ftype_get_default_type). `--outtype` lists the presets in this order.
+_PRESET_TABLE = (
+    ("Q8_0", F.MOSTLY_Q8_0, T.Q8_0), ("Q6_K", F.MOSTLY_Q6_K, T.Q6_K),
+    ("Q5_K_M", F.MOSTLY_Q5_K_M, T.Q5_K), ("Q5_K_S", F.MOSTLY_Q5_K_S, T.Q5_K),
+    ("Q4_K_M", F.MOSTLY_Q4_K_M, T.Q4_K), ("Q4_K_S", F.MOSTLY_Q4_K_S, T.Q4_K),
+    ("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K), ("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K), ("Q3_K_S", F.MOSTLY_Q3_K_S, T.Q3_K),
+    ("Q2_K", F.MOSTLY_Q2_K, T.Q2_K), (None, F.MOSTLY_Q2_K_S, T.Q2_K),
+    ("IQ4_XS", F.MOSTLY_IQ4_XS, T.IQ4_XS), ("IQ4_NL", F.MOSTLY_IQ4_NL, T.IQ4_NL),
+    ("Q4_0", F.MOSTLY_Q4_0, T.Q4_0), ("Q4_1", F.MOSTLY_Q4_1, T.Q4_1),
+    ("Q5_0", F.MOSTLY_Q5_0, T.Q5_0), ("Q5_1", F.MOSTLY_Q5_1, T.Q5_1),
+    ("F16", F.MOSTLY_F16, T.F16), ("BF16", F.MOSTLY_BF16, T.BF16), ("F32", F.ALL_F32, T.F32),
+)
+DEFAULT_TYPE = {ftype: qtype for _, ftype, qtype in _PRESET_TABLE}  # llama_ftype_get_default_type
+PRESETS = {name: ftype for name, ftype, _ in _PRESET_TABLE if name is not None}  # `--outtype`'s names
 
 
 def preset(name: str) -> F:
@@ -264,15 +256,12 @@ class Mixture:
 
     @staticmethod
     def _fallback(shape, target):
+        """tensor_type_fallback: the type's registry row_fallback, then F16."""
         ncols = shape[-1]
-        if ncols % qtypes.get(target).block_size == 0:
+        entry = qtypes.get(target)
+        if ncols % entry.block_size == 0:
             return target
-        ret = {
-            T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
-            T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
-            T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
-            T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-        }.get(target, target)
+        ret = entry.row_fallback or target
         if ncols % qtypes.get(ret).block_size != 0:
             ret = T.F16  # "must use F16 due to unusual shape"
         return ret

@@ -42,24 +42,19 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from ggquant.quant import types as qtypes
+
 __all__ = [
     "QK", "BLOCK_TYPES", "FLOAT_TYPES", "DEFAULT_CANDIDATES", "AffineBlocks", "Transcoded",
     "fp16_exact", "bf16_exact", "pack_q4_0", "pack_q5_0", "pack_q8_0", "pack_q4_1", "pack_q5_1",
     "transcode", "exact_float", "verify_blocks", "columns_to_blocks",
 ]
 
-QK = 32  # elements per block of every type handled here (QK4_0 == QK4_1 == QK5_0 == QK5_1 == QK8_0)
+QK = GGML_QUANT_SIZES[T.Q4_0][0]  # 32 elements per block of every type handled here (QK4_0 == ... == QK8_0)
 
-# type -> (kind, lowest code, highest code). "sym": w = d*(code) with the code stored offset by
-# -lowest (Q4_0/Q5_0) or as int8 (Q8_0); "offset": w = d*code + m.
-_RANGES = {
-    T.Q4_0: ("sym", -8, 7),
-    T.Q5_0: ("sym", -16, 15),
-    T.Q8_0: ("sym", -128, 127),
-    T.Q4_1: ("offset", 0, 15),
-    T.Q5_1: ("offset", 0, 31),
-}
-BLOCK_TYPES = tuple(_RANGES)
+# The block types that can carry integer codes exactly: those whose registry entry declares the
+# codes' range (ExactCodes: "sym" or "offset", lowest and highest code).
+BLOCK_TYPES = tuple(t for t, e in qtypes.REGISTRY.items() if e.exact_codes is not None)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 # Default preference: fewest bits per weight first (4.5, 5.0, 5.5, 6.0, 8.5).
 DEFAULT_CANDIDATES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -199,7 +194,7 @@ def _first_bad(mask: np.ndarray) -> tuple[int, int]:
 
 
 def _try_sym(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
-    _, lo, hi = _RANGES[qtype]
+    _, lo, hi = qtypes.REGISTRY[qtype].exact_codes
     u, d, m = blocks.u, blocks.d, blocks.m
     if m is None:
         k = u
@@ -226,7 +221,7 @@ def _try_sym(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
 
 
 def _try_offset(blocks: AffineBlocks, qtype: T) -> Transcoded | str:
-    _, lo, hi = _RANGES[qtype]
+    _, lo, hi = qtypes.REGISTRY[qtype].exact_codes
     u, d = blocks.u, blocks.d
     m = blocks.m if blocks.m is not None else np.zeros_like(d)
     if u.size and int(u.min()) >= 0 and int(u.max()) <= hi and fp16_exact(m).all():
@@ -321,9 +316,9 @@ def transcode(blocks: AffineBlocks, candidates=DEFAULT_CANDIDATES) -> Transcoded
     reasons = []
     for qtype in candidates:
         qtype = T(qtype)
-        if qtype not in _RANGES:
+        if qtype not in BLOCK_TYPES:
             continue
-        kind = _RANGES[qtype][0]
+        kind = qtypes.REGISTRY[qtype].exact_codes.kind
         res = _try_sym(blocks, qtype) if kind == "sym" else _try_offset(blocks, qtype)
         if isinstance(res, Transcoded):
             return res
@@ -358,9 +353,7 @@ def exact_float(w: np.ndarray, candidates) -> Transcoded | str:
 
 def verify_blocks(res: Transcoded, expected: np.ndarray) -> str | None:
     """None if ggml's dequantization of `res` equals `expected` bit for bit, else a reason."""
-    from ggquant.quant import types
-
-    got = types.get(res.qtype).dequantize(res.data, expected.shape)
+    got = qtypes.get(res.qtype).dequantize(res.data, expected.shape)
     a = np.ascontiguousarray(got, dtype=np.float32).view(np.uint32)
     b = np.ascontiguousarray(expected, dtype=np.float32).view(np.uint32)
     if np.array_equal(a, b):

@@ -1,50 +1,81 @@
-"""The GGML type registry: one entry per GGMLQuantizationType, backed by numba kernels.
+"""The GGML type registry: one GGMLType per GGMLQuantizationType, declaring everything ggquant does with it.
 
-Kernel modules (ggquant.kernels.*) each export two dicts keyed by GGMLQuantizationType:
+An entry gathers what ggml spreads over its trait tables (ggml.c type_traits: to_float and
+from_float_ref; ggml-cpu.c type_traits_cpu: vec_dot and vec_dot_type; the ggml-cuda
+dequantizers) and llama-quant.cpp's per-type rules, next to ggquant's own capabilities:
 
-    QUANTIZE[t](x: float32[n_rows, n_per_row], imatrix: float32[n_per_row] | None)
+    quantize_fn(x: float32[n_rows, n_per_row], imatrix: float32[n_per_row] | None)
         -> uint8[n_rows, row_bytes]            bit-exact with ggml_quantize_chunk
-    DEQUANTIZE[t](data: uint8[n_rows, row_bytes], n_per_row: int)
+    dequantize_fn(data: uint8[n_rows, row_bytes], n_per_row: int)
         -> float32[n_rows, n_per_row]          bit-exact with ggml's to_float
+    uses_imatrix    the quantizer reads ggml_quantize_chunk's quant_weights (research note
+                    imatrix-and-quants.md §1.4)
+    row_fallback    the type llama-quantize falls back to for rows that are not whole blocks
+                    (llama-quant.cpp tensor_type_fallback)
+    vec_dot_type, cpu_matmul
+                    the CPU product (ggquant.kernels.cpu.matmul) and the type its activation is
+                    converted to first (type_traits_cpu[t].vec_dot_type; kernels.cpu.actquant)
+    cuda_dequantize, cuda_repack
+                    the torch block decoder and the layout the Triton matvec reads
+                    (ggquant.kernels.cuda.dequant)
+    exact_codes     the integer codes a block holds under its free scale, for exact transcoding
+                    of quantized checkpoints (ggquant.quant.transcode)
+    file_type       general.file_type of an `--outtype auto` conversion whose quantized weights
+                    are mostly of this type (ggquant.convert_quantized)
 
-Block size and bytes per block always come from gguf's GGML_QUANT_SIZES.
+A capability left None is one ggquant does not have for the type. Block size and bytes per block
+always come from gguf's GGML_QUANT_SIZES.
+
+Adding a type: its quantize and dequantize side by side in its family's kernel module
+(ggquant.kernels.quants.<family>, listed in that module's QUANTIZE / DEQUANTIZE), one _register
+call below, and a bit-exactness test; ggquant.quant.presets too if it is a llama-quantize preset.
 """
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
 from ggquant.errors import GGQuantError
-from ggquant.kernels import floats, iq4, iqdequant, kquants, legacy
+from ggquant.kernels.cpu import matmul as cpu
+from ggquant.kernels.cuda import dequant as cuda
+from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy
 
-_KERNEL_MODULES = (floats, legacy, kquants, iq4, iqdequant)
 
-# ggml-quants.c: which quantizers read the `quant_weights` (imatrix) argument of
-# ggml_quantize_chunk (research note imatrix-and-quants.md §1.4).
-IMATRIX_TYPES = frozenset(
-    GGMLQuantizationType[n]
-    for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-              "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
-)
+class ExactCodes(NamedTuple):
+    """The integer codes of a block: "sym": w = d*code, the code stored offset by -lo (Q4_0/Q5_0)
+    or as int8 (Q8_0); "offset": w = d*code + m."""
+
+    kind: str
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True)
 class GGMLType:
-    qtype: GGMLQuantizationType
-    block_size: int  # elements per block (gguf GGML_QUANT_SIZES)
-    type_size: int  # bytes per block
-    quantize_fn: Callable | None
-    dequantize_fn: Callable | None
+    qtype: T
+    quantize_fn: Callable | None = None
+    dequantize_fn: Callable | None = None
+    uses_imatrix: bool = False
+    row_fallback: T | None = None
+    vec_dot_type: T | None = None
+    cpu_matmul: Callable | None = None
+    cuda_dequantize: Callable | None = None
+    cuda_repack: Callable | None = None
+    exact_codes: ExactCodes | None = None
+    file_type: F | None = None
+    block_size: int = field(init=False)  # elements per block (gguf GGML_QUANT_SIZES)
+    type_size: int = field(init=False)  # bytes per block
+
+    def __post_init__(self):
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        object.__setattr__(self, "block_size", block)
+        object.__setattr__(self, "type_size", size)
 
     @property
     def name(self) -> str:
         return self.qtype.name
-
-    @property
-    def uses_imatrix(self) -> bool:
-        return self.qtype in IMATRIX_TYPES
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -90,30 +121,68 @@ class GGMLType:
         return self.dequantize_fn(rows, n_per_row).reshape(shape)
 
 
-def _build_registry() -> dict[GGMLQuantizationType, GGMLType]:
-    reg = {}
-    for qtype in GGMLQuantizationType:
-        q = d = None
-        for mod in _KERNEL_MODULES:
-            q = q or mod.QUANTIZE.get(qtype)
-            d = d or mod.DEQUANTIZE.get(qtype)
-        if q is None and d is None:
-            continue
-        block, size = GGML_QUANT_SIZES[qtype]
-        reg[qtype] = GGMLType(qtype, block, size, q, d)
-    return reg
+REGISTRY: dict[T, GGMLType] = {}
 
 
-REGISTRY = _build_registry()
+def _register(qtype: T, kernels, **capabilities) -> None:
+    """The entry of `qtype`, whose quantize/dequantize are in the kernel module `kernels`."""
+    assert qtype not in REGISTRY, qtype
+    REGISTRY[qtype] = GGMLType(qtype, kernels.QUANTIZE.get(qtype), kernels.DEQUANTIZE[qtype], **capabilities)
+
+
+# --- floats
+_register(T.F32, floats, vec_dot_type=T.F32, cpu_matmul=cpu.matmul_f32,
+          cuda_dequantize=cuda.dequantize_f32, cuda_repack=cuda.repack_f32, file_type=F.ALL_F32)
+_register(T.F16, floats, vec_dot_type=T.F16, cpu_matmul=cpu.matmul_f16,
+          cuda_dequantize=cuda.dequantize_f16, cuda_repack=cuda.repack_f16, file_type=F.MOSTLY_F16)
+_register(T.BF16, floats, vec_dot_type=T.BF16, cpu_matmul=cpu.matmul_bf16,
+          cuda_dequantize=cuda.dequantize_bf16, cuda_repack=cuda.repack_bf16, file_type=F.MOSTLY_BF16)
+# --- legacy quants (32-element blocks); quantize_q8_0 ignores the imatrix
+_register(T.Q4_0, legacy, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q4_0,
+          cuda_dequantize=cuda.dequantize_q4_0, cuda_repack=cuda.repack_q4_0,
+          exact_codes=ExactCodes("sym", -8, 7), file_type=F.MOSTLY_Q4_0)
+_register(T.Q4_1, legacy, uses_imatrix=True, exact_codes=ExactCodes("offset", 0, 15), file_type=F.MOSTLY_Q4_1)
+_register(T.Q5_0, legacy, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q5_0,
+          cuda_dequantize=cuda.dequantize_q5_0, cuda_repack=cuda.repack_q5_0,
+          exact_codes=ExactCodes("sym", -16, 15), file_type=F.MOSTLY_Q5_0)
+_register(T.Q5_1, legacy, uses_imatrix=True, exact_codes=ExactCodes("offset", 0, 31), file_type=F.MOSTLY_Q5_1)
+_register(T.Q8_0, legacy, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q8_0,
+          cuda_dequantize=cuda.dequantize_q8_0, cuda_repack=cuda.repack_q8_0,
+          exact_codes=ExactCodes("sym", -128, 127), file_type=F.MOSTLY_Q8_0)
+# --- k-quants (256-element super-blocks)
+_register(T.Q2_K, kquants, uses_imatrix=True, row_fallback=T.Q4_0)
+_register(T.Q3_K, kquants, uses_imatrix=True, row_fallback=T.Q4_0)
+_register(T.Q4_K, kquants, uses_imatrix=True, row_fallback=T.Q5_0, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q4_k,
+          cuda_dequantize=cuda.dequantize_q4_k, cuda_repack=cuda.repack_q4_k, file_type=F.MOSTLY_Q4_K_M)
+_register(T.Q5_K, kquants, uses_imatrix=True, row_fallback=T.Q5_1, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q5_k,
+          cuda_dequantize=cuda.dequantize_q5_k, file_type=F.MOSTLY_Q5_K_M)
+_register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q6_k,
+          cuda_dequantize=cuda.dequantize_q6_k, cuda_repack=cuda.repack_q6_k, file_type=F.MOSTLY_Q6_K)
+# --- non-linear 4-bit quants
+_register(T.IQ4_NL, iq4, uses_imatrix=True)
+_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
+# --- i-quants, ternary and MXFP4: dequantize only so far (ggml's IQ quantizers read the imatrix,
+# quantize_tq1_0 / tq2_0 / mxfp4 do not)
+for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
+    _register(_t, iquants, uses_imatrix=True, row_fallback=T.IQ4_NL)
+for _t in (T.TQ1_0, T.TQ2_0):
+    _register(_t, iquants, row_fallback=T.Q4_0)
+_register(T.MXFP4, iquants)
+
+# ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
+REGISTRY = dict(sorted(REGISTRY.items()))
+
+CPU_TYPES = tuple(t for t, e in REGISTRY.items() if e.cpu_matmul is not None)  # the CPU runtime's weight types
+CUDA_TYPES = tuple(t for t, e in REGISTRY.items() if e.cuda_dequantize is not None)  # the CUDA runtime's
 
 
 def get(qtype) -> GGMLType:
     """Look a type up by GGMLQuantizationType, int id or name ('Q4_K', 'q8_0')."""
     try:
         if isinstance(qtype, str):
-            qtype = GGMLQuantizationType[qtype.upper()]
+            qtype = T[qtype.upper()]
         else:
-            qtype = GGMLQuantizationType(int(qtype))
+            qtype = T(int(qtype))
     except (KeyError, ValueError):
         raise GGQuantError(f"unknown GGML type {qtype!r}; known: {', '.join(t.name for t in REGISTRY)}") from None
     if qtype not in REGISTRY:

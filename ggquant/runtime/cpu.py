@@ -1,8 +1,9 @@
-"""CPU backend: numpy for the small operations, numba kernels (kernels/matmul.py) for products.
+"""CPU backend: numpy for the small operations, numba kernels (ggquant.kernels.cpu) for products and ops.
 
 Every operation follows what ggml-cpu computes for llama.cpp's graph, in float32 unless the C
 code says double, so that logits land within float rounding of llama.cpp on F32 models and the
-quantized models see the same activation quantization (kernels/matmul.py):
+quantized models see the same activation quantization (kernels/cpu/actquant.py). A weight's product
+and activation type come from its registry entry (ggquant.quant.types: cpu_matmul, vec_dot_type):
 
 - rms_norm: ops.cpp ggml_compute_forward_rms_norm_f32: sum of float32 squares in double,
   mean cast to float, scale = 1 / sqrtf(mean + eps), y = x * scale * w.
@@ -23,9 +24,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
+from ggquant.kernels.cpu import actquant, ops
+from ggquant.kernels.cpu.matmul import ISA
+from ggquant.kernels.cpu.simd import KV_STEP
+from ggquant.quant import types as qt
 
 _T = GGMLQuantizationType
 F32 = np.float32
@@ -33,7 +38,6 @@ F32 = np.float32
 # vec.h: GELU_COEF_A, SQRT_2_OVER_PI (float constants)
 GELU_COEF_A = F32(0.044715)
 SQRT_2_OVER_PI = F32(0.79788456080286535587989211986876)
-GELU_PASS = F32(10.0)  # vec.h: inputs at or beyond +-10 bypass the fp16 table
 KV_PAD = 256  # llama.cpp pads n_kv to a multiple of 256 (llama-kv-cache.cpp get_padding)
 
 
@@ -63,75 +67,67 @@ _GELU_TABLE: np.ndarray | None = None
 _ONE = np.ones(1, np.float32)
 
 
-def gelu(x: np.ndarray, mode: str = "ggml") -> np.ndarray:
-    if mode == "exact":
-        return _gelu_tanh_f32(x)
-    global _GELU_TABLE
-    if _GELU_TABLE is None:
-        _GELU_TABLE = _gelu_table()
-    with np.errstate(over="ignore"):
-        idx = x.astype(np.float16).view(np.uint16)
-    y = _GELU_TABLE[idx]
-    y = np.where(x >= GELU_PASS, x, y)
-    return np.where(x <= -GELU_PASS, F32(0.0), y).astype(np.float32, copy=False)
-
-
-def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    """RMS norm over the last axis; w broadcast over the last axis (or None)."""
-    sq = (x * x).astype(np.float64)
-    mean = (sq.sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
-    scale = F32(1.0) / np.sqrt(mean + F32(eps))
-    y = x * scale
-    return y * w if w is not None else y
-
-
 def rope_cache(pos: np.ndarray, n_dims: int, base: float, freq_scale: float = 1.0,
                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [T, n_dims/2] as ggml_rope_cache_init computes them (ext_factor 0, mscale 1)."""
-    from ggquant.kernels import matmul as mm
-
     half = n_dims // 2
     pos = np.asarray(pos, dtype=np.int64)
     cos = np.empty((len(pos), half), np.float32)
     sin = np.empty((len(pos), half), np.float32)
     ff = np.empty(0, np.float32) if freq_factors is None else np.ascontiguousarray(freq_factors[:half], np.float32)
-    mm.rope_cache(pos, half, mm.rope_theta_scale(F32(base), n_dims), F32(freq_scale), ff, cos, sin)
+    ops.rope_cache(pos, half, ops.rope_theta_scale(F32(base), n_dims), F32(freq_scale), ff, cos, sin)
     return cos, sin
 
 
 def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x [T, H, D]: rotate pairs (i, i + n_dims/2) of the first n_dims dims; the rest pass through."""
-    from ggquant.kernels import matmul as mm
-
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    mm.rope_neox(x, cos, sin, out)
+    ops.rope_neox(x, cos, sin, out)
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
-              window: int, scale: float = 1.0) -> np.ndarray:
-    """Causal (optionally sliding-window) grouped-query attention in plain numpy (a reference).
+def check_weights(w: np.ndarray, qtype, K: int) -> None:
+    """ValueError unless w holds rows of K values of a type the CPU runtime multiplies, as GGUF stores them."""
+    if qtype not in qt.CPU_TYPES:
+        raise ValueError(f"matmul: weights of type {qtype.name} are not supported "
+                         f"(supported: {', '.join(t.name for t in qt.CPU_TYPES)})")
+    block, size = GGML_QUANT_SIZES[qtype]
+    if K % block:
+        raise ValueError(f"matmul: row length {K} is not a multiple of the {qtype.name} block size {block}")
+    if w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != K // block * size:
+        raise ValueError(f"matmul: expected {qtype.name} weights as uint8 [N, {K // block * size}], "
+                         f"got {w.dtype} {w.shape}")
 
-    q [T, H, D], k/v [S, Hkv, D] -> [T, H * D]. Key j is visible to query i when
-    k_pos[j] <= q_pos[i] and, with window > 0, q_pos[i] - k_pos[j] < window
-    (llama-hparams.h is_masked_swa, LLAMA_SWA_TYPE_STANDARD).
-    """
-    T, H, D = q.shape
-    S, Hkv, Dv = v.shape
-    group = H // Hkv
-    masked = k_pos[None, :] > q_pos[:, None]
-    if window > 0:
-        masked |= (q_pos[:, None] - k_pos[None, :]) >= window
-    bias = np.where(masked, F32(-np.inf), F32(0.0)).astype(np.float32)
-    out = np.empty((T, H, Dv), np.float32)
-    for h in range(Hkv):
-        qh = np.ascontiguousarray(q[:, h * group:(h + 1) * group, :].transpose(1, 0, 2))  # [g, T, D]
-        s = qh @ np.ascontiguousarray(k[:, h, :]).T * F32(scale) + bias[None]  # [g, T, S]
-        e = np.exp(s - s.max(axis=-1, keepdims=True))
-        p = e * (1.0 / e.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-        out[:, h * group:(h + 1) * group, :] = (p @ np.ascontiguousarray(v[:, h, :])).transpose(1, 0, 2)
-    return out.reshape(T, H * Dv)
+
+def convert_activation(qtype, x: np.ndarray) -> tuple:
+    """x converted to the vec_dot_type of weights of type qtype (what their product takes)."""
+    return actquant.convert_activation(qt.REGISTRY[qtype].vec_dot_type, x)
+
+
+def matmul_converted(w: np.ndarray, qtype, xc: tuple, out: np.ndarray | None = None,
+                     check: bool = True) -> np.ndarray:
+    """y = x @ W^T where xc = convert_activation(qtype, x) (share it between weights with one input).
+
+    check=False skips the shape checks (for callers that validated w once, e.g. at model load)."""
+    K = xc[0].shape[1]
+    T = xc[0].shape[0]
+    if check:
+        check_weights(w, qtype, K)
+    if out is None:
+        out = np.empty((T, w.shape[0]), np.float32)
+    qt.REGISTRY[qtype].cpu_matmul(w, xc, out)
+    return out
+
+
+def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None, check: bool = True) -> np.ndarray:
+    """float32 x [T, K] times GGML weights w (uint8 [N, row_bytes] of type qtype), transposed: [T, N]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if check:
+        if x.ndim != 2:
+            raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
+        check_weights(w, qtype, x.shape[1])
+    return matmul_converted(w, qtype, convert_activation(qtype, x), out, check=False)
 
 
 class CPULayerCache:
@@ -140,8 +136,6 @@ class CPULayerCache:
 
     def __init__(self, n_ctx: int, h: int, d: int):
         self.k = np.zeros((n_ctx, h, d), np.float32)
-        from ggquant.kernels.matmul import KV_STEP
-
         self.vt = np.zeros((h, d, (n_ctx + KV_STEP - 1) // KV_STEP * KV_STEP), np.float32)
 
     def store(self, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
@@ -170,8 +164,6 @@ class CPUBackend:
     def __init__(self, threads: int | None = None, gelu: str = "ggml"):
         import numba
 
-        from ggquant.kernels import matmul as mm
-
         if threads is not None:
             if threads < 1:
                 raise GGQuantError(f"--threads must be at least 1, got {threads}")
@@ -180,35 +172,30 @@ class CPUBackend:
         if gelu not in ("ggml", "exact"):
             raise GGQuantError(f"gelu must be 'ggml' or 'exact', got {gelu!r}")
         self.gelu_mode = gelu
-        self._mm = mm
         self._rope_memo: dict = {}
 
     # --- weights --------------------------------------------------------------------------
     def weight(self, info) -> CPUWeight:
-        if len(info.shape) == 2 and info.qtype not in self._mm.SUPPORTED:
+        if len(info.shape) == 2 and info.qtype not in qt.CPU_TYPES:
             raise GGQuantError(
                 f"{info.name}: tensor type {info.qtype.name} is not supported by the CPU runtime "
-                f"(supported: {', '.join(t.name for t in self._mm.SUPPORTED)}); requantize the model "
+                f"(supported: {', '.join(t.name for t in qt.CPU_TYPES)}); requantize the model "
                 f"with `ggquant quantize`")
         raw = info.raw()
         raw = raw.view(np.ndarray) if isinstance(raw, np.ndarray) else np.asarray(raw)  # plain view: cheaper calls
         if len(info.shape) == 2:
             try:
-                self._mm._check(raw, info.qtype, info.shape[-1])
+                check_weights(raw, info.qtype, info.shape[-1])
             except ValueError as e:
                 raise GGQuantError(f"{info.name}: {e}") from None
         return CPUWeight(info.name, info.qtype, info.shape, raw)
 
     def dense(self, w: CPUWeight) -> np.ndarray:
         """The whole tensor dequantized to float32 (for norms, scalars and small tables)."""
-        from ggquant.quant import types as qt
-
         return qt.get(w.qtype).dequantize(w.raw, w.shape).astype(np.float32, copy=False)
 
     def rows(self, w: CPUWeight, ids: np.ndarray) -> np.ndarray:
         """ggml_get_rows: rows `ids` of w dequantized to float32 [len(ids), K]."""
-        from ggquant.quant import types as qt
-
         sel = np.ascontiguousarray(w.raw[np.asarray(ids, dtype=np.int64)])
         return qt.get(w.qtype).dequantize(sel, (len(ids), w.shape[-1])).astype(np.float32, copy=False)
 
@@ -227,7 +214,7 @@ class CPUBackend:
         """x [T, K] @ w[N, K]^T -> [T, N]."""
         if x.shape[-1] != w.shape[-1]:
             raise GGQuantError(f"{w.name}: input width {x.shape[-1]}, the weight expects {w.shape[-1]}")
-        return self._mm.matmul(w.raw, w.qtype, x, check=False)
+        return matmul(w.raw, w.qtype, x, check=False)
 
     def matmuls(self, x: np.ndarray, ws: list[CPUWeight]) -> list[np.ndarray]:
         """Several products of one input, converting the activation once per vec_dot_type."""
@@ -235,10 +222,10 @@ class CPUBackend:
         conv: dict = {}
         out = []
         for w in ws:
-            vt = self._mm.VEC_DOT_TYPE.get(w.qtype)
+            vt = qt.REGISTRY[w.qtype].vec_dot_type
             if vt not in conv:
-                conv[vt] = self._mm.convert_activation(w.qtype, x)
-            out.append(self._mm.matmul_converted(w.raw, w.qtype, conv[vt], check=False))
+                conv[vt] = actquant.convert_activation(vt, x)
+            out.append(matmul_converted(w.raw, w.qtype, conv[vt], check=False))
         return out
 
     def rms_norm(self, x, w, eps):
@@ -247,9 +234,9 @@ class CPUBackend:
         n = x.shape[-1]
         x2, o2 = x.reshape(-1, n), out.reshape(-1, n)
         if w is None:
-            self._mm.rms_norm(x2, _ONE, F32(eps), False, o2)
+            ops.rms_norm(x2, _ONE, F32(eps), False, o2)
         else:
-            self._mm.rms_norm(x2, np.ascontiguousarray(w, dtype=np.float32).reshape(-1), F32(eps), True, o2)
+            ops.rms_norm(x2, np.ascontiguousarray(w, dtype=np.float32).reshape(-1), F32(eps), True, o2)
         return out
 
     def _gelu(self, x, gate):
@@ -262,7 +249,7 @@ class CPUBackend:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
         g = _ONE if gate is None else np.ascontiguousarray(gate, dtype=np.float32)
-        self._mm.gelu_table_f16(x, _GELU_TABLE, g, gate is not None, out)
+        ops.gelu_table_f16(x, _GELU_TABLE, g, gate is not None, out)
         return out
 
     def geglu(self, gate, up):
@@ -294,15 +281,15 @@ class CPUBackend:
         return CPULayerCache(n_ctx, h, d)
 
     def attention(self, q, layer: CPULayerCache, n_kv: int, q_pos, window: int, scale: float = 1.0):
-        """q [T, H, D] against the first n_kv cached positions -> [T, H * D] (kernels/matmul.py
+        """q [T, H, D] against the first n_kv cached positions -> [T, H * D] (kernels/cpu/ops.py
         attention: ggml's KQ / softmax / KQV order for this host's ISA; KQV as tinyBLAS when T >= 2)."""
         T, H, D = q.shape
         out = np.empty((T, H, D), np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
-        isa = self._mm.ISA
+        isa = ISA
         # KQV = v^T [D, n_kv] x softmax [n_kv, T]: n_kv is padded to KV_PAD, a multiple of every step
         pv_mode = isa.float_mode(_T.F32, T, D, KV_PAD)
-        self._mm.attention(q, layer.k[:n_kv], layer.vt, np.asarray(q_pos, np.int64),
+        ops.attention(q, layer.k[:n_kv], layer.vt, np.asarray(q_pos, np.int64),
                            np.arange(n_kv, dtype=np.int64), int(window), np.float32(scale),
                            isa.kq_mode, pv_mode, isa.lanes, out)
         return out.reshape(T, H * D)
@@ -310,7 +297,7 @@ class CPUBackend:
     def softcap(self, x, cap):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        self._mm.softcap(x, F32(cap), out)
+        ops.softcap(x, F32(cap), out)
         return out
 
     def synchronize(self):
@@ -321,5 +308,5 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["CPUBackend", "CPUWeight", "attention", "gelu", "rms_norm", "rope_cache", "rope_neox",
-           "default_threads"]
+__all__ = ["CPUBackend", "CPUWeight", "check_weights", "convert_activation", "matmul", "matmul_converted",
+           "rope_cache", "rope_neox", "default_threads"]

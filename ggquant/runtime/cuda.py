@@ -8,7 +8,7 @@ CUDABackend). Activations are not quantized: the CPU backend reproduces llama.cp
 arithmetic, this one is plain float32, and both agree within 1e-2 on the tiny F32 models
 (tests/runtime/test_cuda.py).
 
-Batch-1 decode (the bandwidth-bound case) runs through Triton kernels (cuda_kernels.py) that
+Batch-1 decode (the bandwidth-bound case) runs through Triton kernels (kernels/cuda/triton.py) that
 read each weight byte once in its block format and fuse the per-row operations, and the whole
 step is replayed as one CUDA graph (decode_step): the token id and position live in device
 tensors, the attention covers the KV cache up to a multiple of GRAPH_KV_STEP positions with a
@@ -21,12 +21,13 @@ dequantizers and the model wiring without a GPU (without Triton: torch ops only)
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
+from ggquant.kernels.cuda.dequant import dequantize_parts
+from ggquant.quant import types as qt
 
 _T = GGMLQuantizationType
-SUPPORTED = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q5_0, _T.Q4_K, _T.Q5_K, _T.Q6_K)
 
 
 def _torch():
@@ -39,7 +40,7 @@ def _torch():
 
 class TorchWeight:
     """raw: uint8 [N, row_bytes] block bytes (None once repacked); kind/parts: the layout the
-    Triton matvec reads (cuda_kernels.py), None where the type has no kernel."""
+    Triton matvec reads (kernels/cuda/triton.py), None where the type has no kernel."""
 
     __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense")
 
@@ -49,136 +50,35 @@ class TorchWeight:
         self._dense = None
 
 
-def _fp16(torch, b):
-    """[..., 2] uint8 -> float32 [...] (little-endian fp16)."""
-    return b.contiguous().view(torch.float16).squeeze(-1).float()
-
-
-def _scale_min_k4(torch, s):
-    """get_scale_min_k4 for all 8 sub-blocks: s uint8 [..., 12] -> (scales, mins) int32 [..., 8]."""
-    s = s.int()
-    lo = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
-    return lo, mn
-
-
-def dequantize(torch, qtype, raw, n_per_row: int, codes: bool = False):
-    """uint8 [N, row_bytes] torch tensor -> float32 [N, n_per_row] (ggml dequantize_row_<type>).
-
-    codes (Q4_0, Q5_0, Q6_K): instead, (signed codes int32 [N, n_per_row], scale [N, groups]) with
-    values = scale * codes per group of 32 (16 for Q6_K): fp16 d, or Q6_K's float32 d*sc (exact)."""
-    N = raw.shape[0]
-    if qtype == _T.F32:
-        return raw.contiguous().view(torch.float32).reshape(N, n_per_row)
-    if qtype == _T.F16:
-        return raw.contiguous().view(torch.float16).reshape(N, n_per_row).float()
-    if qtype == _T.BF16:
-        return raw.contiguous().view(torch.bfloat16).reshape(N, n_per_row).float()
-    block, size = GGML_QUANT_SIZES[qtype]
-    b = raw.reshape(N, n_per_row // block, size)
-    if qtype == _T.Q8_0:  # d fp16 | qs[32] int8
-        return (_fp16(torch, b[..., 0:2])[..., None] * b[..., 2:].contiguous().view(torch.int8).float()).reshape(N, -1)
-    if qtype in (_T.Q4_0, _T.Q5_0):
-        d = _fp16(torch, b[..., 0:2])
-        qs = b[..., -16:].int()
-        q = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # element j: low nibble, j + 16: high nibble
-        if qtype == _T.Q5_0:  # qh u32: bit j is bit 4 of element j
-            qh = b[..., 2:6].int()
-            qh = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
-            bits = (qh[..., None] >> torch.arange(32, device=raw.device, dtype=torch.int32)) & 1
-            q = (q | (bits << 4)) - 16
-        else:
-            q = q - 8
-        if codes:
-            return q.reshape(N, -1), d.to(torch.float16)
-        return (d[..., None] * q.float()).reshape(N, -1)
-    if qtype in (_T.Q4_K, _T.Q5_K):
-        d, dmin = _fp16(torch, b[..., 0:2]), _fp16(torch, b[..., 2:4])
-        sc, mn = _scale_min_k4(torch, b[..., 4:16])
-        qs = b[..., -128:].int().reshape(N, -1, 4, 32)  # 4 chunks of 32 bytes
-        q = torch.stack([qs & 0xF, qs >> 4], dim=3)  # [N, nsb, 4, 2, 32]: sub-block 2j, 2j+1
-        if qtype == _T.Q5_K:
-            qh = b[..., 16:48].int()  # bit 2j / 2j+1 of qh[l] -> +16 in sub-block 2j / 2j+1
-            sh = torch.arange(8, device=raw.device, dtype=torch.int32).reshape(4, 2)
-            q = q + 16 * ((qh[:, :, None, None, :] >> sh[None, None, :, :, None]) & 1)
-        q = q.reshape(N, -1, 8, 32).float()
-        y = (d[..., None] * sc.float())[..., None] * q - (dmin[..., None] * mn.float())[..., None]
-        return y.reshape(N, -1)
-    if qtype == _T.Q6_K:  # ql[128] | qh[64] | scales[16] int8 | d fp16
-        d = _fp16(torch, b[..., 208:210])
-        sc = b[..., 192:208].contiguous().view(torch.int8).float()
-        ql = b[..., 0:128].int().reshape(N, -1, 2, 2, 32)  # [half, ql lo/hi 32, l]
-        qh = b[..., 128:192].int().reshape(N, -1, 2, 1, 32)
-        lo = ql & 0xF
-        hi = ql >> 4
-        # per half: [q1 | q2 | q3 | q4] = [ql[l]&F, ql[l+32]&F, ql[l]>>4, ql[l+32]>>4] with qh bits 0,2,4,6
-        nib = torch.cat([lo, hi], dim=3)  # [N, nsb, 2, 4, 32]
-        sh = torch.arange(0, 8, 2, device=raw.device, dtype=torch.int32).reshape(1, 1, 1, 4, 1)
-        q = (nib | (((qh >> sh) & 3) << 4)) - 32
-        if codes:
-            return q.reshape(N, -1), (d[..., None] * sc).reshape(N, -1)
-        y = q.float().reshape(N, -1, 16, 16) * (d[..., None] * sc)[..., None]
-        return y.reshape(N, -1)
-    raise GGQuantError(f"the CUDA backend cannot dequantize {qtype.name} yet")
-
-
-_DENSE_DTYPES = {_T.F32: "float32", _T.F16: "float16", _T.BF16: "bfloat16"}
+def dequantize(torch, qtype, raw, n_per_row: int):
+    """uint8 [N, row_bytes] torch tensor -> float32 [N, n_per_row] (ggml dequantize_row_<type>),
+    through the type's registry entry (cuda_dequantize)."""
+    fn = qt.REGISTRY[qtype].cuda_dequantize if qtype in qt.REGISTRY else None
+    if fn is None:
+        raise GGQuantError(f"the CUDA backend cannot dequantize {qtype.name} yet")
+    return fn(torch, raw, n_per_row)
 
 
 def repack(torch, qtype, raw, n_per_row: int) -> tuple[str, tuple]:
     """Block bytes uint8 [N, row_bytes] -> (kind, parts) in the layout the Triton matvec reads
-    (cuda_kernels.py docstring); every value of ggml's blocks is kept, only de-interleaved."""
-    N = raw.shape[0]
-    if qtype in _DENSE_DTYPES:
-        return "dense", (raw.view(getattr(torch, _DENSE_DTYPES[qtype])).reshape(N, n_per_row),)
-    block, size = GGML_QUANT_SIZES[qtype]
-    b = raw.reshape(N, n_per_row // block, size)
-    if qtype == _T.Q8_0:
-        d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
-        return "int8", (b[..., 2:].contiguous().view(torch.int8).reshape(N, n_per_row), d)
-    if qtype in (_T.Q4_0, _T.Q5_0, _T.Q6_K):  # the signed codes as int8, and their scales
-        q = dequantize(torch, qtype, raw, n_per_row, codes=True)
-        return "int8", (q[0].to(torch.int8).reshape(N, n_per_row), q[1])
-    if qtype == _T.Q4_K:
-        d = b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1)
-        dmin = b[..., 2:4].contiguous().view(torch.float16).reshape(N, -1)
-        sc, mn = _scale_min_k4(torch, b[..., 4:16])
-        u8 = torch.uint8
-        return "q4_k", (b[..., 16:].contiguous().reshape(N, n_per_row // 2), sc.to(u8).reshape(N, -1),
-                        mn.to(u8).reshape(N, -1), d, dmin)
-    raise GGQuantError(f"no repacked layout for {qtype.name}")
-
-
-def dequantize_parts(torch, kind: str, parts: tuple):
-    """The float32 values of a repacked weight: equal to dequantize() of its block bytes."""
-    if kind == "dense":
-        return parts[0].float()
-    if kind == "int8":
-        q, d = parts
-        N, K = q.shape
-        return (d.float()[..., None] * q.reshape(N, d.shape[1], -1).float()).reshape(N, K)
-    if kind == "q4_k":
-        qs, sc, mn, d, dmin = parts
-        N = qs.shape[0]
-        q = qs.int().reshape(N, -1, 4, 32)
-        q = torch.stack([q & 0xF, q >> 4], dim=3).reshape(N, -1, 8, 32).float()
-        y = (d.float()[..., None] * sc.reshape(N, -1, 8).float())[..., None] * q \
-            - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
-        return y.reshape(N, -1)
-    raise GGQuantError(f"unknown weight layout {kind!r}")
+    (kernels/cuda/triton.py docstring), through the type's registry entry (cuda_repack)."""
+    fn = qt.REGISTRY[qtype].cuda_repack if qtype in qt.REGISTRY else None
+    if fn is None:
+        raise GGQuantError(f"no repacked layout for {qtype.name}")
+    return fn(torch, raw, n_per_row)
 
 
 def _triton_kernels(device) -> object | None:
-    """cuda_kernels when Triton can run on this device (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    """kernels/cuda/triton.py when Triton can run on this device (a GPU, or the CPU under TRITON_INTERPRET=1)."""
     import os
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return None
     try:
-        from . import cuda_kernels
+        from ggquant.kernels.cuda import triton
     except ImportError:  # torch without triton: the torch-op path
         return None
-    return cuda_kernels
+    return triton
 
 
 # auto weight cache: keep this much device memory free after caching a dense float32 copy
@@ -238,13 +138,12 @@ class CUDABackend:
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
-        if info.qtype not in SUPPORTED:
+        if info.qtype not in qt.CUDA_TYPES:
             raise GGQuantError(f"{info.name}: tensor type {info.qtype.name} is not supported by the CUDA runtime "
-                               f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+                               f"(supported: {', '.join(t.name for t in qt.CUDA_TYPES)})")
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)
         w = TorchWeight(info.name, info.qtype, info.shape, raw)
-        if self.kern is not None and len(info.shape) == 2 and \
-                info.qtype in (*_DENSE_DTYPES, _T.Q8_0, _T.Q4_0, _T.Q5_0, _T.Q6_K, _T.Q4_K):
+        if self.kern is not None and len(info.shape) == 2 and qt.REGISTRY[info.qtype].cuda_repack is not None:
             w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1])
             if w.kind != "dense":
                 w.raw = None  # the repacked parts hold every value

@@ -215,7 +215,7 @@ def _prefer_exact_transcoding(path: Path, conv, arch, ot: str):
     kernels for every type it picks; otherwise keep the float plan (the weights dequantized as the
     converter does, stored in the checkpoint's float dtype)."""
     from ggquant.convert import plan_conversion
-    from ggquant.kernels.matmul import SUPPORTED
+    from ggquant.quant.types import CPU_TYPES as SUPPORTED
 
     conv2, arch2 = plan_conversion(path, outtype="auto")
     if all(len(t.shape) < 2 or t.qtype in SUPPORTED for f in conv2.files for t in f.tensors):

@@ -12,10 +12,14 @@ from numba.extending import intrinsic
 
 F32 = np.float32
 
+# numba options of every kernel function that ports C arithmetic: cache the compiled code, and
+# IEEE division (1/0 = inf, 0/0 = NaN) as in C instead of Python's ZeroDivisionError.
+JIT = dict(cache=True, error_model="numpy")
+
 # ggml-quants.c: GROUP_MAX_EPS
 GROUP_MAX_EPS = F32(1e-15)
 # nearest_int's magic: 1.5 * 2**23 (ggml-quants.c nearest_int)
-_ROUND_MAGIC = F32(12582912.0)
+ROUND_MAGIC = F32(12582912.0)
 
 
 @intrinsic
@@ -53,7 +57,7 @@ def nearest_int(fval):
     Round-half-to-even for |fval| <= 4194303; beyond that it returns the same defined
     garbage as ggml (its assert is compiled out), which we reproduce on purpose.
     """
-    val = F32(fval) + _ROUND_MAGIC
+    val = F32(fval) + ROUND_MAGIC
     i = f32_as_i32(val)
     return (i & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
@@ -92,12 +96,6 @@ FP16_TO_FP32 = _fp16_table()
 @nb.njit(cache=True, inline="always")
 def fp16_to_fp32(h):
     return FP16_TO_FP32[np.uint16(h)]
-
-
-@nb.njit(cache=True, inline="always")
-def fp16_round(f):
-    """The float32 value ggml sees after storing f as fp16 and reading it back."""
-    return FP16_TO_FP32[fp32_to_fp16(f)]
 
 
 @nb.njit(cache=True, inline="always")

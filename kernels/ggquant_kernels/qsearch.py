@@ -34,12 +34,9 @@ import numpy as np
 from numba import types
 
 from . import common
-from .common import GROUP_MAX_EPS
+from .common import GROUP_MAX_EPS, JIT, ROUND_MAGIC
 
 F32 = np.float32
-
-# Options for every per-row / per-block function in the quant kernels (see module docstring).
-JIT = dict(cache=True, error_model="numpy")
 
 
 # Plain (not IR-inlined) entry points to the shared fp16 / byte helpers of common.py, which are
@@ -82,8 +79,6 @@ SIG_QKX3 = types.UniTuple(types.float32, 2)(
     _i64, _i64, _f32a, _i64, _f32a, _i64, _b, _u8a, _i64, _u8a, types.float32, types.float32, _i64, _b, _f32a
 )
 
-# ggml-quants.c nearest_int: 1.5 * 2**23
-_ROUND_MAGIC = F32(12582912.0)
 _I32_LIMIT = F32(2147483648.0)  # 2**31, exactly representable
 
 
@@ -95,7 +90,7 @@ def nearest_int(fval):
     4194303 and for NaN), but through an LLVM bitcast: the array-view bit trick allocates
     on every call and made the search loops ~20x slower.
     """
-    val = F32(fval) + _ROUND_MAGIC
+    val = F32(fval) + ROUND_MAGIC
     i = np.int64(common.f32_as_i32(val))
     return (i & 0x007FFFFF) - 0x00400000
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ggquant.kernels import floats, iq4
+from ggquant.kernels.quants import floats, iq4
 
 oracle = pytest.importorskip("tests.ggml_oracle")
 pytest.importorskip("llama_cpp")

@@ -10,7 +10,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from ggquant.kernels import common, kquants, legacy, qsearch
+from ggquant.kernels import common, qsearch
+from ggquant.kernels.quants import kquants, legacy
 from tests import ggml_oracle
 
 pytest.importorskip("llama_cpp")

@@ -1,4 +1,4 @@
-"""The one-pass exact packing kernel (ggquant.kernels.transcode) that `ggquant convert` uses:
+"""The one-pass exact packing kernel (ggquant.kernels.quants.transcode) that `ggquant convert` uses:
 the same bytes as the general packer (ggquant.quant.transcode), ggml dequantizes them to the
 source values bit for bit, and every block that cannot be exact is reported at its index; the
 converter's chunk path (convert.encode.exact_chunk) then falls back to the general packer.
@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggquant.convert.encode import exact_chunk
 from ggquant.formats.quantized.records import AffineQuantTensor
-from ggquant.kernels.transcode import pack_exact
+from ggquant.kernels.quants.transcode import pack_exact
 from ggquant.quant import transcode as tc
 from tests import ggml_oracle
 from tests.quantized.util import assert_bits_equal

@@ -3,7 +3,7 @@
 libggml-cpu (installed by llama-cpp-python) exports ggml_get_type_traits_cpu(type): the
 from_float that converts an activation row to the weight's vec_dot_type (the AVX2 code this
 machine runs inside llama.cpp) and the vec_dot that multiplies one weight row by it. These are
-the reference for kernels/matmul.py: activation blocks must match byte for byte, dot products
+the reference for kernels/cpu (actquant.py, matmul.py): activation blocks must match byte for byte, dot products
 to float32 rounding (the order of the per-block float sums differs).
 """
 

@@ -24,9 +24,9 @@ def _kernels():
     if not (HAS_CUDA or INTERPRET):
         pytest.skip("Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
     pytest.importorskip("triton")
-    from ggquant.runtime import cuda_kernels
+    from ggquant.kernels.cuda import triton
 
-    return cuda_kernels
+    return triton
 
 
 def _weights(qtype, n, k, seed=0):
@@ -39,7 +39,8 @@ def _weights(qtype, n, k, seed=0):
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K],
                          ids=lambda t: t.name)
 def test_repacked_layout_holds_ggml_values(qtype):
-    from ggquant.runtime.cuda import dequantize_parts, repack
+    from ggquant.kernels.cuda.dequant import dequantize_parts
+    from ggquant.runtime.cuda import repack
 
     raw, ref = _weights(qtype, 6, 512)
     kind, parts = repack(torch, qtype, torch.from_numpy(raw), 512)

@@ -1,11 +1,14 @@
-"""kernels/matmul.py against ggml-cpu: activation conversion byte for byte, products bit for bit."""
+"""The CPU products (kernels/cpu, dispatched by runtime/cpu.py) against ggml-cpu: activation conversion
+byte for byte, products bit for bit."""
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ggquant.kernels import matmul as mm
+from ggquant.kernels.cpu import actquant
+from ggquant.kernels.cpu.matmul import ISA
 from ggquant.quant import types as qt
+from ggquant.runtime import cpu
 from tests.runtime import ggml_cpu_oracle as oracle
 from tests.runtime import ggml_graph_oracle as graph
 
@@ -49,21 +52,21 @@ def _q8_K_bytes(qs, d, bsums):
 @pytest.mark.parametrize("k", [256, 1024])
 def test_q8_0_activation_bytes_equal_ggml(k):
     x = _inputs(np.random.default_rng(k), 12, k)
-    qs, d = mm.quantize_q8_0(x)
+    qs, d = actquant.quantize_q8_0(x)
     assert np.array_equal(_q8_0_bytes(qs, d), oracle.from_float(T.Q8_0, x))
 
 
 @pytest.mark.parametrize("k", [256, 1024])
 def test_q8_K_activation_bytes_equal_ggml(k):
     x = _inputs(np.random.default_rng(k + 1), 12, k)
-    qs, d, bsums = mm.quantize_q8_K(x)
+    qs, d, bsums = actquant.quantize_q8_K(x)
     assert np.array_equal(_q8_K_bytes(qs, d, bsums), oracle.from_float(T.Q8_K, x))
 
 
 def test_f16_bf16_activation_rounding_equal_ggml():
     x = _inputs(np.random.default_rng(3), 12, 256)
     f16 = oracle.from_float(T.F16, x).view(np.float16).astype(np.float32)
-    assert np.array_equal(mm.round_f16(x).view(np.uint32), f16.view(np.uint32))
+    assert np.array_equal(actquant.round_f16(x).view(np.uint32), f16.view(np.uint32))
 
 
 # Shapes that select every kernel ggml-cpu's mul_mat picks (ggml_graph_oracle runs it): rows a
@@ -73,8 +76,8 @@ def test_f16_bf16_activation_rounding_equal_ggml():
 SHAPES = [(64, 1024), (37, 1024), (40, 1000)]
 
 
-@pytest.mark.skipif(bool(mm.ISA.unmatched), reason=f"llama.cpp's kernels for {mm.ISA.unmatched} are not emulated")
-@pytest.mark.parametrize("isa", [mm.ISA.name])
+@pytest.mark.skipif(bool(ISA.unmatched), reason=f"llama.cpp's kernels for {ISA.unmatched} are not emulated")
+@pytest.mark.parametrize("isa", [ISA.name])
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("ntok", [1, 3, 7, 8, 19])
 def test_matmul_bit_identical_to_ggml_mul_mat(qtype, ntok, isa):
@@ -86,7 +89,7 @@ def test_matmul_bit_identical_to_ggml_mul_mat(qtype, ntok, isa):
             continue
         w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
         x = _inputs(rng, ntok, k) if ntok > 1 else rng.standard_normal((1, k)).astype(np.float32)
-        got = mm.matmul(w, qtype, x)
+        got = cpu.matmul(w, qtype, x)
         ref = graph.mul_mat(qtype, w, x)
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (n, k, np.mean(got != ref))
 
@@ -98,11 +101,11 @@ def test_matmul_is_exact_dot_of_dequantized_blocks(qtype):
     n, k, ntok = 20, 768, 3
     w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     x = rng.standard_normal((ntok, k)).astype(np.float32)
-    xc = mm.convert_activation(qtype, x)
-    block = 32 if mm.VEC_DOT_TYPE[qtype] == T.Q8_0 else 256
+    xc = cpu.convert_activation(qtype, x)
+    block = 32 if qt.get(qtype).vec_dot_type == T.Q8_0 else 256
     xd = (xc[0].reshape(ntok, -1, block) * xc[1][:, :, None].astype(np.float64)).reshape(ntok, k)
     ref = xd @ qt.dequantize(w, qtype, (n, k)).astype(np.float64).T
-    got = mm.matmul_converted(w, qtype, xc)
+    got = cpu.matmul_converted(w, qtype, xc)
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
@@ -115,9 +118,9 @@ def test_matmul_results_do_not_depend_on_thread_count():
     old = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        a = mm.matmul(w, T.Q4_K, x)
+        a = cpu.matmul(w, T.Q4_K, x)
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        b = mm.matmul(w, T.Q4_K, x)
+        b = cpu.matmul(w, T.Q4_K, x)
     finally:
         numba.set_num_threads(old)
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -126,6 +129,6 @@ def test_matmul_results_do_not_depend_on_thread_count():
 def test_unsupported_type_and_bad_shapes_raise():
     w = np.zeros((4, 18), np.uint8)
     with pytest.raises(ValueError, match="IQ2_XXS"):
-        mm.matmul(w, T.IQ2_XXS, np.zeros((1, 256), np.float32))
+        cpu.matmul(w, T.IQ2_XXS, np.zeros((1, 256), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        mm.matmul(w, T.Q4_0, np.zeros((1, 64), np.float32))
+        cpu.matmul(w, T.Q4_0, np.zeros((1, 64), np.float32))

@@ -3,7 +3,7 @@ to F32 GGUF by llama.cpp's converter, against llama.cpp and against transformers
 
 Targets (issue 4): vs llama.cpp max |dlogit| <= 1e-2 and top-1 100%; vs transformers <= 1e-3.
 The CPU backend follows the kernels llama.cpp's CPU backend runs on this host (AVX2 or AVX-512,
-kernels/matmul.py CpuIsa) operation for operation, so the logits are bit-identical (checked too;
+kernels/cpu/matmul.py CpuIsa) operation for operation, so the logits are bit-identical (checked too;
 the test id names the ISA path checked; skipped only on hosts whose kernels are not emulated).
 """
 
@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import pytest
 
-from ggquant.kernels.matmul import ISA
+from ggquant.kernels.cpu.matmul import ISA
 from ggquant.runtime.model import Session, load_model
 
 llama_cpp = pytest.importorskip("llama_cpp")

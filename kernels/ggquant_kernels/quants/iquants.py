@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, QK_K
 from gguf import quants as gq
 
-from ggquant.kernels.common import F32, fp16_to_fp32, get_u16
+from ..common import F32, fp16_to_fp32, get_u16
 
 T = GGMLQuantizationType
 

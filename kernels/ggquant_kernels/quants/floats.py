@@ -26,7 +26,7 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import f32_bits
+from ..common import f32_bits
 
 # --- bit-pattern constants (IEEE binary32 / binary16) ---------------------------------
 _F32_ABS_MASK = np.uint32(0x7FFFFFFF)

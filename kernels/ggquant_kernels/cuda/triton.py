@@ -1,4 +1,4 @@
-"""Triton kernels for batch-1 decode on the torch/CUDA backend (cuda.py).
+"""Triton kernels for batch-1 decode on the torch/CUDA backend (ggquant/runtime/cuda.py).
 
 A decode step multiplies every weight matrix by one activation row: it is bound by the bytes
 of weight read. torch's path for a quantized matrix (dequantize to float32, then a GEMM) reads
@@ -9,10 +9,10 @@ at batch 1 a step is ~40 kernels per layer and their launch/tail cost dominates 
 (research note anchor-cuda-h100.md: llama.cpp spends 2.7-3.8 ms per token outside weight
 streaming on E4B).
 
-Layouts (built once at load by cuda.repack; each holds exactly ggml's values; the bytes read per
-token are the GGUF's own for Q8_0, plus 1/8 bit per element for Q4_K; Q4_0/Q5_0/Q6_K widen
-their codes to int8 (legacy types: 8.5 bits, Q6_K: 10 bits per element, still ~3x fewer
-bytes than a float32 copy)):
+Layouts (built once at load by dequant.py's repack_<type>; each holds exactly ggml's values; the
+bytes read per token are the GGUF's own for Q8_0, plus 1/8 bit per element for Q4_K; Q4_0/Q5_0/
+Q6_K widen their codes to int8 (legacy types: 8.5 bits, Q6_K: 10 bits per element, still ~3x
+fewer bytes than a float32 copy)):
   int8  q int8 [N, K] with scale [N, K/G]: Q8_0, Q4_0, Q5_0 (q = the block's signed codes,
         fp16 d, G = 32) and Q6_K (q in [-32, 31], float32 d*sc per 16 columns, exact: an
         fp16 times a 6-bit int)

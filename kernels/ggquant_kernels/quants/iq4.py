@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import F32, GROUP_MAX_EPS, fp16_to_fp32, fp32_to_fp16, get_u16, nearest_int, put_u16
+from ..common import F32, GROUP_MAX_EPS, fp16_to_fp32, fp32_to_fp16, get_u16, nearest_int, put_u16
 
 # ggml-common.h kvalues_iq4nl: the 16 non-linear levels (sorted, int8).
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)

@@ -23,10 +23,9 @@ import numba as nb
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as _T
 
-from .common import F32, f32_bits, fp16_to_fp32, fp32_to_fp16, get_u16, put_u16
+from ..common import F32, JIT, f32_bits, fp16_to_fp32, fp32_to_fp16, get_u16, put_u16
 
 QK = GGML_QUANT_SIZES[_T.Q4_0][0]  # 32, for all five types
-JIT = dict(cache=True, error_model="numpy")
 
 # kind codes (entry-kernel argument): symmetric types store q = u + OFFSET; offset types q = u
 Q4_0, Q5_0, Q8_0, Q4_1, Q5_1 = 0, 1, 2, 3, 4

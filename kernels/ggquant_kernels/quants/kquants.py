@@ -14,11 +14,11 @@ values; each super-block is one ``block_<type>`` of ggml-common.h, byte for byte
     Q5_K 176 B: d fp16 | dmin fp16 | scales[12] | qh[32] | qs[128]
     Q6_K 210 B: ql[128] | qh[64] | scales[16] int8 | d fp16
 
-Numba: per-block functions are ``njit`` with the qsearch.JIT options. One ``parallel=True``
+Numba: per-block functions are ``njit`` with the common.JIT options. One ``parallel=True``
 kernel per direction serves all five types (``prange`` over rows, dispatch on the GGML type
 id): rows are independent, so the bytes do not depend on the thread count. Without an
 imatrix the kernel receives an empty float32 array and use_qw=False, so each kernel has
-exactly one compiled specialisation. ``_quantizer``/``_dequantizer`` build the registry's
+exactly one compiled specialisation. ``row_quantizer``/``row_dequantizer`` build the registry's
 plain Python entry points (legacy.py uses them too).
 
 DEQUANTIZER LOOPS (here and in legacy.py). The dequantizers get the block size ``qk`` (from
@@ -38,10 +38,9 @@ import numba as nb
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import GROUP_MAX_EPS
-from .qsearch import (
+from ..common import GROUP_MAX_EPS, JIT
+from ..qsearch import (
     F32,
-    JIT,
     WORK_FLOATS,
     WORK_INTS,
     as_int8,
@@ -625,7 +624,7 @@ def _dequantize_kquants(data, y, type_id, qk):
 _NO_QW = np.empty(0, dtype=np.float32)
 
 
-def _quantizer(kernel, qtype):
+def row_quantizer(kernel, qtype):
     block, type_size = GGML_QUANT_SIZES[qtype]
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
@@ -647,7 +646,7 @@ def _quantizer(kernel, qtype):
     return quantize
 
 
-def _dequantizer(kernel, qtype):
+def row_dequantizer(kernel, qtype):
     block, type_size = GGML_QUANT_SIZES[qtype]
 
     def dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -665,5 +664,5 @@ def _dequantizer(kernel, qtype):
 
 
 _KQUANTS = (_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K)
-QUANTIZE = {t: _quantizer(_quantize_kquants, t) for t in _KQUANTS}
-DEQUANTIZE = {t: _dequantizer(_dequantize_kquants, t) for t in _KQUANTS}
+QUANTIZE = {t: row_quantizer(_quantize_kquants, t) for t in _KQUANTS}
+DEQUANTIZE = {t: row_dequantizer(_dequantize_kquants, t) for t in _KQUANTS}

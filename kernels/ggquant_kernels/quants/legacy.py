@@ -14,7 +14,7 @@ Blocks of 32 values (ggml-common.h):
     Q5_1 24 B: d fp16 | m fp16 | qh[4] | qs[16]
     Q8_0 34 B: d fp16 | qs[32] int8
 
-Numba conventions as in kquants.py (qsearch.JIT options, one parallel kernel per direction
+Numba conventions as in kquants.py (common.JIT options, one parallel kernel per direction
 for the family dispatching on the GGML type id, empty imatrix + flag when there is none).
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # The Python entry wrappers (allocate the output, pick the imatrix flag) are shared with kquants.
-from .kquants import _dequantizer, _quantizer
-from .qsearch import (
+from .kquants import row_dequantizer, row_quantizer
+from ..common import JIT
+from ..qsearch import (
     F32,
-    JIT,
     WORK_FLOATS,
     WORK_INTS,
     as_int8,
@@ -394,5 +394,5 @@ def _dequantize_legacy(data, y, type_id, qk):
 
 _LEGACY = (_T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0)
 # Q8_0 ignores the imatrix (quantize_q8_0); the wrapper still checks its length.
-QUANTIZE = {t: _quantizer(_quantize_legacy, t) for t in _LEGACY}
-DEQUANTIZE = {t: _dequantizer(_dequantize_legacy, t) for t in _LEGACY}
+QUANTIZE = {t: row_quantizer(_quantize_legacy, t) for t in _LEGACY}
+DEQUANTIZE = {t: row_dequantizer(_dequantize_legacy, t) for t in _LEGACY}

@@ -1,4 +1,4 @@
-"""ggquant.kernels.iqdequant against ggml's to_float, bit for bit.
+"""ggquant.kernels.quants.iquants against ggml's to_float, bit for bit.
 
 Three kinds of input:
 - random block bytes whose fp16 scales are forced finite (several magnitude regimes);
@@ -13,10 +13,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES, QK_K
 from gguf import GGMLQuantizationType as T
 
-from ggquant.kernels import iqdequant
+from ggquant.kernels.quants import iquants
 from tests import ggml_oracle
 
-TYPES = list(iqdequant.DEQUANTIZE)
+TYPES = list(iquants.DEQUANTIZE)
 # Types whose ggml quantizer reads quant_weights (research note imatrix-and-quants.md §1.4).
 IMATRIX_TYPES = {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M}
 
@@ -37,7 +37,7 @@ def _assert_bit_equal(ours, ref):
 
 
 def _check(qtype, data, n_per_row):
-    ours = iqdequant.DEQUANTIZE[qtype](data, n_per_row)
+    ours = iquants.DEQUANTIZE[qtype](data, n_per_row)
     ref = ggml_oracle.dequantize(qtype, data, n_per_row)
     _assert_bit_equal(ours, ref)
 
@@ -273,8 +273,8 @@ def test_ggml_quantized_data(qtype, source, imatrix):
 # ------------------------------------------------------------------ contract
 
 def test_registry_contract():
-    assert iqdequant.QUANTIZE == {}
-    for qtype, fn in iqdequant.DEQUANTIZE.items():
+    assert iquants.QUANTIZE == {}
+    for qtype, fn in iquants.DEQUANTIZE.items():
         block, size = GGML_QUANT_SIZES[qtype]
         out = fn(np.zeros((2, 2 * size), dtype=np.uint8), 2 * block)
         assert out.dtype == np.float32 and out.shape == (2, 2 * block)
@@ -287,4 +287,4 @@ def test_non_contiguous_input():
     data = _random_data(qtype, 8, 512, seed=1, regime="normal")
     wide = np.zeros((8, data.shape[1] * 2), dtype=np.uint8)
     wide[:, ::2] = data
-    _assert_bit_equal(iqdequant.DEQUANTIZE[qtype](wide[:, ::2], 512), ggml_oracle.dequantize(qtype, data, 512))
+    _assert_bit_equal(iquants.DEQUANTIZE[qtype](wide[:, ::2], 512), ggml_oracle.dequantize(qtype, data, 512))

@@ -1,0 +1,267 @@
+"""The CPU graph operations other than the weight products, as ggml-cpu computes them for llama.cpp:
+attention (llama.cpp's non-flash path with an F32 KV cache: KQ dots, softmax with ggml's expf, KQV),
+RoPE (NeoX pairing), the final logit softcap, RMS norm and the fp16-table GELU. Each function names
+the ggml function it ports; the float order is ggml's, so results are bit-identical to llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ..common import JIT, bits_f32, f32_bits, fp32_to_fp16
+from .simd import KV_STEP, dot_f32, fmaf
+
+F32 = np.float32
+
+
+# =============================================================================================
+# Attention products (llama.cpp's non-flash path, F32 KV cache)
+# =============================================================================================
+
+
+# vec.h ggml_v_expf constants, written as in the C source (hex floats)
+_EXP_R = np.float32(float.fromhex("0x1.8p23"))
+_EXP_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_EXP_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_EXP_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+_EXP_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_EXP_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_EXP_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_ONE_BITS = np.uint32(0x3F800000)
+
+
+@nb.njit(inline="always", **JIT)
+def ggml_expf(x):
+    """vec.h ggml_v_expf (the AVX2 branch), one lane: what ggml_vec_soft_max_f32 exponentiates with."""
+    z = fmaf(x, _EXP_LOG2E, _EXP_R)
+    n = z - _EXP_R
+    b = fmaf(-n, _EXP_LN2_LO, fmaf(-n, _EXP_LN2_HI, x))
+    e = f32_bits(z) << np.uint32(23)
+    k = bits_f32(e + _ONE_BITS)
+    u = b * b
+    j = fmaf(fmaf(fmaf(_EXP_C5, b, _EXP_C4), u, fmaf(_EXP_C3, b, _EXP_C2)), u, _EXP_C1 * b)
+    if not abs(n) > F32(126.0):
+        return fmaf(j, k, k)
+    g = np.uint32(0x82000000) if n <= F32(0.0) else np.uint32(0)
+    s1 = bits_f32(g + np.uint32(0x7F000000))
+    if abs(n) > F32(192.0):
+        return s1 * s1
+    s2 = bits_f32(e - g)
+    return fmaf(s2, j, s2) * s1
+
+
+@nb.njit(inline="always", **JIT)
+def ggml_expf16(x):
+    """vec.h ggml_v_expf(__m512) (the AVX-512 branch), one lane: the polynomial keeps its constant
+    term (fma(c1, b, 1)) and _mm512_scalef_ps scales by 2**n, rounded once (float64 product, exact,
+    then one rounding to float32, denormals included); |n| > 192 gives 0 or inf."""
+    z = fmaf(x, _EXP_LOG2E, _EXP_R)
+    n = z - _EXP_R
+    b = fmaf(-n, _EXP_LN2_LO, fmaf(-n, _EXP_LN2_HI, x))
+    if abs(n) > F32(192.0):
+        return F32(0.0) if n <= F32(0.0) else F32(np.inf)
+    u = b * b
+    j = fmaf(fmaf(fmaf(_EXP_C5, b, _EXP_C4), u, fmaf(_EXP_C3, b, _EXP_C2)), u, fmaf(_EXP_C1, b, F32(1.0)))
+    return F32(np.float64(j) * math.ldexp(1.0, int(n)))
+
+
+@nb.njit(**JIT)
+def _softmax_row(w, n, lanes):
+    """ggml_compute_forward_soft_max_f32 on w[:n] (scale and mask already applied), in place:
+    max, then ggml_vec_soft_max_f32 — ggml_v_expf over chunks of `lanes` (8: AVX2, 16: AVX-512),
+    each chunk summed in float in its hsum order (_mm256 movehl / _mm512_reduce_add_ps), chunk sums
+    added in double — then scaled by (float)(1 / sum). w must be zero-padded to a multiple of
+    `lanes` (llama.cpp pads n_kv to 256 with masked keys, whose exp is 0)."""
+    mx = F32(-np.inf)
+    for i in range(n):
+        if w[i] > mx:
+            mx = w[i]
+    total = 0.0
+    npad = (n + lanes - 1) // lanes * lanes
+    for i in range(npad):
+        if i >= n:
+            w[i] = F32(0.0)
+        elif lanes == 16:
+            w[i] = ggml_expf16(w[i] - mx)
+        else:
+            w[i] = ggml_expf(w[i] - mx)
+    for c in range(0, npad, lanes):
+        if lanes == 16:
+            t0 = w[c + 8] + w[c]
+            t1 = w[c + 9] + w[c + 1]
+            t2 = w[c + 10] + w[c + 2]
+            t3 = w[c + 11] + w[c + 3]
+            t4 = w[c + 12] + w[c + 4]
+            t5 = w[c + 13] + w[c + 5]
+            t6 = w[c + 14] + w[c + 6]
+            t7 = w[c + 15] + w[c + 7]
+            h0, h1, h2, h3 = t4 + t0, t5 + t1, t6 + t2, t7 + t3
+        else:
+            h0 = w[c + 4] + w[c]
+            h1 = w[c + 5] + w[c + 1]
+            h2 = w[c + 6] + w[c + 2]
+            h3 = w[c + 7] + w[c + 3]
+        total += np.float64((h0 + h2) + (h1 + h3))
+    inv = F32(1.0 / total)
+    for i in range(n):
+        w[i] = w[i] * inv
+
+
+@nb.njit(parallel=True, **JIT)
+def attention(q, k, vt, q_pos, k_pos, window, scale, kq_mode, pv_mode, lanes, out):
+    """out[t, h] = softmax(scale * q[t,h] . k[j, h/g] + mask) @ v, as ggml runs it on the CPU.
+
+    q [T, H, D]; k [S, Hkv, D]; vt [Hkv, D, S_alloc] (V transposed, llama.cpp's v_trans layout,
+    zero or finite beyond S); positions q_pos [T], k_pos [S]; window > 0: key j is masked when
+    q_pos - k_pos >= window; out [T, H, D].
+    KQ: ggml_vec_dot_f32 per (key, query) (src1 is a permuted view, so no sgemm): kq_mode;
+    softmax over chunks of `lanes`; KQV: tinyBLAS over the keys for batches, ggml_vec_dot_f32 for
+    one token: pv_mode (CpuIsa picks all three for the host).
+    """
+    T, H, D = q.shape
+    S = k.shape[0]
+    Hkv = k.shape[1]
+    group = H // Hkv
+    # keys padded with zeros (llama.cpp pads n_kv to 256) to a multiple of every mode's step (64):
+    # the zero terms then leave the sums unchanged, as they do in llama.cpp
+    npad = (S + KV_STEP - 1) // KV_STEP * KV_STEP
+    for th in nb.prange(T * H):
+        t = th // H
+        h = th - t * H
+        kvh = h // group
+        w = np.zeros(npad, np.float32)
+        pv = np.zeros(npad, np.float32)
+        qt = q[t, h]
+        for j in range(S):
+            masked = k_pos[j] > q_pos[t] or (window > 0 and q_pos[t] - k_pos[j] >= window)
+            if masked:
+                w[j] = F32(-np.inf)
+            else:
+                w[j] = dot_f32(k[j, kvh], 0, qt, 0, D, kq_mode) * scale
+        _softmax_row(w, S, lanes)
+        for j in range(S):
+            pv[j] = w[j]
+        for d in range(D):
+            row = vt[kvh, d]
+            acc = F32(0.0)
+            if S <= row.shape[0] and npad <= row.shape[0]:
+                acc = dot_f32(row, 0, pv, 0, npad, pv_mode)
+            else:  # cache not padded: copy the keys into a padded buffer
+                tmp = np.zeros(npad, np.float32)
+                for j in range(S):
+                    tmp[j] = row[j]
+                acc = dot_f32(tmp, 0, pv, 0, npad, pv_mode)
+            out[t, h, d] = acc
+
+
+# =============================================================================================
+# RoPE (NeoX pairing), as ggml-cpu ops.cpp ggml_compute_forward_rope_flt computes it
+# =============================================================================================
+
+
+@nb.njit(**JIT)
+def rope_theta_scale(base, n_dims):
+    """powf(freq_base, -2.0f / n_dims) with the C library's powf (numba lowers math.pow on float32
+    to it), as ggml_compute_forward_rope_flt."""
+    return F32(math.pow(F32(base), F32(-2.0) / F32(n_dims)))
+
+
+@nb.njit(**JIT)
+def rope_cache(pos, half, theta_scale, freq_scale, freq_factors, cos_out, sin_out):
+    """ggml_rope_cache_init with ext_factor 0 and mscale 1: theta starts at the position and is
+    multiplied by theta_scale after each pair in float32; freq factors divide it; cos/sin are the
+    C library's cosf/sinf (what numba's math.cos on float32 calls). freq_factors: empty for none."""
+    use_ff = freq_factors.shape[0] > 0
+    theta_scale = F32(theta_scale)
+    freq_scale = F32(freq_scale)
+    for t in range(pos.shape[0]):
+        theta = F32(pos[t])
+        for i in range(half):
+            th = theta / freq_factors[i] if use_ff else theta
+            th = freq_scale * th
+            cos_out[t, i] = F32(math.cos(th))
+            sin_out[t, i] = F32(math.sin(th))
+            theta = theta * theta_scale
+
+
+@nb.njit(parallel=True, **JIT)
+def rope_neox(x, cos, sin, out):
+    """ops.cpp rotate_pairs for GGML_ROPE_TYPE_NEOX on x [T, H, D]: pairs (i, i + n_dims/2) of the
+    first n_dims = 2 * cos.shape[1] dims; the rest is copied. As GCC compiles it (fp-contract):
+        y0 = fma(x0, cos, -(x1 * sin));  y1 = fma(x0, sin, x1 * cos)."""
+    T, H, D = x.shape
+    half = cos.shape[1]
+    for th in nb.prange(T * H):
+        t = th // H
+        h = th - t * H
+        for i in range(half):
+            c = cos[t, i]
+            s = sin[t, i]
+            x0 = x[t, h, i]
+            x1 = x[t, h, i + half]
+            out[t, h, i] = fmaf(x0, c, -(x1 * s))
+            out[t, h, i + half] = fmaf(x0, s, x1 * c)
+        for i in range(2 * half, D):
+            out[t, h, i] = x[t, h, i]
+
+
+@nb.njit(parallel=True, **JIT)
+def softcap(x, cap, out):
+    """cap * tanh(x / cap) as llama.cpp's graph computes it: ggml_scale(1.0f/cap), ggml_tanh (the C
+    library's tanhf, which numba's math.tanh on float32 calls), ggml_scale(cap)."""
+    inv = F32(1.0) / F32(cap)
+    c = F32(cap)
+    flat = x.reshape(-1)
+    o = out.reshape(-1)
+    for i in nb.prange(flat.shape[0]):
+        o[i] = F32(math.tanh(flat[i] * inv)) * c
+
+
+# =============================================================================================
+# Element-wise ops of the graph, as ggml-cpu computes them
+# =============================================================================================
+
+
+@nb.njit(**JIT)
+def rms_norm(x, w, eps, use_w, out):
+    """ops.cpp ggml_compute_forward_rms_norm_f32 (+ the fused ggml_mul by w), rows of x [R, n]:
+    sum of float32 squares accumulated in double, mean cast to float, scale = 1 / sqrtf(mean + eps),
+    y = x * scale * w."""
+    R, n = x.shape
+    eps = F32(eps)
+    for r in range(R):
+        acc = 0.0
+        for i in range(n):
+            v = x[r, i] * x[r, i]
+            acc += np.float64(v)
+        mean = F32(acc / n)
+        scale = F32(1.0) / F32(math.sqrt(mean + eps))
+        if use_w:
+            for i in range(n):
+                out[r, i] = (x[r, i] * scale) * w[i]
+        else:
+            for i in range(n):
+                out[r, i] = x[r, i] * scale
+
+
+@nb.njit(**JIT)
+def gelu_table_f16(x, table, gate, use_gate, out):
+    """vec.h ggml_vec_gelu_f32 / ggml_vec_geglu_f32 with GGML_GELU_FP16: x <= -10 -> 0, x >= 10 ->
+    x, otherwise table[fp16(x)] (the table holds fp16(gelu) as float32); times gate if use_gate."""
+    flat = x.reshape(-1)
+    g = gate.reshape(-1)
+    o = out.reshape(-1)
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if v <= F32(-10.0):
+            y = F32(0.0)
+        elif v >= F32(10.0):
+            y = v
+        else:
+            y = table[fp32_to_fp16(v)]
+        o[i] = y * g[i] if use_gate else y
