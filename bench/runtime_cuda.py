@@ -482,7 +482,6 @@ def load(path: Path, device: str):
     if device == "cuda":
         return load_model(path, device="cuda")
     # torch backend on CPU tensors (how CI checks it), built like tests/runtime/test_cuda.py
-    import ggquant.runtime.gemma4  # noqa: F401
     from ggquant.formats.gguf import GGUFReader
     from ggquant.runtime.cuda import CUDABackend
 

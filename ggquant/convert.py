@@ -46,8 +46,9 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, Keys, LlamaFileType
 
 from ggquant.arch import arch_class
-from ggquant.arch.base import (CONVERTER_OUTTYPES, KV, MMPROJ, TEXT, Arch, General, TensorPlan, hf_architecture,
-                               load_config, naming_convention, plan_part, weight_count_label)
+from ggquant.arch.base import (CONVERTER_OUTTYPES, KV, MMPROJ, TEXT, Arch, TensorPlan, hf_architecture, load_config,
+                               plan_part)
+from ggquant.arch.provenance import General, naming_convention, weight_count_label
 from ggquant.errors import GGQuantError
 from ggquant.convert_quantized import (QuantizedSourceTensor, attach_quantized, file_json, finish_plan, measure_lossy,
                                        plan_lines, tensor_json)
@@ -123,7 +124,7 @@ def _text_file(arch: Arch, outtype: str, preset: LlamaFileType | None, rules, im
     file_type = 0 if preset is not None else CONVERTER_OUTTYPES[outtype][1]
     tensors = plan_part(arch, TEXT, base)
     total = sum(t.n_elements for t in tensors)
-    general = General.derive(arch.dir, arch.raw, total)
+    general = General.derive(arch.dir, total)
     kv = KV()
     kv.string(Keys.General.ARCHITECTURE, arch.gguf_arch)
     kv.string(Keys.General.TYPE, "model")
@@ -200,7 +201,7 @@ def _mmproj_file(arch: Arch, outtype: str, text_out: Path | None, text_label: st
     if not tensors:
         raise GGQuantError(f"{arch.dir}: no vision/audio tower tensors found for the mmproj")
     total = sum(t.n_elements for t in tensors)
-    general = General.derive(arch.dir, arch.raw, total)
+    general = General.derive(arch.dir, total)
     kv = KV()
     kv.string(Keys.General.ARCHITECTURE, "clip")
     kv.string(Keys.General.TYPE, "mmproj")

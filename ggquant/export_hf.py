@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
+from ggquant.arch import gguf_arch_class
 from ggquant.arch.base import IDENTITY, MMPROJ, TEXT, Arch, GGUFFacts, Transform
 from ggquant.errors import GGQuantError
 
@@ -44,17 +45,6 @@ CHUNK_BYTES = 32 << 20  # float32 working set of one chunk
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical save_pretrained default ("5GB")
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _RAW_OK = {(T.F32, "F32"), (T.F16, "F16"), (T.BF16, "BF16")}
-
-
-def arch_for_gguf(name: str, path: Path) -> type[Arch]:
-    from ggquant.arch import ARCHITECTURES
-
-    for cls in dict.fromkeys(ARCHITECTURES.values()):
-        if cls.gguf_arch == name:
-            return cls
-    known = sorted({c.gguf_arch for c in ARCHITECTURES.values()})
-    raise GGQuantError(f"{path}: general.architecture = {name!r} is not supported; ggquant converts "
-                       f"{', '.join(known)} GGUFs to Hugging Face")
 
 
 # =============================================================================================
@@ -227,7 +217,7 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         if g.arch == "clip":
             raise GGQuantError(f"{src}: an mmproj (general.architecture = clip); pass the text GGUF as MODEL and the "
                                f"mmproj with --mmproj")
-        cls = arch_for_gguf(g.arch, src)
+        cls = gguf_arch_class(g.arch, src)
         mm = None
         if mmproj is not None:
             mm_src = GGUFSource(Path(mmproj))
