@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, \
@@ -740,7 +740,7 @@ class TextHparams:
     final_softcap: float  # final_logit_softcapping; 0: none
 
     @classmethod
-    def from_gguf(cls, g: GGUFFacts):
+    def from_gguf(cls, g: GGUFFacts) -> Self:
         return cls(**cls.decode(g))
 
     @classmethod
@@ -796,6 +796,17 @@ class TextHparams:
             raise GGQuantError(f"{self.path}: '{key.format(arch=self.arch)}' varies per layer ({values}); the "
                                f"Hugging Face configuration of {self.arch} has one value for every layer")
         return values[0]
+
+
+def swa_pattern(g: GGUFFacts, n_layer: int, default_period: int) -> list[bool]:
+    """llama_model_base::load_swa_pattern: a bool array (true = sliding), or a period n whose layer
+    il slides unless il % n == n - 1 (llama_hparams::set_swa_pattern; n = 0: every layer slides)."""
+    key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=g.arch)
+    if isinstance(g.get(key), list):
+        pat = g.per_layer(key, n_layer, bool)
+        return [bool(p) for p in pat]
+    n = g.need(key, default=default_period)
+    return [n == 0 or il % n < n - 1 for il in range(n_layer)]
 
 
 # rope.scaling.yarn_* keys -> the Hugging Face rope_parameters names (TextModel.set_gguf_parameters)

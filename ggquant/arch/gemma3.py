@@ -6,6 +6,9 @@ conversion/base.py TextModel):
 - token_embd is trimmed to the tokenizer's size (out-of-vocabulary padding rows dropped);
 - tied embeddings: no output.weight (llama.cpp reuses token_embd);
 - vocabulary from tokenizer.model (SentencePiece), add_space_prefix = false.
+
+Read back (runtime/models/gemma3.py and `convert --to hf`): Gemma3Hparams decodes the GGUF keys
+as llama.cpp's src/models/gemma3.cpp loads them; Gemma3.hf_config turns them into config.json.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from gguf import MODEL_ARCH, MODEL_TENSOR, GGMLQuantizationType, Keys
 from ggquant.arch import register
 from ggquant.arch import vocab as V
 from ggquant.arch.base import (FULL, KV, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, f32_value,
-                               hf_rope_parameters, hf_token_ids, read_json, token_ids_by_text, with_defaults)
+                               hf_rope_parameters, hf_token_ids, read_json, swa_pattern, token_ids_by_text,
+                               with_defaults)
 from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, AddConstant, Transform
 from ggquant.errors import GGQuantError
 from ggquant.formats.safetensors import SafeTensor
@@ -148,17 +152,6 @@ class Gemma3Hparams(TextHparams):
         return float(np.float32(1.0) / np.sqrt(np.float32(self.query_pre_attn_scalar)))
 
 
-def swa_pattern(g: GGUFFacts, n_layer: int, default_period: int) -> list[bool]:
-    """llama_model_base::load_swa_pattern: a bool array (true = sliding), or a period n whose layer
-    il slides unless il % n == n - 1 (llama_hparams::set_swa_pattern; n = 0: every layer slides)."""
-    key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=g.arch)
-    if isinstance(g.get(key), list):
-        pat = g.per_layer(key, n_layer, bool)
-        return [bool(p) for p in pat]
-    n = g.need(key, default=default_period)
-    return [n == 0 or il % n < n - 1 for il in range(n_layer)]
-
-
 @register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 class Gemma3(Arch):
     model_arch = MODEL_ARCH.GEMMA3
@@ -176,11 +169,8 @@ class Gemma3(Arch):
             pattern = h.get("sliding_window_pattern", h.get("_sliding_window_pattern", SWA_PATTERN_HF_DEFAULT))
             if isinstance(n, int) and isinstance(pattern, int) and pattern > 0:
                 h["layer_types"] = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
-        h["rope_parameters"] = self.rope_parameters(h)
+        h["rope_parameters"] = rope_parameters_gemma3(h)
         return h
-
-    def rope_parameters(self, h: dict) -> dict:
-        return rope_parameters_gemma3(h)
 
     # --- vocabulary --------------------------------------------------------------------------
     def read_tokens(self):

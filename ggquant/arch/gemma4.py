@@ -12,6 +12,9 @@ Text (llama.cpp conversion/gemma.py Gemma4Model, a Gemma3Model without the norm 
 mmproj (Gemma4VisionAudioModel, general.architecture = clip): the vision tower (gemma4v) and the
 audio conformer (gemma4a), with the converter's reshapes, F32-forced tensors and softplus of
 the audio `per_dim_scale`.
+
+Read back (runtime/models/gemma4.py and `convert --to hf`): Gemma4Hparams decodes the GGUF keys
+as llama.cpp's src/models/gemma4.cpp loads them, the KV reuse map included.
 """
 
 from __future__ import annotations
@@ -219,6 +222,7 @@ class Gemma4Hparams(TextHparams):
             is_swa=is_swa, n_swa=g.need(A.SLIDING_WINDOW.format(arch=a)),
             head_dim_swa=g.need(A.KEY_LENGTH_SWA.format(arch=a)),
             head_dim_v_swa=g.need(A.VALUE_LENGTH_SWA.format(arch=a)),
+            # llama.cpp requires the key; 0 (no per-layer embeddings) when a file lacks it, as ggquant always read it
             n_embd_per_layer=g.need(L.EMBD_LENGTH_PER_LAYER_INP.format(arch=a), default=0),
         )
         if d["head_dim"] != d["head_dim_v"] or d["head_dim_swa"] != d["head_dim_v_swa"]:
@@ -276,9 +280,6 @@ class Gemma4(Gemma3):
                 overrides["num_key_value_heads"] = n_gkv
             h["per_layer_config"] = {str(i): dict(overrides) for i, t in enumerate(h["layer_types"] or []) if t == FULL}
         return h
-
-    def rope_parameters(self, h):
-        return h["rope_parameters"]
 
     # --- derived dims (converter's reading of per_layer_config) ------------------------------
     def _full_layer_value(self, key: str):
