@@ -26,7 +26,8 @@ from typing import Any
 
 from gguf import Keys, TokenType
 
-from ggquant.arch.base import KV, read_json, read_text
+from ggquant.formats.gguf import KV
+from ggquant.formats.hf_folder import read_json, read_text
 from ggquant.errors import GGQuantError
 
 K = Keys.Tokenizer

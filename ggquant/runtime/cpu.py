@@ -48,7 +48,7 @@ def _gelu_tanh_f32(x: np.ndarray) -> np.ndarray:
     return (F32(0.5) * x) * (F32(1.0) + np.tanh(inner))
 
 
-def _gelu_table() -> np.ndarray:
+def gelu_table() -> np.ndarray:
     """ggml-cpu.c ggml_cpu_init: table[i] = fp16(ggml_gelu_f32(fp16_to_fp32(i))), kept as float32.
 
     As the compiler builds vec.h ggml_gelu_f32: `1.0f + GELU_COEF_A*x*x` is contracted into one
@@ -245,7 +245,7 @@ class CPUBackend:
             return y * gate if gate is not None else y
         global _GELU_TABLE
         if _GELU_TABLE is None:
-            _GELU_TABLE = _gelu_table()
+            _GELU_TABLE = gelu_table()
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
         g = _ONE if gate is None else np.ascontiguousarray(gate, dtype=np.float32)
