@@ -86,7 +86,7 @@ def model_dir(name: str) -> Path:
 @pytest.fixture(scope="module")
 def references():
     """All reference GGUFs of CASES, converted by llama.cpp in one process (cached on disk)."""
-    from tests.reference import cached_reference_ggufs
+    from tests.oracles.llama_converter import cached_reference_ggufs
 
     paths = cached_reference_ggufs([(model_dir(n), t, m) for n, t, m in CASES])
     return dict(zip(CASES, paths))

@@ -234,7 +234,7 @@ def test_every_value_type_round_trips_including_empty_strings_and_arrays(tmp_pat
 def test_block_sizes_match_ggml_type_traits():
     """Our table is gguf-py's, corrected where ggml disagrees (Q8_1: 36 bytes, not 40)."""
     pytest.importorskip("llama_cpp")
-    from tests.ggml_oracle import libggml_base
+    from tests.oracles.ggml import libggml_base
 
     lib = libggml_base()
     for qt in ALL_QTYPES:

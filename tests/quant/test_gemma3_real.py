@@ -8,9 +8,9 @@ from gguf import LlamaFileType as F
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import types as qtypes
 from ggquant.convert.gguf_to_gguf import quantize_gguf
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quant.test_quantize_gguf import assert_same_model
-from tests.real_models import gemma3_270m_gguf
+from tests.oracles.real_models import gemma3_270m_gguf
 
 
 def test_every_tensor_dequantizes_bit_exactly():

@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES, QK_K
 from gguf import GGMLQuantizationType as T
 
 from ggquant.kernels.quants import iquants
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 
 TYPES = list(iquants.DEQUANTIZE)
 # Types whose ggml quantizer reads quant_weights (research note imatrix-and-quants.md §1.4).

@@ -9,8 +9,8 @@ from ggquant.kernels.cpu import actquant
 from ggquant.kernels.cpu.matmul import ISA
 from ggquant.quant import types as qt
 from ggquant.runtime import cpu
-from tests.runtime import ggml_cpu_oracle as oracle
-from tests.runtime import ggml_graph_oracle as graph
+from tests.oracles import ggml_cpu as oracle
+from tests.oracles import ggml_graph as graph
 
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES]
@@ -69,7 +69,7 @@ def test_f16_bf16_activation_rounding_equal_ggml():
     assert np.array_equal(actquant.round_f16(x).view(np.uint32), f16.view(np.uint32))
 
 
-# Shapes that select every kernel ggml-cpu's mul_mat picks (ggml_graph_oracle runs it): rows a
+# Shapes that select every kernel ggml-cpu's mul_mat picks (tests/oracles/ggml_graph.py runs it): rows a
 # multiple of 8 or 16 (CPU_REPACK Q4_0/Q4_K, tinyBLAS needs a multiple of 4) or not (37); K with
 # and without vec_dot leftovers (1000 = 15 x 64 + 40); 1 token (vec_dot / gemv), 3 and 7 (vec_dot,
 # repack gemm+gemv), 8 and 19 (tiled k-quants, tinyBLAS).

@@ -4,7 +4,7 @@ import functools
 import os
 from pathlib import Path
 
-CACHE = Path(os.environ.get("GGQUANT_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+CACHE = Path(os.environ.get("GGQUANT_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
 
 
 @functools.cache
