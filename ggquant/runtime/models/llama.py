@@ -20,7 +20,8 @@ Details as llama.cpp has them:
   frequency factors dividing theta (model.get_rope_factors: the same tensor for every layer).
 - kq_scale 1 / sqrtf(head_dim), applied inside the softmax (ggml_soft_max_ext).
 - The last layer keeps only the rows whose logits are wanted (inp_out_ids) before the residual add:
-  with logits="last" its attention output and FFN run on one row, as in llama.cpp's decode.
+  with logits="last" its attention output and FFN run on one row, as in llama.cpp's decode;
+  logits="none" runs every row through every layer (an imatrix collection sees every product).
 - SwiGLU as ggml_vec_swiglu_f32 (vector silu over 8/16 lanes, scalar tail).
 """
 
@@ -98,9 +99,7 @@ class LlamaModel(Model):
                 k = be.rope(k, pos, **rope)
             cache.store(il, pos0, k, v.reshape(T, nkv, d))
             a = be.attention(q, cache.layers[il], pos0 + T, pos, 0, hp.kq_scale)  # [T, nh*d]
-            if il == last and logits != "all":  # inp_out_ids: only the rows whose logits are wanted
-                if logits == "none":
-                    return None
+            if il == last and logits == "last":  # inp_out_ids: only the row whose logits are wanted
                 a, x = a[-1:], x[-1:]
             o = be.matmul(a, L.wo)
             if L.bo is not None:
@@ -110,4 +109,4 @@ class LlamaModel(Model):
             m = be.rms_norm(x, L.ffn_norm, eps)
             gate, up = be.matmuls(m, [L.w_gate, L.w_up])
             x = be.matmul(be.swiglu(gate, up), L.w_down) + x
-        return self.head(x, "all")
+        return self.head(x, "none" if logits == "none" else "all")
