@@ -161,7 +161,10 @@ class Tokenizer:
                    add_bos=None if g("tokenizer.ggml.add_bos_token") is None else bool(g("tokenizer.ggml.add_bos_token")),
                    pre=g("tokenizer.ggml.pre"),
                    add_eos=bool(g("tokenizer.ggml.add_eos_token", False)),
-                   add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix", False)), source=str(reader.path))
+                   # llama-vocab.cpp: SentencePiece vocabularies prepend a space unless the key says otherwise
+                   add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix",
+                                           g("tokenizer.ggml.model", "llama") == "llama")),
+                   source=str(reader.path))
 
     # --- encoding -----------------------------------------------------------------------------
     def _partition(self, text: bytes, parse_special: bool) -> list:
