@@ -39,6 +39,9 @@ CASES = {
     "ar_gptq_sym3": ("auto_round", 3, True, "AutoRound auto_round:auto_gptq int3 sym", T.Q4_0),
     "gptq_v1_sym8": ("auto_gptq", 8, True, "GPTQ v1 int8 sym", T.Q8_0),
     "ar_awq_asym6": ("auto_round:auto_awq", 6, False, "AutoRound auto_round:auto_awq int6 asym", T.Q8_0),
+    # auto-round's AWQ export with sym=True: zero_point false, qzeros all 2^(bits-1)
+    "awq_sym4": ("auto_awq", 4, True, "AWQ gemm int4 sym", T.Q4_0),
+    "ar_awq_sym6": ("auto_round:auto_awq", 6, True, "AutoRound auto_round:auto_awq int6 sym", T.Q8_0),
 }
 
 
@@ -97,8 +100,8 @@ def test_dequantize_equals_library_and_exact(ar_dirs, case):
     for rec in model:
         ours = rec.dequantize()
         # The identity matmul turns -0.0 (q == zero under auto-round's signed scales) into +0.0;
-        # adding +0.0 does the same to ours and changes nothing else.
-        assert_bits_equal(ours + np.float32(0), lib[rec.name], f"{case} {rec.name}")
+        # adding +0.0 does the same to ours (and to AWQ's dequantize_gemm) and changes nothing else.
+        assert_bits_equal(ours + np.float32(0), lib[rec.name] + np.float32(0), f"{case} {rec.name}")
         got = rec.exact_ggml()
         assert got is not None, rec.not_exact_reason
         assert got[0] == qtype, (case, rec.name, got[0].name)
