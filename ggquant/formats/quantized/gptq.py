@@ -120,6 +120,10 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
         mod = name[: -len(".qweight")]
         scheme = _scheme_for(mod, base, dynamic, extra, skip, desc)
         rec = (_awq_record if layout == "awq" else _gptq_record)(mod, scheme, src, zeros, desc)
+        # auto-round's model-free export pads the input width with zeros to a multiple of the
+        # group size (model_free_utils.quantize_weight_rtn) and records no true width: the
+        # converter crops to config.json's shape (IntQuantTensor.cropped)
+        rec.padded = bool(qc.get("model_free")) and layout == "gptq" and scheme.group_size > 0
         tensors[rec.name] = rec
         consumed.update(rec.sources)
     desc_full = f"{desc} int{bits} {'sym' if sym else 'asym'} group{gs}"
