@@ -197,7 +197,12 @@ class Gemma3(Arch):
 
     def n_vocab_real(self) -> int:
         """The token_embd rows llama.cpp keeps (Gemma3Model.modify_tensors)."""
-        return len(self.tokens()[0])
+        if (self.dir / "tokenizer.model").is_file():
+            return len(self.sp_tokens()[0])
+        if type(self).read_tokens is Gemma3.read_tokens:  # the SentencePiece vocabulary, from tokenizer.json
+            return len(self.tokens()[0])
+        tj = read_json(self.dir / "tokenizer.json", "the tokenizer is needed to size token_embd")
+        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens") or [])
 
     def vocab(self, kv: KV) -> None:
         tokens, scores, types = self.tokens()
