@@ -28,7 +28,9 @@ from ggquant.formats.gguf import GGUFReader  # noqa: E402
 from ggquant.imatrix.collect import collect_imatrix  # noqa: E402
 from ggquant.imatrix.files import save_gguf  # noqa: E402
 from tests.oracles import real_text  # noqa: E402
-from tests.oracles.imatrix_quality import eval_chunks, kl_of  # noqa: E402
+from ggquant.parity.engines import LlamaCppEngine  # noqa: E402
+from ggquant.parity.stats import ParityStats  # noqa: E402
+from tests.oracles.imatrix_quality import eval_chunks  # noqa: E402
 from tests.oracles.real_models import gemma3_270m_gguf  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
@@ -53,6 +55,19 @@ def prepare(work: Path, ctx: int, cal_chunks: int, log):
     return f32, im_path
 
 
+def reference_logits(work: Path, f32: Path, chunks, ctx) -> list:
+    """llama.cpp's F32 logits on the evaluation chunks, computed once (memory-mapped .npy)."""
+    import numpy as np
+
+    paths = [work / f"ref-logits-{ctx}-{i}.npy" for i in range(len(chunks))]
+    if not all(p.exists() for p in paths):
+        eng = LlamaCppEngine(f32, n_ctx=ctx)
+        for p, c in zip(paths, chunks):
+            np.save(p, eng.eval(c))
+        eng.close()
+    return [np.load(p, mmap_mode="r") for p in paths]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default=",".join(PRESETS))
@@ -71,17 +86,38 @@ def main():
     n = n_elements(f32)
     chunks = eval_chunks(f32, a.ctx, a.eval_chunks)
     cal_text = real_text.calibration_text()
+    refs = reference_logits(a.work, f32, chunks, a.ctx)
+    cache_path = a.work / "results.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
-    def measure(label, **kw):
+    def measure(label, cached=True, **kw):
+        key = f"{label} ctx{a.ctx}x{a.eval_chunks} im{a.cal_chunks}"
+        if cached and key in cache:
+            row = cache[key]
+            log(f"  {label:<28} {row['bpw']:6.3f} bpw  KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  (cached)")
+            return row
         out = a.work / "q.gguf"
         t = time.perf_counter()
         res = quantize_gguf(f32, out, imatrix=im, force=True, progress=False, **kw)
         secs = time.perf_counter() - t
-        st = kl_of(f32, out, chunks, a.ctx)
+        eng = LlamaCppEngine(out, n_ctx=a.ctx)
+        st = ParityStats()
+        for c, ref in zip(chunks, refs):
+            st.update(eng.eval(c), ref, c)
+        eng.close()
+        st = st.summary()
         out.unlink()
         row = {"label": label, "bytes": res.bytes_out, "bpw": 8 * res.bytes_out / n, "kl": st["kl_mean"],
                "top1": st["top1_agreement"], "seconds": round(secs, 1)}
+        if res.allocation:
+            row["predicted"] = res.allocation["predicted_cost"]
+            row["proxy_vs_measured"] = res.allocation["proxy_vs_measured"]
+            if row["proxy_vs_measured"]:
+                log(f"  proxy vs measured KL: {row['proxy_vs_measured']}; predicted KL {row['predicted']:.5f}")
         log(f"  {label:<28} {row['bpw']:6.3f} bpw  KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  ({secs:.0f} s)")
+        if cached:
+            cache[key] = row
+            cache_path.write_text(json.dumps(cache, indent=1))
         return row
 
     # the single types, once: their sizes and KL (fallbacks as llama-quantize applies them)
@@ -93,9 +129,9 @@ def main():
         fits = [s for s in singles if s["bytes"] <= pre["bytes"]]
         best = min(fits, key=lambda s: s["kl"]) if fits else None
         row = {"preset": p, "llama.cpp": pre, "best_single": best}
-        row["proxy"] = measure("ggquant --target-bpw (proxy)", mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
+        row["proxy"] = measure("ggquant --target-bpw (proxy)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
         if a.measured:
-            row["measured"] = measure("ggquant --target-bpw (KL)", mix=Mix(target_size=pre["bytes"], allocator=a.allocator,
+            row["measured"] = measure("ggquant --target-bpw (KL)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator,
                                                                     calibration=cal_text))
         rows.append(row)
 

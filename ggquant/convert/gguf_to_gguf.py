@@ -132,7 +132,7 @@ def quantize_gguf(inp, out, outtype: str | None = None, *, imatrix=None, tensor_
         if mix is not None:
             extra, alloc = mix_job.plan_mix(inp, reader, im_values, mix, rules, progress)
             rules = rules + extra
-            ftype = mix_job.main_file_type(alloc) if ftype is None else ftype
+            ftype = mix_job.main_file_type(alloc.sizes()) if ftype is None else ftype
         if ftype is None:  # a recipe alone: any quantized preset lets its rules apply
             ftype = presets.preset("Q8_0")
         outtype = presets.preset_name(ftype)

@@ -113,8 +113,7 @@ def _on_ray(path, todo, mix, im_values):
         raise GGQuantError("--ray needs Ray, which is not installed (pip install 'ray==2.60.0')") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if mix.ray == "local" else mix.ray, include_dashboard=False, log_to_driver=False,
-                 num_cpus=mix.workers if mix.ray == "local" and mix.workers else None)
+        ray.init(address=None if mix.ray == "local" else mix.ray, include_dashboard=False, log_to_driver=False)
     try:
         cpus = int(ray.available_resources().get("CPU", 1))
         gpus = int(ray.available_resources().get("GPU", 0)) if mix.device == "cuda" else 0

@@ -61,6 +61,7 @@ def plan_mix(path, reader, im_values: dict, mix: Mix, pinned: list[presets.Rule]
         "method": alloc.method, "measured": mix.calibration is not None,
         "budget_bytes": budget + fixed, "bytes": total, "bpw": 8 * total / n_total,
         "predicted_cost": alloc.cost, "cost_unit": "KL" if mix.calibration is not None else "weighted squared error",
+        "proxy_vs_measured": al.proxy_agreement(free) if mix.calibration is not None else None,
         "tensors": [{"name": it.name, "type": alloc.choice[it.name].name,
                      "cost": it.option(alloc.choice[it.name]).cost,
                      "floor": it.floor.why if it.floor else None, "floor_overridden": it.floor_overridden,
@@ -122,15 +123,17 @@ def write_recipe(plan, path: Path, force: bool) -> None:
     tmp.replace(path)
 
 
-def main_file_type(alloc: al.Allocation):
-    """general.file_type for an allocation: that of the type holding the most bytes."""
+def main_file_type(typed) -> int:
+    """general.file_type for a mix of (type, bytes) pairs: that of the block type holding the most
+    bytes (its registry entry's auto file type). A float file type would not do: llama-quantize
+    applies --tensor-type rules only when the file type's default type is quantized."""
     by_type: dict = {}
-    for it in alloc.items:
-        q = alloc.choice[it.name]
-        by_type[q] = by_type.get(q, 0) + it.option(q).nbytes
+    for q, nbytes in typed:
+        by_type[q] = by_type.get(q, 0) + nbytes
     for q in sorted(by_type, key=lambda q: -by_type[q]):
-        if qtypes.get(q).file_type is not None:
-            return qtypes.get(q).file_type
+        e = qtypes.get(q)
+        if e.block_size > 1 and e.file_type is not None:
+            return e.file_type
     return presets.preset("Q8_0")
 
 
@@ -167,26 +170,38 @@ def read_tensor_type_file(path, reader) -> list[presets.Rule]:
 
 
 def like_rules(reader, template):
-    """--like TEMPLATE.gguf: (exact rules giving every quantizable tensor the template's type, the
-    template's general.file_type). The template must be a quantization of the same model (same
-    names and shapes), else an error naming the first difference."""
+    """--like TEMPLATE: (exact rules giving every quantizable tensor the template's type, the file
+    type to write). TEMPLATE is a GGUF quantization of the same model (its types and
+    general.file_type), or another tool's mixed-precision checkpoint folder -- GLQ (its layer_bpw),
+    MLX/OptiQ (its per-module bits), GPTQ/AWQ/compressed-tensors -- whose per-tensor GGML types are
+    those `ggquant convert --outtype auto` picks for it: the type holding the layer's numbers
+    exactly where one does, else the one at or above its bits per weight. The template must have
+    this model's names and shapes, else an error names the first difference."""
     from gguf import LlamaFileType
 
-    from ggquant.formats.gguf import GGUFReader
+    template = Path(template)
+    if template.is_dir():
+        from ggquant.convert.hf_to_gguf import plan_conversion
 
-    with GGUFReader(template) as tr:
-        theirs = {t.name: t for t in tr.tensors}
-        rules = []
-        for t in reader.tensors:
-            if not presets.allows_quantization(t.name, len(t.shape)):
-                continue
-            o = theirs.get(t.name)
-            if o is None or tuple(o.shape) != tuple(t.shape):
-                what = "has no tensor" if o is None else f"has shape {list(o.shape)} for"
-                raise GGQuantError(f"--like {template}: the template {what} {t.name} ({list(t.shape)} here); "
-                                   f"it is not a quantization of this model")
-            rules.append(presets.Rule.exact(t.name, o.qtype))
-        ftype = tr.get("general.file_type", None)
+        conv, _ = plan_conversion(template, outtype="auto")
+        theirs = {t.name: (tuple(t.shape), t.qtype) for f in conv.files if f.part == "text" for t in f.tensors}
+        ftype = main_file_type((q, qtypes.get(q).nbytes(shape)) for shape, q in theirs.values())
+    else:
+        from ggquant.formats.gguf import GGUFReader
+
+        with GGUFReader(template) as tr:
+            theirs = {t.name: (tuple(t.shape), t.qtype) for t in tr.tensors}
+            ftype = tr.get("general.file_type", None)
+    rules = []
+    for t in reader.tensors:
+        if not presets.allows_quantization(t.name, len(t.shape)):
+            continue
+        shape, qtype = theirs.get(t.name, (None, None))
+        if shape != tuple(t.shape):
+            what = "has no tensor" if shape is None else f"has shape {list(shape)} for"
+            raise GGQuantError(f"--like {template}: the template {what} {t.name} ({list(t.shape)} here); "
+                               f"it is not a quantization of this model")
+        rules.append(presets.Rule.exact(t.name, qtype))
     if ftype is None:
         raise GGQuantError(f"--like {template}: no general.file_type in the template; give --outtype")
     return rules, LlamaFileType(int(ftype))

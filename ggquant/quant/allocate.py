@@ -99,6 +99,10 @@ class Allocation:
     cost: float
     method: str
 
+    def sizes(self) -> list[tuple[T, int]]:
+        """(type, bytes) of every item as allocated."""
+        return [(self.choice[it.name], it.option(self.choice[it.name]).nbytes) for it in self.items]
+
     def rules(self) -> list[presets.Rule]:
         return [presets.Rule.exact(n, t) for n, t in self.choice.items()]
 
@@ -236,6 +240,20 @@ def calibrate(items: list[Item], measured: dict[tuple[str, T], float], points: i
             it.options = sorted(it.options + it.held, key=lambda o: o.nbytes)
             it.held = []
             it.floor_overridden = True
+
+
+def proxy_agreement(items: list[Item]) -> dict:
+    """How well the proxy predicts the measurement: over every measured (tensor, type) pair, the
+    Spearman rank correlation of proxy error and measured KL, and the Pearson correlation of
+    their logarithms (pairs with a zero on either side left out)."""
+    pairs = [(o.err, it.measured[o.qtype]) for it in items for o in it.options + it.held
+             if o.qtype in it.measured and o.err > 0 and it.measured[o.qtype] > 0]
+    if len(pairs) < 3:
+        return {"pairs": len(pairs)}
+    e, k = np.log(np.array(pairs)).T
+    rank = lambda x: np.argsort(np.argsort(x)).astype(np.float64)  # noqa: E731
+    return {"pairs": len(pairs), "spearman": float(np.corrcoef(rank(e), rank(k))[0, 1]),
+            "pearson_log": float(np.corrcoef(e, k)[0, 1])}
 
 
 # =============================================================================================

@@ -267,3 +267,28 @@ def test_measured_mode_fits_resumes_from_state_and_matches_on_ray(gemma3, tmp_pa
 
     assert json.loads(ray_state.read_text())["kl"] == json.loads(state.read_text())["kl"]
     assert [(c.name, c.dst_type) for c in r.tensors] == [(c.name, c.dst_type) for c in a.tensors]
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "glq"])
+def test_like_another_tools_checkpoint(tmp_path, fmt):
+    """--like an MLX (per-module bits) or GLQ (layer_bpw) checkpoint: every tensor of the float model
+    gets the type `ggquant convert --outtype auto` gives that checkpoint's layer."""
+    from ggquant.convert.hf_to_gguf import convert, plan_conversion
+    from tests.quantized import gemma4_quantized as g4q
+
+    if fmt == "mlx":
+        qdir = g4q.build_mlx(bits=4, overrides={"model.language_model.layers.0.mlp.down_proj": {"bits": 8}})
+    else:
+        qdir = g4q.build_glq(layer=0)
+    f32 = tmp_path / "f32.gguf"
+    convert(g4q.dequantized_copy(qdir), outtype="f32", outfile=f32)
+    out = tmp_path / "like.gguf"
+    quantize_gguf(f32, out, like=qdir, progress=False)
+    conv, _ = plan_conversion(qdir, outtype="auto")
+    want = {t.name: t.qtype for t in conv.files[0].tensors}
+    got = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    checked = [t.name for t in gguf.GGUFReader(out).tensors if presets.allows_quantization(t.name, len(t.shape))]
+    assert len(checked) > 10
+    assert {n: got[n] for n in checked} == {n: want[n] for n in checked}
+    if fmt == "mlx":
+        assert got["blk.0.ffn_down.weight"] != got["blk.1.ffn_down.weight"]  # the 8-bit module kept its bits
