@@ -17,6 +17,7 @@ class Transform:
 
     identity = False
     label = ""
+    row_block = 1  # chunks of source rows must be multiples of this (a permutation within heads)
 
     def shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
         return src_shape
