@@ -117,12 +117,14 @@ def main():
         row = {"label": label, "bytes": res.bytes_out, "bpw": 8 * res.bytes_out / n, "kl": st["kl_mean"],
                "top1": st["top1_agreement"], "seconds": round(secs, 1)}
         if res.allocation:
+            row["report"] = res.allocation
             row["predicted"] = res.allocation["predicted_cost"]
             row["proxy_vs_measured"] = res.allocation["proxy_vs_measured"]
             if row["proxy_vs_measured"]:
                 log(f"  proxy vs measured KL: {row['proxy_vs_measured']}; predicted KL {row['predicted']:.5f}")
         log(f"  {label:<28} {row['bpw']:6.3f} bpw  KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  ({secs:.0f} s)")
         if cached:
+            row.pop("report", None)
             cache[key] = row
             cache_path.write_text(json.dumps(cache, indent=1))
         return row
@@ -137,9 +139,11 @@ def main():
         best = min(fits, key=lambda s: s["kl"]) if fits else None
         row = {"preset": p, "llama.cpp": pre, "best_single": best}
         row["proxy"] = measure("ggquant --target-bpw (proxy)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
+        row["solvers"] = compare_solvers(row["proxy"].pop("report"), a.allocator, measure)
         if a.measured:
             row["measured"] = measure("ggquant --target-bpw (KL)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator,
                                                                     calibration=cal_text))
+            row["measured"].pop("report")
         rows.append(row)
 
     modes = ["proxy"] + (["measured"] if a.measured else [])
@@ -161,10 +165,38 @@ def main():
                     for r in rows)
         print(f"{m}: mean KL reduction vs preset {sum(gain) / len(gain):.1%}; beats preset and best single type "
               f"in {beats}/{len(rows)}")
+    print()
+    print("Solvers on the proxy costs (predicted = summed weighted squared error; KL by llama.cpp):")
+    for r in rows:
+        print(f"  {r['preset']:<8} " + "  ".join(f"{k}: predicted {v['predicted']:.4g}, {v['bytes']} B"
+                                                + (f", KL {v['kl']:.5f}" if "kl" in v else "")
+                                                for k, v in r["solvers"].items()))
     if a.json:
         a.json.write_text(json.dumps({"singles": singles, "rows": rows}, indent=1))
     if a.plot:
         plot(a.plot, singles, rows, modes, MODELS[a.model][0])
+
+
+def compare_solvers(report, used, measure):
+    """The other solver on the same items and budget: its predicted cost and bytes, and its KL by
+    llama.cpp when it picks another mix."""
+    from ggquant.quant import allocate as al
+
+    alloc = report["allocation"]
+    budget = report["budget_bytes"] - (report["bytes"] - alloc.nbytes)
+    out = {used: {"predicted": alloc.cost, "bytes": report["bytes"]}}
+    for method in al.METHODS:
+        if method == used:
+            continue
+        other = al.allocate(alloc.items, budget, method)
+        out[method] = {"predicted": other.cost, "bytes": report["bytes"] - alloc.nbytes + other.nbytes}
+        if other.choice != alloc.choice:
+            res = measure(f"ggquant ({method})", cached=False, outtype="Q8_0",
+                          tensor_types=other.rules())
+            out[method]["kl"] = res["kl"]
+        else:
+            out[method]["same_mix"] = True
+    return out
 
 
 def plot(path, singles, rows, modes, title):

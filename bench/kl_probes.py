@@ -28,10 +28,10 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench-allocation")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "bench-allocation" / "gemma3")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    f32 = a.work / "gemma3-270m-F32.gguf"
+    f32 = a.work / "F32.gguf"  # shared with bench/allocation.py --model gemma3
     if not f32.exists():
         quantize_gguf(gemma3_270m_gguf(), f32, "F32", allow_requantize=True, progress=False)
     names = [f"blk.{i}.{t}.weight" for i in range(18) for t in ("attn_q", "ffn_down", "ffn_up")][: a.probes]
