@@ -117,7 +117,7 @@ def main():
         row = {"label": label, "bytes": res.bytes_out, "bpw": 8 * res.bytes_out / n, "kl": st["kl_mean"],
                "top1": st["top1_agreement"], "seconds": round(secs, 1)}
         if res.allocation:
-            row["report"] = res.allocation
+            row["report"] = kw["mix"].report  # the full report: the Allocation object too
             row["predicted"] = res.allocation["predicted_cost"]
             row["proxy_vs_measured"] = res.allocation["proxy_vs_measured"]
             if row["proxy_vs_measured"]:
