@@ -107,6 +107,7 @@ def quantize_gguf(inp, out, outtype: str | None = None, *, imatrix=None, tensor_
     from ggquant.formats.gguf import GGUFReader, GGUFWriter
 
     t0 = time.perf_counter()
+    ftype = presets.preset(outtype) if outtype else None  # a misspelt preset fails before any reading
     rules = [r if isinstance(r, presets.Rule) else presets.Rule.parse(r) for r in tensor_types]
     emb_type = qtypes.get(token_embedding_type).qtype if token_embedding_type else None
     out_type = qtypes.get(output_tensor_type).qtype if output_tensor_type else None
@@ -124,7 +125,6 @@ def quantize_gguf(inp, out, outtype: str | None = None, *, imatrix=None, tensor_
             imatrix_files.check_against(im_values, shapes, str(imatrix))
         if tensor_type_file is not None:
             rules = rules + mix_job.read_tensor_type_file(tensor_type_file, reader)
-        ftype = presets.preset(outtype) if outtype else None
         if like is not None:
             like_rules, like_ftype = mix_job.like_rules(reader, like)
             rules = rules + like_rules
