@@ -1,11 +1,11 @@
 """Does `--target-bpw` beat llama.cpp's presets at equal size? Measured by llama.cpp on real models.
 
     .venv/bin/python bench/allocation.py [--model gemma3|smollm2|qwen25] [--presets Q2_K,Q3_K_M,...]
-                                         [--measured] [--plot PARETO.png] [--json ROWS.json]
+                                         [--modes proxy,measured] [--plot PARETO.png] [--json ROWS.json]
 
 For every preset P: llama.cpp's preset P (with the imatrix), the best single GGML type whose file
 fits P's size (every quantizable tensor that type, llama.cpp's fallbacks for rows its blocks do not
-divide), and ggquant `--target-bpw bpw(P)` (the proxy, and with --measured the runtime-KL mode).
+divide), and ggquant `--target-bpw bpw(P)` (the proxy, and the runtime-KL mode: --modes measured).
 KL(F32 || model) and top-1 agreement are measured by llama.cpp (llama-cpp-python) on held-apart
 text never used for calibration or the imatrix (tests/oracles/imatrix_quality.py). The reference
 is the F32 dequantization of the PyPI model (Gemma 3 270M and Qwen2.5-Coder-0.5B: Q4_K_M;
@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--cal-chunks", type=int, default=8)
     ap.add_argument("--eval-chunks", type=int, default=4)
-    ap.add_argument("--measured", action="store_true", help="also the measured (runtime KL) mode")
+    ap.add_argument("--modes", default="proxy", help="ggquant modes: proxy, measured (runtime KL), or both")
     ap.add_argument("--allocator", default="lagrange")
     ap.add_argument("--work", type=Path, help="cache folder (default .cache/bench-allocation/MODEL)")
     ap.add_argument("--json", type=Path, help="write the rows here")
@@ -97,7 +97,7 @@ def main():
     cache_path = a.work / "results.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
-    def measure(label, cached=True, **kw):
+    def measure(label, cached=True, solvers=False, **kw):
         key = f"{label} ctx{a.ctx}x{a.eval_chunks} im{a.cal_chunks}"
         if cached and key in cache:
             row = cache[key]
@@ -117,20 +117,21 @@ def main():
         row = {"label": label, "bytes": res.bytes_out, "bpw": 8 * res.bytes_out / n, "kl": st["kl_mean"],
                "top1": st["top1_agreement"], "seconds": round(secs, 1)}
         if res.allocation:
-            row["report"] = kw["mix"].report  # the full report: the Allocation object too
             row["predicted"] = res.allocation["predicted_cost"]
+            if solvers:
+                row["solvers"] = compare_solvers(kw["mix"].report, a.allocator, measure)
             row["proxy_vs_measured"] = res.allocation["proxy_vs_measured"]
             if row["proxy_vs_measured"]:
                 log(f"  proxy vs measured KL: {row['proxy_vs_measured']}; predicted KL {row['predicted']:.5f}")
         log(f"  {label:<28} {row['bpw']:6.3f} bpw  KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  ({secs:.0f} s)")
         if cached:
-            row.pop("report", None)
             cache[key] = row
             cache_path.write_text(json.dumps(cache, indent=1))
         return row
 
     # the single types, once: their sizes and KL (fallbacks as llama-quantize applies them)
     singles = [measure(f"single {q.name}", outtype="Q8_0", tensor_types=[f".*={q.name}"]) for q in SINGLE]
+    modes = a.modes.split(",")
     rows = []
     for p in a.presets.split(","):
         log(p)
@@ -138,15 +139,15 @@ def main():
         fits = [s for s in singles if s["bytes"] <= pre["bytes"]]
         best = min(fits, key=lambda s: s["kl"]) if fits else None
         row = {"preset": p, "llama.cpp": pre, "best_single": best}
-        row["proxy"] = measure("ggquant --target-bpw (proxy)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
-        row["solvers"] = compare_solvers(row["proxy"].pop("report"), a.allocator, measure)
-        if a.measured:
-            row["measured"] = measure("ggquant --target-bpw (KL)", cached=False, mix=Mix(target_size=pre["bytes"], allocator=a.allocator,
-                                                                    calibration=cal_text))
-            row["measured"].pop("report")
+        if "proxy" in modes:
+            row["proxy"] = measure(f"ggquant proxy {p}", solvers=True,
+                                   mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
+        if "measured" in modes:  # the probes are measured once (--state) and serve every budget
+            mix = Mix(target_size=pre["bytes"], allocator=a.allocator, calibration=cal_text,
+                      state=str(a.work / f"kl-state-ctx{Mix.ctx}x{Mix.chunks}.json"))
+            row["measured"] = measure(f"ggquant measured {p}", mix=mix)
         rows.append(row)
 
-    modes = ["proxy"] + (["measured"] if a.measured else [])
     print()
     print("| preset | bpw | llama.cpp KL | top-1 | best single type (bpw) KL | " +
           " | ".join(f"ggquant {m} bpw, KL, top-1 | vs preset" for m in modes) + " |")
@@ -167,10 +168,10 @@ def main():
               f"in {beats}/{len(rows)}")
     print()
     print("Solvers on the proxy costs (predicted = summed weighted squared error; KL by llama.cpp):")
-    for r in rows:
+    for r in rows if "proxy" in modes else []:
         print(f"  {r['preset']:<8} " + "  ".join(f"{k}: predicted {v['predicted']:.4g}, {v['bytes']} B"
                                                 + (f", KL {v['kl']:.5f}" if "kl" in v else "")
-                                                for k, v in r["solvers"].items()))
+                                                for k, v in r["proxy"]["solvers"].items()))
     if a.json:
         a.json.write_text(json.dumps({"singles": singles, "rows": rows}, indent=1))
     if a.plot:
