@@ -2,8 +2,8 @@
 replaced by its quantization to a given type, on calibration text (KL(reference || probed), mean
 over positions). The reference is the model as loaded; every tensor is quantized whole, with the
 same bit-exact quantizers (and imatrix) a real quantization uses, and swapped in for the forward
-passes (`swapped`), so each probe costs one forward pass over the calibration
-chunks. ggquant.quant.allocate turns these into per-tensor scales of its proxy error.
+passes (`swapped`), so each probe costs one forward pass over the calibration chunks. A type the
+backend has no product for runs as its dequantized numbers in F32. ggquant.quant.allocate turns these into per-tensor scales of its proxy error.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+
+from gguf import GGMLQuantizationType as T
 
 from ggquant.errors import GGQuantError
 from ggquant.quant import types as qtypes
@@ -85,7 +87,13 @@ class KLProbe:
         x = src.dequantize(np.ascontiguousarray(t.raw()), (t.n_rows, t.shape[-1]))
         dst = qtypes.get(qtype)
         vec = self.imatrix.get(name) if dst.uses_imatrix else None
-        q = in_memory_blocks(name, tuple(t.shape), dst.qtype, dst.quantize(x, vec, name))
+        blocks = dst.quantize(x, vec, name)
+        if dst.qtype in self.model.backend.types:
+            q = in_memory_blocks(name, tuple(t.shape), dst.qtype, blocks)
+        else:  # no product for this type here: its numbers as F32 (the weight error is all there;
+            # only the activation rounding llama.cpp's product for the type adds is left out)
+            y = dst.dequantize(blocks, x.shape).astype(np.float32)
+            q = in_memory_blocks(name, tuple(t.shape), T.F32, y)
         total, n = 0.0, 0
         with swapped(self.model.backend, w, q):
             for ref, ids in zip(self.ref, self.chunks):

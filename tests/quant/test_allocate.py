@@ -237,6 +237,21 @@ def test_kl_probe_is_zero_for_the_stored_type_and_positive_for_a_lossy_one(gemma
     assert probe.kl(name, T.Q4_0) == lossy  # the weights come back after each probe
 
 
+def test_kl_probe_runs_a_type_without_a_product_in_the_runtime_as_its_numbers(gemma3, monkeypatch):
+    """Q2_K/Q3_K/... have no CPU product in the runtime: the probe multiplies by their dequantized
+    values in F32, which differs from the real product only by the activation rounding."""
+    from ggquant.runtime.model import load_model
+    from ggquant.runtime.probe import KLProbe
+
+    model = load_model(gemma3["src"])
+    probe = KLProbe.from_text(model, gemma3["text"], ctx=32, n_chunks=1)
+    name = "blk.0.ffn_down.weight"
+    native = probe.kl(name, T.Q4_0)
+    monkeypatch.setattr(type(model.backend), "types", tuple(t for t in model.backend.types if t != T.Q4_0))
+    as_numbers = probe.kl(name, T.Q4_0)
+    assert as_numbers > 0 and abs(as_numbers / native - 1) < 0.25, (as_numbers, native)
+
+
 def test_measured_mode_fits_resumes_from_state_and_matches_on_ray(gemma3, tmp_path, monkeypatch):
     from ggquant.runtime import probe as probe_mod
 
