@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import sysconfig
 from pathlib import Path
 
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
@@ -31,7 +32,10 @@ def _pins() -> dict[str, str]:
 def test_lock_covers_every_installed_distribution():
     pins = _pins()
     missing, other = [], []
-    for dist in md.distributions():
+    # the environment's own site-packages, not sys.path: `import ray` puts its vendored copies
+    # (ray/thirdparty_files: colorama, psutil) on sys.path, and they are part of the ray wheel
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in md.distributions(path=site):
         key = _key(dist.metadata["Name"])
         if key == "ggquant":
             continue
