@@ -167,7 +167,7 @@ def main():
         print(f"{m}: mean KL reduction vs preset {sum(gain) / len(gain):.1%}; beats preset and best single type "
               f"in {beats}/{len(rows)}")
     print()
-    print("Solvers on the proxy costs (predicted = summed weighted squared error; KL by llama.cpp):")
+    print("Solvers on the proxy costs (predicted = summed relative weighted squared error; KL by llama.cpp):")
     for r in rows if "proxy" in modes else []:
         print(f"  {r['preset']:<8} " + "  ".join(f"{k}: predicted {v['predicted']:.4g}, {v['bytes']} B"
                                                 + (f", KL {v['kl']:.5f}" if "kl" in v else "")

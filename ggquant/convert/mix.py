@@ -60,7 +60,7 @@ def plan_mix(path, reader, im_values: dict, mix: Mix, pinned: list[presets.Rule]
     mix.report = {
         "method": alloc.method, "measured": mix.calibration is not None,
         "budget_bytes": budget + fixed, "bytes": total, "bpw": 8 * total / n_total,
-        "predicted_cost": alloc.cost, "cost_unit": "KL" if mix.calibration is not None else "weighted squared error",
+        "predicted_cost": alloc.cost, "cost_unit": "KL" if mix.calibration is not None else "relative weighted squared error",
         "proxy_vs_measured": al.proxy_agreement(free) if mix.calibration is not None else None,
         "tensors": [{"name": it.name, "type": alloc.choice[it.name].name,
                      "cost": it.option(alloc.choice[it.name]).cost,

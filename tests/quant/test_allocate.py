@@ -72,6 +72,29 @@ def test_solver_never_exceeds_the_budget_and_is_near_optimal(method, seed):
     assert al.allocate(items, hi, method).cost == sum(it.options[-1].cost for it in items)
 
 
+def test_proxy_is_the_weighted_error_relative_to_the_weighted_energy():
+    """Scale-free: a tensor times 2^k (exact in every block scale) has the same proxy errors; the
+    value is sum a (w - q)^2 / sum a w^2 over the sampled rows, and 0 for an all-zero tensor."""
+    from ggquant.quant import types as qtypes
+    from ggquant.tensor import in_memory_blocks
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    a = rng.random(64) + 0.5
+    types = [T.Q4_0, T.Q8_0]
+
+    def errs(w):
+        return al.proxy_errors(in_memory_blocks("t", w.shape, T.F32, w), types, a, sample=16)
+
+    base = errs(x)
+    assert errs(x * 1024) == base and errs(np.zeros_like(x)) == {q: 0.0 for q in types}
+    rows = al._sample_rows(40, 16)
+    xs = x[rows].astype(np.float64)
+    q = qtypes.get(T.Q4_0)
+    d = xs - q.dequantize(q.quantize(x[rows], a, "t"), xs.shape)
+    assert base[T.Q4_0] == pytest.approx(float((d ** 2 @ a).sum() / (xs ** 2 @ a).sum()), rel=1e-12)
+
+
 def test_budget_below_the_smallest_mix_is_refused():
     items = _items(0)
     with pytest.raises(GGQuantError, match="below the smallest mix"):
