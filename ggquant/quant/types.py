@@ -10,6 +10,10 @@ dequantizers) and llama-quant.cpp's per-type rules, next to ggquant's own capabi
         -> float32[n_rows, n_per_row]          bit-exact with ggml's to_float
     uses_imatrix    the quantizer reads ggml_quantize_chunk's quant_weights (research note
                     imatrix-and-quants.md §1.4)
+    requires_imatrix
+                    ggml_quantize_chunk asserts an imatrix (ggml.c ggml_quantize_requires_imatrix:
+                    IQ2_XXS, IQ2_XS, IQ1_S); llama-quantize's wider rule (IQ3_XXS, IQ2_S, IQ1_M,
+                    Q2_K in Q2_K_S files) is ggquant.quant.presets'
     row_fallback    the type llama-quantize falls back to for rows that are not whole blocks
                     (llama-quant.cpp tensor_type_fallback)
     vec_dot_type, cpu_matmul
@@ -40,7 +44,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 from ggquant.errors import GGQuantError
 from ggquant.kernels.cpu import matmul as cpu
 from ggquant.kernels.cuda import dequant as cuda
-from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy
+from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy, lowbit
 
 
 class ExactCodes(NamedTuple):
@@ -58,6 +62,7 @@ class GGMLType:
     quantize_fn: Callable | None = None
     dequantize_fn: Callable | None = None
     uses_imatrix: bool = False
+    requires_imatrix: bool = False
     row_fallback: T | None = None
     vec_dot_type: T | None = None
     cpu_matmul: Callable | None = None
@@ -110,7 +115,15 @@ class GGMLType:
                 )
         else:
             imatrix = None
-        return self.quantize_fn(x2, imatrix)
+        if imatrix is None and self.requires_imatrix:
+            raise GGQuantError(
+                f"{what}: quantizing to {self.name} needs an importance matrix (ggml_quantize_requires_imatrix); "
+                f"pass --imatrix FILE (make one with `ggquant imatrix`)"
+            )
+        try:
+            return self.quantize_fn(x2, imatrix)
+        except ValueError as e:  # the kernels' refusals (rows ggml would abort on)
+            raise GGQuantError(f"{what}: {e}") from None
 
     def dequantize(self, data: np.ndarray, shape) -> np.ndarray:
         """uint8 raw bytes of a tensor with numpy shape `shape` -> float32 array of that shape."""
@@ -161,13 +174,17 @@ _register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=
 # --- non-linear 4-bit quants
 _register(T.IQ4_NL, iq4, uses_imatrix=True)
 _register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
-# --- i-quants, ternary and MXFP4: dequantize only so far (ggml's IQ quantizers read the imatrix,
-# quantize_tq1_0 / tq2_0 / mxfp4 do not)
+# --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
-    _register(_t, iquants, uses_imatrix=True, row_fallback=T.IQ4_NL)
+    _register(_t, iquants, uses_imatrix=True, requires_imatrix=_t in iquants.REQUIRES_IMATRIX,
+              row_fallback=T.IQ4_NL)
+# --- ternary, FP4 and sign types: their ggml quantizers ignore the imatrix. Q2_0 (ggml type 42)
+# has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):
-    _register(_t, iquants, row_fallback=T.Q4_0)
-_register(T.MXFP4, iquants)
+    _register(_t, lowbit, row_fallback=T.Q4_0)
+_register(T.MXFP4, lowbit)
+_register(T.NVFP4, lowbit)
+_register(T.Q1_0, lowbit)
 
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))
