@@ -105,7 +105,9 @@ def main():
     for name in a.types.split(","):
         qt = T[name]
         t = qtypes.get(qt)
-        variants = [("quantize", None)] + ([("quantize+imatrix", im)] if t.uses_imatrix else [])
+        # types ggml_quantize_requires_imatrix (IQ2_XXS, IQ2_XS, IQ1_S) only with one: ggml asserts
+        variants = ([] if t.requires_imatrix else [("quantize", None)]) + \
+            ([("quantize+imatrix", im)] if t.uses_imatrix else [])
         for label, w in variants if "quantize" in ops else ():
             t.quantize(x[:8], w)  # compile
             ours = mb / best_of(lambda: t.quantize(x, w), a.repeat)

@@ -148,3 +148,179 @@ def test_imatrix_for_another_model_is_refused(toy, tmp_path):
     with pytest.raises(GGQuantError, match="blk.0.attn_q.weight"):
         quantize_gguf(toy["tied"], tmp_path / "o.gguf", "Q4_K_M", imatrix=im_file, progress=False)
     assert not (tmp_path / "o.gguf").exists()
+
+
+# ------------------------------------------------------------------ low-bit presets (issue 14)
+
+def build_toy_moe(path, *, n_expert=4, n_layer=8, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=320,
+                  seed=2):
+    """A llama-architecture MoE toy: 3-D expert tensors [n_expert, rows, cols], a router, and the
+    attention tensors (the IQ and MXFP4_MOE rules look at n_expert and at 3-D shapes)."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    def mat(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    kv = n_embd // n_head * n_head_kv
+    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(p + "attn_q.weight", mat(n_embd, n_embd))
+        w.add_tensor(p + "attn_k.weight", mat(kv, n_embd))
+        w.add_tensor(p + "attn_v.weight", mat(kv, n_embd))
+        w.add_tensor(p + "attn_output.weight", mat(n_embd, n_embd))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(p + "ffn_gate_inp.weight", mat(n_expert, n_embd))
+        w.add_tensor(p + "ffn_gate_exps.weight", mat(n_expert, n_ff, n_embd))
+        w.add_tensor(p + "ffn_up_exps.weight", mat(n_expert, n_ff, n_embd))
+        w.add_tensor(p + "ffn_down_exps.weight", mat(n_expert, n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def low_bit_toys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lowbit")
+    return {
+        "tied": build_toy_llama(d / "tied.gguf"),
+        "untied": build_toy_llama(d / "untied.gguf", tied=False, n_head_kv=4, seed=1),
+        "plain": build_toy_llama(d / "plain.gguf", extras=False, seed=3),  # only whole 128/256-blocks
+        "moe4": build_toy_moe(d / "moe4.gguf", n_expert=4),
+        "moe8": build_toy_moe(d / "moe8.gguf", n_expert=8, n_head_kv=4),
+    }
+
+
+def _imatrix_file(src, path, seed=0):
+    """Random imatrix entries for every blk.* matmul (3-D: one slice per expert), as a GGUF file,
+    and the normalised vectors llama-quantize would pass to libllama."""
+    from ggquant.imatrix.files import load
+    from tests.imatrix_util import write_imatrix_gguf
+
+    rng = np.random.default_rng(seed)
+    sums = {}
+    for t in gguf.GGUFReader(src).tensors:
+        if t.name.startswith("blk.") and len(t.shape) >= 2 and "_norm" not in t.name:
+            n = int(t.shape[0]) * (int(t.shape[2]) if len(t.shape) == 3 else 1)
+            v = rng.gamma(1.0, 1.0, n).astype(np.float32)
+            v[rng.random(n) < 0.05] = 0
+            sums[t.name] = v * 64
+    im_file = write_imatrix_gguf(path, sums, {k: 64 for k in sums})
+    return im_file, load(im_file).normalised()
+
+
+# Presets that need no imatrix (ggml's and llama-quantize's requirements both unmet by none of their types)
+LOW_BIT_NO_IMATRIX = [("IQ3_S", "tied"), ("IQ3_S", "untied"), ("IQ3_M", "tied"), ("IQ3_M", "untied"),
+                      ("TQ1_0", "tied"), ("TQ1_0", "untied"), ("TQ2_0", "tied"), ("TQ2_0", "untied"),
+                      ("MXFP4_MOE", "tied"), ("MXFP4_MOE", "moe4"), ("Q1_0", "plain"), ("IQ3_S", "moe8"),
+                      ("IQ3_M", "moe8"), ("Q4_K", "untied"), ("Q3_K", "tied"), ("Q5_K", "tied")]
+
+
+@pytest.mark.parametrize("preset_name, model", LOW_BIT_NO_IMATRIX)
+def test_low_bit_preset_matches_llama_model_quantize(low_bit_toys, tmp_path, preset_name, model):
+    src = low_bit_toys[model]
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(src, ours, preset_name, progress=False)
+    ggml_oracle.llama_quantize(src, ref, presets.PRESETS[preset_name])
+    assert_same_model(ours, ref)
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+LOW_BIT_WITH_IMATRIX = [("IQ2_XXS", "tied"), ("IQ2_XS", "untied"), ("IQ2_S", "tied"), ("IQ2_M", "untied"),
+                        ("IQ3_XXS", "tied"), ("IQ3_XXS", "untied"), ("IQ3_XS", "untied"), ("IQ3_S", "tied"),
+                        ("IQ3_M", "untied"), ("IQ1_S", "tied"), ("IQ1_M", "untied"), ("Q2_K_S", "tied"),
+                        ("Q2_K_S", "untied"), ("TQ2_0", "tied"), ("IQ2_XXS", "moe4"), ("IQ2_M", "moe8"),
+                        ("IQ3_XS", "moe8"), ("IQ1_M", "moe8"), ("MXFP4_MOE", "moe8"), ("Q2_K_S", "moe4")]
+
+
+@pytest.mark.parametrize("preset_name, model", LOW_BIT_WITH_IMATRIX)
+def test_low_bit_preset_with_imatrix_matches_llama(low_bit_toys, tmp_path, preset_name, model):
+    src = low_bit_toys[model]
+    im_file, im_values = _imatrix_file(src, tmp_path / "imatrix.gguf")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(src, ours, preset_name, imatrix=im_file, progress=False)
+    ggml_oracle.llama_quantize(src, ref, presets.PRESETS[preset_name], imatrix=im_values)
+    assert_same_model(ours, ref)
+
+
+def test_low_bit_tensor_types_and_pure_match_llama(low_bit_toys, tmp_path):
+    src = low_bit_toys["tied"]
+    im_file, im_values = _imatrix_file(src, tmp_path / "imatrix.gguf")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    rules = [("attn_v", T.IQ4_XS), (r"blk\.[0-3]\.ffn_down", T.IQ3_XXS), ("ffn_gate", T.TQ2_0), ("attn_q", T.NVFP4)]
+    quantize_gguf(src, ours, "IQ2_M", imatrix=im_file, tensor_types=[f"{p}={t.name}" for p, t in rules],
+                  progress=False)
+    ggml_oracle.llama_quantize(src, ref, F.MOSTLY_IQ2_M, imatrix=im_values, tensor_types=rules)
+    assert_same_model(ours, ref)
+    for preset_name in ("IQ1_M", "IQ3_XS", "MXFP4_MOE"):
+        quantize_gguf(src, ours, preset_name, imatrix=im_file, pure=True, force=True, progress=False)
+        ggml_oracle.llama_quantize(src, ref, presets.PRESETS[preset_name], imatrix=im_values, pure=True)
+        assert_same_model(ours, ref)
+
+
+@pytest.mark.parametrize("preset_name", ["IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ1_M", "Q2_K_S", "IQ3_XS"])
+def test_imatrix_required_by_llama_quantize_is_a_clear_error(low_bit_toys, tmp_path, preset_name):
+    """llama-quantize refuses these presets without an imatrix (tensor_requires_imatrix); so do we,
+    naming the tensor and the type, before anything is written."""
+    src = low_bit_toys["tied"]
+    with pytest.raises(RuntimeError):
+        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", presets.PRESETS[preset_name])
+    out = tmp_path / "ours.gguf"
+    with pytest.raises(GGQuantError, match=r"blk\.0\.\w+\.weight: \w+ needs an importance matrix"):
+        quantize_gguf(src, out, preset_name, progress=False)
+    assert not out.exists()
+
+
+def test_imatrix_missing_an_entry_is_a_clear_error(low_bit_toys, tmp_path):
+    """'Missing importance matrix for tensor ... in a very low-bit quantization' (llama-quant.cpp)."""
+    from tests.imatrix_util import write_imatrix_gguf
+
+    src = low_bit_toys["tied"]
+    im_file, im_values = _imatrix_file(src, tmp_path / "imatrix.gguf")
+    del im_values["blk.3.ffn_up.weight"]
+    with pytest.raises(RuntimeError):
+        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", F.MOSTLY_IQ2_XS, imatrix=im_values)
+    partial = write_imatrix_gguf(tmp_path / "partial.gguf", {k: v * 64 for k, v in im_values.items()},
+                                 {k: 64 for k in im_values})
+    out = tmp_path / "ours.gguf"
+    with pytest.raises(GGQuantError, match=r"blk\.3\.ffn_up\.weight: IQ2_XS needs an importance matrix"):
+        quantize_gguf(src, out, "IQ2_XS", imatrix=partial, progress=False)
+    assert not out.exists()
+
+
+def test_no_fallback_type_is_a_clear_error(low_bit_toys, tmp_path):
+    """Q1_0 rows that are not whole 128-blocks: llama.cpp has no fallback type ("no tensor type
+    fallback is defined for type q1_0"); ggquant names the tensor and the type, writes nothing."""
+    src = low_bit_toys["tied"]  # blk.0.odd.weight has 48 columns
+    with pytest.raises(RuntimeError):
+        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", F.MOSTLY_Q1_0)
+    out = tmp_path / "ours.gguf"
+    with pytest.raises(GGQuantError, match=r"blk\.0\.\w+\.weight: rows of \d+ elements cannot be stored as Q1_0"):
+        quantize_gguf(src, out, "Q1_0", progress=False)
+    assert not out.exists()
+
+
+def test_every_quant_option_is_a_preset():
+    """tools/quantize/quantize.cpp QUANT_OPTIONS, but Q2_0 (not in gguf 0.19.0) and COPY."""
+    quant_options = ["Q1_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
+                     "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K",
+                     "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K",
+                     "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+    assert set(quant_options) == set(presets.PRESETS)
