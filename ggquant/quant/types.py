@@ -42,6 +42,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
 from ggquant.errors import GGQuantError
+from ggquant.kernels.cpu import iqmatmul
 from ggquant.kernels.cpu import matmul as cpu
 from ggquant.kernels.cuda import dequant as cuda
 from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy, lowbit
@@ -177,7 +178,7 @@ _register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
 # --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
     _register(_t, iquants, uses_imatrix=True, requires_imatrix=_t in iquants.REQUIRES_IMATRIX,
-              row_fallback=T.IQ4_NL)
+              row_fallback=T.IQ4_NL, vec_dot_type=T.Q8_K, cpu_matmul=getattr(iqmatmul, f"matmul_{_t.name.lower()}"))
 # --- ternary, FP4 and sign types: their ggml quantizers ignore the imatrix. Q2_0 (ggml type 42)
 # has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):

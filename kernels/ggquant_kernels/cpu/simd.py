@@ -398,6 +398,57 @@ def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
     return sig, codegen
 
 
+@intrinsic
+def dot_lanes_s(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
+    """A row of signed int8 quants (int8 q) times a Q8_K row in the order of ggml's AVX2 i-quant
+    vec_dots (ggml_vec_dot_iq2_xxs_q8_K ... iq1_m, arch/x86/quants.c): per super-block, 8 int32
+    lanes (lane m = the scaled products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per
+    chunk, one per byte pair), converted to float and fused-multiply-added by d = dsc[s] into 8 float
+    lanes; hsum_float_8 at the end. The integers are exact, whichever instructions form them."""
+    if not (_is_int8_array(q) and _is_int8_array(x)):
+        return None
+    u = types.unliteral
+    sig = types.float32(q, u(iq), x, u(ix), sv, u(isv), dsc, u(ids), u(nsb))
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        i16 = ir.IntType(16)
+        pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+        px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+        ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
+        pd = _elem_ptr(context, builder, st[6], args[6], args[7], _F32, st[7])
+        n = context.cast(builder, args[8], st[8], types.intp)
+        intp = n.type
+        v32 = ir.VectorType(_I8, 32)
+        v8 = ir.VectorType(_I32, 8)
+        v8f = ir.VectorType(_F32, 8)
+        fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+            base = builder.mul(s, ir.Constant(intp, QK_K))
+            lanes = ir.Constant(v8, [0] * 8)
+            for c in range(QK_K // 32):
+                off = builder.add(base, ir.Constant(intp, 32 * c))
+                scv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
+                                                                       ir.Constant(intp, 16 * c))]), i16, 16)
+                if HAS_AVX2:  # |q| times x with q's sign (mul_add_epi8), then the scales (vpmaddwd)
+                    qv = _load_vec(builder, builder.gep(pq, [off]), _I8, 32)
+                    xv = _load_vec(builder, builder.gep(px, [off]), _I8, 32)
+                    aq = _x86(builder, "llvm.x86.avx2.psign.b", v32, [qv, qv])
+                    sx = _x86(builder, "llvm.x86.avx2.psign.b", v32, [xv, qv])
+                    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [aq, sx])
+                    cl = _x86(builder, "llvm.x86.avx2.pmadd.wd", v8, [p16, scv])
+                else:
+                    cl = _kq_chunk_lanes(builder, pq, px, off, scv, True)
+                lanes = builder.add(lanes, cl)
+            d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
+            builder.store(builder.call(fma8, [d, builder.sitofp(lanes, v8f), builder.load(acc)]), acc)
+        return _hsum_movehl(builder, builder.load(acc))
+
+    return sig, codegen
+
+
 def _q0_block_quants(builder, pb, kind):
     """The 32 signed quants of the block at pb (i8*) as <32 x i8>, and the pointer to its fp16 d.
 
