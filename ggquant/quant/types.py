@@ -42,7 +42,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
 from ggquant.errors import GGQuantError
-from ggquant.kernels.cpu import iqmatmul
+from ggquant.kernels.cpu import b32matmul, iqmatmul
 from ggquant.kernels.cpu import matmul as cpu
 from ggquant.kernels.cuda import dequant as cuda
 from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy, lowbit
@@ -173,7 +173,7 @@ _register(T.Q5_K, kquants, uses_imatrix=True, row_fallback=T.Q5_1, vec_dot_type=
 _register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q6_k,
           cuda_dequantize=cuda.dequantize_q6_k, cuda_repack=cuda.repack_q6_k, file_type=F.MOSTLY_Q6_K)
 # --- non-linear 4-bit quants
-_register(T.IQ4_NL, iq4, uses_imatrix=True)
+_register(T.IQ4_NL, iq4, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_iq4_nl)
 _register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
 # --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
@@ -183,9 +183,9 @@ for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
 # has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):
     _register(_t, lowbit, row_fallback=T.Q4_0)
-_register(T.MXFP4, lowbit)
-_register(T.NVFP4, lowbit)
-_register(T.Q1_0, lowbit)
+_register(T.MXFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_mxfp4)
+_register(T.NVFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_nvfp4)
+_register(T.Q1_0, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_q1_0)
 
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))

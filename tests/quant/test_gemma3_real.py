@@ -6,6 +6,7 @@ import pytest
 from gguf import LlamaFileType as F
 
 from ggquant.formats.gguf import GGUFReader
+from ggquant.quant import presets
 from ggquant.quant import types as qtypes
 from ggquant.convert.gguf_to_gguf import quantize_gguf
 from tests import ggml_oracle
@@ -44,3 +45,34 @@ def test_requantized_real_model_equals_llama_model_quantize(gemma3_f32, tmp_path
     if preset_name == "Q4_K_M":
         orig = {t.name: t.tensor_type for t in gguf.GGUFReader(gemma3_270m_gguf()).tensors}
         assert {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors} == orig
+
+
+@pytest.fixture(scope="module")
+def gemma3_imatrix(gemma3_f32, tmp_path_factory):
+    """A real imatrix: ggquant's collector on 2 x 128 tokens of real text (its statistics equal
+    llama-imatrix's bit for bit: tests/imatrix/test_collect.py), as a GGUF file, plus the
+    normalised vectors llama-quantize passes to libllama."""
+    from ggquant.imatrix.collect import collect_imatrix
+    from ggquant.imatrix.files import load, save_gguf
+    from tests import real_text
+
+    d = tmp_path_factory.mktemp("g3im")
+    im, _ = collect_imatrix(gemma3_f32, real_text.write(d / "cal.txt", real_text.calibration_text()[:40000]),
+                            ctx=128, chunks=2, progress=False)
+    path = save_gguf(im, d / "imatrix.gguf")
+    return path, load(path).normalised()
+
+
+# every low-bit llama-quantize preset (issue 14); Q2_0 is not in gguf 0.19.0
+LOW_BIT_PRESETS = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ1_S", "IQ1_M",
+                   "TQ1_0", "TQ2_0", "Q2_K_S", "MXFP4_MOE", "Q1_0"]
+
+
+@pytest.mark.parametrize("preset_name", LOW_BIT_PRESETS)
+def test_low_bit_presets_on_real_gemma3_with_imatrix_equal_llama(gemma3_f32, gemma3_imatrix, tmp_path,
+                                                                 preset_name):
+    im_file, im_values = gemma3_imatrix
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(gemma3_f32, ours, preset_name, imatrix=im_file, progress=False)
+    ggml_oracle.llama_quantize(gemma3_f32, ref, presets.PRESETS[preset_name], imatrix=im_values)
+    assert_same_model(ours, ref)

@@ -449,6 +449,91 @@ def dot_lanes_s(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
     return sig, codegen
 
 
+def _block_lanes(builder, pq, px, off):
+    """<8 x i32> lanes of the 32 products int8 q[off+k] * int8 x[off+k] (lane m: products 4m .. 4m+3)."""
+    return _madd32_lanes(builder, pq, _I8, px, off)
+
+
+def _make_dot_b32(mode: int):
+    """Rows of 32-value blocks (signed int8 values q, unpacked) times Q8_0 activations, in the float
+    order of one of ggml's AVX2 vec_dots (arch/x86/quants.c); sc: float32, 2 per block.
+
+    mode 0 (ggml_vec_dot_iq4_nl_q8_0 / mxfp4_q8_0): blocks in pairs, even blocks fused-multiply-added
+        into acc1, odd into acc2, by sc[2b] = d_x * d_w; hsum_float_8(acc1 + acc2). nblocks even.
+    mode 1 (ggml_vec_dot_nvfp4_q8_0): one acc; lanes 0-3 scaled by sc[2b], lanes 4-7 by sc[2b+1]
+        (one UE4M3 scale per 16 values).
+    mode 2 (ggml_vec_dot_q1_0_q8_0): groups of 4 blocks (128 values): accb = sc[2b] * lanes (a plain
+        multiply for the first block, fused-multiply-adds for the other three: sc[2b] = d_x of the
+        block), then acc = fma(d_w, accb, acc) with d_w = sc[2b + 1] of the group's first block.
+    """
+
+    @intrinsic
+    def dot_b32(typingctx, q, iq, x, ix, sc, isc, nblocks):
+        if not (_is_int8_array(q) and _is_int8_array(x)):
+            return None
+        u = types.unliteral
+        sig = types.float32(q, u(iq), x, u(ix), sc, u(isc), u(nblocks))
+
+        def codegen(context, builder, signature, args):
+            st = signature.args
+            pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+            px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+            ps = _elem_ptr(context, builder, st[4], args[4], args[5], _F32, st[5])
+            n = context.cast(builder, args[6], st[6], types.intp)
+            intp = n.type
+            v8f = ir.VectorType(_F32, 8)
+            fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+            zero = ir.Constant(v8f, [0.0] * 8)
+            acc1 = cgutils.alloca_once_value(builder, zero)
+            acc2 = cgutils.alloca_once_value(builder, zero)
+
+            def lanes_f(b):
+                off = builder.mul(b, ir.Constant(intp, 32))
+                return builder.sitofp(_block_lanes(builder, pq, px, off), v8f)
+
+            def scale(i):
+                return builder.load(builder.gep(ps, [i]))
+
+            if mode == 0:
+                with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(intp, 2))) as loop:
+                    b0 = builder.mul(loop.index, ir.Constant(intp, 2))
+                    b1 = builder.add(b0, ir.Constant(intp, 1))
+                    s0 = _splat(builder, scale(builder.mul(b0, ir.Constant(intp, 2))), 8)
+                    s1 = _splat(builder, scale(builder.mul(b1, ir.Constant(intp, 2))), 8)
+                    builder.store(builder.call(fma8, [s0, lanes_f(b0), builder.load(acc1)]), acc1)
+                    builder.store(builder.call(fma8, [s1, lanes_f(b1), builder.load(acc2)]), acc2)
+                return _hsum_movehl(builder, builder.fadd(builder.load(acc1), builder.load(acc2)))
+            if mode == 1:
+                with cgutils.for_range(builder, n) as loop:
+                    b = loop.index
+                    i0 = builder.mul(b, ir.Constant(intp, 2))
+                    lo = _splat(builder, scale(i0), 8)
+                    hi = _splat(builder, scale(builder.add(i0, ir.Constant(intp, 1))), 8)
+                    sv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+                    builder.store(builder.call(fma8, [sv, lanes_f(b), builder.load(acc1)]), acc1)
+                return _hsum_movehl(builder, builder.load(acc1))
+            # mode 2
+            with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(intp, 4))) as loop:
+                b0 = builder.mul(loop.index, ir.Constant(intp, 4))
+                accb = builder.fmul(_splat(builder, scale(builder.mul(b0, ir.Constant(intp, 2))), 8), lanes_f(b0))
+                for k in range(1, 4):
+                    b = builder.add(b0, ir.Constant(intp, k))
+                    accb = builder.call(fma8, [_splat(builder, scale(builder.mul(b, ir.Constant(intp, 2))), 8),
+                                               lanes_f(b), accb])
+                dw = _splat(builder, scale(builder.add(builder.mul(b0, ir.Constant(intp, 2)), ir.Constant(intp, 1))), 8)
+                builder.store(builder.call(fma8, [dw, accb, builder.load(acc1)]), acc1)
+            return _hsum_movehl(builder, builder.load(acc1))
+
+        return sig, codegen
+
+    return dot_b32
+
+
+dot_b32_pairs = _make_dot_b32(0)
+dot_b32_halves = _make_dot_b32(1)
+dot_b32_q1_0 = _make_dot_b32(2)
+
+
 def _q0_block_quants(builder, pb, kind):
     """The 32 signed quants of the block at pb (i8*) as <32 x i8>, and the pointer to its fp16 d.
 
