@@ -174,7 +174,8 @@ _register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=
           cuda_dequantize=cuda.dequantize_q6_k, cuda_repack=cuda.repack_q6_k, file_type=F.MOSTLY_Q6_K)
 # --- non-linear 4-bit quants
 _register(T.IQ4_NL, iq4, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_iq4_nl)
-_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
+_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL, vec_dot_type=T.Q8_K,
+          cpu_matmul=iqmatmul.matmul_iq4_xs)
 # --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
     _register(_t, iquants, uses_imatrix=True, requires_imatrix=_t in iquants.REQUIRES_IMATRIX,
@@ -182,7 +183,7 @@ for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
 # --- ternary, FP4 and sign types: their ggml quantizers ignore the imatrix. Q2_0 (ggml type 42)
 # has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):
-    _register(_t, lowbit, row_fallback=T.Q4_0)
+    _register(_t, lowbit, row_fallback=T.Q4_0, vec_dot_type=T.Q8_K, cpu_matmul=getattr(iqmatmul, f"matmul_{_t.name.lower()}"))
 _register(T.MXFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_mxfp4)
 _register(T.NVFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_nvfp4)
 _register(T.Q1_0, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_q1_0)

@@ -29,9 +29,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..common import FP16_TO_FP32, JIT, get_u16
+from ..quants import iq4
 from ..quants import iquants as iq
+from ..quants import lowbit
 from .matmul import ROWS, TILED_MIN_BATCH
-from .simd import QK_K, dot_kqv_s, dot_lanes_s, fmaf
+from .simd import QK_K, dot_kqv_s, dot_lanes_s, dot_q6k_lanes, fmaf
 
 _T = GGMLQuantizationType
 F32 = np.float32
@@ -44,14 +46,15 @@ GRID_IQ3XXS = iq.IQ3XXS_GRID.astype(np.int8)
 GRID_IQ3S = iq.IQ3S_GRID.astype(np.int8)
 GRID_IQ1S = iq.IQ1S_GRID.astype(np.int8)
 KSIGNS = iq.KSIGNS_IQ2XS
+POW3 = lowbit.TQ1_POW3.astype(np.int64)
 
-IQ2_XXS_ID, IQ2_XS_ID, IQ2_S_ID, IQ3_XXS_ID, IQ3_S_ID, IQ1_S_ID, IQ1_M_ID = (
-    int(t) for t in (_T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M))
-_BYTES = {int(t): GGML_QUANT_SIZES[t][1] for t in (_T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S,
-                                                   _T.IQ1_S, _T.IQ1_M)}
+IQ2_XXS_ID, IQ2_XS_ID, IQ2_S_ID, IQ3_XXS_ID, IQ3_S_ID, IQ1_S_ID, IQ1_M_ID, IQ4_XS_ID, TQ1_0_ID, TQ2_0_ID = (
+    int(t) for t in (_T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M, _T.IQ4_XS,
+                     _T.TQ1_0, _T.TQ2_0))
+KVALUES_IQ4NL = iq4.KVALUES_IQ4NL
 # c of the module docstring: vec_dot's final factor and the tiled unpackers' factor on d
 _FACTOR = {IQ2_XXS_ID: 0.125, IQ2_XS_ID: 0.125, IQ2_S_ID: 0.125, IQ3_XXS_ID: 0.25, IQ3_S_ID: 1.0,
-           IQ1_S_ID: 0.125, IQ1_M_ID: 0.125}
+           IQ1_S_ID: 0.125, IQ1_M_ID: 0.125, IQ4_XS_ID: 1.0, TQ1_0_ID: 1.0, TQ2_0_ID: 1.0}
 IQ1_DELTA = F32(0.125)  # IQ1S_DELTA == IQ1M_DELTA
 
 
@@ -85,6 +88,35 @@ def _scales(sv, o, lo, hi):
 
 
 @nb.njit(**JIT)
+def _unpack_tq(tid, b, o, v, e, sv, dw, i):
+    """A TQ1_0 / TQ2_0 super-block at b[o:] -> codes 0..2 (value + 1, as dequantize_row_tq*_0 reads
+    them) at v[e:e+256], unit scales, dw[i] = fp16 d (the last field of both blocks)."""
+    if tid == TQ2_0_ID:
+        dw[i] = FP16_TO_FP32[get_u16(b, o + 64)]
+        for j in range(0, 64, 32):
+            for l in range(4):
+                for m in range(32):
+                    v[e + j * 4 + 32 * l + m] = (b[o + j + m] >> (2 * l)) & 3
+    else:
+        dw[i] = FP16_TO_FP32[get_u16(b, o + 52)]
+        k = e
+        for n in range(5):  # qs[0:32], one trit per power of 3
+            for m in range(32):
+                v[k + m] = ((np.int64(b[o + m]) * POW3[n]) & 255) * 3 >> 8
+            k += 32
+        for n in range(5):  # qs[32:48]
+            for m in range(16):
+                v[k + m] = ((np.int64(b[o + 32 + m]) * POW3[n]) & 255) * 3 >> 8
+            k += 16
+        for n in range(4):  # qh[4]
+            for j in range(4):
+                v[k + j] = ((np.int64(b[o + 48 + j]) * POW3[n]) & 255) * 3 >> 8
+            k += 4
+    for j in range(QK_K // 2):
+        sv[e // 2 + j] = 1
+
+
+@nb.njit(**JIT)
 def _unpack_row(tid, b, v, v8, dl, sv, dw, dsg, grid, ksigns):
     """One weight row -> v int8 [K] (signed grid values), sv int16 [K/2] (scale per byte pair),
     dw float32 [nsb] (the fp16 d as stored). IQ1: v is the grid (-1, 0, 1), v8 = 8 * grid + delta
@@ -103,9 +135,18 @@ def _unpack_row(tid, b, v, v8, dl, sv, dw, dsg, grid, ksigns):
         nbytes = 110
     elif tid == IQ1_S_ID:
         nbytes = 50
-    else:
+    elif tid == IQ1_M_ID:
         nbytes = 56
+    elif tid == IQ4_XS_ID:
+        nbytes = 136
+    elif tid == TQ1_0_ID:
+        nbytes = 54
+    else:
+        nbytes = 66
     for i in range(b.size // nbytes):
+        if tid == TQ1_0_ID or tid == TQ2_0_ID:
+            _unpack_tq(tid, b, i * nbytes, v, i * QK_K, sv, dw, i)
+            continue
         o = i * nbytes
         e = i * QK_K
         if tid == IQ1_M_ID:
@@ -158,6 +199,15 @@ def _unpack_row(tid, b, v, v8, dl, sv, dw, dsg, grid, ksigns):
                     g2 = np.int64(b[o + 2 + 8 * ib + 2 * l + 1]) | ((qh << (7 - 2 * l)) & 256)
                     _put4(v, eo + 8 * l, grid, g1, sg, 0)
                     _put4(v, eo + 8 * l + 4, grid, g2, sg, 4)
+            elif tid == IQ4_XS_ID:
+                sh = np.int64(get_u16(b, o + 2))
+                lo = (np.int64(b[o + 4 + ib // 2]) >> (4 * (ib % 2))) & 15
+                ls = (lo | (((sh >> (2 * ib)) & 3) << 4)) - 32
+                _scales(sv, so, ls, ls)
+                for j in range(16):
+                    q = b[o + 8 + 16 * ib + j]
+                    v[eo + j] = KVALUES_IQ4NL[q & 15]
+                    v[eo + 16 + j] = KVALUES_IQ4NL[q >> 4]
             elif tid == IQ1_S_ID:
                 qh = np.int64(get_u16(b, o + 34 + 2 * ib))
                 sc = 2 * ((qh >> 12) & 7) + 1
@@ -195,7 +245,7 @@ def _mm_iq(w, xq, xd, xbs, out, tid, factor, grid, ksigns):
     N = w.shape[0]
     T, K = xq.shape
     nsb = K // QK_K
-    tiled = T >= TILED_MIN_BATCH
+    tiled = T >= TILED_MIN_BATCH and tid != TQ1_0_ID and tid != TQ2_0_ID  # the TQ types have no tiled kernel
     is_iq1 = tid == IQ1_S_ID or tid == IQ1_M_ID
     for c in nb.prange((N + ROWS - 1) // ROWS):
         r0 = c * ROWS
@@ -207,6 +257,7 @@ def _mm_iq(w, xq, xd, xbs, out, tid, factor, grid, ksigns):
         dw = np.empty((ROWS, nsb), np.float32)
         dsg = np.zeros((ROWS, nsb * 8), np.int64)
         dsc = np.empty(nsb, np.float32)
+        corr = np.empty(nsb * 8, np.int32)
         for r in range(r0, r1):
             i = r - r0
             _unpack_row(tid, w[r], v[i], v8[i], dl[i], sv[i], dw[i], dsg[i], grid, ksigns)
@@ -224,6 +275,15 @@ def _mm_iq(w, xq, xd, xbs, out, tid, factor, grid, ksigns):
                     continue
                 for s in range(nsb):
                     dsc[s] = dw[i, s] * xd[t, s]  # GGML_CPU_FP16_TO_FP32(x[i].d) * y[i].d
+                if tid == TQ1_0_ID or tid == TQ2_0_ID:
+                    # ggml_vec_dot_tq*_0_q8_K: codes (0..2) times x in the usual 8 lanes, minus the
+                    # activation's bsums 2m, 2m+1 in lane m (the -1 of the ternary values, folded per
+                    # lane), times d, accumulated in 8 float lanes
+                    for s in range(nsb):
+                        for m in range(8):
+                            corr[s * 8 + m] = xbs[t, s * 16 + 2 * m] + xbs[t, s * 16 + 2 * m + 1]
+                    out[t, r] = dot_q6k_lanes(v[i].view(np.uint8), 0, xt, 0, sv[i], 0, corr, 0, dsc, 0, nsb)
+                    continue
                 h = dot_lanes_s(v[i], 0, xt, 0, sv[i], 0, dsc, 0, nsb)
                 if tid == IQ1_S_ID:
                     # sumi1 = sum over 32-chunks of (bsum pair) * delta sign * ls; accum1 += d * sumi1
@@ -261,3 +321,6 @@ matmul_iq3_xxs = _product(_T.IQ3_XXS, GRID_IQ3XXS)
 matmul_iq3_s = _product(_T.IQ3_S, GRID_IQ3S)
 matmul_iq1_s = _product(_T.IQ1_S, GRID_IQ1S)
 matmul_iq1_m = _product(_T.IQ1_M, GRID_IQ1S)
+matmul_iq4_xs = _product(_T.IQ4_XS, GRID_IQ1S)  # (no grid)
+matmul_tq1_0 = _product(_T.TQ1_0, GRID_IQ1S)
+matmul_tq2_0 = _product(_T.TQ2_0, GRID_IQ1S)
