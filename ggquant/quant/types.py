@@ -144,6 +144,14 @@ def _register(qtype: T, kernels, **capabilities) -> None:
     REGISTRY[qtype] = GGMLType(qtype, kernels.QUANTIZE.get(qtype), kernels.DEQUANTIZE[qtype], **capabilities)
 
 
+def _lowbit_runtime(qtype: T, vec_dot_type: T, cpu_module) -> dict:
+    """The runtime capabilities of a low-bit type (issue 14): its CPU product (kernels.cpu.iqmatmul /
+    b32matmul) and its torch decoder + int8 repack for the CUDA backend (kernels.cuda.dequant)."""
+    name = qtype.name.lower()
+    return dict(vec_dot_type=vec_dot_type, cpu_matmul=getattr(cpu_module, f"matmul_{name}"),
+                cuda_dequantize=getattr(cuda, f"dequantize_{name}"), cuda_repack=getattr(cuda, f"repack_{name}"))
+
+
 # --- floats
 _register(T.F32, floats, vec_dot_type=T.F32, cpu_matmul=cpu.matmul_f32,
           cuda_dequantize=cuda.dequantize_f32, cuda_repack=cuda.repack_f32, file_type=F.ALL_F32)
@@ -173,20 +181,18 @@ _register(T.Q5_K, kquants, uses_imatrix=True, row_fallback=T.Q5_1, vec_dot_type=
 _register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q6_k,
           cuda_dequantize=cuda.dequantize_q6_k, cuda_repack=cuda.repack_q6_k, file_type=F.MOSTLY_Q6_K)
 # --- non-linear 4-bit quants
-_register(T.IQ4_NL, iq4, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_iq4_nl)
-_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL, vec_dot_type=T.Q8_K,
-          cpu_matmul=iqmatmul.matmul_iq4_xs)
+_register(T.IQ4_NL, iq4, uses_imatrix=True, **_lowbit_runtime(T.IQ4_NL, T.Q8_0, b32matmul))
+_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL, **_lowbit_runtime(T.IQ4_XS, T.Q8_K, iqmatmul))
 # --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
     _register(_t, iquants, uses_imatrix=True, requires_imatrix=_t in iquants.REQUIRES_IMATRIX,
-              row_fallback=T.IQ4_NL, vec_dot_type=T.Q8_K, cpu_matmul=getattr(iqmatmul, f"matmul_{_t.name.lower()}"))
+              row_fallback=T.IQ4_NL, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
 # --- ternary, FP4 and sign types: their ggml quantizers ignore the imatrix. Q2_0 (ggml type 42)
 # has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):
-    _register(_t, lowbit, row_fallback=T.Q4_0, vec_dot_type=T.Q8_K, cpu_matmul=getattr(iqmatmul, f"matmul_{_t.name.lower()}"))
-_register(T.MXFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_mxfp4)
-_register(T.NVFP4, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_nvfp4)
-_register(T.Q1_0, lowbit, vec_dot_type=T.Q8_0, cpu_matmul=b32matmul.matmul_q1_0)
+    _register(_t, lowbit, row_fallback=T.Q4_0, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
+for _t in (T.MXFP4, T.NVFP4, T.Q1_0):
+    _register(_t, lowbit, **_lowbit_runtime(_t, T.Q8_0, b32matmul))
 
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))
