@@ -495,23 +495,44 @@ def _max_of(v, n):
 
 
 @nb.njit(**JIT)
-def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo):
+def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, nvals, d2):
     """iq2_find_best_neighbour / iq3_find_best_neighbour (G = grid.shape[1] = 8 or 4): the
     listed grid point with the least sum waux*(scale*q - x)^2; L[Lo:Lo+G] = its levels.
-    Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort."""
+
+    Long lists (IQ2_XXS / IQ2_XS: ~30 points) compute the distances of all listed points together,
+    coordinate by coordinate, from the list's transposed values (iqtables.SearchTables.nvals): per
+    point the same float operations in the same order as the C's loop, which LLVM vectorizes across
+    points. Then the first least one wins (strict <), as in the C. Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
+    """
     g = grid.shape[1]
     n = np.int64(nbrs[off])
     best_d2 = _FLT_MAX
     gi = -1
-    for j in range(1, n + 1):
-        idx = np.int64(nbrs[off + j])
-        d2 = _F0
+    if n < 16:  # short lists (IQ3's, IQ2_S's): the C's loop as is; vectors would be mostly tail
+        for j in range(1, n + 1):
+            idx = np.int64(nbrs[off + j])
+            dd = _F0
+            for i in range(g):
+                diff = scale * F32(grid[idx, i]) - xval[xo + i]
+                dd += waux[xo + i] * diff * diff
+            if dd < best_d2:
+                best_d2 = dd
+                gi = idx
+    else:
+        base = g * off
+        for j in range(n):
+            d2[j] = _F0
         for i in range(g):
-            diff = scale * F32(grid[idx, i]) - xval[xo + i]
-            d2 += waux[xo + i] * diff * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            gi = idx
+            w = waux[xo + i]
+            xi = xval[xo + i]
+            row = base + i * n
+            for j in range(n):
+                diff = scale * nvals[row + j] - xi
+                d2[j] += w * diff * diff
+        for j in range(n):
+            if d2[j] < best_d2:
+                best_d2 = d2[j]
+                gi = np.int64(nbrs[off + 1 + j])
     if gi >= 0:
         for i in range(g):
             L[Lo + i] = (grid[gi, i] - 1) // 2
@@ -544,7 +565,7 @@ def _grid_sums(weight, xval, L, n):
 
 
 @nb.njit(**JIT)
-def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs,
+def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs, nvals, d2,
                  L, Laux, on_grid, on_grid_aux, init_on_grid, scale):
     """The scale trials shared by IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S:
     id = (2*kMaxQ-1 + is*step)/max for is in [is_lo, is_hi], each group snapped to the grid.
@@ -563,7 +584,7 @@ def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi,
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                if _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, this_scale, Laux, g * k) < 0:
+                if _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, this_scale, Laux, g * k, nvals, d2) < 0:
                     return F32(np.nan)
         sumqx, sumq2 = _grid_sums(weight, xval, Laux, n)
         if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
@@ -577,7 +598,7 @@ def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi,
 
 
 @nb.njit(**JIT)
-def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, L, on_grid, redo_all):
+def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, redo_all):
     """The C's second pass: groups off the grid (all groups for IQ3_S) re-snapped at the best
     scale, which is then refitted. Returns the scale (NaN where ggml would abort)."""
     n_not_ongrid = 0
@@ -592,7 +613,7 @@ def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, L, on
             u = _trial_levels(id_, xval, g * k, g, bits, kmax, L, g * k)
             gi = kmap[u]
             if gi < 0:
-                gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, scale, L, g * k)
+                gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, scale, L, g * k, nvals, d2)
                 if gi < 0:
                     return F32(np.nan)
             for i in range(g):
@@ -625,7 +646,7 @@ def _put_u32(out, pos, v):
 
 
 @nb.njit(**JIT)
-def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, Lqp, scales, signs, q2, work):
+def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, Lqp, scales, signs, q2, work):
     """quantize_row_iq2_xxs_impl, one super-block: 8 x 32 values, each 4 grid bytes + u32
     (4 x 7 sign bits, 4-bit scale). The imatrix is required. Returns False where ggml aborts."""
     kmax = 3
@@ -654,7 +675,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, 
                 u = _trial_levels(id_, xval, 8 * k, 8, 2, kmax, Laux, 8 * k)
                 gi = kmap[u]
                 if gi < 0:
-                    if _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k) < 0:
+                    if _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k, nvals, d2) < 0:
                         return False
             sumqx, sumq2 = _grid_sums(weight, xval, Laux, 32)
             if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
@@ -668,7 +689,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, 
                 u = _trial_levels(id_, xval, 8 * k, 8, 2, kmax, L, 8 * k)
                 gi = kmap[u]
                 if gi < 0:
-                    gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, scale, L, 8 * k)
+                    gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, scale, L, 8 * k, nvals, d2)
                     if gi < 0:
                         return False
                 for i in range(8):
@@ -706,7 +727,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, 
 
 
 @nb.njit(**JIT)
-def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                   scales, signs, q2):
     """quantize_row_iq2_xs_impl, one super-block: 16 x 16 values, u16 = 9-bit grid index | 7 sign
     bits per 8, two 4-bit scales per byte. The imatrix is required."""
@@ -728,9 +749,9 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, L
         if vmax < _GROUP_MAX_EPS:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs,
+        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, nvals, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -763,7 +784,7 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, L
 
 
 @nb.njit(**JIT)
-def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                  scales, signs):
     """quantize_row_iq2_s_impl, one super-block: 16 x 16 values, 10-bit grid indices (qs byte +
     2 qh bits), explicit sign bytes, 4-bit scales; d stored times 0.9875."""
@@ -782,9 +803,9 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xva
         if vmax < _EPS_IQ2_S:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs,
+        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, nvals, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -816,7 +837,7 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xva
 
 
 @nb.njit(**JIT)
-def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                    scales, signs, q3):
     """quantize_row_iq3_xxs_impl(256, ...), one super-block: 8 x 32 values, 8 grid bytes and a u32
     (4 x 7 sign bits, 4-bit scale) each; d stored times 1.0125."""
@@ -836,9 +857,9 @@ def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, x
         if vmax < _EPS_IQ3_XXS:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -15, 15, grid, kmap, nbrs,
+        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -15, 15, grid, kmap, nbrs, nvals, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -870,7 +891,7 @@ def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, x
 
 
 @nb.njit(**JIT)
-def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                  scales, signs):
     """quantize_row_iq3_s_impl(32, ...), one super-block: 8 x 32 values, 9-bit grid indices (qs
     byte + qh bit), sign bytes, 4-bit odd scales; d stored times 1.033.
@@ -896,9 +917,9 @@ def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, waux, xva
         if vmax == _F0:  # C: if (!max)
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -9, 9, grid, kmap, nbrs,
+        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -9, 9, grid, kmap, nbrs, nvals, d2,
                              L, Laux, on_grid, on_grid_aux, False, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, L, on_grid, True)
+        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, True)
         if scale != scale:
             return False
         if scale < _F0:
@@ -1253,7 +1274,7 @@ IQ2_XXS_ID, IQ2_XS_ID, IQ2_S_ID, IQ3_XXS_ID, IQ3_S_ID, IQ1_S_ID, IQ1_M_ID = (
 
 
 @nb.njit(parallel=True, **JIT)
-def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, ok):
+def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, nvals, maxn, ok):
     """One parallel kernel for the grid family (prange over rows, dispatch on the type id, as
     kquants.py does): rows are independent, so the bytes do not depend on the thread count."""
     nrows, n = x.shape
@@ -1279,6 +1300,7 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, ok)
         pw = np.zeros((2, 17), np.float32)
         index = np.zeros(4, np.int64)
         shifts = np.zeros(16, np.int64)
+        d2 = np.empty(maxn, np.float32)
         xr = x[r]
         orow = out[r]
         good = True
@@ -1286,19 +1308,19 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, ok)
             xo = i * QK_K
             oo = i * block_bytes
             if type_id == IQ2_XXS_ID:
-                good = _iq2_xxs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux, Lqp,
+                good = _iq2_xxs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, Lqp,
                                       scales, signs, q2, work)
             elif type_id == IQ2_XS_ID:
-                good = _iq2_xs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux,
+                good = _iq2_xs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
                                      on_grid, on_grid_aux, scales, signs, q16)
             elif type_id == IQ2_S_ID:
-                good = _iq2_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux,
+                good = _iq2_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
                                     on_grid, on_grid_aux, scales, signs)
             elif type_id == IQ3_XXS_ID:
-                good = _iq3_xxs_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux,
+                good = _iq3_xxs_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
                                       on_grid, on_grid_aux, scales, signs, q3)
             elif type_id == IQ3_S_ID:
-                good = _iq3_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, weight, waux, xval, L, Laux,
+                good = _iq3_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
                                     on_grid, on_grid_aux, scales, signs)
             elif type_id == IQ1_S_ID:
                 good = _iq1_s_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, weight, L, idx, sumx, sumw, index,
@@ -1332,7 +1354,8 @@ def _iq_quantizer(qtype):
         tb = iqtables.tables(qtype)
         out = np.empty((nrows, n_per_row // block * type_size), dtype=np.uint8)
         ok = np.ones(nrows, dtype=np.bool_)
-        _quantize_iq(x, qw, imatrix is not None, out, int(qtype), type_size, tb.grid, tb.kmap, tb.neighbours, ok)
+        _quantize_iq(x, qw, imatrix is not None, out, int(qtype), type_size, tb.grid, tb.kmap, tb.neighbours, tb.nvals,
+                     tb.max_list, ok)
         if not ok.all():
             bad = int(np.flatnonzero(~ok)[0])
             raise ValueError(
