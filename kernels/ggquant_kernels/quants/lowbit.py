@@ -290,36 +290,63 @@ def _quantize_tq2_0_row(x, out):
 
 @nb.njit(**JIT)
 def _best_index_mxfp4(x, e, kvalues):
-    """ggml-quants.c best_index_mxfp4: the first level with the least |kvalues[i]*e - x|."""
+    """ggml-quants.c best_index_mxfp4: the first level with the least |kvalues[i]*e - x|.
+
+    kvalues_mxfp4 is 0, 1, 2, 3, 4, 6, 8, 12 (indices 0..7) then 0, -1, ..., -12 (8..15). For
+    x >= 0 no negative level is ever strictly closer than its positive twin, and ties go to the lower
+    index, so only 0..7 can win; for x < 0 only 0 and 9..15 (index 8, the second zero, always ties
+    with 0): the same index as the C's full scan, in half the work. A NaN x compares false
+    everywhere and gets 0, as in the C.
+    """
     best = 0
     best_err = abs(kvalues[0] * e - x)
-    for i in range(1, 16):
-        err = abs(kvalues[i] * e - x)
-        if err < best_err:
-            best = i
-            best_err = err
+    base = 0 if x >= _F0 else 8
+    for i in range(1, 8):  # branch-free selects: LLVM unrolls this into compares and blends
+        err = abs(kvalues[base + i] * e - x)
+        better = err < best_err
+        best = base + i if better else best
+        best_err = err if better else best_err
     return best
+
+
+@nb.njit(**JIT)
+def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
+    """best[0:n] = _best_index_mxfp4(x[xo + j], e) for j < n, computed candidate by candidate over
+    all n values at once (the same compares per value, in the same candidate order; vectorizes).
+    The negative levels are exact negations of the positive ones (fl(-v*e) = -fl(v*e))."""
+    c0 = kvalues[0] * e
+    for j in range(n):
+        best[j] = 0
+        err_buf[j] = abs(c0 - x[xo + j])
+    for i in range(1, 8):
+        c = kvalues[i] * e
+        for j in range(n):
+            xj = x[xo + j]
+            pos = xj >= _F0
+            err = abs((c if pos else -c) - xj)
+            better = err < err_buf[j]
+            best[j] = (i if pos else 8 + i) if better else best[j]
+            err_buf[j] = err if better else err_buf[j]
 
 
 @nb.njit(**JIT)
 def _quantize_mxfp4_row(x, out, kvalues, e8m0_half):
     half = MXFP4_BLOCK // 2
+    best = np.empty(MXFP4_BLOCK, np.int32)
+    err_buf = np.empty(MXFP4_BLOCK, np.float32)
     for i in range(x.size // MXFP4_BLOCK):
         xo = i * MXFP4_BLOCK
         b = i * MXFP4_BYTES
         amax = _F0
         for j in range(MXFP4_BLOCK):
             a = abs(x[xo + j])
-            if amax < a:
-                amax = a
+            amax = a if amax < a else amax  # C: if (amax < fabsf(v)) amax = fabsf(v)
         # (uint8_t)(floorf(log2f(amax)) - 2 + 127), in float; log2f from the same libm as ggml's
         e = c_f32_to_int_lowbyte(np.floor(np.log2(amax)) - F32(2) + F32(127)) if amax > _F0 else 0
         out[b] = e
-        d = e8m0_half[e]
+        _fp4_indices(x, xo, MXFP4_BLOCK, e8m0_half[e], kvalues, best, err_buf)
         for j in range(half):
-            x0 = _best_index_mxfp4(x[xo + j], d, kvalues)
-            x1 = _best_index_mxfp4(x[xo + half + j], d, kvalues)
-            out[b + 1 + j] = x0 | (x1 << 4)
+            out[b + 1 + j] = best[j] | (best[half + j] << 4)
 
 
 @nb.njit(**JIT)
@@ -354,6 +381,8 @@ def _fp32_to_ue4m3(x):
 @nb.njit(**JIT)
 def _quantize_nvfp4_row(x, out, kvalues, ue4m3_half):
     half = NVFP4_SUB // 2
+    best = np.empty(NVFP4_SUB, np.int32)
+    err_buf = np.empty(NVFP4_SUB, np.float32)
     for i in range(x.size // NVFP4_BLOCK):
         b = i * NVFP4_BYTES
         for s in range(NVFP4_NSUB):
@@ -361,15 +390,12 @@ def _quantize_nvfp4_row(x, out, kvalues, ue4m3_half):
             amax = _F0
             for j in range(NVFP4_SUB):
                 a = abs(x[xo + j])
-                if amax < a:
-                    amax = a
+                amax = a if amax < a else amax
             ue = _fp32_to_ue4m3(amax / F32(6.0))
             out[b + s] = ue
-            d = ue4m3_half[ue]
+            _fp4_indices(x, xo, NVFP4_SUB, ue4m3_half[ue], kvalues, best, err_buf)
             for j in range(half):
-                x0 = _best_index_mxfp4(x[xo + j], d, kvalues)
-                x1 = _best_index_mxfp4(x[xo + half + j], d, kvalues)
-                out[b + NVFP4_NSUB + s * half + j] = x0 | (x1 << 4)
+                out[b + NVFP4_NSUB + s * half + j] = best[j] | (best[half + j] << 4)
 
 
 @nb.njit(**JIT)
