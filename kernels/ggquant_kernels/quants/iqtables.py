@@ -144,15 +144,15 @@ def _fill(codes, grid, bits, nwant, offsets, neighbours):
 
 
 @nb.njit(parallel=True, cache=True)
-def _list_values(neighbours, offsets, counts, grid):
-    g = grid.shape[1]
-    out = np.zeros(neighbours.size * g, np.float32)
+def _list_levels(neighbours, offsets, counts, levels):
+    g = levels.shape[1]
+    out = np.zeros(neighbours.size * g, np.uint8)
     for c in nb.prange(offsets.size):
         o = offsets[c]
         n = counts[c]
         for i in range(g):
             for j in range(n):
-                out[g * o + i * n + j] = np.float32(grid[np.int64(neighbours[o + 1 + j]), i])
+                out[g * o + i * n + j] = levels[np.int64(neighbours[o + 1 + j]), i]
     return out
 
 
@@ -185,12 +185,11 @@ class SearchTables:
         kmap[off] = -(offsets + 1).astype(np.int32)
         self.kmap = kmap
         self.neighbours = neighbours
-        # The listed points' search-grid values as float32, list by list and transposed, so a
-        # search computes the distances of all its points at once, one coordinate after the other
-        # (the same float operations per point as the C's loop): list at offset o with n points
-        # holds grid[idx_j, i] at nvals[g*o + i*n + j].
-        self.nvals = _list_values(neighbours, offsets, counts, self.grid)
-        self.max_list = int(counts.max()) if counts.size else 0
+        self.levels = np.ascontiguousarray(levels.astype(np.int8))  # [n_grid, g]: (grid - 1) / 2
+        # The listed points' levels again, list by list and transposed, so that a search can add up
+        # the distances of all the points of a long list at once, one coordinate after the other:
+        # the list at offset o with n points holds levels[idx_j, i] at lvt[g*o + i*n + j].
+        self.lvt = _list_levels(neighbours, offsets, counts, self.levels)
         self.seconds = time.perf_counter() - t0
 
 

@@ -429,6 +429,8 @@ _FUDGE_IQ1_S, _FUDGE_IQ1_M = F32(1.125), F32(1.1125)
 # IQ1S_DELTA == IQ1M_DELTA; x_p / x_m of quantize_row_iq1_{s,m}_impl: {-1+D, D, 1+D}, {-1-D, -D, 1-D}
 _XP = np.array([F32(-1.0) + IQ1S_DELTA, IQ1S_DELTA, F32(1.0) + IQ1S_DELTA], dtype=np.float32)
 _XM = np.array([F32(-1.0) - IQ1S_DELTA, -IQ1S_DELTA, F32(1.0) - IQ1S_DELTA], dtype=np.float32)
+NLEVELS_IQ2 = 3  # levels of the IQ2 search grids (grid_map has 3 values; the C's pos = 2*l + 1)
+NLEVELS_IQ3 = 8  # 3-bit levels of the IQ3 grids
 _IQ1M_MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)  # quantize_row_iq1_m_impl masks
 
 
@@ -486,7 +488,7 @@ def _abs_signs(x, xo, weight, xval, ngroups, even, signs):
         signs[k] = (s & 127) if even else s
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _max_of(v, n):
     m = v[0]
     for i in range(1, n):
@@ -494,52 +496,63 @@ def _max_of(v, n):
     return m
 
 
-@nb.njit(**JIT)
-def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, nvals, d2):
+@nb.njit(inline="always", **JIT)
+def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2):
     """iq2_find_best_neighbour / iq3_find_best_neighbour (G = grid.shape[1] = 8 or 4): the
     listed grid point with the least sum waux*(scale*q - x)^2; L[Lo:Lo+G] = its levels.
 
-    Long lists (IQ2_XXS / IQ2_XS: ~30 points) compute the distances of all listed points together,
-    coordinate by coordinate, from the list's transposed values (iqtables.SearchTables.nvals): per
-    point the same float operations in the same order as the C's loop, which LLVM vectorizes across
-    points. Then the first least one wins (strict <), as in the C. Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
+    Every term waux[i]*diff*diff depends only on the coordinate i and the point's level there
+    (q = 2*level + 1), so the terms are computed once per coordinate and level (d2[i*NL + l], the
+    C's own float operations) and each listed point's distance adds its G terms up in the C's order
+    ((0 + t0) + t1) + ...: the same bits as the C's loop, with a table read instead of a subtract
+    and two multiplies per coordinate. The first least distance wins (strict <), as in the C.
+    Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
+    nl = NLEVELS_IQ2 if g == 8 else NLEVELS_IQ3
+    for lv in range(nl):
+        sq = scale * F32(2 * lv + 1)
+        for i in range(g):
+            diff = sq - xval[xo + i]
+            d2[i * nl + lv] = waux[xo + i] * diff * diff
     n = np.int64(nbrs[off])
     best_d2 = _FLT_MAX
     gi = -1
-    if n < 16:  # short lists (IQ3's, IQ2_S's): the C's loop as is; vectors would be mostly tail
+    if g == 8 and n >= 16:
+        # long IQ2 lists: all points at once, coordinate by coordinate, from the transposed levels
+        # (the same adds per point, in the same order; LLVM vectorizes across points)
+        base = g * off
+        dv = d2[g * nl:]
+        for j in range(n):
+            dv[j] = _F0
+        for i in range(g):
+            t0 = d2[i * nl]
+            t1 = d2[i * nl + 1]
+            t2 = d2[i * nl + 2]
+            row = base + i * n
+            for j in range(n):
+                lv = lvt[row + j]
+                dv[j] += t0 if lv == 0 else (t1 if lv == 1 else t2)
+        for j in range(n):
+            if dv[j] < best_d2:
+                best_d2 = dv[j]
+                gi = np.int64(nbrs[off + 1 + j])
+    else:
         for j in range(1, n + 1):
             idx = np.int64(nbrs[off + j])
             dd = _F0
             for i in range(g):
-                diff = scale * F32(grid[idx, i]) - xval[xo + i]
-                dd += waux[xo + i] * diff * diff
+                dd += d2[i * nl + glev[idx, i]]
             if dd < best_d2:
                 best_d2 = dd
                 gi = idx
-    else:
-        base = g * off
-        for j in range(n):
-            d2[j] = _F0
-        for i in range(g):
-            w = waux[xo + i]
-            xi = xval[xo + i]
-            row = base + i * n
-            for j in range(n):
-                diff = scale * nvals[row + j] - xi
-                d2[j] += w * diff * diff
-        for j in range(n):
-            if d2[j] < best_d2:
-                best_d2 = d2[j]
-                gi = np.int64(nbrs[off + 1 + j])
     if gi >= 0:
         for i in range(g):
-            L[Lo + i] = (grid[gi, i] - 1) // 2
+            L[Lo + i] = glev[gi, i]
     return gi
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _trial_levels(id_, xval, xo, g, bits, kmax, L, Lo):
     """Levels nearest_int(0.5f*(id*x - 1)) clamped to [0, kMaxQ-1] of one group; its kmap code."""
     u = 0
@@ -551,7 +564,7 @@ def _trial_levels(id_, xval, xo, g, bits, kmax, L, Lo):
     return u
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _grid_sums(weight, xval, L, n):
     """sumqx = sum (w*x)*q, sumq2 = sum (w*q)*q with q = 2*L + 1."""
     sumqx = _F0
@@ -565,7 +578,7 @@ def _grid_sums(weight, xval, L, n):
 
 
 @nb.njit(**JIT)
-def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs, nvals, d2,
+def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs, glev, lvt, d2,
                  L, Laux, on_grid, on_grid_aux, init_on_grid, scale):
     """The scale trials shared by IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S:
     id = (2*kMaxQ-1 + is*step)/max for is in [is_lo, is_hi], each group snapped to the grid.
@@ -584,7 +597,7 @@ def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi,
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                if _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, this_scale, Laux, g * k, nvals, d2) < 0:
+                if _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, this_scale, Laux, g * k, glev, lvt, d2) < 0:
                     return F32(np.nan)
         sumqx, sumq2 = _grid_sums(weight, xval, Laux, n)
         if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
@@ -598,7 +611,7 @@ def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi,
 
 
 @nb.njit(**JIT)
-def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, redo_all):
+def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, redo_all):
     """The C's second pass: groups off the grid (all groups for IQ3_S) re-snapped at the best
     scale, which is then refitted. Returns the scale (NaN where ggml would abort)."""
     n_not_ongrid = 0
@@ -613,7 +626,7 @@ def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, nvals
             u = _trial_levels(id_, xval, g * k, g, bits, kmax, L, g * k)
             gi = kmap[u]
             if gi < 0:
-                gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, scale, L, g * k, nvals, d2)
+                gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, g * k, waux, scale, L, g * k, glev, lvt, d2)
                 if gi < 0:
                     return F32(np.nan)
             for i in range(g):
@@ -624,7 +637,7 @@ def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, nvals
     return scale
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _code(L, Lo, g, bits):
     u = 0
     for i in range(g):
@@ -632,21 +645,21 @@ def _code(L, Lo, g, bits):
     return u
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _scale_nibble(id_, s, lmax):
     """nearest_int(0.5f*(id*scale - 1)) clamped to [0, lmax]: a sub-block scale's stored code."""
     l = nearest_int(_HALF_F * (id_ * s - _F1))
     return max(0, min(lmax, l))
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _put_u32(out, pos, v):
     for k in range(4):
         out[pos + k] = np.uint8((v >> (8 * k)) & 0xFF)
 
 
 @nb.njit(**JIT)
-def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, Lqp, scales, signs, q2, work):
+def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, Lqp, scales, signs, q2, work):
     """quantize_row_iq2_xxs_impl, one super-block: 8 x 32 values, each 4 grid bytes + u32
     (4 x 7 sign bits, 4-bit scale). The imatrix is required. Returns False where ggml aborts."""
     kmax = 3
@@ -675,7 +688,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux
                 u = _trial_levels(id_, xval, 8 * k, 8, 2, kmax, Laux, 8 * k)
                 gi = kmap[u]
                 if gi < 0:
-                    if _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k, nvals, d2) < 0:
+                    if _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k, glev, lvt, d2) < 0:
                         return False
             sumqx, sumq2 = _grid_sums(weight, xval, Laux, 32)
             if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
@@ -689,7 +702,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux
                 u = _trial_levels(id_, xval, 8 * k, 8, 2, kmax, L, 8 * k)
                 gi = kmap[u]
                 if gi < 0:
-                    gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, scale, L, 8 * k, nvals, d2)
+                    gi = _grid_neighbour(nbrs, -gi - 1, grid, xval, 8 * k, waux, scale, L, 8 * k, glev, lvt, d2)
                     if gi < 0:
                         return False
                 for i in range(8):
@@ -727,7 +740,7 @@ def _iq2_xxs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux
 
 
 @nb.njit(**JIT)
-def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                   scales, signs, q2):
     """quantize_row_iq2_xs_impl, one super-block: 16 x 16 values, u16 = 9-bit grid index | 7 sign
     bits per 8, two 4-bit scales per byte. The imatrix is required."""
@@ -749,9 +762,9 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux,
         if vmax < _GROUP_MAX_EPS:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, nvals, d2,
+        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -784,7 +797,7 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux,
 
 
 @nb.njit(**JIT)
-def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                  scales, signs):
     """quantize_row_iq2_s_impl, one super-block: 16 x 16 values, 10-bit grid indices (qs byte +
     2 qh bits), explicit sign bytes, 4-bit scales; d stored times 0.9875."""
@@ -803,9 +816,9 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight
         if vmax < _EPS_IQ2_S:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, nvals, d2,
+        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -837,7 +850,7 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight
 
 
 @nb.njit(**JIT)
-def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                    scales, signs, q3):
     """quantize_row_iq3_xxs_impl(256, ...), one super-block: 8 x 32 values, 8 grid bytes and a u32
     (4 x 7 sign bits, 4-bit scale) each; d stored times 1.0125."""
@@ -857,9 +870,9 @@ def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weig
         if vmax < _EPS_IQ3_XXS:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -15, 15, grid, kmap, nbrs, nvals, d2,
+        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -15, 15, grid, kmap, nbrs, glev, lvt, d2,
                              L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, False)
+        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
         if scale != scale:
             return False
         if scale < _F0:
@@ -891,7 +904,7 @@ def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weig
 
 
 @nb.njit(**JIT)
-def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
                  scales, signs):
     """quantize_row_iq3_s_impl(32, ...), one super-block: 8 x 32 values, 9-bit grid indices (qs
     byte + qh bit), sign bytes, 4-bit odd scales; d stored times 1.033.
@@ -917,9 +930,9 @@ def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, nvals, d2, weight
         if vmax == _F0:  # C: if (!max)
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -9, 9, grid, kmap, nbrs, nvals, d2,
+        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
                              L, Laux, on_grid, on_grid_aux, False, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, nvals, d2, L, on_grid, True)
+        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, True)
         if scale != scale:
             return False
         if scale < _F0:
@@ -1274,7 +1287,7 @@ IQ2_XXS_ID, IQ2_XS_ID, IQ2_S_ID, IQ3_XXS_ID, IQ3_S_ID, IQ1_S_ID, IQ1_M_ID = (
 
 
 @nb.njit(parallel=True, **JIT)
-def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, nvals, maxn, ok):
+def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, glev, lvt, ok):
     """One parallel kernel for the grid family (prange over rows, dispatch on the type id, as
     kquants.py does): rows are independent, so the bytes do not depend on the thread count."""
     nrows, n = x.shape
@@ -1300,7 +1313,7 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, nva
         pw = np.zeros((2, 17), np.float32)
         index = np.zeros(4, np.int64)
         shifts = np.zeros(16, np.int64)
-        d2 = np.empty(maxn, np.float32)
+        d2 = np.empty(8 * NLEVELS_IQ3 + 4096, np.float32)  # the terms, then the distances of a list
         xr = x[r]
         orow = out[r]
         good = True
@@ -1308,19 +1321,19 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, nva
             xo = i * QK_K
             oo = i * block_bytes
             if type_id == IQ2_XXS_ID:
-                good = _iq2_xxs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux, Lqp,
+                good = _iq2_xxs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, Lqp,
                                       scales, signs, q2, work)
             elif type_id == IQ2_XS_ID:
-                good = _iq2_xs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
+                good = _iq2_xs_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
                                      on_grid, on_grid_aux, scales, signs, q16)
             elif type_id == IQ2_S_ID:
-                good = _iq2_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
+                good = _iq2_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
                                     on_grid, on_grid_aux, scales, signs)
             elif type_id == IQ3_XXS_ID:
-                good = _iq3_xxs_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
+                good = _iq3_xxs_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
                                       on_grid, on_grid_aux, scales, signs, q3)
             elif type_id == IQ3_S_ID:
-                good = _iq3_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, nvals, d2, weight, waux, xval, L, Laux,
+                good = _iq3_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
                                     on_grid, on_grid_aux, scales, signs)
             elif type_id == IQ1_S_ID:
                 good = _iq1_s_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, weight, L, idx, sumx, sumw, index,
@@ -1354,8 +1367,8 @@ def _iq_quantizer(qtype):
         tb = iqtables.tables(qtype)
         out = np.empty((nrows, n_per_row // block * type_size), dtype=np.uint8)
         ok = np.ones(nrows, dtype=np.bool_)
-        _quantize_iq(x, qw, imatrix is not None, out, int(qtype), type_size, tb.grid, tb.kmap, tb.neighbours, tb.nvals,
-                     tb.max_list, ok)
+        _quantize_iq(x, qw, imatrix is not None, out, int(qtype), type_size, tb.grid, tb.kmap, tb.neighbours, tb.levels,
+                     tb.lvt, ok)
         if not ok.all():
             bad = int(np.flatnonzero(~ok)[0])
             raise ValueError(
