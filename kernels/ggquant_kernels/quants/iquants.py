@@ -434,7 +434,7 @@ NLEVELS_IQ3 = 8  # 3-bit levels of the IQ3 grids
 _IQ1M_MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.uint8)  # quantize_row_iq1_m_impl masks
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _sumx2(x, xo):
     s = _F0
     for i in range(QK_K):
@@ -442,7 +442,7 @@ def _sumx2(x, xo):
     return s
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _imatrix_weights(x, xo, qw, use_qw, sigma2, n, weight, waux, iq2s_default):
     """weight[i] = qw[i]*sqrtf(sigma2 + x^2); without qw: x^2, or IQ2_S's 0.25f*sigma2 + x^2.
     waux[i] = sqrtf(weight[i]) (waux may be weight's size 0 twin when unused: pass n_aux=0)."""
@@ -458,7 +458,7 @@ def _imatrix_weights(x, xo, qw, use_qw, sigma2, n, weight, waux, iq2s_default):
         waux[i] = np.sqrt(weight[i])
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _abs_signs(x, xo, weight, xval, ngroups, even, signs):
     """xval = |x| per group of 8 and the group's sign bits; `even` (IQ2_XXS/XS, IQ3_XXS): an odd
     number of negatives flips the element with the smallest w*x*x, so 7 bits carry the signs."""
@@ -501,24 +501,39 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
     """iq2_find_best_neighbour / iq3_find_best_neighbour (G = grid.shape[1] = 8 or 4): the
     listed grid point with the least sum waux*(scale*q - x)^2; L[Lo:Lo+G] = its levels.
 
-    Every term waux[i]*diff*diff depends only on the coordinate i and the point's level there
-    (q = 2*level + 1), so the terms are computed once per coordinate and level (d2[i*NL + l], the
-    C's own float operations) and each listed point's distance adds its G terms up in the C's order
-    ((0 + t0) + t1) + ...: the same bits as the C's loop, with a table read instead of a subtract
-    and two multiplies per coordinate. The first least distance wins (strict <), as in the C.
+    IQ2 (G = 8, ~8-30 points a list): every term waux[i]*diff*diff depends only on the coordinate i
+    and the point's level there (q = 2*level + 1, 3 levels), so the terms are computed once per
+    coordinate and level (d2[i*3 + l], the C's own float operations) and each listed point's
+    distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the same bits as the C's
+    loop, with a table read instead of a subtract and two multiplies per coordinate. IQ3 (G = 4,
+    ~6 points) runs the C's loop as it is. The first least distance wins (strict <), as in the C.
     Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
-    nl = NLEVELS_IQ2 if g == 8 else NLEVELS_IQ3
+    n = np.int64(nbrs[off])
+    best_d2 = _FLT_MAX
+    gi = -1
+    if g == 4:  # IQ3: ~6 points of 4 coordinates, fewer terms than the 8 levels x 4 of a table
+        for j in range(1, n + 1):
+            idx = np.int64(nbrs[off + j])
+            dd = _F0
+            for i in range(4):
+                diff = scale * F32(grid[idx, i]) - xval[xo + i]
+                dd += waux[xo + i] * diff * diff
+            if dd < best_d2:
+                best_d2 = dd
+                gi = idx
+        if gi >= 0:
+            for i in range(4):
+                L[Lo + i] = glev[gi, i]
+        return gi
+    nl = NLEVELS_IQ2
     for lv in range(nl):
         sq = scale * F32(2 * lv + 1)
         for i in range(g):
             diff = sq - xval[xo + i]
             d2[i * nl + lv] = waux[xo + i] * diff * diff
-    n = np.int64(nbrs[off])
-    best_d2 = _FLT_MAX
-    gi = -1
-    if g == 8 and n >= 16:
+    if n >= 16:
         # long IQ2 lists: all points at once, coordinate by coordinate, from the transposed levels
         # (the same adds per point, in the same order; LLVM vectorizes across points)
         base = g * off
@@ -577,7 +592,7 @@ def _grid_sums(weight, xval, L, n):
     return sumqx, sumq2
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs, glev, lvt, d2,
                  L, Laux, on_grid, on_grid_aux, init_on_grid, scale):
     """The scale trials shared by IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S:
@@ -610,7 +625,7 @@ def _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi,
     return scale
 
 
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, redo_all):
     """The C's second pass: groups off the grid (all groups for IQ3_S) re-snapped at the best
     scale, which is then refitted. Returns the scale (NaN where ggml would abort)."""
