@@ -533,9 +533,24 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
         for i in range(g):
             diff = sq - xval[xo + i]
             d2[i * nl + lv] = waux[xo + i] * diff * diff
+    gi = _list_argmin(nbrs, off, g, d2, glev, lvt)
+    if gi >= 0:
+        for i in range(g):
+            L[Lo + i] = glev[gi, i]
+    return gi
+
+
+@nb.njit(inline="always", **JIT)
+def _list_argmin(nbrs, off, g, d2, glev, lvt):
+    """The listed point (3-level grid, G = 8) whose terms d2[i*3 + level_i] add up (in order
+    ((0 + t0) + t1) + ...) to the least distance, the first one on ties; -1 if none is < FLT_MAX.
+    Long lists sum all points at once, coordinate by coordinate, from the transposed levels (the
+    same adds per point; LLVM vectorizes across points)."""
+    nl = NLEVELS_IQ2
+    n = np.int64(nbrs[off])
+    best_d2 = _FLT_MAX
+    gi = -1
     if n >= 16:
-        # long IQ2 lists: all points at once, coordinate by coordinate, from the transposed levels
-        # (the same adds per point, in the same order; LLVM vectorizes across points)
         base = g * off
         dv = d2[g * nl:]
         for j in range(n):
@@ -561,9 +576,6 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
             if dd < best_d2:
                 best_d2 = dd
                 gi = idx
-    if gi >= 0:
-        for i in range(g):
-            L[Lo + i] = glev[gi, i]
     return gi
 
 
@@ -991,32 +1003,27 @@ def _sort_index(x, xo, n, idx):
         idx[p] = j
 
 
-@nb.njit(**JIT)
-def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo):
-    """iq1_find_best_neighbour2: the listed point with the least sum w*(scale*xx[l] - x)^2.
+@nb.njit(inline="always", **JIT)
+def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo, glev, lvt, d2):
+    """iq1_find_best_neighbour2: the listed point with the least sum w*(scale*xx[l] - x)^2 (terms
+    per coordinate and level shared by the list's points, as in _grid_neighbour).
     -1 where ggml would fall back to a scan of the whole grid (only for non-finite inputs; that
     scan reads past its block, so it is not reproduced)."""
-    n = np.int64(nbrs[off])
-    best = _FLT_MAX
-    gi = -1
-    for j in range(1, n + 1):
-        idx = np.int64(nbrs[off + j])
-        d2 = _F0
+    nl = NLEVELS_IQ2
+    for lv in range(nl):
+        sq = scale * xx[lv]
         for i in range(8):
-            q = xx[(grid[idx, i] - 1) // 2]
-            diff = scale * q - x[xo + i]
-            d2 += weight[wo + i] * diff * diff
-        if d2 < best:
-            best = d2
-            gi = idx
+            diff = sq - x[xo + i]
+            d2[i * nl + lv] = weight[wo + i] * diff * diff
+    gi = _list_argmin(nbrs, off, 8, d2, glev, lvt)
     if gi >= 0:
         for i in range(8):
-            L[Lo + i] = (grid[gi, i] - 1) // 2
+            L[Lo + i] = glev[gi, i]
     return gi
 
 
 @nb.njit(**JIT)
-def _iq1_s_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, L, idx, sumx, sumw, index, scales, shifts):
+def _iq1_s_block(x, xo, qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, L, idx, sumx, sumw, index, scales, shifts, cand):
     """quantize_row_iq1_s_impl, one super-block: 8 x 32 values; per 32 the exhaustive search
     over the two boundaries splitting the sorted values into levels -1/0/+1 (shifted by +-delta),
     then the 4 groups of 8 snapped to the grid. d stored times 1.125. The imatrix is required."""
@@ -1048,29 +1055,45 @@ def _iq1_s_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, L, idx, sumx, sum
         besti1 = -1
         besti2 = -1
         best_shift = 0
+        # The candidates of one i1 (all i2 >= i1) are computed together (elementwise, the C's
+        # expressions), then scanned in the C's order (i2 ascending, +delta before -delta) with
+        # its acceptance test: the same result, with the arithmetic vectorized.
+        xp0, xp1, xp2 = _XP[0], _XP[1], _XP[2]
+        xm0, xm1, xm2 = _XM[0], _XM[1], _XM[2]
         for i1 in range(bs + 1):
-            for i2 in range(i1, bs + 1):
-                a = sumx[i1] - sumx[0]
+            a = sumx[i1] - sumx[0]
+            wa = sumw[i1] - sumw[0]
+            ap = a * xp0
+            am = a * xm0
+            wap = wa * xp0 * xp0
+            wam = wa * xm0 * xm0
+            m = bs + 1 - i1
+            for j in range(m):
+                i2 = i1 + j
                 b = sumx[i2] - sumx[i1]
                 c = sumx[bs] - sumx[i2]
-                wa = sumw[i1] - sumw[0]
                 wb = sumw[i2] - sumw[i1]
                 wc = sumw[bs] - sumw[i2]
-                sumqx = a * _XP[0] + b * _XP[1] + c * _XP[2]
-                sumq2 = wa * _XP[0] * _XP[0] + wb * _XP[1] * _XP[1] + wc * _XP[2] * _XP[2]
+                cand[j] = ap + b * xp1 + c * xp2
+                cand[33 + j] = wap + wb * xp1 * xp1 + wc * xp2 * xp2
+                cand[66 + j] = am + b * xm1 + c * xm2
+                cand[99 + j] = wam + wb * xm1 * xm1 + wc * xm2 * xm2
+            for j in range(m):
+                sumqx = cand[j]
+                sumq2 = cand[33 + j]
                 if sumq2 > _F0 and sumqx * sumqx > best_score * sumq2:
                     scale = sumqx / sumq2
                     best_score = scale * sumqx
                     besti1 = i1
-                    besti2 = i2
+                    besti2 = i1 + j
                     best_shift = 1
-                sumqx = a * _XM[0] + b * _XM[1] + c * _XM[2]
-                sumq2 = wa * _XM[0] * _XM[0] + wb * _XM[1] * _XM[1] + wc * _XM[2] * _XM[2]
+                sumqx = cand[66 + j]
+                sumq2 = cand[99 + j]
                 if sumq2 > _F0 and sumqx * sumqx > best_score * sumq2:
                     scale = sumqx / sumq2
                     best_score = scale * sumqx
                     besti1 = i1
-                    besti2 = i2
+                    besti2 = i1 + j
                     best_shift = -1
         if besti1 < 0 or besti2 < 0 or best_shift == 0:
             scales[ib] = _F0
@@ -1089,7 +1112,7 @@ def _iq1_s_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, L, idx, sumx, sum
             gi = kmap[_code(L, 8 * k, 8, 2)]
             if gi < 0:
                 all_on_grid = False
-                gi = _iq1_neighbour2(nbrs, -gi - 1, grid, x, xb + 8 * k, weight, 8 * k, scale, xx, L, 8 * k)
+                gi = _iq1_neighbour2(nbrs, -gi - 1, grid, x, xb + 8 * k, weight, 8 * k, scale, xx, L, 8 * k, glev, lvt, d2)
                 if gi < 0:
                     return False
             index[k] = gi
@@ -1127,7 +1150,7 @@ def _iq1_s_block(x, xo, qw, out, oo, grid, kmap, nbrs, weight, L, idx, sumx, sum
 
 
 @nb.njit(**JIT)
-def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, L, idx, px, pw, index, scales, shifts):
+def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, L, idx, px, pw, index, scales, shifts, cand):
     """quantize_row_iq1_m_impl, one super-block: 16 x 16 values; the IQ1_S search with each half
     (8 values) free to take the +delta or -delta level set (4 combinations, via prefix sums per
     half), 3-bit scales, and a refitted fp16 d spread over the scale words' top nibbles."""
@@ -1142,8 +1165,6 @@ def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, L, idx, p
     cp2 = _XP[1] * _XP[1] - _XP[2] * _XP[2]
     cm1 = _XM[0] * _XM[0] - _XM[1] * _XM[1]
     cm2 = _XM[1] * _XM[1] - _XM[2] * _XM[2]
-    sumqx4 = np.empty(4, np.float32)
-    sumq24 = np.empty(4, np.float32)
     for ib in range(QK_K // bs):
         xb = xo + bs * ib
         _imatrix_weights(x, xb, qw, use_qw, sigma2, bs, weight, weight[:0], False)
@@ -1174,8 +1195,11 @@ def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, L, idx, p
         besti1 = -1
         besti2 = -1
         best_k = -1
+        # as in _iq1_s_block: the candidates of one i1 computed together, then scanned in order
         for i1 in range(bs + 1):
-            for i2 in range(i1, bs + 1):
+            m = bs + 1 - i1
+            for j in range(m):
+                i2 = i1 + j
                 sx0 = px[0, i1] + px[0, i2]
                 sx1 = px[1, i1] + px[1, i2]
                 qxp0 = tx0 * p2 - sx0
@@ -1186,20 +1210,23 @@ def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, L, idx, p
                 q2m0 = tw0 * m2 * m2 + pw[0, i1] * cm1 + pw[0, i2] * cm2
                 q2p1 = tw1 * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
                 q2m1 = tw1 * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
-                sumqx4[0] = qxp0 + qxp1
-                sumqx4[1] = qxp0 + qxm1
-                sumqx4[2] = qxm0 + qxp1
-                sumqx4[3] = qxm0 + qxm1
-                sumq24[0] = q2p0 + q2p1
-                sumq24[1] = q2p0 + q2m1
-                sumq24[2] = q2m0 + q2p1
-                sumq24[3] = q2m0 + q2m1
+                cand[j] = qxp0 + qxp1
+                cand[17 + j] = qxp0 + qxm1
+                cand[34 + j] = qxm0 + qxp1
+                cand[51 + j] = qxm0 + qxm1
+                cand[68 + j] = q2p0 + q2p1
+                cand[85 + j] = q2p0 + q2m1
+                cand[102 + j] = q2m0 + q2p1
+                cand[119 + j] = q2m0 + q2m1
+            for j in range(m):
                 for k in range(4):
-                    if sumq24[k] > _F0 and sumqx4[k] * sumqx4[k] > best_score * sumq24[k]:
-                        scale = sumqx4[k] / sumq24[k]
-                        best_score = scale * sumqx4[k]
+                    sqx = cand[17 * k + j]
+                    sq2 = cand[68 + 17 * k + j]
+                    if sq2 > _F0 and sqx * sqx > best_score * sq2:
+                        scale = sqx / sq2
+                        best_score = scale * sqx
                         besti1 = i1
-                        besti2 = i2
+                        besti2 = i1 + j
                         best_k = k
         if besti1 < 0 or besti2 < 0 or best_k < 0:
             scales[ib] = _F0
@@ -1221,7 +1248,7 @@ def _iq1_m_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, weight, L, idx, p
             gi = kmap[_code(L, 8 * k, 8, 2)]
             if gi < 0:
                 all_on_grid = False
-                gi = _iq1_neighbour2(nbrs, -gi - 1, grid, x, xb + 8 * k, weight, 8 * k, scale, xx, L, 8 * k)
+                gi = _iq1_neighbour2(nbrs, -gi - 1, grid, x, xb + 8 * k, weight, 8 * k, scale, xx, L, 8 * k, glev, lvt, d2)
                 if gi < 0:
                     return False
             index[k] = gi
@@ -1328,7 +1355,8 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, gle
         pw = np.zeros((2, 17), np.float32)
         index = np.zeros(4, np.int64)
         shifts = np.zeros(16, np.int64)
-        d2 = np.empty(8 * NLEVELS_IQ3 + 4096, np.float32)  # the terms, then the distances of a list
+        d2 = np.empty(8 * NLEVELS_IQ3 + 4096, np.float32)
+        cand = np.empty(8 * 17 if 8 * 17 > 4 * 33 else 4 * 33, np.float32)  # IQ1_M: 8 x 17, IQ1_S: 4 x 33  # the terms, then the distances of a list
         xr = x[r]
         orow = out[r]
         good = True
@@ -1351,11 +1379,11 @@ def _quantize_iq(x, qw, use_qw, out, type_id, block_bytes, grid, kmap, nbrs, gle
                 good = _iq3_s_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
                                     on_grid, on_grid_aux, scales, signs)
             elif type_id == IQ1_S_ID:
-                good = _iq1_s_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, weight, L, idx, sumx, sumw, index,
-                                    scales, shifts)
+                good = _iq1_s_block(xr, xo, qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, L, idx, sumx, sumw, index,
+                                    scales, shifts, cand)
             else:
-                good = _iq1_m_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, weight, L, idx, px, pw,
-                                    index, scales, shifts)
+                good = _iq1_m_block(xr, xo, qw, use_qw, orow, oo, grid, kmap, nbrs, glev, lvt, d2, weight, L, idx, px, pw,
+                                    index, scales, shifts, cand)
             if not good:
                 ok[r] = False
                 break
