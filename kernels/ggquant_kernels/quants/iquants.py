@@ -664,6 +664,33 @@ def _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, glev,
     return scale
 
 
+@nb.njit(**JIT)
+def _subblock(x, xb, qw, use_qw, sigma2, n, g, bits, kmax, step, is_lo, is_hi, init_on_grid, redo_all, even,
+              iq2s_default, eps, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux, on_grid, on_grid_aux,
+              signs):
+    """One sub-block of quantize_row_iq2_xs / iq2_s / iq3_xxs / iq3_s_impl (the four share it): the
+    weights, |x| and the sign bytes, the scale trials, the re-snap of the groups off the grid, and
+    the sign flip of a negative scale. Returns (scale, status): status 0 for a sub-block the C
+    skips (max < eps; `!max` when eps is 0), 2 where ggml aborts (NaN scale), 1 otherwise."""
+    _imatrix_weights(x, xb, qw, use_qw, sigma2, n, weight, waux, iq2s_default)
+    _abs_signs(x, xb, weight, xval, n // 8, even, signs)
+    vmax = _max_of(xval, n)
+    for i in range(n):
+        L[i] = 0
+    if (vmax == _F0) if eps == _F0 else (vmax < eps):
+        return _F0, 0
+    scale = _grid_search(xval, weight, waux, n, g, bits, kmax, vmax, step, is_lo, is_hi, grid, kmap, nbrs, glev, lvt,
+                         d2, L, Laux, on_grid, on_grid_aux, init_on_grid, vmax / F32(2 * kmax - 1))
+    scale = _regrid(xval, weight, waux, n, g, bits, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, redo_all)
+    if scale != scale:
+        return scale, 2
+    if scale < _F0:
+        scale = -scale
+        for k in range(n // 8):
+            signs[k] = ((~signs[k]) & 127) if even else ~signs[k]
+    return scale, 1
+
+
 @nb.njit(inline="always", **JIT)
 def _code(L, Lo, g, bits):
     u = 0
@@ -780,24 +807,14 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, w
     max_scale = _F0
     sigma2 = _sumx2(x, xo) / _F_QK_K
     for ib in range(QK_K // 16):
-        xb = xo + 16 * ib
-        _imatrix_weights(x, xb, qw, True, sigma2, 16, weight, waux, False)
-        _abs_signs(x, xb, weight, xval, 2, True, signs)
-        vmax = _max_of(xval, 16)
-        for i in range(16):
-            L[i] = 0
-        if vmax < _GROUP_MAX_EPS:
+        scale, status = _subblock(x, xo + 16 * ib, qw, True, sigma2, 16, 8, 2, kmax, F32(0.1), -9, 9, True, False, True,
+                                  False, _GROUP_MAX_EPS, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
+                                  on_grid, on_grid_aux, signs)
+        if status == 0:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
-                             L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
-        if scale != scale:
+        if status == 2:
             return False
-        if scale < _F0:
-            scale = -scale
-            for k in range(2):
-                signs[k] = (~signs[k]) & 127
         for k in range(2):
             gi = kmap[_code(L, 8 * k, 8, 2)]
             if gi < 0:
@@ -834,24 +851,14 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, we
     max_scale = _F0
     sigma2 = F32(2) * _sumx2(x, xo) / _F_QK_K
     for ib in range(QK_K // 16):
-        xb = xo + 16 * ib
-        _imatrix_weights(x, xb, qw, use_qw, sigma2, 16, weight, waux, True)
-        _abs_signs(x, xb, weight, xval, 2, False, signs)
-        vmax = _max_of(xval, 16)
-        for i in range(16):
-            L[i] = 0
-        if vmax < _EPS_IQ2_S:
+        scale, status = _subblock(x, xo + 16 * ib, qw, use_qw, sigma2, 16, 8, 2, kmax, F32(0.1), -9, 9, True, False,
+                                  False, True, _EPS_IQ2_S, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
+                                  on_grid, on_grid_aux, signs)
+        if status == 0:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 16, 8, 2, kmax, vmax, F32(0.1), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
-                             L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 16, 8, 2, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
-        if scale != scale:
+        if status == 2:
             return False
-        if scale < _F0:
-            scale = -scale
-            for k in range(2):
-                signs[k] = ~signs[k]
         for k in range(2):
             gi = kmap[_code(L, 8 * k, 8, 2)]
             if gi < 0:
@@ -888,24 +895,14 @@ def _iq3_xxs_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, 
     max_scale = _F0
     sigma2 = F32(2) * _sumx2(x, xo) / _F_QK_K
     for ib in range(QK_K // 32):
-        xb = xo + 32 * ib
-        _imatrix_weights(x, xb, qw, use_qw, sigma2, 32, weight, waux, False)
-        _abs_signs(x, xb, weight, xval, 4, True, signs)
-        vmax = _max_of(xval, 32)
-        for i in range(32):
-            L[i] = 0
-        if vmax < _EPS_IQ3_XXS:
+        scale, status = _subblock(x, xo + 32 * ib, qw, use_qw, sigma2, 32, 4, 3, kmax, F32(0.2), -15, 15, True, False,
+                                  True, False, _EPS_IQ3_XXS, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
+                                  on_grid, on_grid_aux, signs)
+        if status == 0:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -15, 15, grid, kmap, nbrs, glev, lvt, d2,
-                             L, Laux, on_grid, on_grid_aux, True, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, False)
-        if scale != scale:
+        if status == 2:
             return False
-        if scale < _F0:
-            scale = -scale
-            for k in range(4):
-                signs[k] = (~signs[k]) & 127
         for k in range(8):
             gi = kmap[_code(L, 4 * k, 4, 3)]
             if gi < 0:
@@ -948,24 +945,15 @@ def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, we
     max_scale = _F0
     sigma2 = F32(2) * _sumx2(x, xo) / _F_QK_K
     for ib in range(QK_K // 32):
-        xb = xo + 32 * ib
-        _imatrix_weights(x, xb, qw, use_qw, sigma2, 32, weight, waux, False)
-        _abs_signs(x, xb, weight, xval, 4, False, signs)
-        vmax = _max_of(xval, 32)
-        for i in range(32):
-            L[i] = 0
-        if vmax == _F0:  # C: if (!max)
+        # eps 0: the C's `if (!max)`; its trials start off the grid and re-snap every group
+        scale, status = _subblock(x, xo + 32 * ib, qw, use_qw, sigma2, 32, 4, 3, kmax, F32(0.2), -9, 9, False, True,
+                                  False, False, _F0, grid, kmap, nbrs, glev, lvt, d2, weight, waux, xval, L, Laux,
+                                  on_grid, on_grid_aux, signs)
+        if status == 0:
             scales[ib] = _F0
             continue
-        scale = _grid_search(xval, weight, waux, 32, 4, 3, kmax, vmax, F32(0.2), -9, 9, grid, kmap, nbrs, glev, lvt, d2,
-                             L, Laux, on_grid, on_grid_aux, False, vmax / F32(2 * kmax - 1))
-        scale = _regrid(xval, weight, waux, 32, 4, 3, kmax, scale, grid, kmap, nbrs, glev, lvt, d2, L, on_grid, True)
-        if scale != scale:
+        if status == 2:
             return False
-        if scale < _F0:
-            scale = -scale
-            for k in range(4):
-                signs[k] = ~signs[k]
         for k in range(8):
             gi = kmap[_code(L, 4 * k, 4, 3)]
             if gi < 0:
