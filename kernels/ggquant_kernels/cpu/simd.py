@@ -353,71 +353,26 @@ def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
     return sig, codegen
 
 
-@intrinsic
-def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
-    """A Q6_K row (unsigned 6-bit quants, uint8) times a Q8_K row, in the order of
-    ggml_vec_dot_q6_K_q8_K on AVX2: per super-block, 8 int32 lanes (lane m = scale times the
-    products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per 32-chunk) minus
-    corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1] sc[2m+1]), converted to float and
-    fused-multiply-added by d = d_x * d_w into 8 float lanes; hsum_float_8 at the end."""
-    if not (_is_int8_array(q) and _is_int8_array(x)):
-        return None
-    u = types.unliteral
-    sig = types.float32(q, u(iq), x, u(ix), sv, u(isv), corr, u(ic), dsc, u(ids), u(nsb))
-
-    def codegen(context, builder, signature, args):
-        st = signature.args
-        pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
-        px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
-        i16 = ir.IntType(16)
-        ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
-        pc = _elem_ptr(context, builder, st[6], args[6], args[7], _I32, st[7])
-        pd = _elem_ptr(context, builder, st[8], args[8], args[9], _F32, st[9])
-        n = context.cast(builder, args[10], st[10], types.intp)
-        intp = n.type
-        i16 = ir.IntType(16)
-        v8 = ir.VectorType(_I32, 8)
-        v8f = ir.VectorType(_F32, 8)
-        fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
-        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
-        with cgutils.for_range(builder, n) as loop:
-            s = loop.index
-            base = builder.mul(s, ir.Constant(intp, QK_K))
-            lanes = ir.Constant(v8, [0] * 8)
-            for c in range(QK_K // 32):
-                off = builder.add(base, ir.Constant(intp, 32 * c))
-                sv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
-                                                                      ir.Constant(intp, 16 * c))]), i16, 16)
-                lanes = builder.add(lanes, _kq_chunk_lanes(builder, pq, px, off, sv))
-            cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
-            lanes = builder.sub(lanes, cv)
-            d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
-            builder.store(builder.call(fma8, [d, builder.sitofp(lanes, v8f), builder.load(acc)]), acc)
-        return _hsum_movehl(builder, builder.load(acc))
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_lanes_s(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
-    """A row of signed int8 quants (int8 q) times a Q8_K row in the order of ggml's AVX2 i-quant
-    vec_dots (ggml_vec_dot_iq2_xxs_q8_K ... iq1_m, arch/x86/quants.c): per super-block, 8 int32
+def _make_dot_lanes(signed: bool, has_corr: bool):
+    """The super-block lane dot of ggml's AVX2 k- and i-quant vec_dots: per super-block, 8 int32
     lanes (lane m = the scaled products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per
-    chunk, one per byte pair), converted to float and fused-multiply-added by d = dsc[s] into 8 float
-    lanes; hsum_float_8 at the end. The integers are exact, whichever instructions form them."""
-    if not (_is_int8_array(q) and _is_int8_array(x)):
-        return None
-    u = types.unliteral
-    sig = types.float32(q, u(iq), x, u(ix), sv, u(isv), dsc, u(ids), u(nsb))
+    chunk, one per byte pair), minus corr[8 s + m] (has_corr), converted to float and fused-multiply-
+    added by d = dsc[s] into 8 float lanes; hsum_float_8 at the end. Unsigned quants (0..63) go
+    through vpmaddubsw as they are, signed ones (int8) through ggml's sign trick (mul_add_epi8); the
+    integers are exact either way."""
 
-    def codegen(context, builder, signature, args):
+    def codegen_dot(context, builder, signature, args):
         st = signature.args
         i16 = ir.IntType(16)
         pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
         px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
         ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
-        pd = _elem_ptr(context, builder, st[6], args[6], args[7], _F32, st[7])
-        n = context.cast(builder, args[8], st[8], types.intp)
+        k = 6
+        if has_corr:
+            pc = _elem_ptr(context, builder, st[6], args[6], args[7], _I32, st[7])
+            k = 8
+        pd = _elem_ptr(context, builder, st[k], args[k], args[k + 1], _F32, st[k + 1])
+        n = context.cast(builder, args[k + 2], st[k + 2], types.intp)
         intp = n.type
         v32 = ir.VectorType(_I8, 32)
         v8 = ir.VectorType(_I32, 8)
@@ -432,7 +387,7 @@ def dot_lanes_s(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
                 off = builder.add(base, ir.Constant(intp, 32 * c))
                 scv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
                                                                        ir.Constant(intp, 16 * c))]), i16, 16)
-                if HAS_AVX2:  # |q| times x with q's sign (mul_add_epi8), then the scales (vpmaddwd)
+                if signed and HAS_AVX2:  # |q| times x with q's sign (mul_add_epi8), then the scales
                     qv = _load_vec(builder, builder.gep(pq, [off]), _I8, 32)
                     xv = _load_vec(builder, builder.gep(px, [off]), _I8, 32)
                     aq = _x86(builder, "llvm.x86.avx2.psign.b", v32, [qv, qv])
@@ -440,13 +395,37 @@ def dot_lanes_s(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
                     p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [aq, sx])
                     cl = _x86(builder, "llvm.x86.avx2.pmadd.wd", v8, [p16, scv])
                 else:
-                    cl = _kq_chunk_lanes(builder, pq, px, off, scv, True)
+                    cl = _kq_chunk_lanes(builder, pq, px, off, scv, signed)
                 lanes = builder.add(lanes, cl)
+            if has_corr:
+                cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
+                lanes = builder.sub(lanes, cv)
             d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
             builder.store(builder.call(fma8, [d, builder.sitofp(lanes, v8f), builder.load(acc)]), acc)
         return _hsum_movehl(builder, builder.load(acc))
 
-    return sig, codegen
+    if has_corr:
+        @intrinsic
+        def dot(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
+            if not (_is_int8_array(q) and _is_int8_array(x)):
+                return None
+            u = types.unliteral
+            return types.float32(q, u(iq), x, u(ix), sv, u(isv), corr, u(ic), dsc, u(ids), u(nsb)), codegen_dot
+    else:
+        @intrinsic
+        def dot(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
+            if not (_is_int8_array(q) and _is_int8_array(x)):
+                return None
+            u = types.unliteral
+            return types.float32(q, u(iq), x, u(ix), sv, u(isv), dsc, u(ids), u(nsb)), codegen_dot
+    return dot
+
+
+# ggml_vec_dot_q6_K_q8_K (unsigned 6-bit quants, corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1]
+# sc[2m+1])) and the TQ1_0 / TQ2_0 vec_dots (codes 0..2, unit scales, corr = bsum[2m] + bsum[2m+1])
+dot_q6k_lanes = _make_dot_lanes(signed=False, has_corr=True)
+# the i-quant vec_dots (ggml_vec_dot_iq2_xxs_q8_K ... iq1_m, iq4_xs): signed grid / table values
+dot_lanes_s = _make_dot_lanes(signed=True, has_corr=False)
 
 
 def _block_lanes(builder, pq, px, off):
