@@ -706,6 +706,16 @@ def _scale_nibble(id_, s, lmax):
     return max(0, min(lmax, l))
 
 
+@nb.njit(**JIT)
+def _put_nibbles(out, pos, id_, scales, n):
+    """The n sub-block scales as 4-bit codes _scale_nibble(id, scale, 15), two per byte (even
+    sub-block in the low nibble) from out[pos] on (IQ2_XS, IQ2_S, IQ3_S)."""
+    for ib in range(0, n, 2):
+        l1 = _scale_nibble(id_, scales[ib], 15)
+        l2 = _scale_nibble(id_, scales[ib + 1], 15)
+        out[pos + ib // 2] = np.uint8(l1 | (l2 << 4))
+
+
 @nb.njit(inline="always", **JIT)
 def _put_u32(out, pos, v):
     for k in range(4):
@@ -829,12 +839,7 @@ def _iq2_xs_block(x, xo, qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, weight, w
     d = max_scale / F32(31)
     put_u16(out, oo, fp32_to_fp16(d))
     id_ = _F1 / d
-    for ib in range(QK_K // 16):
-        l = _scale_nibble(id_, scales[ib], 15)
-        if ib % 2 == 0:
-            out[oo + IQ2XS_SCALES + ib // 2] = np.uint8(l)
-        else:
-            out[oo + IQ2XS_SCALES + ib // 2] |= np.uint8(l << 4)
+    _put_nibbles(out, oo + IQ2XS_SCALES, id_, scales, QK_K // 16)
     for i in range(2 * (QK_K // 16)):
         put_u16(out, oo + 2 + 2 * i, q2[i])
     return True
@@ -874,12 +879,7 @@ def _iq2_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, we
     d = max_scale / F32(31)
     put_u16(out, oo, fp32_to_fp16(d * _FUDGE_IQ2_S))
     id_ = _F1 / d
-    for ib in range(QK_K // 16):
-        l = _scale_nibble(id_, scales[ib], 15)
-        if ib % 2 == 0:
-            out[oo + IQ2S_SCALES + ib // 2] = np.uint8(l)
-        else:
-            out[oo + IQ2S_SCALES + ib // 2] |= np.uint8(l << 4)
+    _put_nibbles(out, oo + IQ2S_SCALES, id_, scales, QK_K // 16)
     return True
 
 
@@ -971,10 +971,7 @@ def _iq3_s_block(x, xo, qw, use_qw, out, oo, grid, kmap, nbrs, glev, lvt, d2, we
     d = max_scale / F32(31)
     put_u16(out, oo, fp32_to_fp16(d * _FUDGE_IQ3_S))
     id_ = _F1 / d
-    for ib in range(0, QK_K // 32, 2):
-        l1 = _scale_nibble(id_, scales[ib], 15)
-        l2 = _scale_nibble(id_, scales[ib + 1], 15)
-        out[oo + IQ3S_SCALES + ib // 2] = np.uint8(l1 | (l2 << 4))
+    _put_nibbles(out, oo + IQ3S_SCALES, id_, scales, QK_K // 32)
     return True
 
 
