@@ -208,7 +208,7 @@ sys.path.insert(0, sys.argv[1])
 tool, src, out, outtype = sys.argv[2:6]
 t = time.perf_counter()
 if tool == "llama.cpp":
-    from tests.reference import run_reference_converter
+    from tests.oracles.llama_converter import run_reference_converter
     run_reference_converter(src, out, outtype, timeout=3600)
 else:
     subprocess.run([sys.executable, "-m", "ggquant", "convert", src, "--outtype", outtype, "--outfile", out,

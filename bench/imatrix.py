@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ggquant.imatrix.collect import collect_imatrix  # noqa: E402
 from ggquant.convert.gguf_to_gguf import quantize_gguf  # noqa: E402
-from tests import real_text  # noqa: E402
-from tests.imatrix import llama_imatrix  # noqa: E402
-from tests.imatrix.test_collect import chunks_like_llama_imatrix  # noqa: E402
-from tests.real_models import gemma3_270m_gguf  # noqa: E402
+from tests.oracles import real_text  # noqa: E402
+from tests.oracles import llama_imatrix  # noqa: E402
+from tests.oracles.llama_imatrix import chunks_like_llama_imatrix  # noqa: E402
+from tests.oracles.real_models import gemma3_270m_gguf  # noqa: E402
 
 
 def main():

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.imatrix.quality import measure  # noqa: E402
+from tests.oracles.imatrix_quality import measure  # noqa: E402
 
 
 def main():

@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggquant.quant import types as qtypes  # noqa: E402
-from tests import ggml_oracle  # noqa: E402
+from tests.oracles import ggml as ggml_oracle  # noqa: E402
 
 # every type ggquant quantizes, but F32 (a copy)
 DEFAULT_TYPES = ",".join(t.name for t, e in qtypes.REGISTRY.items() if e.quantize_fn is not None and t != T.F32)

@@ -81,7 +81,7 @@ def main():
     numba.set_num_threads(a.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     if a.model is None:
-        from tests.real_models import gemma3_270m_gguf
+        from tests.oracles.real_models import gemma3_270m_gguf
 
         a.model = gemma3_270m_gguf()
     from ggquant.formats.gguf import GGUFReader

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -482,7 +481,6 @@ def load(path: Path, device: str):
     if device == "cuda":
         return load_model(path, device="cuda")
     # torch backend on CPU tensors (how CI checks it), built like tests/runtime/test_cuda.py
-    import ggquant.runtime.gemma4  # noqa: F401
     from ggquant.formats.gguf import GGUFReader
     from ggquant.runtime.cuda import CUDABackend
 

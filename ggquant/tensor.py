@@ -141,6 +141,9 @@ class Tensor:
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one ggml row of a Blocks tensor (as stored; gguf's table for a tensor with no rows)."""
+        if self.n_rows:
+            return self.nbytes // self.n_rows
         block, size = GGML_QUANT_SIZES[self.qtype]
         return self.shape[-1] // block * size
 
@@ -200,10 +203,10 @@ class MappedRegion:
         count = (stop - start) * t.outer_bytes // self.storage.itemsize
         arr = np.frombuffer(self.owner.buffer(), dtype=self.storage, count=count,
                             offset=self.offset + start * t.outer_bytes)
+        if isinstance(t.encoding, Blocks):
+            return arr.reshape(stop - start, t.outer_bytes)  # bytes of each outer row (raw() regroups by ggml row)
         if not t.shape:
             return arr.reshape(())
-        if isinstance(t.encoding, Blocks):
-            return arr.reshape(stop - start, -1)  # bytes of each outer row (raw() regroups them by ggml row)
         return arr.reshape((stop - start,) + t.shape[1:])
 
     def release(self, t: Tensor, start: int, stop: int) -> None:

@@ -54,7 +54,7 @@ def reference_gguf():
 
     Raises the converter's error (with its stderr) when that conversion failed.
     """
-    from tests.reference import cached_reference_ggufs
+    from tests.oracles.llama_converter import cached_reference_ggufs
 
     results: dict[tuple[str, str, bool], Path | Exception] = {}
 

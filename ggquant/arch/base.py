@@ -1,12 +1,18 @@
 """The architecture layer: HF names -> GGUF names, hparams -> GGUF keys, and per-tensor rules.
 
-One module per model family subclasses `Arch`. A subclass is mostly data:
+One module per model family subclasses `Arch`, the generic text model (llama.cpp's TextModel),
+and registers itself (ggquant/arch/__init__.py). A subclass is mostly data:
 
+- `model_arch`: the GGUF architecture, a gguf.MODEL_ARCH;
 - `TEXT_TENSORS` / `MMPROJ_TENSORS`: declarative `{bid}` name tables (`Rule`), one entry per HF
-  tensor with a comment saying what it is, like gguf-py's tensor_mapping.py;
-- a few hooks: `transform` (norm shifts, reshapes, softplus), `force_type` (tensors llama.cpp
-  stores in a fixed type), `extra_tensors` (generated tensors such as `rope_freqs`), `validate`,
-  and `text_metadata` / `mmproj_metadata` / `vocab` that fill an ordered `KV`.
+  tensor with a comment saying what it is, like gguf-py's tensor_mapping.py; the GGUF side is a
+  gguf.MODEL_TENSOR;
+- a few hooks: `transform` (norm shifts, reshapes, softplus: arch/transforms.py), `force_type`
+  (tensors llama.cpp stores in a fixed type), `extra_tensors` (generated tensors such as
+  `rope_freqs`), `validate_hparams`, `expected_layer_shapes`, and `text_metadata` /
+  `mmproj_metadata` / `vocab` that fill an ordered `KV`;
+- for the way back (GGUF -> HF, and the runtime): a `TextHparams` subclass that decodes the
+  GGUF keys as llama.cpp reads them, and `hf_config`.
 
 The rules that decide a tensor's GGUF type for the converter's own outtypes (f32, f16, bf16,
 q8_0) follow llama.cpp conversion/base.py ModelBase.prepare_tensors, in this order:
@@ -20,23 +26,26 @@ Readers do not know GGUF names and writers do not know HF names: only this layer
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
 
+from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, Transform
 from ggquant.errors import GGQuantError
-from ggquant.formats.safetensors import FLOAT_DTYPES, Checkpoint
-from ggquant.tensor import SourceQuant, Tensor, shape_only
+from ggquant.formats.gguf import KV
+from ggquant.formats.hf_folder import hf_architecture, read_json
+from ggquant.formats.safetensors import Checkpoint
+from ggquant.tensor import Tensor, shape_only
 
 T = GGMLQuantizationType
 TEXT, MMPROJ = "text", "mmproj"
+# transformers' layer types (config layer_types) and the keys of nested rope_parameters
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 # --outtype -> (GGUF type for quantizable tensors, LlamaFileType value written as general.file_type)
 # (gguf LlamaFileType: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32)
@@ -49,125 +58,121 @@ CONVERTER_OUTTYPES: dict[str, tuple[GGMLQuantizationType, int]] = {
 
 
 # =============================================================================================
-# Ordered metadata with gguf-py's duplicate semantics
-# =============================================================================================
-
-
-class KV:
-    """Ordered GGUF key/values. Setting an existing key keeps its position and replaces the value
-    and type: what gguf-py GGUFWriter.add_key_value does (llama.cpp's converter writes several
-    keys twice, e.g. Gemma 3's context_length, and the file keeps the first position)."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
-
-    def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
-        self.items[key] = (vtype, value, item_type)
-
-    def remove(self, key: str) -> None:
-        self.items.pop(key, None)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.items[key][1] if key in self.items else default
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.items
-
-    # typed helpers, named after gguf-py's add_* methods they mirror
-    def u32(self, key: str, value: int) -> None:
-        self.set(key, int(value), GGUFValueType.UINT32)
-
-    def i32(self, key: str, value: int) -> None:
-        self.set(key, int(value), GGUFValueType.INT32)
-
-    def f32(self, key: str, value: float) -> None:
-        self.set(key, float(value), GGUFValueType.FLOAT32)
-
-    def bool(self, key: str, value: bool) -> None:
-        self.set(key, bool(value), GGUFValueType.BOOL)
-
-    def string(self, key: str, value: str) -> None:
-        if value:  # gguf-py add_string drops empty strings
-            self.set(key, value, GGUFValueType.STRING)
-
-    def array(self, key: str, values: list, what: str = "") -> None:
-        """An array whose item type follows gguf-py GGUFValueType.get_type of the first item."""
-        if len(values) == 0:  # gguf-py add_array drops empty arrays
-            return
-        item = python_value_type(values[0], what or key)
-        for v in values:
-            if python_value_type(v, what or key) != item:
-                raise GGQuantError(f"{what or key}: all items of a GGUF array must have the same type, got {values!r}")
-        self.set(key, list(values), GGUFValueType.ARRAY, item)
-
-    def write_to(self, writer: Any) -> None:
-        for key, (vtype, value, item) in self.items.items():
-            writer.add_field(key, value, vtype, item)
-
-
-def python_value_type(v: Any, what: str) -> GGUFValueType:
-    """gguf-py GGUFValueType.get_type: str -> STRING, float -> FLOAT32, bool -> BOOL, int -> INT32."""
-    if isinstance(v, (str, bytes, bytearray)):
-        return GGUFValueType.STRING
-    if isinstance(v, float):
-        return GGUFValueType.FLOAT32
-    if isinstance(v, bool):
-        return GGUFValueType.BOOL
-    if isinstance(v, int):
-        return GGUFValueType.INT32
-    raise GGQuantError(f"{what}: cannot store {v!r} ({type(v).__name__}) in GGUF metadata")
-
-
-# =============================================================================================
 # Declarative name tables
 # =============================================================================================
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One HF tensor (base name, `{bid}` = layer) -> its GGUF name.
+    """One HF tensor (base name, `{bid}` = layer) -> its GGUF tensor.
+
+    The GGUF side is a `gguf.MODEL_TENSOR`: its name comes from gguf-py's TENSOR_NAMES
+    (constants.py), so a GGUF name is declared once, and tests/arch/test_tables.py checks that
+    the tensor is one of `gguf.MODEL_TENSORS[arch]` (gguf-py tensor_mapping.py filters its map
+    the same way).
 
     `suffixes`: the endings the HF name may carry; the GGUF name gets the same ending. A rule
-    with suffixes=("",) matches the HF name exactly and `gguf` is the complete GGUF name.
+    with suffixes=("",) matches the HF name exactly; its GGUF name then ends in `gguf_suffix`
+    (a buffer such as Gemma 4's layer_scalar is stored as `<name>.weight`).
     """
 
     hf: str
-    gguf: str
+    tensor: MODEL_TENSOR
     note: str
     suffixes: tuple[str, ...] = (".weight", ".bias")
+    gguf_suffix: str = ""
+    gguf: str = field(init=False, compare=False)  # the GGUF base name, `{bid}` = layer
     regex: re.Pattern = field(init=False, repr=False, compare=False)
+    gguf_regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        pat = "^" + re.escape(self.hf).replace(re.escape("{bid}"), r"(\d+)") + "$"
-        object.__setattr__(self, "regex", re.compile(pat))
+        gguf = TENSOR_NAMES[self.tensor] + self.gguf_suffix
+        object.__setattr__(self, "gguf", gguf)
+        object.__setattr__(self, "regex", _bid_pattern(self.hf))
+        object.__setattr__(self, "gguf_regex", _bid_pattern(gguf))
 
     def match(self, name: str) -> tuple[str, int | None] | None:
-        for suf in self.suffixes:
-            if suf and not name.endswith(suf):
-                continue
-            base = name[: len(name) - len(suf)] if suf else name
-            m = self.regex.match(base)
-            if m:
-                bid = int(m.group(1)) if m.groups() else None
-                return self.gguf.format(bid=bid) + suf, bid
-        return None
-
+        """HF name -> (GGUF name + the same ending, layer)."""
+        return _match(self.regex, self.gguf, self.suffixes, name)
 
     def unmatch(self, gguf_name: str) -> tuple[str, int | None] | None:
         """The inverse of match(): GGUF name -> (HF base name + the same ending, layer)."""
-        pat = getattr(self, "_gguf_regex", None)
-        if pat is None:
-            pat = re.compile("^" + re.escape(self.gguf).replace(re.escape("{bid}"), r"(\d+)") + "$")
-            object.__setattr__(self, "_gguf_regex", pat)
-        for suf in self.suffixes:
-            if suf and not gguf_name.endswith(suf):
-                continue
-            base = gguf_name[: len(gguf_name) - len(suf)] if suf else gguf_name
-            m = pat.match(base)
-            if m:
-                bid = int(m.group(1)) if m.groups() else None
-                return self.hf.format(bid=bid) + suf, bid
-        return None
+        return _match(self.gguf_regex, self.hf, self.suffixes, gguf_name)
+
+
+def _bid_pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{bid}"), r"(\d+)") + "$")
+
+
+def _match(pattern: re.Pattern, target: str, suffixes: tuple[str, ...], name: str) -> tuple[str, int | None] | None:
+    for suf in suffixes:
+        if suf and not name.endswith(suf):
+            continue
+        base = name[: len(name) - len(suf)] if suf else name
+        m = pattern.match(base)
+        if m:
+            bid = int(m.group(1)) if m.groups() else None
+            return target.format(bid=bid) + suf, bid
+    return None
+
+
+# =============================================================================================
+# RoPE parameters: what transformers' config holds and what llama.cpp's TextModel folds into it
+# =============================================================================================
+
+
+def standard_rope_parameters(h: dict, default_theta: float = 10_000.0) -> dict:
+    """transformers 5 RotaryEmbeddingConfigMixin (convert_rope_params_to_dict, then
+    standardize_rope_params) for a config whose RoPE is not nested by layer type: the legacy
+    `rope_scaling` dict (else `rope_parameters`) with rope_theta, partial_rotary_factor, rope_type
+    and, for llama3/yarn/longrope, original_max_position_embeddings filled in. This is what
+    AutoConfig(...).to_dict() hands llama.cpp's converter; `rope_theta` / `rope_scaling` are gone
+    from the top level afterwards (the caller drops them)."""
+    rs, rp = h.get("rope_scaling"), h.get("rope_parameters")
+    out = dict(rs) if isinstance(rs, dict) and rs else (dict(rp) if isinstance(rp, dict) else {})
+    theta = h.get("rope_theta", default_theta)
+    prf = h.get("partial_rotary_factor")
+    out.setdefault("rope_theta", theta)
+    if prf is not None:
+        out.setdefault("partial_rotary_factor", prf)
+    out.setdefault("rope_type", out.get("type", "default"))
+    if out["rope_type"] in ("llama3", "yarn", "longrope"):
+        if "original_max_position_embeddings" in h:
+            out["original_max_position_embeddings"] = h["original_max_position_embeddings"]
+        elif h.get("max_position_embeddings") is not None:
+            out.setdefault("original_max_position_embeddings", h["max_position_embeddings"])
+    return out
+
+
+def _first(h: dict, keys: tuple[str, ...]) -> Any:
+    """llama.cpp ModelBase.find_hparam(keys, optional=True): the first key present (even if None)."""
+    return next((h[k] for k in keys if k in h), None)
+
+
+def fold_rope_parameters(h: dict) -> dict:
+    """llama.cpp TextModel.__init__: rope_parameters (or rope_scaling), with the global keys of the
+    config mirrored into it when it is not nested by layer type: rope_theta, a local theta as
+    sliding_attention, rope_type from `type`, partial_rotary_factor and
+    original_max_position_embeddings."""
+    rp = h.get("rope_parameters", h.get("rope_scaling")) or {}
+    rp = {k: dict(v) if isinstance(v, dict) else v for k, v in rp.items()}
+    theta = _first(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    local = _first(h, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                       "rope_local_base_freq"))
+    prf = _first(h, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+    omp = _first(h, ("original_max_position_embeddings",))
+    if FULL not in rp and SLIDING not in rp:
+        if local is not None:
+            rp[SLIDING] = {"rope_theta": local}
+        if "rope_theta" not in rp and theta is not None:
+            rp["rope_theta"] = theta
+        if "rope_type" not in rp and rp.get("type") is not None:
+            rp["rope_type"] = rp["type"]
+        if "partial_rotary_factor" not in rp and prf is not None:
+            rp["partial_rotary_factor"] = prf
+        if "original_max_position_embeddings" not in rp and omp is not None:
+            rp["original_max_position_embeddings"] = omp
+    return rp
 
 
 def map_name(rules: tuple[Rule, ...], name: str) -> tuple[str, int | None] | None:
@@ -188,266 +193,24 @@ def unmap_name(rules: tuple[Rule, ...], gguf_name: str) -> tuple[str, int | None
 
 
 # =============================================================================================
-# Per-tensor transforms (applied chunk by chunk along the outermost dimension)
-# =============================================================================================
-
-
-class Transform:
-    """Maps a float32 chunk of source outer rows to the same outer rows of the GGUF tensor."""
-
-    identity = False
-    label = ""
-
-    def shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return src_shape
-
-    def __call__(self, x: np.ndarray, src_dtype: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def inverse(self, hf_shape: tuple[int, ...]) -> Transform:
-        """The transform that maps GGUF outer rows (float32) back to the HF tensor of shape
-        `hf_shape` (`ggquant convert --to hf`); inverse(s).shape(self.shape(s)) == s."""
-        raise NotImplementedError(f"{type(self).__name__} has no inverse")
-
-
-class Identity(Transform):
-    identity = True
-
-    def __call__(self, x, src_dtype):
-        return x
-
-    def inverse(self, hf_shape):
-        return self
-
-
-IDENTITY = Identity()
-
-
-class AddConstant(Transform):
-    """w + c, e.g. Gemma's RMSNorm stores gain-1 (llama.cpp Gemma3Model.norm_shift).
-
-    llama.cpp adds in torch after widening only bf16 to f32 (ModelBase.prepare_tensors keeps
-    f16 and f32 as they are), so an f16 source is added in f16 precision: round to f16 after.
-    """
-
-    def __init__(self, c: float):
-        self.c = np.float32(c)
-        self.label = f"{c:+g}"
-
-    def __call__(self, x, src_dtype):
-        y = x + self.c
-        if src_dtype == "F16":
-            y = y.astype(np.float16).astype(np.float32)
-        return y
-
-    def inverse(self, hf_shape):
-        """y - c in float32. Exact whenever the forward sum was (a bf16 or f16 weight plus 1,
-        |w| >= 2**-16), and in every case adding c again gives y back bit for bit (Sterbenz:
-        y - 1 is exact for y in [0.5, 2], the range of Gemma norm gains), so GGUF -> HF -> GGUF
-        reproduces the GGUF."""
-        return AddConstant(-float(self.c))
-
-
-class Softplus(Transform):
-    """log(1 + exp(x)) exactly as torch.nn.functional.softplus computes it in float32 (llama.cpp
-    Gemma4VisionAudioModel stores softplus(per_dim_scale)); torch is imported only here."""
-
-    label = "softplus"
-
-    def __call__(self, x, src_dtype):
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency; numpy is a close fallback
-            y = np.where(x > 20, x, np.log1p(np.exp(x.astype(np.float64)))).astype(np.float32)
-            return y
-        t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
-        if src_dtype == "F16":
-            t = t.to(torch.float16)
-        return torch.nn.functional.softplus(t).to(torch.float32).numpy()
-
-    def inverse(self, hf_shape):
-        return SoftplusInverse()
-
-
-class SoftplusInverse(Transform):
-    """x with softplus(x) == y: log(expm1(y)) in float64, rounded to float32, then moved by a
-    few ulps until torch's float32 softplus maps it back to y exactly (Softplus above).
-
-    Softplus loses information in float32 (its slope is below 1, so several x share one y):
-    a float32 source comes back as the x nearest to the exact inverse among those that give
-    the same GGUF value, and GGUF -> HF -> GGUF is byte-identical. A bf16 or f16 source comes
-    back exactly once the HF tensor is rounded to its dtype (the float32 error is far below
-    half a bf16/f16 ulp)."""
-
-    label = "softplus^-1"
-    MAX_STEPS = 64
-
-    def __call__(self, y, src_dtype):
-        y = np.asarray(y, dtype=np.float32)
-        y64 = y.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            # softplus(x) = x for x > 20 in torch (threshold); below, log(expm1(y)) is exact math
-            x = np.where(y64 > 20.0, y64, np.log(np.expm1(y64))).astype(np.float32)
-        fwd = Softplus()
-        for _ in range(self.MAX_STEPS):
-            got = fwd(x, "F32")
-            bad = got.view(np.uint32) != y.view(np.uint32)
-            bad &= np.isfinite(y) & (y > 0)
-            if not bad.any():
-                break
-            # step one ulp towards the value whose softplus is y (softplus is increasing)
-            x = np.where(bad, np.nextafter(x, np.where(got < y, np.float32(np.inf), np.float32(-np.inf))), x)
-            x = x.astype(np.float32)
-        return x
-
-
-class Reshape(Transform):
-    """A reshape that keeps the outer dimension (e.g. depthwise conv [C, 1, K] -> [C, K],
-    a scalar [] -> [1])."""
-
-    def __init__(self, inner: Callable[[tuple[int, ...]], tuple[int, ...]], label: str):
-        self.inner = inner
-        self.label = label
-
-    def shape(self, src_shape):
-        return self.inner(src_shape)
-
-    def __call__(self, x, src_dtype):
-        if x.ndim == 0:
-            return x.reshape(1)
-        return x.reshape((x.shape[0],) + self.inner(x.shape)[1:])
-
-    def inverse(self, hf_shape):
-        return ReshapeTo(tuple(hf_shape))
-
-
-class ReshapeTo(Transform):
-    """Outer rows reshaped back to the HF layout `hf_shape` (the inverse of a Reshape)."""
-
-    def __init__(self, hf_shape: tuple[int, ...]):
-        self.hf_shape = hf_shape
-        self.label = f"-> {list(hf_shape)}"
-
-    def shape(self, src_shape):
-        return self.hf_shape
-
-    def __call__(self, x, src_dtype):
-        if not self.hf_shape:
-            return x.reshape(())
-        return x.reshape((x.shape[0],) + self.hf_shape[1:])
-
-
-SCALAR_TO_1D = Reshape(lambda s: s if s else (1,), "[] -> [1]")
-
-
-# =============================================================================================
-# The plan
-# =============================================================================================
-
-
-@dataclass
-class TensorPlan:
-    """One tensor of the output GGUF, decided before any payload is computed."""
-
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # numpy order, as written
-    qtype: GGMLQuantizationType
-    reason: str  # why this type
-    src: Tensor | None = None  # None for generated tensors
-    hf_name: str | None = None
-    n_outer: int = 1  # source outer rows read (fewer than src.n_outer when trimmed)
-    transform: Transform = IDENTITY
-    generated: np.ndarray | None = None  # float32 payload of a generated tensor
-    # a quantized checkpoint's weight (src.encoding is SourceQuant): decided by the plan
-    exact: bool | None = None  # its values are the source's, bit for bit
-    why: str = ""  # how its type was chosen / why it is not exact
-    sqnr: float | None = None  # dB, of a lossy one, measured while encoding (or by --dry-run)
-
-    @property
-    def source_quant(self) -> bool:
-        return self.src is not None and isinstance(self.src.encoding, SourceQuant)
-
-    @property
-    def src_dtype(self) -> str:
-        return self.src.dtype if self.src is not None else "generated"
-
-    @property
-    def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape) // block * size
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
-
-# =============================================================================================
-# Config reading
-# =============================================================================================
-
-
-def read_json(path: Path, what: str, required: bool = True) -> Any:
-    if not path.is_file():
-        if required:
-            raise GGQuantError(f"{path}: not found; {what}")
-        return None
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GGQuantError(f"{path}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                           f"re-save it as UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GGQuantError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-
-
-def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GGQuantError(f"{path}: not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                           f"re-save it as UTF-8") from None
-
-
-def load_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    cfg = read_json(path, "a Hugging Face model folder needs config.json (it names the architecture)")
-    if not isinstance(cfg, dict):
-        raise GGQuantError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def hf_architecture(config: dict, path: Path) -> str:
-    arches = config.get("architectures")
-    if not isinstance(arches, list) or not arches or not isinstance(arches[0], str):
-        raise GGQuantError(f"{path}: key 'architectures' is missing or empty; expected e.g. "
-                           f"[\"Gemma4ForConditionalGeneration\"]")
-    return arches[0]
-
-
-def with_defaults(cfg: dict, defaults: dict) -> dict:
-    """transformers' config defaults for keys the config.json leaves out (what AutoConfig's
-    to_dict() gives llama.cpp's converter)."""
-    out = dict(defaults)
-    out.update({k: v for k, v in cfg.items()})
-    return out
-
-
-# =============================================================================================
 # The architecture base class
 # =============================================================================================
 
 
 class Arch:
-    """One HF architecture family. Subclasses set the tables and override the hooks."""
+    """One HF architecture family: the generic text model every family inherits (llama.cpp
+    conversion/base.py ModelBase + TextModel, and MmprojModel's generic part), in both
+    directions. A family module sets `model_arch` and the name tables, registers the class with
+    `@ggquant.arch.register(<HF architecture strings>)` and overrides the hooks it needs."""
 
-    hf_architectures: tuple[str, ...] = ()
-    gguf_arch: str = ""
+    model_arch: MODEL_ARCH  # the GGUF architecture (gguf-py constants.py)
+    gguf_arch: str = ""  # its name, general.architecture (set from model_arch)
+    hf_architectures: tuple[str, ...] = ()  # config.json "architectures"[0] values (set by register)
     TEXT_TENSORS: tuple[Rule, ...] = ()
     MMPROJ_TENSORS: tuple[Rule, ...] = ()
+    # config keys the text model cannot do without (checked by validate)
+    REQUIRED_HPARAMS: tuple[str, ...] = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                         "num_attention_heads", "num_key_value_heads", "vocab_size")
     # HF name fragments of multimodal towers, skipped in the text GGUF (llama.cpp
     # TextModel.filter_tensors, the subset that can occur in Gemma checkpoints)
     TOWER_MARKERS: tuple[str, ...] = ("vision.", "audio.", "vision_", "audio_", "projector.",
@@ -461,6 +224,11 @@ class Arch:
         self.hf_arch = hf_architecture(config, self.config_path)
         self.hparams = self.text_hparams(config)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model_arch" in cls.__dict__:
+            cls.gguf_arch = MODEL_ARCH_NAMES[cls.model_arch]
+
     # --- hparams ---------------------------------------------------------------------------
     def text_hparams(self, config: dict) -> dict:
         """The text config with transformers' defaults, merged over the root (llama.cpp
@@ -470,12 +238,11 @@ class Arch:
             raise GGQuantError(f"{self.config_path}: 'text_config' must be an object")
         return {**config, **(tc or {})}
 
-    def need(self, key: str, types: type | tuple = int, where: dict | None = None, section: str = "") -> Any:
-        h = self.hparams if where is None else where
-        v = h.get(key)
-        if v is None or isinstance(v, bool) and types is not bool or not isinstance(v, types):
-            loc = f"{section}.{key}" if section else key
-            raise GGQuantError(f"{self.config_path}: key '{loc}' is missing or has the wrong type "
+    def need(self, key: str, types: type | tuple = int) -> Any:
+        """A config key the conversion cannot do without, of one of `types`."""
+        v = self.hparams.get(key)
+        if not _is_a(v, types):
+            raise GGQuantError(f"{self.config_path}: key '{key}' is missing or has the wrong type "
                                f"(got {v!r}, expected {getattr(types, '__name__', types)})")
         return v
 
@@ -485,7 +252,16 @@ class Arch:
 
     # --- hooks -----------------------------------------------------------------------------
     def validate(self, parts: tuple[str, ...]) -> None:
-        """Refuse configs llama.cpp cannot load (before anything is written)."""
+        """Refuse configs and checkpoints llama.cpp cannot load (before anything is written)."""
+        for key in self.REQUIRED_HPARAMS:
+            self.need(key)
+        self.validate_hparams()
+        if TEXT in parts:
+            self.check_text_tensors()
+            self.check_vocab_sizes()
+
+    def validate_hparams(self) -> None:
+        """The family's own checks of the config (layer patterns, features llama.cpp lacks)."""
 
     def is_text_tensor(self, name: str) -> bool:
         return not any(m in name for m in self.TOWER_MARKERS)
@@ -516,17 +292,176 @@ class Arch:
         """Generated tensors, written before the checkpoint's (prepare_tensors order)."""
         return []
 
-    def text_metadata(self, kv: KV, file_type: int) -> None:
-        raise NotImplementedError
-
     def mmproj_metadata(self, kv: KV, file_type: int) -> None:
         raise GGQuantError(f"{self.config_path}: {self.hf_arch} has no vision/audio towers to write as an mmproj")
 
     def vocab(self, kv: KV) -> None:
         raise NotImplementedError
 
+    def read_tokens(self) -> tuple[list[str], list[float], list[int]]:
+        """(tokens, scores, types) of the tokenizer files, as the family's vocab writes them."""
+        raise NotImplementedError
+
     def has_mmproj(self) -> bool:
         return False
+
+    # --- the generic text model (llama.cpp TextModel) --------------------------------------------
+    def tokens(self) -> tuple[list[str], list[float], list[int]]:
+        """(tokens, scores, types) as written to the GGUF; read once."""
+        if not hasattr(self, "_tokens"):
+            self._tokens = self.read_tokens()
+        return self._tokens
+
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        """conversion/base.py TextModel.set_gguf_parameters, for the keys a llama-like config has
+        (text_hparams must have filled `rope_parameters`, nested by layer type or flat)."""
+        a, h = self.gguf_arch, self.hparams
+        L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        kv.u32(L.BLOCK_COUNT.format(arch=a), self.block_count)
+        kv.u32(L.CONTEXT_LENGTH.format(arch=a), h["max_position_embeddings"])
+        kv.u32(L.EMBEDDING_LENGTH.format(arch=a), h["hidden_size"])
+        kv.u32(L.FEED_FORWARD_LENGTH.format(arch=a), h["intermediate_size"])
+        kv.u32(A.HEAD_COUNT.format(arch=a), h["num_attention_heads"])
+        kv.u32(A.HEAD_COUNT_KV.format(arch=a), h["num_key_value_heads"])
+        if h.get("is_causal") is False:
+            kv.bool(A.CAUSAL.format(arch=a), False)
+        rp = h["rope_parameters"]
+        full = rp.get(FULL, rp)
+        rtype, factor = full.get("rope_type"), full.get("factor")
+        if rtype == "linear" and factor is not None:
+            kv.string(R.SCALING_TYPE.format(arch=a), "linear")
+            kv.f32(R.SCALING_FACTOR.format(arch=a), factor)
+        elif rtype == "yarn" and factor is not None:
+            kv.string(R.SCALING_TYPE.format(arch=a), "yarn")
+            kv.f32(R.SCALING_FACTOR.format(arch=a), factor)
+            kv.u32(R.SCALING_ORIG_CTX_LEN.format(arch=a), full["original_max_position_embeddings"])
+            for key, names in ((R.SCALING_YARN_EXT_FACTOR, ("extrapolation_factor",)),
+                               (R.SCALING_YARN_ATTN_FACTOR, ("attention_factor", "attn_factor")),
+                               (R.SCALING_YARN_BETA_FAST, ("beta_fast",)), (R.SCALING_YARN_BETA_SLOW, ("beta_slow",))):
+                v = next((full[n] for n in names if full.get(n) is not None), None)
+                if v is not None:
+                    kv.f32(key.format(arch=a), v)
+        if full.get("rope_theta") is not None:
+            kv.f32(R.FREQ_BASE.format(arch=a), full["rope_theta"])
+        swa = rp.get(SLIDING, {}) if isinstance(rp.get(SLIDING), dict) else {}
+        if swa.get("rope_theta") is not None:
+            kv.f32(R.FREQ_BASE_SWA.format(arch=a), swa["rope_theta"])
+        kv.f32(A.LAYERNORM_RMS_EPS.format(arch=a), h["rms_norm_eps"])
+        n_exp = next((h[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in h), None)
+        if n_exp is not None:
+            kv.u32(L.EXPERT_COUNT.format(arch=a), n_exp)
+        n_used = next((h[k] for k in ("num_experts_per_tok", "num_experts_per_token", "top_k_experts") if k in h), None)
+        if n_used is not None:
+            kv.u32(L.EXPERT_USED_COUNT.format(arch=a), n_used)
+        if h.get("head_dim") is not None:
+            kv.u32(A.KEY_LENGTH.format(arch=a), h["head_dim"])
+            kv.u32(A.VALUE_LENGTH.format(arch=a), h["head_dim"])
+        kv.u32(Keys.General.FILE_TYPE, file_type)
+
+    def layer_dims(self, il: int) -> dict:
+        """Sizes of layer il's tensors: head_dim, n_kv (heads), ffn; a family may add has_kv /
+        has_v (False: the layer may lack its own k / v projections)."""
+        h = self.hparams
+        return dict(head_dim=h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"],
+                    n_kv=h["num_key_value_heads"], ffn=h["intermediate_size"])
+
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """HF name (normalized) -> (shape, required) for the text decoder."""
+        h = self.hparams
+        H = h["hidden_size"]
+        exp: dict[str, tuple[tuple[int, ...], bool]] = {
+            "model.embed_tokens.weight": ((h["vocab_size"], H), True),
+            "model.norm.weight": ((H,), True),
+            "lm_head.weight": ((h["vocab_size"], H), not h.get("tie_word_embeddings", True)),
+        }
+        for il in range(self.block_count):
+            exp.update(self.expected_layer_shapes(il))
+        return exp
+
+    def expected_layer_shapes(self, il: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """A llama-style decoder layer (transformers LlamaDecoderLayer); families add their own."""
+        h = self.hparams
+        H, nh = h["hidden_size"], h["num_attention_heads"]
+        d = self.layer_dims(il)
+        hd, nkv, ff = d["head_dim"], d["n_kv"], d["ffn"]
+        kv_required = d.get("has_kv", True)
+        p = f"model.layers.{il}."
+        return {
+            p + "input_layernorm.weight": ((H,), True),
+            p + "self_attn.q_proj.weight": ((nh * hd, H), True),
+            p + "self_attn.k_proj.weight": ((nkv * hd, H), kv_required),
+            p + "self_attn.v_proj.weight": ((nkv * hd, H), kv_required and d.get("has_v", True)),
+            p + "self_attn.o_proj.weight": ((H, nh * hd), True),
+            p + "post_attention_layernorm.weight": ((H,), True),
+            p + "mlp.gate_proj.weight": ((ff, H), True),
+            p + "mlp.up_proj.weight": ((ff, H), True),
+            p + "mlp.down_proj.weight": ((H, ff), True),
+        }
+
+    def check_text_tensors(self) -> None:
+        """Missing tensors and wrong shapes, against what the config declares."""
+        assert self.ckpt is not None
+        present = {self.normalize_name(n): t for n, t in self.ckpt.tensors.items() if self.is_text_tensor(n)}
+        nested = any(n.startswith("model.language_model.") for n in self.ckpt.tensors)
+        for name, (shape, required) in self.expected_shapes().items():
+            t = present.get(name)
+            if t is None:
+                if required:
+                    stored = "model.language_model." + name[len("model."):] if nested and name.startswith(
+                        "model.") else name
+                    raise GGQuantError(
+                        f"{self.dir}: tensor '{stored}' is missing from the checkpoint ({self.config_path.name} "
+                        f"declares it); the download is incomplete or the config does not belong to these weights")
+                continue
+            if tuple(t.shape) != tuple(shape):
+                raise GGQuantError(
+                    f"{t.file}: tensor '{t.name}' has shape {list(t.shape)}, but {self.config_path.name} implies "
+                    f"{list(shape)}; the config and the weights disagree")
+
+    def check_vocab_sizes(self) -> None:
+        """llama.cpp refuses a token_embd whose rows differ from the tokenizer's size."""
+        n_tokens = len(self.tokens()[0])
+        assert self.ckpt is not None
+        for name, t in self.ckpt.tensors.items():
+            norm = self.normalize_name(name)
+            if norm == "model.embed_tokens.weight":
+                rows = self.n_outer(norm, t, TEXT)
+                if rows != n_tokens:
+                    raise GGQuantError(
+                        f"{t.file}: tensor '{name}' has {rows} rows but the tokenizer has {n_tokens} tokens "
+                        f"(config vocab_size {self.hparams.get('vocab_size')}); llama.cpp would refuse to load "
+                        f"the GGUF (token_embd has the wrong shape). Fix vocab_size or the tokenizer files")
+
+    # --- the generic mmproj (llama.cpp MmprojModel) ----------------------------------------------
+    def preprocessor(self) -> dict:
+        """MmprojModel: preprocessor_config.json, then processor_config.json merged over it."""
+        cfg: dict = {}
+        p = read_json(self.dir / "preprocessor_config.json", "", required=False)
+        if isinstance(p, dict):
+            cfg.update({**p, **p["media_proc_cfg"]} if isinstance(p.get("media_proc_cfg"), dict) else p)
+        q = read_json(self.dir / "processor_config.json", "", required=False)
+        if isinstance(q, dict):
+            cfg.update({**q, **q["image_processor"]} if isinstance(q.get("image_processor"), dict) else q)
+        return cfg
+
+    def mmproj_vision_common(self, kv: KV, file_type: int, vis: dict, image_size: int) -> None:
+        """MmprojModel.set_gguf_parameters, vision part."""
+        CV = Keys.ClipVision
+        kv.u32(Keys.General.FILE_TYPE, file_type)
+        kv.bool(Keys.Clip.HAS_VISION_ENCODER, True)
+        kv.u32(CV.PROJECTION_DIM, self.hparams.get("hidden_size") or 0)
+        kv.u32(CV.IMAGE_SIZE, image_size)
+        kv.u32(CV.PATCH_SIZE, vis["patch_size"])
+        kv.u32(CV.EMBEDDING_LENGTH, vis["hidden_size"])
+        kv.u32(CV.FEED_FORWARD_LENGTH, vis["intermediate_size"])
+        kv.u32(CV.BLOCK_COUNT, vis["num_hidden_layers"])
+        kv.u32(CV.Attention.HEAD_COUNT, vis["num_attention_heads"])
+        pp = self.preprocessor()
+        for key, name in ((CV.IMAGE_MEAN, "image_mean"), (CV.IMAGE_STD, "image_std")):
+            if not isinstance(pp.get(name), list):
+                raise GGQuantError(f"{self.dir}: '{name}' not found in preprocessor_config.json or "
+                                   f"processor_config.json; the mmproj needs the image normalisation")
+            kv.array(key, pp[name], f"{self.dir}: {name}")
 
     # --- planning --------------------------------------------------------------------------
     def tables(self, part: str) -> tuple[Rule, ...]:
@@ -593,16 +528,37 @@ class Arch:
         return name
 
 
+# =============================================================================================
+# GGUF metadata, read back: one decoder per family (runtime and GGUF -> HF share it)
+# =============================================================================================
+
+REQUIRED = object()  # marks a metadata key llama.cpp requires (llama_model_loader::get_key(..., true))
+
+# llama.cpp's defaults for optional keys (src/llama-hparams.h, llama_model_base::load_hparams)
+ROPE_FREQ_BASE_DEFAULT = 10_000.0  # rope_freq_base_train
+ROPE_FREQ_BASE_SWA_DEFAULT = 10_000.0  # rope_freq_base_train_swa
+# the older name of rope.scaling.factor, still read by llama.cpp (llama-arch.cpp LLM_KV_ROPE_SCALE_LINEAR);
+# gguf-py has no constant for it
+ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
+
+
 class GGUFFacts:
-    """What the GGUF -> HF direction reads from one GGUF file, without knowing the reader:
-    metadata values, tensor shapes (numpy order) and the float32 values of small tensors."""
+    """What is read back from one GGUF file, without knowing the reader: metadata values,
+    tensor shapes (numpy order) and the float32 values of small tensors."""
 
     def __init__(self, path: Path, fields: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-                 values: Callable[[str], np.ndarray]):
+                 values: Callable[[str], np.ndarray] | None = None):
         self.path = Path(path)
         self.fields = fields
         self.shapes = shapes
         self._values = values
+
+    @classmethod
+    def of(cls, reader: Any, values: Callable[[str], np.ndarray] | None = None) -> GGUFFacts:
+        """The facts of an open reader with `path`, `fields` (name -> field with `.value`) and
+        `tensors` (with `.name`, `.shape`): formats.gguf.GGUFReader or the runtime's HF folder."""
+        return cls(reader.path, {k: f.value for k, f in reader.fields.items()},
+                   {t.name: tuple(t.shape) for t in reader.tensors}, values)
 
     @property
     def arch(self) -> str:
@@ -612,367 +568,188 @@ class GGUFFacts:
         v = self.fields.get(key, default)
         return v.tolist() if isinstance(v, np.ndarray) else v
 
-    def need(self, key: str, types: type | tuple = int) -> Any:
+    def need(self, key: str, types: type | tuple = int, default: Any = REQUIRED) -> Any:
+        """llama_model_loader::get_key: the value of `key`, of one of `types`; `default` when the
+        key is absent and optional; an error naming the file and the key otherwise."""
         v = self.get(key)
-        if v is None or isinstance(v, bool) and types is not bool or not isinstance(v, types):
+        if v is None and default is not REQUIRED:
+            return default
+        if not _is_a(v, types):
             raise GGQuantError(f"{self.path}: metadata key '{key}' is missing or has the wrong type (got {v!r}); "
                                f"this is not a complete GGUF of this architecture")
         return v
 
+    def per_layer(self, key: str, n_layer: int, types: type | tuple = int, default: Any = REQUIRED) -> list:
+        """llama_model_loader::get_key_or_arr: an array of one value per layer, or a scalar for every
+        layer; `default` (a scalar, or a list of one per layer) when the key is absent and optional."""
+        v = self.get(key)
+        if v is None and default is not REQUIRED:
+            return list(default) if isinstance(default, list) else [default] * n_layer
+        if isinstance(v, list):
+            if len(v) != n_layer:
+                raise GGQuantError(f"{self.path}: '{key}' has {len(v)} entries, expected one per layer ({n_layer})")
+            if not all(_is_a(x, types) for x in v):
+                raise GGQuantError(f"{self.path}: metadata key '{key}' has items of the wrong type ({v!r})")
+            return v
+        return [self.need(key, types)] * n_layer
+
     def values(self, name: str) -> np.ndarray:
+        if self._values is None:
+            raise GGQuantError(f"{self.path}: tensor values of '{name}' were not made readable")
         return self._values(name)
+
+
+def _is_a(v: Any, types: type | tuple) -> bool:
+    return v is not None and not (isinstance(v, bool) and types is not bool) and isinstance(v, types)
+
+
+@dataclass
+class TextHparams:
+    """A text model's GGUF hyperparameters, decoded once for everything that reads a GGUF: the
+    runtime (runtime/models/) and the GGUF -> HF direction (Arch.hf_config).
+
+    The keys and their defaults are llama.cpp's: llama_model_base::load_hparams (src/llama-model.cpp)
+    here, then the family's load_arch_hparams (src/models/<arch>.cpp) in its subclass, which
+    extends `decode` (Gemma3Hparams in arch/gemma3.py). A key llama.cpp requires is an error naming
+    the file and the key; an optional one takes llama.cpp's default. Per-layer values are lists.
+    """
+
+    path: Path
+    arch: str  # general.architecture: the prefix of every key below
+    n_layer: int  # block_count
+    n_embd: int  # embedding_length
+    n_ctx_train: int  # context_length
+    n_head: list[int]  # attention.head_count, per layer
+    n_head_kv: list[int]  # attention.head_count_kv, per layer (default: n_head)
+    n_ff: list[int]  # feed_forward_length, per layer
+    head_dim: int  # attention.key_length (default n_embd / n_head)
+    head_dim_v: int  # attention.value_length (default n_embd / n_head)
+    head_dim_swa: int  # attention.key_length_swa: sliding-window layers (default head_dim)
+    head_dim_v_swa: int  # attention.value_length_swa (default head_dim_v)
+    n_rot: int  # rope.dimension_count (default head_dim)
+    n_rot_swa: int  # rope.dimension_count_swa (default n_rot)
+    eps: float  # attention.layer_norm_rms_epsilon (the llama-like families all read it)
+    causal: bool  # attention.causal (default true)
+    rope_base: float  # rope.freq_base
+    rope_base_swa: float  # rope.freq_base_swa (read by the families with sliding-window layers)
+    rope_scaling: str | None  # rope.scaling.type as stored (llama.cpp reads a missing one as linear)
+    rope_factor: float  # rope.scaling.factor, or the older rope.scale_linear; 0: no scaling
+    n_ctx_orig_yarn: int  # rope.scaling.original_context_length (default n_ctx_train)
+    yarn: dict[str, float]  # rope.scaling.yarn_* present in the file, by their Hugging Face names
+    n_swa: int  # attention.sliding_window; 0: no sliding-window layers
+    is_swa: list[bool]  # per layer: a sliding-window layer (the family decodes its pattern)
+    final_softcap: float  # final_logit_softcapping; 0: none
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFacts) -> Self:
+        return cls(**cls.decode(g))
+
+    @classmethod
+    def decode(cls, g: GGUFFacts) -> dict[str, Any]:
+        """llama_model_base::load_hparams, for the keys the llama-like families use."""
+        a, L, A, R = g.arch, Keys.LLM, Keys.Attention, Keys.Rope
+        n_layer = g.need(L.BLOCK_COUNT.format(arch=a))
+        if n_layer < 1:
+            raise GGQuantError(f"{g.path}: {L.BLOCK_COUNT.format(arch=a)} = {n_layer}; a model has at least one layer")
+        n_embd = g.need(L.EMBEDDING_LENGTH.format(arch=a))
+        n_head = g.per_layer(A.HEAD_COUNT.format(arch=a), n_layer)
+        head_size = n_embd // n_head[0] if n_head[0] else 0  # llama.cpp: n_embd / n_head when not stored
+        head_dim = g.need(A.KEY_LENGTH.format(arch=a), default=head_size)
+        head_dim_v = g.need(A.VALUE_LENGTH.format(arch=a), default=head_size)
+        n_rot = g.need(R.DIMENSION_COUNT.format(arch=a), default=head_dim)
+        factor = g.need(R.SCALING_FACTOR.format(arch=a), (int, float),
+                        default=g.need(ROPE_SCALE_LINEAR.format(arch=a), (int, float), default=0.0))
+        n_ctx = g.need(L.CONTEXT_LENGTH.format(arch=a))
+        yarn = {name: g.need(key.format(arch=a), (int, float)) for key, name in _YARN_KEYS
+                if g.get(key.format(arch=a)) is not None}
+        return dict(
+            path=g.path, arch=a, n_layer=n_layer, n_embd=n_embd, n_ctx_train=n_ctx, n_head=n_head,
+            n_head_kv=g.per_layer(A.HEAD_COUNT_KV.format(arch=a), n_layer, default=n_head),
+            n_ff=g.per_layer(L.FEED_FORWARD_LENGTH.format(arch=a), n_layer),
+            head_dim=head_dim, head_dim_v=head_dim_v,
+            head_dim_swa=g.need(A.KEY_LENGTH_SWA.format(arch=a), default=head_dim),
+            head_dim_v_swa=g.need(A.VALUE_LENGTH_SWA.format(arch=a), default=head_dim_v),
+            n_rot=n_rot, n_rot_swa=g.need(R.DIMENSION_COUNT_SWA.format(arch=a), default=n_rot),
+            eps=g.need(A.LAYERNORM_RMS_EPS.format(arch=a), (int, float)),
+            causal=g.need(A.CAUSAL.format(arch=a), bool, default=True),
+            rope_base=g.need(R.FREQ_BASE.format(arch=a), (int, float), default=ROPE_FREQ_BASE_DEFAULT),
+            rope_base_swa=g.need(R.FREQ_BASE_SWA.format(arch=a), (int, float), default=ROPE_FREQ_BASE_SWA_DEFAULT),
+            rope_scaling=g.need(R.SCALING_TYPE.format(arch=a), str, default=None), rope_factor=factor,
+            n_ctx_orig_yarn=g.need(R.SCALING_ORIG_CTX_LEN.format(arch=a), default=n_ctx), yarn=yarn,
+            n_swa=0, is_swa=[False] * n_layer,
+            final_softcap=g.need(L.FINAL_LOGIT_SOFTCAPPING.format(arch=a), (int, float), default=0.0),
+        )
+
+    @property
+    def rope_freq_scale(self) -> float:
+        """1 / rope.scaling.factor in float32 (llama_model_base::load_hparams rope_freq_scale_train)."""
+        return 1.0 if self.rope_factor == 0.0 else float(1.0 / np.float32(self.rope_factor))
+
+    def layer_head_dim(self, il: int) -> int:
+        return self.head_dim_swa if self.is_swa[il] else self.head_dim
+
+    def layer_n_rot(self, il: int) -> int:
+        return self.n_rot_swa if self.is_swa[il] else self.n_rot
+
+    def single(self, values: list, key: str) -> Any:
+        """The one value of a per-layer key, where a Hugging Face config holds one value."""
+        if len(set(values)) != 1:
+            raise GGQuantError(f"{self.path}: '{key.format(arch=self.arch)}' varies per layer ({values}); the "
+                               f"Hugging Face configuration of {self.arch} has one value for every layer")
+        return values[0]
+
+
+def swa_pattern(g: GGUFFacts, n_layer: int, default_period: int) -> list[bool]:
+    """llama_model_base::load_swa_pattern: a bool array (true = sliding), or a period n whose layer
+    il slides unless il % n == n - 1 (llama_hparams::set_swa_pattern; n = 0: every layer slides)."""
+    key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=g.arch)
+    if isinstance(g.get(key), list):
+        pat = g.per_layer(key, n_layer, bool)
+        return [bool(p) for p in pat]
+    n = g.need(key, default=default_period)
+    return [n == 0 or il % n < n - 1 for il in range(n_layer)]
+
+
+# rope.scaling.yarn_* keys -> the Hugging Face rope_parameters names (TextModel.set_gguf_parameters)
+_YARN_KEYS = ((Keys.Rope.SCALING_YARN_EXT_FACTOR, "extrapolation_factor"),
+              (Keys.Rope.SCALING_YARN_ATTN_FACTOR, "attention_factor"),
+              (Keys.Rope.SCALING_YARN_BETA_FAST, "beta_fast"), (Keys.Rope.SCALING_YARN_BETA_SLOW, "beta_slow"))
+
+
+def hf_rope_parameters(hp: TextHparams) -> dict:
+    """The global (full-attention) rope_parameters of a Hugging Face config from the GGUF: the
+    inverse of TextModel.set_gguf_parameters' rope keys."""
+    full: dict = {"rope_type": "default", "rope_theta": f32_value(hp.rope_base)}
+    if hp.rope_scaling in ("linear", "yarn") and hp.rope_factor:
+        full["rope_type"] = hp.rope_scaling
+        full["factor"] = f32_value(hp.rope_factor)
+    if hp.rope_scaling == "yarn":
+        full["original_max_position_embeddings"] = hp.n_ctx_orig_yarn
+        full.update({name: f32_value(v) for name, v in hp.yarn.items()})
+    elif hp.rope_scaling not in (None, "none", "linear"):
+        raise GGQuantError(f"{hp.path}: rope scaling type {hp.rope_scaling!r} has no Hugging Face {hp.arch} "
+                           f"equivalent")
+    return full
+
+
+def hf_token_ids(g: GGUFFacts) -> dict:
+    """bos/eos/pad ids of the GGUF tokenizer, as config.json carries them."""
+    K = Keys.Tokenizer
+    out = {}
+    for key, name in ((K.BOS_ID, "bos_token_id"), (K.EOS_ID, "eos_token_id"), (K.PAD_ID, "pad_token_id")):
+        if isinstance(g.get(key), int):
+            out[name] = g.get(key)
+    return out
+
+
+def token_ids_by_text(g: GGUFFacts, **names: str) -> dict:
+    """{config key: id} of tokens found by their text (multimodal marker tokens)."""
+    tokens = g.get(Keys.Tokenizer.LIST) or []
+    index = {t: i for i, t in enumerate(tokens)}
+    return {k: index[t] for k, t in names.items() if t in index}
 
 
 def f32_value(v: float) -> float:
     """A float32 metadata value as the shortest decimal that reads back as the same float32
     (1e-06, not 9.999999974752427e-07)."""
     return float(str(np.float32(v)))
-
-
-def choose_type(arch: Arch, hf_name: str, gguf_name: str, shape: tuple[int, ...],
-                outtype: GGMLQuantizationType, part: str) -> tuple[GGMLQuantizationType, str]:
-    """llama.cpp ModelBase.prepare_tensors type rules for the converter outtypes."""
-    n_dims = len(shape)
-    forced = arch.force_type(hf_name, gguf_name, n_dims, outtype, part)
-    if n_dims <= 1 or gguf_name.endswith("_norm.weight"):
-        return T.F32, "1-D or norm -> F32"
-    if forced is not None:
-        qt, why = forced, f"forced {forced.name}"
-    elif not gguf_name.endswith(".weight"):
-        return T.F32, "not a .weight -> F32"
-    else:
-        qt, why = outtype, "outtype"
-    block = GGML_QUANT_SIZES[qt][0]
-    if shape[-1] % block:
-        # gguf-py quants raise QuantError; the converter falls back to F16 with a warning
-        return T.F16, f"{qt.name} needs rows divisible by {block}, row is {shape[-1]} -> F16"
-    return qt, why
-
-
-def plan_part(arch: Arch, part: str, outtype: GGMLQuantizationType) -> list[TensorPlan]:
-    """Every tensor of one output file (text or mmproj), in llama.cpp's order."""
-    ckpt = arch.ckpt
-    assert ckpt is not None
-    plans: list[TensorPlan] = []
-    seen: dict[str, str] = {}
-    for gname, data in arch.extra_tensors(part):
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        qt, why = choose_type(arch, gname, gname, data.shape, outtype, part)
-        plans.append(TensorPlan(gname, data.shape, qt, "generated; " + why, generated=data))
-        seen[gname] = "(generated)"
-    for name, src in ckpt.tensors.items():
-        belongs = arch.is_text_tensor(name) if part == TEXT else arch.is_mmproj_tensor(name)
-        if not belongs:
-            continue
-        norm = arch.normalize_name(name)
-        if arch.skip_tensor(norm, part):
-            continue
-        if src.dtype not in FLOAT_DTYPES:
-            raise GGQuantError(f"{src.file}: tensor '{name}' has dtype {src.dtype}; ggquant converts float "
-                               f"checkpoints (F32/F16/BF16) - dequantize it first")
-        gname, _ = arch.map_tensor(norm, part, src)
-        if gname in seen:
-            raise GGQuantError(f"{src.file}: tensors '{seen[gname]}' and '{name}' both map to GGUF tensor '{gname}'")
-        seen[gname] = name
-        tr = arch.transform(norm, gname, src, part)
-        n_outer = arch.n_outer(norm, src, part)
-        src_shape = src.shape if src.shape else ()
-        shape = tr.shape(((n_outer,) + src_shape[1:]) if src_shape else ())
-        qt, why = choose_type(arch, norm, gname, shape, outtype, part)
-        plans.append(TensorPlan(gname, tuple(shape), qt, why, src=src, hf_name=name, n_outer=n_outer, transform=tr))
-    return plans
-
-
-# =============================================================================================
-# general.* provenance, as gguf-py Metadata derives it
-# =============================================================================================
-
-
-def _id_to_title(s: str) -> str:
-    """gguf-py Metadata.id_to_title: '-' -> ' ', lower-case words title-cased unless versions."""
-    words = s.strip().replace("-", " ").split()
-    return " ".join(w.title() if w.islower() and not re.match(r"^(v\d+(?:\.\d+)*|\d.*)$", w) else w for w in words)
-
-
-def model_id_components(model_id: str | None, total_params: int) -> tuple:
-    """(name, org, basename, finetune, version, size_label) parsed from 'org/Model-7B-Instruct-v1'
-    with the heuristics of gguf-py Metadata.get_model_id_components."""
-    if model_id is None:
-        return None, None, None, None, None, None
-    if " " in model_id:
-        return model_id, None, None, None, None, None
-    if "/" in model_id:
-        org, full = model_id.split("/", 1)
-    else:
-        org, full = None, model_id
-    if org is not None and org.startswith("."):
-        org = None
-    parts = [p for p in full.split("-") if p]
-    kinds: list[set[str]] = [set() for _ in parts]
-    for i, part in enumerate(parts):
-        if re.fullmatch(r"(v|iter)?\d+([.]\d+)*", part, re.IGNORECASE):
-            kinds[i].add("version")
-        elif re.fullmatch(r"i?q\d(_\w)*|b?fp?(16|32)", part, re.IGNORECASE):
-            kinds[i].add("type")
-            parts[i] = part.upper()
-        elif i > 0 and re.fullmatch(r"(([A]|\d+[x])?\d+([._]\d+)?[KMBT][\d]?|small|mini|medium|large|x?xl)", part,
-                                    re.IGNORECASE):
-            part = part.replace("_", ".")
-            if part[-1].isdecimal():  # bloom-7b1 -> 7.1B
-                part = part[:-2] + "." + part[-1] + part[-2]
-            if len(part) > 1 and part[-2].isdecimal() and part[-1] in "kmbt":
-                part = part[:-1] + part[-1].upper()
-            if total_params != 0:
-                try:
-                    label = float(part[:-1]) * pow(1000, " KMBT".find(part[-1]))
-                    if (total_params < 0 and label < abs(total_params) // 8) or (
-                            total_params > 0 and abs(label - total_params) > 7 * total_params // 8):
-                        kinds[i].add("finetune")  # likely a context length
-                        part = part[:-1] + part[-1].lower()
-                except ValueError:
-                    pass
-            if not kinds[i]:
-                kinds[i].add("size_label")
-            parts[i] = part
-        elif i > 0 and re.fullmatch(r"chat|instruct|vision|lora", part, re.IGNORECASE):
-            kinds[i].add("type" if total_params < 0 and part.lower() == "lora" else "finetune")
-    if any(c.isdecimal() for n, t in zip(parts, kinds) if "size_label" in t for c in n):
-        for n, t in zip(parts, kinds):
-            if "size_label" in t and all(c.isalpha() for c in n):
-                t.remove("size_label")
-    at_start = True
-    for part, t in zip(parts, kinds):
-        if at_start and ((not t and part[0].isalpha()) or "version" in t):
-            t.add("basename")
-        else:
-            at_start = False
-            if not t:
-                t.add("finetune")
-    for part, t in zip(reversed(parts), reversed(kinds)):
-        if "basename" in t and len(t) > 1:
-            t.remove("basename")
-        else:
-            break
-    basename = "-".join(n for n, t in zip(parts, kinds) if "basename" in t) or None
-    size_label = "-".join(dict.fromkeys(s for s, t in zip(parts, kinds) if "size_label" in t)) or None
-    finetune = "-".join(f for f, t in zip(parts, kinds) if "finetune" in t) or None
-    version = "-".join(v for v, t in zip(parts, kinds) if "version" in t and "basename" not in t) or None
-    if size_label is None and finetune is None and version is None:
-        basename = None
-    return full, org, basename, finetune, version, size_label
-
-
-def weight_count_label(n: int, min_digits: int = 2) -> str:
-    """gguf-py model_weight_count_rounded_notation."""
-    if n > 1e12:
-        scaled, suffix = n * 1e-12, "T"
-    elif n > 1e9:
-        scaled, suffix = n * 1e-9, "B"
-    elif n > 1e6:
-        scaled, suffix = n * 1e-6, "M"
-    else:
-        scaled, suffix = n * 1e-3, "K"
-    fix = max(min_digits - len(str(round(scaled)).lstrip("0")), 0)
-    return f"{scaled:.{fix}f}{suffix}"
-
-
-@dataclass
-class General:
-    """The general.* values gguf-py's Metadata.load derives (without a --metadata override file)."""
-
-    name: str | None = None
-    organization: str | None = None
-    basename: str | None = None
-    finetune: str | None = None
-    version: str | None = None
-    size_label: str | None = None
-    card: dict = field(default_factory=dict)
-    sampling: dict = field(default_factory=dict)
-    base_models: list[dict] | None = None
-    datasets: list[dict] | None = None
-
-    @classmethod
-    def derive(cls, model_dir: Path, config: dict, total_params: int) -> General:
-        g = cls()
-        g.card = _model_card(model_dir)
-        for attr, keys in (("name", ("name", "model_name")), ("version", ("version", "model_version")),
-                           ("organization", ("organization", "model_organization")),
-                           ("finetune", ("finetune", "model_finetune")),
-                           ("basename", ("basename", "model_basename", "model_type")),
-                           ("size_label", ("size_label", "model_size_label"))):
-            for k in keys:
-                if getattr(g, attr) is None and isinstance(g.card.get(k), str):
-                    setattr(g, attr, g.card[k])
-        sources = []
-        nop = config.get("_name_or_path")
-        if isinstance(nop, str) and nop.count("/") <= 1:
-            sources.append(nop)
-        sources.append(model_dir.resolve().name)
-        for model_id in sources:
-            full, org, base, fine, ver, size = model_id_components(model_id, total_params)
-            if g.name is None and full is not None:
-                g.name = _id_to_title(full)
-            if g.organization is None and org is not None:
-                g.organization = _id_to_title(org)
-            g.basename = g.basename if g.basename is not None else base
-            g.finetune = g.finetune if g.finetune is not None else fine
-            g.version = g.version if g.version is not None else ver
-            g.size_label = g.size_label if g.size_label is not None else size
-        g.base_models = _card_sources(g.card, ("base_model", "base_models", "base_model_sources"), total_params)
-        g.datasets = _card_sources(g.card, ("datasets", "dataset", "dataset_sources"), total_params)
-        if g.size_label is None and total_params > 0:
-            g.size_label = weight_count_label(total_params)
-        gen = read_json(model_dir / "generation_config.json", "", required=False) if (
-            model_dir / "generation_config.json").is_file() else None
-        if isinstance(gen, dict):
-            g.sampling = gen
-        return g
-
-    def write(self, kv: KV) -> None:
-        """Metadata.set_gguf_meta_model, for the fields ggquant derives (see README: the model
-        card's base_models/datasets lists are not copied)."""
-        G = Keys.General
-        s = self.sampling
-        for key, attr, kind in (
-            (G.SAMPLING_SEQUENCE, "sequence", "str"), (G.SAMPLING_TOP_K, "top_k", "i32"),
-            (G.SAMPLING_TOP_P, "top_p", "f32"), (G.SAMPLING_MIN_P, "min_p", "f32"),
-            (G.SAMPLING_XTC_PROBABILITY, "xtc_probability", "f32"), (G.SAMPLING_XTC_THRESHOLD, "xtc_threshold", "f32"),
-            (G.SAMPLING_TEMP, "temperature", "f32"), (G.SAMPLING_PENALTY_LAST_N, "penalty_last_n", "i32"),
-            (G.SAMPLING_PENALTY_REPEAT, ("penalty_repeat", "repetition_penalty"), "f32"),
-            (G.SAMPLING_MIROSTAT, "mirostat", "i32"), (G.SAMPLING_MIROSTAT_TAU, "mirostat_tau", "f32"),
-            (G.SAMPLING_MIROSTAT_ETA, "mirostat_eta", "f32"),
-        ):
-            names = attr if isinstance(attr, tuple) else (attr,)
-            v = next((s[n] for n in names if s.get(n) is not None), None)
-            if v is None:
-                continue
-            if kind == "str":
-                kv.string(key, v)
-            elif kind == "i32":
-                kv.i32(key, v)
-            else:
-                kv.f32(key, v)
-        kv.string(G.NAME, self.name or "")
-        for key, v in ((G.AUTHOR, self.card.get("author") or self.card.get("model_author") or self.card.get("model_creator")),
-                       (G.VERSION, self.version), (G.ORGANIZATION, self.organization),
-                       (G.FINETUNE, self.finetune), (G.BASENAME, self.basename),
-                       (G.DESCRIPTION, self.card.get("description") or self.card.get("model_description")),
-                       (G.SIZE_LABEL, self.size_label)):
-            if isinstance(v, str):
-                kv.string(key, v)
-        lic = self.card.get("license")
-        if isinstance(lic, list):
-            kv.string(G.LICENSE, ",".join(str(x) for x in lic))
-        elif isinstance(lic, str):
-            kv.string(G.LICENSE, lic)
-        for key, ck in ((G.LICENSE_NAME, "license_name"), (G.LICENSE_LINK, "license_link")):
-            if isinstance(self.card.get(ck), str):
-                kv.string(key, self.card[ck])
-        for key, cks in ((G.SOURCE_URL, ("url", "model_url")), (G.SOURCE_DOI, ("doi", "model_doi")),
-                         (G.SOURCE_UUID, ("uuid", "model_uuid")), (G.SOURCE_REPO_URL, ("repo_url", "model_repo_url"))):
-            v = next((self.card[k] for k in cks if isinstance(self.card.get(k), str)), None)
-            if v is not None:
-                kv.string(key, v)
-        for entries, count_key, prefix in ((self.base_models, G.BASE_MODEL_COUNT, "general.base_model"),
-                                           (self.datasets, G.DATASET_COUNT, "general.dataset")):
-            if entries is None:
-                continue
-            kv.u32(count_key, len(entries))
-            for i, e in enumerate(entries):
-                for field_ in ("name", "author", "version", "organization", "description", "url", "doi", "uuid",
-                               "repo_url"):
-                    if isinstance(e.get(field_), str):
-                        kv.string(f"{prefix}.{i}.{field_}", e[field_])
-        tags = _card_list(self.card, ("tags", "pipeline_tag"))
-        if tags:
-            kv.array(G.TAGS, tags)
-        langs = _card_list(self.card, ("languages", "language"))
-        if langs:
-            kv.array(G.LANGUAGES, langs)
-
-
-def _card_sources(card: dict, keys: tuple[str, ...], total_params: int) -> list[dict] | None:
-    """Model card base_model / datasets entries as gguf-py Metadata.apply_metadata_heuristic
-    describes them: a Hugging Face id or URL becomes name, organization, version, repo_url."""
-    if not any(k in card for k in keys):
-        return None
-    value = next((card[k] for k in keys if k in card), None)
-    items = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
-    out = []
-    for item in items:
-        entry: dict = {}
-        if isinstance(item, dict):
-            entry = item
-        elif isinstance(item, str):
-            model_id = item
-            if item.startswith(("http://", "https://", "ssh://")):
-                entry["repo_url"] = item
-                m = re.match(r"https?://huggingface.co/([^/]+/[^/]+)$", item) if "huggingface.co" in item else None
-                model_id = m.group(1) if m else None
-            if model_id is not None:
-                full, org, _, _, ver, _ = model_id_components(model_id, total_params)
-                if full is not None:
-                    entry["name"] = _id_to_title(full)
-                if org is not None:
-                    entry["organization"] = _id_to_title(org)
-                if ver is not None:
-                    entry["version"] = ver
-                if "repo_url" not in entry and org is not None and full is not None:
-                    entry["repo_url"] = f"https://huggingface.co/{org}/{full}"
-        out.append(entry)
-    return out
-
-
-def _card_list(card: dict, keys: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for k in keys:
-        v = card.get(k)
-        if isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, list):
-            out.extend(str(x) for x in v)
-    return out
-
-
-def _model_card(model_dir: Path) -> dict:
-    """README.md YAML front matter (gguf-py Metadata.load_model_card)."""
-    path = model_dir / "README.md"
-    if not path.is_file():
-        return {}
-    lines = read_text(path).splitlines()
-    if not lines or lines[0] != "---":
-        return {}
-    body = []
-    for line in lines[1:]:
-        if line == "---":
-            break
-        body.append(line)
-    text = ("\n".join(body) + "\n").replace("- no\n", '- "no"\n').replace("\t", "  ")
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover
-        return {}
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise GGQuantError(f"{path}: the YAML front matter is invalid ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def naming_convention(g: General, size_label: str | None, output_type: str) -> str:
-    """gguf-py naming_convention: <basename|name>-<size>-<finetune>-<version>-<TYPE>."""
-    if g.basename is not None:
-        name = g.basename.strip().replace(" ", "-").replace("/", "-")
-    elif g.name is not None:
-        name = g.name.strip().replace(" ", "-").replace("/", "-")
-    else:
-        name = "ggml-model"
-    parts = [name]
-    if size_label is not None:
-        parts.append(size_label)
-    if g.finetune is not None:
-        parts.append(g.finetune.strip().replace(" ", "-"))
-    if g.version is not None:
-        parts.append(g.version.strip().replace(" ", "-"))
-    parts.append(output_type.strip().replace(" ", "-").upper())
-    return "-".join(parts)

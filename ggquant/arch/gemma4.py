@@ -12,19 +12,25 @@ Text (llama.cpp conversion/gemma.py Gemma4Model, a Gemma3Model without the norm 
 mmproj (Gemma4VisionAudioModel, general.architecture = clip): the vision tower (gemma4v) and the
 audio conformer (gemma4a), with the converter's reshapes, F32-forced tensors and softplus of
 the audio `per_dim_scale`.
+
+Read back (runtime/models/gemma4.py and `convert --to hf`): Gemma4Hparams decodes the GGUF keys
+as llama.cpp's src/models/gemma4.cpp loads them, the KV reuse map included.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType, Keys, TokenType
+from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys, TokenType
 
+from ggquant.arch import register
 from ggquant.arch import vocab as V
-from ggquant.arch.base import (IDENTITY, KV, MMPROJ, SCALAR_TO_1D, TEXT, Arch, Reshape, Rule, Softplus,
-                               Transform, f32_value)
-from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, FULL, SLIDING, Gemma3, hf_token_ids, token_ids_by_text
+from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, f32_value, hf_token_ids, token_ids_by_text)
+from ggquant.formats.gguf import KV
+from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, Gemma3
+from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, Reshape, Softplus, Transform
 from ggquant.errors import GGQuantError
 from ggquant.tensor import Tensor
 
@@ -51,19 +57,25 @@ AUDIO_MEL_BINS = 128  # converter default for input_feat_size
 DUMMY_IMAGE_SIZE = 224  # the converter writes this placeholder; clip.cpp does not use it for gemma4v
 MMPROJ_EPS = 1e-6  # the converter reads a 'layer_norm_eps' the Gemma 4 tower configs never have
 ROPE_FREQ_UNROTATED = 1e30  # freq factor that makes the angle ~0: a pass-through dimension
+ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"  # generated: proportional RoPE on full layers
+SWA_PATTERN_HF_DEFAULT = 6  # transformers Gemma4TextConfig: layer_types default, every 6th layer full
 CLIP_TOWERS = 128  # llama.cpp MmprojModel block_count when both vision and audio are present
 
 # Gemma 4 text-only tensors, on top of the Gemma 3 decoder tables.
 GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
-    Rule("model.embed_tokens_per_layer", "per_layer_token_embd",
+    Rule("model.embed_tokens_per_layer", MODEL_TENSOR.PER_LAYER_TOKEN_EMBD,
          "per-layer token embeddings (PLE) [n_vocab, n_layer*P], P = hidden_size_per_layer_input"),
-    Rule("model.per_layer_model_projection", "per_layer_model_proj", "hidden state -> PLE inputs [n_layer*P, hidden]"),
-    Rule("model.per_layer_projection_norm", "per_layer_proj_norm", "RMSNorm gain per P-slice of that projection [P]"),
-    Rule("model.layers.{bid}.per_layer_input_gate", "blk.{bid}.inp_gate", "PLE gate [P, hidden]"),
-    Rule("model.layers.{bid}.per_layer_projection", "blk.{bid}.proj", "PLE back to the residual [hidden, P]"),
-    Rule("model.layers.{bid}.post_per_layer_input_norm", "blk.{bid}.post_norm", "RMSNorm gain after the PLE branch [hidden]"),
-    Rule("model.layers.{bid}.layer_scalar", "blk.{bid}.layer_output_scale.weight",
-         "per-layer output scale, a [1] buffer (the converter appends .weight)", suffixes=("",)),
+    Rule("model.per_layer_model_projection", MODEL_TENSOR.PER_LAYER_MODEL_PROJ,
+         "hidden state -> PLE inputs [n_layer*P, hidden]"),
+    Rule("model.per_layer_projection_norm", MODEL_TENSOR.PER_LAYER_PROJ_NORM,
+         "RMSNorm gain per P-slice of that projection [P]"),
+    Rule("model.layers.{bid}.per_layer_input_gate", MODEL_TENSOR.PER_LAYER_INP_GATE, "PLE gate [P, hidden]"),
+    Rule("model.layers.{bid}.per_layer_projection", MODEL_TENSOR.PER_LAYER_PROJ,
+         "PLE back to the residual [hidden, P]"),
+    Rule("model.layers.{bid}.post_per_layer_input_norm", MODEL_TENSOR.PER_LAYER_POST_NORM,
+         "RMSNorm gain after the PLE branch [hidden]"),
+    Rule("model.layers.{bid}.layer_scalar", MODEL_TENSOR.LAYER_OUT_SCALE,
+         "per-layer output scale, a [1] buffer (the converter appends .weight)", ("",), ".weight"),
 )
 
 # mmproj: HF names after the converter's own renames (".linear." dropped from clippable linears);
@@ -73,59 +85,67 @@ _VL = "model.vision_tower.encoder.layers.{bid}."
 _AL = "model.audio_tower.layers.{bid}."
 GEMMA4_MMPROJ = (
     # vision tower (gemma4v)
-    Rule("model.vision_tower.patch_embedder.input_proj", "v.patch_embd",
+    Rule("model.vision_tower.patch_embedder.input_proj", MODEL_TENSOR.V_ENC_EMBD_PATCH,
          "patch embedding [hidden, 3*p*p] (r, c, rgb) -> conv kernel [hidden, 3, p, p]", MM),
-    Rule("model.vision_tower.patch_embedder.position_embedding_table", "v.position_embd.weight",
-         "2-D position table [2, pos, hidden] (x and y), F32", ("",)),
-    Rule("model.vision_tower.std_bias", "v.std_bias", "optional output standardization bias [hidden]", ("",)),
-    Rule("model.vision_tower.std_scale", "v.std_scale", "optional output standardization scale [hidden]", ("",)),
-    Rule(_VL + "input_layernorm", "v.blk.{bid}.ln1", "RMSNorm before attention [hidden]", MM),
-    Rule(_VL + "pre_feedforward_layernorm", "v.blk.{bid}.ln2", "RMSNorm before the MLP [hidden]", MM),
-    Rule(_VL + "post_attention_layernorm", "v.blk.{bid}.attn_post_norm", "RMSNorm after attention [hidden]", MM),
-    Rule(_VL + "post_feedforward_layernorm", "v.blk.{bid}.ffn_post_norm", "RMSNorm after the MLP [hidden]", MM),
-    Rule(_VL + "self_attn.q_proj", "v.blk.{bid}.attn_q", "query [n_head*head_dim, hidden]", MM),
-    Rule(_VL + "self_attn.k_proj", "v.blk.{bid}.attn_k", "key [n_kv*head_dim, hidden]", MM),
-    Rule(_VL + "self_attn.v_proj", "v.blk.{bid}.attn_v", "value [n_kv*head_dim, hidden]", MM),
-    Rule(_VL + "self_attn.o_proj", "v.blk.{bid}.attn_out", "attention output [hidden, n_head*head_dim]", MM),
-    Rule(_VL + "self_attn.q_norm", "v.blk.{bid}.attn_q_norm", "q RMSNorm gain [head_dim]", MM),
-    Rule(_VL + "self_attn.k_norm", "v.blk.{bid}.attn_k_norm", "k RMSNorm gain [head_dim]", MM),
-    Rule(_VL + "mlp.gate_proj", "v.blk.{bid}.ffn_gate", "MLP gate [ffn, hidden]", MM),
-    Rule(_VL + "mlp.up_proj", "v.blk.{bid}.ffn_up", "MLP up [ffn, hidden]", MM),
-    Rule(_VL + "mlp.down_proj", "v.blk.{bid}.ffn_down", "MLP down [hidden, ffn]", MM),
-    Rule(_VL + "layer_scalar", "v.blk.{bid}.out_scale.weight", "optional per-layer output scale", ("",)),
-    Rule("model.embed_vision.embedding_projection", "mm.input_projection", "vision -> text hidden [H_text, hidden]", MM),
+    Rule("model.vision_tower.patch_embedder.position_embedding_table", MODEL_TENSOR.V_ENC_EMBD_POS,
+         "2-D position table [2, pos, hidden] (x and y), F32", ("",), ".weight"),
+    Rule("model.vision_tower.std_bias", MODEL_TENSOR.V_STD_BIAS,
+         "optional output standardization bias [hidden]", ("",)),
+    Rule("model.vision_tower.std_scale", MODEL_TENSOR.V_STD_SCALE,
+         "optional output standardization scale [hidden]", ("",)),
+    Rule(_VL + "input_layernorm", MODEL_TENSOR.V_ENC_INPUT_NORM, "RMSNorm before attention [hidden]", MM),
+    Rule(_VL + "pre_feedforward_layernorm", MODEL_TENSOR.V_ENC_POST_ATTN_NORM, "RMSNorm before the MLP [hidden]", MM),
+    Rule(_VL + "post_attention_layernorm", MODEL_TENSOR.V_ENC_ATTN_POST_NORM, "RMSNorm after attention [hidden]", MM),
+    Rule(_VL + "post_feedforward_layernorm", MODEL_TENSOR.V_ENC_FFN_POST_NORM, "RMSNorm after the MLP [hidden]", MM),
+    Rule(_VL + "self_attn.q_proj", MODEL_TENSOR.V_ENC_ATTN_Q, "query [n_head*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.k_proj", MODEL_TENSOR.V_ENC_ATTN_K, "key [n_kv*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.v_proj", MODEL_TENSOR.V_ENC_ATTN_V, "value [n_kv*head_dim, hidden]", MM),
+    Rule(_VL + "self_attn.o_proj", MODEL_TENSOR.V_ENC_ATTN_O, "attention output [hidden, n_head*head_dim]", MM),
+    Rule(_VL + "self_attn.q_norm", MODEL_TENSOR.V_ENC_ATTN_Q_NORM, "q RMSNorm gain [head_dim]", MM),
+    Rule(_VL + "self_attn.k_norm", MODEL_TENSOR.V_ENC_ATTN_K_NORM, "k RMSNorm gain [head_dim]", MM),
+    Rule(_VL + "mlp.gate_proj", MODEL_TENSOR.V_ENC_FFN_GATE, "MLP gate [ffn, hidden]", MM),
+    Rule(_VL + "mlp.up_proj", MODEL_TENSOR.V_ENC_FFN_UP, "MLP up [ffn, hidden]", MM),
+    Rule(_VL + "mlp.down_proj", MODEL_TENSOR.V_ENC_FFN_DOWN, "MLP down [hidden, ffn]", MM),
+    Rule(_VL + "layer_scalar", MODEL_TENSOR.V_LAYER_OUT_SCALE, "optional per-layer output scale", ("",),
+         ".weight"),
+    Rule("model.embed_vision.embedding_projection", MODEL_TENSOR.V_MM_INP_PROJ,
+         "vision -> text hidden [H_text, hidden]", MM),
     # audio conformer (gemma4a)
-    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.conv", "a.conv1d.{bid}",
+    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.conv", MODEL_TENSOR.A_ENC_CONV1D,
          "subsampling Conv2d 3x3 stride 2 [c_out, c_in, 3, 3], F32", MM),
-    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.norm", "a.conv1d.{bid}.norm",
+    Rule("model.audio_tower.subsample_conv_projection.layer{bid}.norm", MODEL_TENSOR.A_ENC_CONV1D_NORM,
          "LayerNorm after that conv [c_out]", MM),
-    Rule("model.audio_tower.subsample_conv_projection.input_proj_linear", "a.input_projection",
+    Rule("model.audio_tower.subsample_conv_projection.input_proj_linear", MODEL_TENSOR.A_ENC_INP_PROJ,
          "subsampled features -> hidden [hidden, (mel/4)*c1], F32", MM),
-    Rule(_AL + "feed_forward1.ffw_layer_1", "a.blk.{bid}.ffn_up", "first macaron FFN up [4*hidden, hidden]", MM),
-    Rule(_AL + "feed_forward1.ffw_layer_2", "a.blk.{bid}.ffn_down", "first macaron FFN down [hidden, 4*hidden]", MM),
-    Rule(_AL + "feed_forward1.pre_layer_norm", "a.blk.{bid}.ffn_norm", "RMSNorm before FFN1 [hidden]", MM),
-    Rule(_AL + "feed_forward1.post_layer_norm", "a.blk.{bid}.ffn_post_norm", "RMSNorm after FFN1 [hidden]", MM),
-    Rule(_AL + "feed_forward2.ffw_layer_1", "a.blk.{bid}.ffn_up_1", "second macaron FFN up", MM),
-    Rule(_AL + "feed_forward2.ffw_layer_2", "a.blk.{bid}.ffn_down_1", "second macaron FFN down", MM),
-    Rule(_AL + "feed_forward2.pre_layer_norm", "a.blk.{bid}.ffn_norm_1", "RMSNorm before FFN2 [hidden]", MM),
-    Rule(_AL + "feed_forward2.post_layer_norm", "a.blk.{bid}.ffn_post_norm_1", "RMSNorm after FFN2 [hidden]", MM),
-    Rule(_AL + "norm_pre_attn", "a.blk.{bid}.attn_pre_norm", "RMSNorm before attention [hidden]", MM),
-    Rule(_AL + "norm_post_attn", "a.blk.{bid}.attn_post_norm", "RMSNorm after attention [hidden]", MM),
-    Rule(_AL + "norm_out", "a.blk.{bid}.ln2", "block output RMSNorm [hidden]", MM),
-    Rule(_AL + "self_attn.q_proj", "a.blk.{bid}.attn_q", "query [hidden, hidden]", MM),
-    Rule(_AL + "self_attn.k_proj", "a.blk.{bid}.attn_k", "key [hidden, hidden]", MM),
-    Rule(_AL + "self_attn.v_proj", "a.blk.{bid}.attn_v", "value [hidden, hidden]", MM),
-    Rule(_AL + "self_attn.post", "a.blk.{bid}.attn_out", "attention output [hidden, hidden]", MM),
-    Rule(_AL + "self_attn.relative_k_proj", "a.blk.{bid}.attn_k_rel", "relative-position key [hidden, hidden]", MM),
-    Rule(_AL + "self_attn.per_dim_scale", "a.blk.{bid}.per_dim_scale.weight",
-         "per-dim query scale [head_dim], stored as softplus(x)", ("",)),
-    Rule(_AL + "lconv1d.pre_layer_norm", "a.blk.{bid}.conv_norm", "RMSNorm before the light conv [hidden]", MM),
-    Rule(_AL + "lconv1d.linear_start", "a.blk.{bid}.conv_pw1", "pointwise in, GLU halves [2*hidden, hidden]", MM),
-    Rule(_AL + "lconv1d.depthwise_conv1d", "a.blk.{bid}.conv_dw", "causal depthwise conv [hidden, 1, K] -> [hidden, K], F32", MM),
-    Rule(_AL + "lconv1d.conv_norm", "a.blk.{bid}.norm_conv", "RMSNorm after the depthwise conv [hidden]", MM),
-    Rule(_AL + "lconv1d.linear_end", "a.blk.{bid}.conv_pw2", "pointwise out [hidden, hidden]", MM),
-    Rule("model.audio_tower.output_proj", "a.pre_encode.out", "tower output projection [out_dims, hidden]", MM),
-    Rule("model.embed_audio.embedding_projection", "mm.a.input_projection", "audio -> text hidden [H_text, out_dims]", MM),
+    Rule(_AL + "feed_forward1.ffw_layer_1", MODEL_TENSOR.A_ENC_FFN_UP, "first macaron FFN up [4*hidden, hidden]", MM),
+    Rule(_AL + "feed_forward1.ffw_layer_2", MODEL_TENSOR.A_ENC_FFN_DOWN,
+         "first macaron FFN down [hidden, 4*hidden]", MM),
+    Rule(_AL + "feed_forward1.pre_layer_norm", MODEL_TENSOR.A_ENC_FFN_NORM, "RMSNorm before FFN1 [hidden]", MM),
+    Rule(_AL + "feed_forward1.post_layer_norm", MODEL_TENSOR.A_ENC_FFN_POST_NORM, "RMSNorm after FFN1 [hidden]", MM),
+    Rule(_AL + "feed_forward2.ffw_layer_1", MODEL_TENSOR.A_ENC_FFN_UP_1, "second macaron FFN up", MM),
+    Rule(_AL + "feed_forward2.ffw_layer_2", MODEL_TENSOR.A_ENC_FFN_DOWN_1, "second macaron FFN down", MM),
+    Rule(_AL + "feed_forward2.pre_layer_norm", MODEL_TENSOR.A_ENC_FFN_NORM_1, "RMSNorm before FFN2 [hidden]", MM),
+    Rule(_AL + "feed_forward2.post_layer_norm", MODEL_TENSOR.A_ENC_FFN_POST_NORM_1, "RMSNorm after FFN2 [hidden]", MM),
+    Rule(_AL + "norm_pre_attn", MODEL_TENSOR.A_ENC_ATTN_PRE_NORM, "RMSNorm before attention [hidden]", MM),
+    Rule(_AL + "norm_post_attn", MODEL_TENSOR.A_ENC_ATTN_POST_NORM, "RMSNorm after attention [hidden]", MM),
+    Rule(_AL + "norm_out", MODEL_TENSOR.A_ENC_OUTPUT_NORM, "block output RMSNorm [hidden]", MM),
+    Rule(_AL + "self_attn.q_proj", MODEL_TENSOR.A_ENC_ATTN_Q, "query [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.k_proj", MODEL_TENSOR.A_ENC_ATTN_K, "key [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.v_proj", MODEL_TENSOR.A_ENC_ATTN_V, "value [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.post", MODEL_TENSOR.A_ENC_OUTPUT, "attention output [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.relative_k_proj", MODEL_TENSOR.A_ENC_ATTN_K_REL,
+         "relative-position key [hidden, hidden]", MM),
+    Rule(_AL + "self_attn.per_dim_scale", MODEL_TENSOR.A_PER_DIM_SCALE,
+         "per-dim query scale [head_dim], stored as softplus(x)", ("",), ".weight"),
+    Rule(_AL + "lconv1d.pre_layer_norm", MODEL_TENSOR.A_ENC_CONV_NORM, "RMSNorm before the light conv [hidden]", MM),
+    Rule(_AL + "lconv1d.linear_start", MODEL_TENSOR.A_ENC_CONV_PW1, "pointwise in, GLU halves [2*hidden, hidden]", MM),
+    Rule(_AL + "lconv1d.depthwise_conv1d", MODEL_TENSOR.A_ENC_CONV_DW,
+         "causal depthwise conv [hidden, 1, K] -> [hidden, K], F32", MM),
+    Rule(_AL + "lconv1d.conv_norm", MODEL_TENSOR.A_ENC_NORM_CONV, "RMSNorm after the depthwise conv [hidden]", MM),
+    Rule(_AL + "lconv1d.linear_end", MODEL_TENSOR.A_ENC_CONV_PW2, "pointwise out [hidden, hidden]", MM),
+    Rule("model.audio_tower.output_proj", MODEL_TENSOR.A_ENC_OUT, "tower output projection [out_dims, hidden]", MM),
+    Rule("model.embed_audio.embedding_projection", MODEL_TENSOR.A_MM_INP_PROJ,
+         "audio -> text hidden [H_text, out_dims]", MM),
 )
 
 
@@ -179,9 +199,56 @@ GEMMA4_MARKERS = dict(boi_token_id="<|image>", eoi_token_id="<image|>", image_to
                       video_token_id="<|video|>")
 
 
+@dataclass
+class Gemma4Hparams(TextHparams):
+    """A gemma4 GGUF's hyperparameters, decoded once for the runtime (runtime/models/gemma4.py)
+    and the GGUF -> HF direction (Gemma4.hf_text_config)."""
+
+    n_kv_from_start: int  # layers 0 .. n_kv_from_start - 1 compute their own K/V
+    kv_source: list[int]  # per layer: the layer whose K/V cache it attends over
+    n_embd_per_layer: int  # embedding_length_per_layer_input (P); 0: no per-layer embeddings
+
+    @classmethod
+    def decode(cls, g: GGUFFacts) -> dict:
+        """llama_model_gemma4::load_arch_hparams (src/models/gemma4.cpp), and the KV reuse map of
+        llama-model.cpp: a KV-shared sliding layer reads layer n_kv - 2, a shared full layer n_kv - 1."""
+        d = super().decode(g)
+        a, A, L, n_layer = g.arch, Keys.Attention, Keys.LLM, d["n_layer"]
+        key = A.SLIDING_WINDOW_PATTERN.format(arch=a)
+        if not isinstance(g.get(key), list):
+            raise GGQuantError(f"{g.path}: '{key}' must be a bool array with one entry per layer ({n_layer})")
+        is_swa = [bool(p) for p in g.per_layer(key, n_layer, bool)]
+        d.update(
+            is_swa=is_swa, n_swa=g.need(A.SLIDING_WINDOW.format(arch=a)),
+            head_dim_swa=g.need(A.KEY_LENGTH_SWA.format(arch=a)),
+            head_dim_v_swa=g.need(A.VALUE_LENGTH_SWA.format(arch=a)),
+            # llama.cpp requires the key; 0 (no per-layer embeddings) when a file lacks it, as ggquant always read it
+            n_embd_per_layer=g.need(L.EMBD_LENGTH_PER_LAYER_INP.format(arch=a), default=0),
+        )
+        if d["head_dim"] != d["head_dim_v"] or d["head_dim_swa"] != d["head_dim_v_swa"]:
+            raise GGQuantError(f"{g.path}: Gemma 4 requires value_length == key_length (llama.cpp does too)")
+        n_shared = g.need(A.SHARED_KV_LAYERS.format(arch=a), default=0)
+        n_kv = n_layer - n_shared
+        kv_source = list(range(n_layer))
+        if n_shared > 0:
+            if n_kv < 2:
+                raise GGQuantError(f"{g.path}: {n_shared} KV-shared layers of {n_layer} leave fewer than 2 "
+                                   f"layers with their own K/V")
+            for il in range(n_kv, n_layer):
+                src = n_kv - (2 if is_swa[il] else 1)
+                if is_swa[src] != is_swa[il]:
+                    raise GGQuantError(
+                        f"{g.path}: layer {il} ({'sliding' if is_swa[il] else 'full'}) would reuse the K/V of "
+                        f"layer {src} ({'sliding' if is_swa[src] else 'full'}); llama.cpp requires layer "
+                        f"{n_kv - 1} full and layer {n_kv - 2} sliding (it aborts on this file)")
+                kv_source[il] = src
+        d.update(n_kv_from_start=n_kv, kv_source=kv_source)
+        return d
+
+
+@register("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM")
 class Gemma4(Gemma3):
-    hf_architectures = ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM")
-    gguf_arch = "gemma4"
+    model_arch = MODEL_ARCH.GEMMA4
     TEXT_TENSORS = GEMMA4_TEXT
     MMPROJ_TENSORS = GEMMA4_MMPROJ
     TEXT_DEFAULTS = GEMMA4_TEXT_DEFAULTS
@@ -198,8 +265,8 @@ class Gemma4(Gemma3):
         if h.get("use_bidirectional_attention") == "all":
             h["is_causal"] = False
         if not isinstance(h.get("layer_types"), list):
-            n = h["num_hidden_layers"]
-            h["layer_types"] = [SLIDING if (i + 1) % 6 else FULL for i in range(n)] if isinstance(n, int) else None
+            n, period = h["num_hidden_layers"], SWA_PATTERN_HF_DEFAULT
+            h["layer_types"] = [SLIDING if (i + 1) % period else FULL for i in range(n)] if isinstance(n, int) else None
         else:
             h["layer_types"] = list(h["layer_types"])
             if h["layer_types"] and h["layer_types"][-1] != FULL:
@@ -213,9 +280,6 @@ class Gemma4(Gemma3):
                 overrides["num_key_value_heads"] = n_gkv
             h["per_layer_config"] = {str(i): dict(overrides) for i, t in enumerate(h["layer_types"] or []) if t == FULL}
         return h
-
-    def rope_parameters(self, h):
-        return h["rope_parameters"]
 
     # --- derived dims (converter's reading of per_layer_config) ------------------------------
     def _full_layer_value(self, key: str):
@@ -275,6 +339,11 @@ class Gemma4(Gemma3):
 
     # --- checks -----------------------------------------------------------------------------
     def validate(self, parts):
+        super().validate(parts)
+        if MMPROJ in parts:
+            self.mmproj_hparams()  # raises when the towers or the image normalisation are missing
+
+    def validate_hparams(self):
         h = self.hparams
         if h.get("enable_moe_block"):
             raise GGQuantError(f"{self.config_path}: enable_moe_block is set (Gemma 4 26B-A4B MoE); ggquant "
@@ -312,9 +381,7 @@ class Gemma4(Gemma3):
                 f"{self.config_path}: vocab_size_per_layer_input = {h.get('vocab_size_per_layer_input')} differs "
                 f"from vocab_size = {h.get('vocab_size')}; llama.cpp sizes per_layer_token_embd by the vocabulary "
                 f"and would refuse the GGUF")
-        super().validate(parts)
-        if MMPROJ in parts:
-            self.mmproj_hparams()  # raises when the towers or the image normalisation are missing
+        super().validate_hparams()
 
     def check_vocab_sizes(self):
         super().check_vocab_sizes()
@@ -421,7 +488,7 @@ class Gemma4(Gemma3):
         prf = self.hparams["rope_parameters"][FULL]["partial_rotary_factor"]
         n_rot = int(hd * prf / 2)
         n_unrot = int(hd / 2) - n_rot
-        return [("rope_freqs.weight", np.array([1.0] * n_rot + [ROPE_FREQ_UNROTATED] * n_unrot, dtype=np.float32))]
+        return [(ROPE_FREQS, np.array([1.0] * n_rot + [ROPE_FREQ_UNROTATED] * n_unrot, dtype=np.float32))]
 
     # --- metadata ---------------------------------------------------------------------------
     def text_metadata(self, kv: KV, file_type: int) -> None:
@@ -487,85 +554,60 @@ class Gemma4(Gemma3):
     HF_CAUSAL, HF_CONDITIONAL = "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"
     HF_TEXT_MODEL_TYPE, HF_MODEL_TYPE = "gemma4_text", "gemma4"
     CONDITIONAL_TEXT_PREFIX = "model.language_model."
-    GENERATED = ("rope_freqs.weight",)
+    GENERATED = (ROPE_FREQS,)
 
     @classmethod
     def hf_text_config(cls, g) -> dict:
         """Gemma4TextConfig from the keys llama.cpp reads (src/models/gemma4.cpp) and what the
         converter encodes in tensors (rope_freqs: the proportional-RoPE fraction)."""
-        a, L, A, R = cls.gguf_arch, Keys.LLM, Keys.Attention, Keys.Rope
-        n_layer = g.need(L.BLOCK_COUNT.format(arch=a))
-        H = g.need(L.EMBEDDING_LENGTH.format(arch=a))
-        pat = g.get(A.SLIDING_WINDOW_PATTERN.format(arch=a))
-        if not isinstance(pat, list) or len(pat) != n_layer:
-            raise GGQuantError(f"{g.path}: {a}.attention.sliding_window_pattern must list {n_layer} layers, got "
-                               f"{pat!r}")
-        layer_types = [SLIDING if s_ else FULL for s_ in pat]
-        n_shared = g.get(A.SHARED_KV_LAYERS.format(arch=a), 0)
-        first_shared = n_layer - n_shared
-        hd_full = g.need(A.KEY_LENGTH.format(arch=a))
-        hd_swa = g.need(A.KEY_LENGTH_SWA.format(arch=a))
+        hp = Gemma4Hparams.from_gguf(g)
+        L, A = Keys.LLM, Keys.Attention
+        layer_types = [SLIDING if s_ else FULL for s_ in hp.is_swa]
+        n_layer, first_shared = hp.n_layer, hp.n_kv_from_start
 
-        def per_type(key: str, what: str) -> tuple[int, int]:
-            """(sliding value, full value) of a scalar-or-per-layer key."""
-            v = g.get(key)
-            if isinstance(v, int):
-                return v, v
-            if not isinstance(v, list) or len(v) != n_layer:
-                raise GGQuantError(f"{g.path}: metadata key '{key}' ({what}) is missing or has the wrong length")
-            sw = {v[i] for i in range(n_layer) if layer_types[i] == SLIDING}
-            fu = {v[i] for i in range(n_layer) if layer_types[i] == FULL}
+        def per_type(values: list, key: str) -> tuple[int, int]:
+            """(sliding value, full value) of a per-layer key."""
+            sw = {values[i] for i in range(n_layer) if layer_types[i] == SLIDING}
+            fu = {values[i] for i in range(n_layer) if layer_types[i] == FULL}
             if len(sw) > 1 or len(fu) > 1:
-                raise GGQuantError(f"{g.path}: '{key}' varies within a layer type ({v}); Gemma 4 in transformers has "
-                                   f"one value per layer type")
+                raise GGQuantError(f"{g.path}: '{key.format(arch=hp.arch)}' varies within a layer type ({values}); "
+                                   f"Gemma 4 in transformers has one value per layer type")
             return (sw or fu).pop(), (fu or sw).pop()
 
-        kv_swa, kv_full = per_type(A.HEAD_COUNT_KV.format(arch=a), "KV heads")
-        ff_key = L.FEED_FORWARD_LENGTH.format(arch=a)
-        ff = g.get(ff_key)
-        double_wide = False
-        if isinstance(ff, list):
-            n_ff = ff[0]
-            if ff == [n_ff] * n_layer:
-                pass
-            elif ff == [n_ff if i < first_shared else 2 * n_ff for i in range(n_layer)]:
-                double_wide = True
-            else:
-                raise GGQuantError(f"{g.path}: '{ff_key}' = {ff} is neither uniform nor Gemma 4's double-wide MLP "
-                                   f"(twice as wide on the {n_shared} KV-shared layers)")
-        else:
-            n_ff = g.need(ff_key)
+        kv_swa, kv_full = per_type(hp.n_head_kv, A.HEAD_COUNT_KV)
+        ff, n_ff = hp.n_ff, hp.n_ff[0]
+        double_wide = ff != [n_ff] * n_layer
+        if double_wide and ff != [n_ff if i < first_shared else 2 * n_ff for i in range(n_layer)]:
+            raise GGQuantError(f"{g.path}: '{L.FEED_FORWARD_LENGTH.format(arch=hp.arch)}' = {ff} is neither uniform "
+                               f"nor Gemma 4's double-wide MLP (twice as wide on the {n_layer - first_shared} "
+                               f"KV-shared layers)")
         # proportional RoPE: rope_freqs holds 1.0 for the rotated pairs, 1e30 for the others
-        prf = 1.0
-        if "rope_freqs.weight" in g.shapes:
-            freqs = g.values("rope_freqs.weight")
+        hd_full, prf = hp.head_dim, 1.0
+        if ROPE_FREQS in g.shapes:
+            freqs = g.values(ROPE_FREQS)
             n_rot = int(np.count_nonzero(freqs == 1.0))
             if freqs.size != hd_full // 2 or np.any(freqs[n_rot:] != np.float32(ROPE_FREQ_UNROTATED)):
-                raise GGQuantError(f"{g.path}: rope_freqs.weight is not a proportional-RoPE mask (1.0 then 1e30) "
+                raise GGQuantError(f"{g.path}: {ROPE_FREQS} is not a proportional-RoPE mask (1.0 then 1e30) "
                                    f"over {hd_full // 2} pairs")
             prf = n_rot * 2 / hd_full
         emb = g.shapes.get("token_embd.weight")
         if emb is None:
-            raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {a} GGUF needs it")
-        P = g.get(L.EMBD_LENGTH_PER_LAYER_INP.format(arch=a), 0)
+            raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {hp.arch} GGUF needs it")
         has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared))
-        swa_theta = f32_value(g.get(R.FREQ_BASE_SWA.format(arch=a), cls.SWA_FREQ_BASE_DEFAULT))
-        softcap = g.get(L.FINAL_LOGIT_SOFTCAPPING.format(arch=a))
         cfg = dict(
             architectures=[cls.HF_CAUSAL], model_type=cls.HF_TEXT_MODEL_TYPE,
-            vocab_size=emb[0], vocab_size_per_layer_input=emb[0], hidden_size=H, intermediate_size=n_ff,
-            num_hidden_layers=n_layer, num_attention_heads=g.need(A.HEAD_COUNT.format(arch=a)),
-            num_key_value_heads=kv_swa, head_dim=hd_swa, global_head_dim=hd_full,
-            hidden_size_per_layer_input=P, num_kv_shared_layers=n_shared, use_double_wide_mlp=double_wide,
-            layer_types=layer_types, sliding_window=g.need(A.SLIDING_WINDOW.format(arch=a)),
-            max_position_embeddings=g.need(L.CONTEXT_LENGTH.format(arch=a)),
-            rms_norm_eps=f32_value(g.need(A.LAYERNORM_RMS_EPS.format(arch=a), (int, float))),
+            vocab_size=emb[0], vocab_size_per_layer_input=emb[0], hidden_size=hp.n_embd, intermediate_size=n_ff,
+            num_hidden_layers=n_layer, num_attention_heads=hp.single(hp.n_head, A.HEAD_COUNT),
+            num_key_value_heads=kv_swa, head_dim=hp.head_dim_swa, global_head_dim=hd_full,
+            hidden_size_per_layer_input=hp.n_embd_per_layer, num_kv_shared_layers=n_layer - first_shared,
+            use_double_wide_mlp=double_wide, layer_types=layer_types, sliding_window=hp.n_swa,
+            max_position_embeddings=hp.n_ctx_train, rms_norm_eps=f32_value(hp.eps),
             rope_parameters={
-                SLIDING: {"rope_type": "default", "rope_theta": swa_theta},
+                SLIDING: {"rope_type": "default", "rope_theta": f32_value(hp.rope_base_swa)},
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": prf,
-                       "rope_theta": f32_value(g.need(R.FREQ_BASE.format(arch=a), (int, float)))},
+                       "rope_theta": f32_value(hp.rope_base)},
             },
-            final_logit_softcapping=f32_value(softcap) if softcap else None,
+            final_logit_softcapping=f32_value(hp.final_softcap) if hp.final_softcap else None,
             hidden_activation="gelu_pytorch_tanh", tie_word_embeddings="output.weight" not in g.shapes,
             attention_k_eq_v=not has_v, enable_moe_block=False,
         )

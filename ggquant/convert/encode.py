@@ -21,9 +21,12 @@ T = GGMLQuantizationType
 CHUNK_BYTES = 32 << 20  # float32 working set of one chunk
 
 
-def row_chunks(n_rows: int, inner: int) -> Iterator[tuple[int, int]]:
-    """[a, b) ranges of outer rows whose float32 working set (rows x inner values) fits CHUNK_BYTES."""
+def row_chunks(n_rows: int, inner: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges of outer rows whose float32 working set (rows x inner values) fits CHUNK_BYTES;
+    every boundary but the end is a multiple of `multiple` (a transform that permutes rows within
+    blocks, e.g. the q/k heads of a Llama, sees whole blocks)."""
     step = max(1, CHUNK_BYTES // (4 * max(1, inner)))
+    step = max(multiple, step // multiple * multiple)
     for a in range(0, n_rows, step):
         yield a, min(n_rows, a + step)
 
@@ -64,7 +67,7 @@ def tensor_chunks(t, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.nda
         return
     inner = max(1, int(np.prod(src.shape[1:], dtype=np.int64))) if src.shape else 1
     raw_ok = t.transform.identity and (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
-    for a, b in row_chunks(t.n_outer, inner):
+    for a, b in row_chunks(t.n_outer, inner, t.transform.row_block):
         if raw_ok:
             raw = src.rows(a, b) if src.shape else src.rows(0, 1).reshape(1)
             yield (quiet_bf16_nans(raw) if src.dtype == "BF16" else raw), (lambda a=a, b=b: src.release(a, b))
@@ -126,7 +129,7 @@ def _lossy_chunks(t, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
 
     rec = t.src.encoding.record
     sig = noise = 0.0
-    for a, b in row_chunks(t.n_outer, t.shape[1]):
+    for a, b in row_chunks(t.n_outer, t.shape[1], t.transform.row_block):
         y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32)
         out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
         if t.qtype != T.F32:

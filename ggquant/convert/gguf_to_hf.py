@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
+from ggquant.arch import gguf_arch_class
 from ggquant.arch.base import IDENTITY, MMPROJ, TEXT, Arch, GGUFFacts, Transform
 from ggquant.convert.encode import row_chunks
 from ggquant.errors import GGQuantError
@@ -41,17 +42,6 @@ T = GGMLQuantizationType
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical save_pretrained default ("5GB")
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _RAW_OK = {(T.F32, "F32"), (T.F16, "F16"), (T.BF16, "BF16")}
-
-
-def arch_for_gguf(name: str, path: Path) -> type[Arch]:
-    from ggquant.arch import ARCHITECTURES
-
-    for cls in dict.fromkeys(ARCHITECTURES.values()):
-        if cls.gguf_arch == name:
-            return cls
-    known = sorted({c.gguf_arch for c in ARCHITECTURES.values()})
-    raise GGQuantError(f"{path}: general.architecture = {name!r} is not supported; ggquant converts "
-                       f"{', '.join(known)} GGUFs to Hugging Face")
 
 
 # =============================================================================================
@@ -71,9 +61,8 @@ class GGUFSource:
             raise GGQuantError(f"{self.path}: not found; pass a .gguf file")
         self.reader = GGUFReader(self.path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        fields = {k: f.value for k, f in self.reader.fields.items()}
-        self.facts = GGUFFacts(self.path, fields, {n: tuple(t.shape) for n, t in self.tensors.items()},
-                               lambda name: self.tensors[name].float_rows(0, self.tensors[name].n_outer).reshape(-1))
+        self.facts = GGUFFacts.of(self.reader, lambda name: self.tensors[name].float_rows(0, self.tensors[name].n_outer)
+                                  .reshape(-1))
 
     def close(self) -> None:
         self.reader.close()
@@ -179,7 +168,7 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         if g.arch == "clip":
             raise GGQuantError(f"{src}: an mmproj (general.architecture = clip); pass the text GGUF as MODEL and the "
                                f"mmproj with --mmproj")
-        cls = arch_for_gguf(g.arch, src)
+        cls = gguf_arch_class(g.arch, src)
         mm = None
         if mmproj is not None:
             mm_src = GGUFSource(Path(mmproj))
@@ -266,7 +255,7 @@ def tensor_chunks(t: HFTensor, dtype: str) -> Iterator[np.ndarray]:
     inner = int(np.prod(gshape[1:], dtype=np.int64)) if len(gshape) > 1 else 1
     raw = t.inverse.identity and (t.gguf_type, dtype) in _RAW_OK
     # a vector goes whole (its inverse transform may need all of it)
-    chunks = row_chunks(src.n_outer, inner) if len(gshape) > 1 else [(0, src.n_outer)]
+    chunks = row_chunks(src.n_outer, inner, t.inverse.row_block) if len(gshape) > 1 else [(0, src.n_outer)]
     for a, b in chunks:
         if raw:
             yield src.rows(a, b)

@@ -40,8 +40,11 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, Keys, LlamaFileType
 
 from ggquant.arch import arch_class
-from ggquant.arch.base import (CONVERTER_OUTTYPES, KV, MMPROJ, TEXT, Arch, General, TensorPlan, hf_architecture,
-                               load_config, naming_convention, plan_part, weight_count_label)
+from ggquant.arch.base import CONVERTER_OUTTYPES, MMPROJ, TEXT, Arch
+from ggquant.convert.plan import TensorPlan, plan_part
+from ggquant.formats.gguf import KV
+from ggquant.formats.hf_folder import hf_architecture, load_config
+from ggquant.arch.provenance import General, naming_convention, weight_count_label
 from ggquant.convert.encode import Pipeline, tensor_chunks
 from ggquant.convert.plan import Conversion, OutFile, fill_template, plan_lines
 from ggquant.convert.quantized import attach_quantized, finish_plan, measure_lossy
@@ -72,7 +75,7 @@ def _text_file(arch: Arch, outtype: str, preset: LlamaFileType | None, rules, im
     file_type = 0 if preset is not None else CONVERTER_OUTTYPES[outtype][1]
     tensors = plan_part(arch, TEXT, base)
     total = sum(t.n_elements for t in tensors)
-    general = General.derive(arch.dir, arch.raw, total)
+    general = General.derive(arch.dir, total)
     kv = KV()
     kv.string(Keys.General.ARCHITECTURE, arch.gguf_arch)
     kv.string(Keys.General.TYPE, "model")
@@ -149,7 +152,7 @@ def _mmproj_file(arch: Arch, outtype: str, text_out: Path | None, text_label: st
     if not tensors:
         raise GGQuantError(f"{arch.dir}: no vision/audio tower tensors found for the mmproj")
     total = sum(t.n_elements for t in tensors)
-    general = General.derive(arch.dir, arch.raw, total)
+    general = General.derive(arch.dir, total)
     kv = KV()
     kv.string(Keys.General.ARCHITECTURE, "clip")
     kv.string(Keys.General.TYPE, "mmproj")

@@ -8,20 +8,120 @@ payload is computed, and the same record rendered for --json and --dry-run by ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ggquant.arch.base import KV, TensorPlan
+from ggquant.arch.base import TEXT, Arch
+from ggquant.arch.transforms import IDENTITY, Transform
 from ggquant.errors import GGQuantError
+from ggquant.formats.gguf import KV
+from ggquant.formats.safetensors import FLOAT_DTYPES
+from ggquant.tensor import SourceQuant, Tensor
+
+T = GGMLQuantizationType
 
 # GGUF metadata of every file holding a quantized checkpoint's weights (ggquant.convert.quantized)
 KEY_METHOD = "ggquant.source.quantization"
 KEY_DESC = "ggquant.source.quantization_desc"
 KEY_EXACT = "ggquant.source.exact_tensors"
 KEY_REQUANTIZED = "ggquant.source.requantized_tensors"
+
+
+
+
+@dataclass
+class TensorPlan:
+    """One tensor of the output GGUF, decided before any payload is computed."""
+
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order, as written
+    qtype: GGMLQuantizationType
+    reason: str  # why this type
+    src: Tensor | None = None  # None for generated tensors
+    hf_name: str | None = None
+    n_outer: int = 1  # source outer rows read (fewer than src.n_outer when trimmed)
+    transform: Transform = IDENTITY
+    generated: np.ndarray | None = None  # float32 payload of a generated tensor
+    # a quantized checkpoint's weight (src.encoding is SourceQuant): decided by the plan
+    exact: bool | None = None  # its values are the source's, bit for bit
+    why: str = ""  # how its type was chosen / why it is not exact
+    sqnr: float | None = None  # dB, of a lossy one, measured while encoding (or by --dry-run)
+
+    @property
+    def source_quant(self) -> bool:
+        return self.src is not None and isinstance(self.src.encoding, SourceQuant)
+
+    @property
+    def src_dtype(self) -> str:
+        return self.src.dtype if self.src is not None else "generated"
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def choose_type(arch: Arch, hf_name: str, gguf_name: str, shape: tuple[int, ...],
+                outtype: GGMLQuantizationType, part: str) -> tuple[GGMLQuantizationType, str]:
+    """llama.cpp ModelBase.prepare_tensors type rules for the converter outtypes."""
+    n_dims = len(shape)
+    forced = arch.force_type(hf_name, gguf_name, n_dims, outtype, part)
+    if n_dims <= 1 or gguf_name.endswith("_norm.weight"):
+        return T.F32, "1-D or norm -> F32"
+    if forced is not None:
+        qt, why = forced, f"forced {forced.name}"
+    elif not gguf_name.endswith(".weight"):
+        return T.F32, "not a .weight -> F32"
+    else:
+        qt, why = outtype, "outtype"
+    block = GGML_QUANT_SIZES[qt][0]
+    if shape[-1] % block:
+        # gguf-py quants raise QuantError; the converter falls back to F16 with a warning
+        return T.F16, f"{qt.name} needs rows divisible by {block}, row is {shape[-1]} -> F16"
+    return qt, why
+
+
+def plan_part(arch: Arch, part: str, outtype: GGMLQuantizationType) -> list[TensorPlan]:
+    """Every tensor of one output file (text or mmproj), in llama.cpp's order."""
+    ckpt = arch.ckpt
+    assert ckpt is not None
+    plans: list[TensorPlan] = []
+    seen: dict[str, str] = {}
+    for gname, data in arch.extra_tensors(part):
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        qt, why = choose_type(arch, gname, gname, data.shape, outtype, part)
+        plans.append(TensorPlan(gname, data.shape, qt, "generated; " + why, generated=data))
+        seen[gname] = "(generated)"
+    for name, src in ckpt.tensors.items():
+        belongs = arch.is_text_tensor(name) if part == TEXT else arch.is_mmproj_tensor(name)
+        if not belongs:
+            continue
+        norm = arch.normalize_name(name)
+        if arch.skip_tensor(norm, part):
+            continue
+        if src.dtype not in FLOAT_DTYPES:
+            raise GGQuantError(f"{src.file}: tensor '{name}' has dtype {src.dtype}; ggquant converts float "
+                               f"checkpoints (F32/F16/BF16) - dequantize it first")
+        gname, _ = arch.map_tensor(norm, part, src)
+        if gname in seen:
+            raise GGQuantError(f"{src.file}: tensors '{seen[gname]}' and '{name}' both map to GGUF tensor '{gname}'")
+        seen[gname] = name
+        tr = arch.transform(norm, gname, src, part)
+        n_outer = arch.n_outer(norm, src, part)
+        src_shape = src.shape if src.shape else ()
+        shape = tr.shape(((n_outer,) + src_shape[1:]) if src_shape else ())
+        qt, why = choose_type(arch, norm, gname, shape, outtype, part)
+        plans.append(TensorPlan(gname, tuple(shape), qt, why, src=src, hf_name=name, n_outer=n_outer, transform=tr))
+    return plans
 
 
 @dataclass

@@ -52,13 +52,15 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
-from ggquant.arch.base import MMPROJ, TEXT, Arch, TensorPlan
+from ggquant.arch.base import MMPROJ, TEXT, Arch
+from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
 from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
 from ggquant.formats.quantized.records import AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor
 from ggquant.formats.safetensors import FLOAT_DTYPES
+from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
 from ggquant.tensor import Dense, SourceQuant, Tensor, permuted, source_quant, to_float32
 
@@ -325,8 +327,6 @@ def _decide(t: TensorPlan, *, auto: bool, ruled: bool) -> None:
         return take(planned, False, f"{rec.encoding} -> {planned.name}: requantized ({bad or 'lossy'})")
     # --outtype auto
     if is_glq:
-        from ggquant.quant import types as qtypes
-
         sugg = getattr(rec, "suggested_type", FALLBACK_TYPE)
         if t.shape[-1] % GGML_QUANT_SIZES[sugg][0]:
             # a K-quant for a row that is not whole super-blocks: llama-quantize's 32-element fallback
@@ -361,7 +361,7 @@ def _float_lossless(t: TensorPlan) -> str | None:
         test = fp16_exact if t.qtype == T.F16 else bf16_exact
         inner = max(1, math.prod(t.src.shape[1:])) if t.src.shape else 1
         bad = 0
-        for a, b in row_chunks(t.n_outer, inner):
+        for a, b in row_chunks(t.n_outer, inner, t.transform.row_block):
             bad += int((~test(np.asarray(t.transform(t.src.float_rows(a, b), t.src.dtype)))).sum())
         if not bad:
             return None
@@ -423,8 +423,6 @@ def _relabel(f, plans: list[TensorPlan], outfile) -> None:
 
 def measure_lossy(conv) -> None:
     """--dry-run: the SQNR of every lossy quantized weight (what the real run reports too)."""
-    from ggquant.quant import types as qtypes
-
     for f in conv.files:
         for t in f.tensors:
             if t.source_quant and not t.exact:

@@ -428,7 +428,8 @@ def _written_tensors(e, hook: GLQLinears) -> list[tuple[str, str, tuple[int, ...
 def _hf_imatrix_names(model_dir: Path, config: dict, ckpt) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name (the imatrix's keys), through the arch's name tables."""
     from ggquant.arch import arch_class
-    from ggquant.arch.base import TEXT, hf_architecture
+    from ggquant.arch.base import TEXT
+    from ggquant.formats.hf_folder import hf_architecture
 
     cls = arch_class(hf_architecture(config, model_dir / "config.json"), str(model_dir / "config.json"))
     arch = cls(model_dir, config, ckpt)

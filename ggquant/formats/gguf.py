@@ -51,10 +51,12 @@ from gguf import (
 from gguf.gguf_writer import SHARD_NAME_FORMAT
 
 from ggquant.errors import FormatError, GGQuantError
+from ggquant.files import check_overwrite
 from ggquant.tensor import Blocks, MappedRegion, Tensor
 
 __all__ = [
     "Field",
+    "KV",
     "GGUFReader",
     "GGUFWriter",
     "PlannedTensor",
@@ -564,6 +566,76 @@ class GGUFReader:
 
 
 # =============================================================================================
+# Metadata to write: ordered, with gguf-py's duplicate semantics
+# =============================================================================================
+
+
+class KV:
+    """Ordered GGUF key/values. Setting an existing key keeps its position and replaces the value
+    and type: what gguf-py GGUFWriter.add_key_value does (llama.cpp's converter writes several
+    keys twice, e.g. Gemma 3's context_length, and the file keeps the first position)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
+
+    def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
+        self.items[key] = (vtype, value, item_type)
+
+    def remove(self, key: str) -> None:
+        self.items.pop(key, None)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.items[key][1] if key in self.items else default
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    # typed helpers, named after gguf-py's add_* methods they mirror
+    def u32(self, key: str, value: int) -> None:
+        self.set(key, int(value), GGUFValueType.UINT32)
+
+    def i32(self, key: str, value: int) -> None:
+        self.set(key, int(value), GGUFValueType.INT32)
+
+    def f32(self, key: str, value: float) -> None:
+        self.set(key, float(value), GGUFValueType.FLOAT32)
+
+    def bool(self, key: str, value: bool) -> None:
+        self.set(key, bool(value), GGUFValueType.BOOL)
+
+    def string(self, key: str, value: str) -> None:
+        if value:  # gguf-py add_string drops empty strings
+            self.set(key, value, GGUFValueType.STRING)
+
+    def array(self, key: str, values: list, what: str = "") -> None:
+        """An array whose item type follows gguf-py GGUFValueType.get_type of the first item."""
+        if len(values) == 0:  # gguf-py add_array drops empty arrays
+            return
+        item = python_value_type(values[0], what or key)
+        for v in values:
+            if python_value_type(v, what or key) != item:
+                raise GGQuantError(f"{what or key}: all items of a GGUF array must have the same type, got {values!r}")
+        self.set(key, list(values), GGUFValueType.ARRAY, item)
+
+    def write_to(self, writer: Any) -> None:
+        for key, (vtype, value, item) in self.items.items():
+            writer.add_field(key, value, vtype, item)
+
+
+def python_value_type(v: Any, what: str) -> GGUFValueType:
+    """gguf-py GGUFValueType.get_type: str -> STRING, float -> FLOAT32, bool -> BOOL, int -> INT32."""
+    if isinstance(v, (str, bytes, bytearray)):
+        return GGUFValueType.STRING
+    if isinstance(v, float):
+        return GGUFValueType.FLOAT32
+    if isinstance(v, bool):
+        return GGUFValueType.BOOL
+    if isinstance(v, int):
+        return GGUFValueType.INT32
+    raise GGQuantError(f"{what}: cannot store {v!r} ({type(v).__name__}) in GGUF metadata")
+
+
+# =============================================================================================
 # Writer
 # =============================================================================================
 
@@ -714,10 +786,7 @@ class GGUFWriter:
             existing = [self.path] if self.path.exists() else []
             if self.split_max_size or self.split_max_tensors:
                 existing += sorted(self.path.parent.glob(f"{_glob_escape(self.path.stem)}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
-            if existing:
-                raise GGQuantError(
-                    f"{existing[0]} already exists; pass --force to overwrite it (or choose another --outfile)"
-                )
+            check_overwrite(existing[:1], False)
 
     # --- metadata -------------------------------------------------------------------------
     def add_field(
@@ -891,10 +960,7 @@ class GGUFWriter:
         self._written = True
         shards = self._shards()
         finals = self._shard_paths(len(shards))
-        if not self.force:
-            for p in finals:
-                if p.exists():
-                    raise GGQuantError(f"{p} already exists; pass --force to overwrite it (or choose another --outfile)")
+        check_overwrite(finals, self.force)
         temps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in finals]
         renamed: list[Path] = []
         try:

@@ -116,7 +116,7 @@ class SafetensorsFile:
             self.tensors[name] = self._parse_entry(name, info)
         self._check_layout()
 
-    def _parse_entry(self, name: str, info: Any) -> SafeTensor:
+    def _parse_entry(self, name: str, info: Any) -> Tensor:
         what = f"{self.path}: tensor '{name}'"
         if not isinstance(info, dict):
             raise FormatError(f"{what}: header entry must be an object with dtype, shape, data_offsets")

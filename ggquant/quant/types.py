@@ -35,7 +35,7 @@ Adding a type: its quantize and dequantize side by side in its family's kernel m
 call below, and a bit-exactness test; ggquant.quant.presets too if it is a llama-quantize preset.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -193,6 +193,10 @@ for _t in (T.TQ1_0, T.TQ2_0):
     _register(_t, lowbit, row_fallback=T.Q4_0, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
 for _t in (T.MXFP4, T.NVFP4, T.Q1_0):
     _register(_t, lowbit, **_lowbit_runtime(_t, T.Q8_0, b32matmul))
+
+# CPU products of the offset legacy quants: Q8_1 activations (ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1)
+for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):
+    REGISTRY[_t] = replace(REGISTRY[_t], vec_dot_type=T.Q8_1, cpu_matmul=_mm)
 
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))

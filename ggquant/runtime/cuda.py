@@ -255,9 +255,9 @@ class CUDABackend:
 
     def _table(self):
         if self._gelu_table is None:
-            from .cpu import _gelu_table
+            from .cpu import gelu_table
 
-            self._gelu_table = self.torch.from_numpy(_gelu_table()).to(self.device)
+            self._gelu_table = self.torch.from_numpy(gelu_table()).to(self.device)
         return self._gelu_table
 
     def gelu(self, x):

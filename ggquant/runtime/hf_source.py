@@ -48,7 +48,7 @@ def stored_outtype(model_dir: Path) -> str:
     """bf16 / f16 / f32 from the dtype of the first 2-D text tensor (convert._auto_outtype's rule,
     except that f32 stays f32); "auto" when that tensor is not float (a quantized checkpoint)."""
     from ggquant.arch import arch_class
-    from ggquant.arch.base import hf_architecture, load_config
+    from ggquant.formats.hf_folder import hf_architecture, load_config
     from ggquant.formats.safetensors import open_checkpoint
 
     config = load_config(model_dir)

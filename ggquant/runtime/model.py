@@ -6,64 +6,34 @@ evaluation session.
     sess = Session(model, n_ctx=1024)
     logits = sess.eval(ids, logits="all")     # float32 numpy [len(ids), n_vocab]
 
-An architecture module (gemma3.py, gemma4.py) subclasses Model: it reads its hyperparameters
-from the GGUF keys the way llama.cpp's llama-model.cpp loads them, declares its tensors through
-a TensorSet (every missing tensor is reported at once, by name), and implements forward().
+An architecture module (models/gemma3.py, models/gemma4.py) subclasses Model: it takes its
+hyperparameters from its family's GGUF decoder in ggquant.arch (the keys as llama.cpp's
+llama-model.cpp loads them; the GGUF -> HF exporter reads them through the same decoder),
+declares its tensors through a TensorSet (every missing tensor is reported at once, by name),
+and implements forward(). The module is found by the GGUF's general.architecture (model_class).
 The arithmetic goes through a backend (cpu.py, cuda.py) with one small interface, so the model
 files read like the llama.cpp graphs they follow.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ggquant.arch.base import GGUFFacts, TextHparams
 from ggquant.errors import GGQuantError
 
-ARCHITECTURES: dict[str, type["Model"]] = {}
-
-
-def register(cls):
-    ARCHITECTURES[cls.arch] = cls
-    return cls
+MODELS_PACKAGE = "ggquant.runtime.models"
 
 
 class MissingTensorsError(GGQuantError):
     pass
-
-
-class Meta:
-    """GGUF metadata with the architecture prefix and llama.cpp's key semantics."""
-
-    def __init__(self, reader, arch: str):
-        self.reader = reader
-        self.arch = arch
-        self.path = reader.path
-
-    def has(self, key: str) -> bool:
-        return f"{self.arch}.{key}" in self.reader.fields
-
-    def get(self, key: str, default: Any = ...):
-        full = f"{self.arch}.{key}"
-        f = self.reader.fields.get(full)
-        if f is None:
-            if default is ...:
-                raise GGQuantError(f"{self.path}: metadata key '{full}' is missing; the {self.arch} runtime "
-                                   f"needs it (was the file written by a compatible converter?)")
-            return default
-        return f.value
-
-    def per_layer(self, key: str, n_layer: int, default: Any = ...) -> list:
-        """llama_model_loader::get_key_or_arr: a scalar repeated per layer, or an array of n_layer."""
-        v = self.get(key, default)
-        if isinstance(v, (list, np.ndarray)):
-            if len(v) != n_layer:
-                raise GGQuantError(f"{self.path}: '{self.arch}.{key}' has {len(v)} entries, expected one per "
-                                   f"layer ({n_layer})")
-            return [x.item() if hasattr(x, "item") else x for x in v]
-        return [v] * n_layer
 
 
 class TensorSet:
@@ -132,17 +102,34 @@ class KVCache:
 class Model:
     """Base of the architecture modules."""
 
-    arch = ""
+    arch = ""  # general.architecture: also the name of the module in runtime/models/
+    hparams_class: type[TextHparams] = TextHparams  # the family's GGUF decoder (ggquant.arch.<family>)
     n_vocab: int
     n_ctx_train: int
-    hp: Any  # the architecture's hyperparameters (head() reads eps and final_softcap)
-    output_norm: Any
-    output: Any  # the output matrix (the token embedding when tied)
+    hp: TextHparams  # the decoded hyperparameters (head() reads eps and final_softcap)
+    tok_embd: Any  # token_embd [n_vocab, n_embd]
+    output_norm: Any  # [n_embd]
+    output: Any  # the output matrix [n_vocab, n_embd] (the token embedding when tied)
 
     def __init__(self, reader, backend):
         self.reader = reader
         self.backend = backend
-        self.meta = Meta(reader, self.arch)
+        self.hp = self.hparams_class.from_gguf(GGUFFacts.of(reader))
+        self.n_ctx_train = self.hp.n_ctx_train
+        ts = TensorSet(reader, backend)
+        self.n_vocab = n_vocab = ts.n_vocab()
+        H = self.hp.n_embd
+        # the two ends every llama-like graph has (llama.cpp load_arch_tensors): the token
+        # embeddings, and the output norm and matrix (the tied embedding when there is none)
+        self.tok_embd = ts.get("token_embd.weight", (n_vocab, H))
+        self.output_norm = ts.vector("output_norm.weight", (H,))
+        self.output = ts.get("output.weight", (n_vocab, H), required=False) or self.tok_embd
+        self.load_tensors(ts)
+        ts.check(self.arch)
+
+    def load_tensors(self, ts: TensorSet) -> None:
+        """The architecture's own tensors (llama_model_<arch>::load_arch_tensors), asked of ts."""
+        raise NotImplementedError
 
     def new_cache(self, n_ctx: int) -> KVCache:
         raise NotImplementedError
@@ -197,20 +184,56 @@ def open_reader(path: str | Path, outtype: str | None = None):
     return GGUFReader(path)
 
 
+def supported_architectures() -> list[str]:
+    """The GGUF architectures with a module in runtime/models/."""
+    models = importlib.import_module(MODELS_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(models.__path__) if not m.name.startswith("_"))
+
+
+def model_class(arch: Any, where: str | Path = "") -> type[Model]:
+    """The Model subclass of GGUF architecture `arch`, from runtime/models/<arch>.py, imported by
+    name (mlx-lm utils._get_classes: importlib.import_module(f"mlx_lm.models.{model_type}"))."""
+    name = arch.replace("-", "_") if isinstance(arch, str) else ""
+    known = name.isidentifier() and not name.startswith("_") and \
+        importlib.util.find_spec(f"{MODELS_PACKAGE}.{name}") is not None
+    if not known:
+        raise GGQuantError(f"{f'{where}: ' if where else ''}architecture {arch!r} is not supported by the ggquant "
+                           f"runtime (supported: {', '.join(supported_architectures())})")
+    module = importlib.import_module(f"{MODELS_PACKAGE}.{name}")
+    for cls in vars(module).values():
+        if isinstance(cls, type) and issubclass(cls, Model) and cls.__module__ == module.__name__ and cls.arch == arch:
+            return cls
+    raise GGQuantError(f"{module.__file__}: defines no Model subclass with arch = {arch!r}")
+
+
+class _ModelsByArch(Mapping):
+    """general.architecture -> Model subclass, looked up in runtime/models/ on use (model_class)."""
+
+    def __getitem__(self, arch: str) -> type[Model]:
+        return model_class(arch)
+
+    def __contains__(self, arch: object) -> bool:
+        return isinstance(arch, str) and arch.replace("-", "_") in supported_architectures()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(supported_architectures())
+
+    def __len__(self) -> int:
+        return len(supported_architectures())
+
+
+ARCHITECTURES: Mapping[str, type[Model]] = _ModelsByArch()
+
+
 def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, gelu: str = "ggml",
                outtype: str | None = None) -> Model:
     """Open a GGUF (or a Hugging Face folder, see open_reader) and build the model of its
     general.architecture on the chosen backend."""
-    from . import gemma3, gemma4  # noqa: F401  (register the architectures)
-
     path = Path(path)
     reader = open_reader(path, outtype)
-    arch = reader.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGQuantError(f"{path}: architecture {arch!r} is not supported by the ggquant runtime "
-                           f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    cls = model_class(reader.get("general.architecture"), path)
     backend = make_backend(device, threads=threads, gelu=gelu)
-    return ARCHITECTURES[arch](reader, backend)
+    return cls(reader, backend)
 
 
 def make_backend(device: str, threads: int | None = None, gelu: str = "ggml"):
@@ -273,5 +296,5 @@ class Session:
         return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
 
 
-__all__ = ["ARCHITECTURES", "KVCache", "Meta", "MissingTensorsError", "Model", "Session", "TensorSet",
-           "f32", "load_model", "make_backend", "open_reader", "register", "sqrtf"]
+__all__ = ["ARCHITECTURES", "KVCache", "MissingTensorsError", "Model", "Session", "TensorSet", "f32", "load_model",
+           "make_backend", "model_class", "open_reader", "sqrtf", "supported_architectures"]

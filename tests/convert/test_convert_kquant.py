@@ -15,7 +15,7 @@ from ggquant.convert import convert
 from ggquant.errors import GGQuantError
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import presets
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.convert.helpers import assert_identical
 
 IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",

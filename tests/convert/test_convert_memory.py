@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     import json, os, resource, struct, sys
     import numpy as np
     from gguf import GGMLQuantizationType as T
-    from ggquant.arch.base import TensorPlan
+    from ggquant.convert.plan import TensorPlan
     from ggquant.convert.encode import Pipeline, tensor_chunks
     from ggquant.formats.gguf import GGUFWriter
     from ggquant.formats.safetensors import SafetensorsFile

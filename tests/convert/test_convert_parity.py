@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ggquant.fixtures import build_gemma3, build_gemma4, cached_build, tiny_model
+from ggquant.fixtures import build_gemma3, build_gemma4, build_llama, cached_build, tiny_model
 from ggquant.cli import main
 from ggquant.convert import convert, plan_conversion
 from ggquant.formats.gguf import GGUFReader
@@ -34,6 +34,11 @@ CASES = (
     + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
     + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
     + [("card_gemma3", "f32", False), ("vision_only_gemma4", "f16", True)]
+    # Llama family (fixtures/llama.py): llama3 RoPE + q/k permutation + Llama 3 BPE, Mistral (SPM, f16
+    # source, untied), Qwen2 (biases, qwen2 BPE), Qwen3 (q/k norms, f32 source), and a Llama with
+    # permuted q/k biases and linear RoPE scaling
+    + [(n, t, False) for n in ("llama3", "mistral", "qwen2", "qwen3") for t in ("f32", "f16", "bf16", "q8_0")]
+    + [("llama_bias_linear", "f32", False), ("llama_bias_linear", "q8_0", False)]
 )
 
 MODEL_CARD = """---
@@ -76,6 +81,10 @@ EXTRA_MODELS = {
     "vision_only_gemma4": lambda: cached_build("conv_gemma4_vision_only", build_gemma4, variant="e2b",
                                                dtype="bfloat16", with_audio=False),
     "card_gemma3": lambda: cached_build("gemma-3-270m-it-v2", _card_model, dtype="bfloat16"),
+    "llama_bias_linear": lambda: cached_build(
+        "conv_llama_bias_linear", build_llama, variant="llama3", dtype="float32", chat_template="jinja",
+        config_overrides=dict(attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 10000.0})),
 }
 
 
@@ -86,7 +95,7 @@ def model_dir(name: str) -> Path:
 @pytest.fixture(scope="module")
 def references():
     """All reference GGUFs of CASES, converted by llama.cpp in one process (cached on disk)."""
-    from tests.reference import cached_reference_ggufs
+    from tests.oracles.llama_converter import cached_reference_ggufs
 
     paths = cached_reference_ggufs([(model_dir(n), t, m) for n, t, m in CASES])
     return dict(zip(CASES, paths))

@@ -41,7 +41,7 @@ TEXTS = (("requests", "LICENSE"), ("requests", "METADATA"), ("jinja2", "METADATA
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from ggquant.convert.gguf_to_hf import export_hf
-    from tests.real_models import gemma3_270m_gguf
+    from tests.oracles.real_models import gemma3_270m_gguf
 
     gguf = gemma3_270m_gguf()
     out = tmp_path_factory.mktemp("g270") / "gemma-3-270m"

@@ -165,7 +165,7 @@ def _assert_ggml_agrees(cgguf, path):
         assert c["version"] == p.version
         assert c["alignment"] == p.alignment
         assert c["keys"] == [(f.name, int(f.type)) for f in p.fields.values()]
-        assert c["tensors"] == [(t.name, int(t.qtype), t.offset, t.nbytes) for t in p.tensors]
+        assert c["tensors"] == [(t.name, int(t.qtype), t.source.offset, t.nbytes) for t in p.tensors]
     finally:
         p.tensors.clear()
         p.buf.close()
@@ -234,7 +234,7 @@ def test_every_value_type_round_trips_including_empty_strings_and_arrays(tmp_pat
 def test_block_sizes_match_ggml_type_traits():
     """Our table is gguf-py's, corrected where ggml disagrees (Q8_1: 36 bytes, not 40)."""
     pytest.importorskip("llama_cpp")
-    from tests.ggml_oracle import libggml_base
+    from tests.oracles.ggml import libggml_base
 
     lib = libggml_base()
     for qt in ALL_QTYPES:
@@ -261,7 +261,7 @@ def test_every_ggml_type_round_trips_and_loads_in_ggml(tmp_path, cgguf):
     with GGUFReader(tmp_path / "ours.gguf") as r:
         for (name, shape, qt, data), t in zip(tensors, r.tensors, strict=True):
             assert (t.name, t.shape, t.qtype, t.nbytes) == (name, shape, qt, data.nbytes)
-            assert t.offset % r.alignment == 0
+            assert t.source.offset % r.alignment == 0
             assert np.array_equal(t.raw(), data)
     _assert_ggml_agrees(cgguf, tmp_path / "ours.gguf")
 
@@ -300,7 +300,7 @@ def test_alignment_argument_writes_general_alignment(tmp_path, cgguf):
     w.write()
     with GGUFReader(tmp_path / "a.gguf") as r:
         assert r.alignment == 128 and r.fields["general.alignment"].type == V.UINT32
-        assert [t.offset % 128 for t in r.tensors] == [0, 0]
+        assert [t.source.offset % 128 for t in r.tensors] == [0, 0]
     _assert_ggml_agrees(cgguf, tmp_path / "a.gguf")
     with pytest.raises(GGQuantError, match="alignment=128"):
         GGUFWriter(tmp_path / "b.gguf", alignment=128).add_field("general.alignment", 64, V.UINT32)
@@ -350,7 +350,7 @@ def test_split_write_matches_gguf_py_and_reads_back_as_one_model(tmp_path, cgguf
         assert (r.get("split.no"), r.get("split.count"), r.get("split.tensors.count")) == (0, n, len(tensors))
         assert [t.name for t in r.tensors] == [t[0] for t in tensors]
         for (name, shape, qt, data), t, pl in zip(tensors, r.tensors, planned):
-            assert (t.file, t.offset, t.nbytes) == (pl.shard, pl.offset, pl.nbytes)
+            assert (t.file, t.source.offset, t.nbytes) == (pl.shard, pl.offset, pl.nbytes)
             assert np.array_equal(t.raw(), data.reshape(t.n_rows, t.row_bytes))
     # the other shards hold only the split keys
     for p in paths[1:]:
@@ -541,9 +541,9 @@ def test_tensor_views_are_zero_copy_and_bounds_checked(tmp_path):
     raw = t.raw()
     assert raw.shape == (5, 2 * 210) and raw.dtype == np.uint8
     assert not raw.flags.owndata and not raw.flags.writeable
-    assert np.array_equal(t.rows(1, 3), raw[1:3])
+    assert np.array_equal(t.block_rows(1, 3), raw[1:3])
     with pytest.raises(GGQuantError, match="outside"):
-        t.rows(4, 6)
+        t.block_rows(4, 6)
     with pytest.raises(TensorNotFoundError, match="no tensor named 'nope'") as e:
         r.tensor("nope")
     assert isinstance(e.value, KeyError)
@@ -675,7 +675,7 @@ def test_hand_crafted_valid_file_loads(tmp_path, cgguf):
     with GGUFReader(p) as r:
         assert [(t.name, t.shape, t.qtype, t.nbytes) for t in r.tensors] == [
             ("t0", (2, 32), Q.Q8_0, 68), ("t1", (8,), Q.F32, 32)]
-        assert r.tensors[1].offset - r.tensors[0].offset == 96
+        assert r.tensors[1].source.offset - r.tensors[0].source.offset == 96
     _assert_ggml_agrees(cgguf, p)
 
 
@@ -756,7 +756,7 @@ def test_real_model_streams_through_reader_and_writer_byte_for_byte(gemma3_gguf,
         for t in r.tensors:
             step = 128
             w.add_tensor(t.name, t.shape, t.qtype,
-                         lambda t=t: (t.rows(i, min(i + step, t.n_rows)) for i in range(0, t.n_rows, step)))
+                         lambda t=t: (t.block_rows(i, min(i + step, t.n_rows)) for i in range(0, t.n_rows, step)))
         w.write()
     assert (tmp_path / "copy.gguf").read_bytes() == Path(gemma3_gguf).read_bytes()
     _assert_ggml_agrees(cgguf, gemma3_gguf)

@@ -8,25 +8,13 @@ from click.testing import CliRunner
 
 from ggquant.cli import main
 from ggquant.imatrix.collect import collect_imatrix
-from ggquant.imatrix.files import load
 from ggquant.formats.gguf import GGUFReader
+from ggquant.imatrix.files import load
 from ggquant.convert.gguf_to_gguf import quantize_gguf
-from ggquant.runtime.tokenizer import Tokenizer
-from tests import real_text
-from tests.imatrix import llama_imatrix
-from tests.real_models import gemma3_270m_gguf
-
-
-def chunks_like_llama_imatrix(model_path, text, ctx, n_chunks):
-    with GGUFReader(model_path) as r:
-        tok = Tokenizer.from_gguf(r)
-    ids = tok.encode(text, add_special=True)
-    out = []
-    for c in range(n_chunks):
-        chunk = list(ids[c * ctx:(c + 1) * ctx])
-        chunk[0] = tok.bos_id
-        out.append(chunk)
-    return out
+from tests.oracles import real_text
+from tests.oracles import llama_imatrix
+from tests.oracles.llama_imatrix import chunks_like_llama_imatrix
+from tests.oracles.real_models import gemma3_270m_gguf
 
 
 def assert_same_statistics(ours, ref):
@@ -98,7 +86,7 @@ def test_ggquant_imatrix_file_quantizes_like_llama(reference_gguf, tmp_path, pre
     same tensor bytes as ggquant's own imatrix-weighted quantization of the same model."""
     from ggquant.imatrix.files import save_gguf
     from ggquant.quant import presets
-    from tests import ggml_oracle
+    from tests.oracles import ggml as ggml_oracle
     from tests.quant.test_quantize_gguf import assert_same_model
 
     model = reference_gguf("gemma4_e2b", "f32")
@@ -113,7 +101,7 @@ def test_ggquant_imatrix_file_quantizes_like_llama(reference_gguf, tmp_path, pre
 
 def test_imatrix_lowers_kl_on_real_gemma3(tmp_path):
     """Quality: Q3_K_M with a ggquant imatrix is closer to the F32 model than without one."""
-    from tests.imatrix.quality import measure
+    from tests.oracles.imatrix_quality import measure
 
     [(_, res)] = measure(tmp_path, ["Q3_K_M"], ctx=128, cal_chunks=4, eval_chunks_n=2, log=lambda *_: None)
     assert res["with"]["kl_mean"] < 0.8 * res["without"]["kl_mean"], res

@@ -47,7 +47,7 @@ def test_gguf_round_trip_and_llama_normalisation(tmp_path):
 def test_gguf_loads_in_ggml(tmp_path):
     import ctypes
 
-    from tests.ggml_oracle import libggml_base
+    from tests.oracles.ggml import libggml_base
 
     lib = libggml_base()
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from ggquant.cli import main
 from ggquant.parity.run import run_parity
-from tests.real_models import gemma3_270m_gguf
+from tests.oracles.real_models import gemma3_270m_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggquant.kernels.quants import floats, iq4
 
-oracle = pytest.importorskip("tests.ggml_oracle")
+oracle = pytest.importorskip("tests.oracles.ggml")
 pytest.importorskip("llama_cpp")
 
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]

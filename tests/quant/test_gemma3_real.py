@@ -9,9 +9,9 @@ from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import presets
 from ggquant.quant import types as qtypes
 from ggquant.convert.gguf_to_gguf import quantize_gguf
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quant.test_quantize_gguf import assert_same_model
-from tests.real_models import gemma3_270m_gguf
+from tests.oracles.real_models import gemma3_270m_gguf
 
 
 def test_every_tensor_dequantizes_bit_exactly():
@@ -54,7 +54,7 @@ def gemma3_imatrix(gemma3_f32, tmp_path_factory):
     normalised vectors llama-quantize passes to libllama."""
     from ggquant.imatrix.collect import collect_imatrix
     from ggquant.imatrix.files import load, save_gguf
-    from tests import real_text
+    from tests.oracles import real_text
 
     d = tmp_path_factory.mktemp("g3im")
     im, _ = collect_imatrix(gemma3_f32, real_text.write(d / "cal.txt", real_text.calibration_text()[:40000]),

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from ggquant.errors import GGQuantError
 from ggquant.kernels.quants import iqtables, iquants, lowbit
 from ggquant.quant import types as qtypes
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 
 pytest.importorskip("llama_cpp")
 

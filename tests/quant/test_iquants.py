@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, QK_K
 from gguf import GGMLQuantizationType as T
 
 from ggquant.kernels.quants import iquants, lowbit
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 
 DEQUANTIZE = {**iquants.DEQUANTIZE, **{t: lowbit.DEQUANTIZE[t] for t in (T.TQ1_0, T.TQ2_0, T.MXFP4)}}
 TYPES = list(DEQUANTIZE)

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggquant.kernels import common, qsearch
 from ggquant.kernels.quants import kquants, legacy
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 
 pytest.importorskip("llama_cpp")
 

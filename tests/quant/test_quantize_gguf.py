@@ -9,7 +9,7 @@ from gguf import LlamaFileType as F
 from ggquant.errors import GGQuantError
 from ggquant.quant import presets
 from ggquant.convert.gguf_to_gguf import quantize_gguf
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.toy_models import build_toy_llama
 
 QUANT_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",

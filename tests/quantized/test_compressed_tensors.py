@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import detect, open_quantized
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quantized.util import assert_bits_equal, open_dir
 
 ct = pytest.importorskip("compressed_tensors")

@@ -26,7 +26,7 @@ from ggquant.convert import convert
 from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED
 from ggquant.errors import GGQuantError
 from ggquant.formats.gguf import GGUFReader
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quantized import gemma4_quantized as G
 from tests.quantized.util import assert_bits_equal
 

@@ -10,7 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from ggquant.quant import transcode as tc
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quantized.util import assert_bits_equal
 
 pytest.importorskip("llama_cpp")

@@ -14,7 +14,7 @@ from ggquant.convert.encode import exact_chunk
 from ggquant.formats.quantized.records import AffineQuantTensor
 from ggquant.kernels.quants.transcode import pack_exact
 from ggquant.quant import transcode as tc
-from tests import ggml_oracle
+from tests.oracles import ggml as ggml_oracle
 from tests.quantized.util import assert_bits_equal
 
 pytest.importorskip("llama_cpp")

@@ -34,9 +34,6 @@ def test_torch_dequantize_equals_ggml(qtype, device):
 def _torch_model(path, device, gelu="ggml"):
     from ggquant.runtime.cuda import CUDABackend
 
-    import ggquant.runtime.gemma3  # noqa: F401
-    import ggquant.runtime.gemma4  # noqa: F401
-
     r = GGUFReader(path)
     return ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(gelu=gelu, device=device))
 

@@ -48,7 +48,7 @@ def test_low_bit_decoders_equal_ggml_to_float(qtype):
     int8 repack the Triton matvec reads)."""
     from ggquant.kernels.cuda.dequant import dequantize_parts
     from ggquant.runtime.cuda import dequantize, repack
-    from tests import ggml_oracle
+    from tests.oracles import ggml as ggml_oracle
 
     raw, _ = _weights(qtype, 5, 1024, seed=int(qtype))
     ref = ggml_oracle.dequantize(qtype, raw, 1024)
@@ -90,7 +90,7 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
 
 
 def test_rms_norm_rope_geglu_kernels():
-    from ggquant.runtime.cpu import _gelu_table, rope_cache
+    from ggquant.runtime.cpu import gelu_table, rope_cache
 
     ck = _kernels()
     rng = np.random.default_rng(2)
@@ -118,7 +118,7 @@ def test_rms_norm_rope_geglu_kernels():
     g, u = rng.standard_normal(3000) * 6, rng.standard_normal(3000)
     tanh = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * g * (1 + 0.044715 * g * g)))
     assert np.abs(ck.geglu(torch, t(g), t(u), None).cpu().numpy() - tanh * u).max() < 1e-5
-    table = _gelu_table()
+    table = gelu_table()
     idx = g.astype(np.float32).astype(np.float16).view(np.uint16)
     ggml = np.where(g >= 10, g, np.where(g <= -10, 0, table[idx]))
     assert np.array_equal(ck.geglu(torch, t(g), None, t(table)).cpu().numpy(), ggml.astype(np.float32))

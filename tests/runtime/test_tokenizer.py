@@ -9,7 +9,7 @@ import pytest
 
 from ggquant.formats.gguf import GGUFReader
 from ggquant.runtime.tokenizer import Tokenizer
-from tests.real_models import gemma3_270m_gguf
+from tests.oracles.real_models import gemma3_270m_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

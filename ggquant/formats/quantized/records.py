@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggquant.errors import FormatError, GGQuantError
 from ggquant.quant.transcode import (
-    BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, AffineBlocks, Transcoded, columns_to_blocks,
+    BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, AffineBlocks, columns_to_blocks,
     exact_float, transcode, verify_blocks,
 )
 

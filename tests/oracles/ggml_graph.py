@@ -1,6 +1,6 @@
 """ggml's own graph, computed by the CPU backend llama.cpp runs, through ctypes.
 
-ggml_cpu_oracle.py calls one type's vec_dot row by row; llama.cpp instead runs
+tests/oracles/ggml_cpu.py calls one type's vec_dot row by row; llama.cpp instead runs
 ggml_compute_forward_mul_mat, which picks per weight type, batch size and host ISA between
 vec_dot, llamafile's tinyBLAS, the tiled k-quant kernels and the repacked layouts of the
 CPU_REPACK buffer (weights that llama.cpp loads into it: Q4_0, Q4_K, IQ4_NL on x86). This oracle
@@ -16,7 +16,7 @@ import functools
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from tests.ggml_oracle import lib_dir
+from tests.oracles.ggml import lib_dir
 
 _p = ctypes.c_void_p
 

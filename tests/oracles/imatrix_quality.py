@@ -17,8 +17,8 @@ from ggquant.parity.engines import LlamaCppEngine
 from ggquant.parity.stats import ParityStats
 from ggquant.convert.gguf_to_gguf import quantize_gguf
 from ggquant.runtime.tokenizer import Tokenizer
-from tests import real_text
-from tests.real_models import gemma3_270m_gguf
+from tests.oracles import real_text
+from tests.oracles.real_models import gemma3_270m_gguf
 
 
 def eval_chunks(model_path, ctx, n):

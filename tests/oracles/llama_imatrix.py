@@ -10,6 +10,9 @@ import ctypes
 
 import numpy as np
 
+from ggquant.formats.gguf import GGUFReader
+from ggquant.runtime.tokenizer import Tokenizer
+
 # struct ggml_tensor field offsets on x86-64 (research note §5, sizeof 336)
 OFF_TYPE, OFF_NE, OFF_NB, OFF_OP, OFF_SRC, OFF_DATA, OFF_NAME = 0, 16, 48, 80, 152, 248, 256
 GGML_TYPE_F32 = 0
@@ -36,7 +39,7 @@ def collect(model_path, chunks: list[list[int]], n_ctx: int, threads: int = 2) -
     """Returns {weight name: (sums float32 [n_in], count)} as llama-imatrix would accumulate."""
     import llama_cpp
 
-    from tests.ggml_oracle import libggml_base
+    from tests.oracles.ggml import libggml_base
 
     mul_mat = _op_id(libggml_base(), "MUL_MAT")
     stats: dict[str, list] = {}
@@ -109,3 +112,19 @@ def collect(model_path, chunks: list[list[int]], n_ctx: int, threads: int = 2) -
     if errors:
         raise errors[0]
     return {k: (v[0], v[1]) for k, v in stats.items()}
+
+
+def chunks_like_llama_imatrix(model_path, text, ctx, n_chunks):
+    """The token chunks llama-imatrix evaluates: the text tokenized with BOS, cut into ctx-token
+    chunks, the first token of each replaced by BOS when the vocabulary adds one (imatrix.cpp
+    compute_imatrix: `if (add_bos && j == 0)`)."""
+    with GGUFReader(model_path) as r:
+        tok = Tokenizer.from_gguf(r)
+    ids = tok.encode(text, add_special=True)
+    out = []
+    for c in range(n_chunks):
+        chunk = list(ids[c * ctx:(c + 1) * ctx])
+        if tok.add_bos:
+            chunk[0] = tok.bos_id
+        out.append(chunk)
+    return out

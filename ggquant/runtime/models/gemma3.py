@@ -13,7 +13,8 @@ Per token (H = n_embd, d = head_dim, nh / nkv heads, F = n_ff):
         x = x + rms(W_down (gelu_tanh(W_gate m) * W_up m)) * post_ffw_norm  W_gate, W_up [F, H]
     logits = (rms(x) * output_norm) E^T        (output.weight if present; optional final softcap)
 
-Details as llama.cpp has them:
+The hyperparameters are decoded by ggquant.arch.gemma3.Gemma3Hparams, the decoder the GGUF -> HF
+direction uses too. Details as llama.cpp has them:
 - The GGUF already stores the norm weights as 1 + w (the converter's norm_shift), so every
   norm is a plain multiply; the Hugging Face (1 + w) offset must not be applied again.
 - Layer types: `attention.sliding_window_pattern` (bool array, true = sliding) if present;
@@ -28,77 +29,14 @@ Details as llama.cpp has them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ggquant.errors import GGQuantError
-
-from .model import KVCache, Model, TensorSet, f32, register, sqrtf
-
-
-@dataclass
-class Gemma3Params:
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: list[int]
-    n_head_kv: list[int]
-    head_dim: int
-    n_ff: list[int]
-    eps: float
-    n_ctx_train: int
-    rope_base: float
-    rope_base_swa: float
-    rope_scale: float  # global layers: 1 / rope.scaling.factor
-    n_swa: int  # 0: no sliding window
-    is_swa: list[bool]
-    attn_scale: float
-    final_softcap: float  # 0: none
-
-    @classmethod
-    def from_meta(cls, meta, n_vocab: int) -> "Gemma3Params":
-        n_layer = int(meta.get("block_count"))
-        n_embd = int(meta.get("embedding_length"))
-        n_head = [int(h) for h in meta.per_layer("attention.head_count", n_layer)]
-        n_head_kv = [int(h) for h in meta.per_layer("attention.head_count_kv", n_layer, n_head[0])]
-        head_dim = int(meta.get("attention.key_length", n_embd // n_head[0]))
-        if int(meta.get("attention.value_length", head_dim)) != head_dim:
-            raise GGQuantError(f"{meta.path}: gemma3 with key_length != value_length is not supported")
-        n_swa = int(meta.get("attention.sliding_window", 0))
-        if n_swa > 0:
-            pat = meta.get("attention.sliding_window_pattern", 6)
-            if isinstance(pat, (list, np.ndarray)):
-                is_swa = [bool(p) for p in pat]
-                if len(is_swa) != n_layer:
-                    raise GGQuantError(f"{meta.path}: sliding_window_pattern has {len(is_swa)} entries for "
-                                       f"{n_layer} layers")
-            else:
-                n = int(pat)
-                is_swa = [n == 0 or (il % n < n - 1) for il in range(n_layer)]
-        else:
-            is_swa = [False] * n_layer
-        factor = float(meta.get("rope.scaling.factor", meta.get("rope.scale_linear", 0.0)))
-        # llama_model_gemma3::load_arch_hparams
-        if n_layer == 62:
-            attn_scale = f32(1.0 / np.sqrt(np.float32(n_embd // n_head[0])))
-        else:
-            attn_scale = f32(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
-        return cls(
-            n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
-            head_dim=head_dim, n_ff=[int(f) for f in meta.per_layer("feed_forward_length", n_layer)],
-            eps=float(meta.get("attention.layer_norm_rms_epsilon")),
-            n_ctx_train=int(meta.get("context_length", 8192)),
-            rope_base=float(meta.get("rope.freq_base", 10000.0)),
-            rope_base_swa=float(meta.get("rope.freq_base_swa", 10000.0)),
-            rope_scale=1.0 if factor == 0.0 else f32(1.0 / np.float32(factor)),
-            n_swa=n_swa, is_swa=is_swa, attn_scale=attn_scale,
-            final_softcap=float(meta.get("final_logit_softcapping", 0.0) or 0.0),
-        )
+from ggquant.arch.gemma3 import Gemma3Hparams
+from ggquant.runtime.model import KVCache, Model, TensorSet, sqrtf
 
 
 class Gemma3Layer:
-    def __init__(self, ts: TensorSet, il: int, hp: Gemma3Params):
+    def __init__(self, ts: TensorSet, il: int, hp: Gemma3Hparams):
         H, d = hp.n_embd, hp.head_dim
         nh, nkv, F = hp.n_head[il], hp.n_head_kv[il], hp.n_ff[il]
         p = f"blk.{il}."
@@ -117,22 +55,13 @@ class Gemma3Layer:
         self.post_ffw_norm = ts.vector(p + "post_ffw_norm.weight", (H,))
 
 
-@register
-class Gemma3(Model):
+class Gemma3Model(Model):
     arch = "gemma3"
+    hparams_class = Gemma3Hparams
+    hp: Gemma3Hparams
 
-    def __init__(self, reader, backend):
-        super().__init__(reader, backend)
-        ts = TensorSet(reader, backend)
-        n_vocab = ts.n_vocab()
-        self.hp = hp = Gemma3Params.from_meta(self.meta, n_vocab)
-        self.n_vocab, self.n_ctx_train = n_vocab, hp.n_ctx_train
-        H = hp.n_embd
-        self.tok_embd = ts.get("token_embd.weight", (n_vocab, H))
-        self.output_norm = ts.vector("output_norm.weight", (H,))
-        self.output = ts.get("output.weight", (n_vocab, H), required=False) or self.tok_embd
-        self.layers = [Gemma3Layer(ts, il, hp) for il in range(hp.n_layer)]
-        ts.check("gemma3")
+    def load_tensors(self, ts: TensorSet) -> None:
+        self.layers = [Gemma3Layer(ts, il, self.hp) for il in range(self.hp.n_layer)]
 
     def new_cache(self, n_ctx: int) -> KVCache:
         hp = self.hp
@@ -146,7 +75,7 @@ class Gemma3(Model):
         for il, L in enumerate(self.layers):
             swa = hp.is_swa[il]
             base = hp.rope_base_swa if swa else hp.rope_base
-            scale = 1.0 if swa else hp.rope_scale
+            scale = 1.0 if swa else hp.rope_freq_scale
             nh, nkv = hp.n_head[il], hp.n_head_kv[il]
 
             h = be.rms_norm(x, L.attn_norm, eps)
