@@ -108,6 +108,15 @@ def main():
     built = {q.name: iqtables.tables(q).seconds for q in iqtables.KINDS if q != T.IQ1_M}  # IQ1_M shares IQ1_S's
     print(f"IQ search tables built in {time.perf_counter() - t0:.2f} s ("
           + ", ".join(f"{k} {v:.2f} s" for k, v in built.items()) + f"; {numba.get_num_threads()} threads)")
+    # ggml's own build of the same tables (ggml_quantize_init, single-threaded; first call in this process)
+    lib = ggml_oracle.libggml_base()
+    ref_built = {}
+    for name in built:
+        t1 = time.perf_counter()
+        lib.ggml_quantize_init(int(T[name]))
+        ref_built[name] = time.perf_counter() - t1
+    print(f"ggml C ggml_quantize_init of the same tables: {sum(ref_built.values()):.2f} s ("
+          + ", ".join(f"{k} {v:.2f} s" for k, v in ref_built.items()) + ")")
     print(f"{'type':<8} {'op':<16} {'ggquant MB/s':>13} {'ggml C MB/s':>12} {'ratio':>7} {'gguf-py MB/s':>13} {'ratio':>8}")
     for name in a.types.split(","):
         qt = T[name]
