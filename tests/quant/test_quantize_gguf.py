@@ -152,7 +152,7 @@ def test_imatrix_for_another_model_is_refused(toy, tmp_path):
 
 # ------------------------------------------------------------------ low-bit presets (issue 14)
 
-def build_toy_moe(path, *, n_expert=4, n_layer=8, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=320,
+def build_toy_moe(path, *, n_expert=4, n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=320,
                   seed=2):
     """A llama-architecture MoE toy: 3-D expert tensors [n_expert, rows, cols], a router, and the
     attention tensors (the IQ and MXFP4_MOE rules look at n_expert and at 3-D shapes)."""
