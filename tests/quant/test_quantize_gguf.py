@@ -10,7 +10,7 @@ from ggquant.errors import GGQuantError
 from ggquant.quant import presets
 from ggquant.convert.gguf_to_gguf import quantize_gguf
 from tests.oracles import ggml as ggml_oracle
-from tests.toy_models import build_toy_llama
+from tests.toy_models import build_toy_llama, build_toy_moe
 
 QUANT_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
               "quantize.imatrix.chunks_count")
@@ -152,50 +152,6 @@ def test_imatrix_for_another_model_is_refused(toy, tmp_path):
 
 # ------------------------------------------------------------------ low-bit presets (issue 14)
 
-def build_toy_moe(path, *, n_expert=4, n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=320,
-                  seed=2):
-    """A llama-architecture MoE toy: 3-D expert tensors [n_expert, rows, cols], a router, and the
-    attention tensors (the IQ and MXFP4_MOE rules look at n_expert and at 3-D shapes)."""
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(512)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-
-    def mat(*shape):
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
-
-    kv = n_embd // n_head * n_head_kv
-    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", mat(n_vocab, n_embd))
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "attn_q.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", mat(kv, n_embd))
-        w.add_tensor(p + "attn_v.weight", mat(kv, n_embd))
-        w.add_tensor(p + "attn_output.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "ffn_gate_inp.weight", mat(n_expert, n_embd))
-        w.add_tensor(p + "ffn_gate_exps.weight", mat(n_expert, n_ff, n_embd))
-        w.add_tensor(p + "ffn_up_exps.weight", mat(n_expert, n_ff, n_embd))
-        w.add_tensor(p + "ffn_down_exps.weight", mat(n_expert, n_embd, n_ff))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def low_bit_toys(tmp_path_factory):
     d = tmp_path_factory.mktemp("lowbit")
@@ -275,17 +231,24 @@ def test_low_bit_tensor_types_and_pure_match_llama(low_bit_toys, tmp_path):
         assert_same_model(ours, ref)
 
 
+def _both_refuse(tmp_path, llama_quantize, ours, match):
+    """llama_model_quantize fails; ggquant raises an error matching `match` and writes nothing."""
+    with pytest.raises(RuntimeError):
+        llama_quantize(tmp_path / "ref.gguf")
+    out = tmp_path / "ours.gguf"
+    with pytest.raises(GGQuantError, match=match):
+        ours(out)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("preset_name", ["IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ1_M", "Q2_K_S", "IQ3_XS"])
 def test_imatrix_required_by_llama_quantize_is_a_clear_error(low_bit_toys, tmp_path, preset_name):
     """llama-quantize refuses these presets without an imatrix (tensor_requires_imatrix); so do we,
     naming the tensor and the type, before anything is written."""
     src = low_bit_toys["tied"]
-    with pytest.raises(RuntimeError):
-        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", presets.PRESETS[preset_name])
-    out = tmp_path / "ours.gguf"
-    with pytest.raises(GGQuantError, match=r"blk\.0\.\w+\.weight: \w+ needs an importance matrix"):
-        quantize_gguf(src, out, preset_name, progress=False)
-    assert not out.exists()
+    _both_refuse(tmp_path, lambda ref: ggml_oracle.llama_quantize(src, ref, presets.PRESETS[preset_name]),
+                 lambda out: quantize_gguf(src, out, preset_name, progress=False),
+                 r"blk\.0\.\w+\.weight: \w+ needs an importance matrix")
 
 
 def test_imatrix_missing_an_entry_is_a_clear_error(low_bit_toys, tmp_path):
@@ -295,26 +258,20 @@ def test_imatrix_missing_an_entry_is_a_clear_error(low_bit_toys, tmp_path):
     src = low_bit_toys["tied"]
     im_file, im_values = _imatrix_file(src, tmp_path / "imatrix.gguf")
     del im_values["blk.3.ffn_up.weight"]
-    with pytest.raises(RuntimeError):
-        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", F.MOSTLY_IQ2_XS, imatrix=im_values)
     partial = write_imatrix_gguf(tmp_path / "partial.gguf", {k: v * 64 for k, v in im_values.items()},
                                  {k: 64 for k in im_values})
-    out = tmp_path / "ours.gguf"
-    with pytest.raises(GGQuantError, match=r"blk\.3\.ffn_up\.weight: IQ2_XS needs an importance matrix"):
-        quantize_gguf(src, out, "IQ2_XS", imatrix=partial, progress=False)
-    assert not out.exists()
+    _both_refuse(tmp_path, lambda ref: ggml_oracle.llama_quantize(src, ref, F.MOSTLY_IQ2_XS, imatrix=im_values),
+                 lambda out: quantize_gguf(src, out, "IQ2_XS", imatrix=partial, progress=False),
+                 r"blk\.3\.ffn_up\.weight: IQ2_XS needs an importance matrix")
 
 
 def test_no_fallback_type_is_a_clear_error(low_bit_toys, tmp_path):
     """Q1_0 rows that are not whole 128-blocks: llama.cpp has no fallback type ("no tensor type
     fallback is defined for type q1_0"); ggquant names the tensor and the type, writes nothing."""
     src = low_bit_toys["tied"]  # blk.0.odd.weight has 48 columns
-    with pytest.raises(RuntimeError):
-        ggml_oracle.llama_quantize(src, tmp_path / "ref.gguf", F.MOSTLY_Q1_0)
-    out = tmp_path / "ours.gguf"
-    with pytest.raises(GGQuantError, match=r"blk\.0\.\w+\.weight: rows of \d+ elements cannot be stored as Q1_0"):
-        quantize_gguf(src, out, "Q1_0", progress=False)
-    assert not out.exists()
+    _both_refuse(tmp_path, lambda ref: ggml_oracle.llama_quantize(src, ref, F.MOSTLY_Q1_0),
+                 lambda out: quantize_gguf(src, out, "Q1_0", progress=False),
+                 r"blk\.0\.\w+\.weight: rows of \d+ elements cannot be stored as Q1_0")
 
 
 def test_every_quant_option_is_a_preset():

@@ -26,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, QK_K
 from gguf import quants as gq
 
 from . import iqtables
-from ..common import F32, JIT, fp16_to_fp32, get_u16
+from ..common import F32, JIT, dequantize_buffers, fp16_to_fp32, get_u16
 from ..qsearch import WORK_FLOATS, fp32_to_fp16, make_qp_quants, nearest_int, put_u16
 
 T = GGMLQuantizationType
@@ -334,16 +334,7 @@ def _deq_iq1_m(data, out, grid, delta):
 # ---------------------------------------------------------------------------------------------
 
 def _prepare(qtype, data, n_per_row):
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    if n_per_row % block:
-        raise ValueError(f"{qtype.name}: rows of {n_per_row} elements are not a whole number of {block}-element blocks")
-    data = np.ascontiguousarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != n_per_row // block * type_size:
-        raise ValueError(
-            f"{qtype.name}: expected uint8 [n_rows, {n_per_row // block * type_size}] for rows of {n_per_row} "
-            f"elements, got shape {data.shape}"
-        )
-    return data, np.empty((data.shape[0], n_per_row), dtype=np.float32)
+    return dequantize_buffers(qtype.name, *GGML_QUANT_SIZES[qtype], data, n_per_row)
 
 
 def dequantize_iq2_xxs(data, n_per_row):

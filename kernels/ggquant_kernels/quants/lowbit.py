@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, QK_K
 from gguf import quants as gq
 
-from ..common import F32, JIT, f32_bits, fp16_to_fp32, get_u16
+from ..common import F32, JIT, dequantize_buffers, f32_bits, fp16_to_fp32, get_u16
 from ..qsearch import c_f32_to_int_lowbyte, c_roundf, fp32_to_fp16, put_u16
 
 T = GGMLQuantizationType
@@ -483,17 +483,7 @@ def _name(type_id):
 
 
 def _prepare(type_id, data, n_per_row):
-    block, type_size = _sizes(int(type_id))
-    if n_per_row % block:
-        raise ValueError(f"{_name(type_id)}: rows of {n_per_row} elements are not a whole number of "
-                         f"{block}-element blocks")
-    data = np.ascontiguousarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != n_per_row // block * type_size:
-        raise ValueError(
-            f"{_name(type_id)}: expected uint8 [n_rows, {n_per_row // block * type_size}] for rows of {n_per_row} "
-            f"elements, got shape {data.shape}"
-        )
-    return data, np.empty((data.shape[0], n_per_row), dtype=np.float32)
+    return dequantize_buffers(_name(type_id), *_sizes(int(type_id)), data, n_per_row)
 
 
 def _quantizer(type_id):
