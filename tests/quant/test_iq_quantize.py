@@ -1,6 +1,6 @@
 """The low-bit quantizers (grid i-quants, ternary, FP4, Q1_0/Q2_0) are byte-exact with ggml_quantize_chunk.
 
-Oracle: tests/ggml_oracle.py (libggml-base from llama-cpp-python). Inputs as for the legacy and
+Oracle: tests/oracles/ggml.py (libggml-base from llama-cpp-python). Inputs as for the legacy and
 k-quants: random normal, heavy-tailed, all-zero, constant, outliers, tiny/large magnitudes, mixed
 sub-blocks (zero, one-signed, constant), with and without random imatrices (some with zero
 columns). Where ggml itself aborts (GGML_ASSERT in its grid search: overflowing magnitudes make
@@ -16,61 +16,13 @@ from ggquant.errors import GGQuantError
 from ggquant.kernels.quants import iqtables, iquants, lowbit
 from ggquant.quant import types as qtypes
 from tests.oracles import ggml as ggml_oracle
+from tests.quant import inputs
 
 pytest.importorskip("llama_cpp")
 
 IQ_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 LOWBIT_TYPES = [T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4, T.Q1_0]
 N_ROWS = 12
-
-
-def _family(name: str) -> np.ndarray:
-    rng = np.random.default_rng(sum(map(ord, name)))
-    if name == "normal":
-        return rng.standard_normal((N_ROWS, 1024))
-    if name == "normal_wide":
-        return rng.standard_normal((4, 4096))
-    if name == "heavy_tailed":
-        return rng.standard_t(2, (N_ROWS, 1024)) * 10
-    if name == "zeros":
-        return np.zeros((4, 512))
-    if name == "constant":
-        return np.repeat(rng.standard_normal((N_ROWS, 1)) * 3, 512, axis=1)
-    if name == "outlier":
-        x = rng.standard_normal((N_ROWS, 512)) * 0.01
-        x[np.arange(N_ROWS), rng.integers(0, 512, N_ROWS)] = rng.choice([-1.0, 1.0], N_ROWS) * 100.0
-        return x
-    if name == "tiny":
-        return rng.standard_normal((N_ROWS, 512)) * 1e-30
-    if name == "small":
-        return rng.standard_normal((N_ROWS, 512)) * 1e-6
-    if name == "large":
-        return rng.standard_normal((N_ROWS, 512)) * 1e6
-    if name == "fp16_max":
-        x = rng.standard_normal((N_ROWS, 512)) * 2e4
-        x[:, ::37] = rng.choice([-65504.0, 65504.0, -6e4, 6e4], x[:, ::37].shape)
-        return x
-    if name == "mixed_blocks":
-        # per 16-value sub-block: zero, all-positive, all-negative, constant or normal (zero 32-value
-        # sub-blocks shift IQ3_S's qs/signs pointers in ggml; this pins that we do the same)
-        x = rng.standard_normal((N_ROWS, 1024))
-        kind = rng.integers(0, 5, (N_ROWS, 1024 // 16))
-        xb = x.reshape(N_ROWS, -1, 16)
-        xb[kind == 0] = 0.0
-        xb[kind == 1] = np.abs(xb[kind == 1])
-        xb[kind == 2] = -np.abs(xb[kind == 2])
-        xb[kind == 3] = 0.7
-        return x
-    if name == "huge":
-        return rng.standard_normal((N_ROWS, 512)) * 1e30
-    if name == "denormal":
-        return rng.standard_normal((N_ROWS, 512)) * 1e-40
-    if name == "powers_of_two":  # MXFP4's exponent floor(log2f(amax)) next to every boundary
-        m = rng.choice([1.0, 1 - 2**-24, 1 + 2**-23, 1.5, 1.9999999], (N_ROWS, 512))
-        return 2.0 ** rng.integers(-30, 30, (N_ROWS, 512)) * rng.choice([-1, 1], (N_ROWS, 512)) * m
-    if name == "ties":  # exact halves: round-half-away-from-zero paths (lroundf, roundf)
-        return rng.integers(-8, 9, (N_ROWS, 512)) / 4.0
-    raise KeyError(name)
 
 
 IQ_FAMILIES = ["normal", "normal_wide", "heavy_tailed", "zeros", "constant", "outlier", "tiny", "small",
@@ -80,23 +32,11 @@ IMATRICES = [None, "random", "some_zeros", "all_equal"]
 
 
 def _input(name):
-    return np.ascontiguousarray(_family(name), dtype=np.float32)
+    return inputs.family(name, N_ROWS, few_rows=4, sub=16)
 
 
 def _imatrix(kind, n):
-    if kind is None:
-        return None
-    rng = np.random.default_rng(n + len(kind))
-    if kind == "random":
-        return (rng.random(n) * 4 + 1e-3).astype(np.float32)
-    if kind == "some_zeros":
-        w = rng.random(n).astype(np.float32)
-        w[rng.random(n) < 0.3] = 0.0
-        w[:32] = 0.0  # a whole sub-block without weight
-        return w
-    if kind == "all_equal":
-        return np.full(n, 0.25, dtype=np.float32)
-    raise KeyError(kind)
+    return inputs.imatrix(kind, n, zero_prefix=32)
 
 
 def _assert_bytes_equal(ours, ref, what):
