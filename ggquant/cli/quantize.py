@@ -10,6 +10,7 @@ import click
 
 from ggquant.errors import GGQuantError
 from ggquant.quant.presets import PRESETS
+from ggquant.quant.types import QUANTIZE_TYPES
 
 
 def _size(text: str | None) -> int | None:
@@ -30,7 +31,8 @@ def _size(text: str | None) -> int | None:
 @click.option("--outtype", required=True, help="Preset: " + " ".join(PRESETS))
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Override the type of tensors whose name matches REGEX (first match wins).")
+              help="Override the type of tensors whose name matches REGEX (first match wins). TYPE: "
+                   + " ".join(t.name for t in QUANTIZE_TYPES) + ".")
 @click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd (and per_layer_token_embd).")
 @click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight.")
 @click.option("--pure", is_flag=True, help="No mixture rules: every quantizable tensor gets the preset's type.")

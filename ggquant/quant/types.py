@@ -201,6 +201,7 @@ for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))
 
+QUANTIZE_TYPES = tuple(t for t, e in REGISTRY.items() if e.quantize_fn is not None)  # what --tensor-type takes
 CPU_TYPES = tuple(t for t, e in REGISTRY.items() if e.cpu_matmul is not None)  # the CPU runtime's weight types
 CUDA_TYPES = tuple(t for t, e in REGISTRY.items() if e.cuda_dequantize is not None)  # the CUDA runtime's
 
