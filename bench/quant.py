@@ -101,11 +101,29 @@ def main():
     print(f"{a.rows}x{a.cols} float32 ({mb:.1f} MB), {a.threads} threads, quantize best of {a.repeat}, "
           f"dequantize best of >= {a.repeat} interleaved rounds / {a.dq_seconds:g} s; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    # The IQ quantizers' search tables (iq2xs_init_impl / iq3xs_init_impl), built once per process
+    from ggquant.kernels.quants import iqtables
+
+    t0 = time.perf_counter()
+    built = {q.name: iqtables.tables(q).seconds for q in iqtables.KINDS if q != T.IQ1_M}  # IQ1_M shares IQ1_S's
+    print(f"IQ search tables built in {time.perf_counter() - t0:.2f} s ("
+          + ", ".join(f"{k} {v:.2f} s" for k, v in built.items()) + f"; {numba.get_num_threads()} threads)")
+    # ggml's own build of the same tables (ggml_quantize_init, single-threaded; first call in this process)
+    lib = ggml_oracle.libggml_base()
+    ref_built = {}
+    for name in built:
+        t1 = time.perf_counter()
+        lib.ggml_quantize_init(int(T[name]))
+        ref_built[name] = time.perf_counter() - t1
+    print(f"ggml C ggml_quantize_init of the same tables: {sum(ref_built.values()):.2f} s ("
+          + ", ".join(f"{k} {v:.2f} s" for k, v in ref_built.items()) + ")")
     print(f"{'type':<8} {'op':<16} {'ggquant MB/s':>13} {'ggml C MB/s':>12} {'ratio':>7} {'gguf-py MB/s':>13} {'ratio':>8}")
     for name in a.types.split(","):
         qt = T[name]
         t = qtypes.get(qt)
-        variants = [("quantize", None)] + ([("quantize+imatrix", im)] if t.uses_imatrix else [])
+        # types ggml_quantize_requires_imatrix (IQ2_XXS, IQ2_XS, IQ1_S) only with one: ggml asserts
+        variants = ([] if t.requires_imatrix else [("quantize", None)]) + \
+            ([("quantize+imatrix", im)] if t.uses_imatrix else [])
         for label, w in variants if "quantize" in ops else ():
             t.quantize(x[:8], w)  # compile
             ours = mb / best_of(lambda: t.quantize(x, w), a.repeat)
@@ -117,7 +135,7 @@ def main():
             print(f"{name:<8} {label:<16} {ours:13.1f} {ref:12.1f} {ours / ref:6.2f}x {pys}")
         if "dequantize" not in ops:
             continue
-        q = t.quantize(x)
+        q = t.quantize(x, im if t.requires_imatrix else None)
         t.dequantize(q[:8], (8, a.cols))  # compile
         has_py = gguf_py(lambda gq, v, qq: gq.dequantize(v, qq), qt, q[:8]) is not None
         times = best_of_rounds(

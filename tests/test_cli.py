@@ -46,3 +46,21 @@ def test_errors_are_one_line_and_exit_nonzero(tmp_path):
     assert res.exit_code == 1 and "bad.gguf" in res.output
     res = run("quantize", build_toy_llama(tmp_path / "t.gguf"), "--outtype", "Q4_K_M", "--tensor-type", "attn_v")
     assert res.exit_code == 1 and "REGEX=TYPE" in res.output
+
+
+def test_help_lists_what_the_registry_holds():
+    """Presets and --tensor-type types in `quantize` / `convert` help come from the registry (issue 14:
+    the IQ, ternary, FP4 and Q1_0 types and their presets included)."""
+    import re
+
+    from ggquant.quant.presets import PRESETS
+    from ggquant.quant.types import QUANTIZE_TYPES
+
+    for verb in ("quantize", "convert"):
+        res = run(verb, "--help")
+        assert res.exit_code == 0, res.output
+        words = set(re.findall(r"[A-Z0-9_]+", res.output))
+        assert {t.name for t in QUANTIZE_TYPES} <= words, verb
+        assert {p for p in PRESETS if p not in ("F32", "F16", "BF16", "Q8_0")} <= words, verb
+    assert {"IQ2_M", "IQ1_S", "TQ2_0", "MXFP4_MOE", "Q1_0"} <= set(PRESETS)
+    assert {"IQ3_S", "NVFP4", "Q1_0"} <= {t.name for t in QUANTIZE_TYPES}

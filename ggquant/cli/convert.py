@@ -14,6 +14,7 @@ from ggquant.convert.hf_to_gguf import format_plan
 from ggquant.arch.base import CONVERTER_OUTTYPES
 from ggquant.errors import GGQuantError
 from ggquant.quant.presets import PRESETS
+from ggquant.quant.types import QUANTIZE_TYPES
 
 MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 
@@ -41,7 +42,8 @@ MMPROJ_FLAG = "\0flag"  # --mmproj given without a value
 @click.option("--mmproj-only", is_flag=True, help="Write only the mmproj (like llama.cpp's --mmproj).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for a quantization preset.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="With a preset: type for tensors whose name matches REGEX (first match wins).")
+              help="With a preset: type for tensors whose name matches REGEX (first match wins). TYPE: "
+                   + " ".join(t.name for t in QUANTIZE_TYPES) + ".")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and sizes; write nothing.")
 @click.option("--exact", is_flag=True, help="Refuse every lossy step (quantized checkpoints: only exact transcoding).")
 @click.option("--group-size", type=click.Choice(["32", "128"]), default="32", show_default=True,

@@ -10,6 +10,7 @@ import click
 
 from ggquant.errors import GGQuantError
 from ggquant.quant.presets import PRESETS
+from ggquant.quant.types import QUANTIZE_TYPES
 
 
 def _size(text: str | None, flag: str = "--split-max-size") -> int | None:
@@ -40,7 +41,8 @@ def _types(text: str | None):
               "--tensor-type-file.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Override the type of tensors whose name matches REGEX (first match wins).")
+              help="Override the type of tensors whose name matches REGEX (first match wins). TYPE: "
+                   + " ".join(t.name for t in QUANTIZE_TYPES) + ".")
 @click.option("--tensor-type-file", type=click.Path(path_type=Path), metavar="FILE",
               help="REGEX=TYPE rules from a file (llama-quantize's; what --recipe-out writes).")
 @click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd (and per_layer_token_embd).")

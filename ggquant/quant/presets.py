@@ -19,22 +19,36 @@ from gguf import LlamaFileType as F
 from ggquant.errors import GGQuantError
 from ggquant.quant import types as qtypes
 
-# The file types ggquant quantizes to: llama-quantize's preset name (None: a mixture the quantizer
-# plans, Q2_K_S, that `--outtype` does not offer), the file type, and its default tensor type
-# (llama_ftype_get_default_type). `--outtype` lists the presets in this order.
+# The file types ggquant quantizes to: llama-quantize's preset name (tools/quantize/quantize.cpp
+# QUANT_OPTIONS), the file type, and its default tensor type (llama_ftype_get_default_type).
+# `--outtype` lists the presets in this order. Every QUANT_OPTIONS entry is here but Q2_0 (its
+# ftype 41 and tensor type 42 are missing from gguf 0.19.0's LlamaFileType / GGMLQuantizationType)
+# and COPY (only_copy: no quantization); NVFP4 has a file type but no preset in this llama.cpp
+# (llama_ftype_get_default_type has no case for it).
 _PRESET_TABLE = (
     ("Q8_0", F.MOSTLY_Q8_0, T.Q8_0), ("Q6_K", F.MOSTLY_Q6_K, T.Q6_K),
     ("Q5_K_M", F.MOSTLY_Q5_K_M, T.Q5_K), ("Q5_K_S", F.MOSTLY_Q5_K_S, T.Q5_K),
     ("Q4_K_M", F.MOSTLY_Q4_K_M, T.Q4_K), ("Q4_K_S", F.MOSTLY_Q4_K_S, T.Q4_K),
     ("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K), ("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K), ("Q3_K_S", F.MOSTLY_Q3_K_S, T.Q3_K),
-    ("Q2_K", F.MOSTLY_Q2_K, T.Q2_K), (None, F.MOSTLY_Q2_K_S, T.Q2_K),
+    ("Q2_K", F.MOSTLY_Q2_K, T.Q2_K), ("Q2_K_S", F.MOSTLY_Q2_K_S, T.Q2_K),
     ("IQ4_XS", F.MOSTLY_IQ4_XS, T.IQ4_XS), ("IQ4_NL", F.MOSTLY_IQ4_NL, T.IQ4_NL),
+    ("IQ3_M", F.MOSTLY_IQ3_M, T.IQ3_S), ("IQ3_S", F.MOSTLY_IQ3_S, T.IQ3_S),
+    ("IQ3_XS", F.MOSTLY_IQ3_XS, T.IQ3_S), ("IQ3_XXS", F.MOSTLY_IQ3_XXS, T.IQ3_XXS),
+    ("IQ2_M", F.MOSTLY_IQ2_M, T.IQ2_S), ("IQ2_S", F.MOSTLY_IQ2_S, T.IQ2_XS),
+    ("IQ2_XS", F.MOSTLY_IQ2_XS, T.IQ2_XS), ("IQ2_XXS", F.MOSTLY_IQ2_XXS, T.IQ2_XXS),
+    ("IQ1_M", F.MOSTLY_IQ1_M, T.IQ1_M), ("IQ1_S", F.MOSTLY_IQ1_S, T.IQ1_S),
+    ("TQ2_0", F.MOSTLY_TQ2_0, T.TQ2_0), ("TQ1_0", F.MOSTLY_TQ1_0, T.TQ1_0),
+    ("MXFP4_MOE", F.MOSTLY_MXFP4_MOE, T.MXFP4), ("Q1_0", F.MOSTLY_Q1_0, T.Q1_0),
     ("Q4_0", F.MOSTLY_Q4_0, T.Q4_0), ("Q4_1", F.MOSTLY_Q4_1, T.Q4_1),
     ("Q5_0", F.MOSTLY_Q5_0, T.Q5_0), ("Q5_1", F.MOSTLY_Q5_1, T.Q5_1),
     ("F16", F.MOSTLY_F16, T.F16), ("BF16", F.MOSTLY_BF16, T.BF16), ("F32", F.ALL_F32, T.F32),
 )
+# QUANT_OPTIONS' aliases ("alias for Q3_K_M", ...)
+_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+FTYPE_Q2_0 = 41  # LLAMA_FTYPE_MOSTLY_Q2_0 (llama.h), not in gguf 0.19.0's LlamaFileType
 DEFAULT_TYPE = {ftype: qtype for _, ftype, qtype in _PRESET_TABLE}  # llama_ftype_get_default_type
-PRESETS = {name: ftype for name, ftype, _ in _PRESET_TABLE if name is not None}  # `--outtype`'s names
+PRESETS = {name: ftype for name, ftype, _ in _PRESET_TABLE}  # `--outtype`'s names
+PRESETS.update({alias: PRESETS[name] for alias, name in _ALIASES.items()})
 
 
 def preset_name(ftype: F) -> str:
@@ -261,7 +275,7 @@ class Mixture:
                     break
             if not manual and not self.pure:
                 new = self._impl(new, name, shape, cat)
-            fb = self._fallback(shape, new)
+            fb = self._fallback(shape, new, name)
             if fb != new:
                 new, reason = fb, f"fallback from {new.name}"
         return new, reason
@@ -274,12 +288,18 @@ class Mixture:
         return dst == T.Q2_K and self.ftype == F.MOSTLY_Q2_K_S
 
     @staticmethod
-    def _fallback(shape, target):
+    def _fallback(shape, target, name="tensor"):
         """tensor_type_fallback: the type's registry row_fallback, then F16."""
         ncols = shape[-1]
         entry = qtypes.get(target)
         if ncols % entry.block_size == 0:
             return target
+        if entry.row_fallback is None and entry.block_size > 32:
+            # llama-quant.cpp: "no tensor type fallback is defined for type ..." (Q1_0, NVFP4)
+            raise GGQuantError(
+                f"{name}: rows of {ncols} elements cannot be stored as {target.name} (blocks of "
+                f"{entry.block_size}) and llama.cpp defines no fallback type for {target.name}; pick another "
+                f"type for it with --tensor-type")
         ret = entry.row_fallback or target
         if ncols % qtypes.get(ret).block_size != 0:
             ret = T.F16  # "must use F16 due to unusual shape"
@@ -295,21 +315,74 @@ class Mixture:
             return i, n_layer
         return counter, n_layer
 
-    # llama_tensor_get_type_impl, restricted to the ftypes in DEFAULT_TYPE (no IQ1/IQ2/IQ3/TQ/MXFP4 presets)
+    # llama_tensor_get_type_impl, branch by branch (same order, same conditions)
     def _impl(self, new, name, shape, cat):
         ft, info = self.ftype, self.info
         falcon = info.arch == "falcon"
+        iq12 = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
+        iq2_sm = ft in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
+        if info.arch == "glm5-next" and any(s in name for s in ("attn_q_a", "attn_q_b", "nextn.eh_proj")):
+            if new not in (T.F32, T.BF16, T.F16):
+                return T.Q8_0  # "don't let these tensors be quantized below Q8_0"
         if cat == OUTPUT or (self.tied and cat == TOKEN_EMBD):
-            if falcon or shape[-1] % qtypes.get(new).block_size != 0:
+            if self.output_tensor_type is not None:  # reached by tied token_embd only
+                new = self.output_tensor_type
+            elif ft == F.MOSTLY_MXFP4_MOE:
                 new = T.Q8_0
+            elif falcon or shape[-1] % qtypes.get(new).block_size != 0:
+                new = T.Q8_0
+            elif ft in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S,
+                        F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M):
+                new = T.Q5_K
             elif new != T.Q8_0:
                 new = T.Q6_K
+        elif ft == F.MOSTLY_MXFP4_MOE:
+            # expert tensors (3-D, more than one expert) -> MXFP4, everything else -> Q8_0
+            expert_role = cat in (FFN_UP, FFN_GATE, FFN_DOWN)
+            if len(shape) == 3 and shape[0] > 1 and (info.arch != "bailingmoe3" or expert_role):
+                new = T.MXFP4
+            else:
+                new = T.Q8_0
         elif cat == TOKEN_EMBD:
-            pass
+            if self.token_embedding_type is not None:
+                new = self.token_embedding_type
+            elif ft in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                new = T.Q2_K
+            elif iq2_sm or ft == F.MOSTLY_IQ3_XXS:
+                new = T.IQ3_S
+            elif ft in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0) or int(ft) == FTYPE_Q2_0:
+                new = T.Q4_K
+        elif ft in iq12:
+            if _is_attn_v(cat):
+                if info.n_gqa >= 4 or info.n_expert >= 4:
+                    new = T.Q4_K
+                else:
+                    new = T.IQ3_S if iq2_sm else T.Q2_K
+                self.i_attention_wv += 1
+            elif info.n_expert == 8 and cat == ATTN_K:
+                new = T.Q4_K
+            elif cat == FFN_DOWN:
+                # the running counter, even for MoE models (this branch does not call layer_info)
+                if self.i_ffn_down < info.n_layer // 8:
+                    new = T.IQ3_S if iq2_sm else T.Q2_K
+                self.i_ffn_down += 1
+            elif cat == ATTN_OUTPUT:
+                if info.n_expert == 8:
+                    new = T.Q5_K
+                elif ft in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                    new = T.IQ2_XXS
+                elif iq2_sm:
+                    new = T.IQ3_S
         elif _is_attn_v(cat):
             if ft == F.MOSTLY_Q2_K:
                 new = T.Q4_K if info.n_gqa >= 4 else T.Q3_K
             elif ft == F.MOSTLY_Q2_K_S and info.n_gqa >= 4:
+                new = T.Q4_K
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = T.Q4_K if info.n_gqa >= 4 else T.IQ3_S if not self.has_imatrix else T.IQ3_XXS
+            elif ft in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and info.n_gqa >= 4:
+                new = T.Q4_K
+            elif ft == F.MOSTLY_IQ3_M:
                 new = T.Q4_K
             elif ft == F.MOSTLY_Q3_K_M:
                 new = T.Q5_K if self.i_attention_wv < 2 else T.Q4_K
@@ -329,6 +402,15 @@ class Mixture:
         elif cat == ATTN_K:
             if info.n_expert == 8:
                 new = T.Q8_0
+            elif ft == F.MOSTLY_IQ3_XS:
+                new = T.IQ3_XXS
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = T.IQ2_S
+        elif cat == ATTN_Q:
+            if ft == F.MOSTLY_IQ3_XS:
+                new = T.IQ3_XXS
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = T.IQ2_S
         elif cat == FFN_DOWN:
             i_layer, n_layer = self._layer(self.i_ffn_down, name)
             if ft == F.MOSTLY_Q2_K:
@@ -336,9 +418,14 @@ class Mixture:
             elif ft == F.MOSTLY_Q2_K_S:
                 if i_layer < n_layer // 8:
                     new = T.Q4_K
+            elif ft == F.MOSTLY_IQ3_XXS and not self.has_imatrix:
+                new = T.Q4_K if i_layer < n_layer // 8 else T.Q3_K
             elif ft == F.MOSTLY_Q3_K_M:
                 new = (T.Q5_K if i_layer < n_layer // 16
                        else T.Q4_K if not falcon or use_more_bits(i_layer, n_layer) else T.Q3_K)
+            elif ft == F.MOSTLY_IQ3_M and (i_layer < n_layer // 8
+                                           or (info.n_expert == 8 and use_more_bits(i_layer, n_layer))):
+                new = T.Q4_K
             elif ft == F.MOSTLY_Q3_K_L:
                 new = T.Q4_K if falcon else T.Q5_K
             elif ft == F.MOSTLY_Q4_K_M:
@@ -360,21 +447,31 @@ class Mixture:
         elif cat == ATTN_OUTPUT:
             if not falcon:
                 if info.n_expert == 8:
-                    if ft in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL,
-                              F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ4_XS):
+                    if ft in (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M,
+                              F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M,
+                              F.MOSTLY_IQ4_XS):
                         new = T.Q5_K
                 elif ft == F.MOSTLY_Q2_K:
                     new = T.Q3_K
+                elif ft == F.MOSTLY_IQ3_XXS:
+                    new = T.IQ3_S
                 elif ft == F.MOSTLY_Q3_K_M:
                     new = T.Q4_K
                 elif ft == F.MOSTLY_Q3_K_L:
                     new = T.Q5_K
+                elif ft == F.MOSTLY_IQ3_M:
+                    new = T.Q4_K
             elif ft == F.MOSTLY_Q3_K_L:
                 new = T.Q4_K
+        # (the ATTENTION_QKV branch of the C is unreachable: attn_qkv takes the attn_v-like branch)
         elif cat == FFN_GATE:
-            self._layer(self.i_ffn_gate, name)
+            i_layer, n_layer = self._layer(self.i_ffn_gate, name)
+            if ft == F.MOSTLY_IQ3_XS and n_layer // 8 <= i_layer < 7 * n_layer // 8:
+                new = T.IQ3_XXS
             self.i_ffn_gate += 1
         elif cat == FFN_UP:
-            self._layer(self.i_ffn_up, name)
+            i_layer, n_layer = self._layer(self.i_ffn_up, name)
+            if ft == F.MOSTLY_IQ3_XS and n_layer // 8 <= i_layer < 7 * n_layer // 8:
+                new = T.IQ3_XXS
             self.i_ffn_up += 1
         return new

@@ -10,6 +10,10 @@ dequantizers) and llama-quant.cpp's per-type rules, next to ggquant's own capabi
         -> float32[n_rows, n_per_row]          bit-exact with ggml's to_float
     uses_imatrix    the quantizer reads ggml_quantize_chunk's quant_weights (research note
                     imatrix-and-quants.md §1.4)
+    requires_imatrix
+                    ggml_quantize_chunk asserts an imatrix (ggml.c ggml_quantize_requires_imatrix:
+                    IQ2_XXS, IQ2_XS, IQ1_S); llama-quantize's wider rule (IQ3_XXS, IQ2_S, IQ1_M,
+                    Q2_K in Q2_K_S files) is ggquant.quant.presets'
     row_fallback    the type llama-quantize falls back to for rows that are not whole blocks
                     (llama-quant.cpp tensor_type_fallback)
     vec_dot_type, cpu_matmul
@@ -38,9 +42,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
 from ggquant.errors import GGQuantError
+from ggquant.kernels.cpu import b32matmul, iqmatmul
 from ggquant.kernels.cpu import matmul as cpu
 from ggquant.kernels.cuda import dequant as cuda
-from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy
+from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy, lowbit
 
 
 class ExactCodes(NamedTuple):
@@ -58,6 +63,7 @@ class GGMLType:
     quantize_fn: Callable | None = None
     dequantize_fn: Callable | None = None
     uses_imatrix: bool = False
+    requires_imatrix: bool = False
     row_fallback: T | None = None
     vec_dot_type: T | None = None
     cpu_matmul: Callable | None = None
@@ -110,7 +116,15 @@ class GGMLType:
                 )
         else:
             imatrix = None
-        return self.quantize_fn(x2, imatrix)
+        if imatrix is None and self.requires_imatrix:
+            raise GGQuantError(
+                f"{what}: quantizing to {self.name} needs an importance matrix (ggml_quantize_requires_imatrix); "
+                f"pass --imatrix FILE (make one with `ggquant imatrix`)"
+            )
+        try:
+            return self.quantize_fn(x2, imatrix)
+        except ValueError as e:  # the kernels' refusals (rows ggml would abort on)
+            raise GGQuantError(f"{what}: {e}") from None
 
     def dequantize(self, data: np.ndarray, shape) -> np.ndarray:
         """uint8 raw bytes of a tensor with numpy shape `shape` -> float32 array of that shape."""
@@ -128,6 +142,14 @@ def _register(qtype: T, kernels, **capabilities) -> None:
     """The entry of `qtype`, whose quantize/dequantize are in the kernel module `kernels`."""
     assert qtype not in REGISTRY, qtype
     REGISTRY[qtype] = GGMLType(qtype, kernels.QUANTIZE.get(qtype), kernels.DEQUANTIZE[qtype], **capabilities)
+
+
+def _lowbit_runtime(qtype: T, vec_dot_type: T, cpu_module) -> dict:
+    """The runtime capabilities of a low-bit type (issue 14): its CPU product (kernels.cpu.iqmatmul /
+    b32matmul) and its torch decoder + int8 repack for the CUDA backend (kernels.cuda.dequant)."""
+    name = qtype.name.lower()
+    return dict(vec_dot_type=vec_dot_type, cpu_matmul=getattr(cpu_module, f"matmul_{name}"),
+                cuda_dequantize=getattr(cuda, f"dequantize_{name}"), cuda_repack=getattr(cuda, f"repack_{name}"))
 
 
 # --- floats
@@ -159,15 +181,18 @@ _register(T.Q5_K, kquants, uses_imatrix=True, row_fallback=T.Q5_1, vec_dot_type=
 _register(T.Q6_K, kquants, uses_imatrix=True, row_fallback=T.Q8_0, vec_dot_type=T.Q8_K, cpu_matmul=cpu.matmul_q6_k,
           cuda_dequantize=cuda.dequantize_q6_k, cuda_repack=cuda.repack_q6_k, file_type=F.MOSTLY_Q6_K)
 # --- non-linear 4-bit quants
-_register(T.IQ4_NL, iq4, uses_imatrix=True)
-_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL)
-# --- i-quants, ternary and MXFP4: dequantize only so far (ggml's IQ quantizers read the imatrix,
-# quantize_tq1_0 / tq2_0 / mxfp4 do not)
+_register(T.IQ4_NL, iq4, uses_imatrix=True, **_lowbit_runtime(T.IQ4_NL, T.Q8_0, b32matmul))
+_register(T.IQ4_XS, iq4, uses_imatrix=True, row_fallback=T.IQ4_NL, **_lowbit_runtime(T.IQ4_XS, T.Q8_K, iqmatmul))
+# --- grid i-quants (ggml's IQ quantizers read the imatrix; IQ2_XXS, IQ2_XS and IQ1_S need one)
 for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
-    _register(_t, iquants, uses_imatrix=True, row_fallback=T.IQ4_NL)
+    _register(_t, iquants, uses_imatrix=True, requires_imatrix=_t in iquants.REQUIRES_IMATRIX,
+              row_fallback=T.IQ4_NL, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
+# --- ternary, FP4 and sign types: their ggml quantizers ignore the imatrix. Q2_0 (ggml type 42)
+# has kernels (lowbit.quantize_q2_0) but no entry: gguf 0.19.0's GGMLQuantizationType lacks it.
 for _t in (T.TQ1_0, T.TQ2_0):
-    _register(_t, iquants, row_fallback=T.Q4_0)
-_register(T.MXFP4, iquants)
+    _register(_t, lowbit, row_fallback=T.Q4_0, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
+for _t in (T.MXFP4, T.NVFP4, T.Q1_0):
+    _register(_t, lowbit, **_lowbit_runtime(_t, T.Q8_0, b32matmul))
 
 # CPU products of the offset legacy quants: Q8_1 activations (ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1)
 for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):
@@ -176,6 +201,7 @@ for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))
 
+QUANTIZE_TYPES = tuple(t for t, e in REGISTRY.items() if e.quantize_fn is not None)  # what --tensor-type takes
 CPU_TYPES = tuple(t for t, e in REGISTRY.items() if e.cpu_matmul is not None)  # the CPU runtime's weight types
 CUDA_TYPES = tuple(t for t, e in REGISTRY.items() if e.cuda_dequantize is not None)  # the CUDA runtime's
 

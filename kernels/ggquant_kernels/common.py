@@ -108,3 +108,17 @@ def put_u16(out, pos, h):
 @nb.njit(cache=True, inline="always")
 def get_u16(buf, pos):
     return np.uint16(buf[pos]) | (np.uint16(buf[pos + 1]) << np.uint16(8))
+
+
+def dequantize_buffers(name: str, block: int, type_size: int, data, n_per_row: int):
+    """The checked uint8 [n_rows, row_bytes] input of a dequantizer and its float32 [n_rows, n_per_row]
+    output buffer; a row that is not whole blocks, or bytes of the wrong width, raise ValueError."""
+    if n_per_row % block:
+        raise ValueError(f"{name}: rows of {n_per_row} elements are not a whole number of {block}-element blocks")
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != n_per_row // block * type_size:
+        raise ValueError(
+            f"{name}: expected uint8 [n_rows, {n_per_row // block * type_size}] for rows of {n_per_row} "
+            f"elements, got shape {data.shape}"
+        )
+    return data, np.empty((data.shape[0], n_per_row), dtype=np.float32)

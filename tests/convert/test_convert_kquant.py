@@ -27,7 +27,7 @@ def f32_gguf(tmp_path_factory):
     """ggquant's F32 GGUFs of the fixtures: the input llama_model_quantize gets."""
     d = tmp_path_factory.mktemp("f32")
     out = {}
-    for name in ("gemma4_e4b", "gemma4_e2b", "gemma3_text"):
+    for name in ("gemma4_e4b", "gemma4_e2b", "gemma3_text", "llama3", "qwen3"):
         out[name] = d / f"{name}.gguf"
         convert(tiny_model(name), outtype="f32", outfile=out[name])
     return out
@@ -61,6 +61,21 @@ def _imatrix_file(path, f32_path, seed=0):
     return write_imatrix_gguf(path, sums, counts)
 
 
+def _assert_equal_but_imatrix_keys(ours, ref, im):
+    """Tensors, types, bytes and metadata equal; llama-quantize (the tool) records the imatrix as KV
+    overrides, llama_model_quantize alone does not, so ggquant's quantize.imatrix.* keys are extra."""
+    from ggquant.imatrix.files import load
+
+    with GGUFReader(ours) as a, GGUFReader(ref) as b:
+        assert [k for k in a.fields if k not in IMATRIX_KEYS] == list(b.fields)
+        assert a.get("quantize.imatrix.entries_count") == len(load(im).normalised())
+        for k, f in b.fields.items():
+            assert (a.fields[k].type, str(a.fields[k].value)) == (f.type, str(f.value)), k
+        assert [(t.name, t.qtype) for t in a.tensors] == [(t.name, t.qtype) for t in b.tensors]
+        for t in b.tensors:
+            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), f"{t.name} ({t.qtype.name})"
+
+
 @pytest.mark.parametrize("preset", ["Q4_K_M", "IQ4_XS", "Q3_K_S", "Q4_0"])
 def test_preset_with_imatrix_equals_llama_model_quantize(f32_gguf, tmp_path, preset):
     from ggquant.imatrix.files import load
@@ -70,20 +85,30 @@ def test_preset_with_imatrix_equals_llama_model_quantize(f32_gguf, tmp_path, pre
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     convert(tiny_model(model), outtype=preset, outfile=ours, imatrix=im)
     ggml_oracle.llama_quantize(f32_gguf[model], ref, presets.PRESETS[preset], imatrix=load(im).normalised())
-    # llama-quantize (the tool) records the imatrix as KV overrides; llama_model_quantize alone does not
-    with GGUFReader(ours) as a, GGUFReader(ref) as b:
-        assert [k for k in a.fields if k not in IMATRIX_KEYS] == list(b.fields)
-        assert a.get("quantize.imatrix.entries_count") == len(load(im).normalised())
-        for k, f in b.fields.items():
-            assert (a.fields[k].type, str(a.fields[k].value)) == (f.type, str(f.value)), k
-        assert [(t.name, t.qtype) for t in a.tensors] == [(t.name, t.qtype) for t in b.tensors]
-        for t in b.tensors:
-            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), f"{t.name} ({t.qtype.name})"
+    _assert_equal_but_imatrix_keys(ours, ref, im)
     # and the imatrix really changed something
     plain = tmp_path / "plain.gguf"
     convert(tiny_model(model), outtype=preset, outfile=plain)
     with GGUFReader(ours) as a, GGUFReader(plain) as p:
         assert any(not np.array_equal(a.tensor(t.name).raw(), t.raw()) for t in p.tensors if t.qtype != T.F32)
+
+
+# issue 14: the low-bit presets through `convert --outtype`, with an imatrix (most of them need one), on
+# Gemma 4 (rows of 96 and 192: the IQ4_NL / Q4_0 / Q5_0 fallbacks), Gemma 3 and the llama-like families
+LOW_BIT_CASES = [("gemma4_e4b", "IQ2_M"), ("gemma4_e4b", "IQ1_M"), ("gemma4_e2b", "TQ2_0"),
+                 ("gemma3_text", "IQ3_XXS"), ("gemma3_text", "Q2_K_S"), ("llama3", "IQ2_XS"),
+                 ("llama3", "IQ3_M"), ("qwen3", "IQ1_S"), ("qwen3", "MXFP4_MOE")]
+
+
+@pytest.mark.parametrize("model,preset", LOW_BIT_CASES)
+def test_low_bit_preset_with_imatrix_equals_llama_model_quantize(f32_gguf, tmp_path, model, preset):
+    from ggquant.imatrix.files import load
+
+    im = _imatrix_file(tmp_path / "imatrix.gguf", f32_gguf[model])
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    convert(tiny_model(model), outtype=preset.lower(), outfile=ours, imatrix=im)
+    ggml_oracle.llama_quantize(f32_gguf[model], ref, presets.PRESETS[preset], imatrix=load(im).normalised())
+    _assert_equal_but_imatrix_keys(ours, ref, im)
 
 
 def test_tensor_type_overrides_equal_llama(f32_gguf, tmp_path):

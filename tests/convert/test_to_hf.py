@@ -227,13 +227,18 @@ def test_tokenizer_and_chat_template(round_trip, case):
     assert default.encode("utf-8") == stored.encode("utf-8")
 
 
-def test_quantized_gguf_dequantizes_in_chunks(tiny_gemma4_e4b, tmp_path, monkeypatch):
-    """A Q8_0 GGUF comes back as F32 (--dtype auto: lossless), every tensor equal to ggml's
+# q8_0, and a low-bit preset (issue 14): the fixture's rows (96, 192) are too short for 256-blocks, so
+# IQ3_M falls back to IQ4_NL / Q4_0 / Q5_0 as llama.cpp does; ffn_up is made MXFP4 (32-blocks)
+@pytest.mark.parametrize("outtype, tensor_types, qtype", [("q8_0", (), "Q8_0"), ("iq3_m", ("ffn_up=mxfp4",), "MXFP4")])
+def test_quantized_gguf_dequantizes_in_chunks(tiny_gemma4_e4b, tmp_path, monkeypatch, outtype, tensor_types, qtype):
+    """A quantized GGUF comes back as F32 (--dtype auto: lossless), every tensor equal to ggml's
     dequantization, also when read in many small row chunks."""
     from ggquant.convert import encode
     from ggquant.quant import types as qtypes
 
-    text = convert(tiny_gemma4_e4b, outtype="q8_0", outfile=tmp_path / "q.gguf").written[0]
+    text = convert(tiny_gemma4_e4b, outtype=outtype, outfile=tmp_path / "q.gguf", tensor_types=tensor_types).written[0]
+    with GGUFReader(text) as r:
+        assert qtype in {t.qtype.name for t in r.tensors}
     monkeypatch.setattr(encode, "CHUNK_BYTES", 512)
     e = export_hf(text, outfile=tmp_path / "hf")
     assert e.dtype == "F32"

@@ -1,4 +1,5 @@
-"""ggquant.kernels.quants.iquants against ggml's to_float, bit for bit.
+"""The dequantizers of ggquant.kernels.quants.iquants (grid i-quants) and lowbit (ternary, MXFP4)
+against ggml's to_float, bit for bit.
 
 Three kinds of input:
 - random block bytes whose fp16 scales are forced finite (several magnitude regimes);
@@ -13,10 +14,11 @@ import pytest
 from gguf import GGML_QUANT_SIZES, QK_K
 from gguf import GGMLQuantizationType as T
 
-from ggquant.kernels.quants import iquants
+from ggquant.kernels.quants import iquants, lowbit
 from tests.oracles import ggml as ggml_oracle
 
-TYPES = list(iquants.DEQUANTIZE)
+DEQUANTIZE = {**iquants.DEQUANTIZE, **{t: lowbit.DEQUANTIZE[t] for t in (T.TQ1_0, T.TQ2_0, T.MXFP4)}}
+TYPES = list(DEQUANTIZE)
 # Types whose ggml quantizer reads quant_weights (research note imatrix-and-quants.md §1.4).
 IMATRIX_TYPES = {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M}
 
@@ -37,7 +39,7 @@ def _assert_bit_equal(ours, ref):
 
 
 def _check(qtype, data, n_per_row):
-    ours = iquants.DEQUANTIZE[qtype](data, n_per_row)
+    ours = DEQUANTIZE[qtype](data, n_per_row)
     ref = ggml_oracle.dequantize(qtype, data, n_per_row)
     _assert_bit_equal(ours, ref)
 
@@ -273,8 +275,7 @@ def test_ggml_quantized_data(qtype, source, imatrix):
 # ------------------------------------------------------------------ contract
 
 def test_registry_contract():
-    assert iquants.QUANTIZE == {}
-    for qtype, fn in iquants.DEQUANTIZE.items():
+    for qtype, fn in DEQUANTIZE.items():
         block, size = GGML_QUANT_SIZES[qtype]
         out = fn(np.zeros((2, 2 * size), dtype=np.uint8), 2 * block)
         assert out.dtype == np.float32 and out.shape == (2, 2 * block)
@@ -287,4 +288,4 @@ def test_non_contiguous_input():
     data = _random_data(qtype, 8, 512, seed=1, regime="normal")
     wide = np.zeros((8, data.shape[1] * 2), dtype=np.uint8)
     wide[:, ::2] = data
-    _assert_bit_equal(iquants.DEQUANTIZE[qtype](wide[:, ::2], 512), ggml_oracle.dequantize(qtype, data, 512))
+    _assert_bit_equal(DEQUANTIZE[qtype](wide[:, ::2], 512), ggml_oracle.dequantize(qtype, data, 512))

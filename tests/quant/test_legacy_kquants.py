@@ -1,7 +1,7 @@
 """Legacy quants and k-quants are byte-exact with ggml_quantize_chunk, both paths, and their
 dequantizers are bit-exact with ggml's to_float.
 
-Oracle: tests/ggml_oracle.py (libggml-base from llama-cpp-python, through ctypes).
+Oracle: tests/oracles/ggml.py (libggml-base from llama-cpp-python, through ctypes).
 """
 
 import numba as nb
@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as T
 from ggquant.kernels import common, qsearch
 from ggquant.kernels.quants import kquants, legacy
 from tests.oracles import ggml as ggml_oracle
+from tests.quant import inputs
 
 pytest.importorskip("llama_cpp")
 
@@ -31,45 +32,6 @@ FP16_FIELDS = {
 N_ROWS = 32
 
 
-def _family(name: str) -> np.ndarray:
-    """float32 [N_ROWS, n_per_row] test inputs; n_per_row varies between 512 and 4096."""
-    rng = np.random.default_rng(sum(map(ord, name)))  # deterministic per family
-    if name == "normal":
-        return rng.standard_normal((N_ROWS, 1024))
-    if name == "normal_wide":
-        return rng.standard_normal((N_ROWS, 4096))
-    if name == "heavy_tailed":
-        return rng.standard_t(2, (N_ROWS, 2048)) * 10
-    if name == "zeros":
-        return np.zeros((N_ROWS, 512))
-    if name == "constant":
-        return np.repeat(rng.standard_normal((N_ROWS, 1)) * 3, 512, axis=1)
-    if name == "outlier":
-        x = rng.standard_normal((N_ROWS, 1024)) * 0.01
-        cols = rng.integers(0, 1024, N_ROWS)
-        x[np.arange(N_ROWS), cols] = rng.choice([-1.0, 1.0], N_ROWS) * 100.0
-        return x
-    if name == "tiny":
-        return rng.standard_normal((N_ROWS, 512)) * 1e-30
-    if name == "huge":
-        return rng.standard_normal((N_ROWS, 512)) * 1e30
-    if name == "fp16_max":
-        x = rng.standard_normal((N_ROWS, 512)) * 2e4
-        x[:, ::37] = rng.choice([-65504.0, 65504.0, -6e4, 6e4], x[:, ::37].shape)
-        return x
-    if name == "mixed_blocks":
-        # per 32-value block: zero, all-positive, all-negative, constant or normal
-        x = rng.standard_normal((N_ROWS, 1024))
-        kind = rng.integers(0, 5, (N_ROWS, 1024 // 32))
-        xb = x.reshape(N_ROWS, -1, 32)
-        xb[kind == 0] = 0.0
-        xb[kind == 1] = np.abs(xb[kind == 1])
-        xb[kind == 2] = -np.abs(xb[kind == 2])
-        xb[kind == 3] = 0.7
-        return x
-    raise KeyError(name)
-
-
 FAMILIES = ["normal", "normal_wide", "heavy_tailed", "zeros", "constant", "outlier", "tiny", "huge",
             "fp16_max", "mixed_blocks"]
 IMATRICES = [None, "random", "some_zeros", "all_equal"]
@@ -78,24 +40,11 @@ _INPUTS: dict = {}
 
 def _input(name: str) -> np.ndarray:
     if name not in _INPUTS:
-        _INPUTS[name] = np.ascontiguousarray(_family(name), dtype=np.float32)
+        _INPUTS[name] = inputs.family(name, N_ROWS)
     return _INPUTS[name]
 
 
-def _imatrix(kind, n_per_row: int):
-    if kind is None:
-        return None
-    rng = np.random.default_rng(n_per_row + len(kind))
-    if kind == "random":
-        return (rng.random(n_per_row) * 4 + 1e-3).astype(np.float32)
-    if kind == "some_zeros":
-        w = rng.random(n_per_row).astype(np.float32)
-        w[rng.random(n_per_row) < 0.3] = 0.0
-        w[:16] = 0.0  # a whole 16-value sub-block without weight
-        return w
-    if kind == "all_equal":
-        return np.full(n_per_row, 0.25, dtype=np.float32)
-    raise KeyError(kind)
+_imatrix = inputs.imatrix
 
 
 def _assert_bytes_equal(ours, ref, what):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from ggquant.kernels.cpu import actquant
-from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy
+from ggquant.kernels.quants import floats, iq4, iquants, kquants, legacy, lowbit
 from ggquant.quant import types as qt
 
-FAMILIES = (floats, legacy, kquants, iq4, iquants)
+FAMILIES = (floats, legacy, kquants, iq4, iquants, lowbit)
 
 
 def test_every_family_kernel_is_its_types_registry_entry():

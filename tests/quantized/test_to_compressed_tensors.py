@@ -31,7 +31,7 @@ def exported(tiny_gemma4_e4b, tmp_path_factory):
     root = tmp_path_factory.mktemp("to_ct")
     f32 = convert(tiny_gemma4_e4b, outtype="f32", outfile=root / "m.gguf").written[0]
     out = {}
-    for qt in ("Q4_0", "Q8_0", "Q5_0"):
+    for qt in ("Q4_0", "Q8_0", "Q5_0", "MXFP4_MOE"):
         g = root / f"m-{qt}.gguf"
         quantize_gguf(f32, g, qt, pure=True)
         d = root / f"ct-{qt}"
@@ -118,11 +118,13 @@ def test_exact_equals_ggml(exported, qt, bits):
     assert "lm_head" in ignore and not ignore & {n[:-len(".weight")] for n in got}
 
 
-def test_lossy_requantizes_other_types(exported):
-    g, d, output = exported["Q5_0"]
+@pytest.mark.parametrize("qt", ["Q5_0", "MXFP4_MOE"])  # MXFP4_MOE --pure: every matrix MXFP4 (issue 14)
+def test_lossy_requantizes_other_types(exported, qt):
+    g, d, output = exported[qt]
     assert "lossy" in output
     got, _ = _library_decompress(d)
-    want, _ = _ggml(g)
+    want, types = _ggml(g)
+    assert qt[:5] in set(types.values())
     from ggquant.convert import gguf_to_hf as ex
 
     plan, sources = ex.plan_export(g, outfile=d)

@@ -32,11 +32,33 @@ def _kernels():
 def _weights(qtype, n, k, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((n, k)) * rng.uniform(0.1, 3, (n, 1))).astype(np.float32)
-    raw = qt.quantize(x, qtype)
+    im = (rng.random(k) + 0.1).astype(np.float32) if qt.get(qtype).uses_imatrix else None  # IQ2_XXS/XS, IQ1_S need one
+    raw = qt.quantize(x, qtype, im)
     return raw, qt.dequantize(raw, qtype, x.shape)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K],
+# issue 14: torch decoders + int8 repacks of the i-quants, ternary, FP4 and sign types
+LOW_BIT_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_NL, T.IQ4_XS,
+                 T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4, T.Q1_0]
+
+
+@pytest.mark.parametrize("qtype", LOW_BIT_TYPES, ids=lambda t: t.name)
+def test_low_bit_decoders_equal_ggml_to_float(qtype):
+    """The torch decoder of each low-bit type equals ggml's to_float bit for bit (also through the
+    int8 repack the Triton matvec reads)."""
+    from ggquant.kernels.cuda.dequant import dequantize_parts
+    from ggquant.runtime.cuda import dequantize, repack
+    from tests.oracles import ggml as ggml_oracle
+
+    raw, _ = _weights(qtype, 5, 1024, seed=int(qtype))
+    ref = ggml_oracle.dequantize(qtype, raw, 1024)
+    got = dequantize(torch, qtype, torch.from_numpy(raw), 1024).numpy()
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw), 1024)
+    assert np.array_equal(dequantize_parts(torch, kind, parts).numpy().view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K, *LOW_BIT_TYPES],
                          ids=lambda t: t.name)
 def test_repacked_layout_holds_ggml_values(qtype):
     from ggquant.kernels.cuda.dequant import dequantize_parts
@@ -51,7 +73,10 @@ def test_repacked_layout_holds_ggml_values(qtype):
 @pytest.mark.parametrize("qtype,n,k", [(T.F32, 40, 384), (T.BF16, 300, 512), (T.F16, 7, 96),
                                        (T.Q8_0, 300, 512), (T.Q8_0, 5, 288), (T.Q4_K, 300, 512),
                                        (T.Q4_K, 3, 768), (T.Q4_K, 33, 1280),
-                                       (T.Q4_0, 40, 320), (T.Q5_0, 17, 512), (T.Q6_K, 30, 768)], ids=str)
+                                       (T.Q4_0, 40, 320), (T.Q5_0, 17, 512), (T.Q6_K, 30, 768),
+                                       (T.IQ2_S, 20, 512), (T.IQ3_S, 9, 768), (T.IQ1_M, 12, 512),
+                                       (T.TQ2_0, 8, 512), (T.NVFP4, 10, 320), (T.Q1_0, 6, 384),
+                                       (T.IQ4_NL, 16, 320)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 

@@ -13,7 +13,16 @@ from tests.oracles import ggml_cpu as oracle
 from tests.oracles import ggml_graph as graph
 
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
-ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES]
+# issue 14: the i-quants, ternary, FP4 and sign types
+LOW_BIT_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_NL, T.IQ4_XS,
+                 T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4, T.Q1_0]
+ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES, *LOW_BIT_TYPES]
+
+
+def _weights(rng, qtype, n, k):
+    """Random weights in `qtype` (with a random imatrix: IQ2_XXS, IQ2_XS and IQ1_S need one)."""
+    im = (rng.random(k) + 0.1).astype(np.float32) if qt.get(qtype).uses_imatrix else None
+    return qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype, im)
 
 
 def _inputs(rng, rows, k):
@@ -88,9 +97,10 @@ def test_f16_bf16_activation_rounding_equal_ggml():
 
 # Shapes that select every kernel ggml-cpu's mul_mat picks (tests/oracles/ggml_graph.py runs it): rows a
 # multiple of 8 or 16 (CPU_REPACK Q4_0/Q4_K, tinyBLAS needs a multiple of 4) or not (37); K with
-# and without vec_dot leftovers (1000 = 15 x 64 + 40); 1 token (vec_dot / gemv), 3 and 7 (vec_dot,
-# repack gemm+gemv), 8 and 19 (tiled k-quants, tinyBLAS).
-SHAPES = [(64, 1024), (37, 1024), (40, 1000)]
+# and without vec_dot leftovers (1000 = 15 x 64 + 40; 1056: an odd number of 32-blocks, the scalar
+# tail of the paired IQ4_NL / MXFP4 vec_dots); 1 token (vec_dot / gemv), 3 and 7 (vec_dot, repack
+# gemm+gemv), 8 and 19 (tiled k- and i-quants, tinyBLAS).
+SHAPES = [(64, 1024), (37, 1024), (40, 1000), (37, 1056)]
 
 
 @pytest.mark.skipif(bool(ISA.unmatched), reason=f"llama.cpp's kernels for {ISA.unmatched} are not emulated")
@@ -104,19 +114,19 @@ def test_matmul_bit_identical_to_ggml_mul_mat(qtype, ntok, isa):
     for n, k in SHAPES:
         if k % qt.get(qtype).block_size:
             continue
-        w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+        w = _weights(rng, qtype, n, k)
         x = _inputs(rng, ntok, k) if ntok > 1 else rng.standard_normal((1, k)).astype(np.float32)
         got = cpu.matmul(w, qtype, x)
         ref = graph.mul_mat(qtype, w, x)
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (n, k, np.mean(got != ref))
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", QUANT_TYPES + LOW_BIT_TYPES, ids=lambda t: t.name)
 def test_matmul_is_exact_dot_of_dequantized_blocks(qtype):
     """Integer parts are exact: the product equals float64 dequant(w) . dequant(act(x))."""
     rng = np.random.default_rng(int(qtype))
     n, k, ntok = 20, 768, 3
-    w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    w = _weights(rng, qtype, n, k)
     x = rng.standard_normal((ntok, k)).astype(np.float32)
     xc = cpu.convert_activation(qtype, x)
     block = 32 if qt.get(qtype).vec_dot_type in (T.Q8_0, T.Q8_1) else 256

@@ -353,29 +353,28 @@ def dot_blocks_q8(typingctx, w, iw, wstride, x, ix, dw, idw, dx, idx, nblocks):
     return sig, codegen
 
 
-@intrinsic
-def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
-    """A Q6_K row (unsigned 6-bit quants, uint8) times a Q8_K row, in the order of
-    ggml_vec_dot_q6_K_q8_K on AVX2: per super-block, 8 int32 lanes (lane m = scale times the
-    products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per 32-chunk) minus
-    corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1] sc[2m+1]), converted to float and
-    fused-multiply-added by d = d_x * d_w into 8 float lanes; hsum_float_8 at the end."""
-    if not (_is_int8_array(q) and _is_int8_array(x)):
-        return None
-    u = types.unliteral
-    sig = types.float32(q, u(iq), x, u(ix), sv, u(isv), corr, u(ic), dsc, u(ids), u(nsb))
+def _make_dot_lanes(signed: bool, has_corr: bool):
+    """The super-block lane dot of ggml's AVX2 k- and i-quant vec_dots: per super-block, 8 int32
+    lanes (lane m = the scaled products 4m .. 4m+3 of each 32-quant chunk; sv: 16 int16 scales per
+    chunk, one per byte pair), minus corr[8 s + m] (has_corr), converted to float and fused-multiply-
+    added by d = dsc[s] into 8 float lanes; hsum_float_8 at the end. Unsigned quants (0..63) go
+    through vpmaddubsw as they are, signed ones (int8) through ggml's sign trick (mul_add_epi8); the
+    integers are exact either way."""
 
-    def codegen(context, builder, signature, args):
+    def codegen_dot(context, builder, signature, args):
         st = signature.args
+        i16 = ir.IntType(16)
         pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
         px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
-        i16 = ir.IntType(16)
         ps = _elem_ptr(context, builder, st[4], args[4], args[5], i16, st[5])
-        pc = _elem_ptr(context, builder, st[6], args[6], args[7], _I32, st[7])
-        pd = _elem_ptr(context, builder, st[8], args[8], args[9], _F32, st[9])
-        n = context.cast(builder, args[10], st[10], types.intp)
+        k = 6
+        if has_corr:
+            pc = _elem_ptr(context, builder, st[6], args[6], args[7], _I32, st[7])
+            k = 8
+        pd = _elem_ptr(context, builder, st[k], args[k], args[k + 1], _F32, st[k + 1])
+        n = context.cast(builder, args[k + 2], st[k + 2], types.intp)
         intp = n.type
-        i16 = ir.IntType(16)
+        v32 = ir.VectorType(_I8, 32)
         v8 = ir.VectorType(_I32, 8)
         v8f = ir.VectorType(_F32, 8)
         fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
@@ -386,16 +385,132 @@ def dot_q6k_lanes(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
             lanes = ir.Constant(v8, [0] * 8)
             for c in range(QK_K // 32):
                 off = builder.add(base, ir.Constant(intp, 32 * c))
-                sv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
-                                                                      ir.Constant(intp, 16 * c))]), i16, 16)
-                lanes = builder.add(lanes, _kq_chunk_lanes(builder, pq, px, off, sv))
-            cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
-            lanes = builder.sub(lanes, cv)
+                scv = _load_vec(builder, builder.gep(ps, [builder.add(builder.mul(s, ir.Constant(intp, 128)),
+                                                                       ir.Constant(intp, 16 * c))]), i16, 16)
+                if signed and HAS_AVX2:  # |q| times x with q's sign (mul_add_epi8), then the scales
+                    qv = _load_vec(builder, builder.gep(pq, [off]), _I8, 32)
+                    xv = _load_vec(builder, builder.gep(px, [off]), _I8, 32)
+                    aq = _x86(builder, "llvm.x86.avx2.psign.b", v32, [qv, qv])
+                    sx = _x86(builder, "llvm.x86.avx2.psign.b", v32, [xv, qv])
+                    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [aq, sx])
+                    cl = _x86(builder, "llvm.x86.avx2.pmadd.wd", v8, [p16, scv])
+                else:
+                    cl = _kq_chunk_lanes(builder, pq, px, off, scv, signed)
+                lanes = builder.add(lanes, cl)
+            if has_corr:
+                cv = _load_vec(builder, builder.gep(pc, [builder.mul(s, ir.Constant(intp, 8))]), _I32, 8)
+                lanes = builder.sub(lanes, cv)
             d = _splat(builder, builder.load(builder.gep(pd, [s])), 8)
             builder.store(builder.call(fma8, [d, builder.sitofp(lanes, v8f), builder.load(acc)]), acc)
         return _hsum_movehl(builder, builder.load(acc))
 
-    return sig, codegen
+    if has_corr:
+        @intrinsic
+        def dot(typingctx, q, iq, x, ix, sv, isv, corr, ic, dsc, ids, nsb):
+            if not (_is_int8_array(q) and _is_int8_array(x)):
+                return None
+            u = types.unliteral
+            return types.float32(q, u(iq), x, u(ix), sv, u(isv), corr, u(ic), dsc, u(ids), u(nsb)), codegen_dot
+    else:
+        @intrinsic
+        def dot(typingctx, q, iq, x, ix, sv, isv, dsc, ids, nsb):
+            if not (_is_int8_array(q) and _is_int8_array(x)):
+                return None
+            u = types.unliteral
+            return types.float32(q, u(iq), x, u(ix), sv, u(isv), dsc, u(ids), u(nsb)), codegen_dot
+    return dot
+
+
+# ggml_vec_dot_q6_K_q8_K (unsigned 6-bit quants, corr[8 s + m] = 32 * (bsum[2m] sc[2m] + bsum[2m+1]
+# sc[2m+1])) and the TQ1_0 / TQ2_0 vec_dots (codes 0..2, unit scales, corr = bsum[2m] + bsum[2m+1])
+dot_q6k_lanes = _make_dot_lanes(signed=False, has_corr=True)
+# the i-quant vec_dots (ggml_vec_dot_iq2_xxs_q8_K ... iq1_m, iq4_xs): signed grid / table values
+dot_lanes_s = _make_dot_lanes(signed=True, has_corr=False)
+
+
+def _block_lanes(builder, pq, px, off):
+    """<8 x i32> lanes of the 32 products int8 q[off+k] * int8 x[off+k] (lane m: products 4m .. 4m+3)."""
+    return _madd32_lanes(builder, pq, _I8, px, off)
+
+
+def _make_dot_b32(mode: int):
+    """Rows of 32-value blocks (signed int8 values q, unpacked) times Q8_0 activations, in the float
+    order of one of ggml's AVX2 vec_dots (arch/x86/quants.c); sc: float32, 2 per block.
+
+    mode 0 (ggml_vec_dot_iq4_nl_q8_0 / mxfp4_q8_0): blocks in pairs, even blocks fused-multiply-added
+        into acc1, odd into acc2, by sc[2b] = d_x * d_w; hsum_float_8(acc1 + acc2). nblocks even.
+    mode 1 (ggml_vec_dot_nvfp4_q8_0): one acc; lanes 0-3 scaled by sc[2b], lanes 4-7 by sc[2b+1]
+        (one UE4M3 scale per 16 values).
+    mode 2 (ggml_vec_dot_q1_0_q8_0): groups of 4 blocks (128 values): accb = sc[2b] * lanes (a plain
+        multiply for the first block, fused-multiply-adds for the other three: sc[2b] = d_x of the
+        block), then acc = fma(d_w, accb, acc) with d_w = sc[2b + 1] of the group's first block.
+    """
+
+    @intrinsic
+    def dot_b32(typingctx, q, iq, x, ix, sc, isc, nblocks):
+        if not (_is_int8_array(q) and _is_int8_array(x)):
+            return None
+        u = types.unliteral
+        sig = types.float32(q, u(iq), x, u(ix), sc, u(isc), u(nblocks))
+
+        def codegen(context, builder, signature, args):
+            st = signature.args
+            pq = _elem_ptr(context, builder, st[0], args[0], args[1], _I8, st[1])
+            px = _elem_ptr(context, builder, st[2], args[2], args[3], _I8, st[3])
+            ps = _elem_ptr(context, builder, st[4], args[4], args[5], _F32, st[5])
+            n = context.cast(builder, args[6], st[6], types.intp)
+            intp = n.type
+            v8f = ir.VectorType(_F32, 8)
+            fma8 = _fma_fn(builder, v8f, "llvm.fma.v8f32")
+            zero = ir.Constant(v8f, [0.0] * 8)
+            acc1 = cgutils.alloca_once_value(builder, zero)
+            acc2 = cgutils.alloca_once_value(builder, zero)
+
+            def lanes_f(b):
+                off = builder.mul(b, ir.Constant(intp, 32))
+                return builder.sitofp(_block_lanes(builder, pq, px, off), v8f)
+
+            def scale(i):
+                return builder.load(builder.gep(ps, [i]))
+
+            if mode == 0:
+                with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(intp, 2))) as loop:
+                    b0 = builder.mul(loop.index, ir.Constant(intp, 2))
+                    b1 = builder.add(b0, ir.Constant(intp, 1))
+                    s0 = _splat(builder, scale(builder.mul(b0, ir.Constant(intp, 2))), 8)
+                    s1 = _splat(builder, scale(builder.mul(b1, ir.Constant(intp, 2))), 8)
+                    builder.store(builder.call(fma8, [s0, lanes_f(b0), builder.load(acc1)]), acc1)
+                    builder.store(builder.call(fma8, [s1, lanes_f(b1), builder.load(acc2)]), acc2)
+                return _hsum_movehl(builder, builder.fadd(builder.load(acc1), builder.load(acc2)))
+            if mode == 1:
+                with cgutils.for_range(builder, n) as loop:
+                    b = loop.index
+                    i0 = builder.mul(b, ir.Constant(intp, 2))
+                    lo = _splat(builder, scale(i0), 8)
+                    hi = _splat(builder, scale(builder.add(i0, ir.Constant(intp, 1))), 8)
+                    sv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+                    builder.store(builder.call(fma8, [sv, lanes_f(b), builder.load(acc1)]), acc1)
+                return _hsum_movehl(builder, builder.load(acc1))
+            # mode 2
+            with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(intp, 4))) as loop:
+                b0 = builder.mul(loop.index, ir.Constant(intp, 4))
+                accb = builder.fmul(_splat(builder, scale(builder.mul(b0, ir.Constant(intp, 2))), 8), lanes_f(b0))
+                for k in range(1, 4):
+                    b = builder.add(b0, ir.Constant(intp, k))
+                    accb = builder.call(fma8, [_splat(builder, scale(builder.mul(b, ir.Constant(intp, 2))), 8),
+                                               lanes_f(b), accb])
+                dw = _splat(builder, scale(builder.add(builder.mul(b0, ir.Constant(intp, 2)), ir.Constant(intp, 1))), 8)
+                builder.store(builder.call(fma8, [dw, accb, builder.load(acc1)]), acc1)
+            return _hsum_movehl(builder, builder.load(acc1))
+
+        return sig, codegen
+
+    return dot_b32
+
+
+dot_b32_pairs = _make_dot_b32(0)
+dot_b32_halves = _make_dot_b32(1)
+dot_b32_q1_0 = _make_dot_b32(2)
 
 
 def _q0_block_quants(builder, pb, kind):

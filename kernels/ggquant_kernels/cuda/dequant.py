@@ -184,3 +184,233 @@ def dequantize_parts(torch, kind: str, parts: tuple):
             - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
         return y.reshape(N, -1)
     raise ValueError(f"unknown weight layout {kind!r}")
+
+
+# --- low-bit types (issue 14): signed int8 codes with one float32 scale per group --------------
+#
+# Every one of these decodes as y = scale * code, with scale and code computed exactly as the C
+# dequantize_row_<type> computes its factors (float32, same operation order, so torch gives the
+# same bits): the grid i-quants db * (+-grid) with db = d * (0.5 + ls) * 0.25 (IQ2_*), * 0.5
+# (IQ3_XXS), d * (1 + 2 ls) (IQ3_S); IQ1_S / IQ1_M dl * (grid +- 1/8) as (dl / 8) * (8 grid +- 1)
+# (the same real product, rounded once); TQ*: (code - 1) * d; IQ4_NL / IQ4_XS: (d or d*(ls-32)) *
+# kvalue; MXFP4 / NVFP4: kvalue * the E8M0 / UE4M3 scale (halved: kvalues are doubled E2M1); Q1_0
+# +-d. The decoder multiplies them out; the repacker keeps them as the Triton matvec's "int8"
+# layout (1 byte per weight + one scale per group: the generic path, not the packed bits).
+
+def _lowbit_tables():
+    import numpy as np
+
+    from ..quants import iq4, iquants, lowbit
+
+    return {
+        "iq2xxs": iquants.IQ2XXS_GRID.astype(np.int8), "iq2xs": iquants.IQ2XS_GRID.astype(np.int8),
+        "iq2s": iquants.IQ2S_GRID.astype(np.int8), "iq3xxs": iquants.IQ3XXS_GRID.astype(np.int8),
+        "iq3s": iquants.IQ3S_GRID.astype(np.int8), "iq1s": iquants.IQ1S_GRID.astype(np.int8),
+        "ksigns": iquants.KSIGNS_IQ2XS, "iq4nl": iq4.KVALUES_IQ4NL, "fp4": lowbit.KVALUES_MXFP4.astype(np.int8),
+        "e8m0": lowbit.E8M0_TO_FP32_HALF, "ue4m3": lowbit.UE4M3_TO_FP32_HALF,
+    }
+
+
+_TABLES: dict = {}
+
+
+def _tab(torch, name, device):
+    key = (name, str(device))
+    if key not in _TABLES:
+        if not _TABLES.get("_np"):
+            _TABLES["_np"] = _lowbit_tables()
+        _TABLES[key] = torch.from_numpy(_TABLES["_np"][name]).to(device)
+    return _TABLES[key]
+
+
+def _u32(b):
+    b = b.long()
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def _signed(torch, vals, signs):
+    """vals int32 [..., 8], sign bytes [...]: element j negated where bit j of the byte is set."""
+    bits = (signs.long()[..., None] >> torch.arange(8, device=vals.device)) & 1
+    return torch.where(bits.bool(), -vals, vals)
+
+
+def _f32(torch, v):
+    return torch.as_tensor(v, dtype=torch.float32)
+
+
+def _codes_iq2_xxs(torch, raw, n):
+    N = raw.shape[0]
+    b = _blocks(_T.IQ2_XXS, raw, n)
+    d = _fp16(torch, b[..., 0:2])  # [N, nsb]
+    q = b[..., 2:].reshape(N, -1, 8, 8)  # per 32: 4 grid bytes, u32 aux
+    aux = _u32(q[..., 4:8])  # [N, nsb, 8]
+    ls = (aux >> 28).float()
+    db = d[..., None] * (_f32(torch, 0.5) + ls) * _f32(torch, 0.25)
+    g = _tab(torch, "iq2xxs", raw.device)[q[..., 0:4].long()].int()  # [N, nsb, 8, 4, 8]
+    s = _tab(torch, "ksigns", raw.device)[(aux[..., None] >> (7 * torch.arange(4, device=raw.device))) & 127]
+    return _signed(torch, g, s).reshape(N, n), db.reshape(N, -1)
+
+
+def _codes_iq2_xs_s(torch, qtype, raw, n):
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    d = _fp16(torch, b[..., 0:2])
+    if qtype == _T.IQ2_XS:
+        q = b[..., 2:66].contiguous().view(torch.int16).long() & 0xFFFF  # [N, nsb, 32]
+        g = _tab(torch, "iq2xs", raw.device)[q & 511]
+        s = _tab(torch, "ksigns", raw.device)[q >> 9]
+        sc = b[..., 66:74].long()
+    else:
+        qs = b[..., 2:34].long()
+        qh = b[..., 66:74].long()  # per 32: 2 bits of each of its 4 grid indices
+        sh = 8 - 2 * torch.arange(4, device=raw.device)
+        hi = ((qh[..., :, None] << sh) & 0x300).reshape(N, -1, 32)
+        g = _tab(torch, "iq2s", raw.device)[qs | hi]
+        s = b[..., 34:66]
+        sc = b[..., 74:82].long()
+    ls = torch.stack([sc & 15, sc >> 4], dim=-1).float()  # [N, nsb, 8, 2]: per 16
+    db = d[..., None, None] * (_f32(torch, 0.5) + ls) * _f32(torch, 0.25)
+    return _signed(torch, g.int(), s).reshape(N, n), db.reshape(N, -1)
+
+
+def _codes_iq3(torch, qtype, raw, n):
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    d = _fp16(torch, b[..., 0:2])
+    qs = b[..., 2:66].long().reshape(N, -1, 8, 4, 2)  # per 32: 4 groups of 8 = 2 grid entries
+    if qtype == _T.IQ3_XXS:
+        aux = _u32(b[..., 66:98].reshape(N, -1, 8, 4))  # [N, nsb, 8]
+        db = d[..., None] * (_f32(torch, 0.5) + (aux >> 28).float()) * _f32(torch, 0.5)
+        s = _tab(torch, "ksigns", raw.device)[(aux[..., None] >> (7 * torch.arange(4, device=raw.device))) & 127]
+        g = _tab(torch, "iq3xxs", raw.device)[qs]  # [N, nsb, 8, 4, 2, 4]
+    else:
+        qh = b[..., 66:74].long()  # [N, nsb, 8]
+        l = torch.arange(4, device=raw.device)
+        hi = torch.stack([(qh[..., None] << (8 - 2 * l)) & 256, (qh[..., None] << (7 - 2 * l)) & 256], dim=-1)
+        g = _tab(torch, "iq3s", raw.device)[qs | hi]
+        s = b[..., 74:106].reshape(N, -1, 8, 4)
+        sc = b[..., 106:110].long()
+        ls = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(N, -1, 8)
+        db = d[..., None] * (1 + 2 * ls).float()
+    return _signed(torch, g.int().reshape(N, -1, 8, 4, 8), s).reshape(N, n), db.reshape(N, -1)
+
+
+def _codes_iq1(torch, qtype, raw, n):
+    """8 * grid + delta (delta = +-1) with scale dl / 8."""
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    grid = _tab(torch, "iq1s", raw.device)
+    l = torch.arange(4, device=raw.device)
+    if qtype == _T.IQ1_S:
+        d = _fp16(torch, b[..., 0:2])
+        qh = b[..., 34:50].contiguous().view(torch.int16).long() & 0xFFFF  # [N, nsb, 8]
+        dl = d[..., None] * (2 * ((qh >> 12) & 7) + 1).float()
+        idx = b[..., 2:34].long().reshape(N, -1, 8, 4) | (((qh[..., None] >> (3 * l)) & 7) << 8)
+        delta = torch.where((qh & 0x8000).bool(), -1, 1)[..., None, None]
+        codes = 8 * grid[idx].long() + delta  # [N, nsb, 8, 4, 8]
+        scale = dl * _f32(torch, 0.125)
+    else:
+        sc = b[..., 48:56].contiguous().view(torch.int16).long() & 0xFFFF  # [N, nsb, 4]
+        h = (sc[..., 0] >> 12) | ((sc[..., 1] >> 8) & 0x00F0) | ((sc[..., 2] >> 4) & 0x0F00) | (sc[..., 3] & 0xF000)
+        d = h.to(torch.int16).view(torch.float16).float()  # [N, nsb]
+        s16 = sc.repeat_interleave(2, dim=-1)  # per 32: sc[ib // 2]
+        sh = 6 * (torch.arange(8, device=raw.device) % 2)
+        ls = torch.stack([(s16 >> sh) & 7, (s16 >> (sh + 3)) & 7], dim=-1)  # [N, nsb, 8, 2]
+        dl = d[..., None, None] * (2 * ls + 1).float()
+        qh = b[..., 32:48].long().reshape(N, -1, 8, 2)  # per 32: 2 bytes, each for 2 groups of 8
+        qhl = qh.repeat_interleave(2, dim=-1)  # group l uses qh[l // 2]
+        even = (l % 2 == 0)
+        hi = torch.where(even, (qhl << 8) & 0x700, (qhl << 4) & 0x700)
+        neg = torch.where(even, qhl & 0x08, qhl & 0x80).bool()
+        idx = b[..., 0:32].long().reshape(N, -1, 8, 4) | hi
+        codes = 8 * grid[idx].long() + torch.where(neg, -1, 1)[..., None]
+        scale = dl * _f32(torch, 0.125)
+    return codes.reshape(N, n), scale.reshape(N, -1)
+
+
+def _codes_tq(torch, qtype, raw, n):
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    if qtype == _T.TQ2_0:
+        d = _fp16(torch, b[..., 64:66])
+        qs = b[..., 0:64].long().reshape(N, -1, 2, 1, 32)
+        q = (qs >> (2 * torch.arange(4, device=raw.device)).reshape(1, 1, 1, 4, 1)) & 3
+    else:
+        d = _fp16(torch, b[..., 52:54])
+        pow3 = torch.tensor([1, 3, 9, 27, 81], device=raw.device)
+
+        def trits(x, k):
+            return (((x[..., None, :] * pow3[:k, None]) & 255) * 3) >> 8
+
+        q = torch.cat([trits(b[..., 0:32].long(), 5).reshape(N, -1, 160),
+                       trits(b[..., 32:48].long(), 5).reshape(N, -1, 80),
+                       trits(b[..., 48:52].long(), 4).reshape(N, -1, 16)], dim=-1)
+    return (q.reshape(N, n) - 1), d.reshape(N, -1)
+
+
+def _codes_iq4(torch, qtype, raw, n):
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    kv = _tab(torch, "iq4nl", raw.device)
+    d = _fp16(torch, b[..., 0:2])
+    if qtype == _T.IQ4_NL:
+        qs = b[..., 2:18].long()
+        return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), d.reshape(N, -1)
+    sh = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).long() & 0xFFFF  # [N, nsb]
+    sl = b[..., 4:8].long()
+    ib = torch.arange(8, device=raw.device)
+    lo = (sl[..., ib // 2] >> (4 * (ib % 2))) & 15
+    ls = lo | (((sh[..., None] >> (2 * ib)) & 3) << 4)
+    dl = d[..., None] * (ls - 32).float()
+    qs = b[..., 8:136].long().reshape(N, -1, 8, 16)
+    return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), dl.reshape(N, -1)
+
+
+def _codes_fp4(torch, qtype, raw, n):
+    N = raw.shape[0]
+    b = _blocks(qtype, raw, n)
+    kv = _tab(torch, "fp4", raw.device)
+    if qtype == _T.MXFP4:
+        scale = _tab(torch, "e8m0", raw.device)[b[..., 0].long()]
+        qs = b[..., 1:17].long()
+        return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), scale.reshape(N, -1)
+    scale = _tab(torch, "ue4m3", raw.device)[b[..., 0:4].long()]  # [N, nb, 4]: per 16
+    qs = b[..., 4:36].long().reshape(N, -1, 4, 8)
+    return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), scale.reshape(N, -1)
+
+
+def _codes_q1_0(torch, raw, n):
+    N = raw.shape[0]
+    b = _blocks(_T.Q1_0, raw, n)
+    d = _fp16(torch, b[..., 0:2])
+    bits = (b[..., 2:18].long()[..., None] >> torch.arange(8, device=raw.device)) & 1
+    return (2 * bits - 1).reshape(N, n).int(), d.reshape(N, -1)
+
+
+def _lowbit_type(codes):
+    def dequantize(torch, raw, n_per_row: int):
+        q, s = codes(torch, raw, n_per_row)
+        N = q.shape[0]
+        return (s[..., None] * q.reshape(N, s.shape[1], -1).float()).reshape(N, n_per_row)
+
+    def repack(torch, raw, n_per_row: int):
+        q, s = codes(torch, raw, n_per_row)
+        return "int8", (q.to(torch.int8).contiguous(), s.float().contiguous())
+
+    return dequantize, repack
+
+
+dequantize_iq2_xxs, repack_iq2_xxs = _lowbit_type(_codes_iq2_xxs)
+dequantize_iq2_xs, repack_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
+dequantize_iq2_s, repack_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
+dequantize_iq3_xxs, repack_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
+dequantize_iq3_s, repack_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
+dequantize_iq1_s, repack_iq1_s = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_S, r, n))
+dequantize_iq1_m, repack_iq1_m = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_M, r, n))
+dequantize_tq1_0, repack_tq1_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ1_0, r, n))
+dequantize_tq2_0, repack_tq2_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ2_0, r, n))
+dequantize_iq4_nl, repack_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
+dequantize_iq4_xs, repack_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
+dequantize_mxfp4, repack_mxfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.MXFP4, r, n))
+dequantize_nvfp4, repack_nvfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.NVFP4, r, n))
+dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
