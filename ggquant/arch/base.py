@@ -640,6 +640,26 @@ class TextHparams:
         return values[0]
 
 
+LLAMA_MAX_EXPERTS = 512  # src/llama-hparams.h
+
+
+def expert_counts(g: GGUFFacts, n_layer: int) -> tuple[int, list[int]]:
+    """(n_expert, n_expert_used per layer) as llama_model_base::load_hparams reads them
+    (expert_count, expert_used_count: both optional, 0 for a dense model), with its asserts
+    turned into errors naming the file and the key."""
+    L = Keys.LLM
+    k_count, k_used = L.EXPERT_COUNT.format(arch=g.arch), L.EXPERT_USED_COUNT.format(arch=g.arch)
+    n_expert = g.need(k_count, default=0)
+    used = g.per_layer(k_used, n_layer, default=0)
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise GGQuantError(f"{g.path}: '{k_count}' = {n_expert} is above llama.cpp's maximum of {LLAMA_MAX_EXPERTS}")
+    if max(used) > n_expert or (n_expert > 0 and max(used) == 0):
+        raise GGQuantError(f"{g.path}: '{k_used}' = {max(used)} must be in [1, '{k_count}' = {n_expert}] "
+                           f"(llama.cpp refuses this file)" if n_expert else
+                           f"{g.path}: '{k_used}' = {max(used)} but the file has no experts ('{k_count}' is 0)")
+    return n_expert, used
+
+
 def swa_pattern(g: GGUFFacts, n_layer: int, default_period: int) -> list[bool]:
     """llama_model_base::load_swa_pattern: a bool array (true = sliding), or a period n whose layer
     il slides unless il % n == n - 1 (llama_hparams::set_swa_pattern; n = 0: every layer slides)."""

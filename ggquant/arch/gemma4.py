@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, K
 
 from ggquant.arch import register
 from ggquant.arch import vocab as V
-from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, f32_value, hf_token_ids, token_ids_by_text)
+from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, expert_counts, f32_value, hf_token_ids, token_ids_by_text)
 from ggquant.formats.gguf import KV
 from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, Gemma3
 from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, Reshape, Softplus, Transform
@@ -76,6 +76,29 @@ GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
          "RMSNorm gain after the PLE branch [hidden]"),
     Rule("model.layers.{bid}.layer_scalar", MODEL_TENSOR.LAYER_OUT_SCALE,
          "per-layer output scale, a [1] buffer (the converter appends .weight)", ("",), ".weight"),
+) + (
+    # The mixture-of-experts block of 26B-A4B (transformers Gemma4TextDecoderLayer with
+    # enable_moe_block): it runs beside the dense MLP (which becomes the "shared expert") and the
+    # two outputs are normed separately, summed and normed again by post_feedforward_layernorm.
+    # Names as llama.cpp's converter writes them (conversion/gemma.py Gemma4Model.filter_tensors
+    # appends ".weight" to the bare expert parameters; modify_tensors renames the router scales).
+    Rule("model.layers.{bid}.pre_feedforward_layernorm_2", MODEL_TENSOR.FFN_PRE_NORM_2,
+         "RMSNorm gain before the experts [hidden]"),
+    Rule("model.layers.{bid}.post_feedforward_layernorm_1", MODEL_TENSOR.FFN_POST_NORM_1,
+         "RMSNorm gain on the dense MLP's output in an MoE layer [hidden]"),
+    Rule("model.layers.{bid}.post_feedforward_layernorm_2", MODEL_TENSOR.FFN_POST_NORM_2,
+         "RMSNorm gain on the experts' output [hidden]"),
+    Rule("model.layers.{bid}.router.proj", MODEL_TENSOR.FFN_GATE_INP,
+         "router logits [n_expert, hidden], kept F32 (ModelBase.prepare_tensors)"),
+    Rule("model.layers.{bid}.router.scale", MODEL_TENSOR.FFN_GATE_INP,
+         "router input gain [hidden] -> ffn_gate_inp.scale", ("",), ".scale"),
+    Rule("model.layers.{bid}.router.per_expert_scale", MODEL_TENSOR.FFN_DOWN_EXP,
+         "per-expert output scale [n_expert] -> ffn_down_exps.scale (llama.cpp multiplies each expert's "
+         "down output by it)", ("",), ".scale"),
+    Rule("model.layers.{bid}.experts.gate_up_proj", MODEL_TENSOR.FFN_GATE_UP_EXP,
+         "fused expert gate|up [n_expert, 2*moe_ffn, hidden], gate rows first", ("",), ".weight"),
+    Rule("model.layers.{bid}.experts.down_proj", MODEL_TENSOR.FFN_DOWN_EXP,
+         "expert down [n_expert, hidden, moe_ffn]", ("",), ".weight"),
 )
 
 # mmproj: HF names after the converter's own renames (".linear." dropped from clippable linears);
@@ -207,6 +230,9 @@ class Gemma4Hparams(TextHparams):
     n_kv_from_start: int  # layers 0 .. n_kv_from_start - 1 compute their own K/V
     kv_source: list[int]  # per layer: the layer whose K/V cache it attends over
     n_embd_per_layer: int  # embedding_length_per_layer_input (P); 0: no per-layer embeddings
+    n_expert: int  # expert_count; 0: dense (E2B, E4B, 31B)
+    n_expert_used: list[int]  # expert_used_count, per layer (top-k of the router)
+    n_ff_exp: list[int]  # expert_feed_forward_length, per layer (one expert's MLP width)
 
     @classmethod
     def decode(cls, g: GGUFFacts) -> dict:
@@ -227,6 +253,9 @@ class Gemma4Hparams(TextHparams):
         )
         if d["head_dim"] != d["head_dim_v"] or d["head_dim_swa"] != d["head_dim_v_swa"]:
             raise GGQuantError(f"{g.path}: Gemma 4 requires value_length == key_length (llama.cpp does too)")
+        n_expert, n_used = expert_counts(g, n_layer)
+        d.update(n_expert=n_expert, n_expert_used=n_used,
+                 n_ff_exp=g.per_layer(L.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), n_layer, default=0))
         n_shared = g.need(A.SHARED_KV_LAYERS.format(arch=a), default=0)
         n_kv = n_layer - n_shared
         kv_source = list(range(n_layer))
@@ -315,8 +344,10 @@ class Gemma4(Gemma3):
         ff = h["intermediate_size"] * (2 if h.get("use_double_wide_mlp") and il >= self.first_shared else 1)
         nkv = (self.n_kv_full or h["num_key_value_heads"]) if full else h["num_key_value_heads"]
         # shared layers may or may not carry k/v (transformers ignores them); v is optional everywhere
+        # attention_k_eq_v: full layers have no v_proj (Gemma4TextAttention.use_alternative_attention,
+        # V = K); sliding layers keep theirs
         return dict(head_dim=self.head_dim_full if full else h["head_dim"], n_kv=nkv, ffn=ff,
-                    has_kv=il < self.first_shared, has_v=not h.get("attention_k_eq_v"))
+                    has_kv=il < self.first_shared, has_v=not (h.get("attention_k_eq_v") and full))
 
     def expected_shapes(self):
         exp = super().expected_shapes()
@@ -328,9 +359,18 @@ class Gemma4(Gemma3):
                 "model.per_layer_model_projection.weight": ((L * P, H), True),
                 "model.per_layer_projection_norm.weight": ((P,), True),
             })
+        moe = bool(h.get("enable_moe_block"))
         for il in range(L):
             p = f"model.layers.{il}."
             exp[p + "layer_scalar"] = ((1,), True)
+            if moe:  # Gemma4TextRouter + Gemma4TextExperts, and the norms around them
+                E, F = h["num_experts"], h["moe_intermediate_size"]
+                exp.update({p + "router.proj.weight": ((E, H), True), p + "router.scale": ((H,), True),
+                            p + "router.per_expert_scale": ((E,), True),
+                            p + "experts.gate_up_proj": ((E, 2 * F, H), True),
+                            p + "experts.down_proj": ((E, H, F), True)})
+                exp.update({p + n + ".weight": ((H,), True) for n in (
+                    "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")})
             if P:
                 exp.update({p + "per_layer_input_gate.weight": ((P, H), True),
                             p + "per_layer_projection.weight": ((H, P), True),
@@ -346,8 +386,7 @@ class Gemma4(Gemma3):
     def validate_hparams(self):
         h = self.hparams
         if h.get("enable_moe_block"):
-            raise GGQuantError(f"{self.config_path}: enable_moe_block is set (Gemma 4 26B-A4B MoE); ggquant "
-                               f"converts the dense Gemma 4 models (E2B, E4B, 31B) only")
+            self.validate_moe()
         lt = h.get("layer_types")
         L = self.block_count
         if not isinstance(lt, list) or len(lt) != L or any(t not in (SLIDING, FULL) for t in lt):
@@ -382,6 +421,18 @@ class Gemma4(Gemma3):
                 f"from vocab_size = {h.get('vocab_size')}; llama.cpp sizes per_layer_token_embd by the vocabulary "
                 f"and would refuse the GGUF")
         super().validate_hparams()
+
+    def validate_moe(self) -> None:
+        """The expert counts llama.cpp needs (llama_model_base::load_hparams asserts
+        n_expert_used <= n_expert and n_expert_used > 0 once n_expert > 0)."""
+        E = self.need("num_experts")
+        k = self.need("top_k_experts")
+        self.need("moe_intermediate_size")
+        if E < 1:
+            raise GGQuantError(f"{self.config_path}: num_experts = {E}; a mixture-of-experts layer needs experts")
+        if not 0 < k <= E:
+            raise GGQuantError(f"{self.config_path}: top_k_experts = {k} must be in [1, num_experts = {E}]; "
+                               f"llama.cpp refuses to load a model that routes to more experts than it has")
 
     def check_vocab_sizes(self):
         super().check_vocab_sizes()

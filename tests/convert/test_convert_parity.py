@@ -2,7 +2,8 @@
 
 Every comparison is of the whole file (header, metadata order and types, tensor infos, padding
 and data), for the text GGUF and the --mmproj sidecar, on the tiny fixtures: Gemma 4 E4B-like
-(bf16, one file) and E2B-like (f32, sharded, double-wide MLP), a text-only Gemma4ForCausalLM,
+(bf16, one file) and E2B-like (f32, sharded, double-wide MLP), 26B-A4B-like (mixture of experts)
+and 31B-like (dense, K = V on full layers), a text-only Gemma4ForCausalLM,
 Gemma 3 text and Gemma 3 with a SigLIP tower, plus float16 checkpoints (Gemma 3's norm +1 is
 then added in f16, and Gemma 4's softplus runs on f16 input).
 """
@@ -34,6 +35,8 @@ CASES = (
     + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
     + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
     + [("card_gemma3", "f32", False), ("vision_only_gemma4", "f16", True)]
+    + [("gemma4_a4b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_a4b", "f16", True)]
+    + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
 )
 
 MODEL_CARD = """---
