@@ -644,7 +644,8 @@ class Gemma4(Gemma3):
         emb = g.shapes.get("token_embd.weight")
         if emb is None:
             raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {hp.arch} GGUF needs it")
-        has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared))
+        # attention_k_eq_v: the full layers with their own K/V have no attn_v (V = K)
+        has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared) if layer_types[i] == FULL)
         cfg = dict(
             architectures=[cls.HF_CAUSAL], model_type=cls.HF_TEXT_MODEL_TYPE,
             vocab_size=emb[0], vocab_size_per_layer_input=emb[0], hidden_size=hp.n_embd, intermediate_size=n_ff,
@@ -660,8 +661,11 @@ class Gemma4(Gemma3):
             },
             final_logit_softcapping=f32_value(hp.final_softcap) if hp.final_softcap else None,
             hidden_activation="gelu_pytorch_tanh", tie_word_embeddings="output.weight" not in g.shapes,
-            attention_k_eq_v=not has_v, enable_moe_block=False,
+            attention_k_eq_v=not has_v, enable_moe_block=hp.n_expert > 0,
         )
+        if hp.n_expert > 0:  # the router and experts of 26B-A4B (ffn_gate_inp, ffn_*_exps)
+            cfg.update(num_experts=hp.n_expert, top_k_experts=hp.single(hp.n_expert_used, L.EXPERT_USED_COUNT),
+                       moe_intermediate_size=hp.single(hp.n_ff_exp, L.EXPERT_FEED_FORWARD_LENGTH))
         if kv_full != kv_swa:
             cfg["per_layer_config"] = {str(i): {"head_dim": hd_full, "num_key_value_heads": kv_full}
                                        for i, t in enumerate(layer_types) if t == FULL}
