@@ -77,7 +77,7 @@ class Rule:
     """
 
     hf: str
-    tensor: MODEL_TENSOR
+    tensor: MODEL_TENSOR | str  # a str: the GGUF base name of a tensor the pinned gguf does not declare yet
     note: str
     suffixes: tuple[str, ...] = (".weight", ".bias")
     gguf_suffix: str = ""
@@ -86,7 +86,7 @@ class Rule:
     gguf_regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        gguf = TENSOR_NAMES[self.tensor] + self.gguf_suffix
+        gguf = (self.tensor if isinstance(self.tensor, str) else TENSOR_NAMES[self.tensor]) + self.gguf_suffix
         object.__setattr__(self, "gguf", gguf)
         object.__setattr__(self, "regex", _bid_pattern(self.hf))
         object.__setattr__(self, "gguf_regex", _bid_pattern(gguf))

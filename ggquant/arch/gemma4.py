@@ -27,8 +27,10 @@ from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, K
 
 from ggquant.arch import register
 from ggquant.arch import vocab as V
-from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, expert_counts, f32_value, hf_token_ids, token_ids_by_text)
+from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, expert_counts,
+                               f32_value, hf_token_ids, token_ids_by_text)
 from ggquant.formats.gguf import KV
+from ggquant.formats.hf_folder import read_json
 from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, Gemma3
 from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, Reshape, Softplus, Transform
 from ggquant.errors import GGQuantError
@@ -284,6 +286,8 @@ class Gemma4(Gemma3):
     norm_shift = 0.0  # Gemma4RMSNorm multiplies by w directly
     VISIBLE_TOKENS = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
                       "<tool_response|>", '<|"|>')  # always rendered so the chat parser sees them
+    VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4v", "gemma4a"  # clip.{vision,audio}.projector_type
+    MMPROJ_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
     def text_hparams(self, config: dict) -> dict:
         h = dict(super(Gemma3, self).text_hparams(config))
@@ -477,8 +481,7 @@ class Gemma4(Gemma3):
         return Arch.skip_tensor(self, name, part)
 
     def is_mmproj_tensor(self, name: str) -> bool:
-        return name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
-                                "model.embed_audio."))
+        return name.startswith(self.MMPROJ_PREFIXES)
 
     def has_mmproj(self) -> bool:
         return isinstance(self.raw.get("vision_config"), dict)
@@ -591,13 +594,13 @@ class Gemma4(Gemma3):
             kv.bool(C.HAS_AUDIO_ENCODER, True)
             kv.u32(CA.PROJECTION_DIM, n_embd_text)
             kv.u32(CA.EMBEDDING_LENGTH, aud["hidden_size"])
-            kv.u32(CA.FEED_FORWARD_LENGTH, aud["hidden_size"] * 4)
+            kv.u32(CA.FEED_FORWARD_LENGTH, aud.get("intermediate_size", aud["hidden_size"] * 4))
             kv.u32(CA.BLOCK_COUNT, aud["num_hidden_layers"])
             kv.u32(CA.Attention.HEAD_COUNT, aud["num_attention_heads"])
-        kv.string(CV.PROJECTOR_TYPE, "gemma4v")
+        kv.string(CV.PROJECTOR_TYPE, self.VISION_PROJECTOR)
         kv.f32(CV.Attention.LAYERNORM_EPS, vis.get("layer_norm_eps", MMPROJ_EPS))
         if aud is not None:
-            kv.string(CA.PROJECTOR_TYPE, "gemma4a")
+            kv.string(CA.PROJECTOR_TYPE, self.AUDIO_PROJECTOR)
             kv.u32(CA.NUM_MEL_BINS, aud.get("input_feat_size", AUDIO_MEL_BINS))
             kv.f32(CA.Attention.LAYERNORM_EPS, aud.get("layer_norm_eps", MMPROJ_EPS))
 
@@ -759,3 +762,162 @@ class Gemma4(Gemma3):
                     if name.endswith(suf) and any(base.endswith("." + m) for m in mods):
                         return base + ".linear" + suf
         return name
+
+
+# =============================================================================================
+# Gemma 4 "Unified" (Gemma4UnifiedForConditionalGeneration): encoder-free vision and audio
+# =============================================================================================
+
+# transformers 5.x Gemma4UnifiedTextConfig defaults (no per-layer embeddings, no experts)
+GEMMA4_UNIFIED_TEXT_DEFAULTS = dict(
+    vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=262_144,
+    rms_norm_eps=1e-6, sliding_window=1024, final_logit_softcapping=None, tie_word_embeddings=True,
+    attention_k_eq_v=False, num_kv_shared_layers=0, use_double_wide_mlp=False, use_bidirectional_attention="vision",
+)
+UNIFIED_VISION_DEFAULTS = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=3840, mm_posemb_size=1120)
+UNIFIED_AUDIO_DEFAULTS = dict(audio_embed_dim=640)
+# tokenizer.ggml.suppress_tokens (gguf-py of llama.cpp: Keys.Tokenizer.SUPPRESS_TOKENS; the pinned gguf lacks
+# it), an INT32 array as llama-vocab.cpp requires
+KEY_SUPPRESS_TOKENS = "tokenizer.ggml.suppress_tokens"
+# v.patch_norm.{bid}: llama.cpp gguf-py MODEL_TENSOR.V_ENC_EMBD_PATCH_NORM (not in the pinned gguf)
+V_ENC_EMBD_PATCH_NORM = "v.patch_norm.{bid}"
+UNIFIED_PATCH_NORMS = 3  # patch_ln1, patch_ln2 and pos_norm (written as patch_ln3)
+
+_UV = "model.vision_embedder."
+GEMMA4_UNIFIED_MMPROJ = (
+    Rule(_UV + "patch_dense", MODEL_TENSOR.V_ENC_EMBD_PATCH,
+         "raw pixel patch -> embedding [mm_embed, 3*P*P] (P = patch * pooling), columns reordered from the "
+         "checkpoint's (row, col, rgb) to ggml im2col's (rgb, row, col); F16 in f16 mode, else F32"),
+    Rule(_UV + "patch_ln{bid}", V_ENC_EMBD_PATCH_NORM,
+         "LayerNorms: 1 on the raw patch [3*P*P] (reordered like patch_dense's columns), 2 after the dense, "
+         "3 after the position embedding (the checkpoint's pos_norm)"),
+    Rule(_UV + "pos_embedding", MODEL_TENSOR.V_ENC_EMBD_POS,
+         "factorized 2-D positions [posemb, 2, mm_embed] -> [2, posemb, mm_embed], F32", ("",), ".weight"),
+    Rule("model.embed_vision.embedding_projection", MODEL_TENSOR.V_MM_INP_PROJ,
+         "RMSNorm'd vision embedding -> text hidden [H_text, mm_embed]"),
+    Rule("model.embed_audio.embedding_projection", MODEL_TENSOR.A_MM_INP_PROJ,
+         "RMSNorm'd raw waveform frame -> text hidden [H_text, audio_embed]"),
+)
+
+
+def chw_permutation(p: int) -> np.ndarray:
+    """perm[i] = the checkpoint's (row, col, rgb) column of ggml im2col's (rgb, row, col) position i
+    (Gemma4UnifiedVisionAudioModel.modify_tensors: ch = i // p^2, row = i % p^2 // p, col = i % p)."""
+    i = np.arange(p * p * 3)
+    ch, row, col = i // (p * p), (i % (p * p)) // p, i % p
+    return row * p * 3 + col * 3 + ch
+
+
+class PatchColumnsToCHW(Transform):
+    """patch_dense.weight's columns (or patch_ln1's values) in CHW order: x[..., perm]."""
+
+    whole = True  # a 1-D patch_ln1 would otherwise be cut into chunks of its values
+
+    def __init__(self, p: int, inverse: bool = False):
+        perm = chw_permutation(p)
+        self.perm = np.argsort(perm) if inverse else perm
+        self.p, self.inv = p, inverse
+        self.label = "columns (r, c, rgb) -> (rgb, r, c)" if not inverse else "columns (rgb, r, c) -> (r, c, rgb)"
+
+    def __call__(self, x, src_dtype):
+        return np.ascontiguousarray(x[..., self.perm])
+
+    def inverse(self, hf_shape):
+        return PatchColumnsToCHW(self.p, not self.inv)
+
+
+class SwapOuterAxes(Transform):
+    """[a, b, ...] -> [b, a, ...] (pos_embedding.permute(1, 0, 2)); the whole tensor at once."""
+
+    whole = True
+    label = "permute(1, 0, 2)"
+
+    def shape(self, s):
+        return (s[1], s[0]) + tuple(s[2:])
+
+    def __call__(self, x, src_dtype):
+        return np.ascontiguousarray(np.swapaxes(x, 0, 1))
+
+    def inverse(self, hf_shape):
+        return self
+
+
+@register("Gemma4UnifiedForConditionalGeneration")
+class Gemma4Unified(Gemma4):
+    """Gemma 4 "Unified" (llama.cpp conversion/gemma.py Gemma4UnifiedModel for the text GGUF,
+    Gemma4UnifiedVisionAudioModel for the mmproj): a dense Gemma 4 text decoder, plus
+    generation_config.json's suppress_tokens in the GGUF; the mmproj holds the encoder-free
+    vision embedder (projector gemma4uv) and the audio frame projection (gemma4ua)."""
+
+    TEXT_DEFAULTS = GEMMA4_UNIFIED_TEXT_DEFAULTS
+    MMPROJ_TENSORS = GEMMA4_UNIFIED_MMPROJ
+    VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4uv", "gemma4ua"
+    MMPROJ_PREFIXES = (_UV, "model.embed_vision.", "model.embed_audio.")
+
+    def suppress_tokens(self) -> list | None:
+        """Gemma4UnifiedModel._get_suppress_tokens: generation_config.json's suppress_tokens."""
+        gen = read_json(self.dir / "generation_config.json", "", required=False)
+        tokens = gen.get("suppress_tokens") if isinstance(gen, dict) else None
+        if tokens is not None and (not isinstance(tokens, list) or not all(_is_int(t) for t in tokens)):
+            raise GGQuantError(f"{self.dir / 'generation_config.json'}: 'suppress_tokens' must be a list of token "
+                               f"ids, got {tokens!r}")
+        return tokens
+
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        super().text_metadata(kv, file_type)
+        tokens = self.suppress_tokens()
+        if tokens is not None:
+            kv.array(KEY_SUPPRESS_TOKENS, tokens)
+
+    def normalize_name(self, name: str) -> str:
+        # Gemma4UnifiedVisionAudioModel.modify_tensors: pos_norm is stored as patch_ln3
+        return super().normalize_name(name).replace(_UV + "pos_norm.", _UV + f"patch_ln{UNIFIED_PATCH_NORMS}.")
+
+    def block_count_for(self, part: str) -> int:
+        return self.block_count if part == TEXT else UNIFIED_PATCH_NORMS + 1
+
+    def map_tensor(self, name, part, src=None):
+        return Arch.map_tensor(self, name, part, src)
+
+    def mmproj_hparams(self) -> tuple[dict, dict | None]:
+        """Gemma4UnifiedVisionAudioModel.__init__: vision hidden = mm_embed_dim, audio hidden =
+        audio_embed_dim, and no transformer layers (0 sizes written, as the converter does)."""
+        vc, ac = self.raw.get("vision_config"), self.raw.get("audio_config")
+        if not isinstance(vc, dict) or not isinstance(ac, dict):
+            raise GGQuantError(f"{self.config_path}: a {self.hf_arch} mmproj needs both 'vision_config' and "
+                               f"'audio_config' (llama.cpp's converter asserts them)")
+        vc, ac = {**UNIFIED_VISION_DEFAULTS, **vc}, {**UNIFIED_AUDIO_DEFAULTS, **ac}
+        vis = dict(vc, hidden_size=vc["mm_embed_dim"], intermediate_size=0, num_hidden_layers=0, num_attention_heads=0)
+        aud = dict(ac, hidden_size=ac["audio_embed_dim"], intermediate_size=0, num_hidden_layers=0,
+                   num_attention_heads=0)
+        return vis, aud
+
+    def model_patch_size(self) -> int:
+        vis, _ = self.mmproj_hparams()
+        return vis.get("model_patch_size") or vis["patch_size"] * vis["pooling_kernel_size"]
+
+    def transform(self, hf_name, gguf_name, src, part):
+        if part == MMPROJ:
+            if hf_name in (_UV + "patch_dense.weight", _UV + "patch_ln1.weight", _UV + "patch_ln1.bias"):
+                p = self.model_patch_size()
+                if src.shape[-1] != 3 * p * p:
+                    raise GGQuantError(f"{src.file}: tensor '{src.name}' has {src.shape[-1]} columns, but a "
+                                       f"{p}x{p} RGB patch (patch_size * pooling_kernel_size) has {3 * p * p}")
+                return PatchColumnsToCHW(p)
+            if hf_name == _UV + "pos_embedding":
+                if src.ndim != 3 or src.shape[1] != 2:
+                    raise GGQuantError(f"{src.file}: tensor '{src.name}' has shape {list(src.shape)}; expected the "
+                                       f"factorized position table [posemb, 2, mm_embed_dim]")
+                return SwapOuterAxes()
+            return SCALAR_TO_1D if not src.shape else IDENTITY
+        return super().transform(hf_name, gguf_name, src, part)
+
+    def force_type(self, hf_name, gguf_name, n_dims, ftype, part):
+        if part == MMPROJ and hf_name == _UV + "pos_embedding":
+            return T.F32  # ModelBase.prepare_tensors: V_ENC_EMBD_POS is always F32
+        return super().force_type(hf_name, gguf_name, n_dims, ftype, part)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -68,7 +68,8 @@ def tensor_chunks(t, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.nda
         return
     inner = max(1, int(np.prod(src.shape[1:], dtype=np.int64))) if src.shape else 1
     raw_ok = t.transform.identity and (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
-    for a, b in row_chunks(t.n_outer, inner):
+    chunks = [(0, t.n_outer)] if t.transform.whole else row_chunks(t.n_outer, inner)
+    for a, b in chunks:
         if raw_ok:
             raw = src.rows(a, b) if src.shape else src.rows(0, 1).reshape(1)
             yield (quiet_bf16_nans(raw) if src.dtype == "BF16" else raw), (lambda a=a, b=b: src.release(a, b))

@@ -82,8 +82,8 @@ def requantized_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
     while start < n_rows:
         expert = start // rows_per_expert
         stop = min(n_rows, start + step, (expert + 1) * rows_per_expert)
-        yield encode_rows(t.block_rows(start, stop), src, dst, n_per_row, expert_imatrix(imatrix, expert, n_per_row),
-                          t.name)
+        im = expert_imatrix(imatrix, expert, n_per_row)
+        yield encode_rows(t.block_rows(start, stop), src, dst, n_per_row, im, t.name)
         start = stop
 
 

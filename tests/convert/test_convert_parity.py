@@ -3,7 +3,8 @@
 Every comparison is of the whole file (header, metadata order and types, tensor infos, padding
 and data), for the text GGUF and the --mmproj sidecar, on the tiny fixtures: Gemma 4 E4B-like
 (bf16, one file) and E2B-like (f32, sharded, double-wide MLP), 26B-A4B-like (mixture of experts)
-and 31B-like (dense, K = V on full layers), a text-only Gemma4ForCausalLM,
+and 31B-like (dense, K = V on full layers), a Gemma 4 Unified (suppress_tokens; the encoder-free
+gemma4uv / gemma4ua mmproj), a text-only Gemma4ForCausalLM,
 Gemma 3 text and Gemma 3 with a SigLIP tower, plus float16 checkpoints (Gemma 3's norm +1 is
 then added in f16, and Gemma 4's softplus runs on f16 input).
 """
@@ -37,6 +38,7 @@ CASES = (
     + [("card_gemma3", "f32", False), ("vision_only_gemma4", "f16", True)]
     + [("gemma4_a4b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_a4b", "f16", True)]
     + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
+    + [("gemma4_unified", t, m) for t in ("f32", "f16", "q8_0") for m in (False, True)]
 )
 
 MODEL_CARD = """---

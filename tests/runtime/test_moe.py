@@ -6,7 +6,6 @@ and the router's softmax / top-k / renormalisation against float64 references an
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
 
 from ggquant.kernels.cpu.matmul import ISA
 from ggquant.quant import types as qt
