@@ -411,6 +411,11 @@ class Gemma4(Gemma3):
                     f"{n_shared} the first shared layer is {first}, so layers {first - 2} and {first - 1} (the "
                     f"last two with their own KV) must be '{SLIDING}' then '{FULL}' (got {got or 'none'}); "
                     f"llama.cpp would abort while loading this model")
+        self._validate_attention()
+
+    def _validate_attention(self):
+        """The RoPE and head-size keys llama.cpp's converter needs (Gemma4Model)."""
+        h = self.hparams
         rp_full = h["rope_parameters"].get(FULL)
         if not isinstance(rp_full, dict) or rp_full.get("rope_type") != "proportional":
             raise GGQuantError(f"{self.config_path}: rope_parameters.{FULL}.rope_type must be 'proportional' "
@@ -921,3 +926,81 @@ class Gemma4Unified(Gemma4):
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# =============================================================================================
+# Gemma 4 assistant drafters (Gemma4AssistantForCausalLM, Gemma4UnifiedAssistantForCausalLM)
+# =============================================================================================
+
+# general.architecture of the drafters (llama.cpp gguf-py MODEL_ARCH.GEMMA4_ASSISTANT; the pinned gguf lacks it)
+GEMMA4_ASSISTANT_ARCH = "gemma4-assistant"
+GEMMA4_ASSISTANT_TEXT = GEMMA4_TEXT + (
+    Rule("pre_projection", "nextn.pre_projection",
+         "[target embedding, target hidden state] -> drafter hidden [hidden, 2*backbone_hidden] "
+         "(llama.cpp gguf-py MODEL_TENSOR.NEXTN_PROJ_PRE)", (".weight",)),
+    Rule("post_projection", "nextn.post_projection",
+         "drafter hidden -> the target's hidden state for the next draft step [backbone_hidden, hidden] "
+         "(MODEL_TENSOR.NEXTN_PROJ_POST)", (".weight",)),
+)
+
+
+@register("Gemma4AssistantForCausalLM", "Gemma4UnifiedAssistantForCausalLM")
+class Gemma4Assistant(Gemma4):
+    """A Gemma 4 multi-token-prediction drafter (llama.cpp conversion/gemma.py Gemma4AssistantModel,
+    src/models/gemma4-assistant.cpp): a Gemma 4 text decoder whose layers all attend over the
+    target model's KV cache (no k/v of their own), between pre_projection and post_projection;
+    the GGUF records the target's hidden size (embedding_length_out) and the layer count as
+    nextn_predict_layers. The masked embedding (the centroid-ordered vocabulary of the E2B/E4B
+    drafters) is not converted, as llama.cpp's converter skips it."""
+
+    gguf_arch = GEMMA4_ASSISTANT_ARCH
+    TEXT_TENSORS = GEMMA4_ASSISTANT_TEXT
+    MMPROJ_TENSORS = ()
+
+    def validate_hparams(self):
+        h, L = self.hparams, self.block_count
+        backbone = self.backbone_hidden_size
+        if backbone == h.get("hidden_size"):
+            raise GGQuantError(f"{self.config_path}: backbone_hidden_size = {backbone} equals the drafter's own "
+                               f"hidden_size; llama.cpp refuses such a gemma4-assistant (embedding_length_out must "
+                               f"carry the target's hidden size)")
+        n_shared = self.need("num_kv_shared_layers")
+        if n_shared != L:
+            raise GGQuantError(f"{self.config_path}: num_kv_shared_layers = {n_shared}; every layer of a Gemma 4 "
+                               f"assistant reads the target's KV cache ({L} layers)")
+        if h.get("enable_moe_block") or h.get("use_double_wide_mlp") or (h.get("hidden_size_per_layer_input") or 0):
+            raise GGQuantError(f"{self.config_path}: a Gemma 4 assistant has no experts, double-wide MLP or per-layer "
+                               f"embeddings (Gemma4AssistantConfig.validate_architecture)")
+        Gemma4._validate_attention(self)
+
+    @property
+    def backbone_hidden_size(self) -> int:
+        v = self.raw.get("backbone_hidden_size")
+        if not _is_int(v) or v < 1:
+            raise GGQuantError(f"{self.config_path}: key 'backbone_hidden_size' (the target model's hidden size) is "
+                               f"missing or not a positive integer (got {v!r}); an assistant cannot be converted "
+                               f"without its backbone's config")
+        return v
+
+    def skip_tensor(self, name, part):
+        # Gemma4AssistantModel.filter_tensors: "masked_embedding" is not converted
+        return "masked_embedding" in name or super().skip_tensor(name, part)
+
+    def expected_shapes(self):
+        exp = super().expected_shapes()
+        H, B = self.hparams["hidden_size"], self.backbone_hidden_size
+        exp.update({"pre_projection.weight": ((H, 2 * B), True), "post_projection.weight": ((B, H), True)})
+        return exp
+
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        super().text_metadata(kv, file_type)
+        kv.u32(Keys.LLM.EMBEDDING_LENGTH_OUT.format(arch=self.gguf_arch), self.backbone_hidden_size)
+        kv.u32(Keys.LLM.NEXTN_PREDICT_LAYERS.format(arch=self.gguf_arch), self.block_count)
+
+    def has_mmproj(self) -> bool:
+        return False
+
+    @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        raise GGQuantError(f"{g.path}: exporting a {GEMMA4_ASSISTANT_ARCH} GGUF to Hugging Face is not supported "
+                           f"(the drafter's masked embedding is not in the GGUF)")

@@ -4,7 +4,8 @@ Every comparison is of the whole file (header, metadata order and types, tensor 
 and data), for the text GGUF and the --mmproj sidecar, on the tiny fixtures: Gemma 4 E4B-like
 (bf16, one file) and E2B-like (f32, sharded, double-wide MLP), 26B-A4B-like (mixture of experts)
 and 31B-like (dense, K = V on full layers), a Gemma 4 Unified (suppress_tokens; the encoder-free
-gemma4uv / gemma4ua mmproj), a text-only Gemma4ForCausalLM,
+gemma4uv / gemma4ua mmproj), a Gemma 4 assistant drafter (gemma4-assistant), a text-only
+Gemma4ForCausalLM,
 Gemma 3 text and Gemma 3 with a SigLIP tower, plus float16 checkpoints (Gemma 3's norm +1 is
 then added in f16, and Gemma 4's softplus runs on f16 input).
 """
@@ -39,6 +40,7 @@ CASES = (
     + [("gemma4_a4b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_a4b", "f16", True)]
     + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
     + [("gemma4_unified", t, m) for t in ("f32", "f16", "q8_0") for m in (False, True)]
+    + [("gemma4_assistant", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
 )
 
 MODEL_CARD = """---
