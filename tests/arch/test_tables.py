@@ -41,7 +41,7 @@ def test_every_table_entry_is_a_tensor_of_its_gguf_architecture(cls):
         for rule in table:
             if isinstance(rule.tensor, str):  # a tensor the pinned gguf does not declare yet
                 assert f'"{rule.tensor}"' in _llama_cpp_constants(), (
-                    f"{cls.__name__} {part}: '{rule.hf}' -> '{rule.tensor}' is not a tensor name of llama.cpp's gguf-py")
+                    f"{cls.__name__} {part}: '{rule.hf}' -> '{rule.tensor}' is not a tensor of llama.cpp's gguf-py")
                 continue
             assert rule.tensor in MODEL_TENSORS[arch], (
                 f"{cls.__name__} {part}: '{rule.hf}' -> {rule.tensor.name} ('{rule.gguf}') is not a tensor of "
