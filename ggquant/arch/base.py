@@ -229,6 +229,13 @@ class Arch:
         """Outer rows of the source that are written (llama.cpp trims some embedding tables)."""
         return src.n_outer
 
+    def quantized_expert_stacks(self, names: list[str]) -> dict[str, list[list[str]]]:
+        """Stacked expert weights of a quantized checkpoint that stores one module per expert:
+        {the architecture's stacked HF name: per expert, the per-expert weights whose rows it
+        stacks, in order}. Names not listed stay as they are. A family with stacked experts
+        overrides this; missing experts are an error naming the tensor."""
+        return {}
+
     def extra_tensors(self, part: str) -> list[tuple[str, np.ndarray]]:
         """Generated tensors, written before the checkpoint's (prepare_tensors order)."""
         return []

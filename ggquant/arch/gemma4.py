@@ -20,6 +20,7 @@ as llama.cpp's src/models/gemma4.cpp loads them, the KV reuse map included.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -442,6 +443,44 @@ class Gemma4(Gemma3):
         if not 0 < k <= E:
             raise GGQuantError(f"{self.config_path}: top_k_experts = {k} must be in [1, num_experts = {E}]; "
                                f"llama.cpp refuses to load a model that routes to more experts than it has")
+
+    # per-expert modules of a quantized MoE checkpoint (llmcompressor / GPTQ unfuse the experts:
+    # ...layers.N.experts.E.{gate_proj,up_proj,down_proj}.weight, as vLLM and llama.cpp's NVFP4
+    # path read them)
+    EXPERT_MODULE = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                               r"\.weight$")
+
+    def quantized_expert_stacks(self, names):
+        """Per-expert gate_proj + up_proj rows -> experts.gate_up_proj [E, 2F, H] (gate rows first,
+        as the fused HF parameter), down_proj -> experts.down_proj [E, H, F]."""
+        found: dict[str, dict[str, dict[int, str]]] = {}
+        for n in names:
+            m = self.EXPERT_MODULE.match(n)
+            if m:
+                found.setdefault(m["layer"], {}).setdefault(m["proj"], {})[int(m["e"])] = n
+        if not found:
+            return {}
+        E = self.hparams.get("num_experts")
+        if not self.hparams.get("enable_moe_block") or not _is_int(E):
+            first = next(iter(next(iter(found.values())).values()))
+            raise GGQuantError(f"{self.dir}: tensor '{next(iter(first.values()))}' is a per-expert weight, but "
+                               f"{self.config_path.name} declares no experts (enable_moe_block, num_experts)")
+        stacks = {}
+        for layer, projs in found.items():
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                have = projs.get(proj, {})
+                missing = [e for e in range(E) if e not in have]
+                if missing:
+                    raise GGQuantError(f"{self.dir}: tensor '{layer}experts.{missing[0]}.{proj}.weight' is missing "
+                                       f"({len(missing)} of the {E} experts' {proj} are); a mixture-of-experts "
+                                       f"layer needs every expert")
+                extra = sorted(set(have) - set(range(E)))
+                if extra:
+                    raise GGQuantError(f"{self.dir}: tensor '{have[extra[0]]}' is expert {extra[0]}, but "
+                                       f"{self.config_path.name} declares {E} experts")
+            stacks[layer + "experts.gate_up_proj"] = [[projs["gate_proj"][e], projs["up_proj"][e]] for e in range(E)]
+            stacks[layer + "experts.down_proj"] = [[projs["down_proj"][e]] for e in range(E)]
+        return stacks
 
     def check_vocab_sizes(self):
         super().check_vocab_sizes()

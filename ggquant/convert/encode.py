@@ -129,8 +129,9 @@ def _expert_chunks(t, imatrix: np.ndarray | None):
 def _source_quant_chunks(t, imatrix: np.ndarray | None):
     """A quantized checkpoint's weight (t.src.encoding is SourceQuant), planned exact or lossy."""
     rec = t.src.encoding.record
+    inner = math.prod(t.shape[1:])  # a record row: one outer row (one expert of stacked experts)
     if t.exact:
-        for a, b in row_chunks(t.n_outer, t.shape[1]):
+        for a, b in row_chunks(t.n_outer, inner):
             res = exact_chunk(rec, t.qtype, (a, b))
             if isinstance(res, str):  # planned exact from the metadata and scales; the payload disagrees
                 raise GGQuantError(f"tensor '{t.name}' was planned as an exact {t.qtype.name} copy of "
@@ -171,9 +172,15 @@ def _lossy_chunks(t, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
 
     rec = t.src.encoding.record
     sig = noise = 0.0
-    for a, b in row_chunks(t.n_outer, t.shape[1]):
-        y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32)
-        out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
+    n = t.shape[-1]
+    for a, b in row_chunks(t.n_outer, math.prod(t.shape[1:])):
+        y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32).reshape(-1, n)
+        if len(t.shape) >= 3:  # stacked experts: each with its own imatrix slice
+            per = len(y) // (b - a)
+            out = np.concatenate([encode(y[i * per:(i + 1) * per], t.qtype, expert_imatrix(imatrix, a + i, n),
+                                         f"tensor '{t.name}'").reshape(per, -1) for i in range(b - a)])
+        else:
+            out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
         if t.qtype != T.F32:
             back = qtypes.get(t.qtype).dequantize(out, y.shape).astype(np.float64)
             y64 = y.astype(np.float64)

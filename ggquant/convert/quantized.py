@@ -58,7 +58,8 @@ from ggquant.convert.encode import measure_sqnr, row_chunks
 from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
-from ggquant.formats.quantized.records import AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor
+from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor,
+                                              StackedIntQuantTensor)
 from ggquant.formats.safetensors import FLOAT_DTYPES
 from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
@@ -113,9 +114,21 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     notes = list(model.notes)
     dtype = _model_dtype(arch, model.consumed)
     records = {name: _crop_glq(arch, rec) for name, rec in model.tensors.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, per_expert in arch.quantized_expert_stacks(list(records)).items():
+        # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
+        parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        if not all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
+            kinds = sorted({p.encoding for expert in parts for p in expert})
+            raise GGQuantError(f"'{name}': stacking per-expert weights of {', '.join(kinds)} is not supported "
+                               f"(integer codes only)")
+        records[name] = StackedIntQuantTensor(name, parts)
+        shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
+        notes.append(f"{name}: {len(parts)} per-expert modules stacked")
     weights: dict[str, Tensor] = {}
     for name, rec in records.items():
-        weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors])
+        weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors],
+                                     shapes.get(name))
     # Rebuild the table in the converter's order: shard files in order, names sorted inside a
     # shard; a logical weight lives in the shard of its first packed tensor, so the order is the
     # one a dequantized checkpoint with the same sharding would have.
@@ -285,8 +298,8 @@ def _check_target(w: Tensor, qtype: T, n_rows: int) -> str | None:
     if qtype in FLOAT_TYPES:
         return _float_exact(_record(w), qtype, n_rows)
     if qtype in BLOCK_TYPES:
-        if w.shape[1] % QK:
-            return f"rows of {w.shape[1]} elements are not whole {QK}-element blocks"
+        if w.shape[-1] % QK:
+            return f"rows of {w.shape[-1]} elements are not whole {QK}-element blocks"
         return _block_exact(w, qtype, n_rows)
     return f"{qtype.name} cannot hold integer codes under a free scale per 32 columns"
 

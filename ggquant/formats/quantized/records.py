@@ -19,6 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
+    "StackedIntQuantTensor",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -485,3 +486,76 @@ class QuantizedModel:
     def metadata(self) -> dict[str, str]:
         """Provenance for GGUF metadata (the converter adds which tensors went exact)."""
         return {"ggquant.source.quantization": self.method, "ggquant.source.quantization_desc": self.description}
+
+
+def flatten_codes(c: IntCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """An expert's codes [r, n] as one row of r*n (q, scale, zero, column group), its groups
+    renumbered row after row, for stacking experts."""
+    r, n = c.q.shape
+    G = c.scale.shape[1]
+    group = (np.arange(r, dtype=np.intp)[:, None] * G + np.asarray(c.group, dtype=np.intp)[None, :]).reshape(-1)
+    zero = None if c.zero is None else c.zero.reshape(1, r * G)
+    return c.q.reshape(1, r * n), c.scale.reshape(1, r * G), zero, group
+
+
+class StackedIntQuantTensor(IntQuantTensor):
+    """Stacked experts made of per-expert integer-quantized Linears (llmcompressor and GPTQ write a
+    mixture of experts as `experts.<e>.<proj>` modules): the logical weight [E, R, n] of the
+    architecture (e.g. Gemma 4's fused gate_up_proj: each expert's gate_proj rows, then its
+    up_proj rows), as a record of E rows of R*n values: row e is expert e's matrices flattened,
+    with every child's scales kept (a 32-column block of the flat row is one block of one
+    child's row, since n is a multiple of 32). `parts[e]` lists expert e's records in row order."""
+
+    def __init__(self, name: str, parts: list[list[IntQuantTensor]]):
+        first = parts[0][0]
+        n = first.shape[1]
+        rows = [sum(p.shape[0] for p in expert) for expert in parts]
+        for e, expert in enumerate(parts):
+            for p in expert:
+                same = (p.shape[1], p.bits, p.symmetric, p.group_size, p.act_order, p.format) == (
+                    n, first.bits, first.symmetric, first.group_size, first.act_order, first.format)
+                if not same:
+                    raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not quantized like "
+                                      f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
+                                      f"stacked into '{name}' must share one layout")
+            if rows[e] != rows[0]:
+                raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
+        self.parts = parts
+        self.rows_per_expert, self.row_width = rows[0], n
+        gs = first.group_size if first.group_size and n % first.group_size == 0 else None
+        super().__init__(name, (len(parts), rows[0] * n), first.encoding + f" ({len(parts)} per-expert modules stacked)",
+                         first.format, tuple(s for expert in parts for p in expert for s in p.sources), first.bits,
+                         first.symmetric, self._load_experts, gs, first.act_order, first.qrange)
+
+    def _load_experts(self, rr) -> IntCodes:
+        qs, ss, zs, gs = [], [], [], []
+        for e in range(rr[0], rr[1]):
+            q_e, s_e, z_e, g_e, base = [], [], [], [], 0
+            for p in self.parts[e]:
+                q, s, z, g = flatten_codes(p.codes())
+                q_e.append(q)
+                s_e.append(s)
+                z_e.append(z)
+                g_e.append(g + base)
+                base += s.shape[1]
+            qs.append(np.concatenate(q_e, axis=1))
+            ss.append(np.concatenate(s_e, axis=1))
+            zs.append(None if z_e[0] is None else np.concatenate(z_e, axis=1))
+            gs.append(np.concatenate(g_e))
+        if any(not np.array_equal(g, gs[0]) for g in gs[1:]):
+            raise FormatError(f"'{self.name}': the experts' quantization groups differ")
+        zero = None if zs[0] is None else np.concatenate(zs, axis=0)
+        return IntCodes(np.concatenate(qs, axis=0), np.concatenate(ss, axis=0), zero, gs[0], self.group_size)
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        if self.row_width % QK:
+            return f"rows of {self.row_width} elements are not a whole number of {QK}-element GGML blocks"
+        return super().blocks(rows)
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        if self.row_width % QK:
+            return None, f"rows of {self.row_width} elements are not a whole number of {QK}-element blocks"
+        return super().expected_exact_type(candidates)
+
+    def permuted(self, rows=None, cols=None):
+        raise GGQuantError(f"'{self.name}': stacked experts cannot be permuted")

@@ -1,0 +1,113 @@
+"""Quantized checkpoints of the larger Gemma 4 models through `ggquant convert`:
+
+- 26B-A4B-like mixture of experts with one Linear per expert and projection (llmcompressor's
+  layout), quantized by compressed-tensors itself: int8 per channel weight-only (Google's 26B-A4B
+  QAT scheme) -> Q8_0 and int4 group 32 (W4A16) -> Q4_0, every text matrix exact; the per-expert
+  modules are stacked into llama.cpp's ffn_gate_up_exps / ffn_down_exps (gate rows, then up rows);
+  the F32 conversion equals the conversion of the exact float32 dequantization; llama.cpp runs the
+  exact Q4_0 file and ggquant's runtime gives its logits bit for bit;
+- a 31B-like QAT W4A16 checkpoint (int4 sym group 32) -> Q4_0, exact;
+- a per-expert checkpoint missing an expert, or declaring none, is refused naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ggquant.convert import convert
+from ggquant.errors import GGQuantError
+from ggquant.formats.gguf import GGUFReader
+from ggquant.quant import types as qt
+from tests.quantized import gemma4_quantized as G
+
+pytest.importorskip("compressed_tensors")
+
+MOE_CASES = {"int8-channel": (8, -1, "Q8_0"), "int4-group32": (4, 32, "Q4_0")}
+
+
+def _values(t) -> np.ndarray:
+    raw = np.asarray(t.raw())
+    if t.qtype.name == "F32":
+        return raw.view(np.float32).reshape(-1)
+    return qt.dequantize(raw, t.qtype, t.shape).astype(np.float32).reshape(-1)
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_per_expert_checkpoint_converts_exactly(tmp_path, case):
+    bits, group, want = MOE_CASES[case]
+    q = G.build_ct_moe(bits, group)
+    conv = convert(q, outfile=tmp_path / "auto.gguf")  # --outtype auto: the exact block type
+    text = conv.files[0]
+    quant = [t for t in text.tensors if t.source_quant]
+    assert {t.qtype.name for t in quant} == {want} and all(t.exact for t in quant)
+    stacked = [t.name for t in quant if t.name.endswith("_exps.weight")]
+    assert len(stacked) == 2 * 8  # ffn_gate_up_exps and ffn_down_exps of every layer
+    ref = convert(G.dequantized_copy(q), outtype="f32", outfile=tmp_path / "ref.gguf")
+    f32 = convert(q, outtype="f32", outfile=tmp_path / "f32.gguf")
+    with GGUFReader(ref.written[0]) as r, GGUFReader(f32.written[0]) as a, GGUFReader(conv.written[0]) as b:
+        assert [(t.name, t.shape) for t in a.tensors] == [(t.name, t.shape) for t in r.tensors]
+        for t in r.tensors:
+            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), t.name
+            assert np.array_equal(_values(b.tensor(t.name)).view(np.uint32), _values(t).view(np.uint32)), t.name
+        assert set(stacked) <= set(b.get("ggquant.source.exact_tensors"))
+
+
+def test_exact_q4_0_moe_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path):
+    import llama_cpp
+
+    from ggquant.runtime.model import Session, load_model
+
+    out = tmp_path / "q4.gguf"
+    convert(G.build_ct_moe(4, 32), outfile=out)
+    ids = [2] + list(range(40, 79))
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
+                          flash_attn=False, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        ref = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    ours = Session(load_model(out, threads=2), 64).eval(ids, "all")
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_31b_qat_w4a16_converts_to_exact_q4_0(tmp_path):
+    q = G.build_ct(source="gemma4_31b")
+    conv = convert(q, outfile=tmp_path / "auto.gguf")
+    quant = [t for t in conv.files[0].tensors if t.source_quant]
+    assert quant and {t.qtype.name for t in quant} == {"Q4_0"} and all(t.exact for t in quant)
+    assert conv.files[0].outtype == "Q4_0"
+
+
+@pytest.fixture
+def moe_ct(tmp_path):
+    dst = tmp_path / "src" / "gemma4_ct_moe"
+    shutil.copytree(G.build_ct_moe(8, -1), dst)
+    return dst
+
+
+def _drop(src, prefix):
+    from safetensors.torch import load_file, save_file
+
+    p = src / "model.safetensors"
+    sd = load_file(str(p))
+    save_file({k: v for k, v in sd.items() if not k.startswith(prefix)}, str(p))
+
+
+def test_moe_checkpoint_missing_an_expert_names_it(moe_ct, tmp_path):
+    _drop(moe_ct, "model.language_model.layers.3.experts.7.up_proj.")
+    with pytest.raises(GGQuantError, match=r"layers\.3\.experts\.7\.up_proj\.weight' is missing"):
+        convert(moe_ct, outfile=tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_per_expert_weights_without_experts_in_the_config_are_refused(moe_ct, tmp_path):
+    cfg = json.loads((moe_ct / "config.json").read_text())
+    cfg["text_config"]["enable_moe_block"] = False
+    (moe_ct / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GGQuantError, match="declares no experts"):
+        convert(moe_ct, outfile=tmp_path / "x.gguf")
