@@ -524,7 +524,8 @@ class StackedIntQuantTensor(IntQuantTensor):
         self.rows_per_expert, self.row_width = rows[0], n
         gs = first.group_size if first.group_size and n % first.group_size == 0 else None
         encoding = first.encoding + f" ({len(parts)} per-expert modules stacked)"
-        super().__init__(name, (len(parts), rows[0] * n), encoding, first.format, tuple(s for expert in parts for p in expert for s in p.sources), first.bits,
+        sources = tuple(s for expert in parts for p in expert for s in p.sources)
+        super().__init__(name, (len(parts), rows[0] * n), encoding, first.format, sources, first.bits,
                          first.symmetric, self._load_experts, gs, first.act_order, first.qrange)
 
     def _load_experts(self, rr) -> IntCodes:
