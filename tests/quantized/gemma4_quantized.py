@@ -208,15 +208,17 @@ def build_ct_moe(num_bits: int = 8, group_size: int = -1) -> Path:
 
 
 def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: bool, seed: int, fp16_scales: bool,
-                digest: str) -> Path:
+                digest: str, source: str = SOURCE_MODEL) -> Path:
     import torch
 
     from ggquant.fixtures.quantized import _asym_codes, _sym_codes, pack_bits_rows
 
-    src = tiny_model(SOURCE_MODEL)
+    src = tiny_model(source)
     sd = _read_checkpoint(src)
+    if source == MOE_MODEL:  # one Linear per expert, as GPTQModel writes a mixture of experts
+        sd = unfuse_experts(sd)
     rng = np.random.default_rng(seed)
-    for key in [k for k in sd if _TEXT_LINEAR.match(k) and "per_layer" not in k]:
+    for key in [k for k in sd if (_TEXT_LINEAR.match(k) or _EXPERT_LINEAR.match(k)) and "per_layer" not in k]:
         mod = key[: -len(".weight")]
         w = sd.pop(key).float().numpy()
         R, n = w.shape
@@ -248,9 +250,11 @@ def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: boo
 
 
 def build_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: bool = False, seed: int = 11,
-               fp16_scales: bool = False) -> Path:
+               fp16_scales: bool = False, source: str = SOURCE_MODEL) -> Path:
+    """source: MOE_MODEL for the 26B-A4B-like model with one GPTQ Linear per expert."""
+    extra = {} if source == SOURCE_MODEL else {"source": source}
     return cached_build("gemma4_gptq", _build_gptq, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST)
+                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST, **extra)
 
 
 # --- GLQ (glq 0.8.16, GPL-3.0: imported by this test fixture only) --------------------------------

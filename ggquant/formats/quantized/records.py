@@ -544,7 +544,10 @@ class StackedIntQuantTensor(IntQuantTensor):
             zs.append(None if z_e[0] is None else np.concatenate(z_e, axis=1))
             gs.append(np.concatenate(g_e))
         if any(not np.array_equal(g, gs[0]) for g in gs[1:]):
-            raise FormatError(f"'{self.name}': the experts' quantization groups differ")
+            # act-order: each expert has its own g_idx; one scale (and zero) per column instead
+            ss = [s_e[:, g] for s_e, g in zip(ss, gs)]
+            zs = [None if z_e is None else z_e[:, g] for z_e, g in zip(zs, gs)]
+            gs = [np.arange(len(gs[0]), dtype=np.intp)]
         zero = None if zs[0] is None else np.concatenate(zs, axis=0)
         return IntCodes(np.concatenate(qs, axis=0), np.concatenate(ss, axis=0), zero, gs[0], self.group_size)
 
