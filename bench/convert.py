@@ -279,20 +279,30 @@ def run_pair_bench(args) -> dict:
     return {"model": str(model), "runs": rows, "ratios": ratios}
 
 
+def run_single(args, model: Path, prefix: str, with_llama_cpp: bool) -> list[dict]:
+    """ggquant (and llama.cpp's converter when asked) on one model, each outtype; outputs compared."""
+    out_dir = BENCH_DIR / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tools = ("ggquant", "llama.cpp") if with_llama_cpp else ("ggquant",)
+    rows = []
+    for outtype in args.outtypes:
+        outs = {tool: out_dir / f"{prefix}-{tool}-{outtype}.gguf" for tool in tools}
+        runs = [measure(tool, model, outs[tool], outtype) for tool in tools]
+        if with_llama_cpp:
+            same = filecmp.cmp(outs["ggquant"], outs["llama.cpp"], shallow=False)
+            for r in runs:
+                r["identical"] = same
+        rows += runs
+        if not args.keep:
+            for p in outs.values():
+                p.unlink()
+    return rows
+
+
 def run_ple_bench(args) -> dict:
     config = text_config(PLE_DIMS, PLE_LAYERS, PLE_SHARED, PLE_VOCAB)
     model = build("gemma4-e4b-ple-table", config, sparse=("model.embed_tokens_per_layer.weight",))
-    out_dir = BENCH_DIR / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    tools = ("ggquant", "llama.cpp") if args.ple_llama_cpp else ("ggquant",)
-    for outtype in args.outtypes:
-        for tool in tools:
-            out = out_dir / f"ple-{tool}-{outtype}.gguf"
-            r = measure(tool, model, out, outtype)
-            rows.append(r)
-            if not args.keep:
-                out.unlink()
+    rows = run_single(args, model, "ple", args.ple_llama_cpp)
     n = PLE_VOCAB * len(PLE_LAYERS) * PLE_DIMS["hidden_size_per_layer_input"]
     return {"model": str(model), "ple_elements": n, "runs": rows}
 
@@ -301,22 +311,7 @@ def run_moe_bench(args) -> dict:
     """Peak memory converting a 26B-A4B-shaped checkpoint's largest tensors (target: <= 1.5 GiB)."""
     config = text_config(MOE_DIMS, MOE_LAYERS, 0, MOE_VOCAB)
     model = build("gemma4-26b-a4b-moe-tensors", config, sparse=MOE_SPARSE)
-    out_dir = BENCH_DIR / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    tools = ("ggquant", "llama.cpp") if args.moe_llama_cpp else ("ggquant",)
-    for outtype in args.outtypes:
-        for tool in tools:
-            out = out_dir / f"moe-{tool}-{outtype}.gguf"
-            rows.append(measure(tool, model, out, outtype))
-        if args.moe_llama_cpp:
-            same = filecmp.cmp(out_dir / f"moe-ggquant-{outtype}.gguf", out_dir / f"moe-llama.cpp-{outtype}.gguf",
-                               shallow=False)
-            for r in rows[-2:]:
-                r["identical"] = same
-        if not args.keep:
-            for tool in tools:
-                (out_dir / f"moe-{tool}-{outtype}.gguf").unlink()
+    rows = run_single(args, model, "moe", args.moe_llama_cpp)
     E, H, F = MOE_DIMS["num_experts"], MOE_DIMS["hidden_size"], MOE_DIMS["moe_intermediate_size"]
     return {"model": str(model), "expert_elements": E * 2 * F * H, "runs": rows}
 

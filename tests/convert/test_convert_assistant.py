@@ -12,7 +12,6 @@ inspect. (Whole files against llama.cpp's converter at f32/f16/bf16/q8_0: test_c
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -25,7 +24,7 @@ from ggquant.fixtures.gemma4 import ASSISTANT_BACKBONE_HIDDEN
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import presets
 from tests.convert.helpers import assert_identical
-from tests.convert.test_convert_bad_input import _edit_config, fails
+from tests.convert.test_convert_bad_input import _edit_config, fails, model  # noqa: F401 (fixture)
 from tests.oracles import ggml as ggml_oracle
 
 MODEL = "gemma4_assistant"
@@ -67,18 +66,13 @@ def test_drafter_inspects_and_the_runtime_says_it_does_not_run_drafters(f32_gguf
         load_model(f32_gguf)
 
 
-@pytest.fixture
-def assistant(tmp_path):
-    dst = tmp_path / "src" / MODEL
-    shutil.copytree(tiny_model(MODEL), dst)
-    return dst
-
-
-def test_assistant_without_its_backbone_config_is_refused(assistant, tmp_path):
+def test_assistant_without_its_backbone_config_is_refused(model, tmp_path):
+    assistant = model(MODEL)
     _edit_config(assistant, lambda c: c.pop("backbone_hidden_size"))
     fails(assistant, tmp_path, "backbone_hidden_size", "backbone")
 
 
-def test_assistant_with_its_own_kv_is_refused(assistant, tmp_path):
+def test_assistant_with_its_own_kv_is_refused(model, tmp_path):
+    assistant = model(MODEL)
     _edit_config(assistant, lambda c: c["text_config"].update(num_kv_shared_layers=2))
     fails(assistant, tmp_path, "num_kv_shared_layers = 2")

@@ -22,7 +22,7 @@ from ggquant.fixtures import tiny_model
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import presets
 from tests.convert.helpers import assert_identical
-from tests.convert.test_convert_bad_input import _edit_config, _edit_tensors, fails
+from tests.convert.test_convert_bad_input import _edit_config, _edit_tensors, fails, model  # noqa: F401 (fixture)
 from tests.oracles import ggml as ggml_oracle
 
 MODEL = "gemma4_a4b"
@@ -136,21 +136,15 @@ def test_expert_tensors_stream_in_chunks_within_an_expert(tmp_path, monkeypatch,
 
 # --- bad input --------------------------------------------------------------------------------
 
-@pytest.fixture
-def moe(tmp_path):
-    import shutil
-
-    dst = tmp_path / "src" / MODEL
-    shutil.copytree(tiny_model(MODEL), dst)
-    return dst
-
-
-def test_missing_experts_name_the_tensor(moe, tmp_path):
+def test_missing_experts_name_the_tensor(model, tmp_path):
+    moe = model(MODEL)
     _edit_tensors(moe, lambda t: t.pop("model.language_model.layers.5.experts.down_proj"))
     fails(moe, tmp_path, "model.language_model.layers.5.experts.down_proj", "missing")
 
 
-def test_router_of_the_wrong_width_names_the_tensor(moe, tmp_path):
+def test_router_of_the_wrong_width_names_the_tensor(model, tmp_path):
+    moe = model(MODEL)
+
     def widen(t):
         k = "model.language_model.layers.2.router.proj.weight"
         t[k] = t[k][:, :48].clone()
@@ -159,7 +153,9 @@ def test_router_of_the_wrong_width_names_the_tensor(moe, tmp_path):
     fails(moe, tmp_path, "model.language_model.layers.2.router.proj.weight", "[12, 48]", "[12, 64]")
 
 
-def test_experts_of_the_wrong_count_name_the_tensor(moe, tmp_path):
+def test_experts_of_the_wrong_count_name_the_tensor(model, tmp_path):
+    moe = model(MODEL)
+
     def drop(t):
         k = "model.language_model.layers.0.experts.gate_up_proj"
         t[k] = t[k][:10].clone()
@@ -168,11 +164,13 @@ def test_experts_of_the_wrong_count_name_the_tensor(moe, tmp_path):
     fails(moe, tmp_path, "model.language_model.layers.0.experts.gate_up_proj", "[10, 64, 64]")
 
 
-def test_top_k_above_the_expert_count_is_refused(moe, tmp_path):
+def test_top_k_above_the_expert_count_is_refused(model, tmp_path):
+    moe = model(MODEL)
     _edit_config(moe, lambda c: c["text_config"].update(top_k_experts=13))
     fails(moe, tmp_path, "top_k_experts = 13", "num_experts = 12")
 
 
-def test_moe_without_an_expert_count_is_refused(moe, tmp_path):
+def test_moe_without_an_expert_count_is_refused(model, tmp_path):
+    moe = model(MODEL)
     _edit_config(moe, lambda c: c["text_config"].pop("num_experts"))
     fails(moe, tmp_path, "num_experts")

@@ -10,7 +10,6 @@ against llama.cpp's converter, text and the gemma4uv / gemma4ua mmproj: test_con
 from __future__ import annotations
 
 import json
-import shutil
 from unittest import mock
 
 import pytest
@@ -20,7 +19,7 @@ from ggquant.convert import convert
 from ggquant.fixtures import tiny_model
 from ggquant.formats.gguf import GGUFReader
 from tests.convert.helpers import assert_identical
-from tests.convert.test_convert_bad_input import _edit_config, _edit_tensors, fails
+from tests.convert.test_convert_bad_input import _edit_config, _edit_tensors, fails, model  # noqa: F401 (fixture)
 
 MODEL = "gemma4_unified"
 
@@ -47,19 +46,15 @@ def test_mmproj_is_the_same_in_tiny_chunks(tmp_path):
         assert r.get("clip.vision.projector_type") == "gemma4uv" and r.get("clip.audio.projector_type") == "gemma4ua"
 
 
-@pytest.fixture
-def unified(tmp_path):
-    dst = tmp_path / "src" / MODEL
-    shutil.copytree(tiny_model(MODEL), dst)
-    return dst
-
-
-def test_mmproj_without_audio_config_is_refused(unified, tmp_path):
+def test_mmproj_without_audio_config_is_refused(model, tmp_path):
+    unified = model(MODEL)
     _edit_config(unified, lambda c: c.pop("audio_config"))
     fails(unified, tmp_path, "audio_config", extra=["--mmproj"])
 
 
-def test_patch_projection_of_the_wrong_width_names_the_tensor(unified, tmp_path):
+def test_patch_projection_of_the_wrong_width_names_the_tensor(model, tmp_path):
+    unified = model(MODEL)
+
     def cut(t):
         k = "model.vision_embedder.patch_dense.weight"
         t[k] = t[k][:, :400].clone()
@@ -68,7 +63,8 @@ def test_patch_projection_of_the_wrong_width_names_the_tensor(unified, tmp_path)
     fails(unified, tmp_path, "model.vision_embedder.patch_dense.weight", "432", extra=["--mmproj"])
 
 
-def test_malformed_suppress_tokens_are_refused(unified, tmp_path):
+def test_malformed_suppress_tokens_are_refused(model, tmp_path):
+    unified = model(MODEL)
     p = unified / "generation_config.json"
     gen = json.loads(p.read_text())
     gen["suppress_tokens"] = ["<pad>"]
