@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from unittest import mock
 
-import pytest
 
 from ggquant.arch.gemma4 import chw_permutation
 from ggquant.convert import convert
