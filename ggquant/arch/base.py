@@ -116,6 +116,65 @@ def _match(pattern: re.Pattern, target: str, suffixes: tuple[str, ...], name: st
     return None
 
 
+# =============================================================================================
+# RoPE parameters: what transformers' config holds and what llama.cpp's TextModel folds into it
+# =============================================================================================
+
+
+def standard_rope_parameters(h: dict, default_theta: float = 10_000.0) -> dict:
+    """transformers 5 RotaryEmbeddingConfigMixin (convert_rope_params_to_dict, then
+    standardize_rope_params) for a config whose RoPE is not nested by layer type: the legacy
+    `rope_scaling` dict (else `rope_parameters`) with rope_theta, partial_rotary_factor, rope_type
+    and, for llama3/yarn/longrope, original_max_position_embeddings filled in. This is what
+    AutoConfig(...).to_dict() hands llama.cpp's converter; `rope_theta` / `rope_scaling` are gone
+    from the top level afterwards (the caller drops them)."""
+    rs, rp = h.get("rope_scaling"), h.get("rope_parameters")
+    out = dict(rs) if isinstance(rs, dict) and rs else (dict(rp) if isinstance(rp, dict) else {})
+    theta = h.get("rope_theta", default_theta)
+    prf = h.get("partial_rotary_factor")
+    out.setdefault("rope_theta", theta)
+    if prf is not None:
+        out.setdefault("partial_rotary_factor", prf)
+    out.setdefault("rope_type", out.get("type", "default"))
+    if out["rope_type"] in ("llama3", "yarn", "longrope"):
+        if "original_max_position_embeddings" in h:
+            out["original_max_position_embeddings"] = h["original_max_position_embeddings"]
+        elif h.get("max_position_embeddings") is not None:
+            out.setdefault("original_max_position_embeddings", h["max_position_embeddings"])
+    return out
+
+
+def _first(h: dict, keys: tuple[str, ...]) -> Any:
+    """llama.cpp ModelBase.find_hparam(keys, optional=True): the first key present (even if None)."""
+    return next((h[k] for k in keys if k in h), None)
+
+
+def fold_rope_parameters(h: dict) -> dict:
+    """llama.cpp TextModel.__init__: rope_parameters (or rope_scaling), with the global keys of the
+    config mirrored into it when it is not nested by layer type: rope_theta, a local theta as
+    sliding_attention, rope_type from `type`, partial_rotary_factor and
+    original_max_position_embeddings."""
+    rp = h.get("rope_parameters", h.get("rope_scaling")) or {}
+    rp = {k: dict(v) if isinstance(v, dict) else v for k, v in rp.items()}
+    theta = _first(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    local = _first(h, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                       "rope_local_base_freq"))
+    prf = _first(h, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+    omp = _first(h, ("original_max_position_embeddings",))
+    if FULL not in rp and SLIDING not in rp:
+        if local is not None:
+            rp[SLIDING] = {"rope_theta": local}
+        if "rope_theta" not in rp and theta is not None:
+            rp["rope_theta"] = theta
+        if "rope_type" not in rp and rp.get("type") is not None:
+            rp["rope_type"] = rp["type"]
+        if "partial_rotary_factor" not in rp and prf is not None:
+            rp["partial_rotary_factor"] = prf
+        if "original_max_position_embeddings" not in rp and omp is not None:
+            rp["original_max_position_embeddings"] = omp
+    return rp
+
+
 def map_name(rules: tuple[Rule, ...], name: str) -> tuple[str, int | None] | None:
     for r in rules:
         hit = r.match(name)

@@ -18,6 +18,7 @@ class Transform:
     identity = False
     whole = False  # True: maps the whole tensor at once (it moves values between outer rows)
     label = ""
+    row_block = 1  # chunks of source rows must be multiples of this (a permutation within heads)
 
     def shape(self, src_shape: tuple[int, ...]) -> tuple[int, ...]:
         return src_shape

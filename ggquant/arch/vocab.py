@@ -180,6 +180,120 @@ def hf_bpe_tokens(model_dir: Path) -> tuple[list[str], list[float], list[int]]:
 
 
 # =============================================================================================
+# tokenizer.json GPT-2 byte-level BPE (TextModel.get_vocab_base + get_vocab_base_pre)
+# =============================================================================================
+
+# transformers' clean_up_tokenization (tokenization_utils_base), applied by decode() when the
+# tokenizer config asks for it
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def gpt2_tokens(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[int], str]:
+    """(tokens, types, pre) as llama.cpp's converter writes a GPT-2 byte-level BPE vocabulary
+    (conversion/base.py TextModel.get_vocab_base): every id below vocab_size in order, [PAD<i>]
+    (UNUSED) for ids the tokenizer lacks, added tokens CONTROL when special or special-looking and
+    USER_DEFINED otherwise, the rest NORMAL; `pre` is the pre-tokenizer llama.cpp identifies by
+    hashing the tokenizer's ids on its check text (get_vocab_base_pre, ggquant.arch.bpe_pre).
+
+    The tokenizer is tokenizer.json run by the `tokenizers` library, which is what transformers'
+    AutoTokenizer runs for these models; tokenizer_config.json adds its added_tokens_decoder and
+    named special tokens (transformers registers both as added tokens)."""
+    from hashlib import sha256
+
+    from ggquant.arch.bpe_pre import CHECK_TEXT, PRE_BY_HASH
+
+    path = model_dir / "tokenizer.json"
+    tj = read_json(path, "llama.cpp's converter reads a GPT-2 BPE tokenizer from tokenizer.json")
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise GGQuantError(f"{path}: expected a BPE tokenizer (model.type = 'BPE'), got "
+                           f"{(model or {}).get('type')!r}")
+    if not model.get("merges"):
+        raise GGQuantError(f"{path}: key 'model.merges' is missing or empty; a GPT-2 BPE tokenizer needs its merges "
+                           f"(llama.cpp cannot tokenize without tokenizer.ggml.merges)")
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # a file the tokenizers library cannot read
+        raise GGQuantError(f"{path}: the tokenizers library cannot load it ({e})") from None
+    tc = read_json(model_dir / "tokenizer_config.json", "", required=False)
+    tc = tc if isinstance(tc, dict) else {}
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    added: dict[int, tuple[str, bool, bool]] = {}  # id -> (content, special, normalized)
+    for i, a in tok.get_added_tokens_decoder().items():
+        added[i] = (a.content, bool(a.special), bool(a.normalized))
+    for sid, e in (tc.get("added_tokens_decoder") or {}).items():
+        if isinstance(e, dict) and isinstance(e.get("content"), str) and str(sid).isdigit():
+            added.setdefault(int(sid), (e["content"], bool(e.get("special")), bool(e.get("normalized", False))))
+            vocab.setdefault(e["content"], int(sid))
+    named = [_content(tc.get(k)) for k in NAMED_SPECIALS]
+    extra = tc.get("additional_special_tokens") or tc.get("extra_special_tokens") or []
+    named += [_content(x) for x in (extra.values() if isinstance(extra, dict) else extra)]
+    in_added = {c for c, _, _ in added.values()}
+    for c in named:
+        if c is not None and c in vocab and c not in in_added:  # a named special becomes an added special
+            added[vocab[c]] = (c, True, False)
+    if vocab_size is None:
+        vocab_size = len(vocab)
+    top = max(vocab.values()) if vocab else -1
+    if top >= vocab_size:
+        raise GGQuantError(f"{path}: token id {top} is not below config.json vocab_size {vocab_size}; llama.cpp's "
+                           f"converter refuses this tokenizer")
+
+    ids = tok.encode(CHECK_TEXT).ids
+    digest = sha256(str(ids).encode()).hexdigest()
+    pre = PRE_BY_HASH.get(digest)
+    if pre is None:
+        raise GGQuantError(
+            f"{path}: the BPE pre-tokenizer is not one llama.cpp knows (sha256 of its ids on the converter's "
+            f"check text: {digest}); llama.cpp's converter refuses it too ('BPE pre-tokenizer was not recognized'), "
+            f"and its runtime would not know which regexes to split with")
+
+    cleanup = bool(tc.get("clean_up_tokenization_spaces", False))
+    by_id = {i: t for t, i in vocab.items()}
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(TokenType.UNUSED))
+            continue
+        if i in added and added[i][0] == t:
+            content, special, normalized = added[i]
+            if not normalized:
+                t = tok.decode(tok.encode(t, add_special_tokens=False).ids, skip_special_tokens=False)
+                if cleanup:
+                    for a, b in _CLEANUPS:
+                        t = t.replace(a, b)
+            if special or looks_special(t):
+                types.append(int(TokenType.CONTROL))
+            else:
+                t = t.replace(SPACE, " ")  # pre-normalize user-defined spaces
+                types.append(int(TokenType.USER_DEFINED))
+        else:
+            types.append(int(TokenType.NORMAL))
+        tokens.append(t)
+    return tokens, types, pre
+
+
+def is_llama_hf_bpe(model_dir: Path) -> bool:
+    """gguf-py LlamaHfVocab's test: tokenizer.json holds a SentencePiece-style BPE (byte_fallback,
+    a Sequence decoder) and not a Llama 3 style byte-level one."""
+    tj = read_json(model_dir / "tokenizer.json", "", required=False)
+    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+        return False
+    m = tj["model"]
+    if m.get("type") == "BPE" and m.get("ignore_merges", False) and not m.get("byte_fallback", True):
+        return False
+    return (m.get("type") == "BPE" and bool(m.get("byte_fallback", False))
+            and (tj.get("decoder") or {}).get("type") == "Sequence")
+
+
+# =============================================================================================
 # tokenizer.model (SentencePiece ModelProto)
 # =============================================================================================
 

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from ggquant.errors import GGQuantError
+from ggquant.files import check_overwrite
 
 
 class _ImatrixGroup(click.Group):
@@ -52,8 +53,7 @@ def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, t
     from ggquant.imatrix.collect import collect_imatrix
     from ggquant.imatrix.files import load, merge, save_dat, save_gguf
 
-    if out.exists() and not force:
-        raise GGQuantError(f"{out} exists; pass --force to overwrite it")
+    check_overwrite([out], force)
     previous = [load(p) for p in in_files]  # read (and validate) before the long run
     im, stats = collect_imatrix(model, text_file, ctx=ctx, chunks=chunks, device=device, threads=threads,
                                 process_output=process_output, progress=not as_json and sys.stderr.isatty(),

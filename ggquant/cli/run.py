@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ggquant.errors import GGQuantError
+from ggquant.files import check_overwrite
 from ggquant.runtime.hf_source import RUNTIME_OUTTYPES
 
 
@@ -65,8 +66,8 @@ def run_command(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p
         prompt = prompt_file.read_text(encoding="utf-8")
     if prompt is None:
         prompt = ""
-    if logits_out is not None and logits_out.exists() and not force:
-        raise GGQuantError(f"{logits_out} exists; pass --force to overwrite it")
+    if logits_out is not None:
+        check_overwrite([logits_out], force)
     out = sys.stdout
     started = []
 

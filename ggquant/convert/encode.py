@@ -22,9 +22,12 @@ T = GGMLQuantizationType
 CHUNK_BYTES = 32 << 20  # float32 working set of one chunk
 
 
-def row_chunks(n_rows: int, inner: int) -> Iterator[tuple[int, int]]:
-    """[a, b) ranges of outer rows whose float32 working set (rows x inner values) fits CHUNK_BYTES."""
+def row_chunks(n_rows: int, inner: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges of outer rows whose float32 working set (rows x inner values) fits CHUNK_BYTES;
+    every boundary but the end is a multiple of `multiple` (a transform that permutes rows within
+    blocks, e.g. the q/k heads of a Llama, sees whole blocks)."""
     step = max(1, CHUNK_BYTES // (4 * max(1, inner)))
+    step = max(multiple, step // multiple * multiple)
     for a in range(0, n_rows, step):
         yield a, min(n_rows, a + step)
 
@@ -68,7 +71,7 @@ def tensor_chunks(t, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.nda
         return
     inner = max(1, int(np.prod(src.shape[1:], dtype=np.int64))) if src.shape else 1
     raw_ok = t.transform.identity and (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
-    chunks = [(0, t.n_outer)] if t.transform.whole else row_chunks(t.n_outer, inner)
+    chunks = [(0, t.n_outer)] if t.transform.whole else row_chunks(t.n_outer, inner, t.transform.row_block)
     for a, b in chunks:
         if raw_ok:
             raw = src.rows(a, b) if src.shape else src.rows(0, 1).reshape(1)
@@ -173,7 +176,7 @@ def _lossy_chunks(t, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
     rec = t.src.encoding.record
     sig = noise = 0.0
     n = t.shape[-1]
-    for a, b in row_chunks(t.n_outer, math.prod(t.shape[1:])):
+    for a, b in row_chunks(t.n_outer, math.prod(t.shape[1:]), t.transform.row_block):
         y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32).reshape(-1, n)
         if len(t.shape) >= 3:  # stacked experts: each with its own imatrix slice
             per = len(y) // (b - a)

@@ -255,7 +255,7 @@ def tensor_chunks(t: HFTensor, dtype: str) -> Iterator[np.ndarray]:
     inner = int(np.prod(gshape[1:], dtype=np.int64)) if len(gshape) > 1 else 1
     raw = t.inverse.identity and (t.gguf_type, dtype) in _RAW_OK
     # a vector goes whole (its inverse transform may need all of it)
-    chunks = row_chunks(src.n_outer, inner) if len(gshape) > 1 else [(0, src.n_outer)]
+    chunks = row_chunks(src.n_outer, inner, t.inverse.row_block) if len(gshape) > 1 else [(0, src.n_outer)]
     for a, b in chunks:
         if raw:
             yield src.rows(a, b)

@@ -374,7 +374,7 @@ def _float_lossless(t: TensorPlan) -> str | None:
         test = fp16_exact if t.qtype == T.F16 else bf16_exact
         inner = max(1, math.prod(t.src.shape[1:])) if t.src.shape else 1
         bad = 0
-        for a, b in row_chunks(t.n_outer, inner):
+        for a, b in row_chunks(t.n_outer, inner, t.transform.row_block):
             bad += int((~test(np.asarray(t.transform(t.src.float_rows(a, b), t.src.dtype)))).sum())
         if not bad:
             return None

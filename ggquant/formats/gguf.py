@@ -51,6 +51,7 @@ from gguf import (
 from gguf.gguf_writer import SHARD_NAME_FORMAT
 
 from ggquant.errors import FormatError, GGQuantError
+from ggquant.files import check_overwrite
 from ggquant.tensor import Blocks, MappedRegion, Tensor
 
 __all__ = [
@@ -785,10 +786,7 @@ class GGUFWriter:
             existing = [self.path] if self.path.exists() else []
             if self.split_max_size or self.split_max_tensors:
                 existing += sorted(self.path.parent.glob(f"{_glob_escape(self.path.stem)}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
-            if existing:
-                raise GGQuantError(
-                    f"{existing[0]} already exists; pass --force to overwrite it (or choose another --outfile)"
-                )
+            check_overwrite(existing[:1], False)
 
     # --- metadata -------------------------------------------------------------------------
     def add_field(
@@ -962,10 +960,7 @@ class GGUFWriter:
         self._written = True
         shards = self._shards()
         finals = self._shard_paths(len(shards))
-        if not self.force:
-            for p in finals:
-                if p.exists():
-                    raise GGQuantError(f"{p} already exists; pass --force to overwrite it (or choose another --outfile)")
+        check_overwrite(finals, self.force)
         temps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in finals]
         renamed: list[Path] = []
         try:

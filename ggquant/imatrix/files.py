@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ggquant.errors import FormatError, GGQuantError
+from ggquant.files import check_overwrite
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -196,8 +197,7 @@ def save_dat(im: Imatrix, path, *, force=False) -> Path:
     ncall = ceil(max(count)/chunk_size); an expert with count 0 stores (1/1)*ncall.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise GGQuantError(f"{path} exists; pass --force to overwrite it")
+    check_overwrite([path], force)
     chunk = im.chunk_size or 1
     parts = []
     names = [n for n in sorted(im.entries, key=str.encode) if np.any(im.entries[n].counts > 0)]

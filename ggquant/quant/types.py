@@ -31,7 +31,7 @@ Adding a type: its quantize and dequantize side by side in its family's kernel m
 call below, and a bit-exactness test; ggquant.quant.presets too if it is a llama-quantize preset.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -168,6 +168,10 @@ for _t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.IQ1_S, T.IQ3_S, T.IQ2_S, T.IQ1_M):
 for _t in (T.TQ1_0, T.TQ2_0):
     _register(_t, iquants, row_fallback=T.Q4_0)
 _register(T.MXFP4, iquants)
+
+# CPU products of the offset legacy quants: Q8_1 activations (ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1)
+for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):
+    REGISTRY[_t] = replace(REGISTRY[_t], vec_dot_type=T.Q8_1, cpu_matmul=_mm)
 
 # ggml's enum order (F32, F16, Q4_0, ...) for every listing derived from the registry
 REGISTRY = dict(sorted(REGISTRY.items()))

@@ -14,6 +14,9 @@ and activation type come from its registry entry (ggquant.quant.types: cpu_matmu
 - rope: ops.cpp ggml_rope_cache_init: theta starts at the position and is multiplied by
   theta_scale = powf(base, -2/n_dims) once per pair, in float32; freq factors divide theta.
   NeoX pairing (i, i + n_dims/2).
+- rope "norm" (the llama architecture): the same cache, adjacent pairs (2i, 2i + 1).
+- swiglu: vec.cpp ggml_vec_swiglu_f32: ggml_v_silu (8 or 16 lanes, ggml_v_expf) then the scalar
+  x / (1 + expf(-x)) for the row's last n % lanes values, times up.
 - softmax: ggml_compute_forward_soft_max_f32: expf(x - max) in float32, sum in double, scaled by
   (float)(1/sum). Masked keys are -inf.
 - final softcap: ggml_scale(1/cap), ggml_tanh, ggml_scale(cap).
@@ -85,6 +88,14 @@ def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     ops.rope_neox(x, cos, sin, out)
+    return out
+
+
+def rope_norm(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [T, H, D]: rotate adjacent pairs (2i, 2i + 1) of the first n_dims dims (GGML_ROPE_TYPE_NORMAL)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    ops.rope_norm(x, cos, sin, out)
     return out
 
 
@@ -282,11 +293,13 @@ class CPUBackend:
         """x + rms_norm(y, w): the residual add after a post-norm (one fused kernel on CUDA)."""
         return x + self.rms_norm(y, w, eps)
 
-    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
         """rope(rms_norm(x, w, eps), ...) (one fused kernel on CUDA)."""
-        return self.rope(self.rms_norm(x, w, eps), pos, n_dims, base, freq_scale, freq_factors)
+        return self.rope(self.rms_norm(x, w, eps), pos, n_dims, base, freq_scale, freq_factors, mode)
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
+        """RoPE on x [T, H, D]: mode "neox" rotates pairs (i, i + n_dims/2), "norm" (llama.cpp's
+        LLAMA_ROPE_TYPE_NORM, the llama architecture) adjacent pairs (2i, 2i + 1)."""
         pos = np.asarray(pos)
         key = (int(pos[0]), len(pos), n_dims, float(base), float(freq_scale),
                None if freq_factors is None else id(freq_factors))
@@ -295,7 +308,22 @@ class CPUBackend:
             if len(self._rope_memo) > 64:
                 self._rope_memo.clear()
             tab = self._rope_memo[key] = rope_cache(pos, n_dims, base, freq_scale, freq_factors)
+        if mode == "norm":
+            return rope_norm(x, *tab)
         return rope_neox(x, *tab)
+
+    def swiglu(self, gate, up):
+        """silu(gate) * up as ggml_vec_swiglu_f32 computes it on this host (kernels/cpu/ops.py)."""
+        gate = np.ascontiguousarray(gate, dtype=np.float32)
+        up = np.ascontiguousarray(up, dtype=np.float32)
+        out = np.empty_like(gate)
+        n = gate.shape[-1]
+        ops.swiglu(gate.reshape(-1, n), up.reshape(-1, n), ISA.lanes, out.reshape(-1, n))
+        return out
+
+    def add_bias(self, x, b):
+        """ggml_add of a bias row (float32)."""
+        return x + b
 
     def kv_layer(self, n_ctx: int, h: int, d: int) -> CPULayerCache:
         return CPULayerCache(n_ctx, h, d)
@@ -372,4 +400,4 @@ def default_threads() -> int:
 
 
 __all__ = ["CPUBackend", "CPUWeight", "check_weights", "convert_activation", "matmul", "matmul_converted",
-           "rope_cache", "rope_neox", "default_threads"]
+           "rope_cache", "rope_neox", "rope_norm", "default_threads"]

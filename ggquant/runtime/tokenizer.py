@@ -1,6 +1,8 @@
 """Tokenizers built from a GGUF's own vocabulary, ported from llama.cpp's src/llama-vocab.cpp.
 
-Two models cover the Gemma family:
+Three models: the two of the Gemma family below, and ``tokenizer.ggml.model = gpt2`` (Llama 3,
+SmolLM2, Qwen2/2.5/3...): GPT-2 byte-level BPE with the pre-tokenizer named by tokenizer.ggml.pre
+(runtime/bpe.py).
 
 - ``tokenizer.ggml.model = llama`` (Gemma 3): SentencePiece-style merging by score
   (llm_tokenizer_spm_session): the text is split into UTF-8 characters and the adjacent pair whose
@@ -44,6 +46,14 @@ _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
 _EOT_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
               "<EOT>", "_<EOT>", "[EOT]", "<end_of_utterance>"}
 
+# llama-vocab.cpp: FIM prefix/suffix/middle/pad/repo/separator tokens found by their text
+_FIM_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+              "<|code_prefix|>", "<|prefix|>", "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",
+              "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>", "<|fim_middle|>",
+              "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>", "<|code_middle|>",
+              "<|middle|>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
+              "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>"}
+
 SPACE = "\u2581"  # ▁
 _SPACE_B = SPACE.encode()
 _GEMMA4_SPLIT = re.compile(rb"[^\n]+|[\n]+")
@@ -71,11 +81,11 @@ class Tokenizer:
 
     def __init__(self, tokens: list[str], token_types, scores=None, merges: list[str] | None = None,
                  model: str = "llama", bos_id: int | None = None, eos_id: int | None = None,
-                 eot_id: int | None = None, add_bos: bool = True, add_eos: bool = False,
-                 add_space_prefix: bool = False, source: str = "vocabulary"):
-        if model not in ("llama", "gemma4"):
+                 eot_id: int | None = None, add_bos: bool | None = True, add_eos: bool = False,
+                 add_space_prefix: bool = False, source: str = "vocabulary", pre: str | None = None):
+        if model not in ("llama", "gemma4", "gpt2"):
             raise GGQuantError(f"{source}: tokenizer model {model!r} is not supported by the ggquant runtime "
-                               f"(supported: llama (SentencePiece, Gemma 3), gemma4 (BPE, Gemma 4))")
+                               f"(supported: llama (SentencePiece), gemma4 (BPE, Gemma 4), gpt2 (byte-level BPE))")
         self.model = model
         self.source = source
         self.texts = [t.encode("utf-8", "surrogatepass") for t in tokens]
@@ -96,6 +106,23 @@ class Tokenizer:
                 p = b.find(b" ", 1)
                 if p >= 0:
                     self.ranks[(b[:p], b[p + 1:])] = i
+        self.bpe = None
+        if model == "gpt2":
+            from ggquant.runtime.bpe import BPE, pre_tokenizer
+
+            if not merges:
+                raise GGQuantError(f"{source}: a gpt2 tokenizer needs tokenizer.ggml.merges (cannot find tokenizer "
+                                   f"merges)")
+            pt = pre_tokenizer(pre or "default", source)
+            self.bpe = BPE({t: i for i, t in enumerate(tokens)}, list(merges), pt)
+            if add_bos is None:  # llama-vocab.cpp: the pre-tokenizer's default when the key is absent
+                add_bos = pt.add_bos
+            if bos_id is None:
+                bos_id = 11 if 11 < len(tokens) else None  # llama-vocab.cpp's BPE default special_bos_id
+            if eos_id is None:
+                eos_id = 11 if 11 < len(tokens) else None
+        if add_bos is None:
+            add_bos = True  # SentencePiece: add_bos defaults to true
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos, self.add_eos = add_bos, add_eos
         if model == "gemma4":
@@ -112,6 +139,8 @@ class Tokenizer:
                 self.attrs[i] |= ATTR_CONTROL
             if s in _EOG_TEXTS:
                 self.eog_ids.add(i)
+                self.attrs[i] |= ATTR_CONTROL
+            if s in _FIM_TEXTS:  # llama-vocab.cpp: FIM tokens found by their text become CONTROL
                 self.attrs[i] |= ATTR_CONTROL
         if found_eot is not None:
             self.eog_ids.add(found_eot)
@@ -134,9 +163,13 @@ class Tokenizer:
         tok = cls(tokens, g("tokenizer.ggml.token_type"), g("tokenizer.ggml.scores"), g("tokenizer.ggml.merges"),
                   model=g("tokenizer.ggml.model", "llama"), bos_id=opt_id("tokenizer.ggml.bos_token_id"),
                   eos_id=opt_id("tokenizer.ggml.eos_token_id"), eot_id=opt_id("tokenizer.ggml.eot_token_id"),
-                  add_bos=bool(g("tokenizer.ggml.add_bos_token", True)),
+                  add_bos=None if g("tokenizer.ggml.add_bos_token") is None else bool(g("tokenizer.ggml.add_bos_token")),
+                  pre=g("tokenizer.ggml.pre"),
                   add_eos=bool(g("tokenizer.ggml.add_eos_token", False)),
-                  add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix", False)), source=str(reader.path))
+                  # llama-vocab.cpp: SentencePiece vocabularies prepend a space unless the key says otherwise
+                  add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix",
+                                         g("tokenizer.ggml.model", "llama") == "llama")),
+                  source=str(reader.path))
         # llama-vocab.cpp load: tokenizer.ggml.suppress_tokens, ids outside the vocabulary dropped
         # (Gemma 4 Unified writes generation_config.json's suppress_tokens there)
         ids = g(SUPPRESS_TOKENS_KEY)
@@ -188,6 +221,8 @@ class Tokenizer:
                 if self.add_space_prefix and prev_special:
                     f = b" " + f
                 self._spm(f.replace(b" ", _SPACE_B), out)
+            elif self.bpe is not None:
+                self.bpe.encode(f.decode("utf-8", "surrogatepass"), out)
             else:
                 self._bpe(f.replace(b" ", _SPACE_B), out)
             prev_special = False
@@ -331,6 +366,10 @@ class Tokenizer:
                 return bytes([int(t[3:5], 16)])
             return t
         if a & ATTR_NORMAL:
+            if self.bpe is not None:  # llama_decode_text: GPT-2 byte characters back to bytes
+                from ggquant.runtime.bpe import byte_decode
+
+                return byte_decode(self.texts[tid].decode("utf-8", "surrogatepass"))
             return self.texts[tid].replace(_SPACE_B, b" ")
         return b""
 

@@ -83,8 +83,8 @@ def test_config_not_utf8(model, tmp_path):
 
 def test_unknown_architecture(model, tmp_path):
     src = model()
-    _edit_config(src, lambda c: c.update(architectures=["LlamaForCausalLM"]))
-    fails(src, tmp_path, "config.json", "'LlamaForCausalLM'", "not supported")
+    _edit_config(src, lambda c: c.update(architectures=["Phi3ForCausalLM"]))
+    fails(src, tmp_path, "config.json", "'Phi3ForCausalLM'", "not supported")
 
 
 def test_missing_architectures_key(model, tmp_path):

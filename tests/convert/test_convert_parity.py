@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ggquant.fixtures import build_gemma3, build_gemma4, cached_build, tiny_model
+from ggquant.fixtures import build_gemma3, build_gemma4, build_llama, cached_build, tiny_model
 from ggquant.cli import main
 from ggquant.convert import convert, plan_conversion
 from ggquant.formats.gguf import GGUFReader
@@ -41,6 +41,11 @@ CASES = (
     + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
     + [("gemma4_unified", t, m) for t in ("f32", "f16", "q8_0") for m in (False, True)]
     + [("gemma4_assistant", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
+    # Llama family (fixtures/llama.py): llama3 RoPE + q/k permutation + Llama 3 BPE, Mistral (SPM, f16
+    # source, untied), Qwen2 (biases, qwen2 BPE), Qwen3 (q/k norms, f32 source), and a Llama with
+    # permuted q/k biases and linear RoPE scaling
+    + [(n, t, False) for n in ("llama3", "mistral", "qwen2", "qwen3") for t in ("f32", "f16", "bf16", "q8_0")]
+    + [("llama_bias_linear", "f32", False), ("llama_bias_linear", "q8_0", False)]
 )
 
 MODEL_CARD = """---
@@ -83,6 +88,10 @@ EXTRA_MODELS = {
     "vision_only_gemma4": lambda: cached_build("conv_gemma4_vision_only", build_gemma4, variant="e2b",
                                                dtype="bfloat16", with_audio=False),
     "card_gemma3": lambda: cached_build("gemma-3-270m-it-v2", _card_model, dtype="bfloat16"),
+    "llama_bias_linear": lambda: cached_build(
+        "conv_llama_bias_linear", build_llama, variant="llama3", dtype="float32", chat_template="jinja",
+        config_overrides=dict(attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 10000.0})),
 }
 
 

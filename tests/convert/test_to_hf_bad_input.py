@@ -60,8 +60,8 @@ def fails(tmp_path: Path, args: list[str], *needles: str) -> str:
 
 
 def test_unsupported_architecture(ggufs, tmp_path):
-    bad = _rewrite(ggufs["g3"], tmp_path / "llama.gguf", fields={"general.architecture": "llama"})
-    fails(tmp_path, [str(bad)], "llama.gguf", "'llama' is not supported", "gemma3")
+    bad = _rewrite(ggufs["g3"], tmp_path / "phi3.gguf", fields={"general.architecture": "phi3"})
+    fails(tmp_path, [str(bad)], "phi3.gguf", "'phi3' is not supported", "gemma3")
 
 
 def test_missing_tensor_is_named(ggufs, tmp_path):

@@ -150,13 +150,15 @@ def collect(model_path, chunks: list[list[int]], n_ctx: int, threads: int = 2) -
 
 def chunks_like_llama_imatrix(model_path, text, ctx, n_chunks):
     """The token chunks llama-imatrix evaluates: the text tokenized with BOS, cut into ctx-token
-    chunks, the first token of each replaced by BOS (imatrix.cpp compute_imatrix)."""
+    chunks, the first token of each replaced by BOS when the vocabulary adds one (imatrix.cpp
+    compute_imatrix: `if (add_bos && j == 0)`)."""
     with GGUFReader(model_path) as r:
         tok = Tokenizer.from_gguf(r)
     ids = tok.encode(text, add_special=True)
     out = []
     for c in range(n_chunks):
         chunk = list(ids[c * ctx:(c + 1) * ctx])
-        chunk[0] = tok.bos_id
+        if tok.add_bos:
+            chunk[0] = tok.bos_id
         out.append(chunk)
     return out

@@ -67,9 +67,9 @@ def _write_gguf(path, arch, tensors: dict[str, np.ndarray], **keys):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    p = _write_gguf(tmp_path / "m.gguf", "llama", {"token_embd.weight": np.zeros((8, 32), np.float32)})
+    p = _write_gguf(tmp_path / "m.gguf", "phi3", {"token_embd.weight": np.zeros((8, 32), np.float32)})
     r = _invoke("run", p, "-p", "x", "-n", "1")
-    assert r.exit_code == 1 and "'llama'" in r.output and "gemma3" in r.output
+    assert r.exit_code == 1 and "'phi3'" in r.output and "gemma3" in r.output
 
 
 def test_missing_tensors_are_listed(tmp_path):
@@ -154,6 +154,6 @@ def test_run_on_a_folder_that_is_not_a_model_fails_with_the_converters_message(t
     r = _invoke("run", tmp_path, "-p", "x", "-n", "1")
     assert r.exit_code == 1
     assert f"{tmp_path / 'config.json'}: not found; a Hugging Face model folder needs config.json" in r.output
-    (tmp_path / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    (tmp_path / "config.json").write_text('{"architectures": ["Phi3ForCausalLM"]}')
     r = _invoke("run", tmp_path, "-p", "x", "-n", "1")
-    assert r.exit_code == 1 and "architecture 'MistralForCausalLM' is not supported" in r.output
+    assert r.exit_code == 1 and "architecture 'Phi3ForCausalLM' is not supported" in r.output

@@ -155,7 +155,7 @@ def _bad_folder(tmp_path: Path, kind: str) -> Path:
     if kind == "no_config":
         (d / "model.safetensors").write_bytes(b"")
     elif kind == "unsupported_arch":
-        (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}')
+        (d / "config.json").write_text('{"architectures": ["Phi3ForCausalLM"], "num_hidden_layers": 2}')
     elif kind == "pickle_only":
         (d / "config.json").write_text((tiny_model("gemma3_text") / "config.json").read_text())
         (d / "pytorch_model.bin").write_bytes(b"\x80\x02")
@@ -164,7 +164,7 @@ def _bad_folder(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind,fragment", [
     ("no_config", "config.json: not found"),
-    ("unsupported_arch", "'LlamaForCausalLM' is not supported"),
+    ("unsupported_arch", "'Phi3ForCausalLM' is not supported"),
     ("pickle_only", "only pickle checkpoints (pytorch_model.bin)"),
 ])
 def test_bad_folders_raise_the_converters_error_unchanged(tmp_path, kind, fragment):

@@ -12,7 +12,7 @@ from ggquant.runtime import cpu
 from tests.oracles import ggml_cpu as oracle
 from tests.oracles import ggml_graph as graph
 
-QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
+QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL_TYPES = [T.F32, T.F16, T.BF16, *QUANT_TYPES]
 
 
@@ -54,6 +54,23 @@ def test_q8_0_activation_bytes_equal_ggml(k):
     x = _inputs(np.random.default_rng(k), 12, k)
     qs, d = actquant.quantize_q8_0(x)
     assert np.array_equal(_q8_0_bytes(qs, d), oracle.from_float(T.Q8_0, x))
+
+
+def _q8_1_bytes(qs, d, s):
+    T_, K = qs.shape
+    blocks = np.empty((T_, K // 32, 36), np.uint8)
+    blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(T_, K // 32, 2)
+    blocks[:, :, 2:4] = s.astype(np.float16).view(np.uint8).reshape(T_, K // 32, 2)
+    blocks[:, :, 4:] = qs.view(np.uint8).reshape(T_, K // 32, 32)
+    return blocks.reshape(T_, -1)
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_q8_1_activation_bytes_equal_ggml(k):
+    """Q8_1 (the activation of Q4_1 / Q5_1 products): quants, d and s = d * sum(quants)."""
+    x = _inputs(np.random.default_rng(k + 2), 12, k)
+    ref = oracle.from_float(T.Q8_1, x)[:, :k // 32 * 36]  # gguf-py's Q8_1 size (40) is stale: ggml's block is 36
+    assert np.array_equal(_q8_1_bytes(*actquant.quantize_q8_1(x)), ref)
 
 
 @pytest.mark.parametrize("k", [256, 1024])
@@ -102,9 +119,15 @@ def test_matmul_is_exact_dot_of_dequantized_blocks(qtype):
     w = qt.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     x = rng.standard_normal((ntok, k)).astype(np.float32)
     xc = cpu.convert_activation(qtype, x)
-    block = 32 if qt.get(qtype).vec_dot_type == T.Q8_0 else 256
+    block = 32 if qt.get(qtype).vec_dot_type in (T.Q8_0, T.Q8_1) else 256
     xd = (xc[0].reshape(ntok, -1, block) * xc[1][:, :, None].astype(np.float64)).reshape(ntok, k)
     ref = xd @ qt.dequantize(w, qtype, (n, k)).astype(np.float64).T
+    if qt.get(qtype).vec_dot_type == T.Q8_1:
+        # Q4_1 / Q5_1: the offset term m * sum(x) uses Q8_1's s = fp16(d * sum(q)), not the dequantized sum
+        blocks = w.reshape(n, k // 32, -1)
+        m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
+        xsum = xd.reshape(ntok, -1, 32).sum(-1)
+        ref += (xc[2].astype(np.float64) - xsum) @ m.T
     got = cpu.matmul_converted(w, qtype, xc)
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 

@@ -2,7 +2,7 @@
 
 ggml_compute_forward_mul_mat first converts the activation x to the weight type's
 ``vec_dot_type`` (the registry entry's vec_dot_type, ggquant.quant.types): Q8_0 blocks for
-Q4_0 / Q5_0 / Q8_0 weights, Q8_K blocks for the k-quants, fp16 for F16, bf16 for BF16,
+Q4_0 / Q5_0 / Q8_0 weights, Q8_1 blocks (with s = d * sum of quants) for Q4_1 / Q5_1, Q8_K blocks for the k-quants, fp16 for F16, bf16 for BF16,
 unchanged for F32. The Q8 quantizers are ports of the x86 code that runs on AVX2 machines
 (arch/x86/quants.c quantize_row_q8_0, ggml-quants.c quantize_row_q8_K_ref), so the activation
 quants equal ggml's byte for byte. This matters: on a 4-bit model the activation rounding moves
@@ -90,6 +90,38 @@ def _quantize_q8_K(x, qs, d, bsums):
             d[t, b] = F32(1.0) / iscale
 
 
+@nb.njit(**JIT)
+def _quantize_q8_1(x, qs, d, s):
+    """arch/x86/quants.c quantize_row_q8_1 (AVX2 branch): the quants and d of quantize_row_q8_0,
+    and s = fp16(d * sum of the block's quants) with d the float32 amax / 127 before its fp16
+    rounding (both read back as float32 here)."""
+    T, K = x.shape
+    _quantize_q8_0(x, qs, d)
+    for t in range(T):
+        for b in range(K // QK8_0):
+            o = b * QK8_0
+            amax = F32(0.0)
+            for j in range(QK8_0):
+                v = abs(x[t, o + j])
+                if v > amax:
+                    amax = v
+            dd = amax / F32(127.0)
+            tot = 0
+            for j in range(QK8_0):
+                tot += np.int32(qs[t, o + j])
+            s[t, b] = FP16_TO_FP32[fp32_to_fp16(dd * F32(tot))]
+
+
+def quantize_q8_1(x: np.ndarray):
+    """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/32], s float32 [T, K/32]) as Q8_1 blocks."""
+    T, K = x.shape
+    qs = np.empty((T, K), np.int8)
+    d = np.empty((T, K // QK8_0), np.float32)
+    s = np.empty((T, K // QK8_0), np.float32)
+    _quantize_q8_1(x, qs, d, s)
+    return qs, d, s
+
+
 def quantize_q8_0(x: np.ndarray):
     """float32 [T, K] -> (qs int8 [T, K], d float32 [T, K/32])."""
     T, K = x.shape
@@ -130,6 +162,8 @@ def convert_activation(vec_dot_type, x: np.ndarray):
     x = np.ascontiguousarray(x, dtype=np.float32)
     if vt == _T.Q8_0:
         return quantize_q8_0(x)
+    if vt == _T.Q8_1:
+        return quantize_q8_1(x)
     if vt == _T.Q8_K:
         return quantize_q8_K(x)
     if vt == _T.F16:

@@ -263,6 +263,50 @@ def _mm_q5_0(w, xq, xd, out):
         _dot_q0_rows(q, dw, xq, xd, out, r0, r1)
 
 
+Q4_1_BYTES = GGML_QUANT_SIZES[_T.Q4_1][1]  # d | m | qs[16]
+Q5_1_BYTES = GGML_QUANT_SIZES[_T.Q5_1][1]  # d | m | qh[4] | qs[16]
+
+
+@nb.njit(parallel=True, **JIT)
+def _mm_q41_51(w, xq, xd, xs, out, is_q5):
+    """Q4_1 / Q5_1 x Q8_1 (arch/x86/quants.c ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1, AVX2 branch; no
+    repack or tinyBLAS takes these types, so every token runs the vec_dot): per block, 8 int32
+    lanes of 4 consecutive products of the unsigned quants (nibble, | qh bit << 4 for Q5_1) with
+    the Q8_1 quants, converted to float and fused-multiply-added by d_w * d_x into 8 float lanes
+    (dot_blocks_q8); the offsets go into one float, summs = fma(m_w, s_x, summs) block by block;
+    the result is hsum_float_8(acc) + summs."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb_ = K // QK8_0
+    bb = Q5_1_BYTES if is_q5 else Q4_1_BYTES
+    qoff = 8 if is_q5 else 4
+    for c in nb.prange((N + ROWS - 1) // ROWS):
+        r0 = c * ROWS
+        r1 = min(N, r0 + ROWS)
+        q = np.empty((ROWS, K), np.int8)
+        dw = np.empty((ROWS, nb_), np.float32)
+        mw = np.empty((ROWS, nb_), np.float32)
+        for r in range(r0, r1):
+            wr = w[r]
+            for b in range(nb_):
+                o = b * bb
+                dw[r - r0, b] = FP16_TO_FP32[get_u16(wr, o)]
+                mw[r - r0, b] = FP16_TO_FP32[get_u16(wr, o + 2)]
+                qh = np.uint32(0)
+                if is_q5:
+                    qh = (np.uint32(wr[o + 4]) | (np.uint32(wr[o + 5]) << np.uint32(8)) |
+                          (np.uint32(wr[o + 6]) << np.uint32(16)) | (np.uint32(wr[o + 7]) << np.uint32(24)))
+                unpack32_q0(wr, o + qoff, qh, 0, q[r - r0], b * QK8_0)
+        for t in range(T):
+            xt = xq[t]
+            xdt = xd[t]
+            for r in range(r0, r1):
+                summs = F32(0.0)
+                for b in range(nb_):
+                    summs = fmaf(mw[r - r0, b], xs[t, b], summs)
+                out[t, r] = dot_blocks_q8(q[r - r0], 0, QK8_0, xt, 0, dw[r - r0], 0, xdt, 0, nb_) + summs
+
+
 TILED_MIN_BATCH = 8  # tiled/tiled.cpp ggml_tiled_min_batch: the tiled k-quant kernel takes batches >= 8
 
 
@@ -490,6 +534,14 @@ def matmul_q4_0(w, xc, out):
 
 def matmul_q5_0(w, xc, out):
     _mm_q5_0(w, xc[0], xc[1], out)
+
+
+def matmul_q4_1(w, xc, out):
+    _mm_q41_51(w, xc[0], xc[1], xc[2], out, False)
+
+
+def matmul_q5_1(w, xc, out):
+    _mm_q41_51(w, xc[0], xc[1], xc[2], out, True)
 
 
 def matmul_q4_k(w, xc, out):

@@ -341,3 +341,54 @@ def moe_top_k(probs, k, ids, weights, norm):
                 s = MOE_WEIGHTS_SUM_MIN
             for j in range(k):
                 weights[t, j] = weights[t, j] / s
+
+
+# =============================================================================================
+# Llama-family ops: NORM (GPT-J pair) RoPE and SwiGLU
+# =============================================================================================
+
+
+@nb.njit(parallel=True, **JIT)
+def rope_norm(x, cos, sin, out):
+    """ops.cpp rotate_pairs for GGML_ROPE_TYPE_NORMAL on x [T, H, D]: adjacent pairs (2i, 2i + 1) of
+    the first n_dims = 2 * cos.shape[1] dims, with cos/sin of pair i; the rest is copied. The same
+    float expressions as the NeoX case (one template), as GCC contracts them:
+        y0 = fma(x0, cos, -(x1 * sin));  y1 = fma(x0, sin, x1 * cos)."""
+    T, H, D = x.shape
+    half = cos.shape[1]
+    for th in nb.prange(T * H):
+        t = th // H
+        h = th - t * H
+        for i in range(half):
+            c = cos[t, i]
+            s = sin[t, i]
+            x0 = x[t, h, 2 * i]
+            x1 = x[t, h, 2 * i + 1]
+            out[t, h, 2 * i] = fmaf(x0, c, -(x1 * s))
+            out[t, h, 2 * i + 1] = fmaf(x0, s, x1 * c)
+        for i in range(2 * half, D):
+            out[t, h, i] = x[t, h, i]
+
+
+@nb.njit(inline="always", **JIT)
+def _silu_lane(x, lanes):
+    """vec.h ggml_v_silu, one lane: x / (1 + ggml_v_expf(0 - x)) with the AVX2 (8 lanes) or the
+    AVX-512 (16 lanes) ggml_v_expf."""
+    nx = F32(0.0) - x
+    e = ggml_expf16(nx) if lanes == 16 else ggml_expf(nx)
+    return x / (F32(1.0) + e)
+
+
+@nb.njit(parallel=True, **JIT)
+def swiglu(gate, up, lanes, out):
+    """vec.cpp ggml_vec_swiglu_f32 on rows of gate/up [R, n]: silu(gate) * up, where the first
+    n - n % lanes values of each row take the vector path (ggml_v_silu) and the rest the scalar
+    ggml_silu_f32, x / (1 + expf(-x)) with the C library's expf (numba's math.exp on float32)."""
+    R, n = gate.shape
+    nv = n - n % lanes
+    for r in nb.prange(R):
+        for i in range(nv):
+            out[r, i] = _silu_lane(gate[r, i], lanes) * up[r, i]
+        for i in range(nv, n):
+            x = gate[r, i]
+            out[r, i] = (x / (F32(1.0) + F32(math.exp(-x)))) * up[r, i]
