@@ -295,6 +295,13 @@ class Arch:
         overrides this; missing experts are an error naming the tensor."""
         return {}
 
+    def quantized_expert_concats(self, names: list[str]) -> dict[str, list[str]]:
+        """Stacked expert weights of a quantized checkpoint that keeps experts stacked but split
+        differently from the architecture's tensor (mlx-lm's switch_glu gate_proj / up_proj):
+        {the architecture's stacked HF name: the stacked weights whose per-expert rows it
+        concatenates, in order}. A family with stacked experts overrides this."""
+        return {}
+
     def extra_tensors(self, part: str) -> list[tuple[str, np.ndarray]]:
         """Generated tensors, written before the checkpoint's (prepare_tensors order)."""
         return []

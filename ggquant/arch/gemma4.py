@@ -460,11 +460,8 @@ class Gemma4(Gemma3):
                 found.setdefault(m["layer"], {}).setdefault(m["proj"], {})[int(m["e"])] = n
         if not found:
             return {}
-        E = self.hparams.get("num_experts")
-        if not self.hparams.get("enable_moe_block") or not _is_int(E):
-            first = next(iter(next(iter(found.values())).values()))
-            raise GGQuantError(f"{self.dir}: tensor '{next(iter(first.values()))}' is a per-expert weight, but "
-                               f"{self.config_path.name} declares no experts (enable_moe_block, num_experts)")
+        first = next(iter(next(iter(found.values())).values()))
+        E = self._declared_experts(next(iter(first.values())))
         stacks = {}
         for layer, projs in found.items():
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -481,6 +478,38 @@ class Gemma4(Gemma3):
             stacks[layer + "experts.gate_up_proj"] = [[projs["gate_proj"][e], projs["up_proj"][e]] for e in range(E)]
             stacks[layer + "experts.down_proj"] = [[projs["down_proj"][e]] for e in range(E)]
         return stacks
+
+    def _declared_experts(self, tensor: str) -> int:
+        E = self.hparams.get("num_experts")
+        if not self.hparams.get("enable_moe_block") or not _is_int(E):
+            raise GGQuantError(f"{self.dir}: tensor '{tensor}' is a per-expert weight, but "
+                               f"{self.config_path.name} declares no experts (enable_moe_block, num_experts)")
+        return E
+
+    # mlx-lm's Gemma 4 (models/gemma4_text.py sanitize) splits the fused gate_up_proj into
+    # stacked SwitchGLU weights: ...layers.N.experts.switch_glu.{gate_proj,up_proj,down_proj}.weight
+    # [E, F, H] / [E, H, F] (QuantizedSwitchLinear when quantized)
+    SWITCH_GLU = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.switch_glu\.(?P<proj>gate_proj|up_proj|down_proj)"
+                            r"\.weight$")
+
+    def quantized_expert_concats(self, names):
+        """switch_glu.gate_proj + up_proj -> experts.gate_up_proj (each expert's gate rows, then its
+        up rows), switch_glu.down_proj -> experts.down_proj."""
+        found: dict[str, dict[str, str]] = {}
+        for n in names:
+            m = self.SWITCH_GLU.match(n)
+            if m:
+                found.setdefault(m["layer"], {})[m["proj"]] = n
+        concats = {}
+        for layer, projs in found.items():
+            self._declared_experts(next(iter(projs.values())))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if proj not in projs:
+                    raise GGQuantError(f"{self.dir}: tensor '{layer}experts.switch_glu.{proj}.weight' is missing "
+                                       f"(mlx-lm's stacked experts come as gate_proj, up_proj and down_proj)")
+            concats[layer + "experts.gate_up_proj"] = [projs["gate_proj"], projs["up_proj"]]
+            concats[layer + "experts.down_proj"] = [projs["down_proj"]]
+        return concats
 
     def check_vocab_sizes(self):
         super().check_vocab_sizes()

@@ -55,11 +55,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from ggquant.arch.base import MMPROJ, TEXT, Arch
 from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
-from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
+from ggquant.convert.plan import ALWAYS_F32, KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
 from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor,
-                                              StackedIntQuantTensor)
+                                              StackedAffineQuantTensor, StackedIntQuantTensor)
 from ggquant.formats.safetensors import FLOAT_DTYPES
 from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
@@ -125,6 +125,16 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
         records[name] = StackedIntQuantTensor(name, parts)
         shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
         notes.append(f"{name}: {len(parts)} per-expert modules stacked")
+    for name, stacks in arch.quantized_expert_concats(list(records)).items():
+        # stacked experts split differently from the architecture's tensor (mlx-lm's switch_glu)
+        parts = [records.pop(n) for n in stacks]
+        if not all(isinstance(p, AffineQuantTensor) for p in parts):
+            kinds = sorted({p.encoding for p in parts})
+            raise GGQuantError(f"'{name}': concatenating stacked experts of {', '.join(kinds)} is not supported "
+                               f"(MLX affine only)")
+        records[name] = StackedAffineQuantTensor(name, parts)
+        shapes[name] = (records[name].shape[0], records[name].rows_per_expert, records[name].row_width)
+        notes.append(f"{name}: {' + '.join(stacks)}")
     weights: dict[str, Tensor] = {}
     for name, rec in records.items():
         weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors],
@@ -390,6 +400,10 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
         f_auto = auto or (preset is not None and f.part == MMPROJ)
         for t in plans:
             ruled = preset is not None and f.part == TEXT and any(r.regex.search(t.name) for r in rules)
+            if f.part == TEXT and any(p.match(t.name) for p in ALWAYS_F32):
+                # a quantized router (mlx-lm quantizes Gemma 4's router.proj at 8 bits): F32 as
+                # llama.cpp's converter and llama-quantize keep ffn_gate_inp, exact
+                t.qtype, ruled = T.F32, True
             _decide(t, auto=f_auto, ruled=ruled)
         if plans and qsrc is not None:
             f.kv.string(KEY_METHOD, qsrc.model.method)

@@ -9,19 +9,24 @@
 - the same with GPTQ (one Linear per expert): sym -> exact Q4_0, act-order -> lossy Q8_0 one expert
   at a time (SQNR reported) where --outtype q8_0 asks for it;
 - a 31B-like QAT W4A16 checkpoint (int4 sym group 32) -> Q4_0, exact;
-- a per-expert checkpoint missing an expert, or declaring none, is refused naming the tensor.
+- a per-expert checkpoint missing an expert, or declaring none, is refused naming the tensor;
+- mlx-lm's stacked SwitchGLU experts (4-bit affine) -> exact Q4_1, run by llama.cpp and the runtime
+  bit for bit; a missing switch_glu projection is refused naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ggquant.convert import convert
 from ggquant.errors import GGQuantError
+from ggquant.fixtures import cached_build, tiny_model
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import types as qt
 from tests.quantized import gemma4_quantized as G
@@ -38,6 +43,36 @@ def _values(t) -> np.ndarray:
     return qt.dequantize(raw, t.qtype, t.shape).astype(np.float32).reshape(-1)
 
 
+def _assert_equals_reference(tmp_path, q, ref_dir, conv):
+    """q's F32 conversion equals the F32 conversion of its float32 dequantization (ref_dir) byte for
+    byte, and every tensor of `conv` (q at its exact types) dequantizes to the same floats."""
+    ref = convert(ref_dir, outtype="f32", outfile=tmp_path / "ref.gguf")
+    f32 = convert(q, outtype="f32", outfile=tmp_path / "f32.gguf")
+    with GGUFReader(ref.written[0]) as r, GGUFReader(f32.written[0]) as a, GGUFReader(conv.written[0]) as b:
+        assert [(t.name, t.shape) for t in a.tensors] == [(t.name, t.shape) for t in r.tensors]
+        for t in r.tensors:
+            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), t.name
+            assert np.array_equal(_values(b.tensor(t.name)).view(np.uint32), _values(t).view(np.uint32)), t.name
+
+
+def _assert_runtime_equals_llama_cpp(path):
+    """llama.cpp runs `path` and ggquant's runtime gives its logits bit for bit (40 tokens, batch)."""
+    import llama_cpp
+
+    from ggquant.runtime.model import Session, load_model
+
+    ids = [2] + list(range(40, 79))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
+                          flash_attn=False, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        ref = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    ours = Session(load_model(path, threads=2), 64).eval(ids, "all")
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_moe_per_expert_checkpoint_converts_exactly(tmp_path, case):
     bits, group, want = MOE_CASES[case]
@@ -48,13 +83,8 @@ def test_moe_per_expert_checkpoint_converts_exactly(tmp_path, case):
     assert {t.qtype.name for t in quant} == {want} and all(t.exact for t in quant)
     stacked = [t.name for t in quant if t.name.endswith("_exps.weight")]
     assert len(stacked) == 2 * 8  # ffn_gate_up_exps and ffn_down_exps of every layer
-    ref = convert(G.dequantized_copy(q), outtype="f32", outfile=tmp_path / "ref.gguf")
-    f32 = convert(q, outtype="f32", outfile=tmp_path / "f32.gguf")
-    with GGUFReader(ref.written[0]) as r, GGUFReader(f32.written[0]) as a, GGUFReader(conv.written[0]) as b:
-        assert [(t.name, t.shape) for t in a.tensors] == [(t.name, t.shape) for t in r.tensors]
-        for t in r.tensors:
-            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), t.name
-            assert np.array_equal(_values(b.tensor(t.name)).view(np.uint32), _values(t).view(np.uint32)), t.name
+    _assert_equals_reference(tmp_path, q, G.dequantized_copy(q), conv)
+    with GGUFReader(conv.written[0]) as b:
         assert set(stacked) <= set(b.get("ggquant.source.exact_tensors"))
 
 
@@ -83,22 +113,9 @@ def test_moe_gptq_per_expert_checkpoint(tmp_path):
 
 
 def test_exact_q4_0_moe_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path):
-    import llama_cpp
-
-    from ggquant.runtime.model import Session, load_model
-
     out = tmp_path / "q4.gguf"
     convert(G.build_ct_moe(4, 32), outfile=out)
-    ids = [2] + list(range(40, 79))
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
-                          flash_attn=False, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        ref = np.array(llm.scores[:len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-    ours = Session(load_model(out, threads=2), 64).eval(ids, "all")
-    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    _assert_runtime_equals_llama_cpp(out)
 
 
 def test_31b_qat_w4a16_converts_to_exact_q4_0(tmp_path):
@@ -137,3 +154,107 @@ def test_per_expert_weights_without_experts_in_the_config_are_refused(moe_ct, tm
     (moe_ct / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GGQuantError, match="declares no experts"):
         convert(moe_ct, outfile=tmp_path / "x.gguf")
+
+
+# --- MLX: mlx-lm's stacked SwitchGLU experts ------------------------------------------------------
+
+_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+# mlx-lm's Gemma 4 quant_predicate: the router's projection at 8 bits, group 64
+MLX_ROUTER = {"group_size": 64, "bits": 8}
+
+
+def _switch_glu(layer: str, proj: str) -> str:
+    return f"{layer}experts.switch_glu.{proj}.weight"
+
+
+def _build_mlx_moe(out: Path, bits: int, group_size: int, digest: str) -> Path:
+    """The 26B-A4B-like model as mlx-lm saves it (models/gemma4_text.py sanitize: the fused
+    gate_up_proj split into stacked switch_glu.gate_proj / up_proj [E, F, H], down_proj as
+    switch_glu.down_proj), every text Linear, the experts (QuantizedSwitchLinear) and the router
+    quantized by mlx itself."""
+    import mlx.core as mx
+
+    src = tiny_model(G.MOE_MODEL)
+    t = mx.load(str(src / "model.safetensors"))
+    for k in [k for k in t if G._FUSED_EXPERTS.match(k)]:
+        m = G._FUSED_EXPERTS.match(k)
+        v = t.pop(k)
+        if m["proj"] == "gate_up_proj":
+            f = v.shape[1] // 2
+            t[_switch_glu(m["layer"], "gate_proj")], t[_switch_glu(m["layer"], "up_proj")] = v[:, :f], v[:, f:]
+        else:
+            t[_switch_glu(m["layer"], "down_proj")] = v
+    quant: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for key in sorted(t):
+        router = key.endswith("router.proj.weight")
+        if not (G._TEXT_LINEAR.match(key) or ".switch_glu." in key or router):
+            continue
+        mod = key[: -len(".weight")]
+        o = MLX_ROUTER if router else {"group_size": group_size, "bits": bits}
+        t[key], t[f"{mod}.scales"], t[f"{mod}.biases"] = mx.quantize(t[key], mode="affine", **o)
+        if router:
+            quant[mod] = dict(o)
+    mx.eval(t)
+    G._copy_side_files(src, out)
+    mx.save_safetensors(str(out / "model.safetensors"), t, metadata={"format": "mlx"})
+    G._update_config(out, quantization=quant, quantization_config=quant)
+    return out
+
+
+def _mlx_reference(out: Path, qdir: str, digest: str) -> Path:
+    """mlx's own float32 dequantization of every quantized module, the experts fused back into
+    Hugging Face's gate_up_proj / down_proj, no quantization config."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ggquant.fixtures.quantized import mlx_dequantize
+
+    q = Path(qdir)
+    deq = mlx_dequantize(q)
+    sd = {k: v for k, v in load_file(str(q / "model.safetensors")).items()
+          if not k.endswith((".scales", ".biases")) and k not in deq}
+    sd.update({k: torch.from_numpy(v) for k, v in deq.items()})
+    for k in [k for k in sd if k.endswith("switch_glu.gate_proj.weight")]:
+        layer = k[: -len("experts.switch_glu.gate_proj.weight")]
+        sd[layer + "experts.gate_up_proj"] = torch.cat([sd.pop(k), sd.pop(_switch_glu(layer, "up_proj"))], dim=1)
+        sd[layer + "experts.down_proj"] = sd.pop(_switch_glu(layer, "down_proj"))
+    G._copy_side_files(q, out)
+    G._save(out, sd)
+    G._update_config(out, quantization=None, quantization_config=None)
+    return out
+
+
+def build_mlx_moe(bits: int = 4, group_size: int = 32) -> Path:
+    return cached_build("gemma4_mlx_moe", _build_mlx_moe, bits=bits, group_size=group_size, digest=_DIGEST)
+
+
+def test_mlx_switch_glu_experts_convert_exactly(tmp_path):
+    """mlx-lm's stacked experts: gate_proj + up_proj concatenated per expert into ffn_gate_up_exps,
+    down_proj into ffn_down_exps, 4-bit group 32 -> exact Q4_1 (d = scale, m = bias); the 8-bit
+    router -> F32 exactly; the F32 conversion equals the conversion of mlx's own float32
+    dequantization; llama.cpp runs the Q4_1 experts and the runtime gives its logits bit for bit."""
+    pytest.importorskip("mlx.core")
+    q = build_mlx_moe()
+    conv = convert(q, outfile=tmp_path / "auto.gguf")
+    quant = {t.name: t for t in conv.files[0].tensors if t.source_quant}
+    stacked = [n for n in quant if n.endswith("_exps.weight")]
+    assert len(stacked) == 2 * 8 and all(quant[n].exact and quant[n].qtype.name == "Q4_1" for n in stacked)
+    assert all(t.exact and t.qtype.name == "F32" for n, t in quant.items() if n.endswith("ffn_gate_inp.weight"))
+    ref = cached_build("gemma4_mlx_moe_f32", _mlx_reference, qdir=str(q), digest=_DIGEST)
+    _assert_equals_reference(tmp_path, q, ref, conv)
+    _assert_runtime_equals_llama_cpp(conv.written[0])
+
+
+def test_mlx_switch_glu_without_up_proj_names_it(tmp_path):
+    pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
+    dst = tmp_path / "src" / "gemma4_mlx_moe"
+    shutil.copytree(build_mlx_moe(), dst)
+    t = mx.load(str(dst / "model.safetensors"))
+    mod = "model.language_model.layers.2.experts.switch_glu.up_proj"
+    mx.save_safetensors(str(dst / "model.safetensors"), {k: v for k, v in t.items() if not k.startswith(mod + ".")},
+                        metadata={"format": "mlx"})
+    with pytest.raises(GGQuantError, match=r"layers\.2\.experts\.switch_glu\.up_proj\.weight' is missing"):
+        convert(dst, outfile=tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

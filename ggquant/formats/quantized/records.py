@@ -19,7 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "StackedIntQuantTensor",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -425,10 +425,13 @@ class AffineQuantTensor(QuantizedTensor):
     """w = scale * u + bias per group of columns, u unsigned (MLX affine)."""
 
     def __init__(self, name, shape, encoding, fmt, sources, bits: int, group_size: int,
-                 load: Callable[[tuple[int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]]):
+                 load: Callable[[tuple[int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 expert_rows: int | None = None):
         super().__init__(name, shape, encoding, fmt, sources, bits)
         self.group_size = group_size
         self._load = load  # rows -> (u uint8/int16 [R, n], scales f32 [R, G], biases f32 [R, G])
+        # stacked experts: each row is one expert's matrix of expert_rows rows, flattened
+        self.expert_rows = expert_rows
 
     def dequantize(self, rows=None) -> np.ndarray:
         u, s, b = self._load(rows_range(rows, self.shape[0]))
@@ -563,3 +566,38 @@ class StackedIntQuantTensor(IntQuantTensor):
 
     def permuted(self, rows=None, cols=None):
         raise GGQuantError(f"'{self.name}': stacked experts cannot be permuted")
+
+
+class StackedAffineQuantTensor(AffineQuantTensor):
+    """Stacked affine-quantized experts whose per-expert rows the architecture concatenates (mlx-lm
+    keeps Gemma 4's experts as switch_glu.gate_proj and up_proj [E, F, H]; the fused HF parameter
+    experts.gate_up_proj [E, 2F, H] holds each expert's gate rows, then its up rows): row e of the
+    record is expert e of every part, flattened in order. `parts` are stacked records
+    (expert_rows set) with one expert count, bit width, group size and row width."""
+
+    def __init__(self, name: str, parts: list[AffineQuantTensor]):
+        first = parts[0]
+        for p in parts:
+            if p.expert_rows is None:
+                raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not a stack of experts; "
+                                  f"'{name}' stacks experts")
+            layout = (p.shape[0], p.shape[1] // p.expert_rows, p.bits, p.group_size, p.format)
+            if layout != (first.shape[0], first.shape[1] // first.expert_rows, first.bits, first.group_size,
+                          first.format):
+                raise FormatError(f"'{p.name}' ({p.encoding}, {p.shape[0]} experts of {p.expert_rows} x "
+                                  f"{p.shape[1] // p.expert_rows}) is not quantized like '{first.name}' "
+                                  f"({first.encoding}, {first.shape[0]} experts of {first.expert_rows} x "
+                                  f"{first.shape[1] // first.expert_rows}); the experts stacked into '{name}' "
+                                  f"must share one layout")
+        self.parts = parts
+        self.row_width = first.shape[1] // first.expert_rows
+        self.rows_per_expert = sum(p.expert_rows for p in parts)
+        super().__init__(name, (first.shape[0], sum(p.shape[1] for p in parts)),
+                         first.encoding + (f" ({len(parts)} stacks concatenated)" if len(parts) > 1 else ""),
+                         first.format, tuple(s for p in parts for s in p.sources), first.bits, first.group_size,
+                         self._load_parts, self.rows_per_expert)
+
+    def _load_parts(self, rr):
+        loads = [p._load(rr) for p in self.parts]
+        return tuple(np.concatenate([part[i] for part in loads], axis=1) for i in range(3))
+
