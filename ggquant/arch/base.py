@@ -512,6 +512,11 @@ class Arch:
         """config.json for the model in GGUF `g` (plus its mmproj `mm`, if given)."""
         raise NotImplementedError
 
+    @classmethod
+    def hf_generation_extra(cls, g: GGUFFacts) -> dict:
+        """generation_config.json entries beyond the special token ids, from the GGUF metadata."""
+        return {}
+
     def unmap_tensor(self, gguf_name: str, part: str, where: str) -> tuple[str, int | None]:
         """GGUF name -> (normalized HF name, layer); unknown names are an error naming the file."""
         hit = unmap_name(self.tables(part), gguf_name)

@@ -809,6 +809,12 @@ class Gemma4(Gemma3):
                 "max_soft_tokens": 280}
 
     @classmethod
+    def hf_generation_extra(cls, g) -> dict:
+        # Gemma 4 Unified's generation_config.json suppress_tokens, which the converter stores
+        ids = g.get(KEY_SUPPRESS_TOKENS)
+        return {} if ids is None else {"suppress_tokens": [int(i) for i in ids]}
+
+    @classmethod
     def hf_named_tokens(cls) -> dict[str, str]:
         return {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                 "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}

@@ -3,6 +3,9 @@ against llama.cpp's converter, text and the gemma4uv / gemma4ua mmproj: test_con
 
 - the mmproj's patch projection is reordered to ggml's im2col order (CHW) and the position table
   transposed, whatever the chunk size;
+- the text GGUF goes back to Hugging Face as a Gemma4ForCausalLM: weights bit-equal, transformers
+  computes the original's logits, suppress_tokens back in generation_config.json (the mmproj's
+  encoder-free towers are not exported);
 - bad input (no audio_config for the mmproj, a patch projection of the wrong width, malformed
   suppress_tokens) fails with one line naming the key or tensor, and writes nothing.
 """
@@ -43,6 +46,31 @@ def test_mmproj_is_the_same_in_tiny_chunks(tmp_path):
     with GGUFReader(a) as r:
         assert r.tensor("v.position_embd.weight").shape == (2, 64, 32)
         assert r.get("clip.vision.projector_type") == "gemma4uv" and r.get("clip.audio.projector_type") == "gemma4ua"
+
+
+def test_text_gguf_goes_back_to_hugging_face(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ggquant.convert.gguf_to_hf import export_hf
+
+    orig = tiny_model(MODEL)
+    gguf = convert(orig, outtype="f32", outfile=tmp_path / "u.gguf").written[0]
+    hf = tmp_path / "hf"
+    assert export_hf(gguf, outfile=hf).arch == "Gemma4ForCausalLM"
+    want = {k.replace("model.language_model.", "model."): v for k, v in load_file(str(orig / "model.safetensors")).items()
+            if k.startswith("model.language_model.")}
+    got = load_file(str(hf / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k].view(torch.int32), want[k].float().view(torch.int32)) for k in want)
+    gen = json.loads((orig / "generation_config.json").read_text())
+    assert json.loads((hf / "generation_config.json").read_text())["suppress_tokens"] == gen["suppress_tokens"]
+    ids = torch.tensor([[2] + list(range(300, 340))])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(orig, dtype=torch.float32).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(ids).logits
+    assert torch.equal(a, b)
 
 
 def test_mmproj_without_audio_config_is_refused(model, tmp_path):
