@@ -167,15 +167,20 @@ def _switch_glu(layer: str, proj: str) -> str:
     return f"{layer}experts.switch_glu.{proj}.weight"
 
 
+MLX_DROPPED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+
+
 def _build_mlx_moe(out: Path, bits: int, group_size: int, digest: str) -> Path:
-    """The 26B-A4B-like model as mlx-lm saves it (models/gemma4_text.py sanitize: the fused
-    gate_up_proj split into stacked switch_glu.gate_proj / up_proj [E, F, H], down_proj as
+    """The 26B-A4B-like model as mlx-lm saves it (models/gemma4.py sanitize: the towers dropped,
+    model.language_model.* renamed language_model.model.*; models/gemma4_text.py sanitize: the
+    fused gate_up_proj split into stacked switch_glu.gate_proj / up_proj [E, F, H], down_proj as
     switch_glu.down_proj), every text Linear, the experts (QuantizedSwitchLinear) and the router
     quantized by mlx itself."""
     import mlx.core as mx
 
     src = tiny_model(G.MOE_MODEL)
-    t = mx.load(str(src / "model.safetensors"))
+    t = {k.replace("model.language_model.", "language_model.model."): v
+         for k, v in mx.load(str(src / "model.safetensors")).items() if not k.startswith(MLX_DROPPED)}
     for k in [k for k in t if G._FUSED_EXPERTS.match(k)]:
         m = G._FUSED_EXPERTS.match(k)
         v = t.pop(k)
@@ -187,7 +192,8 @@ def _build_mlx_moe(out: Path, bits: int, group_size: int, digest: str) -> Path:
     quant: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
     for key in sorted(t):
         router = key.endswith("router.proj.weight")
-        if not (G._TEXT_LINEAR.match(key) or ".switch_glu." in key or router):
+        if not (G._TEXT_LINEAR.match(key.replace("language_model.model.", "model.language_model.")) or
+                ".switch_glu." in key or router):
             continue
         mod = key[: -len(".weight")]
         o = MLX_ROUTER if router else {"group_size": group_size, "bits": bits}
@@ -252,7 +258,7 @@ def test_mlx_switch_glu_without_up_proj_names_it(tmp_path):
     dst = tmp_path / "src" / "gemma4_mlx_moe"
     shutil.copytree(build_mlx_moe(), dst)
     t = mx.load(str(dst / "model.safetensors"))
-    mod = "model.language_model.layers.2.experts.switch_glu.up_proj"
+    mod = "language_model.model.layers.2.experts.switch_glu.up_proj"
     mx.save_safetensors(str(dst / "model.safetensors"), {k: v for k, v in t.items() if not k.startswith(mod + ".")},
                         metadata={"format": "mlx"})
     with pytest.raises(GGQuantError, match=r"layers\.2\.experts\.switch_glu\.up_proj\.weight' is missing"):
