@@ -40,6 +40,7 @@ CASES = (
     + [("gemma4_a4b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_a4b", "f16", True)]
     + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
     + [("gemma4_unified", t, m) for t in ("f32", "f16", "q8_0") for m in (False, True)]
+    + [("gemma4_unified", "bf16", True)]
     + [("gemma4_assistant", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
     # Llama family (fixtures/llama.py): llama3 RoPE + q/k permutation + Llama 3 BPE, Mistral (SPM, f16
     # source, untied), Qwen2 (biases, qwen2 BPE), Qwen3 (q/k norms, f32 source), and a Llama with

@@ -59,8 +59,8 @@ def test_text_gguf_goes_back_to_hugging_face(tmp_path):
     gguf = convert(orig, outtype="f32", outfile=tmp_path / "u.gguf").written[0]
     hf = tmp_path / "hf"
     assert export_hf(gguf, outfile=hf).arch == "Gemma4ForCausalLM"
-    want = {k.replace("model.language_model.", "model."): v for k, v in load_file(str(orig / "model.safetensors")).items()
-            if k.startswith("model.language_model.")}
+    want = {k.replace("model.language_model.", "model."): v
+            for k, v in load_file(str(orig / "model.safetensors")).items() if k.startswith("model.language_model.")}
     got = load_file(str(hf / "model.safetensors"))
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k].view(torch.int32), want[k].float().view(torch.int32)) for k in want)
