@@ -271,20 +271,25 @@ def run_pair_bench(args) -> dict:
         for tool in ("llama.cpp", "ggquant"):
             best[tool]["identical"] = same
             rows.append(best[tool])
-        ratios[outtype] = {"wall": best["ggquant"]["wall_s"] / best["llama.cpp"]["wall_s"],
-                           "peak_rss": best["ggquant"]["peak_rss_mib"] / best["llama.cpp"]["peak_rss_mib"]}
+        ratios[outtype] = ratio(best["ggquant"], best["llama.cpp"])
         if not args.keep:
             ref.unlink()
             ours.unlink()
     return {"model": str(model), "runs": rows, "ratios": ratios}
 
 
-def run_single(args, model: Path, prefix: str, with_llama_cpp: bool) -> list[dict]:
-    """ggquant (and llama.cpp's converter when asked) on one model, each outtype; outputs compared."""
+def ratio(ours: dict, anchor: dict) -> dict:
+    """ggquant's wall time and peak RSS as multiples of llama.cpp's (the anchor), same run."""
+    return {"wall": ours["wall_s"] / anchor["wall_s"], "peak_rss": ours["peak_rss_mib"] / anchor["peak_rss_mib"]}
+
+
+def run_single(args, model: Path, prefix: str, with_llama_cpp: bool) -> tuple[list[dict], dict]:
+    """ggquant (and llama.cpp's converter when asked) on one model, each outtype; outputs compared.
+    Returns the runs and, with llama.cpp, the ratios per outtype."""
     out_dir = BENCH_DIR / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = ("ggquant", "llama.cpp") if with_llama_cpp else ("ggquant",)
-    rows = []
+    rows, ratios = [], {}
     for outtype in args.outtypes:
         outs = {tool: out_dir / f"{prefix}-{tool}-{outtype}.gguf" for tool in tools}
         runs = [measure(tool, model, outs[tool], outtype) for tool in tools]
@@ -292,28 +297,29 @@ def run_single(args, model: Path, prefix: str, with_llama_cpp: bool) -> list[dic
             same = filecmp.cmp(outs["ggquant"], outs["llama.cpp"], shallow=False)
             for r in runs:
                 r["identical"] = same
+            ratios[outtype] = ratio(runs[0], runs[1])
         rows += runs
         if not args.keep:
             for p in outs.values():
                 p.unlink()
-    return rows
+    return rows, ratios
 
 
 def run_ple_bench(args) -> dict:
     config = text_config(PLE_DIMS, PLE_LAYERS, PLE_SHARED, PLE_VOCAB)
     model = build("gemma4-e4b-ple-table", config, sparse=("model.embed_tokens_per_layer.weight",))
-    rows = run_single(args, model, "ple", args.ple_llama_cpp)
+    rows, ratios = run_single(args, model, "ple", args.ple_llama_cpp)
     n = PLE_VOCAB * len(PLE_LAYERS) * PLE_DIMS["hidden_size_per_layer_input"]
-    return {"model": str(model), "ple_elements": n, "runs": rows}
+    return {"model": str(model), "ple_elements": n, "runs": rows, "ratios": ratios}
 
 
 def run_moe_bench(args) -> dict:
     """Peak memory converting a 26B-A4B-shaped checkpoint's largest tensors (target: <= 1.5 GiB)."""
     config = text_config(MOE_DIMS, MOE_LAYERS, 0, MOE_VOCAB)
     model = build("gemma4-26b-a4b-moe-tensors", config, sparse=MOE_SPARSE)
-    rows = run_single(args, model, "moe", args.moe_llama_cpp)
+    rows, ratios = run_single(args, model, "moe", args.moe_llama_cpp)
     E, H, F = MOE_DIMS["num_experts"], MOE_DIMS["hidden_size"], MOE_DIMS["moe_intermediate_size"]
-    return {"model": str(model), "expert_elements": E * 2 * F * H, "runs": rows}
+    return {"model": str(model), "expert_elements": E * 2 * F * H, "runs": rows, "ratios": ratios}
 
 
 def print_table(result: dict, title: str) -> None:
