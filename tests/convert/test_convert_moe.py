@@ -21,7 +21,7 @@ from ggquant.convert import convert
 from ggquant.fixtures import tiny_model
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import presets
-from tests.convert.helpers import assert_identical
+from tests.convert.helpers import assert_identical, assert_same_tensors
 from tests.convert.test_convert_bad_input import _edit_config, _edit_tensors, fails, model  # noqa: F401 (fixture)
 from tests.oracles import ggml as ggml_oracle
 
@@ -97,10 +97,7 @@ def test_moe_preset_with_per_expert_imatrix_equals_llama_model_quantize(f32_gguf
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     convert(tiny_model(MODEL), outtype=preset, outfile=ours, imatrix=im)
     ggml_oracle.llama_quantize(f32_gguf, ref, presets.PRESETS[preset], imatrix=vectors)
-    with GGUFReader(ours) as a, GGUFReader(ref) as b:
-        assert [(t.name, t.qtype) for t in a.tensors] == [(t.name, t.qtype) for t in b.tensors]
-        for t in b.tensors:
-            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), f"{t.name} ({t.qtype.name})"
+    assert_same_tensors(ref, ours)
     # and the imatrix changed the experts' blocks
     plain = tmp_path / "plain.gguf"
     convert(tiny_model(MODEL), outtype=preset, outfile=plain)
