@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/convert.py [--outtypes bf16,q8_0] [--repeat 1] [--json] [--keep]
     .venv/bin/python bench/convert.py --ple-table [--outtypes bf16,q8_0]
+    .venv/bin/python bench/convert.py --moe [--moe-llama-cpp] [--outtypes bf16,q8_0]
 
 Model (built once, cached under .cache/bench/): a random-weight Gemma4ForCausalLM with E4B's
 real layer dimensions (research note anchor-llamacpp-convert.md): hidden 2560, FFN 10240,
@@ -22,6 +23,9 @@ sparse file: mostly holes, every 4096th row random), and tiny everything else (h
 converted by `ggquant convert`. llama.cpp's converter materialises the table as float32 (about
 7.6 bytes per element in bf16, 5.5 in q8_0: ~20 / ~15 GiB predicted) and is not run on it
 unless --ple-llama-cpp is given (on a machine with that much memory to spare).
+
+--moe: the memory bound on Gemma 4 26B-A4B's largest tensors (MOE_DIMS below): its stacked
+experts are streamed in row chunks within each expert, never materialised whole.
 """
 
 from __future__ import annotations
@@ -66,6 +70,20 @@ PLE_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, nu
                 head_dim=32, global_head_dim=64, hidden_size_per_layer_input=256)
 PLE_RANDOM_ROW_EVERY = 4096
 
+# --moe: google/gemma-4-26B-A4B's real layer dimensions (hidden 2816, 128 experts of width 704,
+# top 8, dense MLP 2112, 16 query / 8 KV heads, 2 KV heads on full layers with K = V, no PLE) and
+# real vocabulary, two layers (sliding, full): the largest tensors of the real model, the stacked
+# experts gate_up_proj [128, 1408, 2816] (0.95 GiB of bf16) and down_proj [128, 2816, 704], and
+# the token embeddings [262144, 2816] (1.4 GiB), stored as sparse files
+MOE_LAYERS = [SLIDING, FULL]
+MOE_VOCAB = 262144
+MOE_DIMS = dict(hidden_size=2816, intermediate_size=2112, num_attention_heads=16, num_key_value_heads=8,
+                num_global_key_value_heads=2, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=0,
+                attention_k_eq_v=True, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704)
+MOE_SPARSE = ("model.embed_tokens.weight",) + tuple(
+    f"model.layers.{i}.experts.{p}" for i in range(len(MOE_LAYERS)) for p in ("gate_up_proj", "down_proj"))
+
 
 # =============================================================================================
 # Building the models
@@ -73,13 +91,14 @@ PLE_RANDOM_ROW_EVERY = 4096
 
 
 def text_config(dims: dict, layer_types: list[str], n_shared: int, vocab: int) -> dict:
+    dims = {"attention_k_eq_v": False, "enable_moe_block": False, **dims}
     return dict(
         architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", dtype="bfloat16",
         vocab_size=vocab, vocab_size_per_layer_input=vocab, num_hidden_layers=len(layer_types),
         layer_types=list(layer_types), num_kv_shared_layers=n_shared, sliding_window=512,
         max_position_embeddings=131072, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-        final_logit_softcapping=30.0, tie_word_embeddings=True, attention_k_eq_v=False, enable_moe_block=False,
-        use_double_wide_mlp=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        final_logit_softcapping=30.0, tie_word_embeddings=True, use_double_wide_mlp=False, bos_token_id=2,
+        eos_token_id=1, pad_token_id=0,
         rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
                          FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}},
         **dims,
@@ -252,30 +271,55 @@ def run_pair_bench(args) -> dict:
         for tool in ("llama.cpp", "ggquant"):
             best[tool]["identical"] = same
             rows.append(best[tool])
-        ratios[outtype] = {"wall": best["ggquant"]["wall_s"] / best["llama.cpp"]["wall_s"],
-                           "peak_rss": best["ggquant"]["peak_rss_mib"] / best["llama.cpp"]["peak_rss_mib"]}
+        ratios[outtype] = ratio(best["ggquant"], best["llama.cpp"])
         if not args.keep:
             ref.unlink()
             ours.unlink()
     return {"model": str(model), "runs": rows, "ratios": ratios}
 
 
+def ratio(ours: dict, anchor: dict) -> dict:
+    """ggquant's wall time and peak RSS as multiples of llama.cpp's (the anchor), same run."""
+    return {"wall": ours["wall_s"] / anchor["wall_s"], "peak_rss": ours["peak_rss_mib"] / anchor["peak_rss_mib"]}
+
+
+def run_single(args, model: Path, prefix: str, with_llama_cpp: bool) -> tuple[list[dict], dict]:
+    """ggquant (and llama.cpp's converter when asked) on one model, each outtype; outputs compared.
+    Returns the runs and, with llama.cpp, the ratios per outtype."""
+    out_dir = BENCH_DIR / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tools = ("ggquant", "llama.cpp") if with_llama_cpp else ("ggquant",)
+    rows, ratios = [], {}
+    for outtype in args.outtypes:
+        outs = {tool: out_dir / f"{prefix}-{tool}-{outtype}.gguf" for tool in tools}
+        runs = [measure(tool, model, outs[tool], outtype) for tool in tools]
+        if with_llama_cpp:
+            same = filecmp.cmp(outs["ggquant"], outs["llama.cpp"], shallow=False)
+            for r in runs:
+                r["identical"] = same
+            ratios[outtype] = ratio(runs[0], runs[1])
+        rows += runs
+        if not args.keep:
+            for p in outs.values():
+                p.unlink()
+    return rows, ratios
+
+
 def run_ple_bench(args) -> dict:
     config = text_config(PLE_DIMS, PLE_LAYERS, PLE_SHARED, PLE_VOCAB)
     model = build("gemma4-e4b-ple-table", config, sparse=("model.embed_tokens_per_layer.weight",))
-    out_dir = BENCH_DIR / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    tools = ("ggquant", "llama.cpp") if args.ple_llama_cpp else ("ggquant",)
-    for outtype in args.outtypes:
-        for tool in tools:
-            out = out_dir / f"ple-{tool}-{outtype}.gguf"
-            r = measure(tool, model, out, outtype)
-            rows.append(r)
-            if not args.keep:
-                out.unlink()
+    rows, ratios = run_single(args, model, "ple", args.ple_llama_cpp)
     n = PLE_VOCAB * len(PLE_LAYERS) * PLE_DIMS["hidden_size_per_layer_input"]
-    return {"model": str(model), "ple_elements": n, "runs": rows}
+    return {"model": str(model), "ple_elements": n, "runs": rows, "ratios": ratios}
+
+
+def run_moe_bench(args) -> dict:
+    """Peak memory converting a 26B-A4B-shaped checkpoint's largest tensors (target: <= 1.5 GiB)."""
+    config = text_config(MOE_DIMS, MOE_LAYERS, 0, MOE_VOCAB)
+    model = build("gemma4-26b-a4b-moe-tensors", config, sparse=MOE_SPARSE)
+    rows, ratios = run_single(args, model, "moe", args.moe_llama_cpp)
+    E, H, F = MOE_DIMS["num_experts"], MOE_DIMS["hidden_size"], MOE_DIMS["moe_intermediate_size"]
+    return {"model": str(model), "expert_elements": E * 2 * F * H, "runs": rows, "ratios": ratios}
 
 
 def print_table(result: dict, title: str) -> None:
@@ -298,10 +342,17 @@ def main() -> None:
     ap.add_argument("--ple-table", action="store_true", help="convert the E4B-size PLE table model instead")
     ap.add_argument("--ple-llama-cpp", action="store_true",
                     help="with --ple-table: also run llama.cpp's converter (needs ~20 GiB of free memory)")
+    ap.add_argument("--moe", action="store_true",
+                    help="convert the 26B-A4B-shaped model (real expert, embedding and attention sizes, 2 layers)")
+    ap.add_argument("--moe-llama-cpp", action="store_true", help="with --moe: also run llama.cpp's converter")
     ap.add_argument("--keep", action="store_true", help="keep the converted GGUFs under .cache/bench/out")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
-    if args.ple_table:
+    if args.moe:
+        result = run_moe_bench(args)
+        title = (f"26B-A4B-shaped stacked experts ({result['expert_elements'] / 1e6:.0f} M elements per gate_up_proj, "
+                 f"{result['expert_elements'] * 2 / 2**30:.2f} GiB bf16) and 262144 x 2816 embeddings, 2 layers")
+    elif args.ple_table:
         result = run_ple_bench(args)
         title = (f"E4B-size per-layer embedding table ({result['ple_elements'] / 1e9:.2f} G elements, "
                  f"{result['ple_elements'] * 2 / 2**30:.2f} GiB bf16), ggquant convert")

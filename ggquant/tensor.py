@@ -167,7 +167,7 @@ class Tensor:
         enc = self.encoding
         if isinstance(enc, SourceQuant):
             self._check(start, stop, self.n_outer)
-            return enc.record.dequantize((start, stop))
+            return enc.record.dequantize((start, stop)).reshape((stop - start,) + self.shape[1:])
         raw = self.rows(start, stop)
         if isinstance(enc, Blocks):
             from ggquant.quant import types as qtypes
@@ -239,10 +239,11 @@ def permuted(t: Tensor, perm: np.ndarray) -> Tensor:
     return Tensor(t.name, t.shape, t.encoding, Derived([t], t.file, perm), t.nbytes)
 
 
-def source_quant(record, float_dtype: str, parts: list[Tensor]) -> Tensor:
-    """The logical weight of a quantized checkpoint, made of the stored tensors `parts`."""
+def source_quant(record, float_dtype: str, parts: list[Tensor], shape: tuple[int, ...] | None = None) -> Tensor:
+    """The logical weight of a quantized checkpoint, made of the stored tensors `parts`; `shape`:
+    the weight's shape when the record's 2-D rows are its outer rows flattened (stacked experts)."""
     where = parts[0].file if parts else Path("?")
-    return Tensor(record.name, tuple(record.shape), SourceQuant(record, float_dtype), Derived(parts, where),
+    return Tensor(record.name, tuple(shape or record.shape), SourceQuant(record, float_dtype), Derived(parts, where),
                   sum(p.nbytes for p in parts))
 
 

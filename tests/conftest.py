@@ -39,6 +39,9 @@ DEFAULT_REFERENCE_CONVERSIONS: tuple[tuple[str, str, bool], ...] = (
     ("gemma3_text", "f32", False),
     ("gemma3_vision", "f32", False),
     ("gemma3_vision", "f16", True),
+    ("gemma4_a4b", "f32", False),
+    ("gemma4_31b", "f32", False),
+    ("gemma4_unified", "f32", False),
 )
 
 

@@ -301,7 +301,11 @@ def test_llama_cpp_tokenizes_like_transformers(reference_gguf, name):
         llm.close()
 
 
-@pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b", "gemma3_vision"])
+WITH_AUDIO = ("gemma4_e4b", "gemma4_e2b", "gemma4_unified")  # 26B-A4B / 31B (like Gemma 3) have no audio
+
+
+@pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b", "gemma3_vision", "gemma4_a4b", "gemma4_31b",
+                                  "gemma4_unified"])
 def test_mmproj_loads_in_libmtmd(reference_gguf, name):
     pytest.importorskip("llama_cpp")
     import llama_cpp.mtmd_cpp as mtmd
@@ -316,7 +320,7 @@ def test_mmproj_loads_in_libmtmd(reference_gguf, name):
         assert ctx, "mtmd_init_from_file returned NULL"
         try:
             assert mtmd.mtmd_support_vision(ctx)
-            assert mtmd.mtmd_support_audio(ctx) == (_family(name) == "gemma4")
+            assert mtmd.mtmd_support_audio(ctx) == (name in WITH_AUDIO)
         finally:
             mtmd.mtmd_free(ctx)
     finally:

@@ -33,7 +33,9 @@ def register(*hf_architectures: str):
                 raise TypeError(f"{name} is registered twice ({_BY_HF[name].__name__}, {cls.__name__})")
             _BY_HF[name] = cls
         other = _BY_GGUF.setdefault(cls.gguf_arch, cls)
-        if other is not cls:
+        # a variant of a family (Gemma 4 Unified) writes the family's GGUF architecture: the GGUF
+        # is read back by the family class registered first
+        if other is not cls and not issubclass(cls, other):
             raise TypeError(f"GGUF architecture {cls.gguf_arch!r} is registered twice ({other.__name__}, "
                             f"{cls.__name__})")
         return cls

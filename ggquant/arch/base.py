@@ -77,7 +77,7 @@ class Rule:
     """
 
     hf: str
-    tensor: MODEL_TENSOR
+    tensor: MODEL_TENSOR | str  # a str: the GGUF base name of a tensor the pinned gguf does not declare yet
     note: str
     suffixes: tuple[str, ...] = (".weight", ".bias")
     gguf_suffix: str = ""
@@ -86,7 +86,7 @@ class Rule:
     gguf_regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        gguf = TENSOR_NAMES[self.tensor] + self.gguf_suffix
+        gguf = (self.tensor if isinstance(self.tensor, str) else TENSOR_NAMES[self.tensor]) + self.gguf_suffix
         object.__setattr__(self, "gguf", gguf)
         object.__setattr__(self, "regex", _bid_pattern(self.hf))
         object.__setattr__(self, "gguf_regex", _bid_pattern(gguf))
@@ -287,6 +287,20 @@ class Arch:
     def n_outer(self, hf_name: str, src: Tensor, part: str) -> int:
         """Outer rows of the source that are written (llama.cpp trims some embedding tables)."""
         return src.n_outer
+
+    def quantized_expert_stacks(self, names: list[str]) -> dict[str, list[list[str]]]:
+        """Stacked expert weights of a quantized checkpoint that stores one module per expert:
+        {the architecture's stacked HF name: per expert, the per-expert weights whose rows it
+        stacks, in order}. Names not listed stay as they are. A family with stacked experts
+        overrides this; missing experts are an error naming the tensor."""
+        return {}
+
+    def quantized_expert_concats(self, names: list[str]) -> dict[str, list[str]]:
+        """Stacked expert weights of a quantized checkpoint that keeps experts stacked but split
+        differently from the architecture's tensor (mlx-lm's switch_glu gate_proj / up_proj):
+        {the architecture's stacked HF name: the stacked weights whose per-expert rows it
+        concatenates, in order}. A family with stacked experts overrides this."""
+        return {}
 
     def extra_tensors(self, part: str) -> list[tuple[str, np.ndarray]]:
         """Generated tensors, written before the checkpoint's (prepare_tensors order)."""
@@ -498,6 +512,11 @@ class Arch:
         """config.json for the model in GGUF `g` (plus its mmproj `mm`, if given)."""
         raise NotImplementedError
 
+    @classmethod
+    def hf_generation_extra(cls, g: GGUFFacts) -> dict:
+        """generation_config.json entries beyond the special token ids, from the GGUF metadata."""
+        return {}
+
     def unmap_tensor(self, gguf_name: str, part: str, where: str) -> tuple[str, int | None]:
         """GGUF name -> (normalized HF name, layer); unknown names are an error naming the file."""
         hit = unmap_name(self.tables(part), gguf_name)
@@ -697,6 +716,26 @@ class TextHparams:
             raise GGQuantError(f"{self.path}: '{key.format(arch=self.arch)}' varies per layer ({values}); the "
                                f"Hugging Face configuration of {self.arch} has one value for every layer")
         return values[0]
+
+
+LLAMA_MAX_EXPERTS = 512  # src/llama-hparams.h
+
+
+def expert_counts(g: GGUFFacts, n_layer: int) -> tuple[int, list[int]]:
+    """(n_expert, n_expert_used per layer) as llama_model_base::load_hparams reads them
+    (expert_count, expert_used_count: both optional, 0 for a dense model), with its asserts
+    turned into errors naming the file and the key."""
+    L = Keys.LLM
+    k_count, k_used = L.EXPERT_COUNT.format(arch=g.arch), L.EXPERT_USED_COUNT.format(arch=g.arch)
+    n_expert = g.need(k_count, default=0)
+    used = g.per_layer(k_used, n_layer, default=0)
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise GGQuantError(f"{g.path}: '{k_count}' = {n_expert} is above llama.cpp's maximum of {LLAMA_MAX_EXPERTS}")
+    if max(used) > n_expert or (n_expert > 0 and max(used) == 0):
+        raise GGQuantError(f"{g.path}: '{k_used}' = {max(used)} must be in [1, '{k_count}' = {n_expert}] "
+                           f"(llama.cpp refuses this file)" if n_expert else
+                           f"{g.path}: '{k_used}' = {max(used)} but the file has no experts ('{k_count}' is 0)")
+    return n_expert, used
 
 
 def swa_pattern(g: GGUFFacts, n_layer: int, default_period: int) -> list[bool]:

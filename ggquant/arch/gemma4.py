@@ -20,6 +20,7 @@ as llama.cpp's src/models/gemma4.cpp loads them, the KV reuse map included.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,10 @@ from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, K
 
 from ggquant.arch import register
 from ggquant.arch import vocab as V
-from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, f32_value, hf_token_ids, token_ids_by_text)
+from ggquant.arch.base import (FULL, MMPROJ, SLIDING, TEXT, Arch, GGUFFacts, Rule, TextHparams, expert_counts,
+                               f32_value, hf_token_ids, token_ids_by_text)
 from ggquant.formats.gguf import KV
+from ggquant.formats.hf_folder import read_json
 from ggquant.arch.gemma3 import DECODER_GLOBAL, DECODER_LAYER, Gemma3
 from ggquant.arch.transforms import IDENTITY, SCALAR_TO_1D, Reshape, Softplus, Transform
 from ggquant.errors import GGQuantError
@@ -76,6 +79,29 @@ GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
          "RMSNorm gain after the PLE branch [hidden]"),
     Rule("model.layers.{bid}.layer_scalar", MODEL_TENSOR.LAYER_OUT_SCALE,
          "per-layer output scale, a [1] buffer (the converter appends .weight)", ("",), ".weight"),
+) + (
+    # The mixture-of-experts block of 26B-A4B (transformers Gemma4TextDecoderLayer with
+    # enable_moe_block): it runs beside the dense MLP (which becomes the "shared expert") and the
+    # two outputs are normed separately, summed and normed again by post_feedforward_layernorm.
+    # Names as llama.cpp's converter writes them (conversion/gemma.py Gemma4Model.filter_tensors
+    # appends ".weight" to the bare expert parameters; modify_tensors renames the router scales).
+    Rule("model.layers.{bid}.pre_feedforward_layernorm_2", MODEL_TENSOR.FFN_PRE_NORM_2,
+         "RMSNorm gain before the experts [hidden]"),
+    Rule("model.layers.{bid}.post_feedforward_layernorm_1", MODEL_TENSOR.FFN_POST_NORM_1,
+         "RMSNorm gain on the dense MLP's output in an MoE layer [hidden]"),
+    Rule("model.layers.{bid}.post_feedforward_layernorm_2", MODEL_TENSOR.FFN_POST_NORM_2,
+         "RMSNorm gain on the experts' output [hidden]"),
+    Rule("model.layers.{bid}.router.proj", MODEL_TENSOR.FFN_GATE_INP,
+         "router logits [n_expert, hidden], kept F32 (ModelBase.prepare_tensors)"),
+    Rule("model.layers.{bid}.router.scale", MODEL_TENSOR.FFN_GATE_INP,
+         "router input gain [hidden] -> ffn_gate_inp.scale", ("",), ".scale"),
+    Rule("model.layers.{bid}.router.per_expert_scale", MODEL_TENSOR.FFN_DOWN_EXP,
+         "per-expert output scale [n_expert] -> ffn_down_exps.scale (llama.cpp multiplies each expert's "
+         "down output by it)", ("",), ".scale"),
+    Rule("model.layers.{bid}.experts.gate_up_proj", MODEL_TENSOR.FFN_GATE_UP_EXP,
+         "fused expert gate|up [n_expert, 2*moe_ffn, hidden], gate rows first", ("",), ".weight"),
+    Rule("model.layers.{bid}.experts.down_proj", MODEL_TENSOR.FFN_DOWN_EXP,
+         "expert down [n_expert, hidden, moe_ffn]", ("",), ".weight"),
 )
 
 # mmproj: HF names after the converter's own renames (".linear." dropped from clippable linears);
@@ -207,6 +233,9 @@ class Gemma4Hparams(TextHparams):
     n_kv_from_start: int  # layers 0 .. n_kv_from_start - 1 compute their own K/V
     kv_source: list[int]  # per layer: the layer whose K/V cache it attends over
     n_embd_per_layer: int  # embedding_length_per_layer_input (P); 0: no per-layer embeddings
+    n_expert: int  # expert_count; 0: dense (E2B, E4B, 31B)
+    n_expert_used: list[int]  # expert_used_count, per layer (top-k of the router)
+    n_ff_exp: list[int]  # expert_feed_forward_length, per layer (one expert's MLP width)
 
     @classmethod
     def decode(cls, g: GGUFFacts) -> dict:
@@ -227,6 +256,9 @@ class Gemma4Hparams(TextHparams):
         )
         if d["head_dim"] != d["head_dim_v"] or d["head_dim_swa"] != d["head_dim_v_swa"]:
             raise GGQuantError(f"{g.path}: Gemma 4 requires value_length == key_length (llama.cpp does too)")
+        n_expert, n_used = expert_counts(g, n_layer)
+        d.update(n_expert=n_expert, n_expert_used=n_used,
+                 n_ff_exp=g.per_layer(L.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), n_layer, default=0))
         n_shared = g.need(A.SHARED_KV_LAYERS.format(arch=a), default=0)
         n_kv = n_layer - n_shared
         kv_source = list(range(n_layer))
@@ -255,6 +287,8 @@ class Gemma4(Gemma3):
     norm_shift = 0.0  # Gemma4RMSNorm multiplies by w directly
     VISIBLE_TOKENS = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
                       "<tool_response|>", '<|"|>')  # always rendered so the chat parser sees them
+    VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4v", "gemma4a"  # clip.{vision,audio}.projector_type
+    MMPROJ_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
     def text_hparams(self, config: dict) -> dict:
         h = dict(super(Gemma3, self).text_hparams(config))
@@ -315,8 +349,10 @@ class Gemma4(Gemma3):
         ff = h["intermediate_size"] * (2 if h.get("use_double_wide_mlp") and il >= self.first_shared else 1)
         nkv = (self.n_kv_full or h["num_key_value_heads"]) if full else h["num_key_value_heads"]
         # shared layers may or may not carry k/v (transformers ignores them); v is optional everywhere
+        # attention_k_eq_v: full layers have no v_proj (Gemma4TextAttention.use_alternative_attention,
+        # V = K); sliding layers keep theirs
         return dict(head_dim=self.head_dim_full if full else h["head_dim"], n_kv=nkv, ffn=ff,
-                    has_kv=il < self.first_shared, has_v=not h.get("attention_k_eq_v"))
+                    has_kv=il < self.first_shared, has_v=not (h.get("attention_k_eq_v") and full))
 
     def expected_shapes(self):
         exp = super().expected_shapes()
@@ -328,9 +364,18 @@ class Gemma4(Gemma3):
                 "model.per_layer_model_projection.weight": ((L * P, H), True),
                 "model.per_layer_projection_norm.weight": ((P,), True),
             })
+        moe = bool(h.get("enable_moe_block"))
         for il in range(L):
             p = f"model.layers.{il}."
             exp[p + "layer_scalar"] = ((1,), True)
+            if moe:  # Gemma4TextRouter + Gemma4TextExperts, and the norms around them
+                E, F = h["num_experts"], h["moe_intermediate_size"]
+                exp.update({p + "router.proj.weight": ((E, H), True), p + "router.scale": ((H,), True),
+                            p + "router.per_expert_scale": ((E,), True),
+                            p + "experts.gate_up_proj": ((E, 2 * F, H), True),
+                            p + "experts.down_proj": ((E, H, F), True)})
+                exp.update({p + n + ".weight": ((H,), True) for n in (
+                    "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")})
             if P:
                 exp.update({p + "per_layer_input_gate.weight": ((P, H), True),
                             p + "per_layer_projection.weight": ((H, P), True),
@@ -346,8 +391,7 @@ class Gemma4(Gemma3):
     def validate_hparams(self):
         h = self.hparams
         if h.get("enable_moe_block"):
-            raise GGQuantError(f"{self.config_path}: enable_moe_block is set (Gemma 4 26B-A4B MoE); ggquant "
-                               f"converts the dense Gemma 4 models (E2B, E4B, 31B) only")
+            self.validate_moe()
         lt = h.get("layer_types")
         L = self.block_count
         if not isinstance(lt, list) or len(lt) != L or any(t not in (SLIDING, FULL) for t in lt):
@@ -368,6 +412,11 @@ class Gemma4(Gemma3):
                     f"{n_shared} the first shared layer is {first}, so layers {first - 2} and {first - 1} (the "
                     f"last two with their own KV) must be '{SLIDING}' then '{FULL}' (got {got or 'none'}); "
                     f"llama.cpp would abort while loading this model")
+        self._validate_attention()
+
+    def _validate_attention(self):
+        """The RoPE and head-size keys llama.cpp's converter needs (Gemma4Model)."""
+        h = self.hparams
         rp_full = h["rope_parameters"].get(FULL)
         if not isinstance(rp_full, dict) or rp_full.get("rope_type") != "proportional":
             raise GGQuantError(f"{self.config_path}: rope_parameters.{FULL}.rope_type must be 'proportional' "
@@ -382,6 +431,85 @@ class Gemma4(Gemma3):
                 f"from vocab_size = {h.get('vocab_size')}; llama.cpp sizes per_layer_token_embd by the vocabulary "
                 f"and would refuse the GGUF")
         super().validate_hparams()
+
+    def validate_moe(self) -> None:
+        """The expert counts llama.cpp needs (llama_model_base::load_hparams asserts
+        n_expert_used <= n_expert and n_expert_used > 0 once n_expert > 0)."""
+        E = self.need("num_experts")
+        k = self.need("top_k_experts")
+        self.need("moe_intermediate_size")
+        if E < 1:
+            raise GGQuantError(f"{self.config_path}: num_experts = {E}; a mixture-of-experts layer needs experts")
+        if not 0 < k <= E:
+            raise GGQuantError(f"{self.config_path}: top_k_experts = {k} must be in [1, num_experts = {E}]; "
+                               f"llama.cpp refuses to load a model that routes to more experts than it has")
+
+    # per-expert modules of a quantized MoE checkpoint (llmcompressor / GPTQ unfuse the experts:
+    # ...layers.N.experts.E.{gate_proj,up_proj,down_proj}.weight, as vLLM and llama.cpp's NVFP4
+    # path read them)
+    EXPERT_MODULE = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                               r"\.weight$")
+
+    def quantized_expert_stacks(self, names):
+        """Per-expert gate_proj + up_proj rows -> experts.gate_up_proj [E, 2F, H] (gate rows first,
+        as the fused HF parameter), down_proj -> experts.down_proj [E, H, F]."""
+        found: dict[str, dict[str, dict[int, str]]] = {}
+        for n in names:
+            m = self.EXPERT_MODULE.match(n)
+            if m:
+                found.setdefault(m["layer"], {}).setdefault(m["proj"], {})[int(m["e"])] = n
+        if not found:
+            return {}
+        first = next(iter(next(iter(found.values())).values()))
+        E = self._declared_experts(next(iter(first.values())))
+        stacks = {}
+        for layer, projs in found.items():
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                have = projs.get(proj, {})
+                missing = [e for e in range(E) if e not in have]
+                if missing:
+                    raise GGQuantError(f"{self.dir}: tensor '{layer}experts.{missing[0]}.{proj}.weight' is missing "
+                                       f"({len(missing)} of the {E} experts' {proj} are); a mixture-of-experts "
+                                       f"layer needs every expert")
+                extra = sorted(set(have) - set(range(E)))
+                if extra:
+                    raise GGQuantError(f"{self.dir}: tensor '{have[extra[0]]}' is expert {extra[0]}, but "
+                                       f"{self.config_path.name} declares {E} experts")
+            stacks[layer + "experts.gate_up_proj"] = [[projs["gate_proj"][e], projs["up_proj"][e]] for e in range(E)]
+            stacks[layer + "experts.down_proj"] = [[projs["down_proj"][e]] for e in range(E)]
+        return stacks
+
+    def _declared_experts(self, tensor: str) -> int:
+        E = self.hparams.get("num_experts")
+        if not self.hparams.get("enable_moe_block") or not _is_int(E):
+            raise GGQuantError(f"{self.dir}: tensor '{tensor}' is a per-expert weight, but "
+                               f"{self.config_path.name} declares no experts (enable_moe_block, num_experts)")
+        return E
+
+    # mlx-lm's Gemma 4 (models/gemma4_text.py sanitize) splits the fused gate_up_proj into
+    # stacked SwitchGLU weights: ...layers.N.experts.switch_glu.{gate_proj,up_proj,down_proj}.weight
+    # [E, F, H] / [E, H, F] (QuantizedSwitchLinear when quantized)
+    SWITCH_GLU = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.switch_glu\.(?P<proj>gate_proj|up_proj|down_proj)"
+                            r"\.weight$")
+
+    def quantized_expert_concats(self, names):
+        """switch_glu.gate_proj + up_proj -> experts.gate_up_proj (each expert's gate rows, then its
+        up rows), switch_glu.down_proj -> experts.down_proj."""
+        found: dict[str, dict[str, str]] = {}
+        for n in names:
+            m = self.SWITCH_GLU.match(n)
+            if m:
+                found.setdefault(m["layer"], {})[m["proj"]] = n
+        concats = {}
+        for layer, projs in found.items():
+            self._declared_experts(next(iter(projs.values())))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if proj not in projs:
+                    raise GGQuantError(f"{self.dir}: tensor '{layer}experts.switch_glu.{proj}.weight' is missing "
+                                       f"(mlx-lm's stacked experts come as gate_proj, up_proj and down_proj)")
+            concats[layer + "experts.gate_up_proj"] = [projs["gate_proj"], projs["up_proj"]]
+            concats[layer + "experts.down_proj"] = [projs["down_proj"]]
+        return concats
 
     def check_vocab_sizes(self):
         super().check_vocab_sizes()
@@ -426,8 +554,7 @@ class Gemma4(Gemma3):
         return Arch.skip_tensor(self, name, part)
 
     def is_mmproj_tensor(self, name: str) -> bool:
-        return name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
-                                "model.embed_audio."))
+        return name.startswith(self.MMPROJ_PREFIXES)
 
     def has_mmproj(self) -> bool:
         return isinstance(self.raw.get("vision_config"), dict)
@@ -540,13 +667,13 @@ class Gemma4(Gemma3):
             kv.bool(C.HAS_AUDIO_ENCODER, True)
             kv.u32(CA.PROJECTION_DIM, n_embd_text)
             kv.u32(CA.EMBEDDING_LENGTH, aud["hidden_size"])
-            kv.u32(CA.FEED_FORWARD_LENGTH, aud["hidden_size"] * 4)
+            kv.u32(CA.FEED_FORWARD_LENGTH, aud.get("intermediate_size", aud["hidden_size"] * 4))
             kv.u32(CA.BLOCK_COUNT, aud["num_hidden_layers"])
             kv.u32(CA.Attention.HEAD_COUNT, aud["num_attention_heads"])
-        kv.string(CV.PROJECTOR_TYPE, "gemma4v")
+        kv.string(CV.PROJECTOR_TYPE, self.VISION_PROJECTOR)
         kv.f32(CV.Attention.LAYERNORM_EPS, vis.get("layer_norm_eps", MMPROJ_EPS))
         if aud is not None:
-            kv.string(CA.PROJECTOR_TYPE, "gemma4a")
+            kv.string(CA.PROJECTOR_TYPE, self.AUDIO_PROJECTOR)
             kv.u32(CA.NUM_MEL_BINS, aud.get("input_feat_size", AUDIO_MEL_BINS))
             kv.f32(CA.Attention.LAYERNORM_EPS, aud.get("layer_norm_eps", MMPROJ_EPS))
 
@@ -593,7 +720,8 @@ class Gemma4(Gemma3):
         emb = g.shapes.get("token_embd.weight")
         if emb is None:
             raise GGQuantError(f"{g.path}: tensor 'token_embd.weight' is missing; a {hp.arch} GGUF needs it")
-        has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared))
+        # attention_k_eq_v: the full layers with their own K/V have no attn_v (V = K)
+        has_v = any(f"blk.{i}.attn_v.weight" in g.shapes for i in range(first_shared) if layer_types[i] == FULL)
         cfg = dict(
             architectures=[cls.HF_CAUSAL], model_type=cls.HF_TEXT_MODEL_TYPE,
             vocab_size=emb[0], vocab_size_per_layer_input=emb[0], hidden_size=hp.n_embd, intermediate_size=n_ff,
@@ -609,8 +737,11 @@ class Gemma4(Gemma3):
             },
             final_logit_softcapping=f32_value(hp.final_softcap) if hp.final_softcap else None,
             hidden_activation="gelu_pytorch_tanh", tie_word_embeddings="output.weight" not in g.shapes,
-            attention_k_eq_v=not has_v, enable_moe_block=False,
+            attention_k_eq_v=not has_v, enable_moe_block=hp.n_expert > 0,
         )
+        if hp.n_expert > 0:  # the router and experts of 26B-A4B (ffn_gate_inp, ffn_*_exps)
+            cfg.update(num_experts=hp.n_expert, top_k_experts=hp.single(hp.n_expert_used, L.EXPERT_USED_COUNT),
+                       moe_intermediate_size=hp.single(hp.n_ff_exp, L.EXPERT_FEED_FORWARD_LENGTH))
         if kv_full != kv_swa:
             cfg["per_layer_config"] = {str(i): {"head_dim": hd_full, "num_key_value_heads": kv_full}
                                        for i, t in enumerate(layer_types) if t == FULL}
@@ -678,6 +809,12 @@ class Gemma4(Gemma3):
                 "max_soft_tokens": 280}
 
     @classmethod
+    def hf_generation_extra(cls, g) -> dict:
+        # Gemma 4 Unified's generation_config.json suppress_tokens, which the converter stores
+        ids = g.get(KEY_SUPPRESS_TOKENS)
+        return {} if ids is None else {"suppress_tokens": [int(i) for i in ids]}
+
+    @classmethod
     def hf_named_tokens(cls) -> dict[str, str]:
         return {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                 "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
@@ -704,3 +841,240 @@ class Gemma4(Gemma3):
                     if name.endswith(suf) and any(base.endswith("." + m) for m in mods):
                         return base + ".linear" + suf
         return name
+
+
+# =============================================================================================
+# Gemma 4 "Unified" (Gemma4UnifiedForConditionalGeneration): encoder-free vision and audio
+# =============================================================================================
+
+# transformers 5.x Gemma4UnifiedTextConfig defaults (no per-layer embeddings, no experts)
+GEMMA4_UNIFIED_TEXT_DEFAULTS = dict(
+    vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=262_144,
+    rms_norm_eps=1e-6, sliding_window=1024, final_logit_softcapping=None, tie_word_embeddings=True,
+    attention_k_eq_v=False, num_kv_shared_layers=0, use_double_wide_mlp=False, use_bidirectional_attention="vision",
+)
+UNIFIED_VISION_DEFAULTS = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=3840, mm_posemb_size=1120)
+UNIFIED_AUDIO_DEFAULTS = dict(audio_embed_dim=640)
+# tokenizer.ggml.suppress_tokens (gguf-py of llama.cpp: Keys.Tokenizer.SUPPRESS_TOKENS; the pinned gguf lacks
+# it), an INT32 array as llama-vocab.cpp requires
+KEY_SUPPRESS_TOKENS = "tokenizer.ggml.suppress_tokens"
+# v.patch_norm.{bid}: llama.cpp gguf-py MODEL_TENSOR.V_ENC_EMBD_PATCH_NORM (not in the pinned gguf)
+V_ENC_EMBD_PATCH_NORM = "v.patch_norm.{bid}"
+UNIFIED_PATCH_NORMS = 3  # patch_ln1, patch_ln2 and pos_norm (written as patch_ln3)
+
+_UV = "model.vision_embedder."
+GEMMA4_UNIFIED_MMPROJ = (
+    Rule(_UV + "patch_dense", MODEL_TENSOR.V_ENC_EMBD_PATCH,
+         "raw pixel patch -> embedding [mm_embed, 3*P*P] (P = patch * pooling), columns reordered from the "
+         "checkpoint's (row, col, rgb) to ggml im2col's (rgb, row, col); F16 in f16 mode, else F32"),
+    Rule(_UV + "patch_ln{bid}", V_ENC_EMBD_PATCH_NORM,
+         "LayerNorms: 1 on the raw patch [3*P*P] (reordered like patch_dense's columns), 2 after the dense, "
+         "3 after the position embedding (the checkpoint's pos_norm)"),
+    Rule(_UV + "pos_embedding", MODEL_TENSOR.V_ENC_EMBD_POS,
+         "factorized 2-D positions [posemb, 2, mm_embed] -> [2, posemb, mm_embed], F32", ("",), ".weight"),
+    Rule("model.embed_vision.embedding_projection", MODEL_TENSOR.V_MM_INP_PROJ,
+         "RMSNorm'd vision embedding -> text hidden [H_text, mm_embed]"),
+    Rule("model.embed_audio.embedding_projection", MODEL_TENSOR.A_MM_INP_PROJ,
+         "RMSNorm'd raw waveform frame -> text hidden [H_text, audio_embed]"),
+)
+
+
+def chw_permutation(p: int) -> np.ndarray:
+    """perm[i] = the checkpoint's (row, col, rgb) column of ggml im2col's (rgb, row, col) position i
+    (Gemma4UnifiedVisionAudioModel.modify_tensors: ch = i // p^2, row = i % p^2 // p, col = i % p)."""
+    i = np.arange(p * p * 3)
+    ch, row, col = i // (p * p), (i % (p * p)) // p, i % p
+    return row * p * 3 + col * 3 + ch
+
+
+class PatchColumnsToCHW(Transform):
+    """patch_dense.weight's columns (or patch_ln1's values) in CHW order: x[..., perm]."""
+
+    whole = True  # a 1-D patch_ln1 would otherwise be cut into chunks of its values
+
+    def __init__(self, p: int, inverse: bool = False):
+        perm = chw_permutation(p)
+        self.perm = np.argsort(perm) if inverse else perm
+        self.p, self.inv = p, inverse
+        self.label = "columns (r, c, rgb) -> (rgb, r, c)" if not inverse else "columns (rgb, r, c) -> (r, c, rgb)"
+
+    def __call__(self, x, src_dtype):
+        return np.ascontiguousarray(x[..., self.perm])
+
+    def inverse(self, hf_shape):
+        return PatchColumnsToCHW(self.p, not self.inv)
+
+
+class SwapOuterAxes(Transform):
+    """[a, b, ...] -> [b, a, ...] (pos_embedding.permute(1, 0, 2)); the whole tensor at once."""
+
+    whole = True
+    label = "permute(1, 0, 2)"
+
+    def shape(self, s):
+        return (s[1], s[0]) + tuple(s[2:])
+
+    def __call__(self, x, src_dtype):
+        return np.ascontiguousarray(np.swapaxes(x, 0, 1))
+
+    def inverse(self, hf_shape):
+        return self
+
+
+@register("Gemma4UnifiedForConditionalGeneration")
+class Gemma4Unified(Gemma4):
+    """Gemma 4 "Unified" (llama.cpp conversion/gemma.py Gemma4UnifiedModel for the text GGUF,
+    Gemma4UnifiedVisionAudioModel for the mmproj): a dense Gemma 4 text decoder, plus
+    generation_config.json's suppress_tokens in the GGUF; the mmproj holds the encoder-free
+    vision embedder (projector gemma4uv) and the audio frame projection (gemma4ua)."""
+
+    TEXT_DEFAULTS = GEMMA4_UNIFIED_TEXT_DEFAULTS
+    MMPROJ_TENSORS = GEMMA4_UNIFIED_MMPROJ
+    VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4uv", "gemma4ua"
+    MMPROJ_PREFIXES = (_UV, "model.embed_vision.", "model.embed_audio.")
+
+    def suppress_tokens(self) -> list | None:
+        """Gemma4UnifiedModel._get_suppress_tokens: generation_config.json's suppress_tokens."""
+        gen = read_json(self.dir / "generation_config.json", "", required=False)
+        tokens = gen.get("suppress_tokens") if isinstance(gen, dict) else None
+        if tokens is not None and (not isinstance(tokens, list) or not all(_is_int(t) for t in tokens)):
+            raise GGQuantError(f"{self.dir / 'generation_config.json'}: 'suppress_tokens' must be a list of token "
+                               f"ids, got {tokens!r}")
+        return tokens
+
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        super().text_metadata(kv, file_type)
+        tokens = self.suppress_tokens()
+        if tokens is not None:
+            kv.array(KEY_SUPPRESS_TOKENS, tokens)
+
+    def normalize_name(self, name: str) -> str:
+        # Gemma4UnifiedVisionAudioModel.modify_tensors: pos_norm is stored as patch_ln3
+        return super().normalize_name(name).replace(_UV + "pos_norm.", _UV + f"patch_ln{UNIFIED_PATCH_NORMS}.")
+
+    def block_count_for(self, part: str) -> int:
+        return self.block_count if part == TEXT else UNIFIED_PATCH_NORMS + 1
+
+    def map_tensor(self, name, part, src=None):
+        return Arch.map_tensor(self, name, part, src)
+
+    def mmproj_hparams(self) -> tuple[dict, dict | None]:
+        """Gemma4UnifiedVisionAudioModel.__init__: vision hidden = mm_embed_dim, audio hidden =
+        audio_embed_dim, and no transformer layers (0 sizes written, as the converter does)."""
+        vc, ac = self.raw.get("vision_config"), self.raw.get("audio_config")
+        if not isinstance(vc, dict) or not isinstance(ac, dict):
+            raise GGQuantError(f"{self.config_path}: a {self.hf_arch} mmproj needs both 'vision_config' and "
+                               f"'audio_config' (llama.cpp's converter asserts them)")
+        vc, ac = {**UNIFIED_VISION_DEFAULTS, **vc}, {**UNIFIED_AUDIO_DEFAULTS, **ac}
+        vis = dict(vc, hidden_size=vc["mm_embed_dim"], intermediate_size=0, num_hidden_layers=0, num_attention_heads=0)
+        aud = dict(ac, hidden_size=ac["audio_embed_dim"], intermediate_size=0, num_hidden_layers=0,
+                   num_attention_heads=0)
+        return vis, aud
+
+    def model_patch_size(self) -> int:
+        vis, _ = self.mmproj_hparams()
+        return vis.get("model_patch_size") or vis["patch_size"] * vis["pooling_kernel_size"]
+
+    def transform(self, hf_name, gguf_name, src, part):
+        if part == MMPROJ:
+            if hf_name in (_UV + "patch_dense.weight", _UV + "patch_ln1.weight", _UV + "patch_ln1.bias"):
+                p = self.model_patch_size()
+                if src.shape[-1] != 3 * p * p:
+                    raise GGQuantError(f"{src.file}: tensor '{src.name}' has {src.shape[-1]} columns, but a "
+                                       f"{p}x{p} RGB patch (patch_size * pooling_kernel_size) has {3 * p * p}")
+                return PatchColumnsToCHW(p)
+            if hf_name == _UV + "pos_embedding":
+                if src.ndim != 3 or src.shape[1] != 2:
+                    raise GGQuantError(f"{src.file}: tensor '{src.name}' has shape {list(src.shape)}; expected the "
+                                       f"factorized position table [posemb, 2, mm_embed_dim]")
+                return SwapOuterAxes()
+            return SCALAR_TO_1D if not src.shape else IDENTITY
+        return super().transform(hf_name, gguf_name, src, part)
+
+    def force_type(self, hf_name, gguf_name, n_dims, ftype, part):
+        if part == MMPROJ and hf_name == _UV + "pos_embedding":
+            return T.F32  # ModelBase.prepare_tensors: V_ENC_EMBD_POS is always F32
+        return super().force_type(hf_name, gguf_name, n_dims, ftype, part)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# =============================================================================================
+# Gemma 4 assistant drafters (Gemma4AssistantForCausalLM, Gemma4UnifiedAssistantForCausalLM)
+# =============================================================================================
+
+# general.architecture of the drafters (llama.cpp gguf-py MODEL_ARCH.GEMMA4_ASSISTANT; the pinned gguf lacks it)
+GEMMA4_ASSISTANT_ARCH = "gemma4-assistant"
+GEMMA4_ASSISTANT_TEXT = GEMMA4_TEXT + (
+    Rule("pre_projection", "nextn.pre_projection",
+         "[target embedding, target hidden state] -> drafter hidden [hidden, 2*backbone_hidden] "
+         "(llama.cpp gguf-py MODEL_TENSOR.NEXTN_PROJ_PRE)", (".weight",)),
+    Rule("post_projection", "nextn.post_projection",
+         "drafter hidden -> the target's hidden state for the next draft step [backbone_hidden, hidden] "
+         "(MODEL_TENSOR.NEXTN_PROJ_POST)", (".weight",)),
+)
+
+
+@register("Gemma4AssistantForCausalLM", "Gemma4UnifiedAssistantForCausalLM")
+class Gemma4Assistant(Gemma4):
+    """A Gemma 4 multi-token-prediction drafter (llama.cpp conversion/gemma.py Gemma4AssistantModel,
+    src/models/gemma4-assistant.cpp): a Gemma 4 text decoder whose layers all attend over the
+    target model's KV cache (no k/v of their own), between pre_projection and post_projection;
+    the GGUF records the target's hidden size (embedding_length_out) and the layer count as
+    nextn_predict_layers. The masked embedding (the centroid-ordered vocabulary of the E2B/E4B
+    drafters) is not converted, as llama.cpp's converter skips it."""
+
+    gguf_arch = GEMMA4_ASSISTANT_ARCH
+    TEXT_TENSORS = GEMMA4_ASSISTANT_TEXT
+    MMPROJ_TENSORS = ()
+
+    def validate_hparams(self):
+        h, L = self.hparams, self.block_count
+        backbone = self.backbone_hidden_size
+        if backbone == h.get("hidden_size"):
+            raise GGQuantError(f"{self.config_path}: backbone_hidden_size = {backbone} equals the drafter's own "
+                               f"hidden_size; llama.cpp refuses such a gemma4-assistant (embedding_length_out must "
+                               f"carry the target's hidden size)")
+        n_shared = self.need("num_kv_shared_layers")
+        if n_shared != L:
+            raise GGQuantError(f"{self.config_path}: num_kv_shared_layers = {n_shared}; every layer of a Gemma 4 "
+                               f"assistant reads the target's KV cache ({L} layers)")
+        if h.get("enable_moe_block") or h.get("use_double_wide_mlp") or (h.get("hidden_size_per_layer_input") or 0):
+            raise GGQuantError(f"{self.config_path}: a Gemma 4 assistant has no experts, double-wide MLP or per-layer "
+                               f"embeddings (Gemma4AssistantConfig.validate_architecture)")
+        Gemma4._validate_attention(self)
+
+    @property
+    def backbone_hidden_size(self) -> int:
+        v = self.raw.get("backbone_hidden_size")
+        if not _is_int(v) or v < 1:
+            raise GGQuantError(f"{self.config_path}: key 'backbone_hidden_size' (the target model's hidden size) is "
+                               f"missing or not a positive integer (got {v!r}); an assistant cannot be converted "
+                               f"without its backbone's config")
+        return v
+
+    def skip_tensor(self, name, part):
+        # Gemma4AssistantModel.filter_tensors: "masked_embedding" is not converted
+        return "masked_embedding" in name or super().skip_tensor(name, part)
+
+    def expected_shapes(self):
+        exp = super().expected_shapes()
+        H, B = self.hparams["hidden_size"], self.backbone_hidden_size
+        exp.update({"pre_projection.weight": ((H, 2 * B), True), "post_projection.weight": ((B, H), True)})
+        return exp
+
+    def text_metadata(self, kv: KV, file_type: int) -> None:
+        super().text_metadata(kv, file_type)
+        kv.u32(Keys.LLM.EMBEDDING_LENGTH_OUT.format(arch=self.gguf_arch), self.backbone_hidden_size)
+        kv.u32(Keys.LLM.NEXTN_PREDICT_LAYERS.format(arch=self.gguf_arch), self.block_count)
+
+    def has_mmproj(self) -> bool:
+        return False
+
+    @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        raise GGQuantError(f"{g.path}: exporting a {GEMMA4_ASSISTANT_ARCH} GGUF to Hugging Face is not supported "
+                           f"(the drafter's masked embedding is not in the GGUF)")

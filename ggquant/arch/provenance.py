@@ -15,6 +15,7 @@ for a reason given where it is done:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -33,7 +34,11 @@ class General(gguf.Metadata):
     """The general.* values gguf-py's Metadata.load derives (without a --metadata override file)."""
 
     @classmethod
-    def derive(cls, model_dir: Path, total_params: int) -> General:
+    def derive(cls, model_dir: Path, total_params: int | tuple[int, int, int, int]) -> General:
+        """`total_params`: the total, or parameter_counts() of the tensors (an MoE's size label
+        is <n_expert>x<shared + one expert>)."""
+        counts = total_params if isinstance(total_params, tuple) else (total_params, total_params, 0, 0)
+        total_params = counts[0]
         model_dir = Path(model_dir).resolve()
         _check_readable(model_dir)
         md = gguf.Metadata.load(None, model_dir, None, total_params)
@@ -46,8 +51,7 @@ class General(gguf.Metadata):
         if g.name is None:  # ModelBase.prepare_metadata
             g.name = model_dir.name
         if g.size_label is None and total_params > 0:
-            # gguf.size_label with no expert tensors (ggquant converts dense models only)
-            g.size_label = gguf.size_label(total_params, total_params, 0, 0)
+            g.size_label = gguf.size_label(*counts)
         return g
 
     def write(self, kv: KV) -> None:
@@ -62,6 +66,24 @@ class General(gguf.Metadata):
                 kv.array(key, list(v.value))
             else:
                 kv.set(key, v.value, v.type)
+
+
+def parameter_counts(tensors) -> tuple[int, int, int, int]:
+    """(total, shared, expert, expert count) of (GGUF name, shape) pairs: gguf-py
+    GGUFWriter.get_total_parameter_count (an `_exps.` tensor of 3+ dims counts one expert's
+    parameters, its outer dimension is the expert count, averaged over such tensors)."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for name, shape in tensors:
+        size = math.prod(shape)
+        if "_exps." in name and len(shape) >= 3:
+            n = shape[-2 if ".bias" in name else -3]
+            expert += size // n
+            expert_sum += n
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_expert_tensors) if n_expert_tensors else 0
 
 
 def _check_readable(model_dir: Path) -> None:

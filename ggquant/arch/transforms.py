@@ -16,6 +16,7 @@ class Transform:
     """Maps a float32 chunk of source outer rows to the same outer rows of the GGUF tensor."""
 
     identity = False
+    whole = False  # True: maps the whole tensor at once (it moves values between outer rows)
     label = ""
     row_block = 1  # chunks of source rows must be multiples of this (a permutation within heads)
 

@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
+from ggquant.tensor import MappedRegion, Tensor
 
 T = GGMLQuantizationType
 CHUNK_BYTES = 32 << 20  # float32 working set of one chunk
@@ -65,9 +66,13 @@ def tensor_chunks(t, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.nda
     if t.source_quant:  # a quantized checkpoint's weight: transcoded or requantized
         yield from _source_quant_chunks(t, imatrix)
         return
+    if src.ndim >= 3 and t.transform.identity and t.n_outer == src.n_outer and isinstance(src.source, MappedRegion):
+        yield from _expert_chunks(t, imatrix)
+        return
     inner = max(1, int(np.prod(src.shape[1:], dtype=np.int64))) if src.shape else 1
     raw_ok = t.transform.identity and (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
-    for a, b in row_chunks(t.n_outer, inner, t.transform.row_block):
+    chunks = [(0, t.n_outer)] if t.transform.whole else row_chunks(t.n_outer, inner, t.transform.row_block)
+    for a, b in chunks:
         if raw_ok:
             raw = src.rows(a, b) if src.shape else src.rows(0, 1).reshape(1)
             yield (quiet_bf16_nans(raw) if src.dtype == "BF16" else raw), (lambda a=a, b=b: src.release(a, b))
@@ -84,11 +89,52 @@ def tensor_chunks(t, imatrix: np.ndarray | None = None) -> Iterator[tuple[np.nda
             yield out, None
 
 
+def expert_ranges(n_expert: int, rows_per_expert: int, n_per_row: int) -> Iterator[tuple[int, int, int]]:
+    """(expert, first ggml row, stop row) chunks of a stacked-expert tensor [E, R, n] seen as
+    E*R rows: bounded by CHUNK_BYTES and never crossing an expert (llama.cpp
+    llama_tensor_quantize_impl: each expert quantizes with its own imatrix slice)."""
+    for e in range(n_expert):
+        for a, b in row_chunks(rows_per_expert, n_per_row):
+            yield e, e * rows_per_expert + a, e * rows_per_expert + b
+
+
+def expert_imatrix(imatrix: np.ndarray | None, e: int, n_per_row: int) -> np.ndarray | None:
+    """Expert e's slice of an imatrix of n_expert * n_per_row values (llama-imatrix stores one
+    in_sum2 row per expert); a single row's vector applies to every expert."""
+    if imatrix is None or imatrix.size <= n_per_row:
+        return imatrix
+    return imatrix[e * n_per_row:(e + 1) * n_per_row]
+
+
+def _expert_chunks(t, imatrix: np.ndarray | None):
+    """A 3-D (or higher) tensor copied without a transform, e.g. the stacked experts of an MoE
+    [n_expert, rows, n]: read as its ggml rows (a view over the same mapped bytes), so a chunk
+    is a bounded range of rows within one expert, however large one expert is."""
+    src = t.src
+    n = src.shape[-1]
+    flat = Tensor(src.name, (src.n_rows, n), src.encoding, src.source, src.nbytes)
+    rows_per_expert = src.n_rows // src.shape[0]
+    raw_ok = (src.dtype, t.qtype) in (("F32", T.F32), ("F16", T.F16), ("BF16", T.BF16))
+    for e, a, b in expert_ranges(src.shape[0], rows_per_expert, n):
+        if raw_ok:
+            raw = flat.rows(a, b)
+            yield (quiet_bf16_nans(raw) if src.dtype == "BF16" else raw), (lambda a=a, b=b: flat.release(a, b))
+        else:
+            x = flat.float_rows(a, b)
+            if not x.flags.writeable:
+                x = x.copy()
+            out = encode(x, t.qtype, expert_imatrix(imatrix, e, n), f"tensor '{t.name}'")
+            del x
+            flat.release(a, b)
+            yield out, None
+
+
 def _source_quant_chunks(t, imatrix: np.ndarray | None):
     """A quantized checkpoint's weight (t.src.encoding is SourceQuant), planned exact or lossy."""
     rec = t.src.encoding.record
+    inner = math.prod(t.shape[1:])  # a record row: one outer row (one expert of stacked experts)
     if t.exact:
-        for a, b in row_chunks(t.n_outer, t.shape[1]):
+        for a, b in row_chunks(t.n_outer, inner):
             res = exact_chunk(rec, t.qtype, (a, b))
             if isinstance(res, str):  # planned exact from the metadata and scales; the payload disagrees
                 raise GGQuantError(f"tensor '{t.name}' was planned as an exact {t.qtype.name} copy of "
@@ -129,9 +175,15 @@ def _lossy_chunks(t, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
 
     rec = t.src.encoding.record
     sig = noise = 0.0
-    for a, b in row_chunks(t.n_outer, t.shape[1], t.transform.row_block):
-        y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32)
-        out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
+    n = t.shape[-1]
+    for a, b in row_chunks(t.n_outer, math.prod(t.shape[1:]), t.transform.row_block):
+        y = np.ascontiguousarray(t.transform(rec.dequantize((a, b)), t.src.dtype), dtype=np.float32).reshape(-1, n)
+        if len(t.shape) >= 3:  # stacked experts: each with its own imatrix slice
+            per = len(y) // (b - a)
+            out = np.concatenate([encode(y[i * per:(i + 1) * per], t.qtype, expert_imatrix(imatrix, a + i, n),
+                                         f"tensor '{t.name}'").reshape(per, -1) for i in range(b - a)])
+        else:
+            out = encode(y, t.qtype, imatrix, f"tensor '{t.name}'")
         if t.qtype != T.F32:
             back = qtypes.get(t.qtype).dequantize(out, y.shape).astype(np.float64)
             y64 = y.astype(np.float64)

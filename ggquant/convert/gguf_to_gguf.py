@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType
 
 from ggquant.convert import mix as mix_job
-from ggquant.convert.encode import CHUNK_BYTES
+from ggquant.convert.encode import CHUNK_BYTES, expert_imatrix
 from ggquant.errors import GGQuantError
 from ggquant.imatrix import files as imatrix_files
 from ggquant.quant import presets
@@ -84,9 +84,7 @@ def requantized_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
     while start < n_rows:
         expert = start // rows_per_expert
         stop = min(n_rows, start + step, (expert + 1) * rows_per_expert)
-        im = None
-        if imatrix is not None:
-            im = imatrix[expert * n_per_row : (expert + 1) * n_per_row] if imatrix.size > n_per_row else imatrix
+        im = expert_imatrix(imatrix, expert, n_per_row)
         yield encode_rows(t.block_rows(start, stop), src, dst, n_per_row, im, t.name)
         start = stop
 

@@ -266,9 +266,10 @@ def tensor_chunks(t: HFTensor, dtype: str) -> Iterator[np.ndarray]:
         src.release(a, b)
 
 
-def _hf_generation_config(config: dict) -> dict:
+def _hf_generation_config(config: dict, cls: type[Arch], g: GGUFFacts) -> dict:
     text = config.get("text_config", config)
     out = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in text}
+    out.update(cls.hf_generation_extra(g))
     return out
 
 
@@ -279,7 +280,8 @@ def _side_files(export: Export, cls: type[Arch], g: GGUFFacts, mm: GGUFFacts | N
     cfg = dict(export.config)
     cfg["dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[export.dtype]
     files = {"config.json": (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
-             "generation_config.json": (json.dumps(_hf_generation_config(export.config), indent=2) + "\n").encode()}
+             "generation_config.json": (json.dumps(_hf_generation_config(export.config, cls, g), indent=2)
+                                                + "\n").encode()}
     files.update(vocab_hf.tokenizer_files(g, visible_specials=getattr(cls, "VISIBLE_TOKENS", ()),
                                           named_extra=cls.hf_named_tokens(),
                                           model_max_length=text_cfg.get("max_position_embeddings")))

@@ -44,7 +44,7 @@ from ggquant.arch.base import CONVERTER_OUTTYPES, MMPROJ, TEXT, Arch
 from ggquant.convert.plan import TensorPlan, plan_part
 from ggquant.formats.gguf import KV
 from ggquant.formats.hf_folder import hf_architecture, load_config
-from ggquant.arch.provenance import General, naming_convention, weight_count_label
+from ggquant.arch.provenance import General, naming_convention, parameter_counts, weight_count_label
 from ggquant.convert.encode import Pipeline, tensor_chunks
 from ggquant.convert.plan import Conversion, OutFile, fill_template, plan_lines
 from ggquant.convert.quantized import attach_quantized, finish_plan, measure_lossy
@@ -74,8 +74,7 @@ def _text_file(arch: Arch, outtype: str, preset: LlamaFileType | None, rules, im
     base = T.F32 if preset is not None else CONVERTER_OUTTYPES[outtype][0]
     file_type = 0 if preset is not None else CONVERTER_OUTTYPES[outtype][1]
     tensors = plan_part(arch, TEXT, base)
-    total = sum(t.n_elements for t in tensors)
-    general = General.derive(arch.dir, total)
+    general = General.derive(arch.dir, parameter_counts((t.name, t.shape) for t in tensors))
     kv = KV()
     kv.string(Keys.General.ARCHITECTURE, arch.gguf_arch)
     kv.string(Keys.General.TYPE, "model")

@@ -9,12 +9,13 @@ payload is computed, and the same record rendered for --json and --dry-run by ev
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 
 from ggquant.arch.base import TEXT, Arch
 from ggquant.arch.transforms import IDENTITY, Transform
@@ -70,6 +71,14 @@ class TensorPlan:
         return math.prod(self.shape)
 
 
+# ModelBase.prepare_tensors: "Some tensor types are always in float32" when the arch forces
+# nothing (the subset of its list with a {bid} name or a fixed name that ggquant's families can
+# produce; the match is on `<name>.weight`, as match_model_tensor_name's default suffix)
+ALWAYS_F32 = tuple(re.compile("^" + re.escape(TENSOR_NAMES[t]).replace(re.escape("{bid}"), r"\d+") + r"\.weight$")
+                   for t in (MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.POS_EMBD,
+                             MODEL_TENSOR.TOKEN_TYPES))
+
+
 def choose_type(arch: Arch, hf_name: str, gguf_name: str, shape: tuple[int, ...],
                 outtype: GGMLQuantizationType, part: str) -> tuple[GGMLQuantizationType, str]:
     """llama.cpp ModelBase.prepare_tensors type rules for the converter outtypes."""
@@ -81,6 +90,8 @@ def choose_type(arch: Arch, hf_name: str, gguf_name: str, shape: tuple[int, ...]
         qt, why = forced, f"forced {forced.name}"
     elif not gguf_name.endswith(".weight"):
         return T.F32, "not a .weight -> F32"
+    elif part == TEXT and any(p.match(gguf_name) for p in ALWAYS_F32):
+        return T.F32, "always F32 (router / position table)"
     else:
         qt, why = outtype, "outtype"
     block = GGML_QUANT_SIZES[qt][0]

@@ -56,10 +56,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from ggquant.arch.base import MMPROJ, TEXT, Arch
 from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
-from ggquant.convert.plan import KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
+from ggquant.convert.plan import ALWAYS_F32, KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
-from ggquant.formats.quantized.records import AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor
+from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor,
+                                              StackedAffineQuantTensor, StackedIntQuantTensor)
 from ggquant.formats.safetensors import FLOAT_DTYPES
 from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
@@ -114,9 +115,31 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     notes = list(model.notes)
     dtype = _model_dtype(arch, model.consumed)
     records = {name: _crop_padded(arch, rec) for name, rec in model.tensors.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, per_expert in arch.quantized_expert_stacks(list(records)).items():
+        # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
+        parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        if not all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
+            kinds = sorted({p.encoding for expert in parts for p in expert})
+            raise GGQuantError(f"'{name}': stacking per-expert weights of {', '.join(kinds)} is not supported "
+                               f"(integer codes only)")
+        records[name] = StackedIntQuantTensor(name, parts)
+        shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
+        notes.append(f"{name}: {len(parts)} per-expert modules stacked")
+    for name, stacks in arch.quantized_expert_concats(list(records)).items():
+        # stacked experts split differently from the architecture's tensor (mlx-lm's switch_glu)
+        parts = [records.pop(n) for n in stacks]
+        if not all(isinstance(p, AffineQuantTensor) for p in parts):
+            kinds = sorted({p.encoding for p in parts})
+            raise GGQuantError(f"'{name}': concatenating stacked experts of {', '.join(kinds)} is not supported "
+                               f"(MLX affine only)")
+        records[name] = StackedAffineQuantTensor(name, parts)
+        shapes[name] = (records[name].shape[0], records[name].rows_per_expert, records[name].row_width)
+        notes.append(f"{name}: {' + '.join(stacks)}")
     weights: dict[str, Tensor] = {}
     for name, rec in records.items():
-        weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors])
+        weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors],
+                                     shapes.get(name))
     # Rebuild the table in the converter's order: shard files in order, names sorted inside a
     # shard; a logical weight lives in the shard of its first packed tensor, so the order is the
     # one a dequantized checkpoint with the same sharding would have.
@@ -291,8 +314,8 @@ def _check_target(w: Tensor, qtype: T, n_rows: int) -> str | None:
     if qtype in FLOAT_TYPES:
         return _float_exact(_record(w), qtype, n_rows)
     if qtype in BLOCK_TYPES:
-        if w.shape[1] % QK:
-            return f"rows of {w.shape[1]} elements are not whole {QK}-element blocks"
+        if w.shape[-1] % QK:
+            return f"rows of {w.shape[-1]} elements are not whole {QK}-element blocks"
         return _block_exact(w, qtype, n_rows)
     return f"{qtype.name} cannot hold integer codes under a free scale per 32 columns"
 
@@ -383,6 +406,10 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
         f_auto = auto or (preset is not None and f.part == MMPROJ)
         for t in plans:
             ruled = preset is not None and f.part == TEXT and any(r.regex.search(t.name) for r in rules)
+            if f.part == TEXT and any(p.match(t.name) for p in ALWAYS_F32):
+                # a quantized router (mlx-lm quantizes Gemma 4's router.proj at 8 bits): F32 as
+                # llama.cpp's converter and llama-quantize keep ffn_gate_inp, exact
+                t.qtype, ruled = T.F32, True
             _decide(t, auto=f_auto, ruled=ruled)
         if plans and qsrc is not None:
             f.kv.string(KEY_METHOD, qsrc.model.method)

@@ -7,7 +7,12 @@ research note imatrix-and-quants.md §1.1), reproduced here:
   --process-output); a tied output is a matmul with token_embd, so it is never collected;
 - only batches of at least 16 tokens (`src1->ne[1] >= 16`);
 - per input column j, sum over tokens of x[j]^2, accumulated in float32 token by token;
-- one count per dense weight: the number of tokens seen.
+- one count per dense weight: the number of tokens seen;
+- stacked experts (MUL_MAT_ID, a mixture of experts): every batch, whatever its size; one row
+  of sums and one count per expert, a token's input added to the row of each expert it was
+  routed to, slot by slot (for each of the k selected experts, every token in turn), in
+  float32. An expert nobody was routed to keeps count 0 (llama-quantize then uses 1.0 for its
+  imatrix, ggquant.imatrix.files.Imatrix.normalised).
 
 The collector wraps the runtime backend's `matmul`/`matmuls`, so it sees exactly the float32
 inputs the model multiplies with each weight.
@@ -37,6 +42,21 @@ def _accumulate(acc, x):
             acc[j] += x[t, j] * x[t, j]
 
 
+@nb.njit(cache=True)
+def _accumulate_experts(acc, counts, x, ids):
+    # imatrix.cpp (MUL_MAT_ID): for idx in 0..n_used-1, for row in 0..n_tokens-1:
+    #   ex = ids[row, idx]; acc[ex][j] += x[j]*x[j] with x = src1[row, idx % ne11], in float32
+    T, k = ids.shape
+    S = x.shape[1]
+    for idx in range(k):
+        for row in range(T):
+            ex = ids[row, idx]
+            counts[ex] += 1
+            xr = x[row, idx % S]
+            for j in range(x.shape[2]):
+                acc[ex, j] += xr[j] * xr[j]
+
+
 class Collector:
     def __init__(self, chunk_size: int, process_output: bool = False):
         self.chunk_size = chunk_size
@@ -61,9 +81,29 @@ class Collector:
         _accumulate(acc, x)
         self.counts[name] += x.shape[0]
 
+    def observe_experts(self, name: str, n_expert: int, x, ids) -> None:
+        """Record the input x [T, K] (one for every selected expert) or [T, k, K] of a MUL_MAT_ID
+        with the stacked experts `name` and the routing ids [T, k] (imatrix.cpp collects every
+        such product, whatever the batch size)."""
+        x = np.asarray(x, dtype=np.float32)
+        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+        x = np.ascontiguousarray(x.reshape(ids.shape[0], -1, x.shape[-1]))
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = np.zeros((n_expert, x.shape[-1]), dtype=np.float32)
+            self.counts[name] = np.zeros(n_expert, dtype=np.int64)
+        _accumulate_experts(acc, self.counts[name], x, ids)
+
     def attach(self, backend) -> None:
         """Hook a runtime backend: every matmul input is observed before it is multiplied."""
         matmul, matmuls, to_numpy = backend.matmul, backend.matmuls, backend.to_numpy
+        mul_mat_id = getattr(backend, "mul_mat_id", None)
+        if mul_mat_id is not None:
+            def hooked_mul_mat_id(x, w, ids):
+                self.observe_experts(w.name, w.shape[0], to_numpy(x), to_numpy(ids))
+                return mul_mat_id(x, w, ids)
+
+            backend.mul_mat_id = hooked_mul_mat_id
 
         def hooked_matmul(x, w):
             self.observe(w.name, to_numpy(x))
@@ -79,11 +119,12 @@ class Collector:
 
     @property
     def chunk_count(self) -> int:
-        # m_last_chunk = max(count) / chunk_size
-        return max(self.counts.values(), default=0) // self.chunk_size
+        # m_last_chunk = max(count) / chunk_size (over every dense count and every expert's)
+        return max((int(np.max(c)) for c in self.counts.values()), default=0) // self.chunk_size
 
     def to_imatrix(self, datasets: list[str]) -> Imatrix:
-        entries = {n: Entry(self.sums[n].reshape(1, -1).copy(), np.array([self.counts[n]], dtype=np.int64))
+        entries = {n: Entry(self.sums[n].reshape(-1, self.sums[n].shape[-1]).copy(),
+                            np.array(self.counts[n], dtype=np.int64).reshape(-1))
                    for n in self.sums}
         return Imatrix(entries, list(datasets), self.chunk_count, self.chunk_size, False)
 

@@ -31,6 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggquant.errors import GGQuantError
 from ggquant.kernels.cpu import actquant, ops
+from ggquant.kernels.cpu import matmul as mm
 from ggquant.kernels.cpu.matmul import ISA
 from ggquant.kernels.cpu.simd import KV_STEP
 from ggquant.quant import types as qt
@@ -139,6 +140,25 @@ def matmul(w: np.ndarray, qtype, x: np.ndarray, out: np.ndarray | None = None, c
             raise ValueError(f"matmul: x must be [T, K], got shape {x.shape}")
         check_weights(w, qtype, x.shape[1])
     return matmul_converted(w, qtype, convert_activation(qtype, x), out, check=False)
+
+
+REPACK_ROWS = 8  # repack.cpp ggml_repack_get_optimal_repack_type: Q4_0 / Q4_K rows in groups of 8 (x86)
+GEMV_TOKENS = 3  # the Q4_K product keeps the per-token gemv order for batches below 4 (tokens % 4)
+
+
+def expert_product(w: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
+    """One expert's rows of a MUL_MAT_ID: x [n, K] @ w [N, K]^T in the order ggml-cpu runs it
+    (CPUBackend.mul_mat_id)."""
+    n, N = x.shape[0], w.shape[0]
+    out = np.empty((n, N), np.float32)
+    if qtype in (_T.F32, _T.F16, _T.BF16):
+        mm.matmul_float_vec(qtype, w, convert_activation(qtype, x)[0], out)
+    elif qtype == _T.Q4_K and N % REPACK_ROWS == 0:
+        for a in range(0, n, GEMV_TOKENS):  # gemv for each token, as the repacked MUL_MAT_ID does
+            matmul(w, qtype, x[a:a + GEMV_TOKENS], out[a:a + GEMV_TOKENS], check=False)
+    else:
+        matmul(w, qtype, x, out, check=False)
+    return out
 
 
 class CPULayerCache:
@@ -322,6 +342,49 @@ class CPUBackend:
                            np.arange(n_kv, dtype=np.int64), int(window), np.float32(scale),
                            isa.kq_mode, pv_mode, isa.lanes, out)
         return out.reshape(T, H * D)
+
+    # --- mixture of experts (llama-graph.cpp build_moe_ffn) -----------------------------------
+    def softmax(self, x):
+        """ggml_soft_max over the last axis (the router's expert probabilities)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        ops.softmax_rows(x.reshape(-1, x.shape[-1]), ISA.lanes, out.reshape(-1, x.shape[-1]))
+        return out
+
+    def moe_top_k(self, probs, k: int, norm: bool = True):
+        """(ids int32 [T, k], weights [T, k]): the k most probable experts per token, in
+        descending order, and their probabilities renormalised to sum 1 (norm_w)."""
+        probs = np.ascontiguousarray(probs, dtype=np.float32)
+        T = probs.shape[0]
+        ids = np.empty((T, k), np.int32)
+        w = np.empty((T, k), np.float32)
+        ops.moe_top_k(probs, k, ids, w, norm)
+        return ids, w
+
+    def mul_mat_id(self, x, w: CPUWeight, ids):
+        """ggml_mul_mat_id: y[t, j] = x[t, j] @ W[ids[t, j]]^T for stacked experts W [E, N, K];
+        x [T, K] (one input for every slot) or [T, k, K]; -> [T, k, N].
+
+        As ggml-cpu.c ggml_compute_forward_mul_mat_id runs it: the rows routed to each expert
+        are gathered and multiplied by that expert's matrix with vec_dot per row (float types in
+        ggml_vec_dot order, never tinyBLAS), except where an expert's product is taken over by
+        the repacked gemv (Q4_K / Q4_0 with rows % 8 == 0: repack.cpp forward_mul_mat_id, one
+        token at a time) or the tiled k-quant kernel (>= 8 rows for that expert: tiled.cpp
+        ggml_compute_forward_mul_mat_id_tiled) - the same kernels MUL_MAT uses for those batches."""
+        E, N, K = w.shape
+        ids = np.asarray(ids)
+        T, k = ids.shape
+        xs = np.ascontiguousarray(x, dtype=np.float32).reshape(T, -1, K)
+        if xs.shape[1] not in (1, k):
+            raise GGQuantError(f"{w.name}: {xs.shape[1]} inputs per token for {k} selected experts")
+        out = np.empty((T, k, N), np.float32)
+        for e in range(E):
+            tok, slot = np.nonzero(ids == e)  # ggml groups rows by expert in (token, slot) order
+            if len(tok) == 0:
+                continue
+            xe = np.ascontiguousarray(xs[tok, slot if xs.shape[1] > 1 else 0])
+            out[tok, slot] = expert_product(w.raw[e * N:(e + 1) * N], w.qtype, xe)
+        return out
 
     def softcap(self, x, cap):
         x = np.ascontiguousarray(x, dtype=np.float32)

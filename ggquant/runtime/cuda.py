@@ -269,8 +269,8 @@ class CUDABackend:
         """gelu(gate) * up (up None: gelu(gate)); "ggml": the CPU's fp16-table GELU, "exact": tanh."""
         torch = self.torch
         table = self._table() if self.gelu_mode == "ggml" else None
-        if self.kern is not None:
-            return self.kern.geglu(torch, gate, up, table)
+        if self.kern is not None:  # (the MoE's gate / up are column slices of one product)
+            return self.kern.geglu(torch, gate.contiguous(), up.contiguous() if up is not None else None, table)
         if table is None:
             y = torch.nn.functional.gelu(gate, approximate="tanh")
         else:
@@ -370,6 +370,53 @@ class CUDABackend:
     def softcap(self, x, cap):
         return self.torch.tanh(x * (1.0 / cap)) * cap
 
+    # --- mixture of experts ---------------------------------------------------------------------
+    def softmax(self, x):
+        return self.torch.softmax(x, dim=-1)
+
+    def moe_top_k(self, probs, k: int, norm: bool = True):
+        """(ids int64 [T, k], weights [T, k]): top k per token, renormalised (build_moe_ffn norm_w,
+        the sum clamped below as llama.cpp does)."""
+        from ggquant.kernels.cpu.ops import MOE_WEIGHTS_SUM_MIN
+
+        w, ids = self.torch.topk(probs, k, dim=-1)
+        if norm:
+            w = w / w.double().sum(-1, keepdim=True).float().clamp_min(float(MOE_WEIGHTS_SUM_MIN))
+        return ids, w
+
+    def mul_mat_id(self, x, w: TorchWeight, ids):
+        """y[t, j] = x[t, j] @ W[ids[t, j]]^T for stacked experts W [E, N, K]; x [T, K] or [T, k, K].
+
+        Few rows (decode, and inside a captured graph, where routing must stay on the device): the
+        selected experts' blocks are gathered and dequantized, one batched product. Otherwise
+        grouped by expert: each expert used dequantizes its matrix once (or reads the cached
+        float32 stack) and multiplies all of its rows together."""
+        torch = self.torch
+        E, N, K = w.shape
+        T, k = ids.shape
+        xs = x.reshape(T, -1, K)
+        if self._step is not None or T * k <= E:
+            flat = ids.reshape(-1).long()
+            if w._dense is not None:
+                ws = w._dense.view(E, N, K).index_select(0, flat)
+            else:
+                raw = w.raw.view(E, N, -1).index_select(0, flat)
+                ws = dequantize(torch, w.qtype, raw.reshape(-1, raw.shape[-1]), K).view(-1, N, K)
+            xin = xs.expand(T, k, K) if xs.shape[1] == 1 else xs
+            return torch.bmm(ws, xin.reshape(T * k, K, 1)).reshape(T, k, N)
+        out = torch.empty((T, k, N), dtype=torch.float32, device=self.device)
+        dense = self._deq(w).view(E, N, K) if w._dense is not None or self._may_cache_stack(w) else None
+        for e in torch.unique(ids).tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            we = dense[e] if dense is not None else dequantize(torch, w.qtype, w.raw[e * N:(e + 1) * N], K)
+            out[tok, slot] = xs[tok, slot if xs.shape[1] > 1 else 0] @ we.T
+        return out
+
+    def _may_cache_stack(self, w: TorchWeight) -> bool:
+        """Dequantize a whole expert stack (and keep it) only where caching is allowed and the
+        float32 copy is small enough to leave the reserve free."""
+        return self.cache_weights is not False and (self.device.type != "cuda" or self.cache_weights is True)
+
     def synchronize(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
@@ -397,7 +444,7 @@ class CUDABackend:
         """An operation replaced on the instance (imatrix Collector, profilers) must see every
         call: a replayed graph would skip it, so such a step runs eagerly."""
         return any(getattr(getattr(self, m), "__func__", None) is not getattr(CUDABackend, m)
-                   for m in ("matmul", "matmuls", "rows"))
+                   for m in ("matmul", "matmuls", "rows", "mul_mat_id"))
 
     def _capture(self, model, ids, pos0, cache, logits, n_kv) -> _Graph:
         torch = self.torch

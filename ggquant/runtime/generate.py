@@ -54,7 +54,11 @@ def generate(session: Session, tokenizer: Tokenizer | None, prompt_ids: list[int
     last = logits[-1]
     t0 = time.perf_counter()
     eog = tokenizer.eog_ids if (tokenizer is not None and stop_at_eog) else set()
+    suppress = np.asarray(tokenizer.suppress_ids if tokenizer is not None else [], dtype=np.int64)
     for _ in range(n_predict):
+        if suppress.size:  # common/sampling.cpp: the model's suppress tokens get logit bias -inf
+            last = np.array(last, dtype=np.float32)
+            last[suppress] = -np.inf
         tid = sampler(last)
         if tid in eog:
             gen.stop = "eog"

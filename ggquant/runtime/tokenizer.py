@@ -73,7 +73,12 @@ def _chars(text: bytes) -> list[bytes]:
     return out
 
 
+SUPPRESS_TOKENS_KEY = "tokenizer.ggml.suppress_tokens"
+
+
 class Tokenizer:
+    suppress_ids: list[int] = []  # tokens the sampler never picks (common/sampling.cpp: logit bias -inf)
+
     def __init__(self, tokens: list[str], token_types, scores=None, merges: list[str] | None = None,
                  model: str = "llama", bos_id: int | None = None, eos_id: int | None = None,
                  eot_id: int | None = None, add_bos: bool | None = True, add_eos: bool = False,
@@ -155,16 +160,22 @@ class Tokenizer:
             v = g(key)
             return None if v is None else int(v)
 
-        return cls(tokens, g("tokenizer.ggml.token_type"), g("tokenizer.ggml.scores"), g("tokenizer.ggml.merges"),
-                   model=g("tokenizer.ggml.model", "llama"), bos_id=opt_id("tokenizer.ggml.bos_token_id"),
-                   eos_id=opt_id("tokenizer.ggml.eos_token_id"), eot_id=opt_id("tokenizer.ggml.eot_token_id"),
-                   add_bos=None if g("tokenizer.ggml.add_bos_token") is None else bool(g("tokenizer.ggml.add_bos_token")),
-                   pre=g("tokenizer.ggml.pre"),
-                   add_eos=bool(g("tokenizer.ggml.add_eos_token", False)),
-                   # llama-vocab.cpp: SentencePiece vocabularies prepend a space unless the key says otherwise
-                   add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix",
-                                           g("tokenizer.ggml.model", "llama") == "llama")),
-                   source=str(reader.path))
+        tok = cls(tokens, g("tokenizer.ggml.token_type"), g("tokenizer.ggml.scores"), g("tokenizer.ggml.merges"),
+                  model=g("tokenizer.ggml.model", "llama"), bos_id=opt_id("tokenizer.ggml.bos_token_id"),
+                  eos_id=opt_id("tokenizer.ggml.eos_token_id"), eot_id=opt_id("tokenizer.ggml.eot_token_id"),
+                  add_bos=None if g("tokenizer.ggml.add_bos_token") is None else bool(g("tokenizer.ggml.add_bos_token")),
+                  pre=g("tokenizer.ggml.pre"),
+                  add_eos=bool(g("tokenizer.ggml.add_eos_token", False)),
+                  # llama-vocab.cpp: SentencePiece vocabularies prepend a space unless the key says otherwise
+                  add_space_prefix=bool(g("tokenizer.ggml.add_space_prefix",
+                                         g("tokenizer.ggml.model", "llama") == "llama")),
+                  source=str(reader.path))
+        # llama-vocab.cpp load: tokenizer.ggml.suppress_tokens, ids outside the vocabulary dropped
+        # (Gemma 4 Unified writes generation_config.json's suppress_tokens there)
+        ids = g(SUPPRESS_TOKENS_KEY)
+        tok.suppress_ids = [] if ids is None else [int(i) for i in np.asarray(ids).reshape(-1)
+                                                   if 0 <= int(i) < tok.n_vocab]
+        return tok
 
     # --- encoding -----------------------------------------------------------------------------
     def _partition(self, text: bytes, parse_special: bool) -> list:

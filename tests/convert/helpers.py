@@ -45,3 +45,11 @@ def first_difference(ref: Path, ours: Path) -> str:
 def assert_identical(ref: Path, ours: Path) -> None:
     if Path(ref).read_bytes() != Path(ours).read_bytes():
         raise AssertionError(f"{ours} differs from llama.cpp's {ref}: {first_difference(ref, ours)}")
+
+
+def assert_same_tensors(ref: Path, ours: Path) -> None:
+    """The same tensors (names and types in order, bytes) whatever the metadata says."""
+    with GGUFReader(ref) as b, GGUFReader(ours) as a:
+        assert [(t.name, t.qtype) for t in a.tensors] == [(t.name, t.qtype) for t in b.tensors]
+        for t in b.tensors:
+            assert np.array_equal(a.tensor(t.name).raw(), t.raw()), f"{t.name} ({t.qtype.name})"

@@ -2,7 +2,10 @@
 
 Every comparison is of the whole file (header, metadata order and types, tensor infos, padding
 and data), for the text GGUF and the --mmproj sidecar, on the tiny fixtures: Gemma 4 E4B-like
-(bf16, one file) and E2B-like (f32, sharded, double-wide MLP), a text-only Gemma4ForCausalLM,
+(bf16, one file) and E2B-like (f32, sharded, double-wide MLP), 26B-A4B-like (mixture of experts)
+and 31B-like (dense, K = V on full layers), a Gemma 4 Unified (suppress_tokens; the encoder-free
+gemma4uv / gemma4ua mmproj), a Gemma 4 assistant drafter (gemma4-assistant), a text-only
+Gemma4ForCausalLM,
 Gemma 3 text and Gemma 3 with a SigLIP tower, plus float16 checkpoints (Gemma 3's norm +1 is
 then added in f16, and Gemma 4's softplus runs on f16 input).
 """
@@ -34,6 +37,11 @@ CASES = (
     + [("f16_gemma3", t, False) for t in ("f32", "f16", "q8_0")]
     + [("f16_gemma4", "f32", False), ("f16_gemma4", "f32", True), ("f16_gemma4", "f16", True)]
     + [("card_gemma3", "f32", False), ("vision_only_gemma4", "f16", True)]
+    + [("gemma4_a4b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_a4b", "f16", True)]
+    + [("gemma4_31b", t, False) for t in ("f32", "f16", "bf16", "q8_0")] + [("gemma4_31b", "q8_0", True)]
+    + [("gemma4_unified", t, m) for t in ("f32", "f16", "q8_0") for m in (False, True)]
+    + [("gemma4_unified", "bf16", True)]
+    + [("gemma4_assistant", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
     # Llama family (fixtures/llama.py): llama3 RoPE + q/k permutation + Llama 3 BPE, Mistral (SPM, f16
     # source, untied), Qwen2 (biases, qwen2 BPE), Qwen3 (q/k norms, f32 source), and a Llama with
     # permuted q/k biases and linear RoPE scaling

@@ -1,7 +1,8 @@
 """`ggquant convert MODEL.gguf --to hf` on the tiny fixtures: HF -> GGUF f32 -> HF round trips.
 
 For each fixture (E4B-like with vision + audio, E2B-like sharded f32 with the double-wide MLP,
-a text-only Gemma4ForCausalLM, Gemma 3 text, Gemma 3 with SigLIP; with and without --mmproj):
+a text-only Gemma4ForCausalLM, 26B-A4B-like mixture of experts, 31B-like dense with K = V on full
+layers, Gemma 3 text, Gemma 3 with SigLIP; with and without --mmproj):
 - the weights come back bit-equal (the one exception is softplus-stored per_dim_scale of an
   f32 checkpoint, which float32 cannot invert: there, softplus of both values is equal);
 - transformers loads the folder (no missing or unexpected keys) and computes the same logits,
@@ -36,6 +37,8 @@ CASES = {
     "e4b_no_mm": ("gemma4_e4b", "bf16", False),  # a conditional checkpoint exported as its causal LM
     "g3_text": ("gemma3_text", "bf16", False),
     "g3_vision_mm": ("gemma3_vision", "bf16", True),
+    "a4b_mm": ("gemma4_a4b", "bf16", True),  # mixture of experts (router, stacked experts), K = V
+    "31b_mm": ("gemma4_31b", "f16", True),  # dense, K = V on full layers, fewer global KV heads
 }
 # tensors a float32 checkpoint cannot get back bit for bit: the converter stores softplus(x)
 LOSSY_IN_F32 = ("per_dim_scale",)
@@ -196,7 +199,7 @@ def _same_gguf(a: Path, b: Path) -> str | None:
         rb.close()
 
 
-@pytest.mark.parametrize("case", ["e4b_mm", "e2b_mm", "e4b_text", "g3_text", "g3_vision_mm"])
+@pytest.mark.parametrize("case", ["e4b_mm", "e2b_mm", "e4b_text", "g3_text", "g3_vision_mm", "a4b_mm", "31b_mm"])
 def test_converting_back_gives_the_same_gguf(round_trip, case):
     rt = round_trip(case)
     again = convert(rt.hf, outtype="f32", outfile=rt.dir / "b.gguf", mmproj=rt.mm)

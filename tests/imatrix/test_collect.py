@@ -154,3 +154,58 @@ def test_cli_on_a_hf_folder_writes_the_same_file_as_on_the_converted_f32_gguf(ti
     assert outs["folder"].read_bytes() == outs["gguf"].read_bytes()
     r = CliRunner().invoke(main, ["imatrix", str(gguf), "-f", cal, "-o", str(tmp_path / "x.gguf"), "--outtype", "f32"])
     assert r.exit_code == 1 and "--outtype applies to a Hugging Face folder" in r.output
+
+
+def test_moe_statistics_per_expert_equal_llama_cpp(reference_gguf, tmp_path):
+    """26B-A4B-like mixture of experts: the stacked experts' statistics (MUL_MAT_ID) are one row of
+    sums and one count per expert, equal to llama.cpp's collection bit for bit; the dense
+    matrices (the shared MLP, attention, the router) as before."""
+    model = reference_gguf("gemma4_a4b", "f32")
+    text = real_text.calibration_text()[:20000]
+    ctx, n = 32, 2
+    im, _ = collect_imatrix(model, real_text.write(tmp_path / "cal.txt", text), ctx=ctx, chunks=n, progress=False)
+    ref = llama_imatrix.collect(model, chunks_like_llama_imatrix(model, text, ctx, n), ctx)
+    experts = [k for k in ref if "_exps." in k]
+    assert len(experts) == 2 * 8 and sorted(im.entries) == sorted(ref)
+    for name, (sums, count) in ref.items():
+        e = im.entries[name]
+        assert e.counts.tolist() == np.atleast_1d(count).tolist(), name
+        assert np.array_equal(e.sums, sums.reshape(e.sums.shape)), name
+    e = im.entries["blk.0.ffn_down_exps.weight"]
+    assert e.sums.shape == (12, 32) and e.counts.sum() == 3 * ctx * n  # top-3 of 12 experts per token
+
+
+def test_moe_experts_never_routed_to_keep_count_zero_and_quantize_like_llama(reference_gguf, tmp_path):
+    """A batch too short to reach every expert (5 tokens, top 3 of 12): the expert entries are
+    collected anyway (no minimum batch for MUL_MAT_ID, while the dense ones need 16 tokens), the
+    unused experts keep count 0 and zero sums, equal to llama.cpp's collection; saved as
+    llama-imatrix saves partial entries, llama-quantize's normalisation gives those experts 1.0,
+    and quantizing with the file equals llama_model_quantize."""
+    from ggquant.imatrix.collect import Collector
+    from ggquant.imatrix.files import save_gguf
+    from ggquant.quant import presets
+    from ggquant.runtime.model import Session, load_model
+    from tests.oracles import ggml as ggml_oracle
+    from tests.quant.test_quantize_gguf import assert_same_model
+
+    model = reference_gguf("gemma4_a4b", "f32")
+    ids = [2, 40, 41, 300, 7]
+    m = load_model(model, threads=2)
+    col = Collector(len(ids))
+    col.attach(m.backend)
+    Session(m, 16, n_batch=16).eval(ids, "none")
+    im = col.to_imatrix(["short.txt"])
+    ref = llama_imatrix.collect(model, [ids], 16)
+    assert sorted(im.entries) == sorted(ref) and all("_exps." in k for k in ref)
+    for name, (sums, counts) in ref.items():
+        assert im.entries[name].counts.tolist() == counts.tolist() and np.array_equal(im.entries[name].sums, sums)
+    e = im.entries["blk.3.ffn_gate_up_exps.weight"]
+    unused = e.counts == 0
+    assert unused.any() and not np.any(e.sums[unused]) and e.counts.sum() == 3 * len(ids)
+    f = save_gguf(im, tmp_path / "partial.gguf")
+    vec = load(f).normalised()["blk.3.ffn_gate_up_exps.weight"].reshape(12, -1)
+    assert np.all(vec[unused] == 1.0)
+    ours, ref_q = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(model, ours, "IQ4_XS", imatrix=f, progress=False)
+    ggml_oracle.llama_quantize(model, ref_q, presets.PRESETS["IQ4_XS"], imatrix=load(f).normalised())
+    assert_same_model(ours, ref_q)

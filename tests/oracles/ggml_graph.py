@@ -38,6 +38,8 @@ def _lib():
         "ggml_graph_overhead": (ctypes.c_size_t, []),
         "ggml_new_tensor_2d": (_p, [_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
         "ggml_mul_mat": (_p, [_p, _p, _p]),
+        "ggml_new_tensor_3d": (_p, [_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
+        "ggml_mul_mat_id": (_p, [_p, _p, _p, _p]),
         "ggml_new_graph": (_p, [_p]),
         "ggml_build_forward_expand": (None, [_p, _p]),
         "ggml_nbytes": (ctypes.c_size_t, [_p]),
@@ -99,18 +101,32 @@ def mul_mat(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, threads: 
 
 def _compute(qtype, w, x, threads, buft):
     """The graph with W allocated in buft; None when the CPU device does not take the op there."""
-    lib, cpu = _lib()
     T, K = x.shape
     N = w.shape[0]
+    F32 = int(GGMLQuantizationType.F32)
+    return _run_op(buft, threads, (int(qtype), (K, N)), w, [(F32, (K, T), x)], (T, N),
+                   lambda lib, ctx, W, X: lib.ggml_mul_mat(ctx, W, X))
+
+
+def _new_tensor(lib, ctx, qtype: int, ne: tuple):
+    return lib.ggml_new_tensor_2d(ctx, qtype, *ne) if len(ne) == 2 else lib.ggml_new_tensor_3d(ctx, qtype, *ne)
+
+
+def _run_op(buft, threads, w_type_ne, w, inputs, out_shape, build):
+    """One op's graph: the weight (type, ggml ne) from bytes w allocated in buft, the inputs
+    [(type, ne, array)] in a plain CPU buffer, Y = build(lib, ctx, W, *inputs) computed by the
+    CPU backend and returned as float32 out_shape; None when the CPU device does not take the op
+    with the weight in buft."""
+    lib, cpu = _lib()
     meta = 8 * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead()
     ctx_w = lib.ggml_init(_InitParams(meta, None, True))
     ctx_x = lib.ggml_init(_InitParams(meta, None, True))
     backend = None
     bufs = []
     try:
-        W = lib.ggml_new_tensor_2d(ctx_w, int(qtype), K, N)
-        X = lib.ggml_new_tensor_2d(ctx_x, int(GGMLQuantizationType.F32), K, T)
-        Y = lib.ggml_mul_mat(ctx_x, W, X)
+        W = _new_tensor(lib, ctx_w, *w_type_ne)
+        xs = [_new_tensor(lib, ctx_x, t, ne) for t, ne, _ in inputs]
+        Y = build(lib, ctx_x, W, *xs)
         gf = lib.ggml_new_graph(ctx_x)
         lib.ggml_build_forward_expand(gf, Y)
         bufs.append(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, buft))
@@ -119,11 +135,12 @@ def _compute(qtype, w, x, threads, buft):
             return None
         assert lib.ggml_nbytes(W) == w.nbytes, (lib.ggml_nbytes(W), w.nbytes)
         lib.ggml_backend_tensor_set(W, w.ctypes.data, 0, w.nbytes)
-        lib.ggml_backend_tensor_set(X, x.ctypes.data, 0, x.nbytes)
+        for X, (_, _, a) in zip(xs, inputs):
+            lib.ggml_backend_tensor_set(X, a.ctypes.data, 0, a.nbytes)
         backend = cpu.ggml_backend_cpu_init()
         cpu.ggml_backend_cpu_set_n_threads(backend, threads)
         assert lib.ggml_backend_graph_compute(backend, gf) == 0
-        out = np.empty((T, N), np.float32)
+        out = np.empty(out_shape, np.float32)
         lib.ggml_backend_tensor_get(Y, out.ctypes.data, 0, out.nbytes)
         return out
     finally:
@@ -134,3 +151,29 @@ def _compute(qtype, w, x, threads, buft):
             lib.ggml_backend_free(backend)
         lib.ggml_free(ctx_w)
         lib.ggml_free(ctx_x)
+
+
+def mul_mat_id(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, ids: np.ndarray, threads: int = 2,
+               repack: bool = True) -> np.ndarray:
+    """y [T, k, N] = ggml_mul_mat_id(W, X, ids) (llama.cpp's expert products, build_moe_ffn): W the
+    stacked experts' GGUF rows (uint8 [E, N, row_bytes], or float32 / uint16 [E, N, K]), x float32
+    [T, 1, K] (one input for every selected expert) or [T, k, K], ids int32 [T, k]; W in CPU_REPACK
+    where llama.cpp would put it."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w)
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    buft = _repack_buft() if repack else None
+    if buft is not None:
+        out = _compute_id(qtype, w, x, ids, threads, buft)
+        if out is not None:
+            return out
+    return _compute_id(qtype, w, x, ids, threads, _lib()[0].ggml_backend_cpu_buffer_type())
+
+
+def _compute_id(qtype, w, x, ids, threads, buft):
+    T, S, K = x.shape
+    E, N = w.shape[:2]
+    k = ids.shape[1]
+    inputs = [(int(GGMLQuantizationType.F32), (K, S, T), x), (int(GGMLQuantizationType.I32), (k, T), ids)]
+    return _run_op(buft, threads, (int(qtype), (K, N, E)), w, inputs, (T, k, N),
+                   lambda lib, ctx, W, X, ID: lib.ggml_mul_mat_id(ctx, W, X, ID))

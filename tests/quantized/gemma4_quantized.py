@@ -9,6 +9,9 @@ quantization block, and the tokenizer files come along.
   int sym group 32 (the tiny widths are 64/96/128, so group 128 cannot divide them), with the
   ignore list of the published Gemma 4 W4A16 checkpoints: PLE, vision, audio and lm_head stay bf16;
   optionally a second config group (MLP int8 per channel: mixed precision).
+- `build_ct_moe`: the 26B-A4B-like MoE with its experts unfused into one Linear per expert and
+  projection (llmcompressor's layout), every text Linear quantized by compressed-tensors: int8 per
+  channel (Google's 26B-A4B QAT scheme) or int4 group 32.
 - `build_gptq`: GPTQ v1 layout hand-packed per the research note (fixtures.quantized helpers):
   qweight/qzeros/scales(F16)/g_idx, sym or asym, optionally act-order (random g_idx).
 - `build_mlx`: mlx.core.quantize (affine) of the text Linears and both embeddings, mlx-lm's
@@ -77,27 +80,36 @@ def _save(out: Path, sd: dict) -> None:
 # --- compressed-tensors -----------------------------------------------------------------------
 
 
-def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_int8: bool, digest: str) -> Path:
-    import torch
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_int8: bool, digest: str,
+              source: str = SOURCE_MODEL) -> Path:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from ggquant.fixtures.quantized import _module_tree, _observe
-
-    src = tiny_model(SOURCE_MODEL)
+    src = tiny_model(source)
     sd = _read_checkpoint(src)
     linears = {k[: -len(".weight")]: v.float().numpy() for k, v in sd.items()
                if _TEXT_LINEAR.match(k) or _TOWER_LINEAR.match(k) or "per_layer_input_gate" in k
                or "per_layer_projection.weight" in k}
-    model = _module_tree(linears, torch.bfloat16)
     groups = {}
     if mlp_int8:  # mixed precision (llama.cpp refuses several config groups): MLP int8 per channel
         groups["group_1"] = QuantizationScheme(targets=["re:.*mlp.*"], weights=QuantizationArgs(
             num_bits=8, type="int", symmetric=True, strategy="channel"))
     groups["group_0"] = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=num_bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))
-    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=CT_IGNORE))
+    return _ct_quantize(src, out, sd, linears, groups, CT_IGNORE)
+
+
+def _ct_quantize(src: Path, out: Path, sd: dict, linears: dict, groups: dict, ignore: list) -> Path:
+    """Quantize `linears` (name -> float32 [out, in]) with compressed-tensors itself
+    (apply_quantization_config + calculate_qparams + ModelCompressor.compress_model), replace
+    their weights in the state dict `sd` by the compressed tensors and write the checkpoint."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    from ggquant.fixtures.quantized import _module_tree, _observe
+
+    model = _module_tree(linears, torch.bfloat16)
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=ignore))
     quantized = []
     for name, mod in model.named_modules():
         s = getattr(mod, "quantization_scheme", None)
@@ -118,24 +130,95 @@ def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_in
     return out
 
 
-def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True, mlp_int8: bool = False) -> Path:
+def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True, mlp_int8: bool = False,
+             source: str = SOURCE_MODEL) -> Path:
+    """source: another tiny Gemma 4 (e.g. gemma4_31b for a 31B-like QAT W4A16 checkpoint)."""
+    extra = {} if source == SOURCE_MODEL else {"source": source}
     return cached_build("gemma4_ct", _build_ct, num_bits=num_bits, group_size=group_size, symmetric=symmetric,
-                        mlp_int8=mlp_int8, digest=_DIGEST)
+                        mlp_int8=mlp_int8, digest=_DIGEST, **extra)
+
+
+# --- a mixture of experts (26B-A4B-like) with per-expert modules --------------------------------
+
+MOE_MODEL = "gemma4_a4b"
+_FUSED_EXPERTS = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.(?P<proj>gate_up_proj|down_proj)$")
+_EXPERT_LINEAR = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                            r"\.weight$")
+
+
+def unfuse_experts(sd: dict) -> dict:
+    """Gemma 4's fused experts (gate_up_proj [E, 2F, H], down_proj [E, H, F]) as one Linear per
+    expert and projection (experts.<e>.{gate,up,down}_proj.weight), the layout llmcompressor's MoE
+    calibration modules save and vLLM loads."""
+    out = {}
+    for k, v in sd.items():
+        m = _FUSED_EXPERTS.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        for e in range(v.shape[0]):
+            if m["proj"] == "gate_up_proj":
+                f = v.shape[1] // 2
+                out[f"{m['layer']}experts.{e}.gate_proj.weight"] = v[e, :f].clone()
+                out[f"{m['layer']}experts.{e}.up_proj.weight"] = v[e, f:].clone()
+            else:
+                out[f"{m['layer']}experts.{e}.down_proj.weight"] = v[e].clone()
+    return out
+
+
+def fuse_experts(sd: dict) -> dict:
+    """The inverse of unfuse_experts."""
+    import torch
+
+    out, per = {}, {}
+    for k, v in sd.items():
+        m = _EXPERT_LINEAR.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            per.setdefault(m["layer"], {}).setdefault(m["proj"], {})[int(m["e"])] = v
+    for layer, p in per.items():
+        n = len(p["down_proj"])
+        out[layer + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([p["gate_proj"][e], p["up_proj"][e]]) for e in range(n)])
+        out[layer + "experts.down_proj"] = torch.stack([p["down_proj"][e] for e in range(n)])
+    return out
+
+
+def _build_ct_moe(out: Path, num_bits: int, group_size: int, digest: str) -> Path:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    src = tiny_model(MOE_MODEL)
+    sd = unfuse_experts(_read_checkpoint(src))
+    linears = {k[: -len(".weight")]: v.float().numpy() for k, v in sd.items()
+               if _TEXT_LINEAR.match(k) or _EXPERT_LINEAR.match(k)}
+    strategy = dict(strategy="channel") if group_size == -1 else dict(strategy="group", group_size=group_size)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=num_bits, type="int", symmetric=True, **strategy))}
+    return _ct_quantize(src, out, sd, linears, groups, CT_IGNORE + ["re:.*router.*"])
+
+
+def build_ct_moe(num_bits: int = 8, group_size: int = -1) -> Path:
+    """26B-A4B-like, every text Linear and every expert quantized by compressed-tensors: int8 per
+    channel weight-only (Google's 26B-A4B QAT scheme) by default, or int4 group 32 (W4A16)."""
+    return cached_build("gemma4_ct_moe", _build_ct_moe, num_bits=num_bits, group_size=group_size, digest=_DIGEST)
 
 
 # --- GPTQ (hand-packed) ------------------------------------------------------------------------
 
 
 def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: bool, seed: int, fp16_scales: bool,
-                digest: str) -> Path:
+                digest: str, source: str = SOURCE_MODEL) -> Path:
     import torch
 
     from ggquant.fixtures.quantized import _asym_codes, _sym_codes, pack_bits_rows
 
-    src = tiny_model(SOURCE_MODEL)
+    src = tiny_model(source)
     sd = _read_checkpoint(src)
+    if source == MOE_MODEL:  # one Linear per expert, as GPTQModel writes a mixture of experts
+        sd = unfuse_experts(sd)
     rng = np.random.default_rng(seed)
-    for key in [k for k in sd if _TEXT_LINEAR.match(k) and "per_layer" not in k]:
+    for key in [k for k in sd if (_TEXT_LINEAR.match(k) or _EXPERT_LINEAR.match(k)) and "per_layer" not in k]:
         mod = key[: -len(".weight")]
         w = sd.pop(key).float().numpy()
         R, n = w.shape
@@ -167,9 +250,11 @@ def _build_gptq(out: Path, bits: int, group_size: int, sym: bool, act_order: boo
 
 
 def build_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: bool = False, seed: int = 11,
-               fp16_scales: bool = False) -> Path:
+               fp16_scales: bool = False, source: str = SOURCE_MODEL) -> Path:
+    """source: MOE_MODEL for the 26B-A4B-like model with one GPTQ Linear per expert."""
+    extra = {} if source == SOURCE_MODEL else {"source": source}
     return cached_build("gemma4_gptq", _build_gptq, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST)
+                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST, **extra)
 
 
 # --- GLQ (glq 0.8.16, GPL-3.0: imported by this test fixture only) --------------------------------
@@ -260,7 +345,7 @@ def _dequantized_copy(out: Path, qdir: str, digest: str) -> Path:
     for rec in model:
         sd[rec.name] = torch.from_numpy(np.ascontiguousarray(rec.dequantize()))
     _copy_side_files(qdir_p, out)
-    _save(out, sd)
+    _save(out, fuse_experts(sd))  # per-expert modules back in the architecture's fused layout
     _update_config(out, quantization_config=None, quantization=None)
     return out
 

@@ -20,7 +20,8 @@ from ggquant.runtime.model import Session, load_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-MODELS = ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "llama3", "mistral", "qwen2", "qwen3"]
+MODELS = ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "gemma4_a4b", "gemma4_31b", "gemma4_unified",
+          "llama3", "mistral", "qwen2", "qwen3"]
 N_TOKENS = 40  # BOS + 39 ordinary tokens: longer than the fixtures' sliding window of 8
 LLAMA_TOL = 1e-2
 HF_TOL = 1e-3

@@ -5,6 +5,9 @@ Layout (mlx core `quantize(w, group_size, bits, mode="affine")`; mlx/backend/cpu
                                    row (2/4/8 bit: 32/bits codes per word at bits*j; 3/5/6 bit: 8 or 4
                                    codes per 3/5 bytes, the same stream read byte-wise)
   P.scales, P.biases [out, in/group_size]  in the model dtype (bf16/fp16/f32)
+  stacked experts (mlx-lm's QuantizedSwitchLinear, e.g. Gemma 4's experts.switch_glu.gate_proj):
+  P.weight [experts, out, in*bits/32], P.scales / P.biases [experts, out, in/group_size]; the
+  record has one row per expert (its matrix flattened) and `expert_rows` = out
   w = scales * u + biases          (scales may be negative: mlx picks the edge of larger magnitude)
 config.json "quantization" (mlx-lm also copies it to "quantization_config"):
   {"group_size": 64, "bits": 4, "mode": "affine", "<module path>": {"group_size", "bits"[, "mode"]}, ...}
@@ -70,12 +73,12 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
             if need not in src:
                 raise FormatError(f"{where}: tensor '{need}' is missing (affine mode stores weight, scales, biases)")
         wshape, sshape = src.shape(w_name), src.shape(name)
-        if len(wshape) != 2:
-            raise FormatError(f"{where}: weight has shape {list(wshape)}; only 2-D weights are supported "
-                              f"(stacked MoE experts are not yet)")
-        out, words = wshape
+        if len(wshape) not in (2, 3):
+            raise FormatError(f"{where}: weight has shape {list(wshape)}; expected [out, in*bits/32] or, for "
+                              f"stacked experts (QuantizedSwitchLinear), [experts, out, in*bits/32]")
+        *lead, words = wshape
         n = words * 32 // bits
-        if (words * 32) % bits or tuple(sshape) != (out, n // gs) or n % gs:
+        if (words * 32) % bits or tuple(sshape) != (*lead, n // gs) or n % gs:
             raise FormatError(f"{where}: weight {list(wshape)} and scales {list(sshape)} do not fit {bits}-bit "
                               f"codes in groups of {gs} (is the per-module bits/group_size right?)")
         if src.shape(b_name) != tuple(sshape):
@@ -83,13 +86,20 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
         if src.dtype(w_name) not in ("U32", "I32"):
             raise FormatError(f"{where}: weight has dtype {src.dtype(w_name)}, expected U32")
 
-        def load(rr, w_name=w_name, s_name=name, b_name=b_name, bits=bits, n=n):
+        # Stacked experts [E, out, ...] are one record of E rows of out*n values (row e = expert e's
+        # matrix flattened): a group never straddles two of its rows since n % group_size == 0.
+        width = n * (lead[1] if len(lead) == 2 else 1)
+
+        def load(rr, w_name=w_name, s_name=name, b_name=b_name, bits=bits, n=n, width=width):
             arr, _ = src.raw(w_name, rr)
-            u = unpack_stream(np.asarray(arr), bits, n)
-            return u, src.floats(s_name, rr), src.floats(b_name, rr)
+            arr = np.asarray(arr)
+            u = unpack_stream(arr.reshape(-1, arr.shape[-1]), bits, n).reshape(-1, width)
+            r = len(u)
+            return u, src.floats(s_name, rr).reshape(r, -1), src.floats(b_name, rr).reshape(r, -1)
 
         enc = f"MLX affine {bits}-bit group{gs}"
-        tensors[w_name] = AffineQuantTensor(w_name, (out, n), enc, "mlx/affine", (w_name, name, b_name), bits, gs, load)
+        tensors[w_name] = AffineQuantTensor(w_name, (lead[0], width), enc, "mlx/affine", (w_name, name, b_name), bits,
+                                            gs, load, expert_rows=lead[1] if len(lead) == 2 else None)
         consumed.update((w_name, name, b_name))
         per_bits[bits] = per_bits.get(bits, 0) + 1
     mix = ", ".join(f"{c}x{b}-bit" for b, c in sorted(per_bits.items()))

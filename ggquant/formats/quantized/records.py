@@ -19,6 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -450,10 +451,13 @@ class AffineQuantTensor(QuantizedTensor):
     """w = scale * u + bias per group of columns, u unsigned (MLX affine)."""
 
     def __init__(self, name, shape, encoding, fmt, sources, bits: int, group_size: int,
-                 load: Callable[[tuple[int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]]):
+                 load: Callable[[tuple[int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 expert_rows: int | None = None):
         super().__init__(name, shape, encoding, fmt, sources, bits)
         self.group_size = group_size
         self._load = load  # rows -> (u uint8/int16 [R, n], scales f32 [R, G], biases f32 [R, G])
+        # stacked experts: each row is one expert's matrix of expert_rows rows, flattened
+        self.expert_rows = expert_rows
 
     def dequantize(self, rows=None) -> np.ndarray:
         u, s, b = self._load(rows_range(rows, self.shape[0]))
@@ -511,3 +515,115 @@ class QuantizedModel:
     def metadata(self) -> dict[str, str]:
         """Provenance for GGUF metadata (the converter adds which tensors went exact)."""
         return {"ggquant.source.quantization": self.method, "ggquant.source.quantization_desc": self.description}
+
+
+def flatten_codes(c: IntCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """An expert's codes [r, n] as one row of r*n (q, scale, zero, column group), its groups
+    renumbered row after row, for stacking experts."""
+    r, n = c.q.shape
+    G = c.scale.shape[1]
+    group = (np.arange(r, dtype=np.intp)[:, None] * G + np.asarray(c.group, dtype=np.intp)[None, :]).reshape(-1)
+    zero = None if c.zero is None else c.zero.reshape(1, r * G)
+    return c.q.reshape(1, r * n), c.scale.reshape(1, r * G), zero, group
+
+
+class StackedIntQuantTensor(IntQuantTensor):
+    """Stacked experts made of per-expert integer-quantized Linears (llmcompressor and GPTQ write a
+    mixture of experts as `experts.<e>.<proj>` modules): the logical weight [E, R, n] of the
+    architecture (e.g. Gemma 4's fused gate_up_proj: each expert's gate_proj rows, then its
+    up_proj rows), as a record of E rows of R*n values: row e is expert e's matrices flattened,
+    with every child's scales kept (a 32-column block of the flat row is one block of one
+    child's row, since n is a multiple of 32). `parts[e]` lists expert e's records in row order."""
+
+    def __init__(self, name: str, parts: list[list[IntQuantTensor]]):
+        first = parts[0][0]
+        n = first.shape[1]
+        rows = [sum(p.shape[0] for p in expert) for expert in parts]
+        for e, expert in enumerate(parts):
+            for p in expert:
+                same = (p.shape[1], p.bits, p.symmetric, p.group_size, p.act_order, p.format) == (
+                    n, first.bits, first.symmetric, first.group_size, first.act_order, first.format)
+                if not same:
+                    raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not quantized like "
+                                      f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
+                                      f"stacked into '{name}' must share one layout")
+            if rows[e] != rows[0]:
+                raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
+        self.parts = parts
+        self.rows_per_expert, self.row_width = rows[0], n
+        gs = first.group_size if first.group_size and n % first.group_size == 0 else None
+        encoding = first.encoding + f" ({len(parts)} per-expert modules stacked)"
+        sources = tuple(s for expert in parts for p in expert for s in p.sources)
+        super().__init__(name, (len(parts), rows[0] * n), encoding, first.format, sources, first.bits,
+                         first.symmetric, self._load_experts, gs, first.act_order, first.qrange)
+
+    def _load_experts(self, rr) -> IntCodes:
+        qs, ss, zs, gs = [], [], [], []
+        for e in range(rr[0], rr[1]):
+            q_e, s_e, z_e, g_e, base = [], [], [], [], 0
+            for p in self.parts[e]:
+                q, s, z, g = flatten_codes(p.codes())
+                q_e.append(q)
+                s_e.append(s)
+                z_e.append(z)
+                g_e.append(g + base)
+                base += s.shape[1]
+            qs.append(np.concatenate(q_e, axis=1))
+            ss.append(np.concatenate(s_e, axis=1))
+            zs.append(None if z_e[0] is None else np.concatenate(z_e, axis=1))
+            gs.append(np.concatenate(g_e))
+        if any(not np.array_equal(g, gs[0]) for g in gs[1:]):
+            # act-order: each expert has its own g_idx; one scale (and zero) per column instead
+            ss = [s_e[:, g] for s_e, g in zip(ss, gs)]
+            zs = [None if z_e is None else z_e[:, g] for z_e, g in zip(zs, gs)]
+            gs = [np.arange(len(gs[0]), dtype=np.intp)]
+        zero = None if zs[0] is None else np.concatenate(zs, axis=0)
+        return IntCodes(np.concatenate(qs, axis=0), np.concatenate(ss, axis=0), zero, gs[0], self.group_size)
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        if self.row_width % QK:
+            return f"rows of {self.row_width} elements are not a whole number of {QK}-element GGML blocks"
+        return super().blocks(rows)
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        if self.row_width % QK:
+            return None, f"rows of {self.row_width} elements are not a whole number of {QK}-element blocks"
+        return super().expected_exact_type(candidates)
+
+    def permuted(self, rows=None, cols=None):
+        raise GGQuantError(f"'{self.name}': stacked experts cannot be permuted")
+
+
+class StackedAffineQuantTensor(AffineQuantTensor):
+    """Stacked affine-quantized experts whose per-expert rows the architecture concatenates (mlx-lm
+    keeps Gemma 4's experts as switch_glu.gate_proj and up_proj [E, F, H]; the fused HF parameter
+    experts.gate_up_proj [E, 2F, H] holds each expert's gate rows, then its up rows): row e of the
+    record is expert e of every part, flattened in order. `parts` are stacked records
+    (expert_rows set) with one expert count, bit width, group size and row width."""
+
+    def __init__(self, name: str, parts: list[AffineQuantTensor]):
+        first = parts[0]
+        for p in parts:
+            if p.expert_rows is None:
+                raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not a stack of experts; "
+                                  f"'{name}' stacks experts")
+            layout = (p.shape[0], p.shape[1] // p.expert_rows, p.bits, p.group_size, p.format)
+            if layout != (first.shape[0], first.shape[1] // first.expert_rows, first.bits, first.group_size,
+                          first.format):
+                raise FormatError(f"'{p.name}' ({p.encoding}, {p.shape[0]} experts of {p.expert_rows} x "
+                                  f"{p.shape[1] // p.expert_rows}) is not quantized like '{first.name}' "
+                                  f"({first.encoding}, {first.shape[0]} experts of {first.expert_rows} x "
+                                  f"{first.shape[1] // first.expert_rows}); the experts stacked into '{name}' "
+                                  f"must share one layout")
+        self.parts = parts
+        self.row_width = first.shape[1] // first.expert_rows
+        self.rows_per_expert = sum(p.expert_rows for p in parts)
+        super().__init__(name, (first.shape[0], sum(p.shape[1] for p in parts)),
+                         first.encoding + (f" ({len(parts)} stacks concatenated)" if len(parts) > 1 else ""),
+                         first.format, tuple(s for p in parts for s in p.sources), first.bits, first.group_size,
+                         self._load_parts, self.rows_per_expert)
+
+    def _load_parts(self, rr):
+        loads = [p._load(rr) for p in self.parts]
+        return tuple(np.concatenate([part[i] for part in loads], axis=1) for i in range(3))
+

@@ -1,4 +1,4 @@
-"""Gemma 4 text decoder (E2B / E4B family), as llama.cpp runs it (src/models/gemma4.cpp).
+"""Gemma 4 text decoder (E2B, E4B, 31B, 26B-A4B), as llama.cpp runs it (src/models/gemma4.cpp).
 
 Per token (H = n_embd, P = per-layer input width, L = n_layer; d_l = head dim of layer l: the
 sliding layers' key_length_swa or the full layers' key_length):
@@ -17,6 +17,12 @@ sliding layers' key_length_swa or the full layers' key_length):
         a = softmax(q k^T + mask) v  Wo        (scale 1: the q/k norms set the temperature)
         x = x + rms(a) * post_attention_norm
         x = x + rms(W_down (gelu(W_gate m) * W_up m)) * post_ffw_norm,  m = rms(x) * ffn_norm
+            MoE layers (26B-A4B): the dense MLP's output is normed by post_ffw_norm_1 and added to
+            the experts' (rms(...) * post_ffw_norm_2) before post_ffw_norm:
+            p = softmax(W_r ((rms(x) / sqrt(H)) * gate_inp.scale))                 W_r [E, H]
+            top k experts by p, weights w = p_top / sum(p_top)
+            experts = sum_j w_j * s[e_j] * W_down[e_j] (gelu(g) * u),  g|u = W_gate_up[e_j] h,
+            h = rms(x) * pre_ffw_norm_2            W_gate_up [E, 2F, H], W_down [E, H, F], s [E]
         x = x + rms(W_proj (gelu(W_gate_l x) * ple[l])) * post_norm     W_gate_l [P, H], W_proj [H, P]
         x = x * layer_output_scale                                          (when present)
     logits = cap * tanh(((rms(x) * output_norm) E^T) / cap)                 (when the cap is set)
@@ -48,9 +54,6 @@ class Gemma4Layer:
         nh, nkv, F = hp.n_head[il], hp.n_head_kv[il], hp.n_ff[il]
         own_kv = il < hp.n_kv_from_start
         p = f"blk.{il}."
-        if ts.has(p + "ffn_gate_inp.weight"):
-            raise GGQuantError(f"{ts.reader.path}: layer {il} is a mixture-of-experts layer (ffn_gate_inp); the "
-                               f"ggquant runtime supports the dense Gemma 4 models (E2B, E4B)")
         self.attn_norm = ts.vector(p + "attn_norm.weight", (H,))
         self.wqkv = ts.get(p + "attn_qkv.weight", (nh * d + 2 * nkv * d, H), required=False)
         if self.wqkv is None:
@@ -67,6 +70,24 @@ class Gemma4Layer:
         self.w_up = ts.get(p + "ffn_up.weight", (F, H))
         self.w_down = ts.get(p + "ffn_down.weight", (H, F))
         self.post_ffw_norm = ts.vector(p + "post_ffw_norm.weight", (H,))
+        # mixture of experts (26B-A4B): a router and stacked experts beside the dense MLP
+        self.moe = ts.has(p + "ffn_gate_inp.weight")
+        if self.moe:
+            E, Fe = hp.n_expert, hp.n_ff_exp[il]
+            if E == 0 or Fe == 0:
+                raise GGQuantError(f"{ts.reader.path}: layer {il} has a router (ffn_gate_inp) but the file declares "
+                                   f"{E} experts of width {Fe} (expert_count, expert_feed_forward_length)")
+            self.gate_inp = ts.get(p + "ffn_gate_inp.weight", (E, H))
+            self.gate_inp_s = ts.vector(p + "ffn_gate_inp.scale", (H,))
+            self.pre_ffw_norm_2 = ts.vector(p + "pre_ffw_norm_2.weight", (H,))
+            self.post_ffw_norm_1 = ts.vector(p + "post_ffw_norm_1.weight", (H,))
+            self.post_ffw_norm_2 = ts.vector(p + "post_ffw_norm_2.weight", (H,))
+            self.gate_up_exps = ts.get(p + "ffn_gate_up_exps.weight", (E, 2 * Fe, H), required=False)
+            if self.gate_up_exps is None:  # llama.cpp also loads separate gate / up experts
+                self.gate_exps = ts.get(p + "ffn_gate_exps.weight", (E, Fe, H))
+                self.up_exps = ts.get(p + "ffn_up_exps.weight", (E, Fe, H))
+            self.down_exps = ts.get(p + "ffn_down_exps.weight", (E, H, Fe))
+            self.down_exps_s = ts.vector(p + "ffn_down_exps.scale", (E,), required=False)
         if P > 0:
             self.inp_gate = ts.get(p + "inp_gate.weight", (P, H))
             self.proj = ts.get(p + "proj.weight", (H, P))
@@ -140,7 +161,10 @@ class Gemma4Model(Model):
 
             m = be.rms_norm(x, Ly.ffn_norm, eps)
             gate, up = be.matmuls(m, [Ly.w_gate, Ly.w_up])
-            x = be.add_rms_norm(x, be.matmul(be.geglu(gate, up), Ly.w_down), Ly.post_ffw_norm, eps)
+            mlp = be.matmul(be.geglu(gate, up), Ly.w_down)
+            if Ly.moe:
+                mlp = be.rms_norm(mlp, Ly.post_ffw_norm_1, eps) + self.experts(x, Ly, il)
+            x = be.add_rms_norm(x, mlp, Ly.post_ffw_norm, eps)
 
             if ple is not None:
                 g = be.geglu(be.matmul(x, Ly.inp_gate), ple[:, il, :])  # gelu(.) * ple [T, P]
@@ -149,3 +173,35 @@ class Gemma4Model(Model):
                 x = x * Ly.out_scale
 
         return self.head(x, logits)
+
+    def experts(self, x, Ly: Gemma4Layer, il: int):
+        """The mixture-of-experts branch of layer il on the attention output x [T, H]
+        (llama_model_gemma4::graph, then llm_graph_context::build_moe_ffn with softmax gating,
+        norm_w and the per-expert down scale), normed by post_ffw_norm_2."""
+        be, hp = self.backend, self.hp
+        eps, H, k = hp.eps, hp.n_embd, hp.n_expert_used[il]
+        # router: logits = W_r ((rms(x) / sqrt(H)) * s); probabilities over all experts, top k,
+        # renormalised to sum 1
+        r = be.rms_norm(x, None, eps) * router_scale(H) * Ly.gate_inp_s
+        ids, weights = be.moe_top_k(be.softmax(be.matmul(r, Ly.gate_inp)), k)
+        h = be.rms_norm(x, Ly.pre_ffw_norm_2, eps)
+        if Ly.gate_up_exps is not None:
+            gu = be.mul_mat_id(h, Ly.gate_up_exps, ids)  # [T, k, 2F]: gate rows, then up rows
+            Fe = gu.shape[-1] // 2
+            gate, up = gu[..., :Fe], gu[..., Fe:]
+        else:
+            up = be.mul_mat_id(h, Ly.up_exps, ids)
+            gate = be.mul_mat_id(h, Ly.gate_exps, ids)
+        down = be.mul_mat_id(be.geglu(gate, up), Ly.down_exps, ids)  # [T, k, H]
+        if Ly.down_exps_s is not None:  # router.per_expert_scale (build_lora_mm_id's w_s)
+            down = down * Ly.down_exps_s[ids][..., None]
+        down = down * weights[..., None]
+        out = down[:, 0]
+        for j in range(1, k):  # the expert outputs are added one view after the other
+            out = out + down[:, j]
+        return be.rms_norm(out, Ly.post_ffw_norm_2, eps)
+
+
+def router_scale(n_embd: int) -> float:
+    """llama_model_gemma4::graph: the router input is scaled by 1.0f / sqrtf((float) n_embd)."""
+    return f32(np.float32(1.0) / np.sqrt(np.float32(n_embd)))

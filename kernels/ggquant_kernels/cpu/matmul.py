@@ -510,6 +510,15 @@ def _float_product(qtype):
     return product
 
 
+def matmul_float_vec(qtype, w, x, out):
+    """Float weights [N, K] of qtype times x [T, K] (already rounded to qtype) in ggml_vec_dot's
+    order for every token, whatever T: the product ggml-cpu.c ggml_compute_forward_mul_mat_id
+    runs for one expert of a MUL_MAT_ID (vec_dot per row and token, never tinyBLAS)."""
+    kind = FLOAT_KIND[qtype]
+    _mm_float(w.view(np.uint32 if kind == 0 else np.uint16), x, out, kind,
+              ISA.float_mode(qtype, 1, w.shape[0], x.shape[1]))
+
+
 matmul_f32 = _float_product(_T.F32)
 matmul_f16 = _float_product(_T.F16)
 matmul_bf16 = _float_product(_T.BF16)

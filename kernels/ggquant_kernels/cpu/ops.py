@@ -91,25 +91,32 @@ def _softmax_row(w, n, lanes):
         else:
             w[i] = ggml_expf(w[i] - mx)
     for c in range(0, npad, lanes):
-        if lanes == 16:
-            t0 = w[c + 8] + w[c]
-            t1 = w[c + 9] + w[c + 1]
-            t2 = w[c + 10] + w[c + 2]
-            t3 = w[c + 11] + w[c + 3]
-            t4 = w[c + 12] + w[c + 4]
-            t5 = w[c + 13] + w[c + 5]
-            t6 = w[c + 14] + w[c + 6]
-            t7 = w[c + 15] + w[c + 7]
-            h0, h1, h2, h3 = t4 + t0, t5 + t1, t6 + t2, t7 + t3
-        else:
-            h0 = w[c + 4] + w[c]
-            h1 = w[c + 5] + w[c + 1]
-            h2 = w[c + 6] + w[c + 2]
-            h3 = w[c + 7] + w[c + 3]
-        total += np.float64((h0 + h2) + (h1 + h3))
+        total += np.float64(_hsum_lanes(w, c, lanes))
     inv = F32(1.0 / total)
     for i in range(n):
         w[i] = w[i] * inv
+
+
+@nb.njit(inline="always", **JIT)
+def _hsum_lanes(w, c, lanes):
+    """The float sum of w[c:c + lanes] in ggml_vec_soft_max_f32's order: _mm512_reduce_add_ps
+    (16 lanes) or the _mm256 extract / movehl / movehdup reduction (8 lanes)."""
+    if lanes == 16:
+        t0 = w[c + 8] + w[c]
+        t1 = w[c + 9] + w[c + 1]
+        t2 = w[c + 10] + w[c + 2]
+        t3 = w[c + 11] + w[c + 3]
+        t4 = w[c + 12] + w[c + 4]
+        t5 = w[c + 13] + w[c + 5]
+        t6 = w[c + 14] + w[c + 6]
+        t7 = w[c + 15] + w[c + 7]
+        h0, h1, h2, h3 = t4 + t0, t5 + t1, t6 + t2, t7 + t3
+    else:
+        h0 = w[c + 4] + w[c]
+        h1 = w[c + 5] + w[c + 1]
+        h2 = w[c + 6] + w[c + 2]
+        h3 = w[c + 7] + w[c + 3]
+    return (h0 + h2) + (h1 + h3)
 
 
 @nb.njit(parallel=True, **JIT)
@@ -265,6 +272,75 @@ def gelu_table_f16(x, table, gate, use_gate, out):
         else:
             y = table[fp32_to_fp16(v)]
         o[i] = y * g[i] if use_gate else y
+
+
+# =============================================================================================
+# Mixture-of-experts routing (llama-graph.cpp build_moe_ffn with softmax gating and norm_w)
+# =============================================================================================
+
+
+@nb.njit(**JIT)
+def softmax_rows(x, lanes, out):
+    """ggml_soft_max of the router logits, rows of x [R, n] (no mask, scale 1):
+    ggml_compute_forward_soft_max_f32 takes the row max (ggml_vec_max_f32), then
+    ggml_vec_soft_max_f32 exponentiates full chunks of `lanes` with ggml_v_expf, adding each
+    chunk's float hsum to a double, and the n % lanes values left with expf one by one (added
+    in double too); the row is then scaled by (float)(1 / sum)."""
+    R, n = x.shape
+    nfull = n // lanes * lanes
+    for r in range(R):
+        xr = x[r]
+        o = out[r]
+        mx = F32(-np.inf)
+        for i in range(n):
+            if xr[i] > mx:
+                mx = xr[i]
+        total = 0.0
+        for i in range(nfull):
+            o[i] = ggml_expf16(xr[i] - mx) if lanes == 16 else ggml_expf(xr[i] - mx)
+        for c in range(0, nfull, lanes):
+            total += np.float64(_hsum_lanes(o, c, lanes))
+        for i in range(nfull, n):
+            v = F32(math.exp(xr[i] - mx))
+            total += np.float64(v)
+            o[i] = v
+        inv = F32(1.0 / total)
+        for i in range(n):
+            o[i] = o[i] * inv
+
+
+# build_moe_ffn: weights_sum clamped to the smallest normal F16 before the division
+MOE_WEIGHTS_SUM_MIN = F32(6.103515625e-5)
+
+
+@nb.njit(**JIT)
+def moe_top_k(probs, k, ids, weights, norm):
+    """Per row of probs [T, E]: ids [T, k] = ggml_argsort_top_k (descending; std::sort, so equal
+    probabilities have no defined order: the lower index first here), weights [T, k] = the
+    probabilities there (ggml_get_rows). norm (build_moe_ffn norm_w): weights divided by their
+    sum (ggml_sum_rows: ggml_vec_sum_f32 in double, cast to float), clamped below at
+    MOE_WEIGHTS_SUM_MIN (ggml_clamp), by ggml_div."""
+    T, E = probs.shape
+    taken = np.zeros(E, np.bool_)
+    for t in range(T):
+        taken[:] = False
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or probs[t, e] > probs[t, best]):
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            weights[t, j] = probs[t, best]
+        if norm:
+            acc = 0.0
+            for j in range(k):
+                acc += np.float64(weights[t, j])
+            s = F32(acc)
+            if s < MOE_WEIGHTS_SUM_MIN:
+                s = MOE_WEIGHTS_SUM_MIN
+            for j in range(k):
+                weights[t, j] = weights[t, j] / s
 
 
 # =============================================================================================
