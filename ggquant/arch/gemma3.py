@@ -5,7 +5,9 @@ conversion/base.py TextModel):
 - every `*norm.weight` is stored as `1 + w`: Gemma3RMSNorm multiplies by (1 + weight);
 - token_embd is trimmed to the tokenizer's size (out-of-vocabulary padding rows dropped);
 - tied embeddings: no output.weight (llama.cpp reuses token_embd);
-- vocabulary from tokenizer.model (SentencePiece), add_space_prefix = false.
+- vocabulary from tokenizer.model (SentencePiece), add_space_prefix = false; a folder with only
+  tokenizer.json (transformers 5 writes no tokenizer.model) gets the same vocabulary rebuilt from it
+  (vocab.sentencepiece_tokens_from_json), which llama.cpp's converter does not do.
 
 Read back (runtime/models/gemma3.py and `convert --to hf`): Gemma3Hparams decodes the GGUF keys
 as llama.cpp's src/models/gemma3.cpp loads them; Gemma3.hf_config turns them into config.json.
@@ -175,24 +177,31 @@ class Gemma3(Arch):
 
     # --- vocabulary --------------------------------------------------------------------------
     def read_tokens(self):
-        if not (self.dir / "tokenizer.model").is_file():
-            raise GGQuantError(
-                f"{self.dir}: tokenizer.model not found; llama.cpp's Gemma 3 converter reads the SentencePiece "
-                f"model (its tokenizer.json fallback only accepts pre-tokenizers it knows by hash)"
-            )
-        return self.sp_tokens()
+        if (self.dir / "tokenizer.model").is_file():
+            return self.sp_tokens()
+        if (self.dir / "tokenizer.json").is_file():
+            # transformers 5 and the tools built on it write no tokenizer.model (beyond llama.cpp,
+            # whose converter takes such a folder for a GPT-2 BPE)
+            return V.sentencepiece_tokens_from_json(self.dir, self._vocab_size())
+        raise GGQuantError(f"{self.dir}: neither tokenizer.model nor tokenizer.json found; the Gemma 3 vocabulary "
+                           f"is read from one of them (copy them from the original model)")
+
+    def _vocab_size(self) -> int | None:
+        n = self.hparams.get("vocab_size_per_layer_input") or self.hparams.get("vocab_size")
+        return n if isinstance(n, int) else None
 
     def sp_tokens(self):
         """_create_vocab_sentencepiece, padded to vocab_size_per_layer_input or vocab_size."""
         if not hasattr(self, "_sp_tokens"):
-            n = self.hparams.get("vocab_size_per_layer_input") or self.hparams.get("vocab_size")
-            self._sp_tokens = V.sentencepiece_tokens(self.dir, n if isinstance(n, int) else None)
+            self._sp_tokens = V.sentencepiece_tokens(self.dir, self._vocab_size())
         return self._sp_tokens
 
     def n_vocab_real(self) -> int:
         """The token_embd rows llama.cpp keeps (Gemma3Model.modify_tensors)."""
         if (self.dir / "tokenizer.model").is_file():
             return len(self.sp_tokens()[0])
+        if type(self).read_tokens is Gemma3.read_tokens:  # the SentencePiece vocabulary, from tokenizer.json
+            return len(self.tokens()[0])
         tj = read_json(self.dir / "tokenizer.json", "the tokenizer is needed to size token_embd")
         return len(tj["model"]["vocab"]) + len(tj.get("added_tokens") or [])
 

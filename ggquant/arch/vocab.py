@@ -18,6 +18,7 @@ Every file is decoded as UTF-8 explicitly so that a bad byte is reported with it
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from pathlib import Path
@@ -392,18 +393,158 @@ def sentencepiece_tokens(model_dir: Path, vocab_size: int | None) -> tuple[list[
                 tokens[tid], scores[tid], types[tid] = text, -1000.0, int(TokenType.USER_DEFINED)
     tc = read_json(model_dir / "tokenizer_config.json", "", required=False)
     if isinstance(tc, dict):
-        for sid, data in (tc.get("added_tokens_decoder") or {}).items():
-            tid = int(sid)
-            text = _content(data)
-            if text is None or tid >= n:
-                continue
-            if data.get("special") or looks_special(text):
-                types[tid] = int(TokenType.CONTROL)
-            else:
-                text = text.replace(SPACE, " ")  # pre-normalize user-defined spaces
-                types[tid] = int(TokenType.USER_DEFINED)
-            scores[tid] = -1000.0
-            tokens[tid] = text
+        _retype_added(tokens, scores, types, tc.get("added_tokens_decoder") or {})
+    return tokens, scores, types
+
+
+def _retype_added(tokens: list[str], scores: list[float], types: list[int], decoder: dict) -> None:
+    """_create_vocab_sentencepiece's pass over added_tokens_decoder ({id: {content, special}}):
+    special or special-looking tokens CONTROL, the others USER_DEFINED (spaces pre-normalized);
+    score -1000."""
+    n = len(tokens)
+    for sid, data in decoder.items():
+        tid = int(sid)
+        text = _content(data)
+        if text is None or tid >= n:
+            continue
+        if data.get("special") or looks_special(text):
+            types[tid] = int(TokenType.CONTROL)
+        else:
+            text = text.replace(SPACE, " ")  # pre-normalize user-defined spaces
+            types[tid] = int(TokenType.USER_DEFINED)
+        scores[tid] = -1000.0
+        tokens[tid] = text
+
+
+# SentencePiece vocabularies known by the sha256 of tokenizer.json's model.vocab in id order
+# (_vocab_digest), with what their tokenizer.json does not say:
+# - "score_gaps": SentencePiece's BPE trainer scores its pieces -(position in its list), so the
+#   n-th NORMAL piece scores -n unless the list held other pieces in between: {n: pieces skipped
+#   before the n-th NORMAL piece};
+# - "not_special": tokens the original tokenizer_config.json marks not special (USER_DEFINED in the
+#   GGUF) that transformers 5 marks special when it saves them (the model's named tokens).
+# Gemma 3 (one vocabulary for every size): 31 scores are skipped before the piece "▁" (id
+# 236743, the 236249-th NORMAL piece); <start_of_image> and <end_of_image> are USER_DEFINED.
+KNOWN_SPM_VOCABS: dict[str, dict[str, Any]] = {
+    "127134498cd23351bb66343ed90d206c1bba6724970abd5e6300f113b34a1cc2": {"score_gaps": {236249: 31}, "not_special": ("<start_of_image>", "<end_of_image>")},
+}
+
+
+def _vocab_digest(pieces: list[str]) -> str:
+    from hashlib import sha256
+
+    return sha256("\0".join(pieces).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _json_added(tok: dict, tc: dict | None) -> dict[str, dict]:
+    """{id: {content, special}} of tokenizer.json's added_tokens, then tokenizer_config.json's
+    added_tokens_decoder for ids the first lacks (transformers 5 writes only the first)."""
+    out: dict[str, dict] = {}
+    for a in tok.get("added_tokens") or []:
+        if isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int):
+            out.setdefault(str(a["id"]), {"content": a["content"], "special": bool(a.get("special"))})
+    for sid, data in ((tc or {}).get("added_tokens_decoder") or {}).items():
+        if str(sid).isdigit() and _content(data) is not None:
+            out.setdefault(str(sid), data)
+    return out
+
+
+def sentencepiece_tokens_from_json(model_dir: Path, vocab_size: int | None) -> tuple[list[str], list[float], list[int]]:
+    """What `sentencepiece_tokens` reads from tokenizer.model, rebuilt from the tokenizer.json that
+    transformers converted from it (GemmaConverter: a BPE with byte fallback whose merges are every
+    split a + b of every piece, ranked by the piece), for folders written by transformers 5 and the
+    tools built on it, which keep no tokenizer.model.
+
+    Pieces and ids are tokenizer.json's vocabulary; types BYTE for <0xNN>, UNKNOWN for the BPE's
+    unk_token, NORMAL otherwise, then re-typed by the added tokens as `sentencepiece_tokens` does.
+    Scores: BYTE and UNKNOWN 0 (SentencePiece's), NORMAL pieces -n for the n-th in id order
+    (SentencePiece's BPE trainer; KNOWN_SPM_VOCABS restores the exact values of known
+    vocabularies). llama.cpp's SPM tokenizer merges the adjacent pair that makes the best-scored
+    piece, the BPE the best-ranked pair: the two agree when the merges are every split of every
+    NORMAL piece ranked in id order, which is checked here; a tokenizer.json that is not so is
+    refused rather than written as a vocabulary that would tokenize differently."""
+    path = model_dir / "tokenizer.json"
+    tok = read_json(path, "without tokenizer.model, the Gemma 3 vocabulary is rebuilt from tokenizer.json")
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise GGQuantError(f"{path}: expected a BPE model with byte_fallback = true (transformers' conversion of a "
+                           f"SentencePiece model); got model.type = {(model or {}).get('type')!r}, byte_fallback = "
+                           f"{(model or {}).get('byte_fallback')!r}. Put the model's tokenizer.model in the folder")
+    norm = tok.get("normalizer")
+    if norm != {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}:
+        raise GGQuantError(f"{path}: normalizer {json.dumps(norm, ensure_ascii=False)[:200]} is not Gemma's "
+                           f"Replace(' ', '▁') (no dummy prefix); the vocabulary cannot be rebuilt as the "
+                           f"SentencePiece model's. Put the model's tokenizer.model in the folder")
+    pre = tok.get("pre_tokenizer")
+    if pre not in (None, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                          "invert": False}):  # splitting at " " after the normalizer is a no-op
+        raise GGQuantError(f"{path}: pre_tokenizer {json.dumps(pre, ensure_ascii=False)[:200]} splits the text "
+                           f"before BPE, which SentencePiece does not; put the model's tokenizer.model in the folder")
+    vocab = model.get("vocab")
+    merges = model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise GGQuantError(f"{path}: model.vocab (token -> id) and model.merges are required")
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    n_base = len(vocab)
+    if len(by_id) != n_base or set(by_id) != set(range(n_base)):
+        raise GGQuantError(f"{path}: model.vocab ids are not 0..{n_base - 1}, each once")
+    tc = read_json(model_dir / "tokenizer_config.json", "", required=False)
+    added = _json_added(tok, tc if isinstance(tc, dict) else None)
+    added_ids = {int(i) for i in added}
+    known = KNOWN_SPM_VOCABS.get(_vocab_digest([by_id[i] for i in range(n_base)]), {})
+    for data in added.values():
+        if _content(data) in known.get("not_special", ()):
+            data["special"] = False
+    n = vocab_size or n_base
+    if n < n_base:
+        raise GGQuantError(f"{path}: {n_base} tokens but config.json vocab_size is {n}")
+
+    # the merges must be those of a SentencePiece model: every split of every NORMAL piece,
+    # ranked in the pieces' id order
+    pairs: set[tuple[str, str]] = set()
+    last = -1
+    for r, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        pairs.add((a, b))
+        t = vocab.get(a + b)
+        if t is None:
+            raise GGQuantError(f"{path}: merge {r} ({a!r}, {b!r}) makes {a + b!r}, which is not in model.vocab")
+        if t in added_ids:
+            continue  # split off before BPE, in transformers and in llama.cpp alike
+        if t < last:
+            raise GGQuantError(
+                f"{path}: merge {r} ({a!r}, {b!r}) makes token {t} after merges that make token {last}; the merges "
+                f"are not ranked like the pieces of a SentencePiece model, so no SentencePiece vocabulary tokenizes "
+                f"like this BPE. Put the model's tokenizer.model in the folder")
+        last = t
+    unk = model.get("unk_token")
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    scores = [-10000.0] * n
+    types = [int(TokenType.UNUSED)] * n
+    for i in range(n_base):
+        t = tokens[i] = by_id[i]
+        scores[i] = 0.0
+        if _BYTE_TOKEN.fullmatch(t):
+            types[i] = int(TokenType.BYTE)
+        elif t == unk:
+            types[i] = int(TokenType.UNKNOWN)
+        else:
+            types[i] = int(TokenType.NORMAL)
+            if i not in added_ids:
+                for k in range(1, len(t)):
+                    a, b = t[:k], t[k:]  # a character outside the vocabulary is a symbol of llama.cpp's too
+                    if (a in vocab or len(a) == 1) and (b in vocab or len(b) == 1) and (a, b) not in pairs:
+                        raise GGQuantError(
+                            f"{path}: token {i} {t!r} splits into {a!r} + {b!r}, but model.merges "
+                            f"lacks that pair; SentencePiece would merge it, this BPE does not. Put the model's "
+                            f"tokenizer.model in the folder")
+    _retype_added(tokens, scores, types, added)
+    normal = [i for i in range(n_base) if types[i] == int(TokenType.NORMAL)]
+    gaps = known.get("score_gaps", {})
+    skipped = 0
+    for rank, i in enumerate(normal):
+        skipped += gaps.get(rank, 0)
+        scores[i] = -float(rank + skipped)
     return tokens, scores, types
 
 

@@ -9,7 +9,8 @@ and the converter's data flow (ggquant.convert):
                              place as one Tensor whose encoding is SourceQuant (ggquant.tensor):
                              its float rows are the source's exact dequantization, so the arch
                              name map, shape checks and planning treat it like a bf16 weight.
-                             GLQ weights stored padded are cropped to config.json's shapes.
+                             Weights stored padded (GLQ; auto-round model-free input widths)
+                             are cropped to config.json's shapes.
     finish_plan(...)         after the normal plan (converter outtypes, llama-quantize presets,
                              --tensor-type) each quantized weight's TensorPlan gets its final type
                              and is marked exact or lossy; --exact refuses every lossy step.
@@ -113,7 +114,7 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
         return None
     notes = list(model.notes)
     dtype = _model_dtype(arch, model.consumed)
-    records = {name: _crop_glq(arch, rec) for name, rec in model.tensors.items()}
+    records = {name: _crop_padded(arch, rec) for name, rec in model.tensors.items()}
     weights: dict[str, Tensor] = {}
     for name, rec in records.items():
         weights[name] = source_quant(rec, dtype, [ckpt.tensors[s] for s in rec.sources if s in ckpt.tensors])
@@ -146,15 +147,20 @@ def _record(t: Tensor) -> QuantizedTensor | None:
     return t.encoding.record if isinstance(t.encoding, SourceQuant) else None
 
 
-def _crop_glq(arch: Arch, rec: QuantizedTensor) -> QuantizedTensor:
-    """GLQ weights stored padded (legacy pow2 layouts, quantized embeddings) -> the model's shape."""
+def _crop_padded(arch: Arch, rec: QuantizedTensor) -> QuantizedTensor:
+    """Weights stored padded (GLQ's legacy pow2 layouts and quantized embeddings; auto-round's
+    model-free input widths) -> the model's shape."""
     if not getattr(rec, "padded", False):
         return rec
     exp = arch.expected_shapes() if hasattr(arch, "expected_shapes") else {}
     want = exp.get(arch.normalize_name(rec.name))
     if want is None or len(want[0]) != 2:
+        if isinstance(rec, IntQuantTensor):  # padded only when the width was not a multiple of the group
+            return rec
         raise GGQuantError(f"GLQ tensor '{rec.name}' is stored padded to {list(rec.shape)} and "
                            f"{arch.config_path.name} does not say its true shape; ggquant cannot crop it")
+    if tuple(want[0]) == tuple(rec.shape):
+        return rec
     return rec.cropped(*want[0])
 
 

@@ -232,10 +232,20 @@ def test_gemma4_tokenizer_must_be_byte_fallback_bpe(model, tmp_path):
     fails(src, tmp_path, "tokenizer.json", "byte_fallback")
 
 
-def test_gemma3_needs_tokenizer_model(model, tmp_path):
+def test_gemma3_needs_a_tokenizer(model, tmp_path):
     src = model("gemma3_text")
     (src / "tokenizer.model").unlink()
-    fails(src, tmp_path, "tokenizer.model")
+    (src / "tokenizer.json").unlink()
+    fails(src, tmp_path, "neither tokenizer.model nor tokenizer.json")
+
+
+def test_gemma3_tokenizer_json_must_be_a_sentencepiece_bpe(model, tmp_path):
+    src = model("gemma3_text")
+    (src / "tokenizer.model").unlink()
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    fails(src, tmp_path, "tokenizer.json", "pre_tokenizer", "tokenizer.model")
 
 
 def test_mmproj_needs_a_vision_tower(tmp_path):

@@ -25,7 +25,7 @@ pytest.importorskip("auto_round")
 
 from ggquant.fixtures.cache import cached_build  # noqa: E402
 from ggquant.fixtures.quantized import (  # noqa: E402
-    build_auto_round, build_gptq, relabel_as_autoround_015_model_free,
+    build_auto_round, build_auto_round_model_free, build_gptq, relabel_as_autoround_015_model_free,
 )
 
 # case id -> (auto-round format, bits, sym, expected description prefix, exact type)
@@ -39,6 +39,9 @@ CASES = {
     "ar_gptq_sym3": ("auto_round", 3, True, "AutoRound auto_round:auto_gptq int3 sym", T.Q4_0),
     "gptq_v1_sym8": ("auto_gptq", 8, True, "GPTQ v1 int8 sym", T.Q8_0),
     "ar_awq_asym6": ("auto_round:auto_awq", 6, False, "AutoRound auto_round:auto_awq int6 asym", T.Q8_0),
+    # auto-round's AWQ export with sym=True: zero_point false, qzeros all 2^(bits-1)
+    "awq_sym4": ("auto_awq", 4, True, "AWQ gemm int4 sym", T.Q4_0),
+    "ar_awq_sym6": ("auto_round:auto_awq", 6, True, "AutoRound auto_round:auto_awq int6 sym", T.Q8_0),
 }
 
 
@@ -97,8 +100,8 @@ def test_dequantize_equals_library_and_exact(ar_dirs, case):
     for rec in model:
         ours = rec.dequantize()
         # The identity matmul turns -0.0 (q == zero under auto-round's signed scales) into +0.0;
-        # adding +0.0 does the same to ours and changes nothing else.
-        assert_bits_equal(ours + np.float32(0), lib[rec.name], f"{case} {rec.name}")
+        # adding +0.0 does the same to ours (and to AWQ's dequantize_gemm) and changes nothing else.
+        assert_bits_equal(ours + np.float32(0), lib[rec.name] + np.float32(0), f"{case} {rec.name}")
         got = rec.exact_ggml()
         assert got is not None, rec.not_exact_reason
         assert got[0] == qtype, (case, rec.name, got[0].name)
@@ -184,3 +187,45 @@ def test_act_order_down_proj_permutation(tmp_path, sym):
 def test_refusals(qc, phrase):
     with pytest.raises(GGQuantError, match=phrase):
         open_quantized({"quantization_config": qc}, [], lambda n: None)
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_model_free_padded_widths_are_cropped_to_config(tmp_path, sym):
+    """auto-round's model-free export pads 160/288-wide inputs to 256/384 (group 128): the GGUF has
+    config.json's widths, each weight bit-equal to auto-round's own dequantization cropped, its
+    padding zero; a crop into real columns is refused by name."""
+    import auto_round
+
+    from ggquant.convert.hf_to_gguf import convert
+    from ggquant.formats.gguf import GGUFReader
+
+    d = cached_build(f"autoround_model_free_{'sym' if sym else 'asym'}4", build_auto_round_model_free, sym=sym,
+                     autoround_version=auto_round.__version__)
+    lib = _library_weights(d)
+    model = open_dir(d)
+    widths = {"q_proj": 160, "k_proj": 160, "v_proj": 160, "o_proj": 160, "gate_proj": 160, "up_proj": 160,
+              "down_proj": 288}
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for rec in model:
+        assert rec.padded and rec.shape[1] == {160: 256, 288: 384}[widths[rec.name.split(".")[-2]]]
+    out = tmp_path / "mf.gguf"
+    convert(d, outfile=out)  # llama.cpp's q/k row permutation makes those two requantized, not exact
+    qtype = T.Q4_0 if sym else T.Q5_0
+    with GGUFReader(out) as r:
+        for rec in model:
+            short = rec.name.split(".")[-2]
+            n = widths[short]
+            g = r.tensor(f"blk.0.{gguf_names[short]}.weight")
+            assert tuple(g.shape)[-1] == n, (rec.name, g.shape)
+            if short in ("q_proj", "k_proj"):
+                continue
+            assert g.qtype == qtype, (rec.name, g.qtype)
+            got = ggml_oracle.dequantize(qtype, np.ascontiguousarray(g.raw()).view(np.uint8).reshape(rec.shape[0], -1), n)
+            want = lib[rec.name]
+            assert not want[:, n:].any()
+            assert_bits_equal(got.reshape(rec.shape[0], n) + np.float32(0), want[:, :n] + np.float32(0), rec.name)
+    rec = model["model.layers.0.mlp.down_proj.weight"]
+    with pytest.raises(GGQuantError, match=r"down_proj\.weight: stored \[160, 384\], .*\[160, 200\], but padding "
+                                           r"column \d+ of row \d+ is not zero"):
+        rec.cropped(160, 200)

@@ -23,6 +23,8 @@ detected by model_free + autoround_version 0.15.x + sym false, and read as v1.
 AWQ (gemm) layout: P.qweight I32 [in, out*bits/32] and P.qzeros I32 [G, out*bits/32], both packed
 along `out` as a bit stream whose 8-value groups are interleaved: stored slot s of a group holds
 logical column [0, 2, 4, 6, 1, 3, 5, 7][s]; P.scales F16 [G, out]; zero points stored as-is.
+Symmetric AWQ (`zero_point: false`, auto-round's AWQ export with sym=True) keeps the same
+tensors, qzeros all 2^(bits-1) (auto-round export_to_awq pack: a scalar zero point tiled).
 """
 
 from __future__ import annotations
@@ -93,8 +95,6 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm":
             raise GGQuantError(f"AWQ version {version!r} is not supported (gemm only)")
-        if not qc.get("zero_point", True):
-            raise GGQuantError("AWQ without zero points (zero_point: false) is not supported")
         layout, zeros = "awq", "v2"
         desc = "AWQ gemm"
     else:
@@ -104,7 +104,9 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
     gs = int(qc.get("group_size", qc.get("q_group_size", 128)))
     sym = bool(qc.get("sym", True))
     if method == "awq":
-        sym = False
+        # zero_point: false (auto-round's symmetric AWQ export) still stores qzeros: every one
+        # 2^(bits-1), which the dequantization subtracts like any other zero point
+        sym = not qc.get("zero_point", True)
     base = _Scheme(bits, gs, sym, f"{method} quantization_config")
     dynamic = qc.get("dynamic") or {}
     extra = qc.get("extra_config") or {}
@@ -118,6 +120,10 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
         mod = name[: -len(".qweight")]
         scheme = _scheme_for(mod, base, dynamic, extra, skip, desc)
         rec = (_awq_record if layout == "awq" else _gptq_record)(mod, scheme, src, zeros, desc)
+        # auto-round's model-free export pads the input width with zeros to a multiple of the
+        # group size (model_free_utils.quantize_weight_rtn) and records no true width: the
+        # converter crops to config.json's shape (IntQuantTensor.cropped)
+        rec.padded = bool(qc.get("model_free")) and layout == "gptq" and scheme.group_size > 0
         tensors[rec.name] = rec
         consumed.update(rec.sources)
     desc_full = f"{desc} int{bits} {'sym' if sym else 'asym'} group{gs}"
@@ -252,5 +258,5 @@ def _awq_record(mod: str, s: _Scheme, src: Source, zeros: str, desc: str) -> Int
 
     half = 1 << (s.bits - 1)
     return IntQuantTensor(f"{mod}.weight", (out, n), _encoding(desc, s, False), "awq",
-                          (names["qweight"], names["qzeros"], names["scales"]), s.bits, False, load, gs, False,
-                          (-(2 * half - 1), 2 * half - 1))
+                          (names["qweight"], names["qzeros"], names["scales"]), s.bits, s.sym, load, gs, False,
+                          (-half, half - 1) if s.sym else (-(2 * half - 1), 2 * half - 1))

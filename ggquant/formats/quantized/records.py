@@ -343,6 +343,32 @@ class IntQuantTensor(QuantizedTensor):
         self._perm_cols: np.ndarray | None = None
         # Range of k = q - zero that the format allows (for the metadata-only prediction).
         self.qrange = qrange
+        # The stored input width may exceed the weight's (auto-round's model-free export pads it
+        # with zero weights to a multiple of the group size): see cropped().
+        self.padded = False
+
+    def cropped(self, out: int, n: int) -> IntQuantTensor:
+        """The true [out, n] weight of a record stored with its input width padded; the padding
+        must dequantize to zeros."""
+        if out != self.shape[0] or not 0 < n <= self.shape[1]:
+            raise GGQuantError(f"{self.name}: cannot crop the stored {list(self.shape)} weight to [{out}, {n}]")
+        step = max(1, (1 << 22) // self.shape[1])
+        for a in range(0, out, step):
+            b = min(out, a + step)
+            k = self._load((a, b)).k()[:, n:]
+            if k.any():
+                r, c = (int(x[0]) for x in np.nonzero(k))
+                raise GGQuantError(f"{self.name}: stored {list(self.shape)}, the model's weight is [{out}, {n}], but "
+                                   f"padding column {n + c} of row {a + r} is not zero (code {int(k[r, c])}); the "
+                                   f"checkpoint does not match config.json")
+        load = self._load
+
+        def crop(rr) -> IntCodes:
+            c = load(rr)
+            return IntCodes(np.ascontiguousarray(c.q[:, :n]), c.scale, c.zero, c.group[:n], c.group_size)
+
+        return IntQuantTensor(self.name, (out, n), self.encoding, self.format, self.sources, self.bits, self.symmetric,
+                              crop, self.group_size, self.act_order, self.qrange)
 
     def codes(self, rows=None) -> IntCodes:
         rr = rows_range(rows, self.shape[0])
