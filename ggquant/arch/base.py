@@ -506,6 +506,9 @@ class Arch:
     # reshaped tensors (hf_shape), the stored names (denormalize_name) and config.json
     # (hf_config, from the GGUF metadata).
     GENERATED: tuple[str, ...] = ()  # GGUF names of generated tensors: no HF counterpart
+    # tokenizer_config.json's tokenizer_class: transformers 5 runs tokenizer.json as written for this
+    # one; a model's own class (GemmaTokenizer, LlamaTokenizer) may rebuild the pipeline its own way
+    HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
     @classmethod
     def hf_config(cls, g: GGUFFacts, mm: GGUFFacts | None) -> dict:

@@ -161,6 +161,7 @@ class Gemma3(Arch):
     MMPROJ_TENSORS = GEMMA3_MMPROJ
     TEXT_DEFAULTS = GEMMA3_TEXT_DEFAULTS
     REQUIRED_HPARAMS = Arch.REQUIRED_HPARAMS + ("head_dim",)
+    HF_TOKENIZER_CLASS = "GemmaTokenizer"
     norm_shift = NORM_SHIFT
 
     def text_hparams(self, config: dict) -> dict:

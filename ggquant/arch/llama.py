@@ -118,6 +118,9 @@ class PermuteHeads(Transform):
     def inverse(self, hf_shape):
         return PermuteHeads(self.row_block, not self.inv)
 
+    def row_permutation(self, n_rows):
+        return self(np.arange(n_rows), None)
+
 
 # =============================================================================================
 # GGUF metadata, read back (runtime and GGUF -> HF)

@@ -51,9 +51,16 @@ class Qwen2(LlamaLike):
         return exp
 
     @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        cfg = super().hf_config(g, mm)
+        if cls is Qwen2 and cfg["head_dim"] * cfg["num_attention_heads"] == cfg["hidden_size"]:
+            del cfg["head_dim"]  # Qwen2Config has none (hidden_size / num_attention_heads)
+        return cfg
+
+    @classmethod
     def hf_extra_config(cls, g, hp) -> dict:
         return dict(use_sliding_window=False, sliding_window=None, max_window_layers=hp.n_layer,
-                    layer_types=["full_attention"] * hp.n_layer)
+                    layer_types=["full_attention"] * hp.n_layer, attention_bias=True)
 
 
 __all__ = ["Qwen2"]

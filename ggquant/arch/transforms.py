@@ -31,6 +31,11 @@ class Transform:
         `hf_shape` (`ggquant convert --to hf`); inverse(s).shape(self.shape(s)) == s."""
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
+    def row_permutation(self, n_rows: int) -> np.ndarray | None:
+        """perm when the transform only reorders whole outer rows (out = x[perm]), else None: a
+        quantized checkpoint's weight is then permuted as integer codes and stays exact."""
+        return None
+
 
 class Identity(Transform):
     identity = True

@@ -3,14 +3,17 @@
 The inverse of vocab.py. What is written:
 
 - tokenizer.json, a `tokenizers` BPE with byte fallback in Gemma's layout (normalizer
-  Replace(" ", "▁"), decoder Replace/ByteFallback/Fuse, a TemplateProcessing post-processor
-  adding <bos>), loaded by transformers' GemmaTokenizer:
+  [Prepend("▁"),] Replace(" ", "▁"), decoder Replace/ByteFallback/Fuse, a TemplateProcessing
+  post-processor adding <bos>), loaded by the architecture's tokenizer_class (GemmaTokenizer for
+  Gemma, PreTrainedTokenizerFast, which runs the file as written, for Llama 2 / Mistral):
   * `tokenizer.ggml.model = gemma4`: the GGUF's own merges, in their order;
   * `tokenizer.ggml.model = llama` (SentencePiece BPE, Gemma 3): merges derived from the scores.
     llama.cpp's SPM tokenizer (llama-vocab.cpp llm_tokenizer_spm_session) repeatedly merges the
     adjacent pair whose concatenation is a token with the highest score (leftmost on ties);
     a BPE whose merge list holds every split (a, b) of every token t = a + b, ranked by t's
     score, makes the same choices (the scores of distinct Gemma pieces are distinct).
+- `tokenizer.ggml.model = gpt2` (Llama 3, Qwen, SmolLM2): a byte-level BPE tokenizer.json with the
+  GGUF's merges and the Hugging Face pre-tokenizer of its llama.cpp pre-tokenizer name (bpe.py).
 - tokenizer.model (llama/SPM only): a SentencePiece ModelProto with the pieces, scores and
   types, so that converting the folder back to GGUF (which reads tokenizer.model, vocab.py
   sentencepiece_tokens) gives the same tokenizer keys.
@@ -72,10 +75,29 @@ class GGUFVocab:
                 raise GGQuantError(f"{g.path}: {name} id {tid} is outside the vocabulary (0..{n - 1})")
         self.add_bos = bool(g.get(K.ADD_BOS, False))
         self.add_eos = bool(g.get(K.ADD_EOS, False))
-        self.add_space_prefix = bool(g.get(K.ADD_PREFIX, False))
+        # absent: llama.cpp SPM prepends the space (llama-vocab.cpp; Gemma 3 GGUFs say false)
+        self.add_space_prefix = bool(g.get(K.ADD_PREFIX, True))
 
     def named(self) -> dict[str, str]:
         return {name: self.tokens[tid] for name, tid in self.ids.items()}
+
+    def config_named(self) -> dict[str, str]:
+        """The named tokens that tokenizer_config.json names. gguf-py's SpecialVocab takes them from
+        tokenizer_config.json first (bos, eos, unk, sep, pad, mask order), then config.json's
+        bos/eos/pad_token_id fill the gaps, so the GGUF's key order tells where each came from: the
+        run in canonical order from the start came from tokenizer_config.json; a bos, eos or pad id
+        after it (Qwen2's bos: tokenizer_config.json says null) from config.json only."""
+        canon = [name for name, _ in _NAMED_IDS]
+        by_key = {key: name for name, key in _NAMED_IDS}
+        order = [by_key[k] for k in self.g.fields if by_key.get(k) in self.ids]
+        run = len(order)
+        for i in range(1, len(order)):
+            if canon.index(order[i]) < canon.index(order[i - 1]):
+                run = i
+                break
+        if not set(order[run:]) <= {"bos_token", "eos_token", "pad_token"}:
+            run = len(order)  # not what SpecialVocab writes: name them all
+        return {name: self.tokens[self.ids[name]] for name in canon if name in order[:run]}
 
     def chat_template(self) -> str | list[dict] | None:
         """vocab.write_chat_template read backwards: the default template, plus the named ones."""
@@ -134,7 +156,11 @@ def _gguf_merges(v: GGUFVocab) -> list[list[str]]:
 
 
 def _post_processor(v: GGUFVocab) -> dict | None:
-    """Gemma's TemplateProcessing: <bos> before each sequence (and <eos> after, if added)."""
+    """TemplateProcessing: <bos> before each sequence (and <eos> after, if added). gguf-py's SpecialVocab
+    writes tokenizer.ggml.add_sep_token from what separates A and B in the pair template (false for
+    Gemma's and Llama 3's "<bos> A <bos> B"), so the pair keeps <bos> between them only where the GGUF
+    has that key; without it the pair is "<bos> A B", with it true "<bos> A <sep> B" (<eos> after each
+    sequence where the GGUF adds it)."""
     bos, eos = v.named().get("bos_token"), v.named().get("eos_token")
     seq = [("bos", bos)] if v.add_bos and bos is not None else []
     tail = [("eos", eos)] if v.add_eos and eos is not None else []
@@ -148,8 +174,15 @@ def _post_processor(v: GGUFVocab) -> dict | None:
         return {"Sequence": {"id": name, "type_id": 0}}
 
     single = [special(t) for _, t in seq] + [sequence("A")] + [special(t) for _, t in tail]
-    pair = single + [special(t) for _, t in seq] + [sequence("B")] + [special(t) for _, t in tail]
-    used = {t for _, t in seq + tail}
+    add_sep = v.g.get(K.ADD_SEP)
+    sep = v.named().get("sep_token", eos)
+    if add_sep is None:
+        pair = [special(t) for _, t in seq] + [sequence("A"), sequence("B")] + [special(t) for _, t in tail]
+    elif add_sep and sep is not None:  # "<bos> A [<eos>] <sep> B [<eos>]"
+        pair = single + [special(sep), sequence("B")] + [special(t) for _, t in tail]
+    else:
+        pair = single + [special(t) for _, t in seq] + [sequence("B")] + [special(t) for _, t in tail]
+    used = {t for _, t in seq + tail} | ({sep} if add_sep and sep is not None else set())
     return {"type": "TemplateProcessing", "single": single, "pair": pair,
             "special_tokens": {t: {"id": t, "ids": [v.tokens.index(t)], "tokens": [t]} for t in sorted(used)}}
 
@@ -178,6 +211,67 @@ def tokenizer_json(v: GGUFVocab, special: list[bool], added: list[int], n_model_
         "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(v.tokens[:n_model_vocab])}, "merges": merges},
+    }
+    return _dump(doc, indent=None)
+
+
+# =============================================================================================
+# tokenizer.json of a GPT-2 byte-level BPE (tokenizer.ggml.model = gpt2)
+# =============================================================================================
+
+# The Hugging Face pre-tokenizer of each llama.cpp pre-tokenizer group (what the published tokenizer.json
+# files hold; llama.cpp's regexes in llama-vocab.cpp are adaptations of these)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _bpe_pipeline(pre: str, path) -> tuple[dict | None, dict, bool]:
+    """(normalizer, pre_tokenizer, ignore_merges) of the tokenizer.json for llama.cpp pre-tokenizer `pre`."""
+    from ggquant.runtime.bpe import DIGITS, GPT2, LLAMA3, QWEN2, pre_tokenizer
+
+    pt = pre_tokenizer(pre, str(path))
+
+    def split(regex):
+        return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    if pt.splitters == (LLAMA3,):
+        return None, {"type": "Sequence", "pretokenizers": [split(_LLAMA3_SPLIT), level]}, pt.ignore_merges
+    if pt.splitters == (QWEN2,):
+        return {"type": "NFC"}, {"type": "Sequence", "pretokenizers": [split(_QWEN2_SPLIT), level]}, False
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pt.splitters == (DIGITS, GPT2):  # StarCoder / SmolLM: every digit apart, then GPT-2's regex
+        return None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, gpt2]}, False
+    return None, gpt2, False
+
+
+def gpt2_tokenizer_json(v: GGUFVocab, special: list[bool], added: list[int]) -> bytes:
+    """A `tokenizers` byte-level BPE holding the GGUF's vocabulary: its tokens in model.vocab, CONTROL and
+    USER_DEFINED ones also as added tokens (special or not), UNUSED ones ([PAD<i>] fillers) left out, the
+    merges in their order, the pre-tokenizer of tokenizer.ggml.pre, <bos> added where the GGUF adds it.
+    llama.cpp's converter identifies the pre-tokenizer of the result by the same hash (bpe_pre.py)."""
+    pre = v.g.get(K.PRE) or "default"
+    normalizer, pre_tok, ignore_merges = _bpe_pipeline(pre, v.g.path)
+    # every token but the UNUSED fillers sits in model.vocab: `tokenizers` numbers an added token that the
+    # model lacks after the model's vocabulary, whatever id added_tokens gives it
+    UNUSED = int(TokenType.UNUSED)
+    vocab = {t: i for i, t in enumerate(v.tokens) if v.types[i] != UNUSED}
+    bos = v.named().get("bos_token")
+    post: dict = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    if v.add_bos and bos is not None:
+        post = {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            _post_processor(v)]}
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added_entry(i, v.tokens[i], special[i]) for i in added],
+        "normalizer": normalizer, "pre_tokenizer": pre_tok, "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": vocab, "merges": _gguf_merges(v)},
     }
     return _dump(doc, indent=None)
 
@@ -242,16 +336,19 @@ def sentencepiece_model(v: GGUFVocab) -> bytes:
 
 
 def tokenizer_files(g: GGUFFacts, *, visible_specials: tuple[str, ...] = (), named_extra: dict[str, str] | None = None,
-                    model_max_length: int | None = None) -> dict[str, bytes]:
+                    model_max_length: int | None = None,
+                    tokenizer_class: str = "PreTrainedTokenizerFast") -> dict[str, bytes]:
     """{file name: bytes} of the HF tokenizer for the GGUF's vocabulary.
 
     visible_specials: USER_DEFINED token texts that are special tokens in HF (Gemma 4's chat
     syntax tokens, which the converter re-types). named_extra: other named tokens of
     tokenizer_config.json (e.g. boi_token), written when the vocabulary has them."""
     v = GGUFVocab(g)
+    if v.model == "gpt2":
+        return gpt2_tokenizer_files(v, model_max_length, tokenizer_class)
     if v.model not in ("llama", "gemma4"):
         raise GGQuantError(f"{g.path}: tokenizer.ggml.model = {v.model!r}; ggquant writes Hugging Face tokenizers for "
-                           f"'llama' (SentencePiece, Gemma 3) and 'gemma4' (BPE) vocabularies")
+                           f"'llama' (SentencePiece), 'gemma4' (BPE) and 'gpt2' (byte-level BPE) vocabularies")
     CONTROL, USER, UNKNOWN = int(TokenType.CONTROL), int(TokenType.USER_DEFINED), int(TokenType.UNKNOWN)
     n = len(v.tokens)
     special = [ty in (CONTROL, UNKNOWN) or (ty == USER and t in visible_specials) for t, ty in zip(v.tokens, v.types)]
@@ -269,12 +366,12 @@ def tokenizer_files(g: GGUFFacts, *, visible_specials: tuple[str, ...] = (), nam
         "add_eos_token": v.add_eos,
         "added_tokens_decoder": {str(i): {k: x for k, x in _added_entry(i, v.tokens[i], special[i]).items()
                                           if k != "id"} for i in added},
-        **named,
+        **v.config_named(),
         **extra_named,
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",
         "spaces_between_special_tokens": False,
-        "tokenizer_class": "GemmaTokenizer",
+        "tokenizer_class": tokenizer_class,
         "use_default_system_prompt": False,
     }
     if v.model == "gemma4":
@@ -289,3 +386,23 @@ def tokenizer_files(g: GGUFFacts, *, visible_specials: tuple[str, ...] = (), nam
     if v.model == "llama":
         files["tokenizer.model"] = sentencepiece_model(v)
     return files
+
+
+def gpt2_tokenizer_files(v: GGUFVocab, model_max_length: int | None, tokenizer_class: str) -> dict[str, bytes]:
+    """tokenizer.json + tokenizer_config.json of a GPT-2 byte-level BPE GGUF vocabulary."""
+    CONTROL, USER = int(TokenType.CONTROL), int(TokenType.USER_DEFINED)
+    special = [ty == CONTROL for ty in v.types]
+    added = [i for i, ty in enumerate(v.types) if ty in (CONTROL, USER)]
+    cfg: dict[str, Any] = {
+        "added_tokens_decoder": {str(i): {k: x for k, x in _added_entry(i, v.tokens[i], special[i]).items()
+                                          if k != "id"} for i in added},
+        **v.config_named(),
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": tokenizer_class,
+    }
+    if model_max_length:
+        cfg["model_max_length"] = model_max_length
+    tmpl = v.chat_template()
+    if tmpl is not None:
+        cfg["chat_template"] = tmpl
+    return {"tokenizer.json": gpt2_tokenizer_json(v, special, added), "tokenizer_config.json": _dump(cfg)}

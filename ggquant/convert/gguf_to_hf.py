@@ -284,6 +284,7 @@ def _side_files(export: Export, cls: type[Arch], g: GGUFFacts, mm: GGUFFacts | N
                                                 + "\n").encode()}
     files.update(vocab_hf.tokenizer_files(g, visible_specials=getattr(cls, "VISIBLE_TOKENS", ()),
                                           named_extra=cls.hf_named_tokens(),
+                                          tokenizer_class=cls.HF_TOKENIZER_CLASS,
                                           model_max_length=text_cfg.get("max_position_embeddings")))
     if mm is not None:
         files["preprocessor_config.json"] = (json.dumps(cls.hf_preprocessor(export.config, mm), indent=2)

@@ -54,6 +54,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from ggquant.arch.base import MMPROJ, TEXT, Arch
+from ggquant.arch.transforms import IDENTITY
 from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
 from ggquant.convert.plan import ALWAYS_F32, KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
@@ -224,7 +225,7 @@ def _permute_act_order(table: dict[str, Any]) -> list[str]:
 def _row_permutable(t: Tensor) -> bool:
     rec = _record(t)
     if rec is not None:
-        return isinstance(rec, IntQuantTensor)
+        return isinstance(rec, (IntQuantTensor, AffineQuantTensor))
     return isinstance(t.encoding, Dense) and t.dtype in FLOAT_DTYPES and t.ndim >= 1
 
 
@@ -323,6 +324,12 @@ def _check_target(w: Tensor, qtype: T, n_rows: int) -> str | None:
 def _decide(t: TensorPlan, *, auto: bool, ruled: bool) -> None:
     """Set t.qtype / t.exact / t.why for one quantized weight (rules in the module docstring)."""
     w = t.src
+    perm = None if t.transform.identity else t.transform.row_permutation(t.n_outer)
+    if perm is not None and _row_permutable(w):
+        # a permutation of whole output rows (Llama's q/k RoPE layout): every row keeps its integer
+        # codes and its column groups, so the permuted record transcodes as exactly as the original
+        w = t.src = _permute_rows(w, perm)
+        t.transform = IDENTITY
     rec = _record(w)
     planned = t.qtype
     if not t.transform.identity:

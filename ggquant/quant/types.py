@@ -163,11 +163,13 @@ _register(T.BF16, floats, vec_dot_type=T.BF16, cpu_matmul=cpu.matmul_bf16,
 _register(T.Q4_0, legacy, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q4_0,
           cuda_dequantize=cuda.dequantize_q4_0, cuda_repack=cuda.repack_q4_0,
           exact_codes=ExactCodes("sym", -8, 7), file_type=F.MOSTLY_Q4_0)
-_register(T.Q4_1, legacy, uses_imatrix=True, exact_codes=ExactCodes("offset", 0, 15), file_type=F.MOSTLY_Q4_1)
+_register(T.Q4_1, legacy, uses_imatrix=True, cuda_dequantize=cuda.dequantize_q4_1,
+          exact_codes=ExactCodes("offset", 0, 15), file_type=F.MOSTLY_Q4_1)
 _register(T.Q5_0, legacy, uses_imatrix=True, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q5_0,
           cuda_dequantize=cuda.dequantize_q5_0, cuda_repack=cuda.repack_q5_0,
           exact_codes=ExactCodes("sym", -16, 15), file_type=F.MOSTLY_Q5_0)
-_register(T.Q5_1, legacy, uses_imatrix=True, exact_codes=ExactCodes("offset", 0, 31), file_type=F.MOSTLY_Q5_1)
+_register(T.Q5_1, legacy, uses_imatrix=True, cuda_dequantize=cuda.dequantize_q5_1,
+          exact_codes=ExactCodes("offset", 0, 31), file_type=F.MOSTLY_Q5_1)
 _register(T.Q8_0, legacy, vec_dot_type=T.Q8_0, cpu_matmul=cpu.matmul_q8_0,
           cuda_dequantize=cuda.dequantize_q8_0, cuda_repack=cuda.repack_q8_0,
           exact_codes=ExactCodes("sym", -128, 127), file_type=F.MOSTLY_Q8_0)

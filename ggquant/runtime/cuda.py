@@ -305,21 +305,34 @@ class CUDABackend:
         pos = np.asarray(pos, dtype=np.int64)
         return self.torch.as_tensor(pos, device=self.device), int(pos.max()) + 1
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None):
-        return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False)
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
+        return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False, mode=mode)
 
-    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, norm=True):
-        """rope(rms_norm(x, w, eps), ...) of x [T, H, D] (one kernel with Triton)."""
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, norm=True, mode="neox"):
+        """rope(rms_norm(x, w, eps), ...) of x [T, H, D] (one kernel with Triton for NeoX RoPE). mode
+        "neox" rotates pairs (i, i + n_dims/2), "norm" (the llama architecture) pairs (2i, 2i + 1)."""
         pos_d, n_pos = self._positions(pos)
         ct, st = self._rope_table(n_pos, n_dims, base, freq_scale, freq_factors)
-        if self.kern is not None:
+        if self.kern is not None and mode == "neox":
             return self.kern.norm_rope(self.torch, x, w, eps, pos_d, ct, st, norm=norm, rope=True)
         if norm:
             x = self.rms_norm(x, w, eps)
         c, s = ct.index_select(0, pos_d)[:, None, :], st.index_select(0, pos_d)[:, None, :]
         half = ct.shape[1]
+        if mode == "norm":
+            r = x[..., :2 * half].unflatten(-1, (half, 2))
+            x0, x1 = r[..., 0], r[..., 1]
+            rot = self.torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+            return self.torch.cat([rot, x[..., 2 * half:]], dim=-1)
         x0, x1 = x[..., :half], x[..., half:2 * half]
         return self.torch.cat([x0 * c - x1 * s, x0 * s + x1 * c, x[..., 2 * half:]], dim=-1)
+
+    def swiglu(self, gate, up):
+        """silu(gate) * up, float32."""
+        return self.torch.nn.functional.silu(gate) * up
+
+    def add_bias(self, x, b):
+        return x + b
 
     def kv_layer(self, n_ctx: int, h: int, d: int):
         return _TorchLayerCache(self, n_ctx, h, d)

@@ -53,3 +53,21 @@ def test_requantized_real_model_equals_llama_model_quantize(real_f32, tmp_path, 
     assert ours.read_bytes() == ref.read_bytes()
     # (the mixture is not compared with the PyPI file's: another llama-quantize build made it, whose
     # use_more_bits picks differ from this llama.cpp's in four layers: blk.3/14 ffn_down, blk.5/7 attn_v)
+
+
+# --- every preset on the tiny fixtures --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset_name", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_L", "Q3_K_M", "Q3_K_S",
+                                         "Q2_K", "IQ4_XS", "IQ4_NL", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16",
+                                         "BF16"])
+@pytest.mark.parametrize("model", ["mistral", "qwen2"])
+def test_every_preset_of_a_tiny_model_equals_llama_model_quantize(reference_gguf, tmp_path, model, preset_name):
+    """llama.cpp's converter's F32 GGUF of tiny Mistral (llama arch, untied output, 4 query heads per KV
+    head: the GQA rules of the mixtures) and Qwen2 (qwen2 arch, biases, tied): whole files equal."""
+    from ggquant.quant import presets
+
+    src = reference_gguf(model, "f32")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    quantize_gguf(src, ours, preset_name, progress=False)
+    ggml_oracle.llama_quantize(src, ref, presets.PRESETS[preset_name])
+    assert ours.read_bytes() == ref.read_bytes()

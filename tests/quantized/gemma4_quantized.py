@@ -1,7 +1,7 @@
-"""Tiny Gemma 4 checkpoints in already-quantized formats, for `ggquant convert` tests.
+"""Tiny Gemma 4 (and Llama / Qwen) checkpoints in already-quantized formats, for `ggquant convert` tests.
 
-Made from the standard tiny Gemma 4 E4B fixture (fixtures.TINY_MODELS["gemma4_e4b"]): its text
-Linears are quantized, every other tensor is copied unchanged, config.json gains the format's
+Made from the standard tiny Gemma 4 E4B fixture (fixtures.TINY_MODELS["gemma4_e4b"]; build_gptq and
+build_mlx also take another tiny text model, e.g. source="llama3"): its text Linears are quantized, every other tensor is copied unchanged, config.json gains the format's
 quantization block, and the tokenizer files come along.
 
 - `build_ct`: compressed-tensors 0.20 itself (apply_quantization_config + calculate_qparams +
@@ -42,7 +42,7 @@ SOURCE_MODEL = "gemma4_e4b"
 # The published Gemma 4 W4A16 checkpoints' ignore list (per-layer embeddings, towers, lm_head).
 CT_IGNORE = ["lm_head", "re:.*per_layer.*", "re:.*vision_tower.*", "re:.*audio_tower.*", "re:.*embed_vision.*",
              "re:.*embed_audio.*"]
-_TEXT_LINEAR = re.compile(r"^model\.language_model\.(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+_TEXT_LINEAR = re.compile(r"^model\.(language_model\.)?(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
                           r"|per_layer_model_projection)\.weight$")
 _TOWER_LINEAR = re.compile(r"^model\.(vision_tower|audio_tower)\..*\.linear\.weight$")
 _DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -253,8 +253,8 @@ def build_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order:
                fp16_scales: bool = False, source: str = SOURCE_MODEL) -> Path:
     """source: MOE_MODEL for the 26B-A4B-like model with one GPTQ Linear per expert."""
     extra = {} if source == SOURCE_MODEL else {"source": source}
-    return cached_build("gemma4_gptq", _build_gptq, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                        seed=seed, fp16_scales=fp16_scales, digest=_DIGEST, **extra)
+    return cached_build(f"{source.split('_')[0]}_gptq", _build_gptq, bits=bits, group_size=group_size, sym=sym,
+                        act_order=act_order, seed=seed, fp16_scales=fp16_scales, digest=_DIGEST, **extra)
 
 
 # --- GLQ (glq 0.8.16, GPL-3.0: imported by this test fixture only) --------------------------------
@@ -296,14 +296,15 @@ def build_glq(layer: int = 0) -> Path:
 # --- MLX affine --------------------------------------------------------------------------------
 
 
-def _build_mlx(out: Path, bits: int, group_size: int, overrides: dict, digest: str) -> Path:
+def _build_mlx(out: Path, bits: int, group_size: int, overrides: dict, digest: str, source: str = SOURCE_MODEL) -> Path:
     import mlx.core as mx
 
-    src = tiny_model(SOURCE_MODEL)
+    src = tiny_model(source)
     out.mkdir(parents=True, exist_ok=True)
     tensors = mx.load(str(src / "model.safetensors"))
     quant: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    embeds = ("model.language_model.embed_tokens.weight", "model.language_model.embed_tokens_per_layer.weight")
+    embeds = ("model.language_model.embed_tokens.weight", "model.language_model.embed_tokens_per_layer.weight",
+              "model.embed_tokens.weight")
     for key in sorted(tensors):
         if not (_TEXT_LINEAR.match(key) or key in embeds):
             continue
@@ -321,9 +322,10 @@ def _build_mlx(out: Path, bits: int, group_size: int, overrides: dict, digest: s
     return out
 
 
-def build_mlx(bits: int = 4, group_size: int = 32, overrides: dict | None = None) -> Path:
-    return cached_build("gemma4_mlx", _build_mlx, bits=bits, group_size=group_size, overrides=overrides or {},
-                        digest=_DIGEST)
+def build_mlx(bits: int = 4, group_size: int = 32, overrides: dict | None = None, source: str = SOURCE_MODEL) -> Path:
+    extra = {} if source == SOURCE_MODEL else {"source": source}
+    return cached_build(f"{source.split('_')[0]}_mlx", _build_mlx, bits=bits, group_size=group_size,
+                        overrides=overrides or {}, digest=_DIGEST, **extra)
 
 
 # --- the dequantized reference -------------------------------------------------------------------

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K],
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K,
+                                   T.Q6_K],
                          ids=lambda t: t.name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_dequantize_equals_ggml(qtype, device):
@@ -39,7 +40,8 @@ def _torch_model(path, device, gelu="ggml"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "gemma4_a4b", "gemma4_31b"])
+@pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "gemma4_a4b", "gemma4_31b",
+                                  "llama3", "mistral", "qwen2", "qwen3"])
 def test_torch_backend_agrees_with_cpu_backend(reference_gguf, name, device):
     path = reference_gguf(name, "f32")
     rng = np.random.default_rng(1)

@@ -24,7 +24,7 @@ from ggquant.runtime.hf_source import HFFolderReader
 from ggquant.runtime.model import Session, load_model, open_reader
 from ggquant.runtime.tokenizer import Tokenizer
 
-MODELS = ["gemma4_e4b", "gemma4_e2b", "gemma3_text"]
+MODELS = ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "mistral", "qwen2"]  # llama3: 128k vocabulary, 2 min more
 N_TOKENS = 40  # longer than the fixtures' sliding window of 8
 
 

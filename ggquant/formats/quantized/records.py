@@ -458,16 +458,33 @@ class AffineQuantTensor(QuantizedTensor):
         self._load = load  # rows -> (u uint8/int16 [R, n], scales f32 [R, G], biases f32 [R, G])
         # stacked experts: each row is one expert's matrix of expert_rows rows, flattened
         self.expert_rows = expert_rows
+        self._perm_rows: np.ndarray | None = None
+
+    def _rows(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rr = rows_range(rows, self.shape[0])
+        if self._perm_rows is None:
+            return self._load(rr)
+        idx = self._perm_rows[rr[0]:rr[1]]
+        u, s, b = self._load((0, self.shape[0]))
+        return u[idx], s[idx], b[idx]
+
+    def permuted(self, rows: np.ndarray) -> AffineQuantTensor:
+        """A view with output rows reordered (w' = w[rows]): each row keeps its codes and groups."""
+        new = AffineQuantTensor(self.name, self.shape, self.encoding, self.format, self.sources, self.bits,
+                                self.group_size, self._load, self.expert_rows)
+        rows = np.asarray(rows, dtype=np.intp)
+        new._perm_rows = rows if self._perm_rows is None else self._perm_rows[rows]
+        return new
 
     def dequantize(self, rows=None) -> np.ndarray:
-        u, s, b = self._load(rows_range(rows, self.shape[0]))
+        u, s, b = self._rows(rows)
         r, n = u.shape
         g = self.group_size
         w = u.reshape(r, n // g, g).astype(np.float32) * s[:, :, None] + b[:, :, None]
         return w.reshape(r, n)
 
     def blocks(self, rows=None) -> AffineBlocks | str:
-        u, s, b = self._load(rows_range(rows, self.shape[0]))
+        u, s, b = self._rows(rows)
         n = u.shape[1]
         g = self.group_size
         if n % QK:

@@ -117,6 +117,30 @@ dequantize_q4_0, repack_q4_0 = _q0_type(_T.Q4_0)
 dequantize_q5_0, repack_q5_0 = _q0_type(_T.Q5_0)
 
 
+# --- unsigned codes with a scale and an offset per 32 values: Q4_1, Q5_1 -------------------------
+
+def _q1_type(qtype):
+    """Q4_1 (d | m | qs[16]) and Q5_1 (d | m | qh u32 | qs[16]): y = q * d + m, q unsigned (nibble,
+    with Q5_1's qh bit 4); ggml's dequantize_row_q4_1 / _q5_1 round the product, then the sum."""
+    def dequantize(torch, raw, n_per_row: int):
+        b = _blocks(qtype, raw, n_per_row)
+        d, m = _fp16(torch, b[..., 0:2]), _fp16(torch, b[..., 2:4])
+        qs = b[..., -16:].int()
+        q = torch.cat([qs & 0xF, qs >> 4], dim=-1)
+        if qtype == _T.Q5_1:
+            qh = b[..., 4:8].int()
+            qh = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
+            q = q | (((qh[..., None] >> torch.arange(32, device=raw.device, dtype=torch.int32)) & 1) << 4)
+        y = q.float() * d[..., None]
+        return (y + m[..., None]).reshape(raw.shape[0], -1)
+
+    return dequantize
+
+
+dequantize_q4_1 = _q1_type(_T.Q4_1)
+dequantize_q5_1 = _q1_type(_T.Q5_1)
+
+
 def dequantize_q6_k(torch, raw, n_per_row: int):
     N = raw.shape[0]
     q, d, sc = _q6_k_codes(torch, raw, n_per_row)
