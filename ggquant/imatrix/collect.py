@@ -41,8 +41,16 @@ class Collector:
     def __init__(self, chunk_size: int, process_output: bool = False):
         self.chunk_size = chunk_size
         self.process_output = process_output
-        self.sums: dict[str, np.ndarray] = {}
+        self._sums: dict[str, np.ndarray] = {}
+        self._dev: dict = {}  # name -> float32 torch accumulator on a GPU (observe_device)
         self.counts: dict[str, int] = {}
+
+    @property
+    def sums(self) -> dict[str, np.ndarray]:
+        """Per weight, the float32 sums of x^2 per input column (device accumulators copied back)."""
+        for name, acc in self._dev.items():
+            self._sums[name] = acc.detach().cpu().numpy().astype(np.float32)
+        return self._sums
 
     def wanted(self, name: str, n_tokens: int) -> bool:
         if n_tokens < MIN_BATCH_TOKENS:
@@ -54,16 +62,44 @@ class Collector:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1]))
         if not self.wanted(name, x.shape[0]):
             return
-        acc = self.sums.get(name)
+        acc = self._sums.get(name)
         if acc is None:
-            acc = self.sums[name] = np.zeros(x.shape[1], dtype=np.float32)
+            acc = self._sums[name] = np.zeros(x.shape[1], dtype=np.float32)
             self.counts[name] = 0
         _accumulate(acc, x)
         self.counts[name] += x.shape[0]
 
+    def observe_device(self, name: str, x) -> None:
+        """observe() for a float32 torch tensor on a GPU: the sums stay on the device (no copy of
+        the activations to the host per product). Each batch's column sums of x^2 are reduced by
+        torch (a tree, not imatrix.cpp's token-by-token order), then added to the float32
+        accumulator: equal to observe's sums up to float32 rounding (relative ~1e-6)."""
+        x = x.reshape(-1, x.shape[-1])
+        if not self.wanted(name, x.shape[0]):
+            return
+        acc = self._dev.get(name)
+        if acc is None:
+            acc = self._dev[name] = x.new_zeros(x.shape[1], dtype=x.dtype)
+            self.counts[name] = 0
+        acc += (x * x).sum(dim=0)
+        self.counts[name] += x.shape[0]
+
     def attach(self, backend) -> None:
-        """Hook a runtime backend: every matmul input is observed before it is multiplied."""
+        """Hook a runtime backend: every matmul input is observed before it is multiplied (on the
+        device where the backend's tensors live on a GPU, see observe_device)."""
         matmul, matmuls, to_numpy = backend.matmul, backend.matmuls, backend.to_numpy
+        if getattr(getattr(backend, "device", None), "type", None) == "cuda":
+            def hooked_matmul(x, w):
+                self.observe_device(w.name, x)
+                return matmul(x, w)
+
+            def hooked_matmuls(x, ws):
+                for w in ws:
+                    self.observe_device(w.name, x)
+                return matmuls(x, ws)
+
+            backend.matmul, backend.matmuls = hooked_matmul, hooked_matmuls
+            return
 
         def hooked_matmul(x, w):
             self.observe(w.name, to_numpy(x))
@@ -83,8 +119,9 @@ class Collector:
         return max(self.counts.values(), default=0) // self.chunk_size
 
     def to_imatrix(self, datasets: list[str]) -> Imatrix:
-        entries = {n: Entry(self.sums[n].reshape(1, -1).copy(), np.array([self.counts[n]], dtype=np.int64))
-                   for n in self.sums}
+        sums = self.sums
+        entries = {n: Entry(sums[n].reshape(1, -1).copy(), np.array([self.counts[n]], dtype=np.int64))
+                   for n in sums}
         return Imatrix(entries, list(datasets), self.chunk_count, self.chunk_size, False)
 
 
