@@ -101,11 +101,11 @@ def test_half_prefill_agrees_with_float32_prefill_and_decode(reference_gguf, out
         half = Session(m, 64, n_batch=64).eval(ids, "all")
         assert np.isfinite(half).all()
         d = np.abs(half - f32)
-        assert d.max() <= 0.05 * np.abs(f32).max(), (mode, d.max())
+        assert d.max() <= 0.01 * np.abs(f32).max(), (mode, d.max())  # measured ~2e-3 (Q8_0)
         assert (half.argmax(-1) == f32.argmax(-1)).mean() >= 0.9, mode
         s = Session(m, 64, n_batch=64)
         dec = np.concatenate([s.eval([t], "all") for t in ids])
-        assert np.abs(dec - half).max() <= 0.05 * np.abs(dec).max(), mode
+        assert np.abs(dec - half).max() <= 0.01 * np.abs(dec).max(), mode
     # the f32 mode is the old path: unchanged products, so the prompt equals its own decode closely
     s = Session(_model(path, device, prefill="f32"), 64, n_batch=64)
     dec = np.concatenate([s.eval([t], "all") for t in ids])

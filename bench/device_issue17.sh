@@ -1,0 +1,54 @@
+#!/bin/bash
+# Issue 17 on the GPU machine, in two calls of the device tool (each under its 10-minute limit; the
+# second must follow while the machine is still warm, so the llama.cpp build and the GGUFs in /tmp
+# are still there). Run from a carried copy laid out as:
+#   <carry>/wt        this worktree (ggquant, kernels, bench, ...)
+#   <carry>/llama.cpp llama.cpp's tree from the llama-cpp-python 0.3.36 sdist, trimmed as in
+#                     research note anchor-cuda-h100.md (tools/: llama-bench and imatrix only)
+#   <carry>/whl       gguf-0.19.0 wheel;  <carry>/tiny  tiny reference GGUFs (tests' cache)
+#   bash <carry>/wt/bench/device_issue17.sh 1    # llama.cpp build (background), tests, matmul bench, GGUFs
+#   bash <carry>/wt/bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CARRY=$(cd "$ROOT/.." && pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+W=/tmp/ggq_bench
+export NUMBA_CACHE_DIR=/tmp/numba PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/whl/*.whl >/dev/null 2>&1 || true
+export PYTHONPATH=/tmp/site:$ROOT
+ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
+ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
+cd "$ROOT"
+
+if [ "$1" = 1 ]; then
+  if [ ! -x /tmp/llbuild/bin/llama-bench ]; then
+    rm -rf /tmp/llsrc && cp -r "$CARRY/llama.cpp" /tmp/llsrc
+    # build lines of anchor-cuda-h100.md; setsid: the build outlives this call while the machine is warm
+    setsid nohup bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+      && cmake --build /tmp/llbuild --target llama-bench llama-imatrix -j12; echo BUILD_RC=\$?" \
+      > /tmp/llbuild.log 2>&1 < /dev/null &
+  fi
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
+  python3 -m pytest -q -p no:cacheprovider -k "not half_prefill and not graph_decode" \
+    tests/runtime/test_cuda_prefill.py tests/runtime/test_cuda_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
+  python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee "$OUT/prefill_check.txt"
+  python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee "$OUT/prefill_matmul.txt"
+  python3 bench/runtime_cuda.py --build-only --weights bf16,q8_0,q4_k --workdir $W 2>&1 | tail -12 | tee "$OUT/build.txt"
+  tail -3 /tmp/llbuild.log | tee -a "$OUT/build.txt"
+fi
+
+if [ "$1" = 2 ]; then
+  for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
+  tail -2 /tmp/llbuild.log | tee "$OUT/llbuild.txt"
+  LB=""; LI=""
+  [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench"
+  [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
+  python3 bench/runtime_cuda.py --weights ${WEIGHTS:-bf16,q8_0,q4_k} --workdir $W --prompt 512 --decode 128 \
+    --repeat 3 --profile never --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache,f32} $LB $LI \
+    --json "$OUT/runtime_cuda.json" 2>&1 | tee "$OUT/runtime_cuda.txt"
+fi
