@@ -28,9 +28,12 @@ if [ "$1" = 1 ]; then
     setsid nohup bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
-      && cmake --build /tmp/llbuild --target llama-bench llama-imatrix -j12; echo BUILD_RC=\$?" \
+      && cmake --build /tmp/llbuild --target llama-bench llama-imatrix -j10; echo BUILD_RC=\$?" \
       > /tmp/llbuild.log 2>&1 < /dev/null &
   fi
+  # the E4B-size GGUFs (bench/runtime_cuda.py's builder, atomic writes), alongside
+  NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights bf16,q8_0,q4_k \
+    --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
   python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
   python3 -m pytest -q -p no:cacheprovider -k "not half_prefill and not graph_decode" \
@@ -38,13 +41,15 @@ if [ "$1" = 1 ]; then
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
   python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee "$OUT/prefill_check.txt"
   python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee "$OUT/prefill_matmul.txt"
-  python3 bench/runtime_cuda.py --build-only --weights bf16,q8_0,q4_k --workdir $W 2>&1 | tail -12 | tee "$OUT/build.txt"
+  tail -5 /tmp/gguf.log | tee "$OUT/build.txt"
   tail -3 /tmp/llbuild.log | tee -a "$OUT/build.txt"
 fi
 
 if [ "$1" = 2 ]; then
+  for i in $(seq 1 60); do grep -q GGUF_RC /tmp/gguf.log 2>/dev/null && break; sleep 5; done
+  tail -4 /tmp/gguf.log | tee "$OUT/build.txt"
   for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
-  tail -2 /tmp/llbuild.log | tee "$OUT/llbuild.txt"
+  tail -2 /tmp/llbuild.log | tee -a "$OUT/build.txt"
   LB=""; LI=""
   [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench"
   [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
