@@ -267,8 +267,9 @@ class CUDABackend:
         """x times each of ws (same input width). At batch 1 with kernels, one matvec over the
         weights' rows stacked (q/k/v, gate/up): one launch instead of several small ones."""
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] == 1 and self.kern is not None and len(ws) > 1:
-            fused = self._stacked(ws)
+        batched = x2.shape[0] > 1 and self.prefill != "f32" and all(w.qtype != _T.F32 for w in ws)
+        if (x2.shape[0] == 1 or batched) and self.kern is not None and len(ws) > 1:
+            fused = self._stacked(ws)  # batched too: one GEMM of N = the rows of all (q/k/v, gate/up)
             if fused is not None:
                 y = CUDABackend.matmul(self, x2, fused)
                 return list(y.split([w.shape[0] for w in ws], dim=1))
