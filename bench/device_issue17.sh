@@ -8,6 +8,7 @@
 #   <carry>/whl       gguf-0.19.0 wheel;  <carry>/tiny  tiny reference GGUFs (tests' cache)
 #   bash <carry>/wt/bench/device_issue17.sh 1    # llama.cpp build (background), tests, matmul bench, GGUFs
 #   bash <carry>/wt/bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
+#   bash <carry>/wt/bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CARRY=$(cd "$ROOT/.." && pwd)
@@ -21,7 +22,7 @@ ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
 ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
 cd "$ROOT"
 
-if [ "$1" = 1 ]; then
+if [ "$1" = 1 ] || [ "$1" = all ]; then
   if [ ! -x /tmp/llbuild/bin/llama-bench ]; then
     rm -rf /tmp/llsrc && cp -r "$CARRY/llama.cpp" /tmp/llsrc
     # build lines of anchor-cuda-h100.md; setsid: the build outlives this call while the machine is warm
@@ -32,7 +33,7 @@ if [ "$1" = 1 ]; then
       > /tmp/llbuild.log 2>&1 < /dev/null &
   fi
   # the E4B-size GGUFs (bench/runtime_cuda.py's builder, atomic writes), alongside
-  NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights bf16,q8_0,q4_k \
+  NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights q4_k,q8_0,bf16 \
     --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
   python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
@@ -45,7 +46,7 @@ if [ "$1" = 1 ]; then
   tail -3 /tmp/llbuild.log | tee -a "$OUT/build.txt"
 fi
 
-if [ "$1" = 2 ]; then
+if [ "$1" = 2 ] || [ "$1" = all ]; then
   for i in $(seq 1 60); do grep -q GGUF_RC /tmp/gguf.log 2>/dev/null && break; sleep 5; done
   tail -4 /tmp/gguf.log | tee "$OUT/build.txt"
   for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
@@ -53,7 +54,7 @@ if [ "$1" = 2 ]; then
   LB=""; LI=""
   [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench"
   [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
-  python3 bench/runtime_cuda.py --weights ${WEIGHTS:-bf16,q8_0,q4_k} --workdir $W --prompt 512 --decode 128 \
+  python3 bench/runtime_cuda.py --weights ${WEIGHTS:-q4_k,q8_0,bf16} --workdir $W --prompt 512 --decode 128 \
     --repeat 3 --profile never --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache,f32} $LB $LI \
     --json "$OUT/runtime_cuda.json" 2>&1 | tee "$OUT/runtime_cuda.txt"
 fi
