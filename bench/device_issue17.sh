@@ -35,26 +35,35 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
   # the E4B-size GGUFs (bench/runtime_cuda.py's builder, atomic writes), alongside
   NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights q4_k,q8_0,bf16 \
     --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
-  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
-  python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/phase1.txt"
+  python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/phase1.txt"
   python3 -m pytest -q -p no:cacheprovider -k "not half_prefill" \
-    tests/runtime/test_cuda_prefill.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+    tests/runtime/test_cuda_prefill.py 2>&1 | tail -15 | tee -a "$OUT/phase1.txt"
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
-  python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee "$OUT/prefill_check.txt"
-  python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee "$OUT/prefill_matmul.txt"
-  tail -5 /tmp/gguf.log | tee "$OUT/build.txt"
-  tail -3 /tmp/llbuild.log | tee -a "$OUT/build.txt"
+  python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
+  python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
+  tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
+  tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
 fi
 
 if [ "$1" = 2 ] || [ "$1" = all ]; then
-  for i in $(seq 1 60); do grep -q GGUF_RC /tmp/gguf.log 2>/dev/null && break; sleep 5; done
-  tail -4 /tmp/gguf.log | tee "$OUT/build.txt"
-  for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
-  tail -2 /tmp/llbuild.log | tee -a "$OUT/build.txt"
-  LB=""; LI=""
-  [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench"
-  [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
-  python3 bench/runtime_cuda.py --weights ${WEIGHTS:-q4_k,q8_0,bf16} --workdir $W --prompt 512 --decode 128 \
-    --repeat 3 --profile never --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache,f32} $LB $LI \
-    --json "$OUT/runtime_cuda.json" 2>&1 | tee "$OUT/runtime_cuda.txt"
+  # per weight type, as soon as its GGUF is there; llama.cpp's tools join once their build is done
+  late=""
+  for w in ${WEIGHTS:-q4_k q8_0 bf16}; do
+    f=$W/gemma4-e4b-$w-v1.gguf
+    for i in $(seq 1 90); do [ -f $f ] && break; sleep 2; done
+    LB=""; LI=""
+    [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench" || late="$late $f"
+    [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
+    python3 bench/runtime_cuda.py --weights $w --workdir $W --prompt 512 --decode 128 --repeat 3 --profile never \
+      --imatrix --prefill ${PREFILL:-triton,cublas+cache,f32} $LB $LI --json "$OUT/runtime_cuda_$w.json" 2>&1 \
+      | tee -a "$OUT/bench.txt"
+  done
+  tail -2 /tmp/gguf.log /tmp/llbuild.log | tee -a "$OUT/bench.txt"
+  if [ -n "$late" ]; then
+    for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
+    for f in $late; do
+      /tmp/llbuild/bin/llama-bench -m $f -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o json 2>/dev/null | tee -a "$OUT/llama_bench_late.json"
+    done
+  fi
 fi
