@@ -9,6 +9,10 @@ arguments (imports are lazy, so `import ggquant` stays cheap):
     ggquant.run("g.gguf", "The capital of France is", n_predict=16)        # ggquant run
     ggquant.parity("g.gguf", "llama.cpp", text)                            # ggquant parity
     ggquant.inspect("g.gguf")                                              # ggquant inspect --json
+    ggquant.verify("g-Q4_K_M.gguf", source="g-F32.gguf", imatrix=...)     # ggquant verify
+
+Mixed precision is `quantize` with `mix=ggquant.Mix(target_bpw=4.5)` (--target-bpw), `like=` or
+`tensor_type_file=`.
 """
 
 __version__ = "0.1.0"
@@ -32,11 +36,25 @@ def convert(src, *, to: str = "gguf", **kwargs):
     return job(src, **kwargs)
 
 
-def quantize(inp, out, outtype, **kwargs):
+def quantize(inp, out, outtype=None, **kwargs):
     """`ggquant quantize`: see ggquant.convert.gguf_to_gguf.quantize_gguf."""
     from ggquant.convert import quantize_gguf
 
     return quantize_gguf(inp, out, outtype, **kwargs)
+
+
+def Mix(**kwargs):  # noqa: N802 (the options record, constructed like a class)
+    """--target-bpw / --target-size options for `quantize(mix=...)`: ggquant.convert.mix.Mix."""
+    from ggquant.convert.mix import Mix as _Mix
+
+    return _Mix(**kwargs)
+
+
+def verify(quantized, *, source, imatrix=None, **kwargs):
+    """`ggquant verify Q --source F [--imatrix I]`: see ggquant.convert.verify.verify_gguf."""
+    from ggquant.convert.verify import verify_gguf
+
+    return verify_gguf(quantized, source, imatrix=imatrix, **kwargs)
 
 
 def imatrix(model, text_file, out=None, *, output_format: str = "gguf", force: bool = False, **kwargs):

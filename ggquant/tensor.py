@@ -263,3 +263,26 @@ class NoRows:
 def shape_only(name: str, shape: tuple[int, ...], dtype: str = "F32") -> Tensor:
     return Tensor(name, tuple(shape), Dense(dtype), NoRows(Path(name)), 4 * math.prod(shape))
 
+
+@dataclass
+class InMemory:
+    """Rows held in a numpy array (e.g. a tensor quantized in memory): uint8 [outer rows, bytes]
+    for Blocks, the values for Dense."""
+
+    data: np.ndarray
+    where: Path
+
+    def rows(self, t: Tensor, start: int, stop: int) -> np.ndarray:
+        return self.data[start:stop]
+
+    def release(self, t: Tensor, start: int, stop: int) -> None:
+        pass
+
+
+def in_memory_blocks(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, data: np.ndarray,
+                     where: Path = Path("<memory>")) -> Tensor:
+    """A Blocks tensor whose bytes are `data` (uint8 [n_rows, row_bytes])."""
+    data = np.ascontiguousarray(data).view(np.uint8)
+    n_outer = shape[0] if shape else 1
+    return Tensor(name, tuple(shape), Blocks(qtype), InMemory(data.reshape(n_outer, -1), where), data.nbytes)
+

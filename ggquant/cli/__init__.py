@@ -29,8 +29,10 @@ from ggquant.cli.imatrix import imatrix_command  # noqa: E402
 from ggquant.cli.inspect import inspect_command  # noqa: E402
 from ggquant.cli.quantize import quantize_command  # noqa: E402
 from ggquant.cli.run import parity_command, run_command  # noqa: E402
+from ggquant.cli.verify import verify_command  # noqa: E402
 
-for _cmd in (convert_command, quantize_command, imatrix_command, run_command, parity_command, inspect_command):
+for _cmd in (convert_command, quantize_command, imatrix_command, run_command, parity_command, inspect_command,
+             verify_command):
     main.add_command(_cmd)
 
 

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType
 
+from ggquant.convert import mix as mix_job
 from ggquant.convert.encode import CHUNK_BYTES
 from ggquant.errors import GGQuantError
 from ggquant.imatrix import files as imatrix_files
@@ -40,12 +41,13 @@ class Result:
     imatrix: str | None = None
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)
+    allocation: dict | None = None  # --target-bpw / --target-size: what was allocated and why
 
     def to_json(self) -> dict:
         return {
             "input": self.input, "output": self.output, "outtype": self.outtype, "imatrix": self.imatrix,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "seconds": round(self.seconds, 3),
-            "files": self.written,
+            "files": self.written, "allocation": self.allocation,
             "tensors": [
                 {"name": c.name, "shape": list(c.shape), "src_type": c.src_type.name, "dst_type": c.dst_type.name,
                  "reason": c.reason, "bytes": qtypes.get(c.dst_type).nbytes(c.shape)}
@@ -89,17 +91,29 @@ def requantized_chunks(t, dst: qtypes.GGMLType, imatrix: np.ndarray | None):
         start = stop
 
 
-def quantize_gguf(inp, out, outtype: str, *, imatrix=None, tensor_types=(), pure=False, allow_requantize=False,
-                  token_embedding_type=None, output_tensor_type=None, dry_run=False, force=False,
-                  threads: int | None = None, progress: bool = True, split_max_size: int | None = None) -> Result:
-    """Quantize GGUF `inp` to `out` with llama.cpp preset `outtype` (e.g. 'Q4_K_M')."""
+def quantize_gguf(inp, out, outtype: str | None = None, *, imatrix=None, tensor_types=(), tensor_type_file=None,
+                  pure=False, allow_requantize=False, token_embedding_type=None, output_tensor_type=None,
+                  dry_run=False, force=False, threads: int | None = None, progress: bool = True,
+                  split_max_size: int | None = None, mix=None, like=None, recipe_out=None) -> Result:
+    """Quantize GGUF `inp` to `out` with llama.cpp preset `outtype` (e.g. 'Q4_K_M').
+
+    tensor_types / tensor_type_file: llama-quantize's --tensor-type / --tensor-type-file rules (first
+    match wins; a recipe file must name only tensors of this model, in types their rows can hold).
+    like: a template GGUF whose types every quantizable tensor takes (default outtype: its file
+    type). mix (ggquant.convert.mix.Mix): allocate the types under a size budget (default outtype:
+    the file type of the type holding the most bytes). User rules win over both. recipe_out: write
+    the per-tensor types as a --tensor-type-file that reproduces `out` (with the same outtype and
+    imatrix, in ggquant and in llama-quantize)."""
     from ggquant.formats.gguf import GGUFReader, GGUFWriter
 
     t0 = time.perf_counter()
-    ftype = presets.preset(outtype)
+    ftype = presets.preset(outtype) if outtype else None  # a misspelt preset fails before any reading
     rules = [r if isinstance(r, presets.Rule) else presets.Rule.parse(r) for r in tensor_types]
     emb_type = qtypes.get(token_embedding_type).qtype if token_embedding_type else None
     out_type = qtypes.get(output_tensor_type).qtype if output_tensor_type else None
+    if outtype is None and mix is None and like is None and tensor_type_file is None:
+        raise GGQuantError("give --outtype (a llama.cpp preset), or --target-bpw/--target-size, --like or "
+                           "--tensor-type-file")
     if threads:
         numba.set_num_threads(int(threads))
     reader = GGUFReader(inp)
@@ -109,15 +123,33 @@ def quantize_gguf(inp, out, outtype: str, *, imatrix=None, tensor_types=(), pure
         shapes = [(t.name, t.shape) for t in reader.tensors]
         if im:
             imatrix_files.check_against(im_values, shapes, str(imatrix))
+        if tensor_type_file is not None:
+            rules = rules + mix_job.read_tensor_type_file(tensor_type_file, reader)
+        if like is not None:
+            like_rules, like_ftype = mix_job.like_rules(reader, like)
+            rules = rules + like_rules
+            ftype = like_ftype if ftype is None else ftype  # (ALL_F32 is 0: no `or`)
+        if mix is not None:
+            extra, alloc = mix_job.plan_mix(inp, reader, im_values, mix, rules, progress)
+            rules = rules + extra
+            ftype = mix_job.main_file_type(alloc.sizes()) if ftype is None else ftype
+        if ftype is None:  # a recipe alone: any quantized preset lets its rules apply
+            ftype = presets.preset("Q8_0")
+        outtype = presets.preset_name(ftype)
         info = presets.ModelInfo.from_fields(reader.get)
         mixture = presets.Mixture(ftype, info, rules, pure=pure, has_imatrix=im is not None,
                                   token_embedding_type=emb_type, output_tensor_type=out_type)
         plan = mixture.plan([(t.name, t.shape, t.qtype) for t in reader.tensors])
+        if mix is not None:
+            mix_job.explain(plan, alloc)
         _check_plan(plan, im_values, allow_requantize, inp)
         bytes_in = sum(t.nbytes for t in reader.tensors)
         bytes_out = sum(qtypes.get(c.dst_type).nbytes(c.shape) for c in plan)
         result = Result(str(inp), None if dry_run else str(out), outtype.upper(), plan, bytes_in, bytes_out,
                         str(imatrix) if imatrix else None)
+        result.allocation = mix_job.report_json(mix) if mix is not None else None
+        if recipe_out is not None and not dry_run:
+            mix_job.write_recipe(plan, recipe_out, force)
         if dry_run:
             result.seconds = time.perf_counter() - t0
             return result

@@ -37,6 +37,11 @@ DEFAULT_TYPE = {ftype: qtype for _, ftype, qtype in _PRESET_TABLE}  # llama_ftyp
 PRESETS = {name: ftype for name, ftype, _ in _PRESET_TABLE if name is not None}  # `--outtype`'s names
 
 
+def preset_name(ftype: F) -> str:
+    """`--outtype`'s name for a file type (llama-quantize's; the enum name for one it has no name for)."""
+    return next((name for name, ft, _ in _PRESET_TABLE if ft == ftype and name is not None), F(ftype).name)
+
+
 def preset(name: str) -> F:
     try:
         return PRESETS[name.upper()]
@@ -58,6 +63,11 @@ _NEVER_QUANTIZED = (
     "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight",
 )
 _NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
+
+
+# Types quantized only with an importance matrix: ggml_quantize_requires_imatrix (IQ2_XXS, IQ2_XS,
+# IQ1_S) and llama-quantize's own check (IQ3_XXS, IQ2_S, IQ1_M; tools/quantize/quantize.cpp)
+REQUIRES_IMATRIX = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
 
 
 def allows_quantization(name: str, ndim: int, quantize_output: bool = True) -> bool:
@@ -172,11 +182,20 @@ class Rule:
 
     @classmethod
     def parse(cls, text: str) -> "Rule":
-        """llama-quantize's `--tensor-type REGEX=TYPE`."""
-        pattern, sep, tname = text.rpartition("=")
-        if not sep or not pattern:
+        """llama-quantize's `--tensor-type REGEX=TYPE`: split at the first '=', the pattern lower-cased
+        (tools/quantize/quantize.cpp parse_tensor_type)."""
+        pattern, sep, tname = text.partition("=")
+        if not sep or not pattern or not tname:
             raise GGQuantError(f"--tensor-type {text!r}: expected REGEX=TYPE, e.g. 'attn_v=q8_0'")
-        return cls(pattern, qtypes.get(tname).qtype)
+        return cls(pattern.lower(), qtypes.get(tname).qtype)
+
+    @classmethod
+    def exact(cls, name: str, qtype: T) -> "Rule":
+        """The rule naming one tensor only (dots literal, anchored), as a recipe writes it."""
+        return cls("^" + name.replace(".", "\\.") + "$", qtype)
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.qtype.name.lower()}"
 
 
 @dataclass
@@ -250,7 +269,7 @@ class Mixture:
     def _requires_imatrix(self, name, dst):
         if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
             return False
-        if dst in (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S):
+        if dst in REQUIRES_IMATRIX:
             return True
         return dst == T.Q2_K and self.ftype == F.MOSTLY_Q2_K_S
 

@@ -171,6 +171,7 @@ class CPUBackend:
     """numpy + numba. Arrays are float32 numpy arrays."""
 
     name = "cpu"
+    types = qt.CPU_TYPES  # the weight types it multiplies by
 
     def __init__(self, threads: int | None = None, gelu: str = "ggml"):
         import numba
@@ -187,7 +188,7 @@ class CPUBackend:
 
     # --- weights --------------------------------------------------------------------------
     def weight(self, info) -> CPUWeight:
-        if len(info.shape) == 2 and info.qtype not in qt.CPU_TYPES:
+        if len(info.shape) == 2 and info.qtype not in self.types:
             raise GGQuantError(
                 f"{info.name}: tensor type {info.qtype.name} is not supported by the CPU runtime "
                 f"(supported: {', '.join(t.name for t in qt.CPU_TYPES)}); requantize the model "

@@ -117,6 +117,8 @@ class CUDABackend:
 
     kernels / graphs: use the Triton kernels and CUDA-graph decode (None: when available)."""
 
+    types = qt.CUDA_TYPES  # the weight types it multiplies by
+
     def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None,
                  kernels: bool | None = None, graphs: bool | None = None, prefill: str | None = None,
                  half_cache: bool = False):
@@ -153,7 +155,7 @@ class CUDABackend:
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
-        if info.qtype not in qt.CUDA_TYPES:
+        if info.qtype not in self.types:
             raise GGQuantError(f"{info.name}: tensor type {info.qtype.name} is not supported by the CUDA runtime "
                                f"(supported: {', '.join(t.name for t in qt.CUDA_TYPES)})")
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)

@@ -46,6 +46,7 @@ class TensorSet:
         self.missing: list[str] = []
         self.bad_shape: list[str] = []
         self.used: set[str] = set()
+        self.loaded: dict[str, object] = {}  # name -> backend weight, every matrix handed out
 
     def has(self, name: str) -> bool:
         return name in self.by_name
@@ -60,7 +61,8 @@ class TensorSet:
             self.bad_shape.append(f"{name}: shape {tuple(info.shape)} (numpy order), expected {tuple(shape)}")
             return None
         self.used.add(name)
-        return self.backend.weight(info)
+        w = self.loaded[name] = self.backend.weight(info)
+        return w
 
     def n_vocab(self) -> int:
         """Rows of token_embd (or the vocabulary size when the table is missing, so the
@@ -126,6 +128,7 @@ class Model:
         self.output = ts.get("output.weight", (n_vocab, H), required=False) or self.tok_embd
         self.load_tensors(ts)
         ts.check(self.arch)
+        self.weights = ts.loaded  # name -> backend weight (e.g. to swap one for a quantized copy)
 
     def load_tensors(self, ts: TensorSet) -> None:
         """The architecture's own tensors (llama_model_<arch>::load_arch_tensors), asked of ts."""
