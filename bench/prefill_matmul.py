@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # E4B's matrix shapes (N, K): gate/up, down, q (sliding / full), o (sliding / full), k/v, PLE proj
-SHAPES = [(10240, 2560), (2560, 10240), (2048, 2560), (2560, 4096), (512, 2560)]
+SHAPES = [(10240, 2560), (2560, 10240), (2048, 2560), (512, 2560)]
 TYPES = ["bf16", "f16", "q8_0", "q4_k", "q6_k", "q4_0"]
 CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]
 
