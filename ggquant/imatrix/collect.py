@@ -88,27 +88,18 @@ class Collector:
         """Hook a runtime backend: every matmul input is observed before it is multiplied (on the
         device where the backend's tensors live on a GPU, see observe_device)."""
         matmul, matmuls, to_numpy = backend.matmul, backend.matmuls, backend.to_numpy
-        if getattr(getattr(backend, "device", None), "type", None) == "cuda":
-            def hooked_matmul(x, w):
-                self.observe_device(w.name, x)
-                return matmul(x, w)
-
-            def hooked_matmuls(x, ws):
-                for w in ws:
-                    self.observe_device(w.name, x)
-                return matmuls(x, ws)
-
-            backend.matmul, backend.matmuls = hooked_matmul, hooked_matmuls
-            return
+        on_gpu = getattr(getattr(backend, "device", None), "type", None) == "cuda"
+        observe = self.observe_device if on_gpu else self.observe
+        host = (lambda x: x) if on_gpu else to_numpy
 
         def hooked_matmul(x, w):
-            self.observe(w.name, to_numpy(x))
+            observe(w.name, host(x))
             return matmul(x, w)
 
         def hooked_matmuls(x, ws):
-            xn = to_numpy(x)
+            xn = host(x)
             for w in ws:
-                self.observe(w.name, xn)
+                observe(w.name, xn)
             return matmuls(x, ws)
 
         backend.matmul, backend.matmuls = hooked_matmul, hooked_matmuls

@@ -12,30 +12,14 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ggquant.quant import types as qt
-
 torch = pytest.importorskip("torch")
+
+from tests.runtime.test_cuda_kernels import _kernels, _weights  # noqa: E402 (the kernel tests' helpers)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if HAS_CUDA else "cpu"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
-def _kernels():
-    if not (HAS_CUDA or INTERPRET):
-        pytest.skip("Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
-    pytest.importorskip("triton")
-    from ggquant.kernels.cuda import triton
-
-    return triton
-
-
-def _weights(qtype, n, k, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, k)) * rng.uniform(0.1, 3, (n, 1))).astype(np.float32)
-    raw = qt.quantize(x, qtype)
-    return raw, qt.dequantize(raw, qtype, x.shape)
 
 
 BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K]
