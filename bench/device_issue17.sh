@@ -40,7 +40,7 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
   python3 -m pytest -q -p no:cacheprovider -k "not half_prefill" \
     tests/runtime/test_cuda_prefill.py 2>&1 | tail -15 | tee -a "$OUT/phase1.txt"
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
-  python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
+  PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
   python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
   tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
   tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
