@@ -56,7 +56,7 @@ if [ "$1" = 2 ] || [ "$1" = all ]; then
     [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench" || late="$late $f"
     [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
     python3 bench/runtime_cuda.py --weights $w --workdir $W --prompt 512 --decode 128 --repeat ${REPEAT:-2} --profile never \
-      --imatrix --prefill ${PREFILL:-triton,cublas+cache} $LB $LI --json "$OUT/runtime_cuda_$w.json" 2>&1 \
+      --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache} $LB $LI --json "$OUT/runtime_cuda_$w.json" 2>&1 \
       | tee -a "$OUT/bench.txt"
   done
   tail -2 /tmp/gguf.log /tmp/llbuild.log | tee -a "$OUT/bench.txt"

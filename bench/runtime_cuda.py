@@ -841,7 +841,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=None, help="decode tokens (128; 8 with --tiny)")
     ap.add_argument("--prefill", default="",
                     help="also time the prompt with each of these batched-product modes (comma-separated: "
-                         "cublas, cublas+cache, triton, f32; see runtime/cuda.py PREFILL_MODE)")
+                         "cublas, cublas+cache, triton, f32; see runtime/cuda.py PREFILL_MODE); the first "
+                         "one is also the mode of the other timings")
     ap.add_argument("--llama-bench", default=None, help="llama-bench binary: run it on the same GGUFs (-fa 1)")
     ap.add_argument("--llama-imatrix", default=None,
                     help="llama-imatrix binary: compare tok/s and statistics with ggquant's collect_imatrix")
@@ -862,6 +863,10 @@ def main(argv=None) -> int:
     cfg = TINY if args.tiny else E4B
     args.decode = args.decode or (8 if args.tiny else 128)
     args.prefill_modes = [m.strip() for m in args.prefill.split(",") if m.strip()]
+    if args.prefill_modes:  # the first mode is the backend's for every other timing too (decode's prompt, imatrix)
+        import ggquant.runtime.cuda as cuda_backend
+
+        cuda_backend.PREFILL_MODE = args.prefill_modes[0].split("+")[0]
     args.repeat = args.repeat or (1 if args.tiny else 3)
     args.copy_gib = args.copy_gib or (0.25 if args.tiny else 2.0)
     device_name = args.device or ("torch-cpu" if args.tiny else "cuda")
