@@ -479,7 +479,7 @@ def load(path: Path, device: str):
     from ggquant.runtime.model import ARCHITECTURES, load_model
 
     if device == "cuda":
-        return load_model(path, device="cuda")
+        return load_model(path, device="cuda")  # prefill: PREFILL_MODE (set per run by bench_one)
     # torch backend on CPU tensors (how CI checks it), built like tests/runtime/test_cuda.py
     from ggquant.formats.gguf import GGUFReader
     from ggquant.runtime.cuda import CUDABackend
@@ -514,6 +514,109 @@ def decode_bench(model, torch, device, n_prompt, n_decode, repeat, seed=0):
     if not np.isfinite(logits).all():
         raise RuntimeError("decode produced non-finite logits: the random weights are not sane")
     return pp, tg, sess
+
+
+def prompt_bench(model, torch, device, n_prompt, repeat, seed=0):
+    """prompt tok/s list: one batch of n_prompt random ids from an empty cache, logits of the last
+    token only (as llama-bench's pp does); the first run is a warm-up."""
+    from ggquant.runtime.model import Session
+
+    rng = np.random.default_rng(seed)
+    ids = [2] + [int(t) for t in rng.integers(261, model.n_vocab, n_prompt - 1)]
+    sess = Session(model, n_ctx=n_prompt + 8, n_batch=n_prompt)
+    out = []
+    for r in range(repeat + 1):
+        sess.reset()
+        sync(torch, device)
+        t0 = time.perf_counter()
+        logits = sess.eval(ids, "last")
+        sync(torch, device)
+        if r:
+            out.append(n_prompt / (time.perf_counter() - t0))
+    if not np.isfinite(logits).all():
+        raise RuntimeError("prefill produced non-finite logits")
+    return out
+
+
+def _weights_of(model):
+    """Every TorchWeight the model holds (its attributes and its layers' attributes)."""
+    from ggquant.runtime.cuda import TorchWeight
+
+    seen = []
+    for obj in [model] + list(getattr(model, "layers", [])):
+        for v in vars(obj).values():
+            if isinstance(v, TorchWeight):
+                seen.append(v)
+    return seen
+
+
+def llama_bench(binary: str, path: Path, n_prompt: int, n_decode: int, repeat: int, log) -> dict:
+    """llama.cpp's llama-bench on the same GGUF (-fa 1, all layers on the GPU): pp and tg tok/s."""
+    import subprocess
+
+    cmd = [binary, "-m", str(path), "-ngl", "99", "-fa", "1", "-p", str(n_prompt), "-n", str(n_decode),
+           "-r", str(repeat), "-o", "json"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = {"cmd": " ".join(cmd), "rc": p.returncode, "wall_s": time.perf_counter() - t0}
+    if p.returncode != 0:
+        out["stderr_tail"] = p.stderr[-2000:]
+        log(f"  llama-bench failed ({p.returncode}): {p.stderr[-500:]}")
+        return out
+    for r in json.loads(p.stdout):
+        key = "pp" if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 else "tg"
+        out[key + "_tok_s"] = r.get("avg_ts")
+        out[key + "_samples"] = r.get("samples_ts")
+    log(f"  llama.cpp llama-bench -fa 1: pp{n_prompt} {out.get('pp_tok_s', float('nan')):.1f} tok/s, "
+        f"tg{n_decode} {out.get('tg_tok_s', float('nan')):.2f} tok/s")
+    return out
+
+
+def imatrix_vs_llama(binary: str, path: Path, workdir: Path, chunks: int, ctx: int, log) -> dict:
+    """llama-imatrix and ggquant's collect_imatrix (device cuda) on the same GGUF and text, chunks of
+    ctx tokens: tokens/s of each and the agreement of the statistics (sum x^2 / count per column)."""
+    import re
+    import subprocess
+
+    from ggquant.imatrix.collect import collect_imatrix
+    from ggquant.imatrix.files import load as load_imatrix
+
+    rng = np.random.default_rng(5)
+    text = workdir / "imatrix-text.txt"
+    text.write_text(" ".join(f"t{i}" for i in rng.integers(0, 200000, chunks * ctx + 200)) + "\n")
+    out_file = workdir / f"{path.stem}-llama-imatrix.gguf"
+    cmd = [binary, "-m", str(path), "-f", str(text), "-o", str(out_file), "--chunks", str(chunks), "-c", str(ctx),
+           "-ngl", "99", "--no-ppl"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res: dict = {"cmd": " ".join(cmd), "rc": p.returncode, "llama_wall_s": time.perf_counter() - t0}
+    log_text = p.stdout + p.stderr
+    res["llama_log_tail"] = log_text[-3000:]
+    m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log_text)
+    if m:
+        res["llama_tok_s"] = int(m.group(2)) / (float(m.group(1)) / 1e3)
+    m = re.search(r"([\d.]+) seconds per pass", log_text)
+    if m:
+        res["llama_first_pass_s"] = float(m.group(1))
+    im, stats = collect_imatrix(path, text, ctx=ctx, chunks=chunks, device="cuda", progress=False)
+    res["ggquant_tok_s"] = stats["tokens_per_s"]
+    res["ggquant_chunks"] = stats["chunks"]
+    if p.returncode == 0 and out_file.exists():
+        ref = load_imatrix(out_file)
+        rel = []
+        for name, e in im.entries.items():
+            r = ref.entries.get(name)
+            if r is None:
+                continue
+            a = e.sums.reshape(-1) / max(1, int(e.counts.reshape(-1)[0]))
+            b = r.sums.reshape(-1) / max(1, int(r.counts.reshape(-1)[0]))
+            rel.append(float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30))))
+        res.update(entries_compared=len(rel), entries_ggquant=len(im.entries), entries_llama=len(ref.entries),
+                   max_rel_diff=max(rel) if rel else None, median_rel_diff=float(np.median(rel)) if rel else None)
+    log(f"  imatrix vs llama-imatrix ({chunks} chunks of {ctx}): ggquant {res['ggquant_tok_s']:.1f} tok/s, llama.cpp "
+        f"{res.get('llama_tok_s', float('nan')):.1f} tok/s; statistics max rel diff {res.get('max_rel_diff')}, "
+        f"median {res.get('median_rel_diff')} over {res.get('entries_compared')} weights (rc {p.returncode})")
+    return res
 
 
 def profile_step(sess, torch, device, rows: int = 15) -> dict:
@@ -617,6 +720,31 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
                                                          if device.type == "cuda" else ""))
 
     pp, tg, sess = decode_bench(model, torch, device, args.prompt, args.decode, args.repeat)
+    be = model.backend
+    res["prefill_mode"] = getattr(be, "prefill", None)
+    res["prefill_modes"] = {}
+    for mode in args.prefill_modes:  # prompt tok/s of each way of computing the batched products
+        if not hasattr(be, "prefill"):
+            break
+        old_mode, old_cache = be.prefill, be.half_cache
+        be.prefill, be.half_cache = mode.split("+")[0], mode.endswith("+cache")
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ppm = prompt_bench(model, torch, device, args.prompt, args.repeat)
+            res["prefill_modes"][mode] = {"prompt_tok_s": statistics.median(ppm), "runs": ppm}
+            if device.type == "cuda":
+                res["prefill_modes"][mode]["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            log(f"  prefill {mode:13}: {statistics.median(ppm):9.1f} tok/s (runs: {', '.join(f'{t:.0f}' for t in ppm)})"
+                + (f", peak {res['prefill_modes'][mode]['gpu_mem_peak_gib']:.1f} GiB" if device.type == "cuda" else ""))
+        finally:
+            be.prefill, be.half_cache = old_mode, old_cache
+            for w in _weights_of(model):  # the copies a mode kept (half_cache; f32's float32 cache)
+                w._half = None
+                if w.qtype != T.F32:
+                    w._dense = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     meter = TrafficMeter(model.backend)  # after timing: a hooked backend decodes without its CUDA graph
     meter.on = True
     sess.eval([7], "last")
@@ -675,12 +803,27 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
         log(f"  imatrix collection ({im['chunks']} chunks of {im['ctx']}, {im['entries']} weights): "
             f"{im['collect_tok_s']:.1f} tok/s (same chunks without the collector: {im['plain_prompt_tok_s']:.1f} tok/s)")
     log("")
-    del meter, sess, model
+    del meter, sess, model, be
     import gc
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.llama_imatrix and weights in args.imatrix_weights:
+        try:
+            res["imatrix_vs_llama"] = imatrix_vs_llama(args.llama_imatrix, path, args.workdir, 4, 512, log)
+        except Exception as e:  # reported, the rest of the bench goes on
+            res["imatrix_vs_llama"] = {"error": repr(e)[:500]}
+            log(f"  imatrix vs llama-imatrix failed: {e!r}")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.llama_bench:
+        lb = res["llama_bench"] = llama_bench(args.llama_bench, path, args.prompt, args.decode, args.repeat, log)
+        if lb.get("pp_tok_s"):
+            res["pp_ratio"] = res["prompt_tok_s"] / lb["pp_tok_s"]
+        if lb.get("tg_tok_s"):
+            res["tg_ratio"] = res["decode_tok_s"] / lb["tg_tok_s"]
     return res
 
 
@@ -694,8 +837,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny dims, torch backend on CPU (a local check)")
     ap.add_argument("--device", choices=["cuda", "torch-cpu"], default=None,
                     help="cuda (default), torch-cpu (default with --tiny)")
-    ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--decode", type=int, default=None, help="decode tokens (64; 8 with --tiny)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=None, help="decode tokens (128; 8 with --tiny)")
+    ap.add_argument("--prefill", default="",
+                    help="also time the prompt with each of these batched-product modes (comma-separated: "
+                         "cublas, cublas+cache, triton, f32; see runtime/cuda.py PREFILL_MODE); the first "
+                         "one is also the mode of the other timings")
+    ap.add_argument("--llama-bench", default=None, help="llama-bench binary: run it on the same GGUFs (-fa 1)")
+    ap.add_argument("--llama-imatrix", default=None,
+                    help="llama-imatrix binary: compare tok/s and statistics with ggquant's collect_imatrix")
+    ap.add_argument("--imatrix-weights", default="bf16", help="weights on which --llama-imatrix runs")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs, median reported (3; 1 with --tiny)")
     ap.add_argument("--imatrix", action="store_true", help="also time imatrix collection (2 chunks of 512)")
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
@@ -710,7 +861,12 @@ def main(argv=None) -> int:
     if bad or not variants:
         ap.error(f"--weights: unknown {bad}; choose from {', '.join(WEIGHTS)}")
     cfg = TINY if args.tiny else E4B
-    args.decode = args.decode or (8 if args.tiny else 64)
+    args.decode = args.decode or (8 if args.tiny else 128)
+    args.prefill_modes = [m.strip() for m in args.prefill.split(",") if m.strip()]
+    if args.prefill_modes:  # the first mode is the backend's for every other timing too (decode's prompt, imatrix)
+        import ggquant.runtime.cuda as cuda_backend
+
+        cuda_backend.PREFILL_MODE = args.prefill_modes[0].split("+")[0]
     args.repeat = args.repeat or (1 if args.tiny else 3)
     args.copy_gib = args.copy_gib or (0.25 if args.tiny else 2.0)
     device_name = args.device or ("torch-cpu" if args.tiny else "cuda")
@@ -741,15 +897,33 @@ def main(argv=None) -> int:
         f"(read + write bytes, {args.copy_gib:g} GiB buffer, median of 20)")
 
     for weights, path, build_s in built:
-        out["results"].append(bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw, log))
+        try:
+            out["results"].append(bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw, log))
+        except Exception as e:  # one weight type failing leaves the others' figures
+            import traceback
+
+            traceback.print_exc()
+            out.setdefault("errors", {})[weights] = repr(e)[:1000]
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
 
     log(f"summary ({args.device_label}, copy {bw:.0f} GB/s, config {cfg.name}):")
-    log(f"  {'weights':8} {'GB/token':>9} {'prompt t/s':>11} {'decode t/s':>11} {'roofline t/s':>13} {'fraction':>9}"
-        + ("  imatrix t/s" if args.imatrix else ""))
+    log(f"  {'weights':8} {'GB/token':>9} {'pp t/s':>9} {'llama pp':>9} {'ratio':>6} {'tg t/s':>8} {'llama tg':>9} "
+        f"{'ratio':>6} {'roofline':>9} {'fraction':>9} {'peak GiB':>8}" + ("  imatrix t/s" if args.imatrix else ""))
     for r in out["results"]:
-        log(f"  {r['weights']:8} {r['weight_bytes_per_token'] / 1e9:9.3f} {r['prompt_tok_s']:11.1f} "
-            f"{r['decode_tok_s']:11.2f} {r['roofline_tok_s']:13.1f} {r['roofline_fraction']:9.3f}"
+        lb = r.get("llama_bench", {})
+        iv = r.get("imatrix_vs_llama")
+        if iv:
+            log(f"      imatrix: ggquant {iv.get('ggquant_tok_s', float('nan')):.1f} tok/s vs llama-imatrix "
+                f"{iv.get('llama_tok_s', float('nan')):.1f} tok/s; stats max rel diff {iv.get('max_rel_diff')}")
+        log(f"  {r['weights']:8} {r['weight_bytes_per_token'] / 1e9:9.3f} {r['prompt_tok_s']:9.1f} "
+            f"{lb.get('pp_tok_s') or float('nan'):9.1f} {r.get('pp_ratio', float('nan')):6.2f} "
+            f"{r['decode_tok_s']:8.2f} {lb.get('tg_tok_s') or float('nan'):9.2f} {r.get('tg_ratio', float('nan')):6.2f} "
+            f"{r['roofline_tok_s']:9.1f} {r['roofline_fraction']:9.3f} {r.get('gpu_mem_peak_gib', float('nan')):8.1f}"
             + (f"  {r['imatrix']['collect_tok_s']:11.1f}" if args.imatrix else ""))
+        for mode, v in r.get("prefill_modes", {}).items():
+            log(f"      prefill {mode}: {v['prompt_tok_s']:.1f} tok/s"
+                + (f" ({v['prompt_tok_s'] / lb['pp_tok_s']:.2f}x llama.cpp)" if lb.get("pp_tok_s") else ""))
     out["total_s"] = time.perf_counter() - t0
     log(f"total {out['total_s']:.1f} s")
     if args.json:

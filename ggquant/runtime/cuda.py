@@ -42,12 +42,13 @@ class TorchWeight:
     """raw: uint8 [N, row_bytes] block bytes (None once repacked); kind/parts: the layout the
     Triton matvec reads (kernels/cuda/triton.py), None where the type has no kernel."""
 
-    __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense")
+    __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense", "_half")
 
     def __init__(self, name, qtype, shape, raw, kind=None, parts=()):
         self.name, self.qtype, self.shape, self.raw = name, qtype, tuple(shape), raw
         self.kind, self.parts = kind, parts
         self._dense = None
+        self._half = None  # the fp16/bf16 copy batched products multiply with (half_cache)
 
 
 def dequantize(torch, qtype, raw, n_per_row: int):
@@ -83,6 +84,14 @@ def _triton_kernels(device) -> object | None:
 
 # auto weight cache: keep this much device memory free after caching a dense float32 copy
 CACHE_RESERVE_BYTES = 4 << 30
+# batched products (T > 1) of non-F32 weights: "cublas" (dequantize to fp16/bf16, torch.mm with
+# float32 accumulation), "triton" (kernels/cuda/triton.py matmul_q: dequantized tiles fed to
+# tl.dot, no fp16 copy in memory; int8/q4_k layouts, others as "cublas") or "f32" (dequantize to
+# float32, float32 GEMM: the products of the CPU-device tests). bench/prefill_matmul.py measures
+# them on the GPU; PREFILL_MODE is the default of CUDABackend(prefill=None) on CUDA. It stays "f32"
+# until a GPU run (bench/device_issue17.sh) has checked and timed the tensor-core modes: none could
+# be started while they were written (issue 17's closing note).
+PREFILL_MODE = "f32"
 ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
 GRAPH_KV_STEP = 256  # a captured decode graph attends over the cache rounded up to this many positions
 
@@ -113,7 +122,8 @@ class CUDABackend:
     types = qt.CUDA_TYPES  # the weight types it multiplies by
 
     def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None,
-                 kernels: bool | None = None, graphs: bool | None = None):
+                 kernels: bool | None = None, graphs: bool | None = None, prefill: str | None = None,
+                 half_cache: bool = False):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise GGQuantError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is "
@@ -137,6 +147,13 @@ class CUDABackend:
         self._keep: list = []  # device tensors a captured graph reads that were since replaced
         self._step_dev = None
         self._stacks: dict = {}  # matmuls' stacked weights (see _stacked)
+        # batched products: see PREFILL_MODE; on the CPU device (CI) "f32" unless asked
+        self.prefill = prefill or (PREFILL_MODE if self.device.type == "cuda" else "f32")
+        if self.prefill not in ("cublas", "triton", "f32"):
+            raise GGQuantError(f"prefill must be 'cublas', 'triton' or 'f32', got {self.prefill!r}")
+        # keep each weight's fp16/bf16 copy after its first batched product (memory: 2 bytes per
+        # element more; prefill is then cuBLAS alone) instead of dequantizing it every time
+        self.half_cache = half_cache
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -206,14 +223,57 @@ class CUDABackend:
         if x.shape[0] == 1 and w.kind is not None and self.kern is not None:  # decode: read the blocks once
             n, k = w.shape
             return self.kern.matvec(self.torch, w.kind, w.parts, x.reshape(k).contiguous(), n, k).reshape(1, n)
+        if self.prefill != "f32" and w.qtype != _T.F32:
+            return self._matmul_half(x, w)
         return x @ self._deq(w).T
+
+    def _half_dtype(self, w: TorchWeight):
+        """The tensor-core operand type: bf16 for BF16 weights (exact), fp16 otherwise (exact for
+        F16; for block types the float32 dequantization rounded once, as llama.cpp's cuBLAS path
+        does with ggml_get_to_fp16_cuda)."""
+        return self.torch.bfloat16 if w.qtype == _T.BF16 else self.torch.float16
+
+    def _half(self, w: TorchWeight):
+        """The weight as fp16/bf16 [N, K]: the stored values for BF16/F16, else dequantized."""
+        if w._half is not None:
+            return w._half
+        torch, dt = self.torch, self._half_dtype(w)
+        if w.kind == "dense" and w.parts[0].dtype == dt:
+            return w.parts[0]
+        n, k = w.shape
+        if self.kern is not None and w.kind in ("int8", "q4_k") and k % 64 == 0:
+            y = self.kern.dequant_half(torch, w.kind, w.parts, n, k, dt)
+        else:
+            y = self._dequant(w).to(dt)
+        if self.half_cache:
+            w._half = y
+        return y
+
+    def _matmul_half(self, x, w: TorchWeight):
+        """x float32 [T, K] times w^T on tensor cores (fp16/bf16 operands, float32 accumulation
+        and result); see PREFILL_MODE."""
+        torch = self.torch
+        dt = self._half_dtype(w)
+        xh = x.to(dt).contiguous()
+        n, k = w.shape
+        if (self.prefill == "triton" and self.kern is not None and w._half is None and w.kind in ("int8", "q4_k")
+                and k % 64 == 0 and xh.dtype == torch.float16):
+            return self.kern.matmul_q(torch, w.kind, w.parts, xh, n, k)
+        wh = self._half(w)
+        if self.device.type == "cuda":
+            try:
+                return torch.mm(xh, wh.T, out_dtype=torch.float32)  # cuBLAS, float32 output (torch >= 2.8)
+            except (TypeError, RuntimeError):
+                return torch.mm(xh, wh.T).float()
+        return xh.float() @ wh.float().T  # CPU tensors: the same operands, float32 products
 
     def matmuls(self, x, ws):
         """x times each of ws (same input width). At batch 1 with kernels, one matvec over the
         weights' rows stacked (q/k/v, gate/up): one launch instead of several small ones."""
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] == 1 and self.kern is not None and len(ws) > 1:
-            fused = self._stacked(ws)
+        batched = x2.shape[0] > 1 and self.prefill != "f32" and all(w.qtype != _T.F32 for w in ws)
+        if (x2.shape[0] == 1 or batched) and self.kern is not None and len(ws) > 1:
+            fused = self._stacked(ws)  # batched too: one GEMM of N = the rows of all (q/k/v, gate/up)
             if fused is not None:
                 y = CUDABackend.matmul(self, x2, fused)
                 return list(y.split([w.shape[0] for w in ws], dim=1))

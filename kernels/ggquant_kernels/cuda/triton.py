@@ -327,3 +327,116 @@ def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
                           num_warps=8)
     _attn_merge[(H,)](part, pm, pl, out, ns, D, BN=_pow2(ns), BD=bd)
     return out
+
+
+# --- batched products (prefill, T > 1): tensor cores on dequantized tiles ------------------------
+# Two ways to multiply T activation rows by a block-format weight (issue 17, measured against each
+# other by bench/prefill_matmul.py):
+#   dequant_half + cuBLAS: the weight dequantized to fp16 (bf16 for BF16 weights) in one pass, then
+#     torch.mm with float32 accumulation; this is llama.cpp's own large-batch path for types
+#     without MMQ (ggml-cuda.cu ggml_cuda_op_mul_mat_cublas: src0 converted with
+#     ggml_get_to_fp16_cuda, src1 to fp16, cublasGemmEx with float32 compute);
+#   matmul_q: one Triton kernel that dequantizes each [BN, BK] weight tile in registers and feeds
+#     tl.dot, so the fp16 copy never goes through device memory.
+# The values fed to the tensor cores are the float32 dequantization (ggml's dequantize_row_<type>,
+# the same arithmetic as dequantize_parts) rounded once to fp16; products accumulate in float32.
+@triton.jit
+def _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
+    """float32 [BN, BK] values of the weight at rows x cols (cols < K everywhere) from its repacked
+    parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
+    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K)."""
+    r64 = rows.to(tl.int64)[:, None]
+    m = rmask[:, None]
+    if KIND == 0:
+        q = tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0).to(tl.float32)
+        s = tl.load(p1 + r64 * (K // G) + (cols // G)[None, :], mask=m, other=0.0).to(tl.float32)
+        return s * q
+    else:
+        # column k: super-block k // 256, chunk c = (k % 256) // 64 of 32 bytes, byte l = k % 32,
+        # low nibble for the first 32 columns of the chunk, high nibble for the next 32
+        kk = cols % 256
+        byte = (cols // 256) * 128 + (kk // 64) * 32 + kk % 32
+        b = tl.load(p0 + r64 * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
+        q = tl.where(((kk // 32) % 2 == 1)[None, :], b >> 4, b & 15).to(tl.float32)
+        sub = r64 * (K // 32) + (cols // 32)[None, :]
+        sc = tl.load(p1 + sub, mask=m, other=0).to(tl.float32)
+        mn = tl.load(p2 + sub, mask=m, other=0).to(tl.float32)
+        sb = r64 * (K // 256) + (cols // 256)[None, :]
+        d = tl.load(p3 + sb, mask=m, other=0.0).to(tl.float32)
+        dm = tl.load(p4 + sb, mask=m, other=0.0).to(tl.float32)
+        return (d * sc) * q - (dm * mn)
+
+
+@triton.jit
+def _dequant_half(p0, p1, p2, p3, p4, y_ptr, N, K, KIND: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    rmask = rows < N
+    w = _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND, G)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+_KINDS = {"int8": 0, "q4_k": 1}
+
+
+def _parts5(kind, parts):
+    p = tuple(parts) + (parts[0],) * (5 - len(parts))
+    g = 0
+    if kind == "int8":
+        g = parts[0].shape[1] // parts[1].shape[1]
+    return p, g
+
+
+def dequant_half(torch, kind: str, parts: tuple, n: int, k: int, dtype=None):
+    """The weight (int8 or q4_k layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
+    k must be a multiple of 64 (every block type's rows are: 32 or 256 values per block)."""
+    y = torch.empty((n, k), dtype=dtype or torch.float16, device=parts[0].device)
+    p, g = _parts5(kind, parts)
+    bn, bk = 32, 64
+    _dequant_half[((n + bn - 1) // bn, k // bk)](*p, y, n, k, KIND=_KINDS[kind], G=g, BN=bn, BK=bk, num_warps=4)
+    return y
+
+
+@triton.jit
+def _mm_q(x_ptr, p0, p1, p2, p3, p4, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+          BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """y [M, N] float32 = x [M, K] (fp16) @ W^T, W dequantized tile by tile (_w_tile) to fp16."""
+    pid = tl.program_id(0)
+    nm = tl.cdiv(M, BM)
+    nn = tl.cdiv(N, BN)
+    # grouped ordering: GROUP weight-column tiles share their x tiles in L2 (Triton's matmul tutorial)
+    per = GROUP * nm
+    g0 = (pid // per) * GROUP
+    gs = tl.minimum(nn - g0, GROUP)
+    pn = g0 + (pid % per) % gs
+    pm = (pid % per) // gs
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=mmask[:, None], other=0.0)
+        w = _w_tile(p0, p1, p2, p3, p4, rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+# (BM, BN, BK, num_warps, num_stages): bench/prefill_matmul.py picks among these on the GPU
+MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3)}
+
+
+def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
+    """x fp16 [M, k] (contiguous) times the weight (int8 or q4_k layout, [n, k]) transposed ->
+    float32 [M, n]. k must be a multiple of BK (64)."""
+    M = x.shape[0]
+    y = torch.empty((M, n), dtype=torch.float32, device=x.device)
+    p, g = _parts5(kind, parts)
+    bm, bn, bk, warps, stages = config or MM_CONFIG[kind]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(n, bn),)
+    _mm_q[grid](x, *p, y, M, n, k, KIND=_KINDS[kind], G=g, BM=bm, BN=bn, BK=bk, GROUP=8, num_warps=warps,
+                num_stages=stages)
+    return y

@@ -1,0 +1,69 @@
+#!/bin/bash
+# Issue 17 on the GPU machine, in two calls of the device tool (each under its 10-minute limit; the
+# second must follow while the machine is still warm, so the llama.cpp build and the GGUFs in /tmp
+# are still there). Run from a carried copy laid out as:
+#   <carry>/wt        this worktree (ggquant, kernels, bench, ...)
+#   <carry>/llama.cpp llama.cpp's tree from the llama-cpp-python 0.3.36 sdist, trimmed as in
+#                     research note anchor-cuda-h100.md (tools/: llama-bench and imatrix only)
+#   <carry>/whl       gguf-0.19.0 wheel;  <carry>/tiny  tiny reference GGUFs (tests' cache)
+#   bash <carry>/wt/bench/device_issue17.sh 1    # llama.cpp build (background), tests, matmul bench, GGUFs
+#   bash <carry>/wt/bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
+#   bash <carry>/wt/bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CARRY=$(cd "$ROOT/.." && pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+W=/tmp/ggq_bench
+export NUMBA_CACHE_DIR=/tmp/numba PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/whl/*.whl >/dev/null 2>&1 || true
+export PYTHONPATH=/tmp/site:$ROOT
+ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
+ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
+cd "$ROOT"
+
+if [ "$1" = 1 ] || [ "$1" = all ]; then
+  if [ ! -x /tmp/llbuild/bin/llama-bench ]; then
+    rm -rf /tmp/llsrc && cp -r "$CARRY/llama.cpp" /tmp/llsrc
+    # build lines of anchor-cuda-h100.md; setsid: the build outlives this call while the machine is warm
+    setsid nohup bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+      && cmake --build /tmp/llbuild --target llama-bench llama-imatrix -j10; echo BUILD_RC=\$?" \
+      > /tmp/llbuild.log 2>&1 < /dev/null &
+  fi
+  # the E4B-size GGUFs (bench/runtime_cuda.py's builder, atomic writes), alongside
+  NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights q4_k,q8_0,bf16 \
+    --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/phase1.txt"
+  python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/phase1.txt"
+  python3 -m pytest -q -p no:cacheprovider -k "not half_prefill" \
+    tests/runtime/test_cuda_prefill.py 2>&1 | tail -15 | tee -a "$OUT/phase1.txt"
+  python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
+  PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
+  python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
+  tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
+  tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
+fi
+
+if [ "$1" = 2 ] || [ "$1" = all ]; then
+  # per weight type, as soon as its GGUF is there; llama.cpp's tools join once their build is done
+  late=""
+  for w in ${WEIGHTS:-q4_k q8_0 bf16}; do
+    f=$W/gemma4-e4b-$w-v1.gguf
+    for i in $(seq 1 90); do [ -f $f ] && break; sleep 2; done
+    LB=""; LI=""
+    [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench" || late="$late $f"
+    [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
+    python3 bench/runtime_cuda.py --weights $w --workdir $W --prompt 512 --decode 128 --repeat ${REPEAT:-2} --profile never \
+      --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache} $LB $LI --json "$OUT/runtime_cuda_$w.json" 2>&1 \
+      | tee -a "$OUT/bench.txt"
+  done
+  tail -2 /tmp/gguf.log /tmp/llbuild.log | tee -a "$OUT/bench.txt"
+  if [ -n "$late" ]; then
+    for i in $(seq 1 60); do grep -q BUILD_RC /tmp/llbuild.log 2>/dev/null && break; sleep 5; done
+    for f in $late; do
+      /tmp/llbuild/bin/llama-bench -m $f -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o json 2>/dev/null | tee -a "$OUT/llama_bench_late.json"
+    done
+  fi
+fi

@@ -1,0 +1,96 @@
+"""Batched products (prefill, T > 1) of the torch/CUDA backend on tensor-core operand types
+(issue 17): the fp16 dequantization kernel and the fused dequantize-and-dot kernel against torch
+references (on a GPU, or on the CPU under TRITON_INTERPRET=1 with triton installed; they skip in
+CI), and the whole model with fp16/bf16 prefill products against the float32 path and against
+token-by-token decode (torch on the CPU in CI; also on a GPU when there is one)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+torch = pytest.importorskip("torch")
+
+from tests.runtime.test_cuda_kernels import _kernels, _weights  # noqa: E402 (the kernel tests' helpers)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if HAS_CUDA else "cpu"
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K]
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_dequant_half_is_the_rounded_dequantization(qtype):
+    from ggquant.runtime.cuda import repack
+
+    ck = _kernels()
+    n, k = 45, 768
+    raw, ref = _weights(qtype, n, k, seed=int(qtype))
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    got = ck.dequant_half(torch, kind, parts, n, k).cpu()
+    want = torch.from_numpy(ref).to(torch.float16)
+    assert got.dtype == torch.float16 and got.shape == (n, k)
+    if kind == "int8":  # s * q is exact in float32: one rounding to fp16, bit-equal
+        assert torch.equal(got, want)
+    else:  # Q4_K: d*sc*q - dmin*m may be contracted to an fma on the GPU: at most one fp16 step apart
+        step = (want.float().abs() * 2.0 ** -10).clamp_min(2.0 ** -24)
+        assert ((got.float() - want.float()).abs() <= step).all()
+
+
+@pytest.mark.parametrize("qtype,m,n,k", [(T.Q8_0, 37, 300, 512), (T.Q4_K, 130, 70, 768), (T.Q6_K, 5, 256, 256),
+                                         (T.Q4_0, 64, 129, 320)], ids=str)
+def test_matmul_q_equals_fp16_product(qtype, m, n, k):
+    from ggquant.runtime.cuda import repack
+
+    ck = _kernels()
+    raw, ref = _weights(qtype, n, k, seed=n + k)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).to(torch.float16)
+    got = ck.matmul_q(torch, kind, parts, x.to(DEV), n, k).cpu().double().numpy()
+    w = torch.from_numpy(ref).to(torch.float16).double().numpy()
+    terms = np.abs(x.double().numpy()) @ np.abs(w).T
+    want = x.double().numpy() @ w.T
+    assert np.isfinite(got).all()
+    assert (np.abs(got - want) <= 1e-5 * terms + 1e-6).all()  # float32 accumulation of exact fp16 products
+
+
+def _model(path, device, **kw):
+    from ggquant.formats.gguf import GGUFReader
+    from ggquant.runtime.cuda import CUDABackend
+    from ggquant.runtime.model import ARCHITECTURES
+
+    r = GGUFReader(path)
+    return ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device=device, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("outtype", ["q8_0", "bf16"])
+def test_half_prefill_agrees_with_float32_prefill_and_decode(reference_gguf, outtype, device):
+    """fp16/bf16 operands (PREFILL_MODE) change the prompt's logits by rounding only: against the
+    float32 products, and against decoding the same tokens one at a time (batch-1 matvec, float32)."""
+    from ggquant.runtime.model import Session
+
+    path = reference_gguf("gemma4_e4b", outtype)
+    ids = [2] + [int(t) for t in np.random.default_rng(3).integers(21, 500, 39)]
+    f32 = Session(_model(path, device, prefill="f32"), 64, n_batch=64).eval(ids, "all")
+    modes = ["cublas"] + (["triton"] if device == "cuda" or INTERPRET else [])
+    for mode in modes:
+        m = _model(path, device, prefill=mode)
+        half = Session(m, 64, n_batch=64).eval(ids, "all")
+        assert np.isfinite(half).all()
+        d = np.abs(half - f32)
+        assert d.max() <= 0.01 * np.abs(f32).max(), (mode, d.max())  # measured ~2e-3 (Q8_0)
+        assert (half.argmax(-1) == f32.argmax(-1)).mean() >= 0.9, mode
+        s = Session(m, 64, n_batch=64)
+        dec = np.concatenate([s.eval([t], "all") for t in ids])
+        assert np.abs(dec - half).max() <= 0.01 * np.abs(dec).max(), mode
+    # the f32 mode is the old path: unchanged products, so the prompt equals its own decode closely
+    s = Session(_model(path, device, prefill="f32"), 64, n_batch=64)
+    dec = np.concatenate([s.eval([t], "all") for t in ids])
+    assert np.abs(dec - f32).max() <= 1e-3 * np.abs(f32).max()
