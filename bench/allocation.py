@@ -140,12 +140,13 @@ def main():
         best = min(fits, key=lambda s: s["kl"]) if fits else None
         row = {"preset": p, "llama.cpp": pre, "best_single": best}
         if "proxy" in modes:
-            row["proxy"] = measure(f"ggquant proxy {p}", solvers=True,
+            # ggquant's rows are never taken from the cache: they change with the code
+            row["proxy"] = measure(f"ggquant proxy {p}", cached=False, solvers=True,
                                    mix=Mix(target_size=pre["bytes"], allocator=a.allocator))
         if "measured" in modes:  # the probes are measured once (--state) and serve every budget
             mix = Mix(target_size=pre["bytes"], allocator=a.allocator, calibration=cal_text,
                       state=str(a.work / f"kl-state-ctx{Mix.ctx}x{Mix.chunks}.json"))
-            row["measured"] = measure(f"ggquant measured {p}", mix=mix)
+            row["measured"] = measure(f"ggquant measured {p}", cached=False, mix=mix)
         rows.append(row)
 
     print()

@@ -53,7 +53,9 @@ def floor_for(name: str, policy: tuple[Floor, ...] = DEFAULT_POLICY) -> Floor | 
     return None
 
 
-# Types an allocation tries by default (llama.cpp's CPU and CUDA backends run all of them);
-# the low-bit i-quants join as candidates once they can be quantized (issue 14).
-DEFAULT_CANDIDATES = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_K, T.Q5_0, T.Q5_1,
-                      T.Q6_K, T.Q8_0, T.F16, T.BF16)
+# Types an allocation tries by default: every type llama.cpp's CPU and CUDA backends multiply by,
+# but IQ1_S/IQ1_M (below 2 bpw: useful only for whole-model presets) and TQ1_0/TQ2_0 (ternary
+# models only). Those llama-quantize needs an imatrix for (presets.REQUIRES_IMATRIX) are skipped
+# without one (allocate.candidate_types).
+DEFAULT_CANDIDATES = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.Q4_K,
+                      T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_K, T.Q5_0, T.Q5_1, T.Q6_K, T.Q8_0, T.F16, T.BF16)
