@@ -156,6 +156,11 @@ def expert_product(w: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
     elif qtype == _T.Q4_K and N % REPACK_ROWS == 0:
         for a in range(0, n, GEMV_TOKENS):  # gemv for each token, as the repacked MUL_MAT_ID does
             matmul(w, qtype, x[a:a + GEMV_TOKENS], out[a:a + GEMV_TOKENS], check=False)
+    elif qtype == _T.IQ4_NL:
+        # MUL_MAT_ID never goes through llamafile's tinyBLAS (MUL_MAT does for IQ4_NL batches of
+        # >= 2 tokens): one token at a time keeps the vec_dot (or repacked gemv) order
+        for a in range(n):
+            matmul(w, qtype, x[a:a + 1], out[a:a + 1], check=False)
     else:
         matmul(w, qtype, x, out, check=False)
     return out

@@ -36,7 +36,7 @@ def f32_gguf(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q4_0", "IQ4_XS", "Q6_K"])
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q4_0", "IQ4_XS", "Q6_K", "MXFP4_MOE"])
 def test_moe_preset_equals_llama_model_quantize(f32_gguf, tmp_path, preset):
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     convert(tiny_model(MODEL), outtype=preset, outfile=ours)

@@ -11,13 +11,13 @@ from ggquant.kernels.cpu.matmul import ISA
 from ggquant.quant import types as qt
 from ggquant.runtime.cpu import CPUBackend, CPUWeight
 from tests.oracles import ggml_graph as graph
-from tests.runtime.test_matmul import ALL_TYPES
+from tests.runtime.test_matmul import ALL_TYPES, _weights
 
 E = 6  # experts
 
 
 def _experts(rng, qtype, n, k):
-    w = qt.quantize(rng.standard_normal((E * n, k)).astype(np.float32), qtype)
+    w = _weights(rng, qtype, E * n, k)  # with an imatrix where the type takes one (IQ2_XXS needs it)
     return CPUWeight("blk.0.ffn_down_exps.weight", qtype, (E, n, k), w.reshape(E * n, -1)), w
 
 
