@@ -83,7 +83,7 @@ class CpuIsa:
     AVX512_BF16 switches BF16 products to vdpbf16ps. The quantized kernels give the same results on
     AVX2 and AVX-512 hosts (their integer parts are exact and their float order is per lane:
     quants.c, arch/x86/repack.cpp, tiled/tiled-kernel.cpp, checked by tests/runtime/test_matmul.py
-    against ggml's own graph). Not emulated: AVX512_FP16 hosts (native fp16 F16 products) and AMX
+    against ggml's own graph), but for the scalar tail of the IQ4_NL vec_dot (b32matmul). Not emulated: AVX512_FP16 hosts (native fp16 F16 products) and AMX
     hosts (the AMX buffer type takes Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_XS products); see `unmatched`.
     """
 
