@@ -38,7 +38,7 @@ MODELS = {"gemma3": ("Gemma 3 270M", real_models.gemma3_270m_gguf),
           "smollm2": ("SmolLM2-135M", real_models.smollm2_gguf),
           "qwen25": ("Qwen2.5-Coder-0.5B", real_models.qwen25_coder_gguf)}
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+PRESETS = ("Q2_K", "IQ3_XXS", "Q3_K_S", "IQ3_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 SINGLE = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)
 
 

@@ -28,7 +28,8 @@ perturbations): the predicted KL of a mix is the sum of its tensors'.
 **Allocation.** A multiple-choice knapsack: minimise the summed cost under sum(bytes) <= budget.
 "lagrange": every tensor takes the point of its lower convex hull that minimises cost + lam*bytes,
 lam bisected to the smallest value that fits, then the leftover bytes are spent greedily on the
-single upgrades with the best cost reduction per byte. "greedy": start every tensor at its
+single upgrades with the best cost reduction per byte; a tensor whose next hull point is a large
+share of the budget is also tried at that point, with the rest re-solved beside it. "greedy": start every tensor at its
 smallest option and repeatedly take the best cost reduction per byte that still fits. Both are
 deterministic (ties broken by tensor order, then type order).
 """
@@ -294,7 +295,10 @@ def _fill(items: list[Item], pick: list[Option], budget: int) -> None:
         pick[i] = o
 
 
-def _lagrange(items: list[Item], budget: int) -> list[Option]:
+def _relax(items: list[Item], budget: int) -> list[Option] | None:
+    """The Lagrangian pick (smallest lam that fits) plus the greedy fill; None if nothing fits."""
+    if sum(it.options[0].nbytes for it in items) > budget:
+        return None
     hulls = [it.hull() for it in items]
 
     def choose(lam: float) -> list[Option]:
@@ -316,6 +320,31 @@ def _lagrange(items: list[Item], budget: int) -> list[Option]:
                 lo = mid
         pick = choose(hi)
     _fill(items, pick, budget)
+    return pick
+
+
+BIG_STEP = 0.02  # of the budget: an upgrade this large can leave the relaxation's gap unspent
+
+
+def _lagrange(items: list[Item], budget: int) -> list[Option]:
+    """_relax, then its integrality gap closed for big tensors: a relaxation moves a tensor whose
+    next hull point costs many bytes (Gemma 3's tied embedding: Q5_1 -> Q8_0 is 15% of the file)
+    only as a whole, and the greedy fill only upgrades; so for every such upgrade that did not
+    fit, the rest is re-solved in the bytes left beside it, and the cheaper of the two is kept."""
+    pick = _relax(items, budget)
+    cost = sum(o.cost for o in pick)
+    for i, it in enumerate(items):
+        cur = pick[i]
+        for o in it.hull():
+            if o.cost >= cur.cost or o.nbytes - cur.nbytes < BIG_STEP * budget:
+                continue
+            rest = _relax(items[:i] + items[i + 1:], budget - o.nbytes)
+            if rest is None:
+                continue
+            cand = rest[:i] + [o] + rest[i:]
+            c = sum(x.cost for x in cand)
+            if c < cost:
+                pick, cost = cand, c
     return pick
 
 

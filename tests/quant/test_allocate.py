@@ -72,6 +72,24 @@ def test_solver_never_exceeds_the_budget_and_is_near_optimal(method, seed):
     assert al.allocate(items, hi, method).cost == sum(it.options[-1].cost for it in items)
 
 
+def test_lagrange_closes_the_gap_of_a_big_tensor():
+    """Gemma 3's case: one big tensor (the tied embedding) whose only upgrade is a large step, small
+    tensors already near zero cost. Upgrading it and trimming the small ones beats leaving it: the
+    relaxation alone cannot see that (it moves the big one whole, the fill only upgrades)."""
+    def item(name, opts):
+        return al.Item(name, (1, 256), [al.Option(q, b, e, e) for q, b, e in opts])
+
+    big = item("embd", [(T.Q5_1, 600, 1.0), (T.Q8_0, 850, 0.0)])
+    # per byte the small upgrades gain more (0.1 / 20 > 1.0 / 250), in all the big one gains more
+    small = [item(f"t{i}", [(T.Q4_K, 40, 0.1), (T.Q6_K, 60, 0.0)]) for i in range(8)]
+    items = [big, *small]
+    budget = 850 + 8 * 60 - 3 * 20  # the big upgrade fits only if 3 small tensors step down
+    a = al.allocate(items, budget, "lagrange")
+    assert a.nbytes <= budget and a.choice["embd"] == T.Q8_0
+    assert a.cost == pytest.approx(3 * 0.1)  # the exhaustive optimum; leaving the big one costs 1.0
+    assert al.allocate(items, budget, "greedy").choice["embd"] == T.Q5_1  # greedy keeps the gap
+
+
 def test_proxy_is_the_weighted_error_relative_to_the_weighted_energy():
     """Scale-free: a tensor times 2^k (exact in every block scale) has the same proxy errors; the
     value is sum a (w - q)^2 / sum a w^2 over the sampled rows, and 0 for an all-zero tensor."""
