@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ggquant.errors import GGQuantError
 from ggquant.files import check_overwrite
 
 

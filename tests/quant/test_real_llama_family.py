@@ -2,7 +2,6 @@
 Q4_K_M (qwen2, with Q5_0/Q8_0 fallbacks for its 896-wide rows), against ggml's to_float and
 llama_model_quantize."""
 
-import gguf
 import numpy as np
 import pytest
 from gguf import LlamaFileType as F

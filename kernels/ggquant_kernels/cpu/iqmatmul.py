@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from ..common import FP16_TO_FP32, JIT, get_u16
 from ..quants import iq4
