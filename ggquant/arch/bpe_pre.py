@@ -9,6 +9,10 @@ Copied from that file (MIT, (c) the ggml authors), the later of two equal digest
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ggquant.errors import GGQuantError
+
 CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 
 # sha256(str(ids)) -> tokenizer.ggml.pre  (# the model llama.cpp took the digest from)
@@ -109,3 +113,38 @@ PRE_BY_HASH: dict[str, str] = {
     "972da7b59cec44d1f0a490a86c96df53859e486e481563e5dddac155013d87ac": "laguna",  # https://huggingface.co/poolside/Laguna-XS.2
     "653660222fb704f61cbf2b618a8ae6502b7f8b20c980f9a5de07ed78e13319cd": "ufakzeka",  # https://huggingface.co/ufakai/ufakzeka-1
 }
+
+
+# What llama-vocab.cpp does with a pre name (shared by the runtime tokenizer and the HF tokenizer.json
+# export): pre-tokenizer groups: pre name -> (splitters in order, ignore_merges, add_bos default)
+GPT2, LLAMA3, QWEN2, DIGITS = "gpt2", "llama3", "qwen2", "digits"
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    splitters: tuple[str, ...]
+    ignore_merges: bool = False
+    add_bos: bool = False  # llama-vocab.cpp's default before tokenizer.ggml.add_bos_token is read
+
+
+_LLAMA3 = PreTokenizer((LLAMA3,), ignore_merges=True, add_bos=True)
+_PRE: dict[str, PreTokenizer] = {}
+for _n in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"):
+    _PRE[_n] = _LLAMA3
+for _n in ("dbrx", "smaug-bpe"):
+    _PRE[_n] = PreTokenizer((LLAMA3,))
+for _n in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan"):
+    _PRE[_n] = PreTokenizer((QWEN2,))
+for _n in ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"):
+    _PRE[_n] = PreTokenizer((DIGITS, GPT2))
+for _n in ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+           "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"):
+    _PRE[_n] = PreTokenizer((GPT2,))
+
+
+def pre_tokenizer(name: str, source: str) -> PreTokenizer:
+    try:
+        return _PRE[name]
+    except KeyError:
+        raise GGQuantError(f"{source}: tokenizer.ggml.pre = {name!r} is not supported by the ggquant runtime tokenizer "
+                           f"(supported: {', '.join(sorted(_PRE))})") from None

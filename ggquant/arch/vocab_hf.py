@@ -229,7 +229,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 def _bpe_pipeline(pre: str, path) -> tuple[dict | None, dict, bool]:
     """(normalizer, pre_tokenizer, ignore_merges) of the tokenizer.json for llama.cpp pre-tokenizer `pre`."""
-    from ggquant.runtime.bpe import DIGITS, GPT2, LLAMA3, QWEN2, pre_tokenizer
+    from ggquant.arch.bpe_pre import DIGITS, GPT2, LLAMA3, QWEN2, pre_tokenizer
 
     pt = pre_tokenizer(pre, str(path))
 

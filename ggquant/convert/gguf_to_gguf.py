@@ -20,15 +20,10 @@ from ggquant.convert.encode import CHUNK_BYTES, expert_imatrix
 from ggquant.errors import GGQuantError
 from ggquant.imatrix import files as imatrix_files
 from ggquant.quant import presets
+from ggquant.quant.presets import (DROPPED_KEYS, KEY_IMATRIX_DATASET, KEY_IMATRIX_FILE, KEY_IMATRIX_N_CHUNKS,
+                                   KEY_IMATRIX_N_ENTRIES)
 from ggquant.quant import types as qtypes
 
-# Keys llama-quantize writes when given an imatrix (tools/quantize/quantize.cpp)
-KEY_IMATRIX_FILE = "quantize.imatrix.file"
-KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
-KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
-KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
-DROPPED_KEYS = ("split.no", "split.count", "split.tensors.count",
-                 "general.quantization_version", "general.file_type")
 
 @dataclass
 class Result:

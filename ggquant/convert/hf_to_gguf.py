@@ -100,12 +100,12 @@ CONVERTER_LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 
 def _apply_preset(arch: Arch, tensors: list[TensorPlan], kv: KV, ftype: LlamaFileType, rules, imatrix_path):
     """llama_model_quantize on the F32 plan: types from the mixture rules, tensors in the
-    loader's order, metadata re-keyed as llama-quantize does (convert.gguf_to_gguf.quantize_gguf)."""
+    loader's order, metadata re-keyed as llama-quantize does (as convert.gguf_to_gguf.quantize_gguf)."""
     from ggquant.imatrix import files as imatrix_files
     from ggquant.quant import presets
     from ggquant.quant import types as qtypes
-    from ggquant.convert.gguf_to_gguf import (DROPPED_KEYS, KEY_IMATRIX_DATASET, KEY_IMATRIX_FILE,
-                                              KEY_IMATRIX_N_CHUNKS, KEY_IMATRIX_N_ENTRIES)
+    from ggquant.quant.presets import (DROPPED_KEYS, KEY_IMATRIX_DATASET, KEY_IMATRIX_FILE,
+                                       KEY_IMATRIX_N_CHUNKS, KEY_IMATRIX_N_ENTRIES)
 
     im = imatrix_files.load(imatrix_path) if imatrix_path else None
     im_values = im.normalised() if im else {}

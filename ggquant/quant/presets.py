@@ -79,6 +79,15 @@ _NEVER_QUANTIZED = (
 _NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
 
 
+# Keys llama-quantize writes when given an imatrix (tools/quantize/quantize.cpp), and the input's
+# keys llama_model_quantize does not copy (it writes its own)
+KEY_IMATRIX_FILE = "quantize.imatrix.file"
+KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
+KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+DROPPED_KEYS = ("split.no", "split.count", "split.tensors.count",
+                "general.quantization_version", "general.file_type")
+
 # Types quantized only with an importance matrix: ggml_quantize_requires_imatrix (IQ2_XXS, IQ2_XS,
 # IQ1_S) and llama-quantize's own check (IQ3_XXS, IQ2_S, IQ1_M; tools/quantize/quantize.cpp)
 REQUIRES_IMATRIX = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})

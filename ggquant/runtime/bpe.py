@@ -19,43 +19,10 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_right
-from dataclasses import dataclass
 
-from ggquant.errors import GGQuantError
 from ggquant.runtime import unicode_data as U
 
-# pre-tokenizer groups: pre name -> (splitters in order, ignore_merges, add_bos default)
-GPT2, LLAMA3, QWEN2, DIGITS = "gpt2", "llama3", "qwen2", "digits"
-
-
-@dataclass(frozen=True)
-class PreTokenizer:
-    splitters: tuple[str, ...]
-    ignore_merges: bool = False
-    add_bos: bool = False  # llama-vocab.cpp's default before tokenizer.ggml.add_bos_token is read
-
-
-_LLAMA3 = PreTokenizer((LLAMA3,), ignore_merges=True, add_bos=True)
-_PRE: dict[str, PreTokenizer] = {}
-for _n in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"):
-    _PRE[_n] = _LLAMA3
-for _n in ("dbrx", "smaug-bpe"):
-    _PRE[_n] = PreTokenizer((LLAMA3,))
-for _n in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan"):
-    _PRE[_n] = PreTokenizer((QWEN2,))
-for _n in ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"):
-    _PRE[_n] = PreTokenizer((DIGITS, GPT2))
-for _n in ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
-           "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"):
-    _PRE[_n] = PreTokenizer((GPT2,))
-
-
-def pre_tokenizer(name: str, source: str) -> PreTokenizer:
-    try:
-        return _PRE[name]
-    except KeyError:
-        raise GGQuantError(f"{source}: tokenizer.ggml.pre = {name!r} is not supported by the ggquant runtime tokenizer "
-                           f"(supported: {', '.join(sorted(_PRE))})") from None
+from ggquant.arch.bpe_pre import DIGITS, GPT2, LLAMA3, PreTokenizer
 
 
 # =============================================================================================
@@ -420,4 +387,4 @@ class BPE:
         return tuple(ids)
 
 
-__all__ = ["BPE", "BYTE_TO_CHAR", "PreTokenizer", "byte_decode", "byte_encode", "pre_tokenizer", "split_words"]
+__all__ = ["BPE", "BYTE_TO_CHAR", "byte_decode", "byte_encode", "split_words"]

@@ -185,7 +185,7 @@ def open_hf_folder(path: str | Path, outtype: str | None = None) -> HFFolderRead
     Every problem the converter would report (no config.json, an unsupported architecture,
     pickle-only weights, missing or misshapen tensors) is raised here, unchanged, before any
     tensor data is read."""
-    from ggquant.convert import plan_conversion
+    from ggquant.convert.hf_to_gguf import plan_conversion
 
     path = Path(path)
     ot = stored_outtype(path) if outtype is None else outtype.strip().lower()
@@ -214,7 +214,7 @@ def _prefer_exact_transcoding(path: Path, conv, arch, ot: str):
     weights exactly into GGML blocks (int4 sym -> Q4_0, ...). Use that plan when the runtime has
     kernels for every type it picks; otherwise keep the float plan (the weights dequantized as the
     converter does, stored in the checkpoint's float dtype)."""
-    from ggquant.convert import plan_conversion
+    from ggquant.convert.hf_to_gguf import plan_conversion
     from ggquant.quant.types import CPU_TYPES as SUPPORTED
 
     conv2, arch2 = plan_conversion(path, outtype="auto")

@@ -108,7 +108,8 @@ class Tokenizer:
                     self.ranks[(b[:p], b[p + 1:])] = i
         self.bpe = None
         if model == "gpt2":
-            from ggquant.runtime.bpe import BPE, pre_tokenizer
+            from ggquant.arch.bpe_pre import pre_tokenizer
+            from ggquant.runtime.bpe import BPE
 
             if not merges:
                 raise GGQuantError(f"{source}: a gpt2 tokenizer needs tokenizer.ggml.merges (cannot find tokenizer "
