@@ -11,13 +11,13 @@
 #   bash <carry>/wt/bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CARRY=$(cd "$ROOT/.." && pwd)
+CARRY=$(cd "${CARRY:-$ROOT/..}" && pwd)  # the carried folder (default: the worktree's parent)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 W=/tmp/ggq_bench
 export NUMBA_CACHE_DIR=/tmp/numba PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/whl/*.whl >/dev/null 2>&1 || true
-export PYTHONPATH=/tmp/site:$ROOT
+export PYTHONPATH=/tmp/site:$ROOT GGQUANT_LLAMA_CPP_DIR=$CARRY/llama.cpp GGQUANT_CACHE=/tmp/ggq_cache
 ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
 ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
 cd "$ROOT"
@@ -37,10 +37,13 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
     --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/phase1.txt"
   python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/phase1.txt"
-  python3 -m pytest -q -p no:cacheprovider -k "not half_prefill" \
-    tests/runtime/test_cuda_prefill.py 2>&1 | tail -15 | tee -a "$OUT/phase1.txt"
+  # the CUDA tests of every issue (they skip in CI): kernels, prefill, backend vs the CPU backend
+  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --timeout 300 \
+    tests/runtime/test_cuda_prefill.py tests/runtime/test_cuda_kernels.py tests/runtime/test_cuda.py 2>&1 \
+    | tail -25 | tee -a "$OUT/phase1.txt"
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
   PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
+  timeout 240 python3 bench/cuda_check.py "$CARRY"/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
   python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
   tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
   tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
