@@ -64,3 +64,14 @@ def test_help_lists_what_the_registry_holds():
         assert {p for p in PRESETS if p not in ("F32", "F16", "BF16", "Q8_0")} <= words, verb
     assert {"IQ2_M", "IQ1_S", "TQ2_0", "MXFP4_MOE", "Q1_0"} <= set(PRESETS)
     assert {"IQ3_S", "NVFP4", "Q1_0"} <= {t.name for t in QUANTIZE_TYPES}
+
+
+def test_quantize_takes_the_type_after_out_like_llama_quantize(tmp_path):
+    src = build_toy_llama(tmp_path / "toy.gguf")
+    res = run("quantize", src, tmp_path / "a.gguf", "Q8_0")
+    assert res.exit_code == 0, res.output
+    res = run("quantize", src, tmp_path / "b.gguf", "--outtype", "Q8_0")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    res = run("quantize", src, tmp_path / "c.gguf", "Q4_0", "--outtype", "Q8_0")
+    assert res.exit_code == 1 and "given twice" in res.output and not (tmp_path / "c.gguf").exists()

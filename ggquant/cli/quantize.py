@@ -36,6 +36,7 @@ def _types(text: str | None):
 @click.command("quantize")
 @click.argument("inp", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path), required=False)
+@click.argument("type_", metavar="[TYPE]", required=False)
 @click.option("--outtype", help="Preset: " + " ".join(PRESETS) + ". Optional with --target-bpw/--target-size "
               "(default: the file type of the type holding the most bytes), --like (the template's) or "
               "--tensor-type-file.")
@@ -79,14 +80,21 @@ def _types(text: str | None):
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--threads", "-t", type=int, help="Numba threads (default: all cores).")
 @click.option("--split-max-size", help="Split the output into shards of at most this size (e.g. 2G).")
-def quantize_command(inp, out, outtype, imatrix, tensor_types, tensor_type_file, token_embedding_type,
+def quantize_command(inp, out, type_, outtype, imatrix, tensor_types, tensor_type_file, token_embedding_type,
                      output_tensor_type, pure, allow_requantize, target_bpw, target_size, calibration, ctx, chunks,
                      state, ray_address, workers, device, types, allocator, recipe_out, like, plot, dry_run, as_json, force, threads, split_max_size):
     """Quantize a GGUF with llama.cpp's presets and mixture rules (bit-exact with llama-quantize), or
-    with per-tensor types allocated under a size budget (--target-bpw / --target-size)."""
+    with per-tensor types allocated under a size budget (--target-bpw / --target-size).
+
+    TYPE may follow OUT as in llama-quantize (`ggquant quantize IN.gguf OUT.gguf Q4_K_M`); it is
+    --outtype by another name."""
     from ggquant.convert.gguf_to_gguf import default_outfile, format_plan, quantize_gguf
     from ggquant.convert.mix import Mix, plot_pareto
 
+    if type_ is not None:
+        if outtype is not None and outtype.upper() != type_.upper():
+            raise GGQuantError(f"the type is given twice: {type_} after OUT and --outtype {outtype}; give one")
+        outtype = type_
     mix = None
     if target_bpw is not None or target_size is not None:
         text = None
