@@ -37,8 +37,11 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
     --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/phase1.txt"
   python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/phase1.txt"
-  # the CUDA tests of every issue (they skip in CI): kernels, prefill, backend vs the CPU backend
+  # the CUDA tests of every issue (they skip in CI) that need no fixture build (the image's
+  # transformers is older than the lock's); cuda_check below runs the model-level ones on the
+  # carried tiny GGUFs (llama.cpp's conversions of the fixtures)
   timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --timeout 300 \
+    -k "not agrees_with_cpu and not runs_quantized and not graph_decode and not half_prefill" \
     tests/runtime/test_cuda_prefill.py tests/runtime/test_cuda_kernels.py tests/runtime/test_cuda.py 2>&1 \
     | tail -25 | tee -a "$OUT/phase1.txt"
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
