@@ -298,6 +298,18 @@ def test_mlx_affine_q4_1_exact_8bit_lossy(tmp_path):
         convert(qdir, exact=True, dry_run=True)
 
 
+def test_mlx_affine_6bit_lossy_target_in_the_plan():
+    # 6-bit codes: requantized to Q6_K (measured to stay within MLX's own error, test_mlx.py), or
+    # Q6_K's row fallback Q8_0 for rows that are not whole 256-element super-blocks; --dry-run says so
+    qdir = G.build_mlx(overrides={"model.language_model.layers.1.mlp.down_proj": {"bits": 6}})
+    conv = convert(qdir, dry_run=True)
+    (t,) = [t for t in _quantized_plans(conv) if t.name == "blk.1.ffn_down.weight"]
+    assert not t.exact and t.qtype == (T.Q6_K if t.shape[-1] % 256 == 0 else T.Q8_0), (t.qtype, t.shape)
+    assert f"MLX affine 6-bit group32 -> {t.qtype.name}" in t.reason, t.reason
+    assert ("measured" if t.qtype == T.Q6_K else "Q6_K's fallback") in t.reason, t.reason
+    assert t.sqnr is not None and t.sqnr > 30, t.sqnr
+
+
 # --- GLQ ----------------------------------------------------------------------------------------
 
 
