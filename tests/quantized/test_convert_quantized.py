@@ -310,6 +310,36 @@ def test_mlx_affine_6bit_lossy_target_in_the_plan():
     assert t.sqnr is not None and t.sqnr > 30, t.sqnr
 
 
+def test_mlx_affine_6bit_llama_plans_q6_k(tmp_path):
+    # rows of 256 and 512: every 6-bit Linear of a tiny Llama (its q/k rows permuted as codes) is
+    # planned as Q6_K, lossy, with its SQNR in --dry-run; 8-bit ones as Q8_0
+    import json
+
+    import mlx.core as mx
+
+    from ggquant.fixtures.quantized import _tiny_llama3_folder
+
+    d = _tiny_llama3_folder(tmp_path / "mlx", 256, 512, 4, 64, 8)
+    tensors = mx.load(str(d / "model.safetensors"))
+    quant = {"group_size": 64, "bits": 6, "mode": "affine", "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}
+    for key in [k for k in tensors if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
+        mod = key[: -len(".weight")]
+        o = quant.get(mod, quant)
+        wq, scales, biases = mx.quantize(tensors[key], group_size=o["group_size"], bits=o["bits"], mode="affine")
+        tensors.update({key: wq, f"{mod}.scales": scales, f"{mod}.biases": biases})
+    mx.eval(tensors)
+    mx.save_safetensors(str(d / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "quantization": quant, "quantization_config": quant}))
+    conv = convert(d, dry_run=True)
+    plans = {t.name: t for t in _quantized_plans(conv)}
+    assert len(plans) == 7
+    for name, t in plans.items():
+        assert not t.exact and t.sqnr is not None, name
+        assert t.qtype == (T.Q8_0 if name == "blk.0.ffn_down.weight" else T.Q6_K), (name, t.qtype)
+        assert t.sqnr > (45 if t.qtype == T.Q8_0 else 30), (name, t.sqnr)
+
+
 # --- GLQ ----------------------------------------------------------------------------------------
 
 
