@@ -321,7 +321,8 @@ def test_mlx_affine_6bit_llama_plans_q6_k(tmp_path):
 
     d = _tiny_llama3_folder(tmp_path / "mlx", 256, 512, 4, 64, 8)
     tensors = mx.load(str(d / "model.safetensors"))
-    quant = {"group_size": 64, "bits": 6, "mode": "affine", "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}
+    quant = {"group_size": 64, "bits": 6, "mode": "affine",
+             "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}
     for key in [k for k in tensors if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
         mod = key[: -len(".weight")]
         o = quant.get(mod, quant)

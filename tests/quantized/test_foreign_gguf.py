@@ -136,32 +136,47 @@ def test_auto_round_q4_0_differs_from_ggml_only_at_ties_and_sign_choice(source_w
     assert n_diff_blocks < n_blocks // 10, (n_diff_blocks, n_blocks)  # 4-7 % of the blocks
 
 
-def _search_differs(w: np.ndarray) -> np.ndarray:
-    """Per 32-weight sub-block: do auto-round's scale/min search (data_type/gguf.py
-    iterative_wls_quant_search, the RTN Q4_K path) and ggml's make_qkx2_quants (ggquant's port,
-    bit-exact with ggml-quants.c) find different fits (beyond 1e-5 relative)? Both get ggml's
-    weights av_x + |x| (quantize_row_q4_K_ref)."""
+def _search_differs(qtype: T, w: np.ndarray) -> np.ndarray:
+    """Per sub-block: do auto-round's scale search and ggml's find different fits (beyond 1e-5
+    relative)? ggml's side is ggquant's port (bit-exact with ggml-quants.c), fed ggml's inputs:
+      Q4_K: make_qkx2_quants(32, 15, x, av_x + |x|, ..., -1, 0.1, 20) (quantize_row_q4_K_ref) against
+            auto-round's iterative_wls_quant_search (data_type/gguf.py, the RTN Q4_K path);
+      Q6_K: make_qx_quants(16, 32, x, L, 1, NULL) (quantize_row_q6_K_ref) against auto-round's
+            make_qx_quants_chunk (export packing.py, used by search_gguf_scale_min_sym)."""
     import torch
-    from auto_round.data_type.gguf import iterative_wls_quant_search
 
     from ggquant.kernels import qsearch
 
-    x = w.reshape(-1, 32).astype(np.float32)
-    ours = np.empty((len(x), 2), np.float32)
-    L, Laux = np.zeros(32, np.uint8), np.zeros(32, np.uint8)
+    n = 32 if qtype == T.Q4_K else 16
+    x = w.reshape(-1, n).astype(np.float32)
     work = np.zeros(qsearch.WORK_FLOATS, np.float32)
-    for i, row in enumerate(x):
-        sum_x2 = np.float32(0)
-        for v in row:
-            sum_x2 = np.float32(sum_x2 + v * v)
-        weights = (np.sqrt(np.float32(sum_x2 / np.float32(32))) + np.abs(row)).astype(np.float32)
-        ours[i] = qsearch.make_qkx2_quants(32, 15, row, 0, weights, 0, L, 0, Laux, np.float32(-1.0),
-                                           np.float32(0.1), 20, False, work)
-    t = torch.from_numpy(x.copy())
-    qw = torch.abs(t) + torch.sqrt(torch.sum(t * t, dim=-1, keepdim=True) / 32)
-    scale, wmin = iterative_wls_quant_search(t, bits=4, rrmin=-1, rdelta=0.1, nstep=20, use_mad=False, weights=qw)
-    theirs = np.stack([scale.reshape(-1).numpy(), wmin.reshape(-1).numpy()], 1)
-    return ~np.isclose(theirs, ours, rtol=1e-5, atol=1e-9).all(1)
+    if qtype == T.Q4_K:
+        from auto_round.data_type.gguf import iterative_wls_quant_search
+
+        ours = np.empty((len(x), 2), np.float32)
+        L, Laux = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+        for i, row in enumerate(x):
+            sum_x2 = np.float32(0)
+            for v in row:
+                sum_x2 = np.float32(sum_x2 + v * v)
+            weights = (np.sqrt(np.float32(sum_x2 / np.float32(n))) + np.abs(row)).astype(np.float32)
+            ours[i] = qsearch.make_qkx2_quants(n, 15, row, 0, weights, 0, L, 0, Laux, np.float32(-1.0),
+                                               np.float32(0.1), 20, False, work)
+        t = torch.from_numpy(x.copy())
+        qw = torch.abs(t) + torch.sqrt(torch.sum(t * t, dim=-1, keepdim=True) / n)
+        scale, wmin = iterative_wls_quant_search(t, bits=4, rrmin=-1, rdelta=0.1, nstep=20, use_mad=False,
+                                                 weights=qw)
+        theirs = np.stack([scale.reshape(-1).numpy(), wmin.reshape(-1).numpy()], 1)
+    else:
+        from auto_round.export.export_to_gguf.packing import make_qx_quants_chunk
+
+        ours = np.empty((len(x), 1), np.float32)
+        L, lbuf = np.zeros(n, np.int8), np.zeros(qsearch.WORK_INTS, np.int32)
+        for i, row in enumerate(x):
+            ours[i] = qsearch.make_qx_quants(n, 32, row, 0, L, 0, 1, row, 0, False, work, lbuf)
+        scale, _ = make_qx_quants_chunk(torch.from_numpy(x.reshape(-1, 16, n).copy()), bits=6, rmse_type=1, qw=None)
+        theirs = scale.reshape(-1, 1).numpy()
+    return ~np.isclose(theirs, ours, rtol=1e-5, atol=1e-12).all(1)
 
 
 def _kquant_codes_off_by_fp16_d(qtype: T, f: np.ndarray, g: np.ndarray, w: np.ndarray, name: str) -> int:
@@ -209,35 +224,39 @@ def _kquant_codes_off_by_fp16_d(qtype: T, f: np.ndarray, g: np.ndarray, w: np.nd
 def test_auto_round_k_quants_differ_from_ggml_in_search_and_code_rounding(source_weights):
     """auto-round 0.16.1 gguf:q4_k_m (RTN, disable_opt_rtn) against ggml's Q4_K / Q6_K of the same
     weights. Two steps differ, nothing else:
-      1. Q4_K's sub-block scale/min search: auto-round's torch port of make_qkx2_quants fits
-         differently in ~6 % of the 32-weight sub-blocks (bit-equal in ~2 %, the rest within
-         1e-5: float summation order); every super-block whose 6-bit scales differ from ggml's
-         contains such a sub-block, and elsewhere d/dmin are at most one fp16 step apart
-         (Q6_K's headers differ in a few % of the super-blocks).
+      1. the sub-block scale search, auto-round's torch ports of make_qkx2_quants (Q4_K) and
+         make_qx_quants (Q6_K): Q4_K fits differently in ~6 % of the 32-weight sub-blocks
+         (bit-equal in ~2 %, the rest within 1e-5: float summation order), Q6_K in 1-2 % of the
+         16-weight ones; every super-block with other sub-block scales holds such a sub-block;
       2. codes rounded against the float32 super-block scale, then written with its fp16 value
          (see _kquant_codes_off_by_fp16_d)."""
     path = _auto_round_gguf("gguf:q4_k_m")
-    seen = set()
+    seen, found = set(), {}
     for name, (qtype, data) in _file_blocks(path).items():
         w = source_weights[COMPARED[name]]
         size = 144 if qtype == T.Q4_K else 210
         f = data.reshape(-1, size)
         g = ggml_oracle.quantize(qtype, w).reshape(-1, size)
+        # 1. the sub-block search: other sub-block scales only where the searches disagree
+        n_sub, scales, d_bytes = (8, slice(4, 16), slice(0, 4)) if qtype == T.Q4_K else (16, slice(192, 208),
+                                                                                        slice(208, 210))
+        assert qtype in (T.Q4_K, T.Q6_K), (name, qtype)
+        searched = _search_differs(qtype, w).reshape(len(f), n_sub).any(1)
+        scales_differ = (f[:, scales] != g[:, scales]).any(1)
+        assert np.all(searched[scales_differ]), (
+            f"{name}: {int((scales_differ & ~searched).sum())} super-blocks have other sub-block scales "
+            f"although both searches agree")
+        found[qtype] = found.get(qtype, 0) + int(scales_differ.sum())
+        # elsewhere d (Q4_K: and dmin) may still differ: Q4_K's d = max scale / 63 in fp16 lands one
+        # fp16 step away where the searches agree to 1e-5 but not bit for bit; Q6_K's d takes the
+        # other sign when the largest |scale| occurs with both signs (as Q4_0's d above)
+        d_f = f[:, d_bytes].copy().view(np.uint16).astype(np.int64)
+        d_g = g[:, d_bytes].copy().view(np.uint16).astype(np.int64)
         if qtype == T.Q4_K:
-            searched = _search_differs(w).reshape(len(f), 8).any(1)
-            scales_differ = (f[:, 4:16] != g[:, 4:16]).any(1)
-            assert np.all(searched[scales_differ]), (
-                f"{name}: {int((scales_differ & ~searched).sum())} super-blocks have other 6-bit scales "
-                f"although both searches agree")
-            assert scales_differ.any()
-            # d = max scale / 63, dmin = max min / 63 in fp16: where the searches agree to 1e-5 but
-            # not bit for bit, the fp16 rounding may still land one step apart
-            d_f, d_g = f[:, :4].copy().view(np.uint16), g[:, :4].copy().view(np.uint16)
-            steps = np.abs(d_f.astype(np.int64) - d_g.astype(np.int64)).max(1)
-            assert np.all(steps[~searched] <= 1), f"{name}: d/dmin differ by more than an fp16 step"
+            assert np.all(np.abs(d_f - d_g).max(1)[~searched] <= 1), f"{name}: d/dmin differ by more than an fp16 step"
         else:
-            assert qtype == T.Q6_K, (name, qtype)
-            assert (f[:, 192:210] != g[:, 192:210]).any(1).mean() < 0.05, name  # headers nearly all equal
+            assert np.all(((d_f ^ d_g) & 0x7FFF)[~searched] == 0), f"{name}: d differs by more than its sign"
+        # 2. the codes
         if _kquant_codes_off_by_fp16_d(qtype, f, g, w, name):
             seen.add(qtype)
-    assert seen == {T.Q4_K, T.Q6_K}  # step 2 occurs in both types
+    assert seen == {T.Q4_K, T.Q6_K} and all(found.values()) and len(found) == 2  # both steps, both types
