@@ -24,8 +24,9 @@ Type of a quantized weight (research note compressed-tensors-gptq-gguf-mapping.m
   2. --outtype auto (the default): the smallest GGML type that holds the values exactly (int4
      sym -> Q4_0, int4 asym / int5 -> Q5_0, int6-8 -> Q8_0, MLX affine <= 4 bit -> Q4_1, 5 bit ->
      Q5_1); act-order `down_proj` is made exact by permuting the MLP's intermediate dimension;
-     otherwise F16 when F16 holds every value (int4 with bf16 scales), else Q8_0 requantized
-     from the exact dequantization; GLQ gets a type at least one step above the layer's bpw
+     otherwise F16 when F16 holds every value (int4 with bf16 scales), else requantized from the
+     exact dequantization: MLX 6-bit -> Q6_K and 8-bit -> Q8_0 (chosen by measured error,
+     AFFINE_LOSSY_TYPE), anything else -> Q8_0; GLQ gets a type at least one step above the layer's bpw
      (GLQTensor.suggested_type) and its SQNR is reported;
   3. an explicit --outtype: f32 (always exact), f16/bf16 (exact when every value fits), or a
      quantized type P (q8_0, a preset's choice): when P has at least as many bits per weight as
@@ -71,6 +72,14 @@ T = GGMLQuantizationType
 
 
 FALLBACK_TYPE = T.Q8_0  # a non-exact integer source: ~0.5 % rel-RMSE for int4 act-order (note §7)
+
+# MLX affine codes no GGML type holds (6 and 8 bits: 64/256 levels under a free scale and bias per
+# group): the smallest type whose requantization error of mx.dequantize's values stays below MLX's
+# own quantization error (rel-RMSE against the bf16 weights it quantized), measured for group
+# sizes 32/64/128 on the tiny fixtures and real Gemma 3 270M weights (README, "MLX 6- and 8-bit";
+# tests/quantized/test_mlx.py test_lossy_target_*): 6-bit -> Q6_K (6.56 bpw, 0.68-0.86x MLX's error;
+# Q5_K/Q5_1/Q5_0 1.1-2.3x), 8-bit -> Q8_0 (8.5 bpw, 0.69-0.86x; Q6_K 1.6-2.8x).
+AFFINE_LOSSY_TYPE = {6: T.Q6_K, 8: T.Q8_0}
 
 
 def bits_per_weight(qtype: T) -> float:
@@ -376,9 +385,27 @@ def _decide(t: TensorPlan, *, auto: bool, ruled: bool) -> None:
         return take(exact, True, f"{rec.encoding} -> {exact.name}")
     if _float_exact(rec, T.F16, n_rows) is None:
         return take(T.F16, True, f"{rec.encoding} -> F16 (no block type is exact: {why})")
+    lossy = lossy_type(rec, t.shape[-1])
+    if lossy is not None:
+        best = AFFINE_LOSSY_TYPE[rec.bits]
+        note = ("the smallest type measured to stay within MLX's own quantization error" if lossy == best else
+                f"{best.name}'s fallback for rows that are not whole {GGML_QUANT_SIZES[best][0]}-element blocks")
+        return take(lossy, False, f"{rec.encoding} -> {lossy.name}: no exact block type ({why}); {note}")
     fb = FALLBACK_TYPE if t.shape[-1] % QK == 0 else T.F32
     return take(fb, fb == T.F32, f"{rec.encoding} -> {fb.name}: no exact block type ({why}) and F16 cannot "
                                  f"hold every value")
+
+
+def lossy_type(rec: QuantizedTensor, width: int) -> T | None:
+    """--outtype auto's lossy target for MLX affine codes no GGML type holds (AFFINE_LOSSY_TYPE),
+    or None (the general fallback). Rows that are not whole blocks of it take llama-quantize's
+    fallback type (Q6_K -> Q8_0)."""
+    if not isinstance(rec, AffineQuantTensor) or rec.bits not in AFFINE_LOSSY_TYPE:
+        return None
+    qtype = AFFINE_LOSSY_TYPE[rec.bits]
+    if width % GGML_QUANT_SIZES[qtype][0]:
+        qtype = qtypes.get(qtype).row_fallback or FALLBACK_TYPE
+    return qtype if width % GGML_QUANT_SIZES[qtype][0] == 0 else None
 
 
 def _float_lossless(t: TensorPlan) -> str | None:

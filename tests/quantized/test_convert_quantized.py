@@ -298,6 +298,49 @@ def test_mlx_affine_q4_1_exact_8bit_lossy(tmp_path):
         convert(qdir, exact=True, dry_run=True)
 
 
+def test_mlx_affine_6bit_lossy_target_in_the_plan():
+    # 6-bit codes: requantized to Q6_K (measured to stay within MLX's own error, test_mlx.py), or
+    # Q6_K's row fallback Q8_0 for rows that are not whole 256-element super-blocks; --dry-run says so
+    qdir = G.build_mlx(overrides={"model.language_model.layers.1.mlp.down_proj": {"bits": 6}})
+    conv = convert(qdir, dry_run=True)
+    (t,) = [t for t in _quantized_plans(conv) if t.name == "blk.1.ffn_down.weight"]
+    assert not t.exact and t.qtype == (T.Q6_K if t.shape[-1] % 256 == 0 else T.Q8_0), (t.qtype, t.shape)
+    assert f"MLX affine 6-bit group32 -> {t.qtype.name}" in t.reason, t.reason
+    assert ("measured" if t.qtype == T.Q6_K else "Q6_K's fallback") in t.reason, t.reason
+    assert t.sqnr is not None and t.sqnr > 30, t.sqnr
+
+
+def test_mlx_affine_6bit_llama_plans_q6_k(tmp_path):
+    # rows of 256 and 512: every 6-bit Linear of a tiny Llama (its q/k rows permuted as codes) is
+    # planned as Q6_K, lossy, with its SQNR in --dry-run; 8-bit ones as Q8_0
+    import json
+
+    import mlx.core as mx
+
+    from ggquant.fixtures.quantized import _tiny_llama3_folder
+
+    d = _tiny_llama3_folder(tmp_path / "mlx", 256, 512, 4, 64, 8)
+    tensors = mx.load(str(d / "model.safetensors"))
+    quant = {"group_size": 64, "bits": 6, "mode": "affine",
+             "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}
+    for key in [k for k in tensors if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
+        mod = key[: -len(".weight")]
+        o = quant.get(mod, quant)
+        wq, scales, biases = mx.quantize(tensors[key], group_size=o["group_size"], bits=o["bits"], mode="affine")
+        tensors.update({key: wq, f"{mod}.scales": scales, f"{mod}.biases": biases})
+    mx.eval(tensors)
+    mx.save_safetensors(str(d / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "quantization": quant, "quantization_config": quant}))
+    conv = convert(d, dry_run=True)
+    plans = {t.name: t for t in _quantized_plans(conv)}
+    assert len(plans) == 7
+    for name, t in plans.items():
+        assert not t.exact and t.sqnr is not None, name
+        assert t.qtype == (T.Q8_0 if name == "blk.0.ffn_down.weight" else T.Q6_K), (name, t.qtype)
+        assert t.sqnr > (45 if t.qtype == T.Q8_0 else 30), (name, t.sqnr)
+
+
 # --- GLQ ----------------------------------------------------------------------------------------
 
 

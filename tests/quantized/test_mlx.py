@@ -102,3 +102,60 @@ def test_all_zero_group_scale_is_not_a_problem(mlx_dirs):
 def test_refusals(quant, phrase):
     with pytest.raises(GGQuantError, match=phrase):
         open_quantized({"quantization": quant}, [], lambda n: None)
+
+
+# --- the lossy target of 6- and 8-bit codes, by measured error -----------------------------------
+
+# GGML types a 6/8-bit MLX weight could be requantized to, smallest first (bits per weight)
+LOSSY_CANDIDATES = [T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0]
+
+
+def _rel_rmse(pairs) -> float:
+    return float(np.sqrt(sum(e for e, _ in pairs) / sum(n for _, n in pairs)))
+
+
+@pytest.mark.parametrize("bits, group_size", [(6, 32), (6, 64), (8, 32), (8, 64)])
+def test_lossy_target_is_the_smallest_type_within_mlx_error(tmp_path, bits, group_size):
+    """--outtype auto requantizes 6/8-bit MLX codes (no GGML type holds them) to the smallest
+    candidate whose error against mx.dequantize's values stays below MLX's own quantization error
+    (mx.dequantize against the bf16 weights mlx quantized): Q6_K for 6 bit, Q8_0 for 8 bit.
+    Fails if the target were a type with more error, or a bigger one than needed."""
+    import mlx.core as mx
+    from gguf import GGML_QUANT_SIZES
+
+    from ggquant.convert.quantized import lossy_type
+    from ggquant.fixtures.quantized import random_weights
+
+    d = build_mlx(tmp_path / "m", bits=bits, group_size=group_size)
+    model, lib = open_dir(d), mlx_dequantize(d)
+    source = {f"{m}.weight": np.array(mx.array(w).astype(mx.bfloat16).astype(mx.float32))
+              for m, w in random_weights(7).items()}  # what build_mlx quantized (seed 7)
+    own, err = [], {q: [] for q in LOSSY_CANDIDATES}
+    chosen = set()
+    for name, w in source.items():
+        rec, deq = model[name], lib[name]
+        if rec.shape[1] % 256:
+            continue  # every candidate needs whole blocks; the fixture's widths are 256 and 512
+        chosen.add(lossy_type(rec, rec.shape[1]))
+        own.append((np.sum((deq - w) ** 2), np.sum(w ** 2)))
+        for q in LOSSY_CANDIDATES:
+            y = ggml_oracle.dequantize(q, ggml_oracle.quantize(q, deq), deq.shape[1])
+            err[q].append((np.sum((y - deq) ** 2), np.sum(deq ** 2)))
+    assert len(own) >= 5
+    (target,) = chosen
+    within = [q for q in LOSSY_CANDIDATES if _rel_rmse(err[q]) <= _rel_rmse(own)]
+    bpw = {q: GGML_QUANT_SIZES[q][1] * 8 / GGML_QUANT_SIZES[q][0] for q in LOSSY_CANDIDATES}
+    assert within, "no candidate stays within MLX's own error"
+    assert target == min(within, key=bpw.__getitem__), (
+        f"{bits}-bit g{group_size}: target {target.name}, smallest within MLX's error "
+        f"{min(within, key=bpw.__getitem__).name}; rel-RMSE MLX {_rel_rmse(own):.2e}, "
+        + ", ".join(f"{q.name} {_rel_rmse(err[q]):.2e}" for q in LOSSY_CANDIDATES))
+
+
+def test_lossy_target_falls_back_for_rows_that_are_not_super_blocks(mlx_dirs):
+    from ggquant.convert.quantized import lossy_type
+
+    rec = open_dir(mlx_dirs["b6_g64"])["model.layers.0.mlp.up_proj.weight"]
+    assert lossy_type(rec, 256) == T.Q6_K
+    assert lossy_type(rec, 96) == T.Q8_0  # not whole 256-element super-blocks: llama-quantize's Q6_K fallback
+    assert lossy_type(open_dir(mlx_dirs["b4_g64"])["model.layers.0.mlp.up_proj.weight"], 256) is None
