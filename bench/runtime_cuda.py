@@ -619,16 +619,23 @@ def imatrix_vs_llama(binary: str, path: Path, workdir: Path, chunks: int, ctx: i
     return res
 
 
-def profile_step(sess, torch, device, rows: int = 15) -> dict:
-    """torch profiler over one decode step: top ops by device (and CPU) self time, launch counts.
-    Device busy time much below the wall time means the step is bound by the host (Python, op
-    dispatch, kernel launches, synchronizations), not by memory bandwidth."""
+def profile_step(sess, torch, device, rows: int = 15, ids=None) -> dict:
+    """torch profiler over one decode step (or, with ids, one prefill of those ids from an empty
+    cache): top ops by device (and CPU) self time, launch counts. Device busy time much below the
+    wall time means the step is bound by the host (Python, op dispatch, kernel launches,
+    synchronizations), not by the GPU."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sess.eval([5], "last")  # the step before is the same kind of step
+    if ids is None:
+        ids = [6]
+        sess.eval([5], "last")  # the step before is the same kind of step
+    else:
+        sess.reset()
+        sess.eval(ids, "last")  # the same prefill once before, unprofiled
+        sess.reset()
     sync(torch, device)
     be = sess.model.backend
     saved = {m: getattr(be, m) for m in BACKEND_OPS if hasattr(be, m)}
@@ -637,7 +644,7 @@ def profile_step(sess, torch, device, rows: int = 15) -> dict:
     try:
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            sess.eval([6], "last")
+            sess.eval(ids, "last")
             sync(torch, device)
             wall = time.perf_counter() - t0
     finally:
@@ -737,6 +744,21 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
                 res["prefill_modes"][mode]["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             log(f"  prefill {mode:13}: {statistics.median(ppm):9.1f} tok/s (runs: {', '.join(f'{t:.0f}' for t in ppm)})"
                 + (f", peak {res['prefill_modes'][mode]['gpu_mem_peak_gib']:.1f} GiB" if device.type == "cuda" else ""))
+            if args.profile_prefill:  # where a prefill's time goes in this mode
+                rng = np.random.default_rng(0)
+                ids = [2] + [int(t) for t in rng.integers(261, model.n_vocab, args.prompt - 1)]
+                from ggquant.runtime.model import Session
+
+                psess = Session(model, n_ctx=args.prompt + 8, n_batch=args.prompt)
+                pp_prof = profile_step(psess, torch, device, rows=25, ids=ids)
+                res["prefill_modes"][mode]["profile"] = {k: v for k, v in pp_prof.items() if k != "tables"}
+                log(f"  prefill {mode} under the profiler: wall {pp_prof['wall_ms']:.1f} ms, device busy "
+                    f"{pp_prof['device_busy_ms']:.1f} ms, {pp_prof['kernel_launches']} launches, "
+                    f"{pp_prof['syncs']} syncs, {pp_prof['memcpy_calls']} memcpy calls; host ms by backend call: "
+                    + ", ".join(f"{k} {v[1]:.1f} ({v[0]})" for k, v in sorted(pp_prof["backend_ops"].items(),
+                                                                           key=lambda kv: -kv[1][1])))
+                for _, table in pp_prof["tables"]:
+                    log(table)
         finally:
             be.prefill, be.half_cache = old_mode, old_cache
             for w in _weights_of(model):  # the copies a mode kept (half_cache; f32's float32 cache)
@@ -849,6 +871,8 @@ def main(argv=None) -> int:
     ap.add_argument("--imatrix-weights", default="bf16", help="weights on which --llama-imatrix runs")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs, median reported (3; 1 with --tiny)")
     ap.add_argument("--imatrix", action="store_true", help="also time imatrix collection (2 chunks of 512)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="with --prefill: a torch-profiler summary of one prefill in each mode")
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                     help="torch profiler summary of one decode step (auto: when below 50%% of roofline)")
     ap.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (2 GiB; 0.25 with --tiny)")
