@@ -40,7 +40,8 @@ def main():
         print(f"{Path(path).name}: graph decode vs eager decode max |dlogit| = {graph_vs_eager(path):.2e}")
     for qtype in CUDA_TYPES:
         x = (rng.standard_normal((64, 1024)) * rng.uniform(0.1, 3, (64, 1))).astype(np.float32)
-        raw = qt.quantize(x, qtype)
+        imatrix = rng.uniform(0.1, 2, 1024).astype(np.float32) if qt.get(qtype).requires_imatrix else None
+        raw = qt.quantize(x, qtype, imatrix)
         ref = qt.dequantize(raw, qtype, x.shape)
         got = dequantize(torch, qtype, torch.from_numpy(raw).cuda(), 1024).cpu().numpy()
         print(f"dequantize {T(qtype).name:<5} on cuda: bit-equal to ggml's = {np.array_equal(got.view(np.uint32), ref.view(np.uint32))}")

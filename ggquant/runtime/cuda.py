@@ -85,13 +85,16 @@ def _triton_kernels(device) -> object | None:
 # auto weight cache: keep this much device memory free after caching a dense float32 copy
 CACHE_RESERVE_BYTES = 4 << 30
 # batched products (T > 1) of non-F32 weights: "cublas" (dequantize to fp16/bf16, torch.mm with
-# float32 accumulation), "triton" (kernels/cuda/triton.py matmul_q: dequantized tiles fed to
-# tl.dot, no fp16 copy in memory; int8/q4_k layouts, others as "cublas") or "f32" (dequantize to
-# float32, float32 GEMM: the products of the CPU-device tests). bench/prefill_matmul.py measures
-# them on the GPU; PREFILL_MODE is the default of CUDABackend(prefill=None) on CUDA. It stays "f32"
-# until a GPU run (bench/device_issue17.sh) has checked and timed the tensor-core modes: none could
-# be started while they were written (issue 17's closing note).
-PREFILL_MODE = "f32"
+# float32 accumulation: llama.cpp's own cuBLAS path for large batches), "triton"
+# (kernels/cuda/triton.py matmul_q: dequantized tiles fed to tl.dot, no fp16 copy in memory;
+# int8/q4_k layouts, others as "cublas") or "f32" (dequantize to float32, float32 GEMM: the
+# products of the CPU-device tests). PREFILL_MODE is the default of CUDABackend(prefill=None) on
+# CUDA. Measured on an H100 (bench/prefill_matmul.py, T=512, the four Gemma 4 E4B layer shapes
+# summed): cublas 376 / 494 / 461 / 373 us for Q8_0 / Q4_K / Q6_K / Q4_0 against f32's 1708 /
+# 2603 / 1672 / 1689 us and triton's best 2192 / 4347 / 3916 / 2196 us; the logits of every
+# tiny reference model agree with the f32 mode within 7.4e-3 of max |logit| (bench/prefill_check.py).
+# Its limit is llama.cpp's cuBLAS path's too: fp16 activations overflow above 65504.
+PREFILL_MODE = "cublas"
 ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
 GRAPH_KV_STEP = 256  # a captured decode graph attends over the cache rounded up to this many positions
 
