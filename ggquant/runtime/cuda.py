@@ -145,6 +145,7 @@ class CUDABackend:
         self.graphs = (self.device.type == "cuda" and self.kern is not None) if graphs is None else graphs
         self._rope_tables: dict = {}
         self._masks: dict = {}
+        self._pos = None  # (positions' bytes, device positions, largest + 1) of the last forward
         self._step: _Step | None = None
         self._graph_cache: dict = {}
         self._keep: list = []  # device tensors a captured graph reads that were since replaced
@@ -366,7 +367,10 @@ class CUDABackend:
         if self._step is not None:
             return self._step.pos, self._step.n_kv
         pos = np.asarray(pos, dtype=np.int64)
-        return self.torch.as_tensor(pos, device=self.device), int(pos.max()) + 1
+        key = pos.tobytes()
+        if self._pos is None or self._pos[0] != key:  # one host-to-device copy per forward, not per layer
+            self._pos = (key, self.torch.as_tensor(pos, device=self.device), int(pos.max()) + 1)
+        return self._pos[1], self._pos[2]
 
     def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
         return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False, mode=mode)
