@@ -135,6 +135,13 @@ def test_mistral3_mmproj_is_refused_naming_the_tower(model, tmp_path):
     fails(src, tmp_path, "--mmproj", "Pixtral", "without --mmproj", extra=["--mmproj"])
 
 
+def test_mistral3_gguf_to_hf_is_refused(reference_gguf, tmp_path):
+    """No exporter writes the yarn / temperature keys back yet: refused, naming the file, nothing written."""
+    from tests.convert.test_to_hf_bad_input import fails as fails_to_hf
+
+    fails_to_hf(tmp_path, [str(reference_gguf("ministral3", "f32"))], "ministral3-f32", "mistral3", "not supported")
+
+
 def test_mistral4_text_model_is_refused(model, tmp_path):
     src = model("mistral3")
     _edit_config(src, lambda c: c["text_config"].update(model_type="mistral4"))
