@@ -129,6 +129,13 @@ def test_ministral3_without_llama4_beta_is_refused(model, tmp_path):
     fails(src, tmp_path, "config.json", "llama_4_scaling_beta")
 
 
+def test_mistral3_text_sliding_window_is_refused(model, tmp_path):
+    """Mistral Small 3.1's text_config (model_type mistral) with a window: the mistral3 graph has none."""
+    src = model("mistral3_small")
+    _edit_config(src, lambda c: c["text_config"].update(sliding_window=4096))
+    fails(src, tmp_path, "config.json", "sliding_window")
+
+
 def test_mistral3_mmproj_is_refused_naming_the_tower(model, tmp_path):
     """llama.cpp writes the Pixtral tower with --mmproj (conversion/llava.py); ggquant does not yet."""
     src = model("mistral3")
