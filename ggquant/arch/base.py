@@ -319,6 +319,10 @@ class Arch:
     def has_mmproj(self) -> bool:
         return False
 
+    def no_mmproj_reason(self) -> str:
+        """Why --mmproj cannot be written for this checkpoint (has_mmproj() is False)."""
+        return f"this {self.hf_arch} checkpoint has no vision tower ('vision_config'), so there is no mmproj to write"
+
     # --- the generic text model (llama.cpp TextModel) --------------------------------------------
     def tokens(self) -> tuple[list[str], list[float], list[int]]:
         """(tokens, scores, types) as written to the GGUF; read once."""

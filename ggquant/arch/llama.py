@@ -56,13 +56,19 @@ CONFIG_DEFAULTS: dict[str, dict] = {
     "qwen2": dict(_COMMON, vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
                   use_sliding_window=False, sliding_window=None),
+    "ministral3": dict(_COMMON, vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_hidden_layers=34,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                       rms_norm_eps=1e-5, pad_token_id=11, bos_token_id=1, eos_token_id=2, sliding_window=None,
+                       rope_parameters={"type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 16384, "max_position_embeddings": 262144,
+                                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                        "llama_4_scaling_beta": 0.1}),
     "qwen3": dict(_COMMON, vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
                   use_sliding_window=False, sliding_window=None),
 }
 HEAD_DIM_DEFAULT = {"qwen3": 128}  # else hidden_size // num_attention_heads; Qwen2Config has no head_dim
-HAS_HEAD_DIM = ("llama", "mistral", "qwen3")  # config classes whose to_dict() carries head_dim
-ROPE_TYPES = ("default", "linear", "llama3")  # what the runtime and llama.cpp's llama graph both do
+HAS_HEAD_DIM = ("llama", "mistral", "qwen3", "ministral3")  # config classes whose to_dict() carries head_dim
 
 LLAMA_GLOBAL = (
     Rule("model.embed_tokens", MODEL_TENSOR.TOKEN_EMBD,
@@ -127,6 +133,7 @@ class PermuteHeads(Transform):
 # =============================================================================================
 
 ROPE_NORM, ROPE_NEOX = "norm", "neox"  # llama_model_rope_type: LLAMA_ROPE_TYPE_NORM / _NEOX
+NEOX_ARCHS = ("qwen2", "qwen3")  # the others here (llama, mistral3) rotate adjacent pairs
 
 
 @dataclass
@@ -147,13 +154,19 @@ class LlamaHparams(TextHparams):
         if d["n_rot"] != d["head_dim"]:
             raise GGQuantError(f"{g.path}: {a}.rope.dimension_count = {d['n_rot']} but the head size is "
                                f"{d['head_dim']}; llama.cpp's {a} graph asserts they are equal")
-        if d["rope_scaling"] not in (None, "none", "linear"):
+        if d["rope_scaling"] not in cls.rope_scalings():
             raise GGQuantError(f"{g.path}: rope scaling type {d['rope_scaling']!r} is not supported by the ggquant "
-                               f"runtime for {a} (supported: none, linear, llama3 frequency factors)")
+                               f"runtime for {a} (supported: {', '.join(str(r) for r in cls.rope_scalings())}, llama3 "
+                               f"frequency factors)")
         tokens = g.get(Keys.Tokenizer.LIST) or []
         d["n_vocab"] = g.need(Keys.LLM.VOCAB_SIZE.format(arch=a), default=len(tokens))
-        d["rope_mode"] = ROPE_NORM if a == "llama" else ROPE_NEOX
+        d["rope_mode"] = ROPE_NEOX if a in NEOX_ARCHS else ROPE_NORM
         return d
+
+    @classmethod
+    def rope_scalings(cls) -> tuple:
+        """rope.scaling.type values the family's graph (and the runtime) computes."""
+        return (None, "none", "linear")
 
     @property
     def kq_scale(self) -> float:
@@ -200,6 +213,7 @@ class LlamaLike(Arch):
     TEXT_TENSORS = LLAMA_TENSORS
     PERMUTE_QK = False  # LlamaModel.undo_permute
     DEFAULT_MODEL_TYPE = "llama"
+    ROPE_TYPES = ("default", "linear", "llama3")  # what the runtime and llama.cpp's graph both do
     GENERATED = (ROPE_FREQS,)
     REQUIRED_HPARAMS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                         "num_key_value_heads", "vocab_size", "max_position_embeddings")
@@ -243,11 +257,11 @@ class LlamaLike(Arch):
             raise GGQuantError(f"{where}: hidden_act = {h.get('hidden_act')!r}; llama.cpp's {self.gguf_arch} graph "
                                f"uses SiLU")
         rt = self.rope.get("rope_type", "default")
-        if str(rt).lower() not in ROPE_TYPES:
+        if str(rt).lower() not in self.ROPE_TYPES:
             raise GGQuantError(
                 f"{where}: rope_parameters.rope_type = {rt!r} ({'rope_scaling' if 'rope_scaling' in self.raw else 'rope_parameters'}"
-                f"); ggquant converts {', '.join(ROPE_TYPES)} RoPE for {self.hf_arch} (yarn, longrope, dynamic need "
-                f"attention factors llama.cpp's {self.gguf_arch} graph and the ggquant runtime do not apply here)")
+                f"); ggquant converts {', '.join(self.ROPE_TYPES)} RoPE for {self.hf_arch} (others need attention "
+                f"factors llama.cpp's {self.gguf_arch} graph and the ggquant runtime do not apply here)")
         if self.rope.get("partial_rotary_factor") not in (None, 1, 1.0):
             raise GGQuantError(f"{where}: partial_rotary_factor = {self.rope['partial_rotary_factor']}; llama.cpp's "
                                f"{self.gguf_arch} graph rotates every head dimension")

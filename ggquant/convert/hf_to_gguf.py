@@ -192,8 +192,7 @@ def plan_conversion(src, *, outtype: str = "auto", outfile=None, mmproj: bool = 
         want_mmproj = mmproj or mmproj_only
         parts = ((TEXT,) if not mmproj_only else ()) + ((MMPROJ,) if want_mmproj else ())
         if want_mmproj and not arch.has_mmproj():
-            raise GGQuantError(f"{model_dir / 'config.json'}: --mmproj: this {arch.hf_arch} checkpoint has no "
-                               f"vision tower ('vision_config'), so there is no mmproj to write")
+            raise GGQuantError(f"{model_dir / 'config.json'}: --mmproj: {arch.no_mmproj_reason()}")
         ot = outtype.strip().lower()
         if ot == "auto":
             ot = _auto_outtype(arch)

@@ -72,14 +72,17 @@ _ONE = np.ones(1, np.float32)
 
 
 def rope_cache(pos: np.ndarray, n_dims: int, base: float, freq_scale: float = 1.0,
-               freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [T, n_dims/2] as ggml_rope_cache_init computes them (ext_factor 0, mscale 1)."""
+               freq_factors: np.ndarray | None = None, yarn: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [T, n_dims/2] as ggml_rope_cache_init computes them. yarn: None (ext_factor 0,
+    mscale 1) or (ext_factor, attn_factor, corr_low, corr_high) of ggml_rope_ext (YaRN)."""
+    ext, mscale, low, high = yarn if yarn is not None else (0.0, 1.0, 0.0, 0.0)
     half = n_dims // 2
     pos = np.asarray(pos, dtype=np.int64)
     cos = np.empty((len(pos), half), np.float32)
     sin = np.empty((len(pos), half), np.float32)
     ff = np.empty(0, np.float32) if freq_factors is None else np.ascontiguousarray(freq_factors[:half], np.float32)
-    ops.rope_cache(pos, half, ops.rope_theta_scale(F32(base), n_dims), F32(freq_scale), ff, cos, sin)
+    ops.rope_cache(pos, half, ops.rope_theta_scale(F32(base), n_dims), F32(freq_scale), ff, F32(ext), F32(mscale),
+                   F32(low), F32(high), cos, sin)
     return cos, sin
 
 
@@ -299,21 +302,21 @@ class CPUBackend:
         """x + rms_norm(y, w): the residual add after a post-norm (one fused kernel on CUDA)."""
         return x + self.rms_norm(y, w, eps)
 
-    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox", yarn=None):
         """rope(rms_norm(x, w, eps), ...) (one fused kernel on CUDA)."""
-        return self.rope(self.rms_norm(x, w, eps), pos, n_dims, base, freq_scale, freq_factors, mode)
+        return self.rope(self.rms_norm(x, w, eps), pos, n_dims, base, freq_scale, freq_factors, mode, yarn)
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox", yarn=None):
         """RoPE on x [T, H, D]: mode "neox" rotates pairs (i, i + n_dims/2), "norm" (llama.cpp's
-        LLAMA_ROPE_TYPE_NORM, the llama architecture) adjacent pairs (2i, 2i + 1)."""
+        LLAMA_ROPE_TYPE_NORM, the llama architecture) adjacent pairs (2i, 2i + 1); yarn: see rope_cache."""
         pos = np.asarray(pos)
         key = (int(pos[0]), len(pos), n_dims, float(base), float(freq_scale),
-               None if freq_factors is None else id(freq_factors))
+               None if freq_factors is None else id(freq_factors), yarn)
         tab = self._rope_memo.get(key)
         if tab is None:  # the same positions are rotated by every layer of a kind: compute once
             if len(self._rope_memo) > 64:
                 self._rope_memo.clear()
-            tab = self._rope_memo[key] = rope_cache(pos, n_dims, base, freq_scale, freq_factors)
+            tab = self._rope_memo[key] = rope_cache(pos, n_dims, base, freq_scale, freq_factors, yarn)
         if mode == "norm":
             return rope_norm(x, *tab)
         return rope_neox(x, *tab)

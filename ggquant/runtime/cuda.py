@@ -342,14 +342,14 @@ class CUDABackend:
             y = torch.where(gate >= 10.0, gate, torch.where(gate <= -10.0, torch.zeros_like(gate), y))
         return y * up if up is not None else y
 
-    def _rope_table(self, n_pos, n_dims, base, freq_scale, freq_factors):
+    def _rope_table(self, n_pos, n_dims, base, freq_scale, freq_factors, yarn=None):
         """Device cos/sin [>= n_pos, n_dims/2] for positions 0.. (rope_cache rows depend only on
         their own position), built on the host once per layer kind instead of every call."""
         from .cpu import rope_cache
 
         if self._step is not None:
             n_pos = max(n_pos, self._step.n_ctx)  # one table for every graph of this cache
-        key = (n_dims, base, freq_scale, None if freq_factors is None else id(freq_factors))
+        key = (n_dims, base, freq_scale, None if freq_factors is None else id(freq_factors), yarn)
         hit = self._rope_tables.get(key)
         if hit is not None and hit[0] is freq_factors and hit[1].shape[0] >= n_pos:
             return hit[1], hit[2]
@@ -357,7 +357,7 @@ class CUDABackend:
             self._keep.append(hit)  # a captured graph may still read the old table
         n = max(ROPE_TABLE_MIN, 1 << (max(n_pos, 1) - 1).bit_length())
         ff = None if freq_factors is None else self.to_numpy(freq_factors)
-        cos, sin = rope_cache(np.arange(n), n_dims, base, freq_scale, ff)
+        cos, sin = rope_cache(np.arange(n), n_dims, base, freq_scale, ff, yarn)
         c, s = self.torch.from_numpy(cos).to(self.device), self.torch.from_numpy(sin).to(self.device)
         self._rope_tables[key] = (freq_factors, c, s)
         return c, s
@@ -372,14 +372,16 @@ class CUDABackend:
             self._pos = (key, self.torch.as_tensor(pos, device=self.device), int(pos.max()) + 1)
         return self._pos[1], self._pos[2]
 
-    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox"):
-        return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False, mode=mode)
+    def rope(self, x, pos, n_dims, base, freq_scale=1.0, freq_factors=None, mode="neox", yarn=None):
+        return self.norm_rope(x, None, 0.0, pos, n_dims, base, freq_scale, freq_factors, norm=False, mode=mode,
+                              yarn=yarn)
 
-    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, norm=True, mode="neox"):
+    def norm_rope(self, x, w, eps, pos, n_dims, base, freq_scale=1.0, freq_factors=None, norm=True, mode="neox",
+                  yarn=None):
         """rope(rms_norm(x, w, eps), ...) of x [T, H, D] (one kernel with Triton for NeoX RoPE). mode
         "neox" rotates pairs (i, i + n_dims/2), "norm" (the llama architecture) pairs (2i, 2i + 1)."""
         pos_d, n_pos = self._positions(pos)
-        ct, st = self._rope_table(n_pos, n_dims, base, freq_scale, freq_factors)
+        ct, st = self._rope_table(n_pos, n_dims, base, freq_scale, freq_factors, yarn)
         if self.kern is not None and mode == "neox":
             return self.kern.norm_rope(self.torch, x, w, eps, pos_d, ct, st, norm=norm, rope=True)
         if norm:
@@ -505,7 +507,7 @@ class CUDABackend:
     def decode_step(self, model, ids, pos0: int, cache, logits: str):
         """model.forward of one token, replayed from a CUDA graph captured once per cache and
         GRAPH_KV_STEP-position window (the first call of a window captures it)."""
-        if not self.graphs or self._hooked():
+        if not self.graphs or self._hooked() or not getattr(model, "graph_safe", True):
             return model.forward(ids, pos0, cache, logits)
         torch = self.torch
         n_kv = min(cache.n_ctx, -(-(pos0 + 1) // GRAPH_KV_STEP) * GRAPH_KV_STEP)

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 / Qwen3 conversion beyond the byte-identity cases of test_convert_parity.py:
+"""Llama / Mistral / Qwen2 / Qwen3 / Ministral 3 (mistral3) conversion beyond the byte-identity cases of test_convert_parity.py:
 what the converter reads (tokenizer paths, pre-tokenizer identification, llama3 frequency factors) and
 the inputs it refuses before writing anything, each naming the file and the key or tensor."""
 
@@ -101,6 +101,58 @@ def test_mistral_sliding_window_is_refused(model, tmp_path):
     src = model("mistral")
     _edit_config(src, lambda c: c.update(sliding_window=4096))
     fails(src, tmp_path, "config.json", "sliding_window")
+
+
+def test_mistral3_keys_and_permuted_qk(reference_gguf):
+    """Both Mistral 3 architectures give GGUF mistral3 with yarn, the log multiplier (mscale_all_dim)
+    and the attention temperature (llama_4_scaling_beta); the vision tower stays out of the text GGUF."""
+    for name in ("ministral3", "mistral3"):
+        with GGUFReader(reference_gguf(name, "f32")) as r:
+            assert r.get("general.architecture") == "mistral3"
+            assert r.get("mistral3.rope.scaling.type") == "yarn"
+            assert r.get("mistral3.rope.scaling.original_context_length") == 16
+            assert r.get("mistral3.rope.scaling.yarn_log_multiplier") == 1.0
+            assert r.get("mistral3.attention.temperature_scale") == np.float32(0.1)
+            assert not any("v." in t.name[:2] or "mm." in t.name for t in r.tensors)
+
+
+def test_ministral3_without_yarn_is_refused(model, tmp_path):
+    """Ministral3Model.set_gguf_parameters asserts rope_type yarn (an AssertionError there)."""
+    src = model("ministral3")
+    _edit_config(src, lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    fails(src, tmp_path, "config.json", "rope_type", "yarn")
+
+
+def test_ministral3_without_llama4_beta_is_refused(model, tmp_path):
+    src = model("ministral3")
+    _edit_config(src, lambda c: c["rope_parameters"].pop("llama_4_scaling_beta"))
+    fails(src, tmp_path, "config.json", "llama_4_scaling_beta")
+
+
+def test_mistral3_text_sliding_window_is_refused(model, tmp_path):
+    """Mistral Small 3.1's text_config (model_type mistral) with a window: the mistral3 graph has none."""
+    src = model("mistral3_small")
+    _edit_config(src, lambda c: c["text_config"].update(sliding_window=4096))
+    fails(src, tmp_path, "config.json", "sliding_window")
+
+
+def test_mistral3_mmproj_is_refused_naming_the_tower(model, tmp_path):
+    """llama.cpp writes the Pixtral tower with --mmproj (conversion/llava.py); ggquant does not yet."""
+    src = model("mistral3")
+    fails(src, tmp_path, "--mmproj", "Pixtral", "without --mmproj", extra=["--mmproj"])
+
+
+def test_mistral3_gguf_to_hf_is_refused(reference_gguf, tmp_path):
+    """No exporter writes the yarn / temperature keys back yet: refused, naming the file, nothing written."""
+    from tests.convert.test_to_hf_bad_input import fails as fails_to_hf
+
+    fails_to_hf(tmp_path, [str(reference_gguf("ministral3", "f32"))], "ministral3-f32", "mistral3", "not supported")
+
+
+def test_mistral4_text_model_is_refused(model, tmp_path):
+    src = model("mistral3")
+    _edit_config(src, lambda c: c["text_config"].update(model_type="mistral4"))
+    fails(src, tmp_path, "config.json", "mistral4")
 
 
 def test_qwen3_reranker_is_refused(model, tmp_path):

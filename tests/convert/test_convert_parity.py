@@ -44,8 +44,11 @@ CASES = (
     + [("gemma4_assistant", t, False) for t in ("f32", "f16", "bf16", "q8_0")]
     # Llama family (fixtures/llama.py): llama3 RoPE + q/k permutation + Llama 3 BPE, Mistral (SPM, f16
     # source, untied), Qwen2 (biases, qwen2 BPE), Qwen3 (q/k norms, f32 source), and a Llama with
-    # permuted q/k biases and linear RoPE scaling
-    + [(n, t, False) for n in ("llama3", "mistral", "qwen2", "qwen3") for t in ("f32", "f16", "bf16", "q8_0")]
+    # permuted q/k biases and linear RoPE scaling; Ministral3ForCausalLM and the text part of
+    # Mistral3ForConditionalGeneration (GGUF mistral3: yarn keys, log multiplier, attention temperature),
+    # and a Mistral Small 3.1-like Mistral3ForConditionalGeneration (text model_type mistral: none of those)
+    + [(n, t, False) for n in ("llama3", "mistral", "qwen2", "qwen3", "ministral3", "mistral3", "mistral3_small")
+       for t in ("f32", "f16", "bf16", "q8_0")]
     + [("llama_bias_linear", "f32", False), ("llama_bias_linear", "q8_0", False)]
 )
 

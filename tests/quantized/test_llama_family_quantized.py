@@ -1,4 +1,5 @@
-"""`ggquant convert` of already-quantized Llama / Qwen checkpoints (GPTQ, MLX) into GGUF.
+"""`ggquant convert` of already-quantized Llama / Qwen checkpoints (GPTQ, MLX, compressed-tensors W4A16,
+AWQ) into GGUF.
 
 Llama's converter permutes the rows of q_proj and k_proj into llama.cpp's RoPE layout (whole heads,
 LlamaModel.permute). That is a permutation of whole output rows: each row keeps its integer codes and
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 
 from ggquant.convert import convert
+from ggquant.fixtures.cache import cached_build
+from ggquant.fixtures.quantized import build_auto_round
 from ggquant.formats.gguf import GGUFReader
 from tests.oracles import ggml as ggml_oracle
 from tests.quantized import gemma4_quantized as G
@@ -26,8 +29,18 @@ from tests.quantized.util import assert_bits_equal
 
 pytest.importorskip("llama_cpp")
 
+def _awq_llama3():
+    """auto-round's AWQ (gemm) export of the tiny Llama 3, int4 asymmetric, group 32 (RTN)."""
+    auto_round = pytest.importorskip("auto_round")
+    return cached_build("llama3_awq", build_auto_round, fmt="auto_awq", bits=4, sym=False, group_size=32,
+                        source="llama3", autoround_version=auto_round.__version__)
+
+
 CASES = {
     "llama3_gptq_sym": lambda: G.build_gptq(source="llama3"),
+    "llama3_ct_w4a16_sym": lambda: G.build_ct(source="llama3"),
+    "llama3_ct_w4a16_asym": lambda: G.build_ct(symmetric=False, source="llama3"),
+    "llama3_awq_asym": _awq_llama3,
     "llama3_gptq_asym_act_order": lambda: G.build_gptq(sym=False, act_order=True, source="llama3"),
     "llama3_mlx": lambda: G.build_mlx(source="llama3"),
     "qwen2_gptq_sym": lambda: G.build_gptq(source="qwen2"),

@@ -41,7 +41,7 @@ def _torch_model(path, device, gelu="ggml"):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "gemma4_a4b", "gemma4_31b",
-                                  "llama3", "mistral", "qwen2", "qwen3"])
+                                  "llama3", "mistral", "qwen2", "qwen3", "ministral3"])
 def test_torch_backend_agrees_with_cpu_backend(reference_gguf, name, device):
     path = reference_gguf(name, "f32")
     rng = np.random.default_rng(1)

@@ -1,6 +1,8 @@
 """ggquant's runtime on the tiny random Gemma 4 (E4B-like, E2B-like), Gemma 3, Llama 3 (llama3 RoPE
-factors, NORM RoPE), Mistral (SentencePiece, scalar SwiGLU tail), Qwen2 (biases) and Qwen3 (q/k norms)
-fixtures, converted by llama.cpp's converter, against llama.cpp and against transformers (float32, eager).
+factors, NORM RoPE), Mistral (SentencePiece, scalar SwiGLU tail), Qwen2 (biases), Qwen3 (q/k norms),
+Ministral3ForCausalLM and Mistral3ForConditionalGeneration's text part (mistral3: YaRN RoPE with one pair
+inside the ramp, Llama 4 attention temperature stepping every 16 positions; and a Mistral Small 3.1-like
+one without either) fixtures, converted by llama.cpp's converter, against llama.cpp and against transformers (float32, eager).
 
 Targets (issue 4): vs llama.cpp max |dlogit| <= 1e-2 and top-1 100%; vs transformers <= 1e-3.
 The CPU backend follows the kernels llama.cpp's CPU backend runs on this host (AVX2 or AVX-512,
@@ -21,7 +23,7 @@ from ggquant.runtime.model import Session, load_model
 llama_cpp = pytest.importorskip("llama_cpp")
 
 MODELS = ["gemma4_e4b", "gemma4_e2b", "gemma3_text", "gemma4_a4b", "gemma4_31b", "gemma4_unified",
-          "llama3", "mistral", "qwen2", "qwen3"]
+          "llama3", "mistral", "qwen2", "qwen3", "ministral3", "mistral3", "mistral3_small"]
 N_TOKENS = 40  # BOS + 39 ordinary tokens: longer than the fixtures' sliding window of 8
 LLAMA_TOL = 1e-2
 HF_TOL = 1e-3

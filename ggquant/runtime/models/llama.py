@@ -68,6 +68,16 @@ class LlamaModel(Model):
         self.layers = [LlamaLayer(ts, il, hp, self.QK_NORM, self.QKV_BIAS) for il in range(hp.n_layer)]
         self.rope_freqs = ts.vector(ROPE_FREQS, (hp.n_rot // 2,), required=False)
 
+    def rope_args(self) -> dict:
+        """ggml_rope_ext's parameters, as keyword arguments of the backend's rope."""
+        hp = self.hp
+        return dict(n_dims=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, freq_factors=self.rope_freqs,
+                    mode=hp.rope_mode)
+
+    def scale_query(self, q, pos):
+        """Roped queries [T, nh, d] before attention (mistral3: the attention temperature)."""
+        return q
+
     def new_cache(self, n_ctx: int) -> KVCache:
         hp = self.hp
         return KVCache(self.backend, n_ctx, {il: (hp.n_head_kv[il], hp.head_dim) for il in range(hp.n_layer)})
@@ -76,8 +86,7 @@ class LlamaModel(Model):
         be, hp = self.backend, self.hp
         T, d, eps = len(ids), hp.head_dim, hp.eps
         pos = np.arange(pos0, pos0 + T)
-        rope = dict(n_dims=hp.n_rot, base=hp.rope_base, freq_scale=hp.rope_freq_scale, freq_factors=self.rope_freqs,
-                    mode=hp.rope_mode)
+        rope = self.rope_args()
         x = be.rows(self.tok_embd, ids)  # [T, H]
         last = len(self.layers) - 1
         for il, L in enumerate(self.layers):
@@ -97,6 +106,7 @@ class LlamaModel(Model):
             else:
                 q = be.rope(q, pos, **rope)
                 k = be.rope(k, pos, **rope)
+            q = self.scale_query(q, pos)
             cache.store(il, pos0, k, v.reshape(T, nkv, d))
             a = be.attention(q, cache.layers[il], pos0 + T, pos, 0, hp.kq_scale)  # [T, nh*d]
             if il == last and logits == "last":  # inp_out_ids: only the row whose logits are wanted

@@ -179,21 +179,77 @@ def rope_theta_scale(base, n_dims):
 
 
 @nb.njit(**JIT)
-def rope_cache(pos, half, theta_scale, freq_scale, freq_factors, cos_out, sin_out):
-    """ggml_rope_cache_init with ext_factor 0 and mscale 1: theta starts at the position and is
-    multiplied by theta_scale after each pair in float32; freq factors divide it; cos/sin are the
-    C library's cosf/sinf (what numba's math.cos on float32 calls). freq_factors: empty for none."""
+def rope_cache(pos, half, theta_scale, freq_scale, freq_factors, ext_factor, mscale, corr_low, corr_high,
+               cos_out, sin_out):
+    """ggml_rope_cache_init / rope_yarn: theta starts at the position and is multiplied by
+    theta_scale after each pair in float32; freq factors divide it (theta_extrap); theta_interp =
+    freq_scale * theta_extrap. With ext_factor != 0 (YaRN) pair i mixes the two by
+    rope_yarn_ramp(corr_low, corr_high, i) * ext_factor and the magnitude mscale grows by
+    1 + 0.1 * logf(1 / freq_scale); cos/sin are the C library's cosf/sinf (what numba's math.cos on
+    float32 calls) times mscale. As GCC contracts rope_yarn (the first product of each sum fused):
+        theta = fma(theta_interp, 1 - ramp_mix, theta_extrap * ramp_mix)
+        mscale *= fma(0.1f, logf(1 / freq_scale), 1).
+    freq_factors: empty for none."""
     use_ff = freq_factors.shape[0] > 0
     theta_scale = F32(theta_scale)
     freq_scale = F32(freq_scale)
+    ext = F32(ext_factor)
+    ms = F32(mscale)
+    low = F32(corr_low)
+    span = max(F32(0.001), F32(corr_high) - low)
+    if ext != F32(0.0):
+        ms = ms * fmaf(F32(0.1), F32(math.log(F32(1.0) / freq_scale)), F32(1.0))
     for t in range(pos.shape[0]):
         theta = F32(pos[t])
         for i in range(half):
-            th = theta / freq_factors[i] if use_ff else theta
-            th = freq_scale * th
-            cos_out[t, i] = F32(math.cos(th))
-            sin_out[t, i] = F32(math.sin(th))
+            th_e = theta / freq_factors[i] if use_ff else theta
+            th = freq_scale * th_e
+            if ext != F32(0.0):
+                y = (F32(i) - low) / span  # rope_yarn_ramp: (i0 / 2 - low) / MAX(0.001f, high - low)
+                mix = (F32(1.0) - min(F32(1.0), max(F32(0.0), y))) * ext
+                th = fmaf(th, F32(1.0) - mix, th_e * mix)
+            cos_out[t, i] = F32(math.cos(th)) * ms
+            sin_out[t, i] = F32(math.sin(th)) * ms
             theta = theta * theta_scale
+
+
+@nb.njit(**JIT)
+def rope_yarn_corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):
+    """ggml.c ggml_rope_yarn_corr_dims: the first and last pair index of YaRN's ramp, from
+    ggml_rope_yarn_corr_dim(n_dims, n_ctx_orig, beta, base) =
+    n_dims * logf(n_ctx_orig / (beta * 2 * (float)M_PI)) / (2 * logf(base)), floored / ceiled and
+    clamped to [0, n_dims - 1]; float32 throughout."""
+    two_pi = F32(math.pi)
+    b = F32(base)
+    lo = F32(n_dims) * F32(math.log(F32(n_ctx_orig) / (F32(beta_fast) * F32(2.0) * two_pi))) / (
+        F32(2.0) * F32(math.log(b)))
+    hi = F32(n_dims) * F32(math.log(F32(n_ctx_orig) / (F32(beta_slow) * F32(2.0) * two_pi))) / (
+        F32(2.0) * F32(math.log(b)))
+    return max(F32(0.0), F32(math.floor(lo))), min(F32(n_dims - 1), F32(math.ceil(hi)))
+
+
+@nb.njit(**JIT)
+def _yarn_get_mscale(scale, mscale):
+    """llama-context.cpp get_mscale: scale <= 1 ? 1 : 0.1f * mscale * logf(scale) + 1 (libllama is
+    built without FMA: no contraction)."""
+    if scale <= F32(1.0):
+        return F32(1.0)
+    return F32(F32(0.1) * F32(mscale)) * F32(math.log(F32(scale))) + F32(1.0)
+
+
+@nb.njit(**JIT)
+def yarn_attn_factor(freq_scale, log_mul, rope_attn_factor):
+    """llama_context's cparams.yarn_attn_factor for YaRN (ext_factor != 0): with factor =
+    1 / freq_scale, get_mscale(factor, 1) / get_mscale(factor, log_mul) when the GGUF has a
+    yarn_log_multiplier (mscale assumed 1), else get_mscale(factor, 1); then times
+    1 / (1 + 0.1f * logf(factor)) (rope_yarn multiplies that back in) and rope.scaling.attn_factor."""
+    factor = F32(1.0) / F32(freq_scale)
+    if F32(log_mul) != F32(0.0):
+        a = _yarn_get_mscale(factor, F32(1.0)) / _yarn_get_mscale(factor, F32(log_mul))
+    else:
+        a = _yarn_get_mscale(factor, F32(1.0))
+    a = a * (F32(1.0) / (F32(1.0) + F32(0.1) * F32(math.log(factor))))
+    return a * F32(rope_attn_factor)
 
 
 @nb.njit(parallel=True, **JIT)
