@@ -143,6 +143,7 @@ def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True, ml
 # --- NVFP4 (compressed-tensors nvfp4-pack-quantized) --------------------------------------------
 
 NVFP4_MODEL = "gemma4_31b"  # every text Linear's input width (64, 128, 256) is whole 64-value GGML blocks
+NVFP4_INPUT_AMAX = 8.0  # the activation range the W4A4 fixture's input global scales pretend to be calibrated on
 
 
 def _observe_nvfp4(module, args) -> None:
@@ -160,22 +161,28 @@ def _observe_nvfp4(module, args) -> None:
     with torch.no_grad():
         module.weight_global_scale.data.copy_(g.reshape(module.weight_global_scale.shape))
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "input_global_scale"):  # static activations (NVFP4 W4A4): as if calibrated on |x| <= 8
+            gi = generate_gparam(torch.full((1,), -NVFP4_INPUT_AMAX), torch.full((1,), NVFP4_INPUT_AMAX))
+            module.input_global_scale.data.copy_(gi.reshape(module.input_global_scale.shape))
 
 
-def _build_ct_nvfp4(out: Path, scheme: str, digest: str) -> Path:
+def _build_ct_nvfp4(out: Path, scheme: str, digest: str, source: str = NVFP4_MODEL) -> Path:
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    src = tiny_model(NVFP4_MODEL)
+    src = tiny_model(source)
     sd = _read_checkpoint(src)
     linears = {k[: -len(".weight")]: v.float().numpy() for k, v in sd.items() if _TEXT_LINEAR.match(k)}
     groups = {"group_0": preset_name_to_scheme(scheme, ["Linear"])}
     return _ct_quantize(src, out, sd, linears, groups, CT_IGNORE, observe=_observe_nvfp4)
 
 
-def build_ct_nvfp4(scheme: str = "NVFP4A16") -> Path:
+def build_ct_nvfp4(scheme: str = "NVFP4A16", source: str = NVFP4_MODEL) -> Path:
     """A 31B-like Gemma 4 whose text Linears compressed-tensors quantized to NVFP4
-    (nvfp4-pack-quantized: fp4 e2m1 codes, fp8 e4m3 scale per 16 values, float32 global scale)."""
-    return cached_build("gemma4_ct_nvfp4", _build_ct_nvfp4, scheme=scheme, digest=_DIGEST)
+    (nvfp4-pack-quantized: fp4 e2m1 codes, fp8 e4m3 scale per 16 values, float32 global scale).
+    scheme "NVFP4" adds static input global scales (W4A4); source: another tiny Gemma 4 (the
+    E4B-like one has 96-wide down_proj rows, not whole 64-value GGML blocks)."""
+    extra = {} if source == NVFP4_MODEL else {"source": source}
+    return cached_build("gemma4_ct_nvfp4", _build_ct_nvfp4, scheme=scheme, digest=_DIGEST, **extra)
 
 
 # --- a mixture of experts (26B-A4B-like) with per-expert modules --------------------------------

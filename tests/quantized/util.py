@@ -39,3 +39,28 @@ def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str = "") -> None
         r, c = np.argwhere(bad)[0]
         raise AssertionError(f"{what}: {int(bad.sum())} values differ, first at [{r}, {c}]: "
                              f"{got[r, c]!r} vs {want[r, c]!r}")
+
+
+def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position of `ids` (one batch, F32 KV cache)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
+                          flash_attn=False, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def assert_runtime_equals_llama_cpp(path) -> np.ndarray:
+    """llama.cpp runs `path` and ggquant's runtime gives its logits bit for bit (40 tokens, batch);
+    returns them."""
+    from ggquant.runtime.model import Session, load_model
+
+    ids = [2] + list(range(40, 79))
+    ref = llama_cpp_logits(path, ids)
+    ours = Session(load_model(path, threads=2), 64).eval(ids, "all")
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    return ref
