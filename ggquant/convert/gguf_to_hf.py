@@ -177,6 +177,7 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
             if mm.arch != "clip":
                 raise GGQuantError(f"{mm.path}: general.architecture = {mm.arch!r}; --mmproj takes the mmproj GGUF "
                                    f"(general.architecture = clip)")
+        cls = cls.export_class(g, mm)
         config = cls.hf_config(g, mm)
         n_tokens = len(g.get(Keys.Tokenizer.LIST) or [])
         emb = g.shapes.get("token_embd.weight")
