@@ -263,7 +263,7 @@ class Gemma4Hparams(TextHparams):
         n_shared = g.need(A.SHARED_KV_LAYERS.format(arch=a), default=0)
         n_kv = n_layer - n_shared
         kv_source = list(range(n_layer))
-        if n_shared > 0:
+        if n_shared > 0 and not (n_kv == 0 and g.arch == GEMMA4_ASSISTANT_ARCH):  # a drafter reads its target's KV
             if n_kv < 2:
                 raise GGQuantError(f"{g.path}: {n_shared} KV-shared layers of {n_layer} leave fewer than 2 "
                                    f"layers with their own K/V")
@@ -1134,7 +1134,24 @@ class Gemma4Assistant(Gemma4):
     def has_mmproj(self) -> bool:
         return False
 
+    # --- GGUF -> HF -------------------------------------------------------------------------
+    HF_ASSISTANT = "Gemma4AssistantForCausalLM"
+
     @classmethod
     def hf_config(cls, g, mm) -> dict:
-        raise GGQuantError(f"{g.path}: exporting a {GEMMA4_ASSISTANT_ARCH} GGUF to Hugging Face is not supported "
-                           f"(the drafter's masked embedding is not in the GGUF)")
+        """Gemma4AssistantConfig: the text decoder's config, backbone_hidden_size from
+        embedding_length_out. The masked embedding (centroids + token ordering of the E2B/E4B
+        drafters) is not in the GGUF, so the drafter comes back with use_ordered_embeddings off:
+        its logits are lm_head's over the whole vocabulary, as llama.cpp's gemma4-assistant graph
+        computes them. The GGUF does not tell a Unified drafter (Gemma4UnifiedAssistantForCausalLM)
+        from the others; it is written as the Gemma4AssistantForCausalLM its tensors load into."""
+        if mm is not None:
+            raise GGQuantError(f"{mm.path}: a {GEMMA4_ASSISTANT_ARCH} drafter has no mmproj; export {g.path} alone")
+        text = cls.hf_text_config(g)
+        text.pop("architectures")
+        # no layer has K/V weights of its own, so V = K cannot be seen: Gemma4TextConfig's default
+        text["attention_k_eq_v"] = False
+        text["vocab_size_per_layer_input"] = 0  # Gemma4AssistantConfig.validate_architecture: no per-layer inputs
+        backbone = g.need(Keys.LLM.EMBEDDING_LENGTH_OUT.format(arch=g.arch))
+        return dict(architectures=[cls.HF_ASSISTANT], model_type="gemma4_assistant", backbone_hidden_size=backbone,
+                    text_config=text, tie_word_embeddings=text["tie_word_embeddings"], use_ordered_embeddings=False)

@@ -7,7 +7,9 @@ The data flow of DESIGN.md run backwards, one streaming pass:
 
 - config.json comes from the GGUF metadata (arch hf_config); the model is the causal LM
   (Gemma3ForCausalLM / Gemma4ForCausalLM), or the conditional-generation class with its
-  vision/audio towers when --mmproj gives the sidecar GGUF.
+  vision/audio towers when --mmproj gives the sidecar GGUF (a gemma4uv mmproj makes it
+  Gemma4UnifiedForConditionalGeneration: arch export_class); a gemma4-assistant GGUF becomes a
+  Gemma4AssistantForCausalLM without its masked embedding (not in the GGUF).
 - every tensor goes through the arch layer's name tables backwards and the inverse of the
   converter's transform (Gemma 3's norm +1, Gemma 4's softplus and conv reshapes, ...);
   generated tensors (rope_freqs) are dropped, tied embeddings stay tied.
