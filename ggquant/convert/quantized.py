@@ -225,7 +225,7 @@ def _permute_act_order(table: dict[str, Any]) -> list[str]:
 def _row_permutable(t: Tensor) -> bool:
     rec = _record(t)
     if rec is not None:
-        return isinstance(rec, (IntQuantTensor, AffineQuantTensor))
+        return isinstance(rec, (IntQuantTensor, AffineQuantTensor, NVFP4Tensor))
     return isinstance(t.encoding, Dense) and t.dtype in FLOAT_DTYPES and t.ndim >= 1
 
 

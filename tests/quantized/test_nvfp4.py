@@ -8,7 +8,8 @@ a 31B-like Gemma 4, every text Linear NVFP4A16 or NVFP4 with static input scales
   (libggml-base, ctypes) equals compressed-tensors' dequantization with no global scale; the global
   scale becomes `<name>.scale` = float32(1/g), as llama.cpp's converter writes it;
 - whole conversions equal llama.cpp's convert_hf_to_gguf.py at f32/f16/bf16/q8_0: every tensor
-  (order, names, types, bytes) and every metadata key but ggquant's own provenance keys;
+  (order, names, types, bytes) and every metadata key but ggquant's own provenance keys (and a tiny
+  Llama 3, whose q/k rows are permuted for RoPE with their codes and scales);
 - llama.cpp runs the GGUF and ggquant's runtime (which applies the `.scale` tensors) gives its
   logits bit for bit; against llama.cpp on the float32 dequantization, top-1 agrees everywhere;
 - a row not made of whole 64-value blocks is requantized (Q8_0, said why) and --exact refuses it;
@@ -85,10 +86,14 @@ def _metadata(path):
         return [(k, f.type, f.item_type, str(f.value)) for k, f in r.fields.items() if not k.startswith(PROVENANCE)]
 
 
-@pytest.mark.parametrize("scheme", ["NVFP4A16", "NVFP4"])
-def test_nvfp4_conversion_equals_llama_cpp_converter(tmp_path, scheme):
-    d = G.build_ct_nvfp4(scheme)
-    types = OUTTYPES if scheme == "NVFP4A16" else ("f16",)
+# (scheme, tiny model, outtypes): Gemma 4 31B-like; Llama 3 (q/k rows permuted for RoPE as
+# LlamaModel._repack_nvfp4 does: each row keeps its codes and fp8 scales)
+CONVERSIONS = [("NVFP4A16", "gemma4_31b", OUTTYPES), ("NVFP4", "gemma4_31b", ("f16",)), ("NVFP4A16", "llama3", ("f16",))]
+
+
+@pytest.mark.parametrize("scheme, source, types", CONVERSIONS, ids=lambda v: v if isinstance(v, str) else "")
+def test_nvfp4_conversion_equals_llama_cpp_converter(tmp_path, scheme, source, types):
+    d = G.build_ct_nvfp4(scheme, source)
     refs = cached_reference_ggufs([(d, t, False) for t in types])
     for t, ref in zip(types, refs):
         if isinstance(ref, Exception):
@@ -98,15 +103,16 @@ def test_nvfp4_conversion_equals_llama_cpp_converter(tmp_path, scheme):
         assert _metadata(ours) == _metadata(ref), t
         with GGUFReader(ours) as r:
             nv = [x.name for x in r.tensors if x.qtype.name == "NVFP4"]
-            assert len(nv) == 41 and r.get("ggquant.source.exact_tensors") == nv
+            assert len(nv) == len(open_dir(d)) and r.get("ggquant.source.exact_tensors") == nv
             assert r.get("general.file_type") == (7 if t == "q8_0" else 39)  # MOSTLY_Q8_0 / MOSTLY_NVFP4
             names = [x.name for x in r.tensors]
             if scheme == "NVFP4":
                 assert "blk.0.attn_q.input_scale" in names
 
 
-def test_nvfp4_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path):
-    d = G.build_ct_nvfp4()
+@pytest.mark.parametrize("source", ["gemma4_31b", "llama3"])
+def test_nvfp4_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path, source):
+    d = G.build_ct_nvfp4(source=source)
     nv = convert(d, outtype="f32", outfile=tmp_path / "nvfp4.gguf").written[0]
     logits = assert_runtime_equals_llama_cpp(nv)  # the runtime applies every <weight>.scale
     ref = convert(G.dequantized_copy(d), outtype="f32", outfile=tmp_path / "ref.gguf").written[0]

@@ -696,9 +696,27 @@ class NVFP4Tensor(QuantizedTensor):
         self._load = load
         self.global_scale = np.float32(global_scale)
         self.input_global_scale = None if input_global_scale is None else np.float32(input_global_scale)
+        self._perm_rows: np.ndarray | None = None
+
+    def permuted(self, rows: np.ndarray) -> NVFP4Tensor:
+        """A view with output rows reordered (w' = w[rows]): each row keeps its codes and fp8
+        scales (Llama's q/k RoPE layout; LlamaModel._repack_nvfp4 permutes weight and scale alike)."""
+        new = NVFP4Tensor(self.name, self.shape, self.encoding, self.format, self.sources, self._load,
+                          self.global_scale, self.input_global_scale)
+        rows = np.asarray(rows, dtype=np.intp)
+        new._perm_rows = rows if self._perm_rows is None else self._perm_rows[rows]
+        return new
+
+    def _rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        rr = rows_range(rows, self.shape[0])
+        if self._perm_rows is None:
+            return self._load(rr)
+        idx = self._perm_rows[rr[0]:rr[1]]
+        packed, scales = self._load((0, self.shape[0]))
+        return packed[idx], scales[idx]
 
     def _codes(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        packed, scales = self._load(rows_range(rows, self.shape[0]))
+        packed, scales = self._rows(rows)
         codes = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
         codes[:, 0::2] = packed & 0x0F
         codes[:, 1::2] = packed >> 4
@@ -732,7 +750,7 @@ class NVFP4Tensor(QuantizedTensor):
         if n % (NVFP4_GROUP * NVFP4_SUBS):
             return (f"NVFP4: rows of {n} values are not whole {NVFP4_GROUP * NVFP4_SUBS}-value GGML blocks "
                     f"(llama.cpp's converter cannot repack them either)")
-        packed, scales = self._load(rows_range(rows, self.shape[0]))
+        packed, scales = self._rows(rows)
         bad = (scales & 0x80) | ((scales & 0x7F) == UE4M3_ZERO_ALIAS)
         if bad.any():
             r, c = (int(x[0]) for x in np.nonzero(bad))
