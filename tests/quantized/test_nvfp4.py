@@ -118,9 +118,12 @@ def test_nvfp4_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path, source):
     ref = convert(G.dequantized_copy(d), outtype="f32", outfile=tmp_path / "ref.gguf").written[0]
     want = llama_cpp_logits(ref, [2] + list(range(40, 79)))
     # the same weights up to one rounding of 1/g, but llama.cpp's NVFP4 product rounds the
-    # activations to Q8_0 (vec_dot_type) where the F32 one does not: close, not equal
-    assert (logits.argmax(1) == want.argmax(1)).all()
+    # activations to Q8_0 (vec_dot_type) where the F32 one does not: close, not equal (measured:
+    # max |d| 0.09 of logits up to 14.6 on the Gemma 4, 0.16 of 5.6 on the Llama, where 3 of 40
+    # positions are near-ties, top-2 margins 0.01-0.07, that flip). A missing global scale
+    # (x 1/g ~ 1e-4) or q/k rows out of RoPE order would be far outside this.
     assert np.abs(logits - want).max() <= 0.05 * np.abs(want).max()
+    assert (logits.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
 def test_nvfp4_rows_of_partial_blocks_are_requantized_and_refused_by_exact(tmp_path):
