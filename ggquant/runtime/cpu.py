@@ -197,7 +197,6 @@ class CPUBackend:
     """numpy + numba. Arrays are float32 numpy arrays."""
 
     name = "cpu"
-    per_tensor_scales = True  # matmul multiplies by CPUWeight.scale (NVFP4 global scales)
     types = qt.CPU_TYPES  # the weight types it multiplies by
 
     def __init__(self, threads: int | None = None, gelu: str = "ggml"):
