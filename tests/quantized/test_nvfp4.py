@@ -32,7 +32,8 @@ from tests.convert.helpers import assert_same_tensors
 from tests.oracles import ggml
 from tests.oracles.llama_converter import cached_reference_ggufs
 from tests.quantized import gemma4_quantized as G
-from tests.quantized.util import assert_runtime_equals_llama_cpp, llama_cpp_logits, open_dir
+from tests.oracles.llama_logits import llama_cpp_logits
+from tests.quantized.util import assert_runtime_equals_llama_cpp, open_dir
 
 pytest.importorskip("compressed_tensors")
 

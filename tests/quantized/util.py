@@ -9,6 +9,7 @@ import numpy as np
 
 from ggquant.formats.quantized import open_quantized
 from ggquant.formats.quantized.records import QuantizedModel
+from tests.oracles.llama_logits import llama_cpp_logits
 
 
 def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
@@ -39,19 +40,6 @@ def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str = "") -> None
         r, c = np.argwhere(bad)[0]
         raise AssertionError(f"{what}: {int(bad.sum())} values differ, first at [{r}, {c}]: "
                              f"{got[r, c]!r} vs {want[r, c]!r}")
-
-
-def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position of `ids` (one batch, F32 KV cache)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
-                          flash_attn=False, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[:len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def assert_runtime_equals_llama_cpp(path) -> np.ndarray:
