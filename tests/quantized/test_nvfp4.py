@@ -13,6 +13,7 @@ a 31B-like Gemma 4, every text Linear NVFP4A16 or NVFP4 with static input scales
 - llama.cpp runs the GGUF and ggquant's runtime (which applies the `.scale` tensors) gives its
   logits bit for bit; they stay close to llama.cpp's on the float32 dequantization (Q8_0
   activations apart); the torch backend meets the float32 dequantization within 1e-3;
+- `--to hf` folds `.scale` into the dequantized weight (llama.cpp's effective weight);
 - a row not made of whole 64-value blocks is requantized (Q8_0, said why) and --exact refuses it;
   a missing global scale is refused naming the tensor.
 """
@@ -177,3 +178,41 @@ def test_nvfp4_torch_backend_equals_the_float32_dequantization(tmp_path, source)
             got = Session(model, 64, n_batch=16).eval(ids, "all")
         assert np.abs(got - want).max() <= 1e-3
         assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_nvfp4_gguf_goes_back_to_hugging_face_with_the_scale_folded_in(tmp_path):
+    """`--to hf`: each NVFP4 weight comes back as ggml's dequantization times its `.scale` (the
+    weight llama.cpp computes with), the `.scale` / `.input_scale` tensors are not written, and
+    transformers gives the logits of the float32 dequantization up to that one rounding of 1/g."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ggquant.convert.gguf_to_hf import export_hf
+    from ggquant.quant import types as qt
+
+    d = G.build_ct_nvfp4("NVFP4")
+    gguf = convert(d, outtype="f32", outfile=tmp_path / "nvfp4.gguf").written[0]
+    hf = tmp_path / "hf"
+    export_hf(gguf, outfile=hf)
+    got = load_file(str(hf / "model.safetensors"))
+    assert not [k for k in got if k.endswith(("scale", "input_scale"))]
+    ct = {rec.name.replace("model.language_model.", "model."): rec for rec in open_dir(d)}
+    with GGUFReader(gguf) as r:
+        for t in r.tensors:
+            if t.qtype.name != "NVFP4":
+                continue
+            s = r.tensor(t.name.removesuffix(".weight") + ".scale").raw().view(np.float32)[0]
+            hf_name = next(n for n in ct if t.name.split(".")[1] == n.split(".")[2] and
+                           n.endswith({"attn_q": "q_proj.weight", "attn_k": "k_proj.weight", "attn_v": "v_proj.weight",
+                                       "attn_output": "o_proj.weight", "ffn_gate": "gate_proj.weight",
+                                       "ffn_up": "up_proj.weight", "ffn_down": "down_proj.weight"}[t.name.split(".")[2]]))
+            want = qt.dequantize(np.asarray(t.raw()), t.qtype, t.shape).astype(np.float32) * s
+            assert np.array_equal(got[hf_name].view(np.uint32), want.view(np.uint32)), t.name
+            # one rounding apart from compressed-tensors' e2m1 * (fp8 / g)
+            np.testing.assert_allclose(got[hf_name], ct[hf_name].dequantize(), rtol=2.5e-7, atol=0)
+    ids = torch.tensor([[2] + list(range(40, 79))])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(G.dequantized_copy(d), dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
