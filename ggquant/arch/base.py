@@ -515,6 +515,12 @@ class Arch:
     HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
     @classmethod
+    def export_class(cls, g: GGUFFacts, mm: GGUFFacts | None) -> type[Arch]:
+        """The class that exports GGUF `g` (+ mmproj `mm`) when general.architecture alone does not
+        tell (Gemma 4 Unified: a gemma4 text GGUF with a gemma4uv mmproj)."""
+        return cls
+
+    @classmethod
     def hf_config(cls, g: GGUFFacts, mm: GGUFFacts | None) -> dict:
         """config.json for the model in GGUF `g` (plus its mmproj `mm`, if given)."""
         raise NotImplementedError

@@ -20,6 +20,7 @@ as llama.cpp's src/models/gemma4.cpp loads them, the KV reuse map included.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -262,7 +263,7 @@ class Gemma4Hparams(TextHparams):
         n_shared = g.need(A.SHARED_KV_LAYERS.format(arch=a), default=0)
         n_kv = n_layer - n_shared
         kv_source = list(range(n_layer))
-        if n_shared > 0:
+        if n_shared > 0 and not (n_kv == 0 and g.arch == GEMMA4_ASSISTANT_ARCH):  # a drafter reads its target's KV
             if n_kv < 2:
                 raise GGQuantError(f"{g.path}: {n_shared} KV-shared layers of {n_layer} leave fewer than 2 "
                                    f"layers with their own K/V")
@@ -749,6 +750,13 @@ class Gemma4(Gemma3):
         return cfg
 
     @classmethod
+    def export_class(cls, g, mm) -> type[Arch]:
+        # a Unified model's text GGUF says gemma4 like the others: its mmproj's projector tells
+        if mm is not None and mm.get(Keys.ClipVision.PROJECTOR_TYPE) == Gemma4Unified.VISION_PROJECTOR:
+            return Gemma4Unified
+        return cls
+
+    @classmethod
     def hf_config(cls, g, mm) -> dict:
         text = cls.hf_text_config(g)
         if mm is None:
@@ -997,6 +1005,58 @@ class Gemma4Unified(Gemma4):
             return T.F32  # ModelBase.prepare_tensors: V_ENC_EMBD_POS is always F32
         return super().force_type(hf_name, gguf_name, n_dims, ftype, part)
 
+    # --- GGUF -> HF -------------------------------------------------------------------------
+    HF_CONDITIONAL, HF_MODEL_TYPE = "Gemma4UnifiedForConditionalGeneration", "gemma4_unified"
+    HF_UNIFIED_TEXT_MODEL_TYPE = "gemma4_unified_text"
+
+    @classmethod
+    def hf_config(cls, g, mm) -> dict:
+        """Gemma4UnifiedConfig from the text GGUF and the gemma4uv / gemma4ua mmproj: the embedders'
+        sizes are in the tensor shapes (Gemma4UnifiedVisionAudioModel writes zero-layer towers)."""
+        text = cls.hf_text_config(g)
+        if mm is None:
+            return text  # the text decoder alone: a Gemma4ForCausalLM
+        C, CV, CA = Keys.Clip, Keys.ClipVision, Keys.ClipAudio
+        need = ("v.patch_embd.weight", "v.position_embd.weight", "mm.input_projection.weight",
+                "mm.a.input_projection.weight")
+        missing = [n for n in need if n not in mm.shapes]
+        if missing or not mm.get(C.HAS_AUDIO_ENCODER) or mm.get(CA.PROJECTOR_TYPE) != cls.AUDIO_PROJECTOR:
+            what = f"tensor '{missing[0]}' is missing" if missing else \
+                f"audio projector {mm.get(CA.PROJECTOR_TYPE)!r} is not {cls.AUDIO_PROJECTOR!r}"
+            raise GGQuantError(f"{mm.path}: {what}; a {cls.VISION_PROJECTOR} mmproj of a Gemma 4 Unified holds the "
+                               f"vision and the audio embedders")
+        patch, dense = mm.need(CV.PATCH_SIZE), mm.shapes["v.patch_embd.weight"]  # [mm_embed, 3*P*P]
+        side = math.isqrt(dense[-1] // 3)
+        if 3 * side * side != dense[-1] or side % patch:
+            raise GGQuantError(f"{mm.path}: v.patch_embd.weight has {dense[-1]} columns, not 3 * P * P for a merged "
+                               f"patch P that is a multiple of the patch size {patch}")
+        vision = dict(model_type="gemma4_unified_vision", patch_size=patch, pooling_kernel_size=side // patch,
+                      mm_embed_dim=mm.need(CV.EMBEDDING_LENGTH), mm_posemb_size=mm.shapes["v.position_embd.weight"][1],
+                      output_proj_dims=mm.shapes["mm.input_projection.weight"][1],
+                      rms_norm_eps=f32_value(mm.get(CV.Attention.LAYERNORM_EPS, MMPROJ_EPS)))
+        audio = dict(model_type="gemma4_unified_audio", audio_embed_dim=mm.shapes["mm.a.input_projection.weight"][1],
+                     rms_norm_eps=f32_value(mm.get(CA.Attention.LAYERNORM_EPS, MMPROJ_EPS)))
+        text.pop("architectures")
+        text.pop("vocab_size_per_layer_input")  # Gemma4UnifiedTextConfig has no per-layer embeddings
+        # the Gemma 4 keys a Unified config.json carries (llama.cpp's Gemma4Model.set_gguf_parameters
+        # reads moe_intermediate_size without a default)
+        for k in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            text.setdefault(k, None)
+        text["model_type"] = cls.HF_UNIFIED_TEXT_MODEL_TYPE
+        return dict(architectures=[cls.HF_CONDITIONAL], model_type=cls.HF_MODEL_TYPE, text_config=text,
+                    vision_config=vision, audio_config=audio, tie_word_embeddings=text["tie_word_embeddings"],
+                    **token_ids_by_text(g, **GEMMA4_MARKERS))
+
+    def hf_shape(self, hf_name, gguf_shape, part):
+        if part == MMPROJ and hf_name == _UV + "pos_embedding":
+            return SwapOuterAxes().shape(tuple(gguf_shape))
+        return tuple(gguf_shape)
+
+    def denormalize_name(self, name, part, conditional):
+        if part == MMPROJ:  # the inverse of normalize_name's pos_norm -> patch_ln3
+            return name.replace(_UV + f"patch_ln{UNIFIED_PATCH_NORMS}.", _UV + "pos_norm.")
+        return super().denormalize_name(name, part, conditional)
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -1074,7 +1134,24 @@ class Gemma4Assistant(Gemma4):
     def has_mmproj(self) -> bool:
         return False
 
+    # --- GGUF -> HF -------------------------------------------------------------------------
+    HF_ASSISTANT = "Gemma4AssistantForCausalLM"
+
     @classmethod
     def hf_config(cls, g, mm) -> dict:
-        raise GGQuantError(f"{g.path}: exporting a {GEMMA4_ASSISTANT_ARCH} GGUF to Hugging Face is not supported "
-                           f"(the drafter's masked embedding is not in the GGUF)")
+        """Gemma4AssistantConfig: the text decoder's config, backbone_hidden_size from
+        embedding_length_out. The masked embedding (centroids + token ordering of the E2B/E4B
+        drafters) is not in the GGUF, so the drafter comes back with use_ordered_embeddings off:
+        its logits are lm_head's over the whole vocabulary, as llama.cpp's gemma4-assistant graph
+        computes them. The GGUF does not tell a Unified drafter (Gemma4UnifiedAssistantForCausalLM)
+        from the others; it is written as the Gemma4AssistantForCausalLM its tensors load into."""
+        if mm is not None:
+            raise GGQuantError(f"{mm.path}: a {GEMMA4_ASSISTANT_ARCH} drafter has no mmproj; export {g.path} alone")
+        text = cls.hf_text_config(g)
+        text.pop("architectures")
+        # no layer has K/V weights of its own, so V = K cannot be seen: Gemma4TextConfig's default
+        text["attention_k_eq_v"] = False
+        text["vocab_size_per_layer_input"] = 0  # Gemma4AssistantConfig.validate_architecture: no per-layer inputs
+        backbone = g.need(Keys.LLM.EMBEDDING_LENGTH_OUT.format(arch=g.arch))
+        return dict(architectures=[cls.HF_ASSISTANT], model_type="gemma4_assistant", backbone_hidden_size=backbone,
+                    text_config=text, tie_word_embeddings=text["tie_word_embeddings"], use_ordered_embeddings=False)

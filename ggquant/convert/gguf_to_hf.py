@@ -7,12 +7,16 @@ The data flow of DESIGN.md run backwards, one streaming pass:
 
 - config.json comes from the GGUF metadata (arch hf_config); the model is the causal LM
   (Gemma3ForCausalLM / Gemma4ForCausalLM), or the conditional-generation class with its
-  vision/audio towers when --mmproj gives the sidecar GGUF.
+  vision/audio towers when --mmproj gives the sidecar GGUF (a gemma4uv mmproj makes it
+  Gemma4UnifiedForConditionalGeneration: arch export_class); a gemma4-assistant GGUF becomes a
+  Gemma4AssistantForCausalLM without its masked embedding (not in the GGUF).
 - every tensor goes through the arch layer's name tables backwards and the inverse of the
   converter's transform (Gemma 3's norm +1, Gemma 4's softplus and conv reshapes, ...);
   generated tensors (rope_freqs) are dropped, tied embeddings stay tied.
 - payloads are dequantized chunk by chunk (bit-exact with ggml's to_float), so memory holds
-  one chunk, whatever the size of the largest tensor.
+  one chunk, whatever the size of the largest tensor; a matrix's per-tensor output scale
+  (`<weight>.scale` [1], an NVFP4 checkpoint's reciprocal global scale) is multiplied into it
+  (ScaledBy), and activation scales (`.input_scale`) are dropped.
 - --dtype auto keeps the GGUF's float type when every matrix is BF16 (or F16) and writes F32
   otherwise, so the conversion is lossless; bf16/f16 round to nearest even.
 
@@ -177,6 +181,7 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
             if mm.arch != "clip":
                 raise GGQuantError(f"{mm.path}: general.architecture = {mm.arch!r}; --mmproj takes the mmproj GGUF "
                                    f"(general.architecture = clip)")
+        cls = cls.export_class(g, mm)
         config = cls.hf_config(g, mm)
         n_tokens = len(g.get(Keys.Tokenizer.LIST) or [])
         emb = g.shapes.get("token_embd.weight")
@@ -196,11 +201,14 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         tensors: list[HFTensor] = []
         for part, source in ((TEXT, text),) + (((MMPROJ, sources[1]),) if conditional else ()):
             part_tensors = []
+            scales = _output_scales(source)
             for gname, info in source.tensors.items():
-                if part == TEXT and gname in arch.GENERATED:
+                if part == TEXT and gname in arch.GENERATED or gname in scales["companions"]:
                     continue
                 hf_norm, _ = arch.unmap_tensor(gname, part, str(source.path))
                 inverse, hf_shape = arch.inverse_transform(hf_norm, gname, tuple(info.shape), part)
+                if gname in scales["weights"]:
+                    inverse = ScaledBy(inverse, scales["weights"][gname])
                 name = arch.denormalize_name(hf_norm, part, conditional)
                 part_tensors.append(HFTensor(name, hf_shape, gname, tuple(info.shape), info.qtype, part, source,
                                              inverse))
@@ -217,6 +225,41 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         for s in sources:
             s.close()
         raise
+
+
+class ScaledBy(Transform):
+    """`inner`, then times a per-tensor scale: an NVFP4 weight's `<weight>.scale` (the float32
+    reciprocal of the source's global scale, which llama.cpp multiplies into the product) folded
+    into the weight, the one Hugging Face tensor that can carry it."""
+
+    def __init__(self, inner: Transform, scale: np.float32):
+        self.inner, self.scale = inner, np.float32(scale)
+        self.whole, self.row_block = inner.whole, inner.row_block
+        self.label = f"{inner.label + ', ' if inner.label else ''}x {float(self.scale):g}"
+
+    def shape(self, src_shape):
+        return self.inner.shape(src_shape)
+
+    def __call__(self, x, src_dtype):
+        return np.asarray(self.inner(x, src_dtype), dtype=np.float32) * self.scale
+
+
+def _output_scales(source: GGUFSource) -> dict:
+    """The per-tensor output scales of a GGUF (llama_model::load_tensors' generic `<weight>.scale`
+    of shape [1]) and the activation scales beside them (`.input_scale`, which no graph reads and
+    Hugging Face has no place for): {"weights": {weight name: float32}, "companions": {names}}."""
+    from ggquant.quant import types as qt
+
+    weights, companions = {}, set()
+    for name, t in source.tensors.items():
+        for suffix in (".scale", ".input_scale"):
+            w = name.removesuffix(suffix) + ".weight"
+            if name.endswith(suffix) and tuple(t.shape) == (1,) and w in source.tensors and \
+                    len(source.tensors[w].shape) == 2:
+                companions.add(name)
+                if suffix == ".scale":
+                    weights[w] = np.float32(qt.dequantize(np.asarray(t.raw()), t.qtype, (1,)).reshape(-1)[0])
+    return {"weights": weights, "companions": companions}
 
 
 def _check_text(arch: Arch, tensors: list[HFTensor], where: Path) -> None:

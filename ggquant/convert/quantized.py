@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys, LlamaFileType
 
 from ggquant.arch.base import MMPROJ, TEXT, Arch
 from ggquant.arch.transforms import IDENTITY
@@ -61,8 +61,8 @@ from ggquant.convert.encode import measure_sqnr, row_chunks
 from ggquant.convert.plan import ALWAYS_F32, KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
-from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, QuantizedModel, QuantizedTensor,
-                                              StackedAffineQuantTensor, StackedIntQuantTensor)
+from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, NVFP4Tensor, QuantizedModel,
+                                              QuantizedTensor, StackedAffineQuantTensor, StackedIntQuantTensor)
 from ggquant.formats.safetensors import FLOAT_DTYPES
 from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
@@ -234,7 +234,7 @@ def _permute_act_order(table: dict[str, Any]) -> list[str]:
 def _row_permutable(t: Tensor) -> bool:
     rec = _record(t)
     if rec is not None:
-        return isinstance(rec, (IntQuantTensor, AffineQuantTensor))
+        return isinstance(rec, (IntQuantTensor, AffineQuantTensor, NVFP4Tensor))
     return isinstance(t.encoding, Dense) and t.dtype in FLOAT_DTYPES and t.ndim >= 1
 
 
@@ -320,7 +320,23 @@ def _exact_type(w: Tensor, n_rows: int) -> tuple[T | None, str]:
     return None, why
 
 
+def _nvfp4_exact(w: Tensor, n_rows: int) -> str | None:
+    """None if an NVFP4 source repacks into GGML NVFP4 blocks (whole 64-value blocks, every fp8
+    scale a UE4M3 value), else why not. Reads only the scales' rows, chunk by chunk."""
+    rec = _record(w)
+    predicted, why = rec.expected_exact_type([T.NVFP4])
+    if predicted is None:
+        return why
+    for a, b in row_chunks(n_rows, rec.shape[1]):
+        res = rec.exact_ggml_or_reason([T.NVFP4], rows=(a, b), verify=False)
+        if isinstance(res, str):
+            return res
+    return None
+
+
 def _check_target(w: Tensor, qtype: T, n_rows: int) -> str | None:
+    if qtype == T.NVFP4 and isinstance(_record(w), NVFP4Tensor):
+        return _nvfp4_exact(w, n_rows)
     if qtype in FLOAT_TYPES:
         return _float_exact(_record(w), qtype, n_rows)
     if qtype in BLOCK_TYPES:
@@ -355,6 +371,17 @@ def _decide(t: TensorPlan, *, auto: bool, ruled: bool) -> None:
         t.qtype, t.exact, t.why = qtype, exact, why
         t.reason = f"{'exact' if exact else 'lossy'}: {why}"
 
+    if isinstance(rec, NVFP4Tensor) and not ruled:
+        # llama.cpp's converter repacks every NVFP4 weight, whatever --outtype says
+        # (ModelBase.prepare_tensors -> _generate_nvfp4_tensors): the same here where it can
+        bad = _nvfp4_exact(w, n_rows)
+        if bad is None:
+            return take(T.NVFP4, True, f"{rec.encoding} -> NVFP4 (codes and fp8 scales as stored; the global "
+                                       f"scale as the F32 tensor {t.name.removesuffix('.weight')}.scale)")
+        if not auto:
+            return take(planned, False, f"{rec.encoding} -> {planned.name}: requantized ({bad})")
+        fb = FALLBACK_TYPE if t.shape[-1] % QK == 0 else T.F16
+        return take(fb, False, f"{rec.encoding} -> {fb.name}: requantized from e2m1 * fp8 / global ({bad})")
     if ruled or planned in FLOAT_TYPES and not auto:
         # what the user named (a --tensor-type rule, a float --outtype): exact when the values fit
         bad = _check_target(w, planned, n_rows)
@@ -452,6 +479,7 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
             f.kv.array(KEY_REQUANTIZED, [t.name for t in plans if not t.exact])
         if plans and auto:
             _relabel(f, plans, outfile)
+        _nvfp4_layout(f)
     if exact:
         lossy = [(t.name, why) for f in files for t in f.tensors if (why := _float_lossless(t)) is not None]
         quantized = {t.name for f in files for t in f.tensors if t.source_quant}
@@ -460,6 +488,28 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
             more = f" (and {len(lossy) - 3} more)" if len(lossy) > 3 else ""
             raise GGQuantError("--exact: these tensors cannot be written exactly: " +
                                "; ".join(f"{n}: {w}" for n, w in lossy[:3]) + more)
+
+
+def _nvfp4_layout(f) -> None:
+    """The NVFP4 weights as llama.cpp's converter writes them: first in the file, in checkpoint
+    order, each followed by its companions (`.scale` = float32(1/global scale), `.input_scale`)
+    (ModelBase.prepare_tensors runs _generate_nvfp4_tensors before any other tensor, and turns a
+    float outtype's general.file_type into MOSTLY_NVFP4)."""
+    nv = [t for t in f.tensors if t.source_quant and t.exact and t.qtype == T.NVFP4]
+    if not nv:
+        return
+    front: list[TensorPlan] = []
+    for t in nv:
+        front.append(t)
+        for suffix, value in _record(t.src).companions():
+            name = t.name.removesuffix(".weight") + suffix
+            front.append(TensorPlan(name, value.shape, T.F32, f"NVFP4 {suffix[1:]} of {t.name}: float32 reciprocal "
+                                    f"of the source's global scale (llama.cpp's converter)", generated=value))
+    taken = {id(t) for t in nv}
+    f.tensors = front + [t for t in f.tensors if id(t) not in taken]
+    if f.part == TEXT and f.kv.get(Keys.General.FILE_TYPE) in (
+            int(LlamaFileType.ALL_F32), int(LlamaFileType.MOSTLY_F16), int(LlamaFileType.MOSTLY_BF16)):
+        f.kv.u32(Keys.General.FILE_TYPE, int(LlamaFileType.MOSTLY_NVFP4))
 
 
 def _relabel(f, plans: list[TensorPlan], outfile) -> None:

@@ -195,6 +195,8 @@ for _t in (T.TQ1_0, T.TQ2_0):
     _register(_t, lowbit, row_fallback=T.Q4_0, **_lowbit_runtime(_t, T.Q8_K, iqmatmul))
 for _t in (T.MXFP4, T.NVFP4, T.Q1_0):
     _register(_t, lowbit, **_lowbit_runtime(_t, T.Q8_0, b32matmul))
+# an NVFP4 checkpoint's weights keep their type (ggquant.convert.quantized; llama.cpp's MOSTLY_NVFP4)
+REGISTRY[T.NVFP4] = replace(REGISTRY[T.NVFP4], file_type=F.MOSTLY_NVFP4)
 
 # CPU products of the offset legacy quants: Q8_1 activations (ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1)
 for _t, _mm in ((T.Q4_1, cpu.matmul_q4_1), (T.Q5_1, cpu.matmul_q5_1)):

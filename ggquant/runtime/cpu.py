@@ -186,13 +186,14 @@ class CPULayerCache:
 class CPUWeight:
     """A GGUF tensor as the CPU backend uses it: the raw block rows, never converted."""
 
-    __slots__ = ("name", "qtype", "shape", "raw")
+    __slots__ = ("name", "qtype", "shape", "raw", "scale")
 
     def __init__(self, name, qtype, shape, raw):
         self.name = name
         self.qtype = qtype
         self.shape = tuple(shape)  # numpy order, [N, K] for matrices
         self.raw = raw  # uint8 [n_rows, row_bytes] (a view of the GGUF mmap)
+        self.scale = None  # float32 the product is multiplied by (TensorSet._attach_scale), or None
 
 
 class CPUBackend:
@@ -254,7 +255,8 @@ class CPUBackend:
         """x [T, K] @ w[N, K]^T -> [T, N]."""
         if x.shape[-1] != w.shape[-1]:
             raise GGQuantError(f"{w.name}: input width {x.shape[-1]}, the weight expects {w.shape[-1]}")
-        return matmul(w.raw, w.qtype, x, check=False)
+        y = matmul(w.raw, w.qtype, x, check=False)
+        return y if w.scale is None else y * w.scale
 
     def matmuls(self, x: np.ndarray, ws: list[CPUWeight]) -> list[np.ndarray]:
         """Several products of one input, converting the activation once per vec_dot_type."""
@@ -265,7 +267,8 @@ class CPUBackend:
             vt = qt.REGISTRY[w.qtype].vec_dot_type
             if vt not in conv:
                 conv[vt] = actquant.convert_activation(vt, x)
-            out.append(matmul_converted(w.raw, w.qtype, conv[vt], check=False))
+            y = matmul_converted(w.raw, w.qtype, conv[vt], check=False)
+            out.append(y if w.scale is None else y * w.scale)
         return out
 
     def rms_norm(self, x, w, eps):

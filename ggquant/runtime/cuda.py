@@ -42,11 +42,12 @@ class TorchWeight:
     """raw: uint8 [N, row_bytes] block bytes (None once repacked); kind/parts: the layout the
     Triton matvec reads (kernels/cuda/triton.py), None where the type has no kernel."""
 
-    __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense", "_half")
+    __slots__ = ("name", "qtype", "shape", "raw", "kind", "parts", "_dense", "_half", "scale")
 
     def __init__(self, name, qtype, shape, raw, kind=None, parts=()):
         self.name, self.qtype, self.shape, self.raw = name, qtype, tuple(shape), raw
         self.kind, self.parts = kind, parts
+        self.scale = None  # float32 the product is multiplied by (TensorSet._attach_scale), or None
         self._dense = None
         self._half = None  # the fp16/bf16 copy batched products multiply with (half_cache)
 
@@ -223,6 +224,10 @@ class CUDABackend:
 
     # --- operations ---------------------------------------------------------------------------
     def matmul(self, x, w: TorchWeight):
+        y = self._product(x, w)
+        return y if w.scale is None else y * float(w.scale)  # build_lora_mm's ggml_mul by <weight>.scale
+
+    def _product(self, x, w: TorchWeight):
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 1 and w.kind is not None and self.kern is not None:  # decode: read the blocks once
             n, k = w.shape
@@ -280,7 +285,8 @@ class CUDABackend:
             fused = self._stacked(ws)  # batched too: one GEMM of N = the rows of all (q/k/v, gate/up)
             if fused is not None:
                 y = CUDABackend.matmul(self, x2, fused)
-                return list(y.split([w.shape[0] for w in ws], dim=1))
+                return [part if w.scale is None else part * float(w.scale)
+                        for part, w in zip(y.split([w.shape[0] for w in ws], dim=1), ws)]
         # CUDABackend.matmul, not self.matmul: a hook on the instance's matmul (imatrix Collector)
         # must see each weight once, as it does on the CPU backend
         return [CUDABackend.matmul(self, x, w) for w in ws]

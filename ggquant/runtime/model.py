@@ -62,7 +62,21 @@ class TensorSet:
             return None
         self.used.add(name)
         w = self.loaded[name] = self.backend.weight(info)
+        self._attach_scale(name, w)
         return w
+
+    def _attach_scale(self, name: str, w) -> None:
+        """A matrix's per-tensor output scale `<base>.scale` of shape [1] (NVFP4's reciprocal
+        global scale): llama_model::load_tensors' generic pass loads it for every matrix and
+        build_lora_mm multiplies the product by it (ggml_mul), which every backend's matmul does."""
+        sname = name.removesuffix(".weight") + ".scale"
+        info = self.by_name.get(sname)
+        if not name.endswith(".weight") or info is None or tuple(info.shape) != (1,) or len(w.shape) != 2:
+            return
+        from ggquant.quant import types as qt
+
+        self.used.add(sname)
+        w.scale = np.float32(qt.dequantize(np.asarray(info.raw()), info.qtype, (1,)).reshape(-1)[0])
 
     def n_vocab(self) -> int:
         """Rows of token_embd (or the vocabulary size when the table is missing, so the

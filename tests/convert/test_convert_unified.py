@@ -3,9 +3,9 @@ against llama.cpp's converter, text and the gemma4uv / gemma4ua mmproj: test_con
 
 - the mmproj's patch projection is reordered to ggml's im2col order (CHW) and the position table
   transposed, whatever the chunk size;
-- the text GGUF goes back to Hugging Face as a Gemma4ForCausalLM: weights bit-equal, transformers
-  computes the original's logits, suppress_tokens back in generation_config.json (the mmproj's
-  encoder-free towers are not exported);
+- the text GGUF alone goes back to Hugging Face as a Gemma4ForCausalLM: weights bit-equal,
+  transformers computes the original's logits, suppress_tokens back in generation_config.json
+  (with its mmproj: Gemma4UnifiedForConditionalGeneration, tests/convert/test_to_hf.py "unified_mm");
 - bad input (no audio_config for the mmproj, a patch projection of the wrong width, malformed
   suppress_tokens) fails with one line naming the key or tensor, and writes nothing.
 """

@@ -2,7 +2,8 @@
 
 For each fixture (E4B-like with vision + audio, E2B-like sharded f32 with the double-wide MLP,
 a text-only Gemma4ForCausalLM, 26B-A4B-like mixture of experts, 31B-like dense with K = V on full
-layers, Gemma 3 text, Gemma 3 with SigLIP; with and without --mmproj):
+layers, a Gemma 4 Unified with its gemma4uv / gemma4ua embedders (Gemma4UnifiedForConditionalGeneration),
+Gemma 3 text, Gemma 3 with SigLIP; with and without --mmproj):
 - the weights come back bit-equal (the one exception is softplus-stored per_dim_scale of an
   f32 checkpoint, which float32 cannot invert: there, softplus of both values is equal);
 - transformers loads the folder (no missing or unexpected keys) and computes the same logits,
@@ -39,6 +40,7 @@ CASES = {
     "g3_vision_mm": ("gemma3_vision", "bf16", True),
     "a4b_mm": ("gemma4_a4b", "bf16", True),  # mixture of experts (router, stacked experts), K = V
     "31b_mm": ("gemma4_31b", "f16", True),  # dense, K = V on full layers, fewer global KV heads
+    "unified_mm": ("gemma4_unified", "bf16", True),  # encoder-free vision and audio embedders (gemma4uv/ua)
 }
 # tensors a float32 checkpoint cannot get back bit for bit: the converter stores softplus(x)
 LOSSY_IN_F32 = ("per_dim_scale",)
@@ -139,8 +141,13 @@ def _features(model) -> dict:
     with torch.no_grad():
         out["logits"] = model(torch.tensor([[2] + list(range(300, 340))])).logits
         cfg = model.config
+        unified = cfg.model_type == "gemma4_unified"
         if getattr(cfg, "vision_config", None) is not None:
-            if cfg.model_type == "gemma4":
+            if unified:  # raw merged patches of model_patch_size^2 * 3 pixels
+                n, p = 12, cfg.vision_config.model_patch_size
+                pos = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="xy"), -1).reshape(1, -1, 2)
+                out["image"] = model.get_image_features(torch.rand(1, n * n, 3 * p * p, generator=g), pos).pooler_output
+            elif cfg.model_type == "gemma4":
                 n, p = 12, cfg.vision_config.patch_size
                 pos = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="xy"), -1).reshape(1, -1, 2)
                 out["image"] = model.get_image_features(torch.rand(1, n * n, 3 * p * p, generator=g), pos).pooler_output
@@ -148,7 +155,8 @@ def _features(model) -> dict:
                 s = cfg.vision_config.image_size
                 out["image"] = model.get_image_features(torch.rand(1, 3, s, s, generator=g)).pooler_output
         if getattr(cfg, "audio_config", None) is not None:
-            feats = torch.randn(1, 64, 128, generator=g)
+            # Unified: raw waveform frames of audio_embed_dim samples; else 128 mel bins
+            feats = torch.randn(1, 64, cfg.audio_config.audio_embed_dim if unified else 128, generator=g)
             out["audio"] = model.model.get_audio_features(feats, torch.ones(1, 64, dtype=torch.bool)).pooler_output
     return {k: v if torch.is_tensor(v) else torch.cat(list(v)) for k, v in out.items()}
 
@@ -199,7 +207,8 @@ def _same_gguf(a: Path, b: Path) -> str | None:
         rb.close()
 
 
-@pytest.mark.parametrize("case", ["e4b_mm", "e2b_mm", "e4b_text", "g3_text", "g3_vision_mm", "a4b_mm", "31b_mm"])
+@pytest.mark.parametrize("case", ["e4b_mm", "e2b_mm", "e4b_text", "g3_text", "g3_vision_mm", "a4b_mm", "31b_mm",
+                                  "unified_mm"])
 def test_converting_back_gives_the_same_gguf(round_trip, case):
     rt = round_trip(case)
     again = convert(rt.hf, outtype="f32", outfile=rt.dir / "b.gguf", mmproj=rt.mm)

@@ -19,6 +19,7 @@ import pytest
 from ggquant.convert import convert
 from ggquant.convert.gguf_to_hf import export_hf
 from tests.convert.helpers import assert_identical
+from tests.oracles.llama_logits import llama_cpp_logits
 
 FAMILIES = ["llama3", "mistral", "qwen2", "qwen3"]
 N = 48
@@ -42,18 +43,6 @@ def exports(reference_gguf, tmp_path_factory):
 def _ids(seed=0):
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(100, 30000, N)]
-
-
-def _llama_logits(path, ids):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
-                          flash_attn=False, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[:len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -103,7 +92,7 @@ def test_transformers_on_the_export_matches_llama_cpp(exports, name):
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits[0].numpy()
-    want = _llama_logits(ref, ids)
+    want = llama_cpp_logits(ref, ids)
     assert np.abs(got - want).max() <= 1e-3
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
 
@@ -212,7 +201,7 @@ def test_real_export_logits_equal_llama_cpp_on_its_f32_gguf(real_export, tmp_pat
     with GGUFReader(_real(name)) as r:
         ids = Tokenizer.from_gguf(r).encode(real_text.heldout_text()[:4000], add_special=False)[:64]
     f32 = Path(convert(hf, outtype="f32", outfile=tmp_path / "f32.gguf").written[0])
-    want = _llama_logits(f32, ids).astype(np.float64)
+    want = llama_cpp_logits(f32, ids).astype(np.float64)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits[0].double().numpy()

@@ -98,10 +98,12 @@ def _build_ct(out: Path, num_bits: int, group_size: int, symmetric: bool, mlp_in
     return _ct_quantize(src, out, sd, linears, groups, CT_IGNORE)
 
 
-def _ct_quantize(src: Path, out: Path, sd: dict, linears: dict, groups: dict, ignore: list) -> Path:
+def _ct_quantize(src: Path, out: Path, sd: dict, linears: dict, groups: dict, ignore: list,
+                 observe=None) -> Path:
     """Quantize `linears` (name -> float32 [out, in]) with compressed-tensors itself
     (apply_quantization_config + calculate_qparams + ModelCompressor.compress_model), replace
-    their weights in the state dict `sd` by the compressed tensors and write the checkpoint."""
+    their weights in the state dict `sd` by the compressed tensors and write the checkpoint.
+    `observe(module, weight_args)` sets the quantization parameters (default: min/max)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -114,7 +116,7 @@ def _ct_quantize(src: Path, out: Path, sd: dict, linears: dict, groups: dict, ig
     for name, mod in model.named_modules():
         s = getattr(mod, "quantization_scheme", None)
         if s is not None and s.weights is not None:
-            _observe(mod, s.weights)
+            (observe or _observe)(mod, s.weights)
             quantized.append(name)
     comp = ModelCompressor.from_pretrained_model(model)
     comp.compress_model(model)
@@ -136,6 +138,51 @@ def build_ct(num_bits: int = 4, group_size: int = 32, symmetric: bool = True, ml
     extra = {} if source == SOURCE_MODEL else {"source": source}
     return cached_build("gemma4_ct", _build_ct, num_bits=num_bits, group_size=group_size, symmetric=symmetric,
                         mlp_int8=mlp_int8, digest=_DIGEST, **extra)
+
+
+# --- NVFP4 (compressed-tensors nvfp4-pack-quantized) --------------------------------------------
+
+NVFP4_MODEL = "gemma4_31b"  # every text Linear's input width (64, 128, 256) is whole 64-value GGML blocks
+NVFP4_INPUT_AMAX = 8.0  # the activation range the W4A4 fixture's input global scales pretend to be calibrated on
+
+
+def _observe_nvfp4(module, args) -> None:
+    """llmcompressor's NVFP4 calibration from min/max: the per-tensor global scale first
+    (generate_gparam: 448 * 6 / amax), then the fp8 group scales under it (calculate_qparams
+    with global_scale), as its observers do for strategy tensor_group."""
+    import torch
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    w = module.weight.data.float()
+    g = generate_gparam(w.amin().reshape(1), w.amax().reshape(1))
+    grp = w.reshape(w.shape[0], -1, args.group_size)
+    dt = module.weight.dtype
+    scale, _ = calculate_qparams(grp.amin(-1).to(dt), grp.amax(-1).to(dt), args, global_scale=g)
+    with torch.no_grad():
+        module.weight_global_scale.data.copy_(g.reshape(module.weight_global_scale.shape))
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "input_global_scale"):  # static activations (NVFP4 W4A4): as if calibrated on |x| <= 8
+            gi = generate_gparam(torch.full((1,), -NVFP4_INPUT_AMAX), torch.full((1,), NVFP4_INPUT_AMAX))
+            module.input_global_scale.data.copy_(gi.reshape(module.input_global_scale.shape))
+
+
+def _build_ct_nvfp4(out: Path, scheme: str, digest: str, source: str = NVFP4_MODEL) -> Path:
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    src = tiny_model(source)
+    sd = _read_checkpoint(src)
+    linears = {k[: -len(".weight")]: v.float().numpy() for k, v in sd.items() if _TEXT_LINEAR.match(k)}
+    groups = {"group_0": preset_name_to_scheme(scheme, ["Linear"])}
+    return _ct_quantize(src, out, sd, linears, groups, CT_IGNORE, observe=_observe_nvfp4)
+
+
+def build_ct_nvfp4(scheme: str = "NVFP4A16", source: str = NVFP4_MODEL) -> Path:
+    """A 31B-like Gemma 4 whose text Linears compressed-tensors quantized to NVFP4
+    (nvfp4-pack-quantized: fp4 e2m1 codes, fp8 e4m3 scale per 16 values, float32 global scale).
+    scheme "NVFP4" adds static input global scales (W4A4); source: another tiny Gemma 4 (the
+    E4B-like one has 96-wide down_proj rows, not whole 64-value GGML blocks)."""
+    extra = {} if source == NVFP4_MODEL else {"source": source}
+    return cached_build("gemma4_ct_nvfp4", _build_ct_nvfp4, scheme=scheme, digest=_DIGEST, **extra)
 
 
 # --- a mixture of experts (26B-A4B-like) with per-expert modules --------------------------------

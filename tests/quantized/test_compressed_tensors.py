@@ -269,7 +269,8 @@ def _qc(**over):
 @pytest.mark.parametrize("config, phrase", [
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "'bitsandbytes'"),
     ({"quantization_config": {"quant_method": "hqq"}}, "'hqq'"),
-    (_qc(format="nvfp4-pack-quantized"), "nvfp4-pack-quantized"),
+    (_qc(format="mxfp4-pack-quantized"), "mxfp4-pack-quantized"),
+    (_qc(format="nvfp4-pack-quantized"), "NVFP4 is nvfp4-pack-quantized with fp4 e2m1"),  # int4 weights
     (_qc(format="some-new-format"), "some-new-format"),
     (_qc(transform_config={"config_groups": {"u": {}}}), "transform_config"),
     (_qc(quantization_status="frozen"), "frozen"),

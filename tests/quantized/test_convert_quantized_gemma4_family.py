@@ -30,6 +30,7 @@ from ggquant.fixtures import cached_build, tiny_model
 from ggquant.formats.gguf import GGUFReader
 from ggquant.quant import types as qt
 from tests.quantized import gemma4_quantized as G
+from tests.quantized.util import assert_runtime_equals_llama_cpp
 
 pytest.importorskip("compressed_tensors")
 
@@ -53,24 +54,6 @@ def _assert_equals_reference(tmp_path, q, ref_dir, conv):
         for t in r.tensors:
             assert np.array_equal(a.tensor(t.name).raw(), t.raw()), t.name
             assert np.array_equal(_values(b.tensor(t.name)).view(np.uint32), _values(t).view(np.uint32)), t.name
-
-
-def _assert_runtime_equals_llama_cpp(path):
-    """llama.cpp runs `path` and ggquant's runtime gives its logits bit for bit (40 tokens, batch)."""
-    import llama_cpp
-
-    from ggquant.runtime.model import Session, load_model
-
-    ids = [2] + list(range(40, 79))
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, type_k=0, type_v=0,
-                          flash_attn=False, n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        ref = np.array(llm.scores[:len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-    ours = Session(load_model(path, threads=2), 64).eval(ids, "all")
-    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
@@ -115,7 +98,7 @@ def test_moe_gptq_per_expert_checkpoint(tmp_path):
 def test_exact_q4_0_moe_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_path):
     out = tmp_path / "q4.gguf"
     convert(G.build_ct_moe(4, 32), outfile=out)
-    _assert_runtime_equals_llama_cpp(out)
+    assert_runtime_equals_llama_cpp(out)
 
 
 def test_31b_qat_w4a16_converts_to_exact_q4_0(tmp_path):
@@ -248,7 +231,7 @@ def test_mlx_switch_glu_experts_convert_exactly(tmp_path):
     assert all(t.exact and t.qtype.name == "F32" for n, t in quant.items() if n.endswith("ffn_gate_inp.weight"))
     ref = cached_build("gemma4_mlx_moe_f32", _mlx_reference, qdir=str(q), digest=_DIGEST)
     _assert_equals_reference(tmp_path, q, ref, conv)
-    _assert_runtime_equals_llama_cpp(conv.written[0])
+    assert_runtime_equals_llama_cpp(conv.written[0])
 
 
 def test_mlx_switch_glu_without_up_proj_names_it(tmp_path):

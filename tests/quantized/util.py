@@ -9,6 +9,7 @@ import numpy as np
 
 from ggquant.formats.quantized import open_quantized
 from ggquant.formats.quantized.records import QuantizedModel
+from tests.oracles.llama_logits import llama_cpp_logits
 
 
 def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
@@ -39,3 +40,15 @@ def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str = "") -> None
         r, c = np.argwhere(bad)[0]
         raise AssertionError(f"{what}: {int(bad.sum())} values differ, first at [{r}, {c}]: "
                              f"{got[r, c]!r} vs {want[r, c]!r}")
+
+
+def assert_runtime_equals_llama_cpp(path) -> np.ndarray:
+    """llama.cpp runs `path` and ggquant's runtime gives its logits bit for bit (40 tokens, batch);
+    returns them."""
+    from ggquant.runtime.model import Session, load_model
+
+    ids = [2] + list(range(40, 79))
+    ref = llama_cpp_logits(path, ids)
+    ours = Session(load_model(path, threads=2), 64).eval(ids, "all")
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    return ref

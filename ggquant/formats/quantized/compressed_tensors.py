@@ -1,4 +1,5 @@
-"""compressed-tensors checkpoints (llmcompressor, vLLM's format): pack-, int-, naive- and float-quantized.
+"""compressed-tensors checkpoints (llmcompressor, vLLM's format): pack-, int-, naive-, float- and
+nvfp4-pack-quantized.
 
 Facts (shared/research/compressed-tensors-gptq-gguf-mapping.md §1-2, checked against
 compressed-tensors 0.17-0.20 on this machine):
@@ -24,6 +25,9 @@ Tensors per quantized module P (weight W [out, in]):
   int-/naive-quantized  P.weight I8 [out, in] signed q; P.weight_zero_point I8 like the scale.
   float-quantized  P.weight F8_E4M3 [out, in]; P.weight_scale [out, 1] | [1] | block
                    [ceil(out/b0), ceil(in/b1)] for block_structure [b0, b1].
+  nvfp4-pack-quantized  P.weight_packed U8 [out, in/2] fp4 e2m1 codes, P.weight_scale F8_E4M3
+                   [out, in/16], P.weight_global_scale F32 [1] (+ P.input_global_scale with static
+                   activations): w = e2m1 * (fp8 / global), see records.NVFP4Tensor.
 Dequantization: w = (q - zp) * s (s, zp of column c's group, or of group g_idx[c]); the library
 computes it in the scale dtype (one more rounding); ggquant computes it in float32, where the
 product is exact.
@@ -38,15 +42,16 @@ import numpy as np
 from ggquant.errors import FormatError, GGQuantError
 from ggquant.formats.quantized import reader
 from ggquant.formats.quantized.records import (
-    IntCodes, IntQuantTensor, QuantizedModel, QuantizedTensor, Source, unpack_per_word, unpack_stream,
+    FP8_E4M3_TO_F32, NVFP4_GROUP, IntCodes, IntQuantTensor, NVFP4Tensor, QuantizedModel, QuantizedTensor, Source,
+    unpack_per_word, unpack_stream,
 )
 
 __all__ = ["read", "FP8_E4M3_TO_F32", "SUPPORTED_FORMATS"]
 
-SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
+SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized")
+NVFP4 = "nvfp4-pack-quantized"
 # Formats compressed-tensors writes that ggquant recognises but does not read (yet).
 _REFUSED_FORMATS = {
-    "nvfp4-pack-quantized": "NVFP4 (fp4 e2m1 values with fp8 group scales and a global scale)",
     "mxfp4-pack-quantized": "MXFP4",
     "mxfp6-pack-quantized": "MXFP6",
     "mxfp8-quantized": "MXFP8",
@@ -59,19 +64,6 @@ _ACTIVATION_SUFFIXES = ("input_scale", "input_zero_point", "input_global_scale",
                         "output_zero_point", "weight_global_scale")
 
 
-def _e4m3fn_table() -> np.ndarray:
-    """float32 value of every FP8 e4m3fn byte (OCP FP8: bias 7, no infinities, 0x7F/0xFF NaN)."""
-    b = np.arange(256, dtype=np.uint32)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    exp = (b >> 3) & 0xF
-    man = (b & 7).astype(np.float64)
-    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1.0 + man / 8.0) * 2.0 ** (exp.astype(np.float64) - 7))
-    val = sign * val
-    val[(b & 0x7F) == 0x7F] = np.nan
-    return val.astype(np.float32)
-
-
-FP8_E4M3_TO_F32 = _e4m3fn_table()
 
 
 def _version(s) -> tuple[int, ...] | None:
@@ -110,14 +102,14 @@ class _Args:
             raise GGQuantError(f"{where}: weight type {self.type!r} is not supported (int or float)")
         if self.type == "int" and not 1 <= self.num_bits <= 8:
             raise GGQuantError(f"{where}: int{self.num_bits} weights are not supported (1..8 bits)")
-        if self.type == "float" and self.num_bits != 8:
-            raise GGQuantError(f"{where}: float{self.num_bits} weights are not supported (FP8 e4m3 only; "
-                               f"fp4 is the nvfp4/mxfp4 formats)")
+        if self.type == "float" and self.num_bits not in (4, 8):
+            raise GGQuantError(f"{where}: float{self.num_bits} weights are not supported (FP8 e4m3, or FP4 e2m1 "
+                               f"in the nvfp4-pack-quantized format)")
         if self.dynamic not in (False, None, "false"):
             raise GGQuantError(f"{where}: dynamic weight quantization ({self.dynamic!r}) has no stored scales")
-        if self.strategy not in ("tensor", "channel", "group", "block"):
+        if self.strategy not in ("tensor", "channel", "group", "block", "tensor_group"):
             raise GGQuantError(f"{where}: weight strategy {self.strategy!r} is not supported "
-                               f"(tensor, channel, group, block)")
+                               f"(tensor, channel, group, block, tensor_group)")
         if self.strategy == "group" and (self.group_size is None or int(self.group_size) <= 0):
             raise GGQuantError(f"{where}: group strategy without a positive group_size")
         if self.strategy == "block" and (not self.block_structure or len(self.block_structure) != 2):
@@ -126,10 +118,10 @@ class _Args:
             raise GGQuantError(f"{where}: asymmetric float weights are not supported")
 
     def describe(self) -> str:
-        kind = f"int{self.num_bits}" if self.type == "int" else "fp8-e4m3"
+        kind = f"int{self.num_bits}" if self.type == "int" else ("fp8-e4m3" if self.num_bits == 8 else "fp4-e2m1")
         sym = "sym" if self.symmetric else "asym"
-        if self.strategy == "group":
-            strat = f"group{int(self.group_size)}"
+        if self.strategy in ("group", "tensor_group"):
+            strat = f"{self.strategy.replace('_', '-')}{int(self.group_size)}"
         elif self.strategy == "block":
             strat = f"block{self.block_structure[0]}x{self.block_structure[1]}"
         else:
@@ -201,6 +193,12 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
                                f"to ggquant; supported: {', '.join(SUPPORTED_FORMATS)}")
         if g.format == "pack-quantized" and g.weights.type != "int":
             raise GGQuantError(f"compressed-tensors config group {gname!r}: pack-quantized {g.weights.type} weights")
+        w = g.weights
+        is_nvfp4 = (w.type, w.num_bits, w.strategy, w.symmetric) == ("float", 4, "tensor_group", True) and \
+            int(w.group_size or 0) == NVFP4_GROUP
+        if (g.format == NVFP4) != is_nvfp4:
+            raise GGQuantError(f"compressed-tensors config group {gname!r}: format {g.format!r} with {w.describe()} "
+                               f"weights; NVFP4 is nvfp4-pack-quantized with fp4 e2m1 sym tensor-group16 weights")
         groups.append(g)
     ignore = list(qc.get("ignore") or [])
 
@@ -225,7 +223,7 @@ def read(config: dict, src: Source, method: str) -> QuantizedModel:
         tensors[rec.name] = rec
         consumed.update(rec.sources)
         for suf in _ACTIVATION_SUFFIXES:
-            if f"{mod}.{suf}" in src:
+            if f"{mod}.{suf}" in src and f"{mod}.{suf}" not in rec.sources:
                 consumed.add(f"{mod}.{suf}")
                 act_notes.add(suf)
     if act_notes:
@@ -265,6 +263,8 @@ def _record(mod: str, g: _Group, src: Source, version) -> QuantizedTensor:
     where = f"module '{mod}' (config group {g.name!r}, {g.format} {a.describe()})"
     if g.format == "pack-quantized":
         return _packed_record(mod, g, src, version, where)
+    if g.format == NVFP4:
+        return _nvfp4_record(mod, src, where)
     if a.type == "float":
         return _float_record(mod, g, src, where)
     return _int_record(mod, g, src, where)
@@ -499,3 +499,45 @@ def _float_record(mod: str, g: _Group, src: Source, where: str) -> QuantizedTens
     enc = f"compressed-tensors {g.format} {a.describe()}"
     return FloatQuantTensor(f"{mod}.weight", (out, n), enc, f"compressed-tensors/{g.format}",
                             (w_name, scale_name), load)
+
+
+def _scalar(src: Source, name: str, where: str) -> float:
+    v = src.floats(name).reshape(-1)
+    if v.size != 1 or not np.isfinite(v[0]) or v[0] == 0:
+        raise FormatError(f"{where}: '{name}' must be one finite non-zero float, got {v[:4].tolist()}")
+    return float(v[0])
+
+
+def _nvfp4_record(mod: str, src: Source, where: str) -> QuantizedTensor:
+    """nvfp4-pack-quantized (NVFP4PackedCompressor): P.weight_packed U8 [out, in/2] (two e2m1
+    codes per byte, even column in the low nibble), P.weight_scale F8_E4M3 [out, in/16],
+    P.weight_global_scale F32 [1]; P.input_global_scale F32 [1] with static activations (W4A4)."""
+    packed_name, scale_name = f"{mod}.weight_packed", f"{mod}.weight_scale"
+    g_name, ig_name = f"{mod}.weight_global_scale", f"{mod}.input_global_scale"
+    for need in (scale_name, g_name):
+        if need not in src:
+            raise FormatError(f"{where}: tensor '{need}' is missing")
+    if src.dtype(packed_name) != "U8":
+        raise FormatError(f"{where}: weight_packed has dtype {src.dtype(packed_name)}, expected U8 (two fp4 codes a byte)")
+    if src.dtype(scale_name) not in ("F8_E4M3", "U8"):
+        raise FormatError(f"{where}: weight_scale has dtype {src.dtype(scale_name)}, expected F8_E4M3")
+    pshape, sshape = src.shape(packed_name), src.shape(scale_name)
+    if len(pshape) != 2:
+        raise FormatError(f"{where}: weight_packed has shape {list(pshape)}; only 2-D weights are supported")
+    out, n = pshape[0], pshape[1] * 2
+    if n % NVFP4_GROUP or list(sshape) != [out, n // NVFP4_GROUP]:
+        raise FormatError(f"{where}: weight_scale has shape {list(sshape)}; {out} rows of {n} fp4 values in groups "
+                          f"of {NVFP4_GROUP} need [{out}, {n // NVFP4_GROUP}]")
+    sources = [packed_name, scale_name, g_name]
+    ig = None
+    if ig_name in src:
+        ig = _scalar(src, ig_name, where)
+        sources.append(ig_name)
+
+    def load(rr):
+        packed = np.asarray(src.raw(packed_name, rr)[0]).view(np.uint8)
+        scales = np.asarray(src.raw(scale_name, rr)[0]).view(np.uint8)
+        return packed, scales
+
+    return NVFP4Tensor(f"{mod}.weight", (out, n), f"compressed-tensors {NVFP4} fp4-e2m1 group16 fp8 scales",
+                       f"compressed-tensors/{NVFP4}", tuple(sources), load, _scalar(src, g_name, where), ig)

@@ -19,7 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "StackedIntQuantTensor", "StackedAffineQuantTensor",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -184,6 +184,29 @@ def unpack_per_word(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     shifts = (np.arange(per, dtype=np.uint32) * bits)
     out = (w[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
     return out.reshape(w.shape[0], w.shape[1] * per)[:, :n].astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Small floats
+
+
+def _e4m3fn_table() -> np.ndarray:
+    """float32 value of every FP8 e4m3fn byte (OCP FP8: bias 7, no infinities, 0x7F/0xFF NaN)."""
+    b = np.arange(256, dtype=np.uint32)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp = (b >> 3) & 0xF
+    man = (b & 7).astype(np.float64)
+    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1.0 + man / 8.0) * 2.0 ** (exp.astype(np.float64) - 7))
+    val = sign * val
+    val[(b & 0x7F) == 0x7F] = np.nan
+    return val.astype(np.float32)
+
+
+FP8_E4M3_TO_F32 = _e4m3fn_table()
+# FP4 e2m1 code (sign bit 3, then 2 exponent bits and 1 mantissa bit) -> value: compressed-tensors
+# kE2M1ToFloat with the sign; ggml's kvalues_mxfp4 holds twice these, in the same code order.
+E2M1_TO_F32 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,3 +667,137 @@ class StackedAffineQuantTensor(AffineQuantTensor):
         loads = [p._load(rr) for p in self.parts]
         return tuple(np.concatenate([part[i] for part in loads], axis=1) for i in range(3))
 
+
+
+NVFP4_GROUP = 16  # values per fp8 scale (compressed-tensors group_size 16, ggml QK_NVFP4_SUB)
+NVFP4_SUBS = 4  # fp8 scales per GGML NVFP4 block of 64 values (block_nvfp4.d[4])
+UE4M3_ZERO_ALIAS = 0x7F  # ggml_ue4m3_to_fp32 reads it as 0 (it is NaN in e4m3)
+
+
+class NVFP4Tensor(QuantizedTensor):
+    """An NVFP4 weight: fp4 e2m1 codes, one fp8 e4m3 scale per 16 values and a per-tensor global
+    scale g (compressed-tensors nvfp4-pack-quantized; dequantization w = e2m1 * (fp8 / g), the
+    division in float32 as compressed_tensors' _dequantize computes it).
+
+    GGML's NVFP4 block (block_nvfp4: 4 UE4M3 sub-scales, then 16 bytes of codes per 64 values)
+    holds the same codes and the same scale bytes: ggml dequantizes it to e2m1 * fp8 exactly. The
+    global scale has no place in the block (folding 1/g into the fp8 scales is exact only for a
+    power-of-two g whose shifted scales stay fp8 values); llama.cpp's converter writes it as a
+    separate F32 tensor `<name>.scale` = float32(1/g) that its graph multiplies into the matmul
+    output (ModelBase._repack_nvfp4, build_lora_mm's w_s), and `companions()` gives it the same.
+
+    load(rows) -> (packed uint8 [R, n/2], element 2i in the low nibble of byte i;
+                   fp8 scale bytes uint8 [R, n/16])
+    """
+
+    def __init__(self, name, shape, encoding, fmt, sources, load, global_scale: float,
+                 input_global_scale: float | None = None):
+        super().__init__(name, shape, encoding, fmt, sources, 4)
+        self._load = load
+        self.global_scale = np.float32(global_scale)
+        self.input_global_scale = None if input_global_scale is None else np.float32(input_global_scale)
+        self._perm_rows: np.ndarray | None = None
+
+    def permuted(self, rows: np.ndarray) -> NVFP4Tensor:
+        """A view with output rows reordered (w' = w[rows]): each row keeps its codes and fp8
+        scales (Llama's q/k RoPE layout; LlamaModel._repack_nvfp4 permutes weight and scale alike)."""
+        new = NVFP4Tensor(self.name, self.shape, self.encoding, self.format, self.sources, self._load,
+                          self.global_scale, self.input_global_scale)
+        rows = np.asarray(rows, dtype=np.intp)
+        new._perm_rows = rows if self._perm_rows is None else self._perm_rows[rows]
+        return new
+
+    def _rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        rr = rows_range(rows, self.shape[0])
+        if self._perm_rows is None:
+            return self._load(rr)
+        idx = self._perm_rows[rr[0]:rr[1]]
+        packed, scales = self._load((0, self.shape[0]))
+        return packed[idx], scales[idx]
+
+    def _codes(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        packed, scales = self._rows(rows)
+        codes = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+        codes[:, 0::2] = packed & 0x0F
+        codes[:, 1::2] = packed >> 4
+        return codes, scales
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        codes, scales = self._codes(rows)
+        s = FP8_E4M3_TO_F32[scales] / self.global_scale  # float32 / float32: one rounding, as the library
+        r, n = codes.shape
+        w = E2M1_TO_F32[codes].reshape(r, n // NVFP4_GROUP, NVFP4_GROUP) * s[:, :, None]
+        return w.reshape(r, n)
+
+    def blocks(self, rows=None):
+        return "fp4 e2m1 values under fp8 scales per 16 columns are not integer codes with a per-32-column scale"
+
+    def companions(self) -> list[tuple[str, np.ndarray]]:
+        """(suffix, float32 [1]) tensors llama.cpp's converter writes beside the NVFP4 weight: the
+        reciprocal global scale as `.scale` and the reciprocal input global scale as
+        `.input_scale`, each left out when it is 1 (ModelBase._write_scale_tensor)."""
+        out = []
+        for suffix, g in ((".scale", self.global_scale), (".input_scale", self.input_global_scale)):
+            if g is None:
+                continue
+            v = np.float32(1.0) / g
+            if not abs(float(v) - 1.0) < 1e-6:
+                out.append((suffix, np.array([v], dtype=np.float32)))
+        return out
+
+    def _nvfp4_or_reason(self, rows, verify: bool) -> np.ndarray | str:
+        n = self.shape[1]
+        if n % (NVFP4_GROUP * NVFP4_SUBS):
+            return (f"NVFP4: rows of {n} values are not whole {NVFP4_GROUP * NVFP4_SUBS}-value GGML blocks "
+                    f"(llama.cpp's converter cannot repack them either)")
+        packed, scales = self._rows(rows)
+        bad = (scales & 0x80) | ((scales & 0x7F) == UE4M3_ZERO_ALIAS)
+        if bad.any():
+            r, c = (int(x[0]) for x in np.nonzero(bad))
+            return (f"NVFP4: fp8 scale {c} of row {r} is 0x{int(scales[r, c]):02x} (negative or NaN); GGML's "
+                    f"unsigned UE4M3 cannot hold it")
+        r = packed.shape[0]
+        nb = n // (NVFP4_GROUP * NVFP4_SUBS)
+        # block_nvfp4: d[4] then qs[32]; qs[8s + j] = value j (low nibble) and value j + 8 (high)
+        # of sub-block s (dequantize_row_nvfp4), while the source packs values 2i, 2i+1 in byte i.
+        codes = np.empty((r, n), dtype=np.uint8)
+        codes[:, 0::2] = packed & 0x0F
+        codes[:, 1::2] = packed >> 4
+        sub = codes.reshape(r, nb * NVFP4_SUBS, NVFP4_GROUP)
+        qs = (sub[:, :, :8] | (sub[:, :, 8:] << 4)).reshape(r, nb, 32)
+        out = np.concatenate([scales.reshape(r, nb, NVFP4_SUBS), qs], axis=2).reshape(r, nb * 36)
+        if verify:
+            from ggquant.quant import types as qtypes
+
+            got = qtypes.get(T.NVFP4).dequantize(out, (r, n)).astype(np.float32)
+            want = (E2M1_TO_F32[codes].reshape(r, n // NVFP4_GROUP, NVFP4_GROUP)
+                    * FP8_E4M3_TO_F32[scales][:, :, None]).reshape(r, n)
+            # equal as numbers: code 8 (e2m1 -0) is +0 in ggml's kvalues_mxfp4, the only bit difference
+            if not np.array_equal(got, want):
+                return "NVFP4: ggml's dequantization of the repacked blocks differs from e2m1 * fp8"
+        return out
+
+    def exact_ggml_or_reason(self, candidates=None, rows=None, verify: bool = True):
+        """NVFP4 (the default candidate) holds the codes and fp8 scales bit for bit; the global
+        scale travels in `companions()`. Other candidates: the base rule on `dequantize()`."""
+        cands = [T.NVFP4] if candidates is None else _qtypes(candidates)
+        reasons = []
+        if T.NVFP4 in cands:
+            res = self._nvfp4_or_reason(rows, verify)
+            if not isinstance(res, str):
+                return T.NVFP4, res
+            reasons.append(res)
+        rest = [c for c in cands if c != T.NVFP4]
+        if rest:
+            res = super().exact_ggml_or_reason(rest, rows, verify)
+            if not isinstance(res, str):
+                return res
+            reasons.append(res)
+        return f"{self.name}: no exact GGML encoding ({'; '.join(reasons) or 'no candidate types'})"
+
+    def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
+        if candidates is not None and T.NVFP4 not in _qtypes(candidates):
+            return None, f"{self.encoding}: only NVFP4 holds fp4 codes under fp8 scales"
+        if self.shape[1] % (NVFP4_GROUP * NVFP4_SUBS):
+            return None, f"rows of {self.shape[1]} values are not whole 64-value NVFP4 blocks"
+        return T.NVFP4, ""
