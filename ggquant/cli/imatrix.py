@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ggquant.errors import GGQuantError
 from ggquant.files import check_overwrite
 
 
@@ -36,7 +37,10 @@ def imatrix_command():
 @click.option("-c", "--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, help="Process at most this many chunks.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("-t", "--threads", type=int, help="CPU threads (default: all cores).")
+@click.option("-t", "--threads", type=int, help="CPU threads (default: all cores; with --devices: per CPU worker).")
+@click.option("--devices", metavar="D1,D2,...",
+              help="Data parallel: one model replica per device (cuda:0,cuda:1,... or cpu,cpu), chunks spread over "
+                   "them; the file is the same for any number of devices (each chunk's sums merged in chunk order).")
 @click.option("--in-file", "in_files", multiple=True, type=click.Path(path_type=Path),
               help="Earlier imatrix files (GGUF or .dat) to merge with the new statistics.")
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (untied models).")
@@ -45,7 +49,7 @@ def imatrix_command():
                    "`ggquant convert --outtype` writes them [default: f32].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
-def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, threads, in_files,
+def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, threads, devices, in_files,
                     process_output, outtype, as_json, force):
     """Collect an importance matrix for MODEL (a GGUF, or a Hugging Face folder run as its F32 conversion,
     built in memory) from a calibration text, like llama-imatrix."""
@@ -54,9 +58,13 @@ def imatrix_collect(model, text_file, out, output_format, ctx, chunks, device, t
 
     check_overwrite([out], force)
     previous = [load(p) for p in in_files]  # read (and validate) before the long run
+    if devices is not None:
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+        if not devices:
+            raise GGQuantError("--devices: give one or more of cpu, cuda, cuda:N separated by commas")
     im, stats = collect_imatrix(model, text_file, ctx=ctx, chunks=chunks, device=device, threads=threads,
                                 process_output=process_output, progress=not as_json and sys.stderr.isatty(),
-                                outtype=outtype)
+                                outtype=outtype, devices=devices)
     if previous:
         im = merge([*previous, im])
     (save_gguf if output_format == "gguf" else save_dat)(im, out, force=force)

@@ -144,6 +144,20 @@ class Collector:
 
         backend.matmul, backend.matmuls = hooked_matmul, hooked_matmuls
 
+    def reset(self) -> None:
+        """Empty accumulators (the hooks stay attached)."""
+        self._sums, self._dev, self.counts = {}, {}, {}
+
+    def add(self, sums: dict[str, np.ndarray], counts: dict) -> None:
+        """Add another collection's sums and counts (float32, in the order of the calls)."""
+        for name, v in sums.items():
+            if name in self._sums:
+                self._sums[name] += v
+                self.counts[name] = self.counts[name] + counts[name]
+            else:
+                self._sums[name] = np.array(v, dtype=np.float32)
+                self.counts[name] = np.copy(counts[name]) if isinstance(counts[name], np.ndarray) else counts[name]
+
     @property
     def chunk_count(self) -> int:
         # m_last_chunk = max(count) / chunk_size (over every dense count and every expert's)
@@ -174,32 +188,14 @@ def read_text(path) -> str:
     return text
 
 
-def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None = None, device: str = "cpu",
-                    threads: int | None = None, process_output: bool = False, progress: bool = True,
-                    outtype: str | None = None):
-    """llama-imatrix's compute_imatrix over ggquant's runtime; returns (Imatrix, stats dict).
-
-    model_path: a GGUF, or a Hugging Face folder converted in memory to `outtype` (default f32;
-    outtype is refused for a GGUF).
-
-    The text is tokenized once (BOS first if the vocabulary adds one), cut into chunks of `ctx`
-    tokens (at least two are needed), and each chunk is evaluated from an empty KV cache with
-    its first token replaced by BOS when the vocabulary adds BOS (imatrix.cpp compute_imatrix).
-    """
-    import time
-
+def _chunks(reader, text: str, text_path, ctx: int, chunks: int | None) -> list[np.ndarray]:
+    """imatrix.cpp compute_imatrix's chunks: the text tokenized once (BOS first if the vocabulary
+    adds one), cut into `ctx`-token chunks (at least two), each chunk's first token replaced by
+    BOS when the vocabulary adds BOS."""
     from ggquant.errors import GGQuantError
-    from ggquant.runtime.hf_source import weights_label
-    from ggquant.runtime.model import Session, load_model
     from ggquant.runtime.tokenizer import Tokenizer
 
-    from pathlib import Path
-
-    text = read_text(text_path)
-    if outtype is None and Path(model_path).is_dir():
-        outtype = HF_FOLDER_OUTTYPE
-    model = load_model(model_path, device=device, threads=threads, outtype=outtype)
-    tok = Tokenizer.from_gguf(model.reader)
+    tok = Tokenizer.from_gguf(reader)
     ids = np.asarray(tok.encode(text, add_special=True), dtype=np.int64)
     if len(ids) < 2 * ctx:
         raise GGQuantError(
@@ -207,32 +203,135 @@ def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None
             f"({2 * ctx} tokens); give more text or a smaller --ctx"
         )
     n_chunk = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
-    if not any(t.name.startswith("blk.") and len(t.shape) >= 2 for t in model.reader.tensors):
-        raise GGQuantError(f"{model_path}: no blk.* matmul weights to collect statistics for")
-    col = Collector(ctx, process_output)
-    col.attach(model.backend)
-    sess = Session(model, n_ctx=ctx, n_batch=ctx)
     bos = tok.bos_id if getattr(tok, "add_bos", False) else None
+    out = []
+    for c in range(n_chunk):
+        chunk = ids[c * ctx:(c + 1) * ctx].copy()
+        if bos is not None:
+            chunk[0] = bos
+        out.append(chunk)
+    return out
+
+
+def collect_imatrix(model_path, text_path, *, ctx: int = 512, chunks: int | None = None, device: str = "cpu",
+                    threads: int | None = None, process_output: bool = False, progress: bool = True,
+                    outtype: str | None = None, devices: list[str] | None = None):
+    """llama-imatrix's compute_imatrix over ggquant's runtime; returns (Imatrix, stats dict).
+
+    model_path: a GGUF, or a Hugging Face folder converted in memory to `outtype` (default f32;
+    outtype is refused for a GGUF).
+
+    Each chunk (_chunks) is evaluated from an empty KV cache. With `devices` (e.g. ["cuda:0",
+    "cuda:1"] or ["cpu", "cpu"]) the chunks are spread over one worker process per entry, each
+    holding a replica of the model (collect_parallel); `threads` is then per CPU worker.
+    """
+    import time
+    from pathlib import Path
+
+    from ggquant.errors import GGQuantError
+    from ggquant.runtime.hf_source import weights_label
+    from ggquant.runtime.model import Session, load_model, open_reader
+
+    text = read_text(text_path)
+    if outtype is None and Path(model_path).is_dir():
+        outtype = HF_FOLDER_OUTTYPE
+    if devices:
+        reader = open_reader(model_path, outtype)
+        model = None
+    else:
+        model = load_model(model_path, device=device, threads=threads, outtype=outtype)
+        reader = model.reader
+    todo = _chunks(reader, text, text_path, ctx, chunks)
+    if not any(t.name.startswith("blk.") and len(t.shape) >= 2 for t in reader.tensors):
+        raise GGQuantError(f"{model_path}: no blk.* matmul weights to collect statistics for")
     want = "all" if process_output else "none"
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_chunk, unit="chunk", desc="imatrix", leave=False)
+        bar = tqdm(total=len(todo), unit="chunk", desc="imatrix", leave=False)
     t0 = time.perf_counter()
-    for c in range(n_chunk):
-        chunk = ids[c * ctx:(c + 1) * ctx].copy()
-        if bos is not None:
-            chunk[0] = bos
-        sess.reset()
-        sess.eval(chunk, logits=want)
+
+    def tick(c):
         if bar is not None:
             bar.update(1)
             bar.set_postfix(tok_s=f"{(c + 1) * ctx / (time.perf_counter() - t0):.1f}")
+
+    if devices:
+        col = collect_parallel(model_path, outtype, todo, ctx, devices, threads, process_output, tick)
+    else:
+        col = Collector(ctx, process_output)
+        col.attach(model.backend)
+        sess = Session(model, n_ctx=ctx, n_batch=ctx)
+        for c, chunk in enumerate(todo):
+            sess.reset()
+            sess.eval(chunk, logits=want)
+            tick(c)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     im = col.to_imatrix([str(text_path)])
-    return im, {"chunks": n_chunk, "tokens": n_chunk * ctx, "seconds": seconds,
-                "tokens_per_s": n_chunk * ctx / seconds if seconds else 0.0, "entries": len(im.entries),
-                "weights": weights_label(model.reader)}
+    n = len(todo)
+    return im, {"chunks": n, "tokens": n * ctx, "seconds": seconds,
+                "tokens_per_s": n * ctx / seconds if seconds else 0.0, "entries": len(im.entries),
+                "weights": weights_label(reader), "workers": len(devices) if devices else 1}
+
+
+# --- data parallel: one model replica per worker process, chunk sums merged in chunk order ----------
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_path, outtype, ctx, threads, process_output, device_queue) -> None:
+    """Pool initializer: take a device ("cpu", "cuda", "cuda:N"), load the model there once."""
+    import os
+
+    dev = device_queue.get()
+    if dev.startswith("cuda:"):  # this process sees only its GPU, as cuda
+        os.environ["CUDA_VISIBLE_DEVICES"] = dev.split(":", 1)[1]
+        dev = "cuda"
+    from ggquant.runtime.model import Session, load_model
+
+    model = load_model(model_path, device=dev, threads=threads, outtype=outtype)
+    col = Collector(ctx, process_output)
+    col.attach(model.backend)
+    _WORKER.update(col=col, sess=Session(model, n_ctx=ctx, n_batch=ctx), want="all" if process_output else "none")
+
+
+def _worker_chunk(job):
+    """One chunk from an empty cache and empty accumulators: (index, sums, counts)."""
+    c, chunk = job
+    col, sess = _WORKER["col"], _WORKER["sess"]
+    col.reset()
+    sess.reset()
+    sess.eval(chunk, logits=_WORKER["want"])
+    return c, col.sums, col.counts
+
+
+def collect_parallel(model_path, outtype, todo, ctx, devices, threads, process_output, tick=None) -> Collector:
+    """The statistics of `todo` (chunks of token ids) over len(devices) worker processes.
+
+    Every chunk's float32 sums start from zero and are added to the total in chunk order, so the
+    result depends on the chunks alone, not on how many workers computed them or which finished
+    first: the file is byte-identical for 1 and N workers. (It differs from the one-process
+    collection, which sums token by token across chunks as imatrix.cpp does, by float32 rounding.)"""
+    import multiprocessing as mp
+
+    from ggquant.errors import GGQuantError
+
+    for d in devices:
+        if d != "cpu" and d != "cuda" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise GGQuantError(f"--devices: unknown device {d!r}; expected cpu, cuda or cuda:N")
+    spawn = mp.get_context("spawn")  # fresh interpreters: CUDA and numba's threads do not survive fork
+    queue = spawn.Queue()
+    for d in devices:
+        queue.put(d)
+    total = Collector(ctx, process_output)
+    with spawn.Pool(len(devices), _worker_init, (str(model_path), outtype, ctx, threads, process_output, queue),
+                    maxtasksperchild=None) as pool:
+        # imap hands chunks to whichever worker is free and yields the results in chunk order
+        for c, sums, counts in pool.imap(_worker_chunk, enumerate(todo)):
+            total.add(sums, counts)
+            if tick is not None:
+                tick(c)
+    return total
