@@ -3,6 +3,7 @@
     .venv/bin/python bench/convert.py [--outtypes bf16,q8_0] [--repeat 1] [--json] [--keep]
     .venv/bin/python bench/convert.py --ple-table [--outtypes bf16,q8_0]
     .venv/bin/python bench/convert.py --moe [--moe-llama-cpp] [--outtypes bf16,q8_0]
+    .venv/bin/python bench/convert.py --llama [--outtypes bf16,q8_0]
 
 Model (built once, cached under .cache/bench/): a random-weight Gemma4ForCausalLM with E4B's
 real layer dimensions (research note anchor-llamacpp-convert.md): hidden 2560, FFN 10240,
@@ -26,6 +27,12 @@ unless --ple-llama-cpp is given (on a machine with that much memory to spare).
 
 --moe: the memory bound on Gemma 4 26B-A4B's largest tensors (MOE_DIMS below): its stacked
 experts are streamed in row chunks within each expert, never materialised whole.
+
+--llama: a random-weight LlamaForCausalLM with Llama 3.2 1B's real config (LLAMA_CONFIG below:
+hidden 2048, 16 layers, FFN 8192, 32 query / 8 KV heads of 64, vocab 128256, tied embeddings,
+rope_type llama3), 1.24 B parameters, 2.47 GB of bf16 in two shards, with Meta's Llama 3
+tokenizer as the llama3 fixture writes it (fixtures/llama_vocab.py); ggquant and llama.cpp's
+converter, outputs compared byte for byte.
 """
 
 from __future__ import annotations
@@ -81,6 +88,16 @@ MOE_DIMS = dict(hidden_size=2816, intermediate_size=2112, num_attention_heads=16
                 num_global_key_value_heads=2, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=0,
                 attention_k_eq_v=True, enable_moe_block=True, num_experts=128, top_k_experts=8,
                 moe_intermediate_size=704)
+# --llama: meta-llama/Llama-3.2-1B's config.json (transformers 4.45 layout: rope_theta + rope_scaling)
+LLAMA_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16", vocab_size=128256,
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=131072,
+    tie_word_embeddings=True, attention_bias=False, attention_dropout=0.0, mlp_bias=False, pretraining_tp=1,
+    initializer_range=0.02, use_cache=True, bos_token_id=128000, eos_token_id=128001, rope_theta=500000.0,
+    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+)
 MOE_SPARSE = ("model.embed_tokens.weight",) + tuple(
     f"model.layers.{i}.experts.{p}" for i in range(len(MOE_LAYERS)) for p in ("gate_up_proj", "down_proj"))
 
@@ -105,7 +122,19 @@ def text_config(dims: dict, layer_types: list[str], n_shared: int, vocab: int) -
     )
 
 
-def write_tokenizer(out: Path, vocab_size: int) -> None:
+def write_tokenizer(out: Path, config: dict) -> None:
+    """The tokenizer folder files for config: Gemma 4's below, Llama 3's from the llama3 fixture."""
+    if config["architectures"][0] == "LlamaForCausalLM":
+        from ggquant.fixtures.llama_vocab import write_llama3_tokenizer
+
+        ids = write_llama3_tokenizer(out)
+        if ids["vocab_size"] != config["vocab_size"]:
+            raise SystemExit(f"Llama 3 tokenizer has {ids['vocab_size']} tokens, config {config['vocab_size']}")
+        return
+    write_gemma4_tokenizer(out, config["vocab_size"])
+
+
+def write_gemma4_tokenizer(out: Path, vocab_size: int) -> None:
     """A Gemma 4 style byte-fallback BPE of exactly vocab_size tokens: the Gemma 4 specials, the
     256 byte pieces, n single CJK characters and then their pairs (one merge each), written by
     the fixture tokenizer writer (tokenizer.json, tokenizer_config.json with a chat template)."""
@@ -123,10 +152,10 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def tensor_shapes(config: dict, folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint, from ggquant's own shape table for Gemma 4."""
-    from ggquant.arch.gemma4 import Gemma4
+    """Every tensor of the checkpoint, from ggquant's own shape table for its architecture."""
+    from ggquant.arch import arch_class
 
-    arch = Gemma4(folder, config, None)
+    arch = arch_class(config["architectures"][0])(folder, config, None)
     return {n: s for n, (s, required) in sorted(arch.expected_shapes().items()) if required}
 
 
@@ -204,7 +233,7 @@ def build(name: str, config: dict, sparse: tuple[str, ...] = ()) -> Path:
         folder = tmp / name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_tokenizer(folder, config["vocab_size"])
+        write_tokenizer(folder, config)
         shapes = tensor_shapes(config, folder)
         write_shards(folder, shapes, set(sparse))
         os.rename(folder, target)
@@ -322,6 +351,13 @@ def run_moe_bench(args) -> dict:
     return {"model": str(model), "expert_elements": E * 2 * F * H, "runs": rows, "ratios": ratios}
 
 
+def run_llama_bench(args) -> dict:
+    """A Llama 3.2 1B-shaped checkpoint, ggquant and llama.cpp's converter."""
+    model = build("llama3.2-1b-dims", LLAMA_CONFIG)
+    rows, ratios = run_single(args, model, "llama", True)
+    return {"model": str(model), "runs": rows, "ratios": ratios}
+
+
 def print_table(result: dict, title: str) -> None:
     print(title)
     print(f"  model: {result['model']}")
@@ -345,10 +381,15 @@ def main() -> None:
     ap.add_argument("--moe", action="store_true",
                     help="convert the 26B-A4B-shaped model (real expert, embedding and attention sizes, 2 layers)")
     ap.add_argument("--moe-llama-cpp", action="store_true", help="with --moe: also run llama.cpp's converter")
+    ap.add_argument("--llama", action="store_true",
+                    help="convert a random Llama 3.2 1B-shaped model (real config and tokenizer) with both tools")
     ap.add_argument("--keep", action="store_true", help="keep the converted GGUFs under .cache/bench/out")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
-    if args.moe:
+    if args.llama:
+        result = run_llama_bench(args)
+        title = "HF -> GGUF, random LlamaForCausalLM with Llama 3.2 1B's config (1.24 B parameters)"
+    elif args.moe:
         result = run_moe_bench(args)
         title = (f"26B-A4B-shaped stacked experts ({result['expert_elements'] / 1e6:.0f} M elements per gate_up_proj, "
                  f"{result['expert_elements'] * 2 / 2**30:.2f} GiB bf16) and 262144 x 2816 embeddings, 2 layers")
