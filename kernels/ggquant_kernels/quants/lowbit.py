@@ -289,31 +289,17 @@ def _quantize_tq2_0_row(x, out):
 
 
 @nb.njit(**JIT)
-def _best_index_mxfp4(x, e, kvalues):
-    """ggml-quants.c best_index_mxfp4: the first level with the least |kvalues[i]*e - x|.
+def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
+    """best[0:n] = ggml-quants.c best_index_mxfp4(x[xo + j], e) for j < n: the first level with
+    the least |kvalues[i]*e - x|, computed candidate by candidate over all n values at once (the
+    same compares per value, in the same candidate order; vectorizes).
 
     kvalues_mxfp4 is 0, 1, 2, 3, 4, 6, 8, 12 (indices 0..7) then 0, -1, ..., -12 (8..15). For
-    x >= 0 no negative level is ever strictly closer than its positive twin, and ties go to the lower
-    index, so only 0..7 can win; for x < 0 only 0 and 9..15 (index 8, the second zero, always ties
-    with 0): the same index as the C's full scan, in half the work. A NaN x compares false
-    everywhere and gets 0, as in the C.
-    """
-    best = 0
-    best_err = abs(kvalues[0] * e - x)
-    base = 0 if x >= _F0 else 8
-    for i in range(1, 8):  # branch-free selects: LLVM unrolls this into compares and blends
-        err = abs(kvalues[base + i] * e - x)
-        better = err < best_err
-        best = base + i if better else best
-        best_err = err if better else best_err
-    return best
-
-
-@nb.njit(**JIT)
-def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
-    """best[0:n] = _best_index_mxfp4(x[xo + j], e) for j < n, computed candidate by candidate over
-    all n values at once (the same compares per value, in the same candidate order; vectorizes).
-    The negative levels are exact negations of the positive ones (fl(-v*e) = -fl(v*e))."""
+    x >= 0 no negative level is ever strictly closer than its positive twin, and ties go to the
+    lower index, so only 0..7 can win; for x < 0 only 0 and 9..15 (index 8, the second zero,
+    always ties with 0): the same index as the C's full scan, in half the work. The negative
+    levels are exact negations of the positive ones (fl(-v*e) = -fl(v*e)). A NaN x compares
+    false everywhere and gets 0, as in the C."""
     c0 = kvalues[0] * e
     for j in range(n):
         best[j] = 0
@@ -327,6 +313,37 @@ def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
             better = err < err_buf[j]
             best[j] = (i if pos else 8 + i) if better else best[j]
             err_buf[j] = err if better else err_buf[j]
+
+
+# The MXFP4 scale d = 2^(e-128) (E8M0 halved) for which _mxfp4_index holds: the half-levels
+# 0.5*d and the levels up to 12*d are normal floats and finite.
+_MXFP4_D_MIN = F32(2.0 ** -125)
+_MXFP4_D_MAX = F32(2.0 ** 123)
+# Midpoints between consecutive positive levels 0, 1, 2, 3, 4, 6, 8, 12 (kvalues_mxfp4[0:8])
+_M0, _M1, _M2, _M3, _M4, _M5, _M6 = F32(0.5), F32(1.5), F32(2.5), F32(3.5), F32(5.0), F32(7.0), F32(10.0)
+
+
+@nb.njit(inline="always", **JIT)
+def _mxfp4_index(x, d):
+    """best_index_mxfp4(x, d) without the scan, for a block whose amax < 16*d and
+    _MXFP4_D_MIN <= d <= _MXFP4_D_MAX (what the quantizer's exponent gives every finite amax
+    of normal range): the number of midpoints between consecutive levels that |x| is strictly
+    above, plus 8 for a negative x off level 0.
+
+    Why it is the C's index. The levels c_k = kvalues[k]*d are exact, as are the midpoints.
+    |x| < 16*d, so for the two levels around |x| (consecutive, ratio <= 2, or 0 and d) both
+    errors |c - |x|| are exact (Sterbenz; |x| itself for c = 0) and every other level is at
+    least d further away, far more than float32 rounding of a value below 16*d can close: the
+    C's rounded errors fall strictly, then (after at most one tie) rise strictly. So its first
+    least error is the upper of the two levels iff that error is exactly smaller, i.e. iff
+    |x| > their midpoint; at the midpoint the tie goes to the lower index, as the C's strict <
+    does. For x < 0 the negative levels (9..15, exact negations) mirror the positive ones,
+    index 8 (-0) ties with 0 and loses; a NaN x is above no midpoint and gets 0, as in the C.
+    """
+    a = abs(x)
+    k = ((np.int32(a > _M0 * d) + np.int32(a > _M1 * d)) + (np.int32(a > _M2 * d) + np.int32(a > _M3 * d))
+         + (np.int32(a > _M4 * d) + np.int32(a > _M5 * d)) + np.int32(a > _M6 * d))
+    return k + np.int32(8) if (x < _F0 and k > 0) else k
 
 
 @nb.njit(**JIT)
@@ -344,9 +361,16 @@ def _quantize_mxfp4_row(x, out, kvalues, e8m0_half):
         # (uint8_t)(floorf(log2f(amax)) - 2 + 127), in float; log2f from the same libm as ggml's
         e = c_f32_to_int_lowbyte(np.floor(np.log2(amax)) - F32(2) + F32(127)) if amax > _F0 else 0
         out[b] = e
-        _fp4_indices(x, xo, MXFP4_BLOCK, e8m0_half[e], kvalues, best, err_buf)
-        for j in range(half):
-            out[b + 1 + j] = best[j] | (best[half + j] << 4)
+        d = e8m0_half[e]
+        if d >= _MXFP4_D_MIN and d <= _MXFP4_D_MAX and amax < F32(16.0) * d:
+            for j in range(half):
+                lo = _mxfp4_index(x[xo + j], d)
+                hi = _mxfp4_index(x[xo + half + j], d)
+                out[b + 1 + j] = np.uint8(lo | (hi << np.int32(4)))
+        else:  # denormal, huge or non-finite blocks: the C's scan as it is
+            _fp4_indices(x, xo, MXFP4_BLOCK, d, kvalues, best, err_buf)
+            for j in range(half):
+                out[b + 1 + j] = best[j] | (best[half + j] << 4)
 
 
 @nb.njit(**JIT)
