@@ -49,6 +49,8 @@ TQ1_BYTES = GGML_QUANT_SIZES[T.TQ1_0][1]  # qs[48] | qh[QK_K/64] | d
 TQ1_QS = (QK_K - 4 * QK_K // 64) // 5
 TQ1_QH = QK_K // 64
 TQ1_WIDE = TQ1_QS - TQ1_QS % 32  # qs[0:32] is read in runs of 32, the rest (qs[32:48]) in runs of 16
+TQ1_NARROW = TQ1_QS - TQ1_WIDE
+TQ1_QH_POW3 = np.repeat(TQ1_POW3[:4], TQ1_QH).astype(np.int32)  # qh's 4 passes of 4 bytes, as 16 values
 TQ2_BYTES = GGML_QUANT_SIZES[T.TQ2_0][1]  # qs[QK_K/4] | d
 TQ2_RUN = 32  # dequantize_row_tq2_0 reads qs in runs of 32 bytes, each 4 times (2 bits each)
 MXFP4_BLOCK, MXFP4_BYTES = GGML_QUANT_SIZES[T.MXFP4]  # e | qs[16]
@@ -85,15 +87,23 @@ _I31 = F32(2147483648.0)  # 2**31
 def _trit(byte, pow3):
     """ggml-quants.c dequantize_row_tq1_0: q = (uint8)(byte * pow3[n]); xi = (q * 3) >> 8; value xi - 1.
 
-    int32 arithmetic throughout: int64 -> float32 conversion does not vectorize on AVX2.
+    numba types int32 arithmetic as int64; the explicit int32 before the float conversion lets
+    LLVM narrow the whole chain to 32-bit lanes and convert with vcvtdq2ps (an int64 -> float32
+    conversion is half as wide on AVX-512 and does not vectorize on AVX2).
     """
     q = (np.int32(byte) * pow3) & np.int32(0xFF)  # the uint8 wrap of the C
-    return F32(((q * np.int32(3)) >> np.int32(8)) - np.int32(1))
+    return F32(np.int32(((q * np.int32(3)) >> np.int32(8)) - np.int32(1)))
 
 
 @nb.njit(cache=True)
-def _row_tq1_0(src, y, pow3):
-    """ggml-quants.c dequantize_row_tq1_0: base-3 digits packed 5 per byte (4 per qh byte), read by q*3 >> 8."""
+def _row_tq1_0(src, y, pow3, narrow, qh_pow3):
+    """ggml-quants.c dequantize_row_tq1_0: base-3 digits packed 5 per byte (4 per qh byte), read by q*3 >> 8.
+
+    narrow (TQ1_NARROW = 16) and qh_pow3 (TQ1_QH_POW3) are constants passed at run time on purpose
+    (see _row_tq2_0): with constant bounds LLVM unrolls the 16- and 4-byte passes into scalar
+    code; with opaque ones it vectorizes them. The four qh passes (4 bytes each) run as one
+    loop of 16 values, value k from qh[k % 4] and pow3[k // 4], the C's order of outputs.
+    """
     for i in range(src.size // TQ1_BYTES):
         b = i * TQ1_BYTES
         d = fp16_to_fp32(get_u16(src, b + TQ1_QS + TQ1_QH))
@@ -106,15 +116,12 @@ def _row_tq1_0(src, y, pow3):
             o += TQ1_WIDE
         for n in range(5):
             p = np.int32(pow3[n])
-            for m in range(TQ1_QS - TQ1_WIDE):
+            for m in range(narrow):
                 y[o + m] = _trit(src[b + TQ1_WIDE + m], p) * d
             o += TQ1_QS - TQ1_WIDE
         # qh: four passes over its 4 bytes
-        for n in range(4):
-            p = np.int32(pow3[n])
-            for j in range(TQ1_QH):
-                y[o + j] = _trit(src[b + TQ1_QS + j], p) * d
-            o += TQ1_QH
+        for k in range(qh_pow3.size):
+            y[o + k] = _trit(src[b + TQ1_QS + k % TQ1_QH], qh_pow3[k]) * d
 
 
 @nb.njit(cache=True)
@@ -135,7 +142,7 @@ def _row_tq2_0(src, y, run):
             for l in range(4):
                 for m in range(run):
                     q = (np.int32(src[b + j + m]) >> np.int32(2 * l)) & np.int32(3)
-                    y[o + m] = F32(q - np.int32(1)) * d
+                    y[o + m] = F32(np.int32(q - np.int32(1))) * d
                 o += TQ2_RUN
 
 
@@ -154,9 +161,9 @@ def _row_mxfp4(src, y, kvalues, e8m0_half):
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_tq1_0(data, out, pow3):
+def _deq_tq1_0(data, out, pow3, narrow, qh_pow3):
     for r in nb.prange(data.shape[0]):
-        _row_tq1_0(data[r], out[r], pow3)
+        _row_tq1_0(data[r], out[r], pow3, narrow, qh_pow3)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -538,7 +545,7 @@ def _dequantizer(type_id):
 
 def dequantize_tq1_0(data, n_per_row):
     data, out = _prepare(T.TQ1_0, data, n_per_row)
-    _deq_tq1_0(data, out, TQ1_POW3)
+    _deq_tq1_0(data, out, TQ1_POW3, TQ1_NARROW, TQ1_QH_POW3)
     return out
 
 
