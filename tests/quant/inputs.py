@@ -43,6 +43,19 @@ def family(name: str, n_rows: int, *, few_rows: int | None = None, sub: int = 32
         x = 2.0 ** rng.integers(-30, 30, (n_rows, 512)) * rng.choice([-1, 1], (n_rows, 512)) * m
     elif name == "ties":  # exact halves: round-half-away-from-zero paths (lroundf, roundf)
         x = rng.integers(-8, 9, (n_rows, 512)) / 4.0
+    elif name == "fp4_midpoints":
+        # MXFP4 blocks of 32 whose largest value fixes the scale d = 2^(k-3) (amax in [8d, 16d)),
+        # the others on the midpoints between its levels 0, d, 2d, 3d, 4d, 6d, 8d, 12d and on the
+        # levels, exactly or 1-2 ulps off; k from denormal to near-overflow blocks
+        k = rng.integers(-135, 121, (n_rows * 16, 1)).astype(np.float64)
+        d = 2.0 ** (k - 3)
+        on = np.array([0.5, 1.5, 2.5, 3.5, 5, 7, 10, 1, 2, 3, 4, 6, 8, 12])
+        xb = (rng.choice(on, (n_rows * 16, 32)) * d).astype(np.float32)
+        xb[:, 0] = (rng.choice([8, 12, 15.999999], n_rows * 16) * d[:, 0]).astype(np.float32)
+        ulps = rng.integers(-2, 3, xb.shape).astype(np.int32) * (xb != 0)
+        ulps[:, 0] = 0
+        xb = (xb.view(np.int32) + ulps).view(np.float32) * rng.choice([-1, 1], xb.shape).astype(np.float32)
+        x = xb.reshape(n_rows, 512)
     else:
         raise KeyError(name)
     return np.ascontiguousarray(x, dtype=np.float32)

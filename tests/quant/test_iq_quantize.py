@@ -27,7 +27,7 @@ N_ROWS = 12
 
 IQ_FAMILIES = ["normal", "normal_wide", "heavy_tailed", "zeros", "constant", "outlier", "tiny", "small",
                "large", "fp16_max", "mixed_blocks"]
-LOWBIT_FAMILIES = IQ_FAMILIES + ["huge", "denormal", "powers_of_two", "ties"]
+LOWBIT_FAMILIES = IQ_FAMILIES + ["huge", "denormal", "powers_of_two", "ties", "fp4_midpoints"]
 IMATRICES = [None, "random", "some_zeros", "all_equal"]
 
 

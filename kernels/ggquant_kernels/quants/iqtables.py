@@ -17,7 +17,8 @@ What `iq2xs_init_impl(type)` / `iq3xs_init_impl(grid_size)` build, and what `bui
     neighbours  uint16 [...]       at offset: the count n, then n grid indices: the grid points in
                                    the `nwant` nearest squared-distance shells of the off-grid point,
                                    by (distance, index) (ggml qsorts with iq2_compare_func, which
-                                   breaks ties by index, so the lists are deterministic)
+                                   breaks ties by index, so the lists are deterministic); then
+                                   zeros up to a multiple of LIST_PAD entries
 
 The offsets are ggquant's own (the C's depend on its OpenMP schedule only through a prefix sum,
 never on the results); only each list's content matters, and it is the C's.
@@ -45,6 +46,9 @@ from gguf import quants as gq
 KMAP_SIZE_2BIT = 43692
 KMAP_SIZE_3BIT = 4096
 UNREACHABLE = np.iinfo(np.int32).min  # kmap value of a code no quantizer can produce
+# Lists are stored padded to a multiple of this many points (one AVX-512 vector of float32
+# distances): the search runs whole vectors, never a remainder loop.
+LIST_PAD = 16
 
 # kind -> (gguf-py class, bits per level, nwant): nwant as iq2xs_init_impl / iq3xs_init_impl set it
 # (IQ1_S/IQ1_M 3, IQ2_S 1, IQ2_XXS/IQ2_XS 2; iq3 grid 256 -> 2, 512 -> 3). IQ1_S and IQ1_M share
@@ -143,16 +147,22 @@ def _fill(codes, grid, bits, nwant, offsets, neighbours):
         neighbours[o] = pos - o - 1
 
 
+def padded(n):
+    """Entries a list of n points occupies after its count: n rounded up to a multiple of LIST_PAD."""
+    return (n + LIST_PAD - 1) // LIST_PAD * LIST_PAD
+
+
 @nb.njit(parallel=True, cache=True)
-def _list_levels(neighbours, offsets, counts, levels):
+def _list_levels(neighbours, offsets, counts, levels, pad):
     g = levels.shape[1]
     out = np.zeros(neighbours.size * g, np.uint8)
     for c in nb.prange(offsets.size):
         o = offsets[c]
         n = counts[c]
+        npad = (n + pad - 1) // pad * pad
         for i in range(g):
             for j in range(n):
-                out[g * o + i * n + j] = levels[np.int64(neighbours[o + 1 + j]), i]
+                out[g * o + i * npad + j] = levels[np.int64(neighbours[o + 1 + j]), i]
     return out
 
 
@@ -178,18 +188,21 @@ class SearchTables:
         kmap[(kmap < 0) & ~reachable] = UNREACHABLE
         counts = np.empty(off.size, dtype=np.int64)
         _count(off, self.grid, bits, nwant, counts)
+        # each list: its count, its points, then zeros up to a multiple of LIST_PAD points
+        sizes = padded(counts) + 1
         offsets = np.zeros(off.size, dtype=np.int64)
-        np.cumsum(counts[:-1] + 1, out=offsets[1:])
-        neighbours = np.zeros(int(counts.sum() + off.size), dtype=np.uint16)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        neighbours = np.zeros(int(sizes.sum()), dtype=np.uint16)
         _fill(off, self.grid, bits, nwant, offsets, neighbours)
         kmap[off] = -(offsets + 1).astype(np.int32)
         self.kmap = kmap
         self.neighbours = neighbours
         self.levels = np.ascontiguousarray(levels.astype(np.int8))  # [n_grid, g]: (grid - 1) / 2
-        # The listed points' levels again, list by list and transposed, so that a search can add up
-        # the distances of all the points of a long list at once, one coordinate after the other:
-        # the list at offset o with n points holds levels[idx_j, i] at lvt[g*o + i*n + j].
-        self.lvt = _list_levels(neighbours, offsets, counts, self.levels)
+        # The listed points' levels again, list by list and transposed, so that a search adds up
+        # the distances of LIST_PAD points at once, one coordinate after the other: the list at
+        # offset o with n points holds levels[idx_j, i] at lvt[g*o + i*padded(n) + j] (level 0
+        # for the padding points j >= n, whose distances the search ignores).
+        self.lvt = _list_levels(neighbours, offsets, counts, self.levels, LIST_PAD)
         self.seconds = time.perf_counter() - t0
 
 

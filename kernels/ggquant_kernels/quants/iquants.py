@@ -92,6 +92,7 @@ assert IQ1M_SCALES + QK_K // 32 == IQ1M_BYTES and IQ2S_SCALES + QK_K // 32 == IQ
 
 _HALF = F32(0.5)
 _QUARTER = F32(0.25)
+_U = np.uint64  # an index known to be >= 0: numba skips the negative-index wraparound
 
 
 @nb.njit(cache=True, inline="always")
@@ -501,72 +502,80 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
     Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
-    n = np.int64(nbrs[off])
+    n = np.int64(nbrs[_U(off)])
     best_d2 = _FLT_MAX
     gi = -1
     if g == 4:  # IQ3: ~6 points of 4 coordinates, fewer terms than the 8 levels x 4 of a table
+        x0, x1, x2, x3 = xval[_U(xo)], xval[_U(xo + 1)], xval[_U(xo + 2)], xval[_U(xo + 3)]
+        w0, w1, w2, w3 = waux[_U(xo)], waux[_U(xo + 1)], waux[_U(xo + 2)], waux[_U(xo + 3)]
         for j in range(1, n + 1):
-            idx = np.int64(nbrs[off + j])
-            dd = _F0
-            for i in range(4):
-                diff = scale * F32(grid[idx, i]) - xval[xo + i]
-                dd += waux[xo + i] * diff * diff
+            idx = _U(nbrs[_U(off + j)])
+            diff = scale * F32(grid[idx, 0]) - x0
+            dd = _F0 + w0 * diff * diff
+            diff = scale * F32(grid[idx, 1]) - x1
+            dd += w1 * diff * diff
+            diff = scale * F32(grid[idx, 2]) - x2
+            dd += w2 * diff * diff
+            diff = scale * F32(grid[idx, 3]) - x3
+            dd += w3 * diff * diff
             if dd < best_d2:
                 best_d2 = dd
-                gi = idx
+                gi = np.int64(idx)
         if gi >= 0:
             for i in range(4):
-                L[Lo + i] = glev[gi, i]
+                L[_U(Lo + i)] = glev[gi, i]
         return gi
     nl = NLEVELS_IQ2
     for lv in range(nl):
         sq = scale * F32(2 * lv + 1)
         for i in range(g):
-            diff = sq - xval[xo + i]
-            d2[i * nl + lv] = waux[xo + i] * diff * diff
-    gi = _list_argmin(nbrs, off, g, d2, glev, lvt)
+            diff = sq - xval[_U(xo + i)]
+            d2[_U(i * nl + lv)] = waux[_U(xo + i)] * diff * diff
+    gi = _list_argmin(nbrs, off, g, d2, lvt)
     if gi >= 0:
         for i in range(g):
-            L[Lo + i] = glev[gi, i]
+            L[_U(Lo + i)] = glev[gi, i]
     return gi
 
 
 @nb.njit(inline="always", **JIT)
-def _list_argmin(nbrs, off, g, d2, glev, lvt):
+def _list_argmin(nbrs, off, g, d2, lvt):
     """The listed point (3-level grid, G = 8) whose terms d2[i*3 + level_i] add up (in order
     ((0 + t0) + t1) + ...) to the least distance, the first one on ties; -1 if none is < FLT_MAX.
-    Long lists sum all points at once, coordinate by coordinate, from the transposed levels (the
-    same adds per point; LLVM vectorizes across points)."""
+
+    The points are summed LIST_PAD at a time, coordinate by coordinate, from the transposed
+    levels (iqtables: lvt[g*off + i*padded(n) + j]): the same adds per point as the C's loop,
+    in the same order, with LLVM vectorizing across points (one zmm of 16 distances, kept in
+    d2[g*3:]); the padding points' sums are never compared. (The C's loop, one point's 8
+    dependent adds after the other, is latency-bound.) Indices are unsigned (_U) so that numba
+    emits no negative-index wraparound, which would turn the vector loads into gathers, and
+    the vector loop's trip count is opaque (always LIST_PAD), so that LLVM vectorizes it behind
+    a run-time alias check instead of unrolling it into scalar code.
+    """
     nl = NLEVELS_IQ2
-    n = np.int64(nbrs[off])
+    pad = iqtables.LIST_PAD
+    n = np.int64(nbrs[_U(off)])
+    npad = (n + pad - 1) // pad * pad
+    dv = g * nl  # d2[dv:dv + pad]: the distances of the current points
     best_d2 = _FLT_MAX
     gi = -1
-    if n >= 16:
-        base = g * off
-        dv = d2[g * nl:]
-        for j in range(n):
-            dv[j] = _F0
+    for jb in range(0, npad, pad):
+        m = min(pad, npad - jb)
+        for jj in range(m):
+            d2[_U(dv + jj)] = _F0
         for i in range(g):
-            t0 = d2[i * nl]
-            t1 = d2[i * nl + 1]
-            t2 = d2[i * nl + 2]
-            row = base + i * n
-            for j in range(n):
-                lv = lvt[row + j]
-                dv[j] += t0 if lv == 0 else (t1 if lv == 1 else t2)
-        for j in range(n):
-            if dv[j] < best_d2:
-                best_d2 = dv[j]
-                gi = np.int64(nbrs[off + 1 + j])
-    else:
-        for j in range(1, n + 1):
-            idx = np.int64(nbrs[off + j])
-            dd = _F0
-            for i in range(g):
-                dd += d2[i * nl + glev[idx, i]]
+            t0 = d2[_U(i * nl)]
+            t1 = d2[_U(i * nl + 1)]
+            t2 = d2[_U(i * nl + 2)]
+            row = g * off + i * npad + jb
+            for jj in range(m):
+                lv = lvt[_U(row + jj)]
+                d2[_U(dv + jj)] += t0 if lv == 0 else (t1 if lv == 1 else t2)
+        for jj in range(min(pad, n - jb)):
+            dd = d2[_U(dv + jj)]
             if dd < best_d2:
                 best_d2 = dd
-                gi = idx
+                gi = np.int64(nbrs[_U(off + 1 + jb + jj)])
     return gi
 
 
@@ -991,7 +1000,7 @@ def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo, glev, 
         for i in range(8):
             diff = sq - x[xo + i]
             d2[i * nl + lv] = weight[wo + i] * diff * diff
-    gi = _list_argmin(nbrs, off, 8, d2, glev, lvt)
+    gi = _list_argmin(nbrs, off, 8, d2, lvt)
     if gi >= 0:
         for i in range(8):
             L[Lo + i] = glev[gi, i]

@@ -49,6 +49,8 @@ TQ1_BYTES = GGML_QUANT_SIZES[T.TQ1_0][1]  # qs[48] | qh[QK_K/64] | d
 TQ1_QS = (QK_K - 4 * QK_K // 64) // 5
 TQ1_QH = QK_K // 64
 TQ1_WIDE = TQ1_QS - TQ1_QS % 32  # qs[0:32] is read in runs of 32, the rest (qs[32:48]) in runs of 16
+TQ1_NARROW = TQ1_QS - TQ1_WIDE
+TQ1_QH_POW3 = np.repeat(TQ1_POW3[:4], TQ1_QH).astype(np.int32)  # qh's 4 passes of 4 bytes, as 16 values
 TQ2_BYTES = GGML_QUANT_SIZES[T.TQ2_0][1]  # qs[QK_K/4] | d
 TQ2_RUN = 32  # dequantize_row_tq2_0 reads qs in runs of 32 bytes, each 4 times (2 bits each)
 MXFP4_BLOCK, MXFP4_BYTES = GGML_QUANT_SIZES[T.MXFP4]  # e | qs[16]
@@ -85,15 +87,23 @@ _I31 = F32(2147483648.0)  # 2**31
 def _trit(byte, pow3):
     """ggml-quants.c dequantize_row_tq1_0: q = (uint8)(byte * pow3[n]); xi = (q * 3) >> 8; value xi - 1.
 
-    int32 arithmetic throughout: int64 -> float32 conversion does not vectorize on AVX2.
+    numba types int32 arithmetic as int64; the explicit int32 before the float conversion lets
+    LLVM narrow the whole chain to 32-bit lanes and convert with vcvtdq2ps (an int64 -> float32
+    conversion is half as wide on AVX-512 and does not vectorize on AVX2).
     """
     q = (np.int32(byte) * pow3) & np.int32(0xFF)  # the uint8 wrap of the C
-    return F32(((q * np.int32(3)) >> np.int32(8)) - np.int32(1))
+    return F32(np.int32(((q * np.int32(3)) >> np.int32(8)) - np.int32(1)))
 
 
 @nb.njit(cache=True)
-def _row_tq1_0(src, y, pow3):
-    """ggml-quants.c dequantize_row_tq1_0: base-3 digits packed 5 per byte (4 per qh byte), read by q*3 >> 8."""
+def _row_tq1_0(src, y, pow3, narrow, qh_pow3):
+    """ggml-quants.c dequantize_row_tq1_0: base-3 digits packed 5 per byte (4 per qh byte), read by q*3 >> 8.
+
+    narrow (TQ1_NARROW = 16) and qh_pow3 (TQ1_QH_POW3) are constants passed at run time on purpose
+    (see _row_tq2_0): with constant bounds LLVM unrolls the 16- and 4-byte passes into scalar
+    code; with opaque ones it vectorizes them. The four qh passes (4 bytes each) run as one
+    loop of 16 values, value k from qh[k % 4] and pow3[k // 4], the C's order of outputs.
+    """
     for i in range(src.size // TQ1_BYTES):
         b = i * TQ1_BYTES
         d = fp16_to_fp32(get_u16(src, b + TQ1_QS + TQ1_QH))
@@ -106,15 +116,12 @@ def _row_tq1_0(src, y, pow3):
             o += TQ1_WIDE
         for n in range(5):
             p = np.int32(pow3[n])
-            for m in range(TQ1_QS - TQ1_WIDE):
+            for m in range(narrow):
                 y[o + m] = _trit(src[b + TQ1_WIDE + m], p) * d
             o += TQ1_QS - TQ1_WIDE
         # qh: four passes over its 4 bytes
-        for n in range(4):
-            p = np.int32(pow3[n])
-            for j in range(TQ1_QH):
-                y[o + j] = _trit(src[b + TQ1_QS + j], p) * d
-            o += TQ1_QH
+        for k in range(qh_pow3.size):
+            y[o + k] = _trit(src[b + TQ1_QS + k % TQ1_QH], qh_pow3[k]) * d
 
 
 @nb.njit(cache=True)
@@ -135,7 +142,7 @@ def _row_tq2_0(src, y, run):
             for l in range(4):
                 for m in range(run):
                     q = (np.int32(src[b + j + m]) >> np.int32(2 * l)) & np.int32(3)
-                    y[o + m] = F32(q - np.int32(1)) * d
+                    y[o + m] = F32(np.int32(q - np.int32(1))) * d
                 o += TQ2_RUN
 
 
@@ -154,9 +161,9 @@ def _row_mxfp4(src, y, kvalues, e8m0_half):
 
 
 @nb.njit(parallel=True, cache=True)
-def _deq_tq1_0(data, out, pow3):
+def _deq_tq1_0(data, out, pow3, narrow, qh_pow3):
     for r in nb.prange(data.shape[0]):
-        _row_tq1_0(data[r], out[r], pow3)
+        _row_tq1_0(data[r], out[r], pow3, narrow, qh_pow3)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -289,31 +296,17 @@ def _quantize_tq2_0_row(x, out):
 
 
 @nb.njit(**JIT)
-def _best_index_mxfp4(x, e, kvalues):
-    """ggml-quants.c best_index_mxfp4: the first level with the least |kvalues[i]*e - x|.
+def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
+    """best[0:n] = ggml-quants.c best_index_mxfp4(x[xo + j], e) for j < n: the first level with
+    the least |kvalues[i]*e - x|, computed candidate by candidate over all n values at once (the
+    same compares per value, in the same candidate order; vectorizes).
 
     kvalues_mxfp4 is 0, 1, 2, 3, 4, 6, 8, 12 (indices 0..7) then 0, -1, ..., -12 (8..15). For
-    x >= 0 no negative level is ever strictly closer than its positive twin, and ties go to the lower
-    index, so only 0..7 can win; for x < 0 only 0 and 9..15 (index 8, the second zero, always ties
-    with 0): the same index as the C's full scan, in half the work. A NaN x compares false
-    everywhere and gets 0, as in the C.
-    """
-    best = 0
-    best_err = abs(kvalues[0] * e - x)
-    base = 0 if x >= _F0 else 8
-    for i in range(1, 8):  # branch-free selects: LLVM unrolls this into compares and blends
-        err = abs(kvalues[base + i] * e - x)
-        better = err < best_err
-        best = base + i if better else best
-        best_err = err if better else best_err
-    return best
-
-
-@nb.njit(**JIT)
-def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
-    """best[0:n] = _best_index_mxfp4(x[xo + j], e) for j < n, computed candidate by candidate over
-    all n values at once (the same compares per value, in the same candidate order; vectorizes).
-    The negative levels are exact negations of the positive ones (fl(-v*e) = -fl(v*e))."""
+    x >= 0 no negative level is ever strictly closer than its positive twin, and ties go to the
+    lower index, so only 0..7 can win; for x < 0 only 0 and 9..15 (index 8, the second zero,
+    always ties with 0): the same index as the C's full scan, in half the work. The negative
+    levels are exact negations of the positive ones (fl(-v*e) = -fl(v*e)). A NaN x compares
+    false everywhere and gets 0, as in the C."""
     c0 = kvalues[0] * e
     for j in range(n):
         best[j] = 0
@@ -327,6 +320,37 @@ def _fp4_indices(x, xo, n, e, kvalues, best, err_buf):
             better = err < err_buf[j]
             best[j] = (i if pos else 8 + i) if better else best[j]
             err_buf[j] = err if better else err_buf[j]
+
+
+# The MXFP4 scale d = 2^(e-128) (E8M0 halved) for which _mxfp4_index holds: the half-levels
+# 0.5*d and the levels up to 12*d are normal floats and finite.
+_MXFP4_D_MIN = F32(2.0 ** -125)
+_MXFP4_D_MAX = F32(2.0 ** 123)
+# Midpoints between consecutive positive levels 0, 1, 2, 3, 4, 6, 8, 12 (kvalues_mxfp4[0:8])
+_M0, _M1, _M2, _M3, _M4, _M5, _M6 = F32(0.5), F32(1.5), F32(2.5), F32(3.5), F32(5.0), F32(7.0), F32(10.0)
+
+
+@nb.njit(inline="always", **JIT)
+def _mxfp4_index(x, d):
+    """best_index_mxfp4(x, d) without the scan, for a block whose amax < 16*d and
+    _MXFP4_D_MIN <= d <= _MXFP4_D_MAX (what the quantizer's exponent gives every finite amax
+    of normal range): the number of midpoints between consecutive levels that |x| is strictly
+    above, plus 8 for a negative x off level 0.
+
+    Why it is the C's index. The levels c_k = kvalues[k]*d are exact, as are the midpoints.
+    |x| < 16*d, so for the two levels around |x| (consecutive, ratio <= 2, or 0 and d) both
+    errors |c - |x|| are exact (Sterbenz; |x| itself for c = 0) and every other level is at
+    least d further away, far more than float32 rounding of a value below 16*d can close: the
+    C's rounded errors fall strictly, then (after at most one tie) rise strictly. So its first
+    least error is the upper of the two levels iff that error is exactly smaller, i.e. iff
+    |x| > their midpoint; at the midpoint the tie goes to the lower index, as the C's strict <
+    does. For x < 0 the negative levels (9..15, exact negations) mirror the positive ones,
+    index 8 (-0) ties with 0 and loses; a NaN x is above no midpoint and gets 0, as in the C.
+    """
+    a = abs(x)
+    k = ((np.int32(a > _M0 * d) + np.int32(a > _M1 * d)) + (np.int32(a > _M2 * d) + np.int32(a > _M3 * d))
+         + (np.int32(a > _M4 * d) + np.int32(a > _M5 * d)) + np.int32(a > _M6 * d))
+    return k + np.int32(8) if (x < _F0 and k > 0) else k
 
 
 @nb.njit(**JIT)
@@ -344,9 +368,16 @@ def _quantize_mxfp4_row(x, out, kvalues, e8m0_half):
         # (uint8_t)(floorf(log2f(amax)) - 2 + 127), in float; log2f from the same libm as ggml's
         e = c_f32_to_int_lowbyte(np.floor(np.log2(amax)) - F32(2) + F32(127)) if amax > _F0 else 0
         out[b] = e
-        _fp4_indices(x, xo, MXFP4_BLOCK, e8m0_half[e], kvalues, best, err_buf)
-        for j in range(half):
-            out[b + 1 + j] = best[j] | (best[half + j] << 4)
+        d = e8m0_half[e]
+        if d >= _MXFP4_D_MIN and d <= _MXFP4_D_MAX and amax < F32(16.0) * d:
+            for j in range(half):
+                lo = _mxfp4_index(x[xo + j], d)
+                hi = _mxfp4_index(x[xo + half + j], d)
+                out[b + 1 + j] = np.uint8(lo | (hi << np.int32(4)))
+        else:  # denormal, huge or non-finite blocks: the C's scan as it is
+            _fp4_indices(x, xo, MXFP4_BLOCK, d, kvalues, best, err_buf)
+            for j in range(half):
+                out[b + 1 + j] = best[j] | (best[half + j] << 4)
 
 
 @nb.njit(**JIT)
@@ -514,7 +545,7 @@ def _dequantizer(type_id):
 
 def dequantize_tq1_0(data, n_per_row):
     data, out = _prepare(T.TQ1_0, data, n_per_row)
-    _deq_tq1_0(data, out, TQ1_POW3)
+    _deq_tq1_0(data, out, TQ1_POW3, TQ1_NARROW, TQ1_QH_POW3)
     return out
 
 
