@@ -25,7 +25,7 @@ def test_each_model_module_defines_the_model_of_its_name():
 
 
 def test_unknown_architecture_names_the_supported_ones():
-    with pytest.raises(GGQuantError, match=r"m.gguf: architecture 'phi3' is not supported .*gemma3, gemma4, llama, qwen2, qwen3"):
+    with pytest.raises(GGQuantError, match=r"m.gguf: architecture 'phi3' is not supported .*gemma3, gemma4, llama, mistral3, qwen2, qwen3"):
         model_class("phi3", "m.gguf")
     for bad in ("", "..", "__init__", None):
         with pytest.raises(GGQuantError, match="not supported"):
