@@ -153,10 +153,10 @@ class Collector:
         for name, v in sums.items():
             if name in self._sums:
                 self._sums[name] += v
-                self.counts[name] = self.counts[name] + counts[name]
+                self.counts[name] = self.counts[name] + counts[name]  # a new array for expert counts
             else:
                 self._sums[name] = np.array(v, dtype=np.float32)
-                self.counts[name] = np.copy(counts[name]) if isinstance(counts[name], np.ndarray) else counts[name]
+                self.counts[name] = counts[name]
 
     @property
     def chunk_count(self) -> int:
