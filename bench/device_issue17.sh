@@ -1,14 +1,14 @@
 #!/bin/bash
 # Issue 17 on the GPU machine, in two calls of the device tool (each under its 10-minute limit; the
 # second must follow while the machine is still warm, so the llama.cpp build and the GGUFs in /tmp
-# are still there). Run from a carried copy laid out as:
-#   <carry>/wt        this worktree (ggquant, kernels, bench, ...)
+# are still there). The device tool sends the checkout; $CARRY names a carried (ignored) folder
+# holding (default: the checkout's parent):
 #   <carry>/llama.cpp llama.cpp's tree from the llama-cpp-python 0.3.36 sdist, trimmed as in
 #                     research note anchor-cuda-h100.md (tools/: llama-bench and imatrix only)
 #   <carry>/whl       gguf-0.19.0 wheel;  <carry>/tiny  tiny reference GGUFs (tests' cache)
-#   bash <carry>/wt/bench/device_issue17.sh 1    # llama.cpp build (background), tests, matmul bench, GGUFs
-#   bash <carry>/wt/bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
-#   bash <carry>/wt/bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
+#   CARRY=build/ggqc bash bench/device_issue17.sh 1    # llama.cpp build (background), tests, matmul bench, GGUFs
+#   CARRY=build/ggqc bash bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
+#   CARRY=build/ggqc bash bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CARRY=$(cd "${CARRY:-$ROOT/..}" && pwd)  # the carried folder (default: the worktree's parent)
