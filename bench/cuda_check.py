@@ -4,8 +4,8 @@
 
 For each GGUF: logits of the torch backend on CUDA against ggquant's CPU backend (batch of 30
 then token-by-token decode of 10), max |dlogit| and argmax agreement (target <= 1e-2 on the
-tiny F32 models); then CUDA-graph decode against eager decode on the GPU (30 steps across two
-KV windows of 16 positions: the same logits). Then every block dequantizer on the GPU against
+tiny F32 models); then CUDA graphs against eager on the GPU (replayed prefill chunks, 30 decode
+steps across two KV windows of 16 positions: the same logits). Then every block dequantizer on the GPU against
 the bit-exact CPU kernels. tests/runtime/test_cuda_kernels.py checks the Triton kernels.
 """
 
@@ -37,7 +37,7 @@ def main():
         d = float(np.abs(got - cpu).max())
         same = int((got.argmax(-1) == cpu.argmax(-1)).sum())
         print(f"{Path(path).name}: max |dlogit| cuda vs cpu = {d:.2e}, argmax {same}/{len(ids)}")
-        print(f"{Path(path).name}: graph decode vs eager decode max |dlogit| = {graph_vs_eager(path):.2e}")
+        print(f"{Path(path).name}: graph prefill + decode vs eager max |dlogit| = {graph_vs_eager(path):.2e}")
     for qtype in CUDA_TYPES:
         x = (rng.standard_normal((64, 1024)) * rng.uniform(0.1, 3, (64, 1))).astype(np.float32)
         imatrix = rng.uniform(0.1, 2, 1024).astype(np.float32) if qt.get(qtype).requires_imatrix else None
@@ -48,18 +48,26 @@ def main():
 
 
 def graph_vs_eager(path) -> float:
+    """Max |dlogit| between graphs off and on: prompts of 20 tokens in chunks of 16 + 4 (each
+    shape eager, captured, then replayed: the third prompt and a fourth of other tokens come from
+    replayed graphs), then 30 decode steps across two KV windows of 16 positions."""
     import ggquant.runtime.cuda as cuda
     from ggquant.runtime.model import Session, load_model
 
     old, cuda.GRAPH_KV_STEP = cuda.GRAPH_KV_STEP, 16
+    prompts = [[2] + list(range(100 + 7 * i, 119 + 7 * i)) for i in (0, 0, 0, 1)]
     try:
         outs = []
         for graphs in (False, True):
             m = load_model(path, device="cuda")
             m.backend.graphs = graphs
-            s = Session(m, 64)
-            s.eval([2, 100, 200], "last")
-            outs.append(np.concatenate([s.eval([t], "last") for t in range(300, 330)]))
+            s = Session(m, 64, n_batch=16)
+            got = []
+            for p in prompts:
+                s.reset()
+                got.append(s.eval(p, "all"))
+            got += [s.eval([t], "last") for t in range(300, 330)]
+            outs.append(np.concatenate(got))
     finally:
         cuda.GRAPH_KV_STEP = old
     return float(np.abs(outs[0] - outs[1]).max())

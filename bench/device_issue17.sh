@@ -45,9 +45,9 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
     tests/runtime/test_cuda_prefill.py tests/runtime/test_cuda_kernels.py tests/runtime/test_cuda.py 2>&1 \
     | tail -25 | tee -a "$OUT/phase1.txt"
   python3 bench/runtime_cuda.py --tiny --build-only --weights bf16,q8_0,q4_k --workdir /tmp/tiny > /dev/null 2>&1
-  PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
+  [ -n "${SKIP_PREFILL_CHECK:-}" ] || PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
   timeout 240 python3 bench/cuda_check.py "$CARRY"/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
-  python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
+  [ -n "${SKIP_MATMUL:-}" ] || python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
   tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
   tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
 fi
@@ -61,7 +61,7 @@ if [ "$1" = 2 ] || [ "$1" = all ]; then
     LB=""; LI=""
     [ -x /tmp/llbuild/bin/llama-bench ] && LB="--llama-bench /tmp/llbuild/bin/llama-bench" || late="$late $f"
     [ -x /tmp/llbuild/bin/llama-imatrix ] && LI="--llama-imatrix /tmp/llbuild/bin/llama-imatrix"
-    python3 bench/runtime_cuda.py --weights $w --workdir $W --prompt 512 --decode 128 --repeat ${REPEAT:-2} --profile never \
+    python3 bench/runtime_cuda.py --weights $w --workdir $W --prompt 512 --decode 128 --repeat ${REPEAT:-2} --profile ${PROFILE:-never} \
       --imatrix --prefill ${PREFILL:-cublas,triton,cublas+cache} $LB $LI --json "$OUT/runtime_cuda_$w.json" 2>&1 \
       | tee -a "$OUT/bench.txt"
   done

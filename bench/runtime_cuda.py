@@ -496,19 +496,19 @@ def decode_bench(model, torch, device, n_prompt, n_decode, repeat, seed=0):
     ids = [2] + [int(t) for t in rng.integers(261, model.n_vocab, n_prompt - 1)]
     sess = Session(model, n_ctx=n_prompt + n_decode + 8, n_batch=512)
     pp, tg = [], []
-    for r in range(repeat + 1):  # the first run is a warm-up (cuBLAS handles, allocator, numba)
+    for r in range(repeat + WARMUP):  # warm-ups: cuBLAS handles, allocator, numba, graph captures
         sess.reset()
         sync(torch, device)
         t0 = time.perf_counter()
         tok = int(np.argmax(sess.eval(ids, "last")[-1]))
         sync(torch, device)
         t1 = time.perf_counter()
-        for _ in range(n_decode if r else 4):
+        for _ in range(n_decode if r >= WARMUP else 4):
             logits = sess.eval([tok], "last")[-1]
             tok = int(np.argmax(logits))
         sync(torch, device)
         t2 = time.perf_counter()
-        if r:
+        if r >= WARMUP:
             pp.append(n_prompt / (t1 - t0))
             tg.append(n_decode / (t2 - t1))
     if not np.isfinite(logits).all():
@@ -516,23 +516,37 @@ def decode_bench(model, torch, device, n_prompt, n_decode, repeat, seed=0):
     return pp, tg, sess
 
 
-def prompt_bench(model, torch, device, n_prompt, repeat, seed=0):
+# untimed runs before each timing: the first prefill of a shape runs eagerly, the second captures
+# its CUDA graph (CUDABackend.graph_step), later ones replay it, as llama-bench's warm-up run
+WARMUP = 2
+
+
+def prompt_bench(model, torch, device, n_prompt, repeat, seed=0, graphs=True):
     """prompt tok/s list: one batch of n_prompt random ids from an empty cache, logits of the last
-    token only (as llama-bench's pp does); the first run is a warm-up."""
+    token only (as llama-bench's pp does), after WARMUP runs; graphs=False: every run eager (a
+    prompt shape seen for the first time)."""
     from ggquant.runtime.model import Session
 
     rng = np.random.default_rng(seed)
     ids = [2] + [int(t) for t in rng.integers(261, model.n_vocab, n_prompt - 1)]
     sess = Session(model, n_ctx=n_prompt + 8, n_batch=n_prompt)
+    be = model.backend
+    had = getattr(be, "graphs", False)
+    if hasattr(be, "graphs"):
+        be.graphs = had and graphs
     out = []
-    for r in range(repeat + 1):
-        sess.reset()
-        sync(torch, device)
-        t0 = time.perf_counter()
-        logits = sess.eval(ids, "last")
-        sync(torch, device)
-        if r:
-            out.append(n_prompt / (time.perf_counter() - t0))
+    try:
+        for r in range(repeat + WARMUP):
+            sess.reset()
+            sync(torch, device)
+            t0 = time.perf_counter()
+            logits = sess.eval(ids, "last")
+            sync(torch, device)
+            if r >= WARMUP:
+                out.append(n_prompt / (time.perf_counter() - t0))
+    finally:
+        if hasattr(be, "graphs"):
+            be.graphs = had
     if not np.isfinite(logits).all():
         raise RuntimeError("prefill produced non-finite logits")
     return out
@@ -739,10 +753,13 @@ def bench_one(cfg, weights, path, build_s, args, torch, device, device_name, bw,
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ppm = prompt_bench(model, torch, device, args.prompt, args.repeat)
-            res["prefill_modes"][mode] = {"prompt_tok_s": statistics.median(ppm), "runs": ppm}
+            eager = prompt_bench(model, torch, device, args.prompt, args.repeat, graphs=False)
+            res["prefill_modes"][mode] = {"prompt_tok_s": statistics.median(ppm), "runs": ppm,
+                                          "eager_tok_s": statistics.median(eager), "eager_runs": eager}
             if device.type == "cuda":
                 res["prefill_modes"][mode]["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            log(f"  prefill {mode:13}: {statistics.median(ppm):9.1f} tok/s (runs: {', '.join(f'{t:.0f}' for t in ppm)})"
+            log(f"  prefill {mode:13}: {statistics.median(ppm):9.1f} tok/s (runs: {', '.join(f'{t:.0f}' for t in ppm)}), "
+                f"eager {statistics.median(eager):.1f} tok/s"
                 + (f", peak {res['prefill_modes'][mode]['gpu_mem_peak_gib']:.1f} GiB" if device.type == "cuda" else ""))
             if args.profile_prefill:  # where a prefill's time goes in this mode
                 rng = np.random.default_rng(0)
@@ -946,8 +963,10 @@ def main(argv=None) -> int:
             f"{r['roofline_tok_s']:9.1f} {r['roofline_fraction']:9.3f} {r.get('gpu_mem_peak_gib', float('nan')):8.1f}"
             + (f"  {r['imatrix']['collect_tok_s']:11.1f}" if args.imatrix else ""))
         for mode, v in r.get("prefill_modes", {}).items():
-            log(f"      prefill {mode}: {v['prompt_tok_s']:.1f} tok/s"
-                + (f" ({v['prompt_tok_s'] / lb['pp_tok_s']:.2f}x llama.cpp)" if lb.get("pp_tok_s") else ""))
+            for what, tok_s in (("graph", v["prompt_tok_s"]), ("eager", v.get("eager_tok_s"))):
+                if tok_s:
+                    log(f"      prefill {mode} {what}: {tok_s:.1f} tok/s"
+                        + (f" ({tok_s / lb['pp_tok_s']:.2f}x llama.cpp)" if lb.get("pp_tok_s") else ""))
     out["total_s"] = time.perf_counter() - t0
     log(f"total {out['total_s']:.1f} s")
     if args.json:

@@ -10,9 +10,12 @@ arithmetic, this one is plain float32, and both agree within 1e-2 on the tiny F3
 
 Batch-1 decode (the bandwidth-bound case) runs through Triton kernels (kernels/cuda/triton.py) that
 read each weight byte once in its block format and fuse the per-row operations, and the whole
-step is replayed as one CUDA graph (decode_step): the token id and position live in device
+step is replayed as one CUDA graph (graph_step): the token id and position live in device
 tensors, the attention covers the KV cache up to a multiple of GRAPH_KV_STEP positions with a
-mask, so one captured graph serves GRAPH_KV_STEP consecutive positions.
+mask, so one captured graph serves GRAPH_KV_STEP consecutive positions. A batch of T > 1 tokens
+(prefill) is replayed from a graph too once the same shape comes back (fixed-size chunks from
+position 0: perplexity, parity, KL probes, benchmarks): a 512-token prefill of E4B is ~1,500
+kernel launches whose host cost is 2.7x the GPU's work (bench/runtime_cuda.py --profile-prefill).
 
 The class also runs on device="cpu" (TorchBackend("cpu")), which is how CI checks the
 dequantizers and the model wiring without a GPU (without Triton: torch ops only).
@@ -97,20 +100,22 @@ CACHE_RESERVE_BYTES = 4 << 30
 # Its limit is llama.cpp's cuBLAS path's too: fp16 activations overflow above 65504.
 PREFILL_MODE = "cublas"
 ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
-GRAPH_KV_STEP = 256  # a captured decode graph attends over the cache rounded up to this many positions
+GRAPH_KV_STEP = 256  # a captured graph attends over the cache rounded up to this many positions
+# prefill graphs kept (most recent shapes): each holds its activations' memory while it is kept
+PREFILL_GRAPHS = 2
 
 
 class _Step:
-    """Inputs of a captured decode step, in device memory: token id and position [1] int64, and
-    the (static) number of cache positions the attention covers."""
+    """Inputs of a captured step, in device memory: token ids and positions [T] int64 (rows of one
+    [2, T] tensor), and the (static) number of cache positions the attention covers."""
 
-    def __init__(self, ids, pos, n_kv: int, n_ctx: int):
-        self.ids, self.pos, self.n_kv, self.n_ctx = ids, pos, n_kv, n_ctx
+    def __init__(self, inp, n_kv: int, n_ctx: int):
+        self.inp, self.ids, self.pos, self.n_kv, self.n_ctx = inp, inp[0], inp[1], n_kv, n_ctx
         self.masks: dict = {}
 
 
 class _Graph:
-    __slots__ = ("graph", "out", "cache", "keep")
+    __slots__ = ("graph", "out", "cache", "keep", "inp")
 
 
 class CUDABackend:
@@ -150,7 +155,8 @@ class CUDABackend:
         self._step: _Step | None = None
         self._graph_cache: dict = {}
         self._keep: list = []  # device tensors a captured graph reads that were since replaced
-        self._step_dev = None
+        self._pool = None  # the captured graphs' memory pool (one for all: they run one at a time)
+        self._prefill_seen: dict = {}  # prefill graph keys seen once (captured when seen again)
         self._stacks: dict = {}  # matmuls' stacked weights (see _stacked)
         # batched products: see PREFILL_MODE; on the CPU device (CI) "f32" unless asked
         self.prefill = prefill or (PREFILL_MODE if self.device.type == "cuda" else "f32")
@@ -202,7 +208,7 @@ class CUDABackend:
         return self._deq(w).reshape(w.shape)
 
     def rows(self, w: TorchWeight, ids):
-        if self._step is not None:  # a captured decode step: the token id is a device input
+        if self._step is not None:  # a captured step: the token ids are a device input
             idx = self._step.ids
         else:
             idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
@@ -369,7 +375,7 @@ class CUDABackend:
         return c, s
 
     def _positions(self, pos):
-        """(device int64 positions, largest position + 1): the step's input inside a captured decode."""
+        """(device int64 positions, largest position + 1): the step's input inside a captured graph."""
         if self._step is not None:
             return self._step.pos, self._step.n_kv
         pos = np.asarray(pos, dtype=np.int64)
@@ -509,22 +515,39 @@ class CUDABackend:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
-    # --- decode as one CUDA graph -------------------------------------------------------------
-    def decode_step(self, model, ids, pos0: int, cache, logits: str):
-        """model.forward of one token, replayed from a CUDA graph captured once per cache and
-        GRAPH_KV_STEP-position window (the first call of a window captures it)."""
-        if not self.graphs or self._hooked() or not getattr(model, "graph_safe", True):
+    # --- a forward as one CUDA graph -----------------------------------------------------------
+    def graph_step(self, model, ids, pos0: int, cache, logits: str):
+        """model.forward of ids (T tokens from position pos0), replayed from a CUDA graph captured
+        per cache, T, logits and GRAPH_KV_STEP-position window. Decode (T = 1) captures on the
+        first call of a window; a prefill shape (T > 1) on its second call, since capturing costs
+        two forwards and most prompts come once. Eager instead: graphs off, an operation hooked
+        (imatrix Collector, profiler), a model that is not graph-safe, and T > 1 through a MoE
+        (its grouped products read the routing on the host)."""
+        T = len(ids)
+        if (not self.graphs or self._hooked() or not getattr(model, "graph_safe", True)
+                or (T > 1 and getattr(model.hp, "n_expert", 0))):
             return model.forward(ids, pos0, cache, logits)
         torch = self.torch
-        n_kv = min(cache.n_ctx, -(-(pos0 + 1) // GRAPH_KV_STEP) * GRAPH_KV_STEP)
-        if self._step_dev is None:
-            self._step_dev = torch.zeros(2, dtype=torch.int64, device=self.device)
-            self._pool = torch.cuda.graph_pool_handle()
-        self._step_dev.copy_(torch.tensor([int(ids[0]), pos0], dtype=torch.int64))
-        key = (id(cache), n_kv, logits == "none")
+        n_kv = min(cache.n_ctx, -(-(pos0 + T) // GRAPH_KV_STEP) * GRAPH_KV_STEP)
+        key = (id(cache), T, n_kv, logits)
         g = self._graph_cache.get(key)
+        if g is None and T > 1:
+            if self._prefill_seen.pop(key, None) is None:  # first sighting: eager, remembered
+                self._prefill_seen[key] = True
+                if len(self._prefill_seen) > 64:
+                    self._prefill_seen.pop(next(iter(self._prefill_seen)))
+                return model.forward(ids, pos0, cache, logits)
+            prefill = [k for k in self._graph_cache if k[1] > 1]
+            for old in prefill[:max(0, len(prefill) - PREFILL_GRAPHS + 1)]:
+                del self._graph_cache[old]  # the oldest prefill shapes give their memory back
+        inp = np.stack([np.asarray(ids, dtype=np.int64), np.arange(pos0, pos0 + T, dtype=np.int64)])
         if g is None:
-            g = self._graph_cache[key] = self._capture(model, ids, pos0, cache, logits, n_kv)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = self._capture(model, inp, pos0, cache, logits, n_kv)
+            self._graph_cache[key] = g
+        else:
+            g.inp.copy_(torch.from_numpy(inp))
         g.graph.replay()
         return g.out
 
@@ -534,9 +557,12 @@ class CUDABackend:
         return any(getattr(getattr(self, m), "__func__", None) is not getattr(CUDABackend, m)
                    for m in ("matmul", "matmuls", "rows", "mul_mat_id"))
 
-    def _capture(self, model, ids, pos0, cache, logits, n_kv) -> _Graph:
+    def _capture(self, model, inp, pos0, cache, logits, n_kv) -> _Graph:
         torch = self.torch
-        self._step = _Step(self._step_dev[0:1], self._step_dev[1:2], n_kv, cache.n_ctx)
+        ids = inp[0]
+        g = _Graph()
+        g.inp = torch.from_numpy(inp).to(self.device)
+        self._step = _Step(g.inp, n_kv, cache.n_ctx)
         try:
             # warm-up on a side stream (compiles kernels, builds tables and masks); it computes
             # this very step, so the K/V it stores are the ones the replay stores again
@@ -545,8 +571,7 @@ class CUDABackend:
             with torch.cuda.stream(side):
                 model.forward(ids, pos0, cache, logits)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self._step.masks = {}  # built from the position: must be recomputed inside the graph
-            g = _Graph()
+            self._step.masks = {}  # built from the positions: must be recomputed inside the graph
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=self._pool):
                 g.out = model.forward(ids, pos0, cache, logits)
@@ -566,7 +591,7 @@ class _TorchLayerCache:
 
     def store(self, pos0: int, k, v) -> None:
         step = self.be._step
-        if step is not None:  # captured decode: the position is a device input
+        if step is not None:  # a captured step: the positions are a device input
             self.k.index_copy_(1, step.pos, k.permute(1, 0, 2))
             self.v.index_copy_(1, step.pos, v.permute(1, 0, 2))
             return

@@ -300,8 +300,8 @@ class Session:
             chunk = ids[s:s + self.n_batch]
             last = s + self.n_batch >= len(ids)
             want = logits if logits == "all" else (logits if last else "none")
-            if len(chunk) == 1 and hasattr(self.model.backend, "decode_step"):  # CUDA: a replayed graph
-                out = self.model.backend.decode_step(self.model, chunk, self.n_past, self.cache, want)
+            if hasattr(self.model.backend, "graph_step"):  # CUDA: replayed graphs where they pay
+                out = self.model.backend.graph_step(self.model, chunk, self.n_past, self.cache, want)
             else:
                 out = self.model.forward(chunk, self.n_past, self.cache, want)
             self.n_past += len(chunk)

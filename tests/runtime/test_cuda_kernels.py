@@ -127,8 +127,8 @@ def test_rms_norm_rope_geglu_kernels():
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
 def test_graph_decode_equals_eager_decode(reference_gguf, qtype):
-    """The replayed graphs (several positions per graph, and a second KV window) give the eager
-    step's logits, and the same cache contents."""
+    """The replayed graphs (prefill chunks; decode: several positions per graph, and a second KV
+    window) give the eager steps' logits, and the same cache contents."""
     import ggquant.runtime.cuda as cuda
     from ggquant.formats.gguf import GGUFReader
     from ggquant.runtime.model import ARCHITECTURES, Session
@@ -141,9 +141,17 @@ def test_graph_decode_equals_eager_decode(reference_gguf, qtype):
         for graphs in (False, True):
             r = GGUFReader(path)
             m = ARCHITECTURES[r.get("general.architecture")](r, cuda.CUDABackend(device="cuda", graphs=graphs))
-            s = Session(m, 64)
-            s.eval([2, 100, 200], "last")
-            outs.append(np.concatenate([s.eval([t], "last") for t in range(300, 330)]))
+            s = Session(m, 64, n_batch=16)
+            got = []
+            # prefill shapes (chunks of 16 + 4) run eagerly, are captured on their second call and
+            # replayed from the third: the last two prompts (one of other tokens) come from graphs
+            for p in ([2] + list(range(100, 119)),) * 3 + ([2] + list(range(150, 169)),):
+                s.reset()
+                got.append(s.eval(p, "all"))
+            got += [s.eval([t], "last") for t in range(300, 330)]
+            outs.append(np.concatenate(got))
+            if graphs:
+                assert sum(k[1] > 1 for k in m.backend._graph_cache) == 2  # both prefill shapes replayed
         assert np.abs(outs[0] - outs[1]).max() <= 1e-5
         assert np.array_equal(outs[0].argmax(-1), outs[1].argmax(-1))
     finally:
