@@ -40,7 +40,7 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
   # the CUDA tests of every issue (they skip in CI) that need no fixture build (the image's
   # transformers is older than the lock's); cuda_check below runs the model-level ones on the
   # carried tiny GGUFs (llama.cpp's conversions of the fixtures)
-  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --timeout 300 \
+  [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --timeout 300 \
     -k "not agrees_with_cpu and not runs_quantized and not graph_decode and not half_prefill" \
     tests/runtime/test_cuda_prefill.py tests/runtime/test_cuda_kernels.py tests/runtime/test_cuda.py 2>&1 \
     | tail -25 | tee -a "$OUT/phase1.txt"
@@ -48,6 +48,7 @@ if [ "$1" = 1 ] || [ "$1" = all ]; then
   [ -n "${SKIP_PREFILL_CHECK:-}" ] || PREFILL_CHECK_CPU=${PREFILL_CHECK_CPU:-0} python3 bench/prefill_check.py "$CARRY"/tiny/*.gguf /tmp/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
   timeout 240 python3 bench/cuda_check.py "$CARRY"/tiny/*.gguf 2>&1 | tee -a "$OUT/phase1.txt"
   [ -n "${SKIP_MATMUL:-}" ] || python3 bench/prefill_matmul.py --tokens 512 --json "$OUT/prefill_matmul.json" 2>&1 | tee -a "$OUT/phase1.txt"
+  [ -z "${TUNE:-}" ] || timeout 240 python3 bench/matvec_tune.py $TUNE 2>&1 | tee -a "$OUT/phase1.txt"
   tail -5 /tmp/gguf.log | tee -a "$OUT/phase1.txt"
   tail -3 /tmp/llbuild.log | tee -a "$OUT/phase1.txt"
 fi

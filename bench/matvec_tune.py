@@ -59,7 +59,7 @@ def main():
             for _ in range(max(1, -(-(256 << 20) // nbytes))):  # > 50 MB of L2: every call reads from HBM
                 copies.append(repack(torch, KIND[kind], raw.clone(), k))
             x = torch.randn(k, device="cuda")
-            cfgs = [(bn, nsb, w) for bn in (1, 2, 4, 8, 16) for nsb in (1, 2, 4, 8) for w in (2, 4, 8)] if kind == "q4_k" else configs
+            cfgs = [(bn, nsb, w) for bn in (4, 8, 16, 32) for nsb in (1, 2, 4) for w in (4, 8)] if kind == "q4_k" else configs
             best = None
             for cfg in cfgs + [None]:  # None: the shape-dependent choice matvec makes by itself
                 try:
