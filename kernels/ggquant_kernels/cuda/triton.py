@@ -381,6 +381,28 @@ def _dequant_half(p0, p1, p2, p3, p4, y_ptr, N, K, KIND: tl.constexpr, G: tl.con
              mask=rmask[:, None])
 
 
+@triton.jit
+def _dequant_half_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, y_ptr, N, K, QS_ROW, SC_ROW, BN: tl.constexpr):
+    # one super-block column (256 values) of BN rows per program: its 128 qs bytes load
+    # contiguously (16 at a time, see _mv_q4_k), byte j's nibbles go to columns 64*(j // 32) +
+    # j % 32 (low) and that + 32 (high); the same float32 arithmetic as _w_tile's KIND 1
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    sb = tl.program_id(1)
+    m = (rows < N)[:, None]
+    r64 = rows.to(tl.int64)[:, None]
+    j = tl.arange(0, 128)[None, :]
+    b = tl.load(qs_ptr + r64 * QS_ROW + sb * 128 + j, mask=m, other=0).to(tl.int32)
+    sub = r64 * SC_ROW + sb * 8 + 2 * (j // 32)
+    d = tl.load(d_ptr + r64 * (K // 256) + sb, mask=m, other=0.0).to(tl.float32)
+    dm = tl.load(dm_ptr + r64 * (K // 256) + sb, mask=m, other=0.0).to(tl.float32)
+    out = y_ptr + r64 * K + sb * 256 + (j // 32) * 64 + j % 32
+    for h in tl.static_range(2):
+        sc = tl.load(sc_ptr + sub + h, mask=m, other=0).to(tl.float32)
+        mn = tl.load(mn_ptr + sub + h, mask=m, other=0).to(tl.float32)
+        q = ((b >> (4 * h)) & 15).to(tl.float32)
+        tl.store(out + 32 * h, ((d * sc) * q - (dm * mn)).to(y_ptr.dtype.element_ty), mask=m)
+
+
 _KINDS = {"int8": 0, "q4_k": 1}
 
 
@@ -396,6 +418,10 @@ def dequant_half(torch, kind: str, parts: tuple, n: int, k: int, dtype=None):
     """The weight (int8 or q4_k layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
     k must be a multiple of 64 (every block type's rows are: 32 or 256 values per block)."""
     y = torch.empty((n, k), dtype=dtype or torch.float16, device=parts[0].device)
+    if kind == "q4_k":
+        bn = 16
+        _dequant_half_q4_k[((n + bn - 1) // bn, k // 256)](*parts, y, n, k, k // 2, k // 32, BN=bn, num_warps=4)
+        return y
     p, g = _parts5(kind, parts)
     bn, bk = 32, 64
     _dequant_half[((n + bn - 1) // bn, k // bk)](*p, y, n, k, KIND=_KINDS[kind], G=g, BN=bn, BK=bk, num_warps=4)
