@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numba as nb
@@ -95,6 +95,13 @@ class Config:
     softcap: float
     eps: float
     ctx_train: int
+    # the large models: fewer KV heads on full layers, which use K as V (attention_k_eq_v: no
+    # attn_v there), and a mixture of experts beside the dense MLP (26B-A4B)
+    n_head_kv_full: int = 0  # 0: n_head_kv
+    k_eq_v_full: bool = False
+    n_expert: int = 0
+    n_expert_used: int = 0
+    ffn_exp: int = 0
 
     def is_swa(self, il: int) -> bool:
         return (il + 1) % (self.swa_per_full + 1) != 0
@@ -102,18 +109,38 @@ class Config:
     def head_dim(self, il: int) -> int:
         return self.head_dim_swa if self.is_swa(il) else self.head_dim_full
 
+    def head_kv(self, il: int) -> int:
+        return self.n_head_kv if self.is_swa(il) or not self.n_head_kv_full else self.n_head_kv_full
+
 
 # research note gemma4-architecture-and-parity.md §1 (E4B column)
 E4B = Config("e4b", vocab=262144, hidden=2560, n_layer=42, n_head=8, n_head_kv=2, head_dim_swa=256,
              head_dim_full=512, ffn=10240, ple=256, n_shared_kv=18, window=512, swa_per_full=5,
              rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
              ctx_train=131072)
+# google/gemma-4-31B and -26B-A4B dimensions as bench/convert.py's MOE_DIMS and the fixtures'
+# variant notes give them (fixtures/ggquant_fixtures/gemma4.py): 5 sliding + 1 full layers
+# repeated, no PLE, no KV sharing, K = V on full layers with fewer KV heads
+G31B = Config("31b", vocab=262144, hidden=5376, n_layer=60, n_head=32, n_head_kv=16, head_dim_swa=256,
+              head_dim_full=512, ffn=21504, ple=0, n_shared_kv=0, window=1024, swa_per_full=5,
+              rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
+              ctx_train=262144, n_head_kv_full=4, k_eq_v_full=True)
+A4B = Config("a4b", vocab=262144, hidden=2816, n_layer=30, n_head=16, n_head_kv=8, head_dim_swa=256,
+             head_dim_full=512, ffn=2112, ple=0, n_shared_kv=0, window=1024, swa_per_full=5,
+             rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
+             ctx_train=262144, n_head_kv_full=2, k_eq_v_full=True, n_expert=128, n_expert_used=8, ffn_exp=704)
 # same structure (pattern, sharing rule, two head dims, PLE, proportional RoPE), tiny dims
 # (row lengths are multiples of 256, the Q4_K block)
 TINY = Config("tiny", vocab=4096, hidden=256, n_layer=12, n_head=8, n_head_kv=2, head_dim_swa=32,
               head_dim_full=64, ffn=512, ple=256, n_shared_kv=6, window=16, swa_per_full=5,
               rope_base=1e6, rope_base_swa=1e4, partial_rotary_full=0.25, softcap=30.0, eps=1e-6,
               ctx_train=4096)
+
+CONFIGS = {"e4b": E4B, "31b": G31B, "a4b": A4B}
+_TINY_LARGE = dict(vocab=4096, hidden=256, n_layer=6, n_head=8, n_head_kv=4, n_head_kv_full=2, head_dim_swa=32,
+                   head_dim_full=64, ffn=512, window=16, ctx_train=4096)
+TINY_CONFIGS = {"e4b": TINY, "31b": replace(G31B, name="tiny-31b", **_TINY_LARGE),
+                "a4b": replace(A4B, name="tiny-a4b", **_TINY_LARGE, n_expert=8, n_expert_used=2, ffn_exp=256)}
 
 WEIGHTS = {"bf16": (T.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
            "q4_k": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M)}
@@ -245,10 +272,20 @@ def add_metadata(w, cfg: Config, ftype) -> None:
         (f"{a}.embedding_length", cfg.hidden, V.UINT32),
         (f"{a}.feed_forward_length", cfg.ffn, V.UINT32),
         (f"{a}.attention.head_count", cfg.n_head, V.UINT32),
-        (f"{a}.attention.head_count_kv", cfg.n_head_kv, V.UINT32),
+    ]
+    if cfg.n_head_kv_full:
+        kv.append((f"{a}.attention.head_count_kv", [cfg.head_kv(il) for il in range(cfg.n_layer)], V.ARRAY, V.UINT32))
+    else:
+        kv.append((f"{a}.attention.head_count_kv", cfg.n_head_kv, V.UINT32))
+    kv += [
         (f"{a}.rope.freq_base", cfg.rope_base, V.FLOAT32),
         (f"{a}.rope.freq_base_swa", cfg.rope_base_swa, V.FLOAT32),
         (f"{a}.attention.layer_norm_rms_epsilon", cfg.eps, V.FLOAT32),
+    ]
+    if cfg.n_expert:
+        kv += [(f"{a}.expert_count", cfg.n_expert, V.UINT32), (f"{a}.expert_used_count", cfg.n_expert_used, V.UINT32),
+               (f"{a}.expert_feed_forward_length", cfg.ffn_exp, V.UINT32)]
+    kv += [
         (f"{a}.attention.key_length", cfg.head_dim_full, V.UINT32),
         (f"{a}.attention.value_length", cfg.head_dim_full, V.UINT32),
         ("general.file_type", int(ftype), V.UINT32),
@@ -257,8 +294,8 @@ def add_metadata(w, cfg: Config, ftype) -> None:
         (f"{a}.attention.shared_kv_layers", cfg.n_shared_kv, V.UINT32),
         (f"{a}.embedding_length_per_layer_input", cfg.ple, V.UINT32),
     ]
-    for k, v, t in kv:
-        w.add_field(k, v, t)
+    for k, v, *t in kv:
+        w.add_field(k, v, *t)
     w.add_field(f"{a}.attention.sliding_window_pattern", [cfg.is_swa(il) for il in range(cfg.n_layer)],
                 V.ARRAY, V.BOOL)
     for k, v in [(f"{a}.attention.key_length_swa", cfg.head_dim_swa), (f"{a}.attention.value_length_swa", cfg.head_dim_swa),
@@ -288,8 +325,10 @@ def add_tensors(w, cfg: Config, qtype) -> None:
     rng = np.random.default_rng(0)
     gains = lambda n, k=1.0: rng.uniform(*GAIN_RANGE, n) * k  # noqa: E731
 
-    def mat(name, rows, cols, std=None):
-        w.add_tensor(name, (rows, cols), qtype, matrix_producer(name, (rows, cols), qtype, std or cols ** -0.5))
+    def mat(name, rows, cols, std=None, n=0, qt=None):  # n > 0: n stacked matrices (experts)
+        shape = (n, rows, cols) if n else (rows, cols)
+        w.add_tensor(name, shape, qt or qtype, matrix_producer(name, (max(n, 1) * rows, cols), qt or qtype,
+                                                                std or cols ** -0.5))
 
     def vec(name, values):
         w.add_tensor(name, (len(values),), T.F32, vector_producer(values))
@@ -297,31 +336,44 @@ def add_tensors(w, cfg: Config, qtype) -> None:
     n_rot = int(cfg.head_dim_full * cfg.partial_rotary_full) // 2  # pairs rotated on full layers
     vec("rope_freqs.weight", [1.0] * n_rot + [PROPORTIONAL_ROPE_OFF] * (cfg.head_dim_full // 2 - n_rot))
     mat("token_embd.weight", cfg.vocab, H, H ** -0.5)
-    mat("per_layer_token_embd.weight", cfg.vocab, L * P, P ** -0.5)
+    if P:
+        mat("per_layer_token_embd.weight", cfg.vocab, L * P, P ** -0.5)
     n_kv = L - cfg.n_shared_kv
+    E, Fe = cfg.n_expert, cfg.ffn_exp
     for il in range(L):
-        p, d = f"blk.{il}.", cfg.head_dim(il)
+        p, d, hkv = f"blk.{il}.", cfg.head_dim(il), cfg.head_kv(il)
         vec(p + "attn_norm.weight", gains(H))
         vec(p + "layer_output_scale.weight", rng.uniform(*LAYER_SCALAR_RANGE, 1))
         mat(p + "ffn_down.weight", H, cfg.ffn)
         mat(p + "ffn_gate.weight", cfg.ffn, H)
         mat(p + "ffn_up.weight", cfg.ffn, H)
-        mat(p + "inp_gate.weight", P, H)
-        mat(p + "proj.weight", H, P)
-        for n in ("post_attention_norm", "post_ffw_norm", "post_norm"):
+        if P:
+            mat(p + "inp_gate.weight", P, H)
+            mat(p + "proj.weight", H, P)
+        for n in ("post_attention_norm", "post_ffw_norm") + (("post_norm",) if P else ()):
             vec(p + n + ".weight", gains(H, POST_NORM_DAMPING))
         vec(p + "ffn_norm.weight", gains(H))
+        if E:  # the router stays F32 as the converter writes it (ffn_gate_inp), experts in `qtype`
+            mat(p + "ffn_gate_inp.weight", E, H, qt=T.F32)
+            vec(p + "ffn_gate_inp.scale", gains(H))
+            mat(p + "ffn_gate_up_exps.weight", 2 * Fe, H, n=E)
+            mat(p + "ffn_down_exps.weight", H, Fe, n=E)
+            vec(p + "ffn_down_exps.scale", gains(E))
+            vec(p + "pre_ffw_norm_2.weight", gains(H))
+            for n in ("post_ffw_norm_1", "post_ffw_norm_2"):
+                vec(p + n + ".weight", gains(H, POST_NORM_DAMPING))
         if il < n_kv:
             vec(p + "attn_k_norm.weight", gains(d, d ** -0.25))
-            mat(p + "attn_k.weight", cfg.n_head_kv * d, H)
+            mat(p + "attn_k.weight", hkv * d, H)
         mat(p + "attn_output.weight", H, cfg.n_head * d)
         vec(p + "attn_q_norm.weight", gains(d, d ** -0.25))
         mat(p + "attn_q.weight", cfg.n_head * d, H)
-        if il < n_kv:
-            mat(p + "attn_v.weight", cfg.n_head_kv * d, H)
+        if il < n_kv and not (cfg.k_eq_v_full and not cfg.is_swa(il)):
+            mat(p + "attn_v.weight", hkv * d, H)
     vec("output_norm.weight", gains(H, FINAL_NORM_SCALE))
-    mat("per_layer_model_proj.weight", L * P, H)
-    vec("per_layer_proj_norm.weight", gains(P))
+    if P:
+        mat("per_layer_model_proj.weight", L * P, H)
+        vec("per_layer_proj_norm.weight", gains(P))
 
 
 def build(cfg: Config, weights: str, workdir: Path, rebuild: bool, log) -> tuple[Path, float | None]:
@@ -431,19 +483,34 @@ class TrafficMeter:
             return y
 
         backend.matmul, backend.matmuls, backend.rows = matmul, matmuls, rows_
+        if hasattr(backend, "mul_mat_id"):
+            mmid = backend.mul_mat_id
+
+            def mul_mat_id(x, w, ids):  # the experts the tokens were routed to (a host sync: metering only)
+                y = mmid(x, w, ids)
+                self._count(w, None, experts=len(np.unique(backend.to_numpy(ids))))
+                return y
+
+            backend.mul_mat_id = mul_mat_id
 
     def remove(self):
         """Back to the class's methods (a hooked backend decodes eagerly, without its CUDA graph)."""
-        for m in ("matmul", "matmuls", "rows"):
+        for m in ("matmul", "matmuls", "rows", "mul_mat_id"):
             self.be.__dict__.pop(m, None)
 
-    def _count(self, w, n_rows, one_row=False):
+    def _count(self, w, n_rows, one_row=False, experts=None):
         if not self.on:
             return
         n_el = math.prod(w.shape)
         block, size = GGML_QUANT_SIZES[w.qtype]
         raw_bytes = n_el // block * size  # the GGUF's bytes (w.raw is None once repacked)
         dense = getattr(w, "_dense", None)
+        if experts is not None:  # stacked experts [E, N, K]: the selected ones, gathered and dequantized
+            fb = raw_bytes // w.shape[0] * experts
+            self.file_bytes += fb
+            self.traffic += fb + 8 * n_el // w.shape[0] * experts
+            self.calls.append((w.name, "experts", fb))
+            return
         if n_rows is not None:  # a gather: n_rows rows of the raw blocks, dequantized to float32
             fb = raw_bytes // w.shape[0] * n_rows
             self.file_bytes += fb
@@ -873,6 +940,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ggq_bench"))
     ap.add_argument("--rebuild", action="store_true", help="rebuild the GGUF even when cached")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--config", choices=list(CONFIGS), default="e4b",
+                    help="model shape: Gemma 4 E4B, 31B (dense) or 26B-A4B (mixture of experts)")
     ap.add_argument("--tiny", action="store_true", help="tiny dims, torch backend on CPU (a local check)")
     ap.add_argument("--device", choices=["cuda", "torch-cpu"], default=None,
                     help="cuda (default), torch-cpu (default with --tiny)")
@@ -901,7 +970,7 @@ def main(argv=None) -> int:
     bad = [w for w in variants if w not in WEIGHTS]
     if bad or not variants:
         ap.error(f"--weights: unknown {bad}; choose from {', '.join(WEIGHTS)}")
-    cfg = TINY if args.tiny else E4B
+    cfg = (TINY_CONFIGS if args.tiny else CONFIGS)[args.config]
     args.decode = args.decode or (8 if args.tiny else 128)
     args.prefill_modes = [m.strip() for m in args.prefill.split(",") if m.strip()]
     if args.prefill_modes:  # the first mode is the backend's for every other timing too (decode's prompt, imatrix)
