@@ -26,7 +26,30 @@ def _kernels():
     pytest.importorskip("triton")
     from ggquant.kernels.cuda import triton
 
+    if INTERPRET:
+        _interpreter_scalar_index_fix()
     return triton
+
+
+def _interpreter_scalar_index_fix():
+    """Triton 3.6's interpreter holds a kernel's scalar arguments as 1-element 1-D numpy arrays and
+    converts them with int(array) when used as a Python index - `range(0, K, BK)` over a runtime
+    K, the loop of every matvec kernel. numpy >= 2.4 refuses int() on ndim > 0 arrays ("only
+    0-dimensional arrays can be converted to Python scalars"), so under TRITON_INTERPRET=1 every
+    such kernel failed. Re-patch __index__ to take the one element (.item()); the GPU compiler is
+    not involved."""
+    from triton.runtime import interpreter as ti
+
+    if getattr(ti._patch_lang_tensor, "ggquant_fixed", False):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched.ggquant_fixed = True
+    ti._patch_lang_tensor = patched
 
 
 def _weights(qtype, n, k, seed=0):
@@ -76,7 +99,10 @@ def test_repacked_layout_holds_ggml_values(qtype):
                                        (T.Q4_0, 40, 320), (T.Q5_0, 17, 512), (T.Q6_K, 30, 768),
                                        (T.IQ2_S, 20, 512), (T.IQ3_S, 9, 768), (T.IQ1_M, 12, 512),
                                        (T.TQ2_0, 8, 512), (T.NVFP4, 10, 320), (T.Q1_0, 6, 384),
-                                       (T.IQ4_NL, 16, 320)], ids=str)
+                                       (T.IQ4_NL, 16, 320),
+                                       # issue 14's packed layouts: partial row blocks, partial NSB tiles
+                                       (T.IQ4_XS, 33, 1280), (T.IQ4_XS, 3, 768), (T.IQ3_S, 45, 1280),
+                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 

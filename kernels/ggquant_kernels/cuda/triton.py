@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dequant import grid_words
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -110,6 +112,133 @@ def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, N, K, BN: tl.c
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
+@triton.jit
+def _kv_iq4nl(q, w0, w1, w2, w3):
+    # kvalues_iq4nl[q] for q int32 in [0, 16) as float32, from the table's 16 bytes held in 4 int32
+    # words (little-endian, byte q % 4 of word q // 4): selects and a shift, no memory access
+    w = tl.where(q < 8, tl.where(q < 4, w0, w1), tl.where(q < 12, w2, w3))
+    return (w >> ((q & 3) * 8)).to(tl.int8).to(tl.float32)
+
+
+@triton.jit
+def _mv_iq4_xs(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, BN: tl.constexpr, NSB: tl.constexpr):
+    # NSB super-blocks (256 columns, 128 qs bytes) per iteration. Byte j of the tile: 32-value
+    # block c = j // 16, l = j % 16; low nibble column 32c + l, high nibble 32c + 16 + l
+    # (dequantize_row_iq4_xs: y = d * (ls - 32) * kvalues_iq4nl[q]). Dots per block, then the scales.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    j = tl.arange(0, 128 * NSB)
+    xo = (j // 16) * 32 + j % 16
+    c = tl.arange(0, 8 * NSB)
+    acc = tl.zeros((BN, 8 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        jm = (sb0 + j // 128) < nsb
+        cm = (sb0 + c // 8) < nsb
+        q = tl.load(qs_ptr + r64[:, None] * (K // 2) + sb0 * 128 + j[None, :], mask=rmask[:, None] & jm[None, :],
+                    other=0).to(tl.int32)
+        xlo = tl.load(x_ptr + sb0 * 256 + xo, mask=jm, other=0.0)
+        xhi = tl.load(x_ptr + sb0 * 256 + 16 + xo, mask=jm, other=0.0)
+        p = _kv_iq4nl(q & 15, w0, w1, w2, w3) * xlo[None, :] + _kv_iq4nl(q >> 4, w0, w1, w2, w3) * xhi[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, 8 * NSB, 16)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        ls = tl.load(ls_ptr + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :], mask=m2, other=32).to(tl.float32)
+        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+        acc += d * (ls - 32.0) * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _mv_iq3_s(qs_ptr, qh_ptr, sg_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr,
+              NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per iq3s_grid entry g (columns 4g..4g+3: byte b of
+    # the entry, negated where bit 4 (g % 2) + b of sign byte g // 2 is set); then one scale per
+    # 32 columns (dequantize_row_iq3_s: y = d * (1 + 2 ls) * grid byte * sign)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    g = tl.arange(0, 64 * NSB)
+    c = tl.arange(0, 8 * NSB)
+    acc = tl.zeros((BN, 8 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        gm = (sb0 + g // 64) < nsb
+        cm = (sb0 + c // 8) < nsb
+        m = rmask[:, None] & gm[None, :]
+        q = tl.load(qs_ptr + r64[:, None] * (K // 4) + sb0 * 64 + g[None, :], mask=m, other=0).to(tl.int32)
+        h = tl.load(qh_ptr + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0).to(tl.int32)
+        e = tl.load(grid_ptr + (q | (((h >> (g[None, :] % 8)) & 1) << 8)))
+        s = tl.load(sg_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :] // 2, mask=m, other=0).to(tl.int32)
+        s = s >> ((g[None, :] % 2) * 4)
+        p = tl.zeros((BN, 64 * NSB), tl.float32)
+        for b in tl.static_range(4):
+            v = ((e >> (8 * b)) & 255).to(tl.float32)
+            xb = tl.load(x_ptr + sb0 * 256 + 4 * g + b, mask=gm, other=0.0)
+            p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, 8 * NSB, 8)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        sc = tl.load(sc_ptr + r64[:, None] * (K // 64) + sb0 * 4 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
+        ls = (sc >> ((c[None, :] % 2) * 4)) & 15
+        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+        acc += d * (1 + 2 * ls).to(tl.float32) * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _mv_iq2_s(qs_ptr, sg_ptr, qh_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr,
+              NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per iq2s_grid entry g (columns 8g..8g+7: byte b of
+    # the 8-byte entry = int32 words 2 idx, 2 idx + 1, negated where bit b of sign byte g is set);
+    # then one scale per 16 columns (dequantize_row_iq2_s: y = d * (0.5 + ls) * 0.25 * grid * sign)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    g = tl.arange(0, 32 * NSB)
+    c = tl.arange(0, 16 * NSB)
+    acc = tl.zeros((BN, 16 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        gm = (sb0 + g // 32) < nsb
+        cm = (sb0 + c // 16) < nsb
+        m = rmask[:, None] & gm[None, :]
+        q = tl.load(qs_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
+        h = tl.load(qh_ptr + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 4, mask=m, other=0).to(tl.int32)
+        idx = 2 * (q | (((h >> (2 * (g[None, :] % 4))) & 3) << 8))
+        lo = tl.load(grid_ptr + idx)
+        hi = tl.load(grid_ptr + idx + 1)
+        s = tl.load(sg_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
+        p = tl.zeros((BN, 32 * NSB), tl.float32)
+        for b in tl.static_range(8):
+            if b < 4:
+                v = ((lo >> (8 * b)) & 255).to(tl.float32)
+            else:
+                v = ((hi >> (8 * (b - 4))) & 255).to(tl.float32)
+            xb = tl.load(x_ptr + sb0 * 256 + 8 * g + b, mask=gm, other=0.0)
+            p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, 16 * NSB, 2)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        sc = tl.load(sc_ptr + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
+        ls = ((sc >> ((c[None, :] % 2) * 4)) & 15).to(tl.float32)
+        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 16, mask=m2, other=0.0).to(tl.float32)
+        acc += d * (0.5 + ls) * 0.25 * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+_IQ4NL_WORDS: list = []
+
+
+def _iq4nl_words() -> list:
+    """kvalues_iq4nl (ggquant's table) as 4 signed int32 words, for _kv_iq4nl."""
+    if not _IQ4NL_WORDS:
+        import numpy as np
+
+        from ..quants.iq4 import KVALUES_IQ4NL
+
+        _IQ4NL_WORDS.extend(int(w) for w in np.frombuffer(KVALUES_IQ4NL.tobytes(), "<i4"))
+    return _IQ4NL_WORDS
+
+
 def _block_rows(n: int, target_programs: int = 528) -> int:
     """Rows per program: enough programs to fill the GPU (132 SMs x 4 on the H100), at most 64."""
     bn = 64
@@ -121,7 +250,8 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
 # (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
 # over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
 # bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
-MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4)}
+MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4),
+             "iq4_xs": (16, 2, 4), "iq3_s": (16, 2, 4), "iq2_s": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -137,6 +267,12 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
         _mv_int8[grid](parts[0], parts[1], x, y, n, k, G=k // parts[1].shape[1], BN=bn, BK=bk, num_warps=warps)
     elif kind == "q4_k":
         _mv_q4_k[grid](*parts, x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
+    elif kind == "iq4_xs":
+        _mv_iq4_xs[grid](*parts, x, y, n, k, *_iq4nl_words(), BN=bn, NSB=bk, num_warps=warps)
+    elif kind == "iq3_s":
+        _mv_iq3_s[grid](*parts, grid_words(torch, kind, x.device), x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
+    elif kind == "iq2_s":
+        _mv_iq2_s[grid](*parts, grid_words(torch, kind, x.device), x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
     else:
         raise ValueError(kind)
     return y
