@@ -250,7 +250,7 @@ class CUDABackend:
         if w.kind == "dense" and w.parts[0].dtype == dt:
             return w.parts[0]
         n, k = w.shape
-        if self.kern is not None and w.kind in ("int8", "q4_k") and k % 64 == 0:
+        if self.kern is not None and w.kind in self.kern.TILE_KINDS and k % 64 == 0:
             y = self.kern.dequant_half(torch, w.kind, w.parts, n, k, dt)
         else:
             y = self._dequant(w).to(dt)
@@ -265,7 +265,7 @@ class CUDABackend:
         dt = self._half_dtype(w)
         xh = x.to(dt).contiguous()
         n, k = w.shape
-        if (self.prefill == "triton" and self.kern is not None and w._half is None and w.kind in ("int8", "q4_k")
+        if (self.prefill == "triton" and self.kern is not None and w._half is None and w.kind in self.kern.TILE_KINDS
                 and k % 64 == 0 and xh.dtype == torch.float16):
             return self.kern.matmul_q(torch, w.kind, w.parts, xh, n, k)
         wh = self._half(w)

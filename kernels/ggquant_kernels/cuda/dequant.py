@@ -493,6 +493,11 @@ def grid_words(torch, kind: str, device):
     return _tab(torch, {"iq3_s": "iq3s", "iq2_s": "iq2s"}[kind], device).view(torch.int32).reshape(-1)
 
 
+def tab_iq4nl(torch, device):
+    """kvalues_iq4nl int8 [16] on device (the decoders' table)."""
+    return _tab(torch, "iq4nl", device)
+
+
 def _dequantize_packed(torch, kind: str, parts: tuple):
     """dequantize_parts for the packed i-quant layouts: ggml's factors in ggml's order (as the
     decoders above), so the values are bit-equal to dequantize_row_<type>."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import grid_words
+from .dequant import grid_words, tab_iq4nl
 
 
 def _pow2(n: int) -> int:
@@ -477,13 +477,46 @@ def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
 # The values fed to the tensor cores are the float32 dequantization (ggml's dequantize_row_<type>,
 # the same arithmetic as dequantize_parts) rounded once to fp16; products accumulate in float32.
 @triton.jit
-def _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
+def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
     """float32 [BN, BK] values of the weight at rows x cols (cols < K everywhere) from its repacked
     parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
-    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K)."""
+    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2, 3, 4:
+    IQ4_XS, IQ3_S, IQ2_S (dequant.py repack_<type>; tab: kvalues_iq4nl int8 / grid_words), each
+    value as ggml's factors in ggml's order (dequantize_parts)."""
     r64 = rows.to(tl.int64)[:, None]
     m = rmask[:, None]
-    if KIND == 0:
+    if KIND == 2:
+        byte = (cols // 32) * 16 + cols % 16
+        b = tl.load(p0 + r64 * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
+        kv = tl.load(tab + tl.where(((cols // 16) % 2 == 1)[None, :], b >> 4, b & 15)).to(tl.float32)
+        ls = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=32).to(tl.int32)
+        d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        return (d * (ls - 32).to(tl.float32)) * kv
+    elif KIND == 3:
+        g = (cols // 4)[None, :]
+        q = tl.load(p0 + r64 * (K // 4) + g, mask=m, other=0).to(tl.int32)
+        h = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+        e = tl.load(tab + (q | (((h >> (g % 8)) & 1) << 8)))
+        v = (e >> (8 * (cols % 4))[None, :]) & 255
+        s = tl.load(p2 + r64 * (K // 8) + (cols // 8)[None, :], mask=m, other=0).to(tl.int32)
+        v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
+        sc = tl.load(p3 + r64 * (K // 64) + (cols // 64)[None, :], mask=m, other=0).to(tl.int32)
+        ls = (sc >> (4 * ((cols // 32) % 2))[None, :]) & 15
+        d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        return (d * (1 + 2 * ls).to(tl.float32)) * v
+    elif KIND == 4:
+        g = (cols // 8)[None, :]
+        q = tl.load(p0 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
+        h = tl.load(p2 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+        e = tl.load(tab + 2 * (q | (((h >> (2 * (g % 4))) & 3) << 8)) + ((cols % 8) // 4)[None, :])
+        v = (e >> (8 * (cols % 4))[None, :]) & 255
+        s = tl.load(p1 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
+        v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
+        sc = tl.load(p3 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+        ls = ((sc >> (4 * ((cols // 16) % 2))[None, :]) & 15).to(tl.float32)
+        d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        return ((d * (0.5 + ls)) * 0.25) * v
+    elif KIND == 0:
         q = tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0).to(tl.float32)
         s = tl.load(p1 + r64 * (K // G) + (cols // G)[None, :], mask=m, other=0.0).to(tl.float32)
         return s * q
@@ -504,39 +537,47 @@ def _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.
 
 
 @triton.jit
-def _dequant_half(p0, p1, p2, p3, p4, y_ptr, N, K, KIND: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
+def _dequant_half(p0, p1, p2, p3, p4, tab, y_ptr, N, K, KIND: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rmask = rows < N
-    w = _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND, G)
+    w = _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND, G)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
 
-_KINDS = {"int8": 0, "q4_k": 1}
+_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4}
+TILE_KINDS = tuple(_KINDS)  # the layouts dequant_half / matmul_q read
 
 
-def _parts5(kind, parts):
+def _parts5(torch, kind, parts):
+    """The kernels' (p0..p4, tab) arguments and G for a layout."""
     p = tuple(parts) + (parts[0],) * (5 - len(parts))
     g = 0
     if kind == "int8":
         g = parts[0].shape[1] // parts[1].shape[1]
-    return p, g
+    if kind == "iq4_xs":
+        tab = tab_iq4nl(torch, parts[0].device)
+    elif kind in ("iq3_s", "iq2_s"):
+        tab = grid_words(torch, kind, parts[0].device)
+    else:
+        tab = parts[0]
+    return p + (tab,), g
 
 
 def dequant_half(torch, kind: str, parts: tuple, n: int, k: int, dtype=None):
-    """The weight (int8 or q4_k layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
+    """The weight (a TILE_KINDS layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
     k must be a multiple of 64 (every block type's rows are: 32 or 256 values per block)."""
     y = torch.empty((n, k), dtype=dtype or torch.float16, device=parts[0].device)
-    p, g = _parts5(kind, parts)
+    p, g = _parts5(torch, kind, parts)
     bn, bk = 32, 64
     _dequant_half[((n + bn - 1) // bn, k // bk)](*p, y, n, k, KIND=_KINDS[kind], G=g, BN=bn, BK=bk, num_warps=4)
     return y
 
 
 @triton.jit
-def _mm_q(x_ptr, p0, p1, p2, p3, p4, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+def _mm_q(x_ptr, p0, p1, p2, p3, p4, tab, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
           BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     """y [M, N] float32 = x [M, K] (fp16) @ W^T, W dequantized tile by tile (_w_tile) to fp16."""
     pid = tl.program_id(0)
@@ -556,21 +597,22 @@ def _mm_q(x_ptr, p0, p1, p2, p3, p4, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.c
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=mmask[:, None], other=0.0)
-        w = _w_tile(p0, p1, p2, p3, p4, rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
+        w = _w_tile(p0, p1, p2, p3, p4, tab, rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
 # (BM, BN, BK, num_warps, num_stages): bench/prefill_matmul.py picks among these on the GPU
-MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3)}
+MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3), "iq4_xs": (128, 128, 64, 8, 3),
+             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3)}
 
 
 def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
-    """x fp16 [M, k] (contiguous) times the weight (int8 or q4_k layout, [n, k]) transposed ->
+    """x fp16 [M, k] (contiguous) times the weight (a TILE_KINDS layout, [n, k]) transposed ->
     float32 [M, n]. k must be a multiple of BK (64)."""
     M = x.shape[0]
     y = torch.empty((M, n), dtype=torch.float32, device=x.device)
-    p, g = _parts5(kind, parts)
+    p, g = _parts5(torch, kind, parts)
     bm, bn, bk, warps, stages = config or MM_CONFIG[kind]
     grid = (triton.cdiv(M, bm) * triton.cdiv(n, bn),)
     _mm_q[grid](x, *p, y, M, n, k, KIND=_KINDS[kind], G=g, BM=bm, BN=bn, BK=bk, GROUP=8, num_warps=warps,
