@@ -115,6 +115,37 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
 
 
+PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s"}  # issue 14
+
+
+@pytest.mark.parametrize("qtype", list(PACKED_KINDS), ids=lambda t: t.name)
+def test_backend_keeps_packed_iquant_layout(qtype):
+    """With kernels (a GPU, or TRITON_INTERPRET=1) the backend keeps IQ4_XS / IQ3_S / IQ2_S weights
+    in their packed layout and multiplies with it (batch 1: the matvec; batch 3: the batched
+    path); without triton (CI) it keeps the block bytes and dequantizes them, same products."""
+    from types import SimpleNamespace
+
+    from ggquant.runtime.cuda import CUDABackend
+
+    if INTERPRET:
+        _kernels()  # the interpreter fix
+    n, k = 19, 512
+    raw, ref = _weights(qtype, n, k, seed=int(qtype) + 5)
+    be = CUDABackend(device=DEV)
+    w = be.weight(SimpleNamespace(name="blk.0.ffn_up.weight", qtype=qtype, shape=(n, k), raw=lambda: raw))
+    if be.kern is None:
+        assert w.kind is None and w.raw is not None
+    else:
+        assert w.kind == PACKED_KINDS[qtype] and w.raw is None
+        assert 8 * sum(p.numel() * p.element_size() for p in w.parts) / (n * k) < 4.32  # the block's bits, not int8's
+    x = np.random.default_rng(4).standard_normal((3, k)).astype(np.float32)
+    want = x.astype(np.float64) @ ref.astype(np.float64).T
+    tol = 1e-4 * np.abs(ref).sum(1).max()
+    for rows in (x[:1], x):
+        got = be.to_numpy(be.matmul(be.asarray(rows), w))
+        assert np.abs(got - want[: len(rows)]).max() <= tol
+
+
 def test_rms_norm_rope_geglu_kernels():
     from ggquant.runtime.cpu import gelu_table, rope_cache
 
