@@ -102,7 +102,7 @@ def test_repacked_layout_holds_ggml_values(qtype):
                                        (T.IQ4_NL, 16, 320),
                                        # issue 14's packed layouts: partial row blocks, partial NSB tiles
                                        (T.IQ4_XS, 33, 1280), (T.IQ4_XS, 3, 768), (T.IQ3_S, 45, 1280),
-                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768)], ids=str)
+                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768), (T.IQ4_NL, 35, 800)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 
@@ -115,7 +115,7 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
 
 
-PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s"}  # issue 14
+PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL: "iq4_nl"}  # issue 14
 
 
 @pytest.mark.parametrize("qtype", list(PACKED_KINDS), ids=lambda t: t.name)
@@ -137,7 +137,7 @@ def test_backend_keeps_packed_iquant_layout(qtype):
         assert w.kind is None and w.raw is not None
     else:
         assert w.kind == PACKED_KINDS[qtype] and w.raw is None
-        assert 8 * sum(p.numel() * p.element_size() for p in w.parts) / (n * k) < 4.32  # the block's bits, not int8's
+        assert 8 * sum(p.numel() * p.element_size() for p in w.parts) / (n * k) <= 4.5  # the block's bits, not int8's
     x = np.random.default_rng(4).standard_normal((3, k)).astype(np.float32)
     want = x.astype(np.float64) @ ref.astype(np.float64).T
     tol = 1e-4 * np.abs(ref).sum(1).max()

@@ -207,7 +207,7 @@ def dequantize_parts(torch, kind: str, parts: tuple):
         y = (d.float()[..., None] * sc.reshape(N, -1, 8).float())[..., None] * q \
             - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
         return y.reshape(N, -1)
-    if kind in ("iq4_xs", "iq3_s", "iq2_s"):
+    if kind in ("iq4_xs", "iq4_nl", "iq3_s", "iq2_s"):
         return _dequantize_packed(torch, kind, parts)
     raise ValueError(f"unknown weight layout {kind!r}")
 
@@ -430,7 +430,7 @@ def _lowbit_type(codes):
     return dequantize, repack
 
 
-# IQ2_S, IQ3_S, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
+# IQ2_S, IQ3_S, IQ4_NL, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
 # bench/matvec_cuda.py's comparison
 dequantize_iq2_xxs, repack_iq2_xxs = _lowbit_type(_codes_iq2_xxs)
 dequantize_iq2_xs, repack_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
@@ -441,7 +441,7 @@ dequantize_iq1_s, repack_iq1_s = _lowbit_type(lambda torch, r, n: _codes_iq1(tor
 dequantize_iq1_m, repack_iq1_m = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_M, r, n))
 dequantize_tq1_0, repack_tq1_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ1_0, r, n))
 dequantize_tq2_0, repack_tq2_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ2_0, r, n))
-dequantize_iq4_nl, repack_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
+dequantize_iq4_nl, repack_int8_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
 dequantize_iq4_xs, repack_int8_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
 dequantize_mxfp4, repack_mxfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.MXFP4, r, n))
 dequantize_nvfp4, repack_nvfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.NVFP4, r, n))
@@ -450,7 +450,7 @@ dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
 
 # --- packed i-quant layouts (issue 14): each block's fields de-interleaved into per-field arrays
 # at the block's own bits per weight (IQ4_XS: + 1/16 bit, its 6-bit scales stored one per byte),
-# read by triton.py's _mv_iq4_xs / _mv_iq3_s / _mv_iq2_s. Within a row every field keeps ggml's
+# read by triton.py's _mv_iq4 / _mv_iq3_s / _mv_iq2_s. Within a row every field keeps ggml's
 # order, so each field's index is a plain function of the column (the comments give it).
 
 def repack_iq4_xs(torch, raw, n_per_row: int):
@@ -461,6 +461,14 @@ def repack_iq4_xs(torch, raw, n_per_row: int):
     b = _blocks(_T.IQ4_XS, raw, n_per_row)
     return "iq4_xs", (b[..., 8:136].contiguous().reshape(N, n_per_row // 2),
                       _iq4_xs_scales(torch, b).to(torch.uint8).reshape(N, -1),
+                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq4_nl(torch, raw, n_per_row: int):
+    """block_iq4_nl (d | qs[16]) -> "iq4_nl": qs uint8 [N, K/2] (as IQ4_XS's), d fp16 [N, K/32]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ4_NL, raw, n_per_row)
+    return "iq4_nl", (b[..., 2:18].contiguous().reshape(N, n_per_row // 2),
                       b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
@@ -505,12 +513,14 @@ def _dequantize_packed(torch, kind: str, parts: tuple):
     decoders above), so the values are bit-equal to dequantize_row_<type>."""
     dev = parts[0].device
     N = parts[0].shape[0]
-    if kind == "iq4_xs":
-        qs, ls, d = parts
+    if kind in ("iq4_xs", "iq4_nl"):
         kv = _tab(torch, "iq4nl", dev)
-        q = qs.long().reshape(N, -1, 16)
+        q = parts[0].long().reshape(N, -1, 16)
         v = torch.cat([kv[q & 15], kv[q >> 4]], dim=-1).float()  # [N, K/32, 32]
-        dl = d.float().repeat_interleave(8, dim=1) * (ls.long() - 32).float()
+        if kind == "iq4_nl":
+            dl = parts[1].float()
+        else:
+            dl = parts[2].float().repeat_interleave(8, dim=1) * (parts[1].long() - 32).float()
         return (dl[..., None] * v).reshape(N, -1)
     if kind == "iq3_s":
         qs, qh, sg, sc, d = parts

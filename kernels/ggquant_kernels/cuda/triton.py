@@ -121,31 +121,36 @@ def _kv_iq4nl(q, w0, w1, w2, w3):
 
 
 @triton.jit
-def _mv_iq4_xs(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, BN: tl.constexpr, NSB: tl.constexpr):
-    # NSB super-blocks (256 columns, 128 qs bytes) per iteration. Byte j of the tile: 32-value
-    # block c = j // 16, l = j % 16; low nibble column 32c + l, high nibble 32c + 16 + l
-    # (dequantize_row_iq4_xs: y = d * (ls - 32) * kvalues_iq4nl[q]). Dots per block, then the scales.
+def _mv_iq4(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, XS: tl.constexpr, BN: tl.constexpr,
+            NB: tl.constexpr):
+    # NB blocks of 32 columns (16 qs bytes each) per iteration. Byte j of the tile: block c = j // 16,
+    # l = j % 16; low nibble column 32c + l, high nibble 32c + 16 + l; y = scale * kvalues_iq4nl[q]
+    # with scale d * (ls - 32) (XS: dequantize_row_iq4_xs, one d per 8 blocks) or d (IQ4_NL:
+    # dequantize_row_iq4_nl, ls_ptr unused). Dots per block, then the scales.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     r64 = rows.to(tl.int64)
-    nsb = K // 256
-    j = tl.arange(0, 128 * NSB)
+    nblk = K // 32
+    j = tl.arange(0, 16 * NB)
     xo = (j // 16) * 32 + j % 16
-    c = tl.arange(0, 8 * NSB)
-    acc = tl.zeros((BN, 8 * NSB), tl.float32)
-    for sb0 in range(0, nsb, NSB):
-        jm = (sb0 + j // 128) < nsb
-        cm = (sb0 + c // 8) < nsb
-        q = tl.load(qs_ptr + r64[:, None] * (K // 2) + sb0 * 128 + j[None, :], mask=rmask[:, None] & jm[None, :],
+    c = tl.arange(0, NB)
+    acc = tl.zeros((BN, NB), tl.float32)
+    for b0 in range(0, nblk, NB):
+        jm = (b0 + j // 16) < nblk
+        cm = (b0 + c) < nblk
+        q = tl.load(qs_ptr + r64[:, None] * (K // 2) + b0 * 16 + j[None, :], mask=rmask[:, None] & jm[None, :],
                     other=0).to(tl.int32)
-        xlo = tl.load(x_ptr + sb0 * 256 + xo, mask=jm, other=0.0)
-        xhi = tl.load(x_ptr + sb0 * 256 + 16 + xo, mask=jm, other=0.0)
+        xlo = tl.load(x_ptr + b0 * 32 + xo, mask=jm, other=0.0)
+        xhi = tl.load(x_ptr + b0 * 32 + 16 + xo, mask=jm, other=0.0)
         p = _kv_iq4nl(q & 15, w0, w1, w2, w3) * xlo[None, :] + _kv_iq4nl(q >> 4, w0, w1, w2, w3) * xhi[None, :]
-        dot = tl.sum(tl.reshape(p, (BN, 8 * NSB, 16)), axis=2)
+        dot = tl.sum(tl.reshape(p, (BN, NB, 16)), axis=2)
         m2 = rmask[:, None] & cm[None, :]
-        ls = tl.load(ls_ptr + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :], mask=m2, other=32).to(tl.float32)
-        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
-        acc += d * (ls - 32.0) * dot
+        if XS:
+            ls = tl.load(ls_ptr + r64[:, None] * nblk + b0 + c[None, :], mask=m2, other=32).to(tl.float32)
+            d = tl.load(d_ptr + r64[:, None] * (K // 256) + (b0 + c[None, :]) // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (ls - 32.0) * dot
+        else:
+            acc += tl.load(d_ptr + r64[:, None] * nblk + b0 + c[None, :], mask=m2, other=0.0).to(tl.float32) * dot
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -247,11 +252,12 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
     return bn
 
 
-# (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
+# (rows per program at most, columns per iteration (q4_k, iq3_s, iq2_s: super-blocks of 256; iq4_xs,
+# iq4_nl: blocks of 32), num_warps): the best
 # over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
 # bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
 MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4),
-             "iq4_xs": (16, 2, 4), "iq3_s": (16, 2, 4), "iq2_s": (16, 2, 4)}
+             "iq4_xs": (16, 16, 4), "iq4_nl": (16, 16, 4), "iq3_s": (16, 2, 4), "iq2_s": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -268,7 +274,10 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     elif kind == "q4_k":
         _mv_q4_k[grid](*parts, x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
     elif kind == "iq4_xs":
-        _mv_iq4_xs[grid](*parts, x, y, n, k, *_iq4nl_words(), BN=bn, NSB=bk, num_warps=warps)
+        _mv_iq4[grid](*parts, x, y, n, k, *_iq4nl_words(), XS=True, BN=bn, NB=bk, num_warps=warps)
+    elif kind == "iq4_nl":
+        _mv_iq4[grid](parts[0], parts[0], parts[1], x, y, n, k, *_iq4nl_words(), XS=False, BN=bn, NB=bk,
+                      num_warps=warps)
     elif kind == "iq3_s":
         _mv_iq3_s[grid](*parts, grid_words(torch, kind, x.device), x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
     elif kind == "iq2_s":
@@ -480,18 +489,21 @@ def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
 def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
     """float32 [BN, BK] values of the weight at rows x cols (cols < K everywhere) from its repacked
     parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
-    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2, 3, 4:
-    IQ4_XS, IQ3_S, IQ2_S (dequant.py repack_<type>; tab: kvalues_iq4nl int8 / grid_words), each
+    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2, 3, 4, 5:
+    IQ4_XS, IQ3_S, IQ2_S, IQ4_NL (dequant.py repack_<type>; tab: kvalues_iq4nl int8 / grid_words), each
     value as ggml's factors in ggml's order (dequantize_parts)."""
     r64 = rows.to(tl.int64)[:, None]
     m = rmask[:, None]
-    if KIND == 2:
+    if KIND == 2 or KIND == 5:
         byte = (cols // 32) * 16 + cols % 16
         b = tl.load(p0 + r64 * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
         kv = tl.load(tab + tl.where(((cols // 16) % 2 == 1)[None, :], b >> 4, b & 15)).to(tl.float32)
-        ls = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=32).to(tl.int32)
-        d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
-        return (d * (ls - 32).to(tl.float32)) * kv
+        if KIND == 5:
+            return tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0.0).to(tl.float32) * kv
+        else:
+            ls = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=32).to(tl.int32)
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return (d * (ls - 32).to(tl.float32)) * kv
     elif KIND == 3:
         g = (cols // 4)[None, :]
         q = tl.load(p0 + r64 * (K // 4) + g, mask=m, other=0).to(tl.int32)
@@ -547,7 +559,7 @@ def _dequant_half(p0, p1, p2, p3, p4, tab, y_ptr, N, K, KIND: tl.constexpr, G: t
              mask=rmask[:, None])
 
 
-_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4}
+_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4, "iq4_nl": 5}
 TILE_KINDS = tuple(_KINDS)  # the layouts dequant_half / matmul_q read
 
 
@@ -557,7 +569,7 @@ def _parts5(torch, kind, parts):
     g = 0
     if kind == "int8":
         g = parts[0].shape[1] // parts[1].shape[1]
-    if kind == "iq4_xs":
+    if kind in ("iq4_xs", "iq4_nl"):
         tab = tab_iq4nl(torch, parts[0].device)
     elif kind in ("iq3_s", "iq2_s"):
         tab = grid_words(torch, kind, parts[0].device)
@@ -604,7 +616,7 @@ def _mm_q(x_ptr, p0, p1, p2, p3, p4, tab, y_ptr, M, N, K, KIND: tl.constexpr, G:
 
 # (BM, BN, BK, num_warps, num_stages): bench/prefill_matmul.py picks among these on the GPU
 MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3), "iq4_xs": (128, 128, 64, 8, 3),
-             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3)}
+             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3), "iq4_nl": (128, 128, 64, 8, 3)}
 
 
 def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
