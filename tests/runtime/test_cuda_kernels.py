@@ -102,7 +102,8 @@ def test_repacked_layout_holds_ggml_values(qtype):
                                        (T.IQ4_NL, 16, 320),
                                        # issue 14's packed layouts: partial row blocks, partial NSB tiles
                                        (T.IQ4_XS, 33, 1280), (T.IQ4_XS, 3, 768), (T.IQ3_S, 45, 1280),
-                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768), (T.IQ4_NL, 35, 800)], ids=str)
+                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768), (T.IQ4_NL, 35, 800),
+                                       (T.IQ3_XXS, 21, 1280), (T.IQ2_XS, 18, 768)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 
@@ -115,7 +116,8 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
 
 
-PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL: "iq4_nl"}  # issue 14
+PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL: "iq4_nl", T.IQ3_XXS: "iq3_xxs",
+                T.IQ2_XS: "iq2_xs"}  # issue 14
 
 
 @pytest.mark.parametrize("qtype", list(PACKED_KINDS), ids=lambda t: t.name)

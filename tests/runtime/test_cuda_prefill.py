@@ -22,7 +22,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
-BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K, T.IQ4_XS, T.IQ3_S, T.IQ2_S, T.IQ4_NL]
+BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K, T.IQ4_XS, T.IQ3_S, T.IQ2_S, T.IQ4_NL, T.IQ3_XXS, T.IQ2_XS]
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
@@ -45,7 +45,8 @@ def test_dequant_half_is_the_rounded_dequantization(qtype):
 
 @pytest.mark.parametrize("qtype,m,n,k", [(T.Q8_0, 37, 300, 512), (T.Q4_K, 130, 70, 768), (T.Q6_K, 5, 256, 256),
                                          (T.Q4_0, 64, 129, 320), (T.IQ4_XS, 20, 70, 768), (T.IQ3_S, 9, 33, 512),
-                                         (T.IQ2_S, 17, 40, 768), (T.IQ4_NL, 11, 50, 512)], ids=str)
+                                         (T.IQ2_S, 17, 40, 768), (T.IQ4_NL, 11, 50, 512),
+                                         (T.IQ3_XXS, 6, 70, 512), (T.IQ2_XS, 9, 30, 768)], ids=str)
 def test_matmul_q_equals_fp16_product(qtype, m, n, k):
     from ggquant.runtime.cuda import repack
 

@@ -207,7 +207,7 @@ def dequantize_parts(torch, kind: str, parts: tuple):
         y = (d.float()[..., None] * sc.reshape(N, -1, 8).float())[..., None] * q \
             - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
         return y.reshape(N, -1)
-    if kind in ("iq4_xs", "iq4_nl", "iq3_s", "iq2_s"):
+    if kind in ("iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
         return _dequantize_packed(torch, kind, parts)
     raise ValueError(f"unknown weight layout {kind!r}")
 
@@ -430,12 +430,12 @@ def _lowbit_type(codes):
     return dequantize, repack
 
 
-# IQ2_S, IQ3_S, IQ4_NL, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
+# IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
 # bench/matvec_cuda.py's comparison
 dequantize_iq2_xxs, repack_iq2_xxs = _lowbit_type(_codes_iq2_xxs)
-dequantize_iq2_xs, repack_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
+dequantize_iq2_xs, repack_int8_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
 dequantize_iq2_s, repack_int8_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
-dequantize_iq3_xxs, repack_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
+dequantize_iq3_xxs, repack_int8_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
 dequantize_iq3_s, repack_int8_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
 dequantize_iq1_s, repack_iq1_s = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_S, r, n))
 dequantize_iq1_m, repack_iq1_m = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_M, r, n))
@@ -450,7 +450,7 @@ dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
 
 # --- packed i-quant layouts (issue 14): each block's fields de-interleaved into per-field arrays
 # at the block's own bits per weight (IQ4_XS: + 1/16 bit, its 6-bit scales stored one per byte),
-# read by triton.py's _mv_iq4 / _mv_iq3_s / _mv_iq2_s. Within a row every field keeps ggml's
+# read by triton.py's _mv_iq4 / _mv_iq3 / _mv_iq2. Within a row every field keeps ggml's
 # order, so each field's index is a plain function of the column (the comments give it).
 
 def repack_iq4_xs(torch, raw, n_per_row: int):
@@ -497,10 +497,33 @@ def repack_iq2_s(torch, raw, n_per_row: int):
                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
+def repack_iq3_xxs(torch, raw, n_per_row: int):
+    """block_iq3_xxs (d | qs[64] | scales_and_signs u32[8]) -> "iq3_xxs": qs uint8 [N, K/4] (the
+    iq3xxs_grid index of columns 4g..4g+3), aux int32 [N, K/32] (the u32 of each 32: bits 7l..7l+6
+    index ksigns_iq2xs for columns 8l..8l+7 of the 32, bits 28-31 ls, db = d * (0.5 + ls) * 0.5),
+    d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ3_XXS, raw, n_per_row)
+    return "iq3_xxs", (b[..., 2:66].contiguous().reshape(N, -1), b[..., 66:98].contiguous().view(torch.int32).reshape(N, -1),
+                       b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq2_xs(torch, raw, n_per_row: int):
+    """block_iq2_xs (d | qs u16[32] | scales[8]) -> "iq2_xs": qs int16 [N, K/8] (columns 8g..8g+7: bits
+    0-8 the iq2xs_grid index, 9-15 the ksigns_iq2xs index), scales uint8 [N, K/32] (as IQ2_S's),
+    d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ2_XS, raw, n_per_row)
+    return "iq2_xs", (b[..., 2:66].contiguous().view(torch.int16).reshape(N, -1), b[..., 66:74].contiguous().reshape(N, -1),
+                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
 def grid_words(torch, kind: str, device):
-    """The grid of an "iq3_s" / "iq2_s" layout as int32 words on device (the same table the
-    decoders use, viewed little-endian): iq3s_grid [512] (one entry), iq2s_grid [2048] (two per entry)."""
-    return _tab(torch, {"iq3_s": "iq3s", "iq2_s": "iq2s"}[kind], device).view(torch.int32).reshape(-1)
+    """The grid of an "iq3_s" / "iq3_xxs" / "iq2_s" / "iq2_xs" layout as int32 words on device (the
+    same table the decoders use, viewed little-endian): one word per entry for the 4-value grids
+    (iq3s_grid, iq3xxs_grid), two for the 8-value ones (iq2s_grid, iq2xs_grid)."""
+    name = {"iq3_s": "iq3s", "iq3_xxs": "iq3xxs", "iq2_s": "iq2s", "iq2_xs": "iq2xs"}[kind]
+    return _tab(torch, name, device).view(torch.int32).reshape(-1)
 
 
 def tab_iq4nl(torch, device):
@@ -522,6 +545,7 @@ def _dequantize_packed(torch, kind: str, parts: tuple):
         else:
             dl = parts[2].float().repeat_interleave(8, dim=1) * (parts[1].long() - 32).float()
         return (dl[..., None] * v).reshape(N, -1)
+    ksigns = _tab(torch, "ksigns", dev)
     if kind == "iq3_s":
         qs, qh, sg, sc, d = parts
         g = torch.arange(qs.shape[1], device=dev)
@@ -529,11 +553,22 @@ def _dequantize_packed(torch, kind: str, parts: tuple):
         vals = _tab(torch, "iq3s", dev)[idx].int().reshape(N, -1, 8)  # [N, K/8, 8]
         ls = torch.stack([sc.long() & 15, sc.long() >> 4], dim=-1).reshape(N, -1)  # per 32
         db = d.float().repeat_interleave(8, dim=1) * (1 + 2 * ls).float()
+    elif kind == "iq3_xxs":
+        qs, aux, d = parts
+        aux = aux.long() & 0xFFFFFFFF  # [N, K/32]
+        vals = _tab(torch, "iq3xxs", dev)[qs.long()].int().reshape(N, -1, 8)
+        sg = ksigns[(aux[..., None] >> (7 * torch.arange(4, device=dev))) & 127].reshape(N, -1)
+        db = d.float().repeat_interleave(8, dim=1) * (_f32(torch, 0.5) + (aux >> 28).float()) * _f32(torch, 0.5)
     else:
-        qs, sg, qh, sc, d = parts
-        g = torch.arange(qs.shape[1], device=dev)
-        idx = qs.long() | (((qh.long()[:, g // 4] >> (2 * (g % 4))) & 3) << 8)
-        vals = _tab(torch, "iq2s", dev)[idx].int()  # [N, K/8, 8]
+        if kind == "iq2_s":
+            qs, sg, qh, sc, d = parts
+            g = torch.arange(qs.shape[1], device=dev)
+            vals = _tab(torch, "iq2s", dev)[qs.long() | (((qh.long()[:, g // 4] >> (2 * (g % 4))) & 3) << 8)]
+        else:
+            qs, sc, d = parts
+            q = qs.long() & 0xFFFF
+            vals, sg = _tab(torch, "iq2xs", dev)[q & 511], ksigns[q >> 9]
+        vals = vals.int()  # [N, K/8, 8]
         ls = torch.stack([sc.long() & 15, sc.long() >> 4], dim=-1).reshape(N, -1).float()  # per 16
         db = d.float().repeat_interleave(16, dim=1) * (_f32(torch, 0.5) + ls) * _f32(torch, 0.25)
     q = _signed(torch, vals, sg).reshape(N, db.shape[1], -1).float()

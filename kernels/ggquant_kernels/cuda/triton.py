@@ -155,11 +155,23 @@ def _mv_iq4(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, XS: tl.co
 
 
 @triton.jit
-def _mv_iq3_s(qs_ptr, qh_ptr, sg_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr,
-              NSB: tl.constexpr):
-    # NSB super-blocks per iteration, one lane per iq3s_grid entry g (columns 4g..4g+3: byte b of
-    # the entry, negated where bit 4 (g % 2) + b of sign byte g // 2 is set); then one scale per
-    # 32 columns (dequantize_row_iq3_s: y = d * (1 + 2 ls) * grid byte * sign)
+def _ksigns(s7):
+    # ksigns_iq2xs[s7] (ggml-common.h): the 7 sign bits with their parity as bit 7, computed
+    p = s7 ^ (s7 >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return s7 | ((p & 1) << 7)
+
+
+@triton.jit
+def _mv_iq3(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XXS: tl.constexpr, BN: tl.constexpr,
+            NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per grid entry g (4 bytes: columns 4g..4g+3, byte b
+    # negated where bit 4 (g % 2) + b of the sign byte of columns 8 (g // 2).. is set), then one
+    # scale per 32 columns. IQ3_S (dequantize_row_iq3_s): p0..p4 = qs, qh, signs, scales, d (dequant.py
+    # repack_iq3_s), index qs | qh bit << 8 into iq3s_grid, y = d * (1 + 2 ls) * grid * sign.
+    # IQ3_XXS (dequantize_row_iq3_xxs): p0 = qs, p1 = aux (u32 per 32: 4 x 7-bit ksigns indices,
+    # scale << 28), p2 = d; index qs into iq3xxs_grid, y = d * (0.5 + ls) * 0.5 * grid * sign.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -171,10 +183,15 @@ def _mv_iq3_s(qs_ptr, qh_ptr, sg_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, 
         gm = (sb0 + g // 64) < nsb
         cm = (sb0 + c // 8) < nsb
         m = rmask[:, None] & gm[None, :]
-        q = tl.load(qs_ptr + r64[:, None] * (K // 4) + sb0 * 64 + g[None, :], mask=m, other=0).to(tl.int32)
-        h = tl.load(qh_ptr + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0).to(tl.int32)
-        e = tl.load(grid_ptr + (q | (((h >> (g[None, :] % 8)) & 1) << 8)))
-        s = tl.load(sg_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :] // 2, mask=m, other=0).to(tl.int32)
+        q = tl.load(p0 + r64[:, None] * (K // 4) + sb0 * 64 + g[None, :], mask=m, other=0).to(tl.int32)
+        if XXS:
+            a = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0)
+            s = _ksigns((a >> (7 * ((g[None, :] % 8) // 2))) & 127)
+            e = tl.load(grid_ptr + q)
+        else:
+            h = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0).to(tl.int32)
+            e = tl.load(grid_ptr + (q | (((h >> (g[None, :] % 8)) & 1) << 8)))
+            s = tl.load(p2 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :] // 2, mask=m, other=0).to(tl.int32)
         s = s >> ((g[None, :] % 2) * 4)
         p = tl.zeros((BN, 64 * NSB), tl.float32)
         for b in tl.static_range(4):
@@ -183,19 +200,27 @@ def _mv_iq3_s(qs_ptr, qh_ptr, sg_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, 
             p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
         dot = tl.sum(tl.reshape(p, (BN, 8 * NSB, 8)), axis=2)
         m2 = rmask[:, None] & cm[None, :]
-        sc = tl.load(sc_ptr + r64[:, None] * (K // 64) + sb0 * 4 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
-        ls = (sc >> ((c[None, :] % 2) * 4)) & 15
-        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
-        acc += d * (1 + 2 * ls).to(tl.float32) * dot
+        if XXS:
+            a = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :], mask=m2, other=0)
+            d = tl.load(p2 + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (0.5 + ((a >> 28) & 15).to(tl.float32)) * 0.5 * dot
+        else:
+            sc = tl.load(p3 + r64[:, None] * (K // 64) + sb0 * 4 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
+            ls = (sc >> ((c[None, :] % 2) * 4)) & 15
+            d = tl.load(p4 + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (1 + 2 * ls).to(tl.float32) * dot
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit
-def _mv_iq2_s(qs_ptr, sg_ptr, qh_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr,
-              NSB: tl.constexpr):
-    # NSB super-blocks per iteration, one lane per iq2s_grid entry g (columns 8g..8g+7: byte b of
-    # the 8-byte entry = int32 words 2 idx, 2 idx + 1, negated where bit b of sign byte g is set);
-    # then one scale per 16 columns (dequantize_row_iq2_s: y = d * (0.5 + ls) * 0.25 * grid * sign)
+def _mv_iq2(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XS: tl.constexpr, BN: tl.constexpr,
+            NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per grid entry g (8 bytes = int32 words 2 idx,
+    # 2 idx + 1: columns 8g..8g+7, byte b negated where bit b of sign byte g is set), then one
+    # scale per 16 columns, y = d * (0.5 + ls) * 0.25 * grid * sign. IQ2_S (dequantize_row_iq2_s):
+    # p0..p4 = qs, signs, qh, scales, d (dequant.py repack_iq2_s), index qs | 2 qh bits << 8 into
+    # iq2s_grid. IQ2_XS (dequantize_row_iq2_xs): p0 = qs int16 (9-bit iq2xs_grid index | 7-bit
+    # ksigns index << 9), p1 = scales, p2 = d.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -207,12 +232,17 @@ def _mv_iq2_s(qs_ptr, sg_ptr, qh_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, 
         gm = (sb0 + g // 32) < nsb
         cm = (sb0 + c // 16) < nsb
         m = rmask[:, None] & gm[None, :]
-        q = tl.load(qs_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
-        h = tl.load(qh_ptr + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 4, mask=m, other=0).to(tl.int32)
-        idx = 2 * (q | (((h >> (2 * (g[None, :] % 4))) & 3) << 8))
+        q = tl.load(p0 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
+        if XS:
+            q = q & 0xFFFF
+            idx = 2 * (q & 511)
+            s = _ksigns(q >> 9)
+        else:
+            h = tl.load(p2 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 4, mask=m, other=0).to(tl.int32)
+            idx = 2 * (q | (((h >> (2 * (g[None, :] % 4))) & 3) << 8))
+            s = tl.load(p1 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
         lo = tl.load(grid_ptr + idx)
         hi = tl.load(grid_ptr + idx + 1)
-        s = tl.load(sg_ptr + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
         p = tl.zeros((BN, 32 * NSB), tl.float32)
         for b in tl.static_range(8):
             if b < 4:
@@ -223,9 +253,15 @@ def _mv_iq2_s(qs_ptr, sg_ptr, qh_ptr, sc_ptr, d_ptr, grid_ptr, x_ptr, y_ptr, N, 
             p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
         dot = tl.sum(tl.reshape(p, (BN, 16 * NSB, 2)), axis=2)
         m2 = rmask[:, None] & cm[None, :]
-        sc = tl.load(sc_ptr + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
+        so = r64[:, None] * (K // 32) + sb0 * 8 + c[None, :] // 2
+        do = r64[:, None] * nsb + sb0 + c[None, :] // 16
+        if XS:
+            sc = tl.load(p1 + so, mask=m2, other=0).to(tl.int32)
+            d = tl.load(p2 + do, mask=m2, other=0.0).to(tl.float32)
+        else:
+            sc = tl.load(p3 + so, mask=m2, other=0).to(tl.int32)
+            d = tl.load(p4 + do, mask=m2, other=0.0).to(tl.float32)
         ls = ((sc >> ((c[None, :] % 2) * 4)) & 15).to(tl.float32)
-        d = tl.load(d_ptr + r64[:, None] * nsb + sb0 + c[None, :] // 16, mask=m2, other=0.0).to(tl.float32)
         acc += d * (0.5 + ls) * 0.25 * dot
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
@@ -252,12 +288,13 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
     return bn
 
 
-# (rows per program at most, columns per iteration (q4_k, iq3_s, iq2_s: super-blocks of 256; iq4_xs,
+# (rows per program at most, columns per iteration (q4_k, iq3_*, iq2_*: super-blocks of 256; iq4_xs,
 # iq4_nl: blocks of 32), num_warps): the best
 # over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
 # bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
 MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4),
-             "iq4_xs": (16, 16, 4), "iq4_nl": (16, 16, 4), "iq3_s": (16, 2, 4), "iq2_s": (16, 2, 4)}
+             "iq4_xs": (16, 16, 4), "iq4_nl": (16, 16, 4), "iq3_s": (16, 2, 4), "iq3_xxs": (16, 2, 4),
+             "iq2_s": (16, 2, 4), "iq2_xs": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -278,10 +315,11 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     elif kind == "iq4_nl":
         _mv_iq4[grid](parts[0], parts[0], parts[1], x, y, n, k, *_iq4nl_words(), XS=False, BN=bn, NB=bk,
                       num_warps=warps)
-    elif kind == "iq3_s":
-        _mv_iq3_s[grid](*parts, grid_words(torch, kind, x.device), x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
-    elif kind == "iq2_s":
-        _mv_iq2_s[grid](*parts, grid_words(torch, kind, x.device), x, y, n, k, BN=bn, NSB=bk, num_warps=warps)
+    elif kind in ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
+        p = tuple(parts) + (parts[0],) * (5 - len(parts))
+        fn, flag = {"iq3_s": (_mv_iq3, False), "iq3_xxs": (_mv_iq3, True), "iq2_s": (_mv_iq2, False),
+                    "iq2_xs": (_mv_iq2, True)}[kind]
+        fn[grid](*p, grid_words(torch, kind, x.device), x, y, n, k, flag, BN=bn, NSB=bk, num_warps=warps)
     else:
         raise ValueError(kind)
     return y
@@ -489,8 +527,9 @@ def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
 def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
     """float32 [BN, BK] values of the weight at rows x cols (cols < K everywhere) from its repacked
     parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
-    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2, 3, 4, 5:
-    IQ4_XS, IQ3_S, IQ2_S, IQ4_NL (dequant.py repack_<type>; tab: kvalues_iq4nl int8 / grid_words), each
+    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2..7:
+    IQ4_XS, IQ3_S, IQ2_S, IQ4_NL, IQ3_XXS, IQ2_XS (dequant.py repack_<type>; tab: kvalues_iq4nl int8 /
+    grid_words), each
     value as ggml's factors in ggml's order (dequantize_parts)."""
     r64 = rows.to(tl.int64)[:, None]
     m = rmask[:, None]
@@ -504,29 +543,46 @@ def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G
             ls = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=32).to(tl.int32)
             d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
             return (d * (ls - 32).to(tl.float32)) * kv
-    elif KIND == 3:
+    elif KIND == 3 or KIND == 6:  # IQ3_S, IQ3_XXS
         g = (cols // 4)[None, :]
         q = tl.load(p0 + r64 * (K // 4) + g, mask=m, other=0).to(tl.int32)
-        h = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
-        e = tl.load(tab + (q | (((h >> (g % 8)) & 1) << 8)))
+        if KIND == 6:
+            a = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0)
+            e = tl.load(tab + q)
+            s = _ksigns((a >> (7 * ((cols // 8) % 4))[None, :]) & 127)
+        else:
+            h = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            e = tl.load(tab + (q | (((h >> (g % 8)) & 1) << 8)))
+            s = tl.load(p2 + r64 * (K // 8) + (cols // 8)[None, :], mask=m, other=0).to(tl.int32)
         v = (e >> (8 * (cols % 4))[None, :]) & 255
-        s = tl.load(p2 + r64 * (K // 8) + (cols // 8)[None, :], mask=m, other=0).to(tl.int32)
         v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
-        sc = tl.load(p3 + r64 * (K // 64) + (cols // 64)[None, :], mask=m, other=0).to(tl.int32)
-        ls = (sc >> (4 * ((cols // 32) % 2))[None, :]) & 15
-        d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
-        return (d * (1 + 2 * ls).to(tl.float32)) * v
-    elif KIND == 4:
+        if KIND == 6:
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return ((d * (0.5 + ((a >> 28) & 15).to(tl.float32))) * 0.5) * v
+        else:
+            sc = tl.load(p3 + r64 * (K // 64) + (cols // 64)[None, :], mask=m, other=0).to(tl.int32)
+            ls = (sc >> (4 * ((cols // 32) % 2))[None, :]) & 15
+            d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return (d * (1 + 2 * ls).to(tl.float32)) * v
+    elif KIND == 4 or KIND == 7:  # IQ2_S, IQ2_XS
         g = (cols // 8)[None, :]
         q = tl.load(p0 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
-        h = tl.load(p2 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
-        e = tl.load(tab + 2 * (q | (((h >> (2 * (g % 4))) & 3) << 8)) + ((cols % 8) // 4)[None, :])
+        if KIND == 7:
+            q = q & 0xFFFF
+            idx = q & 511
+            s = _ksigns(q >> 9)
+            sc = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            h = tl.load(p2 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            idx = q | (((h >> (2 * (g % 4))) & 3) << 8)
+            s = tl.load(p1 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
+            sc = tl.load(p3 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        e = tl.load(tab + 2 * idx + ((cols % 8) // 4)[None, :])
         v = (e >> (8 * (cols % 4))[None, :]) & 255
-        s = tl.load(p1 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
         v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
-        sc = tl.load(p3 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
         ls = ((sc >> (4 * ((cols // 16) % 2))[None, :]) & 15).to(tl.float32)
-        d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
         return ((d * (0.5 + ls)) * 0.25) * v
     elif KIND == 0:
         q = tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0).to(tl.float32)
@@ -559,7 +615,7 @@ def _dequant_half(p0, p1, p2, p3, p4, tab, y_ptr, N, K, KIND: tl.constexpr, G: t
              mask=rmask[:, None])
 
 
-_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4, "iq4_nl": 5}
+_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4, "iq4_nl": 5, "iq3_xxs": 6, "iq2_xs": 7}
 TILE_KINDS = tuple(_KINDS)  # the layouts dequant_half / matmul_q read
 
 
@@ -571,7 +627,7 @@ def _parts5(torch, kind, parts):
         g = parts[0].shape[1] // parts[1].shape[1]
     if kind in ("iq4_xs", "iq4_nl"):
         tab = tab_iq4nl(torch, parts[0].device)
-    elif kind in ("iq3_s", "iq2_s"):
+    elif kind in ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
         tab = grid_words(torch, kind, parts[0].device)
     else:
         tab = parts[0]
@@ -616,7 +672,8 @@ def _mm_q(x_ptr, p0, p1, p2, p3, p4, tab, y_ptr, M, N, K, KIND: tl.constexpr, G:
 
 # (BM, BN, BK, num_warps, num_stages): bench/prefill_matmul.py picks among these on the GPU
 MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3), "iq4_xs": (128, 128, 64, 8, 3),
-             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3), "iq4_nl": (128, 128, 64, 8, 3)}
+             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3), "iq4_nl": (128, 128, 64, 8, 3),
+             "iq3_xxs": (128, 128, 64, 8, 3), "iq2_xs": (128, 128, 64, 8, 3)}
 
 
 def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
