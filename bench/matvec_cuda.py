@@ -1,8 +1,9 @@
-"""Batch-1 matvec speed per weight layout for the i-quant types of issue 14, on a GPU: the generic
+"""Batch-1 matvec speed per weight layout for the i-quant types of issue 14 (IQ4_XS, IQ3_S, IQ2_S,
+IQ4_NL, IQ3_XXS, IQ2_XS), on a GPU: the generic
 "int8" repack (one int8 code per weight + a float32 scale per 16/32 columns) against the packed
 layout (dequant.py repack_<type>: the block's own bits), the same random blocks for both:
 
-    python bench/matvec_cuda.py                       # iq4_xs,iq3_s,iq2_s (under 60 s on an H100)
+    python bench/matvec_cuda.py                       # all six (under 60 s on an H100)
     python bench/matvec_cuda.py iq3_s                 # one type
 
 Per type and shape (E4B's FFN: N=10240,K=2560 and N=2560,K=10240): us per call, bits read per
@@ -24,16 +25,17 @@ from ggquant.kernels.cuda import dequant  # noqa: E402
 from ggquant.kernels.cuda import triton as ck  # noqa: E402
 from ggquant.runtime.cuda import repack  # noqa: E402
 
-TYPES = {"iq4_xs": T.IQ4_XS, "iq3_s": T.IQ3_S, "iq2_s": T.IQ2_S}
+TYPES = {"iq4_xs": T.IQ4_XS, "iq3_s": T.IQ3_S, "iq2_s": T.IQ2_S, "iq4_nl": T.IQ4_NL, "iq3_xxs": T.IQ3_XXS,
+         "iq2_xs": T.IQ2_XS}
 SHAPES = [(10240, 2560), (2560, 10240)]
 COLD_BYTES = 256 << 20  # > 50 MB of L2
 
 
 def random_blocks(qtype, n, k):
     """Random block bytes with one sane fp16 d per block (every other byte pattern is a valid block)."""
-    size = GGML_QUANT_SIZES[qtype][1]
-    raw = torch.randint(0, 256, (n, k // 256 * size), dtype=torch.uint8, device="cuda")
-    raw.view(n, k // 256, size)[..., 0:2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device="cuda")
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = torch.randint(0, 256, (n, k // block * size), dtype=torch.uint8, device="cuda")
+    raw.view(n, k // block, size)[..., 0:2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device="cuda")
     return raw
 
 
