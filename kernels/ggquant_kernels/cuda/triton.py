@@ -18,6 +18,12 @@ fewer bytes than a float32 copy)):
         fp16 times a 6-bit int)
   Q4_K  qs uint8 [N, K/2] (the 128 qs bytes of each super-block, in order), sc, mn uint8
         [N, K/32] (the 6-bit scales/mins of get_scale_min_k4, unpacked), d, dmin fp16 [N, K/256]
+  i-quants (issue 14): each block's fields de-interleaved into one array per field (dequant.py
+        repack_<type> docstrings), read at the GGUF's own bits per weight: iq4_xs 4.3125 (its
+        6-bit scales one per byte: +1/16), iq4_nl 4.5, iq3_s 3.4375, iq3_xxs 3.0625, iq2_s 2.5625,
+        iq2_xs 2.3125 - instead of the int8 layout's 9 (8 + a float32 scale per 32) or 10 (per 16).
+        Grid types gather their grid entries (iq3s/iq3xxs/iq2s/iq2xs_grid, dequant.grid_words)
+        from the L1-resident table; kvalues_iq4nl and ksigns_iq2xs are computed in registers.
 Products accumulate in float32 (ggml-cuda's mmvq dots also differ from the CPU's order).
 
 Set TRITON_INTERPRET=1 to run them on CPU tensors (how they are developed off the GPU).
