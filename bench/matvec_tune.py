@@ -2,7 +2,7 @@
 matrix shapes of Gemma 4 E4B, timed as a CUDA graph of calls (no launch gaps) that cycle through
 enough copies of each matrix to exceed the L2 cache (a decode step reads every weight cold), on a GPU:
 
-    python bench/matvec_tune.py dense,q8_0,q4_k
+    python bench/matvec_tune.py dense,q8_0,q4_k          (also iq4_xs, iq3_s, iq2_s)
 
 Prints the best configs over all shapes; MV_CONFIG holds the chosen ones."""
 import sys
@@ -17,8 +17,10 @@ from ggquant.kernels.cuda import triton as ck  # noqa: E402
 from ggquant.runtime.cuda import repack  # noqa: E402
 
 SHAPES = [(2048, 2560), (512, 2560), (10240, 2560), (2560, 10240), (2560, 4096), (262144, 2560), (256, 2560), (2560, 256)]
-KIND = {"dense": T.BF16, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
-ROW = {"dense": lambda k: 2 * k, "q8_0": lambda k: k // 32 * 34, "q4_k": lambda k: k // 256 * 144}
+KIND = {"dense": T.BF16, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "iq4_xs": T.IQ4_XS, "iq3_s": T.IQ3_S, "iq2_s": T.IQ2_S}
+ROW = {"dense": lambda k: 2 * k, "q8_0": lambda k: k // 32 * 34, "q4_k": lambda k: k // 256 * 144,
+       "iq4_xs": lambda k: k // 256 * 136, "iq3_s": lambda k: k // 256 * 110, "iq2_s": lambda k: k // 256 * 82}
+SUPER = ("q4_k", "iq4_xs", "iq3_s", "iq2_s")  # configs: (rows, super-blocks per iteration, warps)
 
 
 def time_calls(fn, n=20):
@@ -54,12 +56,14 @@ def main():
             if kind == "q4_k":
                 b = raw.view(n, k // 256, 144)
                 b[..., 0:4] = torch.tensor([0x00, 0x20, 0x00, 0x20], dtype=torch.uint8, device="cuda")
+            if kind.startswith("iq"):  # a sane fp16 d; every other byte pattern is a valid block
+                raw.view(n, k // 256, -1)[..., 0:2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device="cuda")
             nbytes = n * ROW[kind](k)
             copies = []
             for _ in range(max(1, -(-(256 << 20) // nbytes))):  # > 50 MB of L2: every call reads from HBM
                 copies.append(repack(torch, KIND[kind], raw.clone(), k))
             x = torch.randn(k, device="cuda")
-            cfgs = [(bn, nsb, w) for bn in (4, 8, 16, 32) for nsb in (1, 2, 4) for w in (4, 8)] if kind == "q4_k" else configs
+            cfgs = [(bn, nsb, w) for bn in (4, 8, 16, 32) for nsb in (1, 2, 4) for w in (4, 8)] if kind in SUPER else configs
             best = None
             for cfg in cfgs + [None]:  # None: the shape-dependent choice matvec makes by itself
                 try:
@@ -82,4 +86,5 @@ def main():
         print(f"{kind} default: {tot[None] * 1e6:8.1f} us, {total_bytes / tot[None] / 1e9:7.0f} GB/s")
 
 
-main()
+if __name__ == "__main__":
+    main()

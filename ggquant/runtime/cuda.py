@@ -1,7 +1,9 @@
 """CUDA backend (torch): the same model code on a GPU, in float32.
 
-Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]; Q8_0 and Q4_K
-repacked once into separate quant/scale arrays, see repack) and are dequantized with torch ops
+Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]; with the Triton kernels
+repacked once into the layout their matvec reads, see repack: Q4_K and the i-quants IQ4_XS/IQ4_NL/
+IQ3_S/IQ3_XXS/IQ2_S/IQ2_XS at their own bits, the other block types as int8 codes + scales) and are
+dequantized with torch ops
 per block type (the layouts of ggml-common.h, as in ggml's dequantize_row_<type>) for batched
 products; the float32 result is kept on the device while memory allows (cache_weights, see
 CUDABackend). Activations are not quantized: the CPU backend reproduces llama.cpp's CPU
@@ -91,7 +93,7 @@ CACHE_RESERVE_BYTES = 4 << 30
 # batched products (T > 1) of non-F32 weights: "cublas" (dequantize to fp16/bf16, torch.mm with
 # float32 accumulation: llama.cpp's own cuBLAS path for large batches), "triton"
 # (kernels/cuda/triton.py matmul_q: dequantized tiles fed to tl.dot, no fp16 copy in memory;
-# int8/q4_k layouts, others as "cublas") or "f32" (dequantize to float32, float32 GEMM: the
+# the layouts of triton.TILE_KINDS, others as "cublas") or "f32" (dequantize to float32, float32 GEMM: the
 # products of the CPU-device tests). PREFILL_MODE is the default of CUDABackend(prefill=None) on
 # CUDA. Measured on an H100 (bench/prefill_matmul.py, T=512, the four Gemma 4 E4B layer shapes
 # summed): cublas 376 / 494 / 461 / 373 us for Q8_0 / Q4_K / Q6_K / Q4_0 against f32's 1708 /
@@ -256,7 +258,7 @@ class CUDABackend:
         if w.kind == "dense" and w.parts[0].dtype == dt:
             return w.parts[0]
         n, k = w.shape
-        if self.kern is not None and w.kind in ("int8", "q4_k") and k % 64 == 0:
+        if self.kern is not None and w.kind in self.kern.TILE_KINDS and k % 64 == 0:
             y = self.kern.dequant_half(torch, w.kind, w.parts, n, k, dt)
         else:
             y = self._dequant(w).to(dt)
@@ -271,7 +273,7 @@ class CUDABackend:
         dt = self._half_dtype(w)
         xh = x.to(dt).contiguous()
         n, k = w.shape
-        if (self.prefill == "triton" and self.kern is not None and w._half is None and w.kind in ("int8", "q4_k")
+        if (self.prefill == "triton" and self.kern is not None and w._half is None and w.kind in self.kern.TILE_KINDS
                 and k % 64 == 0 and xh.dtype == torch.float16):
             return self.kern.matmul_q(torch, w.kind, w.parts, xh, n, k)
         wh = self._half(w)

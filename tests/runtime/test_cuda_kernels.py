@@ -26,7 +26,30 @@ def _kernels():
     pytest.importorskip("triton")
     from ggquant.kernels.cuda import triton
 
+    if INTERPRET:
+        _interpreter_scalar_index_fix()
     return triton
+
+
+def _interpreter_scalar_index_fix():
+    """Triton 3.6's interpreter holds a kernel's scalar arguments as 1-element 1-D numpy arrays and
+    converts them with int(array) when used as a Python index - `range(0, K, BK)` over a runtime
+    K, the loop of every matvec kernel. numpy >= 2.4 refuses int() on ndim > 0 arrays ("only
+    0-dimensional arrays can be converted to Python scalars"), so under TRITON_INTERPRET=1 every
+    such kernel failed. Re-patch __index__ to take the one element (.item()); the GPU compiler is
+    not involved."""
+    from triton.runtime import interpreter as ti
+
+    if getattr(ti._patch_lang_tensor, "ggquant_fixed", False):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched.ggquant_fixed = True
+    ti._patch_lang_tensor = patched
 
 
 def _weights(qtype, n, k, seed=0):
@@ -76,7 +99,11 @@ def test_repacked_layout_holds_ggml_values(qtype):
                                        (T.Q4_0, 40, 320), (T.Q5_0, 17, 512), (T.Q6_K, 30, 768),
                                        (T.IQ2_S, 20, 512), (T.IQ3_S, 9, 768), (T.IQ1_M, 12, 512),
                                        (T.TQ2_0, 8, 512), (T.NVFP4, 10, 320), (T.Q1_0, 6, 384),
-                                       (T.IQ4_NL, 16, 320)], ids=str)
+                                       (T.IQ4_NL, 16, 320),
+                                       # issue 14's packed layouts: partial row blocks, partial NSB tiles
+                                       (T.IQ4_XS, 33, 1280), (T.IQ4_XS, 3, 768), (T.IQ3_S, 45, 1280),
+                                       (T.IQ2_S, 7, 1280), (T.IQ2_S, 37, 768), (T.IQ4_NL, 35, 800),
+                                       (T.IQ3_XXS, 21, 1280), (T.IQ2_XS, 18, 768)], ids=str)
 def test_matvec_equals_dequantized_product(qtype, n, k):
     from ggquant.runtime.cuda import repack
 
@@ -87,6 +114,38 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
     got = ck.matvec(torch, kind, parts, x, n, k).cpu().numpy().astype(np.float64)
     want = ref.astype(np.float64) @ x.cpu().numpy().astype(np.float64)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
+
+
+PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL: "iq4_nl", T.IQ3_XXS: "iq3_xxs",
+                T.IQ2_XS: "iq2_xs"}  # issue 14
+
+
+@pytest.mark.parametrize("qtype", list(PACKED_KINDS), ids=lambda t: t.name)
+def test_backend_keeps_packed_iquant_layout(qtype):
+    """With kernels (a GPU, or TRITON_INTERPRET=1) the backend keeps IQ4_XS / IQ3_S / IQ2_S weights
+    in their packed layout and multiplies with it (batch 1: the matvec; batch 3: the batched
+    path); without triton (CI) it keeps the block bytes and dequantizes them, same products."""
+    from types import SimpleNamespace
+
+    from ggquant.runtime.cuda import CUDABackend
+
+    if INTERPRET:
+        _kernels()  # the interpreter fix
+    n, k = 19, 512
+    raw, ref = _weights(qtype, n, k, seed=int(qtype) + 5)
+    be = CUDABackend(device=DEV)
+    w = be.weight(SimpleNamespace(name="blk.0.ffn_up.weight", qtype=qtype, shape=(n, k), raw=lambda: raw))
+    if be.kern is None:
+        assert w.kind is None and w.raw is not None
+    else:
+        assert w.kind == PACKED_KINDS[qtype] and w.raw is None
+        assert 8 * sum(p.numel() * p.element_size() for p in w.parts) / (n * k) <= 4.5  # the block's bits, not int8's
+    x = np.random.default_rng(4).standard_normal((3, k)).astype(np.float32)
+    want = x.astype(np.float64) @ ref.astype(np.float64).T
+    tol = 1e-4 * np.abs(ref).sum(1).max()
+    for rows in (x[:1], x):
+        got = be.to_numpy(be.matmul(be.asarray(rows), w))
+        assert np.abs(got - want[: len(rows)]).max() <= tol
 
 
 def test_rms_norm_rope_geglu_kernels():

@@ -22,7 +22,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
-BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K]
+BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K, T.IQ4_XS, T.IQ3_S, T.IQ2_S, T.IQ4_NL, T.IQ3_XXS, T.IQ2_XS]
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
@@ -36,7 +36,7 @@ def test_dequant_half_is_the_rounded_dequantization(qtype):
     got = ck.dequant_half(torch, kind, parts, n, k).cpu()
     want = torch.from_numpy(ref).to(torch.float16)
     assert got.dtype == torch.float16 and got.shape == (n, k)
-    if kind == "int8":  # s * q is exact in float32: one rounding to fp16, bit-equal
+    if kind != "q4_k":  # a product of exact factors (int8: s * q; i-quants: ggml's): one rounding, bit-equal
         assert torch.equal(got, want)
     else:  # Q4_K: d*sc*q - dmin*m may be contracted to an fma on the GPU: at most one fp16 step apart
         step = (want.float().abs() * 2.0 ** -10).clamp_min(2.0 ** -24)
@@ -44,7 +44,9 @@ def test_dequant_half_is_the_rounded_dequantization(qtype):
 
 
 @pytest.mark.parametrize("qtype,m,n,k", [(T.Q8_0, 37, 300, 512), (T.Q4_K, 130, 70, 768), (T.Q6_K, 5, 256, 256),
-                                         (T.Q4_0, 64, 129, 320)], ids=str)
+                                         (T.Q4_0, 64, 129, 320), (T.IQ4_XS, 20, 70, 768), (T.IQ3_S, 9, 33, 512),
+                                         (T.IQ2_S, 17, 40, 768), (T.IQ4_NL, 11, 50, 512),
+                                         (T.IQ3_XXS, 6, 70, 512), (T.IQ2_XS, 9, 30, 768)], ids=str)
 def test_matmul_q_equals_fp16_product(qtype, m, n, k):
     from ggquant.runtime.cuda import repack
 

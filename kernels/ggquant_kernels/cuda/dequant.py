@@ -207,6 +207,8 @@ def dequantize_parts(torch, kind: str, parts: tuple):
         y = (d.float()[..., None] * sc.reshape(N, -1, 8).float())[..., None] * q \
             - (dmin.float()[..., None] * mn.reshape(N, -1, 8).float())[..., None]
         return y.reshape(N, -1)
+    if kind in ("iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
+        return _dequantize_packed(torch, kind, parts)
     raise ValueError(f"unknown weight layout {kind!r}")
 
 
@@ -380,14 +382,18 @@ def _codes_iq4(torch, qtype, raw, n):
     if qtype == _T.IQ4_NL:
         qs = b[..., 2:18].long()
         return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), d.reshape(N, -1)
-    sh = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).long() & 0xFFFF  # [N, nsb]
-    sl = b[..., 4:8].long()
-    ib = torch.arange(8, device=raw.device)
-    lo = (sl[..., ib // 2] >> (4 * (ib % 2))) & 15
-    ls = lo | (((sh[..., None] >> (2 * ib)) & 3) << 4)
-    dl = d[..., None] * (ls - 32).float()
+    dl = d[..., None] * (_iq4_xs_scales(torch, b) - 32).float()
     qs = b[..., 8:136].long().reshape(N, -1, 8, 16)
     return torch.cat([kv[qs & 15], kv[qs >> 4]], dim=-1).reshape(N, n).int(), dl.reshape(N, -1)
+
+
+def _iq4_xs_scales(torch, b):
+    """IQ4_XS blocks [N, nsb, 136] -> the 6-bit scale ls of each 32 values, int64 [N, nsb, 8]
+    (dequantize_row_iq4_xs: low 4 bits from scales_l, high 2 from scales_h)."""
+    sh = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).long() & 0xFFFF  # [N, nsb]
+    sl = b[..., 4:8].long()
+    ib = torch.arange(8, device=b.device)
+    return ((sl[..., ib // 2] >> (4 * (ib % 2))) & 15) | (((sh[..., None] >> (2 * ib)) & 3) << 4)
 
 
 def _codes_fp4(torch, qtype, raw, n):
@@ -424,17 +430,146 @@ def _lowbit_type(codes):
     return dequantize, repack
 
 
+# IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
+# bench/matvec_cuda.py's comparison
 dequantize_iq2_xxs, repack_iq2_xxs = _lowbit_type(_codes_iq2_xxs)
-dequantize_iq2_xs, repack_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
-dequantize_iq2_s, repack_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
-dequantize_iq3_xxs, repack_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
-dequantize_iq3_s, repack_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
+dequantize_iq2_xs, repack_int8_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
+dequantize_iq2_s, repack_int8_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
+dequantize_iq3_xxs, repack_int8_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
+dequantize_iq3_s, repack_int8_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
 dequantize_iq1_s, repack_iq1_s = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_S, r, n))
 dequantize_iq1_m, repack_iq1_m = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_M, r, n))
 dequantize_tq1_0, repack_tq1_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ1_0, r, n))
 dequantize_tq2_0, repack_tq2_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ2_0, r, n))
-dequantize_iq4_nl, repack_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
-dequantize_iq4_xs, repack_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
+dequantize_iq4_nl, repack_int8_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
+dequantize_iq4_xs, repack_int8_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
 dequantize_mxfp4, repack_mxfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.MXFP4, r, n))
 dequantize_nvfp4, repack_nvfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.NVFP4, r, n))
 dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
+
+
+# --- packed i-quant layouts (issue 14): each block's fields de-interleaved into per-field arrays
+# at the block's own bits per weight (IQ4_XS: + 1/16 bit, its 6-bit scales stored one per byte),
+# read by triton.py's _mv_iq4 / _mv_iq3 / _mv_iq2. Within a row every field keeps ggml's
+# order, so each field's index is a plain function of the column (the comments give it).
+
+def repack_iq4_xs(torch, raw, n_per_row: int):
+    """block_iq4_xs (d | scales_h u16 | scales_l[4] | qs[128]) -> "iq4_xs": qs uint8 [N, K/2]
+    (byte 16*b + l: column 32*b + l in its low nibble, 32*b + 16 + l in its high; b = the 32-value
+    block), ls uint8 [N, K/32] (the 6-bit scale, 0..63), d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ4_XS, raw, n_per_row)
+    return "iq4_xs", (b[..., 8:136].contiguous().reshape(N, n_per_row // 2),
+                      _iq4_xs_scales(torch, b).to(torch.uint8).reshape(N, -1),
+                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq4_nl(torch, raw, n_per_row: int):
+    """block_iq4_nl (d | qs[16]) -> "iq4_nl": qs uint8 [N, K/2] (as IQ4_XS's), d fp16 [N, K/32]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ4_NL, raw, n_per_row)
+    return "iq4_nl", (b[..., 2:18].contiguous().reshape(N, n_per_row // 2),
+                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq3_s(torch, raw, n_per_row: int):
+    """block_iq3_s (d | qs[64] | qh[8] | signs[32] | scales[4]) -> "iq3_s": qs uint8 [N, K/4] (low 8
+    bits of the iq3s_grid index of columns 4g..4g+3), qh uint8 [N, K/32] (bit g % 8 of byte g // 8:
+    bit 8 of index g), signs uint8 [N, K/8] (bit c % 8 of byte c // 8: column c negated), scales uint8
+    [N, K/64] (nibble (c // 32) % 2 of byte c // 64: ls, db = d * (1 + 2 ls)), d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ3_S, raw, n_per_row)
+    f = lambda a, z: b[..., a:z].contiguous().reshape(N, -1)  # noqa: E731
+    return "iq3_s", (f(2, 66), f(66, 74), f(74, 106), f(106, 110),
+                     b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq2_s(torch, raw, n_per_row: int):
+    """block_iq2_s (d | qs[32] | signs[32] | qh[8] | scales[8]) -> "iq2_s": qs uint8 [N, K/8] (low 8
+    bits of the iq2s_grid index of columns 8g..8g+7), signs uint8 [N, K/8] (bit c % 8 of byte c // 8:
+    column c negated), qh uint8 [N, K/32] (bits 2(g % 4), +1 of byte g // 4: bits 8-9 of index g),
+    scales uint8 [N, K/32] (nibble (c // 16) % 2 of byte c // 32: ls, db = d * (0.5 + ls) * 0.25),
+    d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ2_S, raw, n_per_row)
+    f = lambda a, z: b[..., a:z].contiguous().reshape(N, -1)  # noqa: E731
+    return "iq2_s", (f(2, 34), f(34, 66), f(66, 74), f(74, 82),
+                     b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq3_xxs(torch, raw, n_per_row: int):
+    """block_iq3_xxs (d | qs[64] | scales_and_signs u32[8]) -> "iq3_xxs": qs uint8 [N, K/4] (the
+    iq3xxs_grid index of columns 4g..4g+3), aux int32 [N, K/32] (the u32 of each 32: bits 7l..7l+6
+    index ksigns_iq2xs for columns 8l..8l+7 of the 32, bits 28-31 ls, db = d * (0.5 + ls) * 0.5),
+    d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ3_XXS, raw, n_per_row)
+    return "iq3_xxs", (b[..., 2:66].contiguous().reshape(N, -1), b[..., 66:98].contiguous().view(torch.int32).reshape(N, -1),
+                       b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def repack_iq2_xs(torch, raw, n_per_row: int):
+    """block_iq2_xs (d | qs u16[32] | scales[8]) -> "iq2_xs": qs int16 [N, K/8] (columns 8g..8g+7: bits
+    0-8 the iq2xs_grid index, 9-15 the ksigns_iq2xs index), scales uint8 [N, K/32] (as IQ2_S's),
+    d fp16 [N, K/256]."""
+    N = raw.shape[0]
+    b = _blocks(_T.IQ2_XS, raw, n_per_row)
+    return "iq2_xs", (b[..., 2:66].contiguous().view(torch.int16).reshape(N, -1), b[..., 66:74].contiguous().reshape(N, -1),
+                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
+
+
+def grid_words(torch, kind: str, device):
+    """The grid of an "iq3_s" / "iq3_xxs" / "iq2_s" / "iq2_xs" layout as int32 words on device (the
+    same table the decoders use, viewed little-endian): one word per entry for the 4-value grids
+    (iq3s_grid, iq3xxs_grid), two for the 8-value ones (iq2s_grid, iq2xs_grid)."""
+    name = {"iq3_s": "iq3s", "iq3_xxs": "iq3xxs", "iq2_s": "iq2s", "iq2_xs": "iq2xs"}[kind]
+    return _tab(torch, name, device).view(torch.int32).reshape(-1)
+
+
+def tab_iq4nl(torch, device):
+    """kvalues_iq4nl int8 [16] on device (the decoders' table)."""
+    return _tab(torch, "iq4nl", device)
+
+
+def _dequantize_packed(torch, kind: str, parts: tuple):
+    """dequantize_parts for the packed i-quant layouts: ggml's factors in ggml's order (as the
+    decoders above), so the values are bit-equal to dequantize_row_<type>."""
+    dev = parts[0].device
+    N = parts[0].shape[0]
+    if kind in ("iq4_xs", "iq4_nl"):
+        kv = _tab(torch, "iq4nl", dev)
+        q = parts[0].long().reshape(N, -1, 16)
+        v = torch.cat([kv[q & 15], kv[q >> 4]], dim=-1).float()  # [N, K/32, 32]
+        if kind == "iq4_nl":
+            dl = parts[1].float()
+        else:
+            dl = parts[2].float().repeat_interleave(8, dim=1) * (parts[1].long() - 32).float()
+        return (dl[..., None] * v).reshape(N, -1)
+    ksigns = _tab(torch, "ksigns", dev)
+    if kind == "iq3_s":
+        qs, qh, sg, sc, d = parts
+        g = torch.arange(qs.shape[1], device=dev)
+        idx = qs.long() | (((qh.long()[:, g // 8] >> (g % 8)) & 1) << 8)
+        vals = _tab(torch, "iq3s", dev)[idx].int().reshape(N, -1, 8)  # [N, K/8, 8]
+        ls = torch.stack([sc.long() & 15, sc.long() >> 4], dim=-1).reshape(N, -1)  # per 32
+        db = d.float().repeat_interleave(8, dim=1) * (1 + 2 * ls).float()
+    elif kind == "iq3_xxs":
+        qs, aux, d = parts
+        aux = aux.long() & 0xFFFFFFFF  # [N, K/32]
+        vals = _tab(torch, "iq3xxs", dev)[qs.long()].int().reshape(N, -1, 8)
+        sg = ksigns[(aux[..., None] >> (7 * torch.arange(4, device=dev))) & 127].reshape(N, -1)
+        db = d.float().repeat_interleave(8, dim=1) * (_f32(torch, 0.5) + (aux >> 28).float()) * _f32(torch, 0.5)
+    else:
+        if kind == "iq2_s":
+            qs, sg, qh, sc, d = parts
+            g = torch.arange(qs.shape[1], device=dev)
+            vals = _tab(torch, "iq2s", dev)[qs.long() | (((qh.long()[:, g // 4] >> (2 * (g % 4))) & 3) << 8)]
+        else:
+            qs, sc, d = parts
+            q = qs.long() & 0xFFFF
+            vals, sg = _tab(torch, "iq2xs", dev)[q & 511], ksigns[q >> 9]
+        vals = vals.int()  # [N, K/8, 8]
+        ls = torch.stack([sc.long() & 15, sc.long() >> 4], dim=-1).reshape(N, -1).float()  # per 16
+        db = d.float().repeat_interleave(16, dim=1) * (_f32(torch, 0.5) + ls) * _f32(torch, 0.25)
+    q = _signed(torch, vals, sg).reshape(N, db.shape[1], -1).float()
+    return (db[..., None] * q).reshape(N, -1)

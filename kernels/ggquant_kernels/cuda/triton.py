@@ -18,6 +18,12 @@ fewer bytes than a float32 copy)):
         fp16 times a 6-bit int)
   Q4_K  qs uint8 [N, K/2] (the 128 qs bytes of each super-block, in order), sc, mn uint8
         [N, K/32] (the 6-bit scales/mins of get_scale_min_k4, unpacked), d, dmin fp16 [N, K/256]
+  i-quants (issue 14): each block's fields de-interleaved into one array per field (dequant.py
+        repack_<type> docstrings), read at the GGUF's own bits per weight: iq4_xs 4.3125 (its
+        6-bit scales one per byte: +1/16), iq4_nl 4.5, iq3_s 3.4375, iq3_xxs 3.0625, iq2_s 2.5625,
+        iq2_xs 2.3125 - instead of the int8 layout's 9 (8 + a float32 scale per 32) or 10 (per 16).
+        Grid types gather their grid entries (iq3s/iq3xxs/iq2s/iq2xs_grid, dequant.grid_words)
+        from the L1-resident table; kvalues_iq4nl and ksigns_iq2xs are computed in registers.
 Products accumulate in float32 (ggml-cuda's mmvq dots also differ from the CPU's order).
 
 Set TRITON_INTERPRET=1 to run them on CPU tensors (how they are developed off the GPU).
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .dequant import grid_words, tab_iq4nl
 
 
 def _pow2(n: int) -> int:
@@ -113,6 +121,174 @@ def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, N, K, QS_ROW, 
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
+@triton.jit
+def _kv_iq4nl(q, w0, w1, w2, w3):
+    # kvalues_iq4nl[q] for q int32 in [0, 16) as float32, from the table's 16 bytes held in 4 int32
+    # words (little-endian, byte q % 4 of word q // 4): selects and a shift, no memory access
+    w = tl.where(q < 8, tl.where(q < 4, w0, w1), tl.where(q < 12, w2, w3))
+    return (w >> ((q & 3) * 8)).to(tl.int8).to(tl.float32)
+
+
+@triton.jit
+def _mv_iq4(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, XS: tl.constexpr, BN: tl.constexpr,
+            NB: tl.constexpr):
+    # NB blocks of 32 columns (16 qs bytes each) per iteration. Byte j of the tile: block c = j // 16,
+    # l = j % 16; low nibble column 32c + l, high nibble 32c + 16 + l; y = scale * kvalues_iq4nl[q]
+    # with scale d * (ls - 32) (XS: dequantize_row_iq4_xs, one d per 8 blocks) or d (IQ4_NL:
+    # dequantize_row_iq4_nl, ls_ptr unused). Dots per block, then the scales.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nblk = K // 32
+    j = tl.arange(0, 16 * NB)
+    xo = (j // 16) * 32 + j % 16
+    c = tl.arange(0, NB)
+    acc = tl.zeros((BN, NB), tl.float32)
+    for b0 in range(0, nblk, NB):
+        jm = (b0 + j // 16) < nblk
+        cm = (b0 + c) < nblk
+        q = tl.load(qs_ptr + r64[:, None] * (K // 2) + b0 * 16 + j[None, :], mask=rmask[:, None] & jm[None, :],
+                    other=0).to(tl.int32)
+        xlo = tl.load(x_ptr + b0 * 32 + xo, mask=jm, other=0.0)
+        xhi = tl.load(x_ptr + b0 * 32 + 16 + xo, mask=jm, other=0.0)
+        p = _kv_iq4nl(q & 15, w0, w1, w2, w3) * xlo[None, :] + _kv_iq4nl(q >> 4, w0, w1, w2, w3) * xhi[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, NB, 16)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        if XS:
+            ls = tl.load(ls_ptr + r64[:, None] * nblk + b0 + c[None, :], mask=m2, other=32).to(tl.float32)
+            d = tl.load(d_ptr + r64[:, None] * (K // 256) + (b0 + c[None, :]) // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (ls - 32.0) * dot
+        else:
+            acc += tl.load(d_ptr + r64[:, None] * nblk + b0 + c[None, :], mask=m2, other=0.0).to(tl.float32) * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _ksigns(s7):
+    # ksigns_iq2xs[s7] (ggml-common.h): the 7 sign bits with their parity as bit 7, computed
+    p = s7 ^ (s7 >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return s7 | ((p & 1) << 7)
+
+
+@triton.jit
+def _mv_iq3(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XXS: tl.constexpr, BN: tl.constexpr,
+            NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per grid entry g (4 bytes: columns 4g..4g+3, byte b
+    # negated where bit 4 (g % 2) + b of the sign byte of columns 8 (g // 2).. is set), then one
+    # scale per 32 columns. IQ3_S (dequantize_row_iq3_s): p0..p4 = qs, qh, signs, scales, d (dequant.py
+    # repack_iq3_s), index qs | qh bit << 8 into iq3s_grid, y = d * (1 + 2 ls) * grid * sign.
+    # IQ3_XXS (dequantize_row_iq3_xxs): p0 = qs, p1 = aux (u32 per 32: 4 x 7-bit ksigns indices,
+    # scale << 28), p2 = d; index qs into iq3xxs_grid, y = d * (0.5 + ls) * 0.5 * grid * sign.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    g = tl.arange(0, 64 * NSB)
+    c = tl.arange(0, 8 * NSB)
+    acc = tl.zeros((BN, 8 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        gm = (sb0 + g // 64) < nsb
+        cm = (sb0 + c // 8) < nsb
+        m = rmask[:, None] & gm[None, :]
+        q = tl.load(p0 + r64[:, None] * (K // 4) + sb0 * 64 + g[None, :], mask=m, other=0).to(tl.int32)
+        if XXS:
+            a = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0)
+            s = _ksigns((a >> (7 * ((g[None, :] % 8) // 2))) & 127)
+            e = tl.load(grid_ptr + q)
+        else:
+            h = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 8, mask=m, other=0).to(tl.int32)
+            e = tl.load(grid_ptr + (q | (((h >> (g[None, :] % 8)) & 1) << 8)))
+            s = tl.load(p2 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :] // 2, mask=m, other=0).to(tl.int32)
+        s = s >> ((g[None, :] % 2) * 4)
+        p = tl.zeros((BN, 64 * NSB), tl.float32)
+        for b in tl.static_range(4):
+            v = ((e >> (8 * b)) & 255).to(tl.float32)
+            xb = tl.load(x_ptr + sb0 * 256 + 4 * g + b, mask=gm, other=0.0)
+            p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, 8 * NSB, 8)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        if XXS:
+            a = tl.load(p1 + r64[:, None] * (K // 32) + sb0 * 8 + c[None, :], mask=m2, other=0)
+            d = tl.load(p2 + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (0.5 + ((a >> 28) & 15).to(tl.float32)) * 0.5 * dot
+        else:
+            sc = tl.load(p3 + r64[:, None] * (K // 64) + sb0 * 4 + c[None, :] // 2, mask=m2, other=0).to(tl.int32)
+            ls = (sc >> ((c[None, :] % 2) * 4)) & 15
+            d = tl.load(p4 + r64[:, None] * nsb + sb0 + c[None, :] // 8, mask=m2, other=0.0).to(tl.float32)
+            acc += d * (1 + 2 * ls).to(tl.float32) * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _mv_iq2(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XS: tl.constexpr, BN: tl.constexpr,
+            NSB: tl.constexpr):
+    # NSB super-blocks per iteration, one lane per grid entry g (8 bytes = int32 words 2 idx,
+    # 2 idx + 1: columns 8g..8g+7, byte b negated where bit b of sign byte g is set), then one
+    # scale per 16 columns, y = d * (0.5 + ls) * 0.25 * grid * sign. IQ2_S (dequantize_row_iq2_s):
+    # p0..p4 = qs, signs, qh, scales, d (dequant.py repack_iq2_s), index qs | 2 qh bits << 8 into
+    # iq2s_grid. IQ2_XS (dequantize_row_iq2_xs): p0 = qs int16 (9-bit iq2xs_grid index | 7-bit
+    # ksigns index << 9), p1 = scales, p2 = d.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    nsb = K // 256
+    g = tl.arange(0, 32 * NSB)
+    c = tl.arange(0, 16 * NSB)
+    acc = tl.zeros((BN, 16 * NSB), tl.float32)
+    for sb0 in range(0, nsb, NSB):
+        gm = (sb0 + g // 32) < nsb
+        cm = (sb0 + c // 16) < nsb
+        m = rmask[:, None] & gm[None, :]
+        q = tl.load(p0 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
+        if XS:
+            q = q & 0xFFFF
+            idx = 2 * (q & 511)
+            s = _ksigns(q >> 9)
+        else:
+            h = tl.load(p2 + r64[:, None] * (K // 32) + sb0 * 8 + g[None, :] // 4, mask=m, other=0).to(tl.int32)
+            idx = 2 * (q | (((h >> (2 * (g[None, :] % 4))) & 3) << 8))
+            s = tl.load(p1 + r64[:, None] * (K // 8) + sb0 * 32 + g[None, :], mask=m, other=0).to(tl.int32)
+        lo = tl.load(grid_ptr + idx)
+        hi = tl.load(grid_ptr + idx + 1)
+        p = tl.zeros((BN, 32 * NSB), tl.float32)
+        for b in tl.static_range(8):
+            if b < 4:
+                v = ((lo >> (8 * b)) & 255).to(tl.float32)
+            else:
+                v = ((hi >> (8 * (b - 4))) & 255).to(tl.float32)
+            xb = tl.load(x_ptr + sb0 * 256 + 8 * g + b, mask=gm, other=0.0)
+            p += tl.where(((s >> b) & 1) != 0, -v, v) * xb[None, :]
+        dot = tl.sum(tl.reshape(p, (BN, 16 * NSB, 2)), axis=2)
+        m2 = rmask[:, None] & cm[None, :]
+        so = r64[:, None] * (K // 32) + sb0 * 8 + c[None, :] // 2
+        do = r64[:, None] * nsb + sb0 + c[None, :] // 16
+        if XS:
+            sc = tl.load(p1 + so, mask=m2, other=0).to(tl.int32)
+            d = tl.load(p2 + do, mask=m2, other=0.0).to(tl.float32)
+        else:
+            sc = tl.load(p3 + so, mask=m2, other=0).to(tl.int32)
+            d = tl.load(p4 + do, mask=m2, other=0.0).to(tl.float32)
+        ls = ((sc >> ((c[None, :] % 2) * 4)) & 15).to(tl.float32)
+        acc += d * (0.5 + ls) * 0.25 * dot
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+_IQ4NL_WORDS: list = []
+
+
+def _iq4nl_words() -> list:
+    """kvalues_iq4nl (ggquant's table) as 4 signed int32 words, for _kv_iq4nl."""
+    if not _IQ4NL_WORDS:
+        import numpy as np
+
+        from ..quants.iq4 import KVALUES_IQ4NL
+
+        _IQ4NL_WORDS.extend(int(w) for w in np.frombuffer(KVALUES_IQ4NL.tobytes(), "<i4"))
+    return _IQ4NL_WORDS
+
+
 def _block_rows(n: int, target_programs: int = 528) -> int:
     """Rows per program: enough programs to fill the GPU (132 SMs x 4 on the H100), at most 64."""
     bn = 64
@@ -121,10 +297,13 @@ def _block_rows(n: int, target_programs: int = 528) -> int:
     return bn
 
 
-# (rows per program at most, columns per iteration (q4_k: super-blocks), num_warps): the best
+# (rows per program at most, columns per iteration (q4_k, iq3_*, iq2_*: super-blocks of 256; iq4_xs,
+# iq4_nl: blocks of 32), num_warps): the best
 # over E4B's matrix shapes on the H100, weights read cold from HBM (bench/matvec_tune.py):
 # bf16 2990 GB/s, Q8_0 2630 GB/s, Q4_K 1460 GB/s
-MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4)}
+MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4),
+             "iq4_xs": (16, 16, 4), "iq4_nl": (16, 16, 4), "iq3_s": (16, 2, 4), "iq3_xxs": (16, 2, 4),
+             "iq2_s": (16, 2, 4), "iq2_xs": (16, 2, 4)}
 
 
 def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
@@ -140,6 +319,16 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
         _mv_int8[grid](parts[0], parts[1], x, y, n, k, G=k // parts[1].shape[1], BN=bn, BK=bk, num_warps=warps)
     elif kind == "q4_k":
         _mv_q4_k[grid](*parts, x, y, n, k, k // 2, k // 32, BN=bn, NSB=bk, num_warps=warps)
+    elif kind == "iq4_xs":
+        _mv_iq4[grid](*parts, x, y, n, k, *_iq4nl_words(), XS=True, BN=bn, NB=bk, num_warps=warps)
+    elif kind == "iq4_nl":
+        _mv_iq4[grid](parts[0], parts[0], parts[1], x, y, n, k, *_iq4nl_words(), XS=False, BN=bn, NB=bk,
+                      num_warps=warps)
+    elif kind in ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
+        p = tuple(parts) + (parts[0],) * (5 - len(parts))
+        fn, flag = {"iq3_s": (_mv_iq3, False), "iq3_xxs": (_mv_iq3, True), "iq2_s": (_mv_iq2, False),
+                    "iq2_xs": (_mv_iq2, True)}[kind]
+        fn[grid](*p, grid_words(torch, kind, x.device), x, y, n, k, flag, BN=bn, NSB=bk, num_warps=warps)
     else:
         raise ValueError(kind)
     return y
@@ -344,13 +533,67 @@ def attention_decode(torch, q, k, v, pos, n_kv: int, window: int, scale: float):
 # The values fed to the tensor cores are the float32 dequantization (ggml's dequantize_row_<type>,
 # the same arithmetic as dequantize_parts) rounded once to fp16; products accumulate in float32.
 @triton.jit
-def _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
+def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.constexpr):
     """float32 [BN, BK] values of the weight at rows x cols (cols < K everywhere) from its repacked
     parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
-    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K)."""
+    d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2..7:
+    IQ4_XS, IQ3_S, IQ2_S, IQ4_NL, IQ3_XXS, IQ2_XS (dequant.py repack_<type>; tab: kvalues_iq4nl int8 /
+    grid_words), each
+    value as ggml's factors in ggml's order (dequantize_parts)."""
     r64 = rows.to(tl.int64)[:, None]
     m = rmask[:, None]
-    if KIND == 0:
+    if KIND == 2 or KIND == 5:
+        byte = (cols // 32) * 16 + cols % 16
+        b = tl.load(p0 + r64 * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
+        kv = tl.load(tab + tl.where(((cols // 16) % 2 == 1)[None, :], b >> 4, b & 15)).to(tl.float32)
+        if KIND == 5:
+            return tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0.0).to(tl.float32) * kv
+        else:
+            ls = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=32).to(tl.int32)
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return (d * (ls - 32).to(tl.float32)) * kv
+    elif KIND == 3 or KIND == 6:  # IQ3_S, IQ3_XXS
+        g = (cols // 4)[None, :]
+        q = tl.load(p0 + r64 * (K // 4) + g, mask=m, other=0).to(tl.int32)
+        if KIND == 6:
+            a = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0)
+            e = tl.load(tab + q)
+            s = _ksigns((a >> (7 * ((cols // 8) % 4))[None, :]) & 127)
+        else:
+            h = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            e = tl.load(tab + (q | (((h >> (g % 8)) & 1) << 8)))
+            s = tl.load(p2 + r64 * (K // 8) + (cols // 8)[None, :], mask=m, other=0).to(tl.int32)
+        v = (e >> (8 * (cols % 4))[None, :]) & 255
+        v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
+        if KIND == 6:
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return ((d * (0.5 + ((a >> 28) & 15).to(tl.float32))) * 0.5) * v
+        else:
+            sc = tl.load(p3 + r64 * (K // 64) + (cols // 64)[None, :], mask=m, other=0).to(tl.int32)
+            ls = (sc >> (4 * ((cols // 32) % 2))[None, :]) & 15
+            d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+            return (d * (1 + 2 * ls).to(tl.float32)) * v
+    elif KIND == 4 or KIND == 7:  # IQ2_S, IQ2_XS
+        g = (cols // 8)[None, :]
+        q = tl.load(p0 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
+        if KIND == 7:
+            q = q & 0xFFFF
+            idx = q & 511
+            s = _ksigns(q >> 9)
+            sc = tl.load(p1 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            d = tl.load(p2 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            h = tl.load(p2 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            idx = q | (((h >> (2 * (g % 4))) & 3) << 8)
+            s = tl.load(p1 + r64 * (K // 8) + g, mask=m, other=0).to(tl.int32)
+            sc = tl.load(p3 + r64 * (K // 32) + (cols // 32)[None, :], mask=m, other=0).to(tl.int32)
+            d = tl.load(p4 + r64 * (K // 256) + (cols // 256)[None, :], mask=m, other=0.0).to(tl.float32)
+        e = tl.load(tab + 2 * idx + ((cols % 8) // 4)[None, :])
+        v = (e >> (8 * (cols % 4))[None, :]) & 255
+        v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
+        ls = ((sc >> (4 * ((cols // 16) % 2))[None, :]) & 15).to(tl.float32)
+        return ((d * (0.5 + ls)) * 0.25) * v
+    elif KIND == 0:
         q = tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0).to(tl.float32)
         s = tl.load(p1 + r64 * (K // G) + (cols // G)[None, :], mask=m, other=0.0).to(tl.float32)
         return s * q
@@ -371,12 +614,12 @@ def _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND: tl.constexpr, G: tl.
 
 
 @triton.jit
-def _dequant_half(p0, p1, p2, p3, p4, y_ptr, N, K, KIND: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
+def _dequant_half(p0, p1, p2, p3, p4, tab, y_ptr, N, K, KIND: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rmask = rows < N
-    w = _w_tile(p0, p1, p2, p3, p4, rows, cols, rmask, K, KIND, G)
+    w = _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND, G)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
@@ -403,33 +646,41 @@ def _dequant_half_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, y_ptr, N, K, QS_RO
         tl.store(out + 32 * h, ((d * sc) * q - (dm * mn)).to(y_ptr.dtype.element_ty), mask=m)
 
 
-_KINDS = {"int8": 0, "q4_k": 1}
+_KINDS = {"int8": 0, "q4_k": 1, "iq4_xs": 2, "iq3_s": 3, "iq2_s": 4, "iq4_nl": 5, "iq3_xxs": 6, "iq2_xs": 7}
+TILE_KINDS = tuple(_KINDS)  # the layouts dequant_half / matmul_q read
 
 
-def _parts5(kind, parts):
+def _parts5(torch, kind, parts):
+    """The kernels' (p0..p4, tab) arguments and G for a layout."""
     p = tuple(parts) + (parts[0],) * (5 - len(parts))
     g = 0
     if kind == "int8":
         g = parts[0].shape[1] // parts[1].shape[1]
-    return p, g
+    if kind in ("iq4_xs", "iq4_nl"):
+        tab = tab_iq4nl(torch, parts[0].device)
+    elif kind in ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
+        tab = grid_words(torch, kind, parts[0].device)
+    else:
+        tab = parts[0]
+    return p + (tab,), g
 
 
 def dequant_half(torch, kind: str, parts: tuple, n: int, k: int, dtype=None):
-    """The weight (int8 or q4_k layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
+    """The weight (a TILE_KINDS layout) as fp16 (or dtype) [n, k]: float32 dequantization rounded once.
     k must be a multiple of 64 (every block type's rows are: 32 or 256 values per block)."""
     y = torch.empty((n, k), dtype=dtype or torch.float16, device=parts[0].device)
     if kind == "q4_k":
         bn = 16
         _dequant_half_q4_k[((n + bn - 1) // bn, k // 256)](*parts, y, n, k, k // 2, k // 32, BN=bn, num_warps=4)
         return y
-    p, g = _parts5(kind, parts)
+    p, g = _parts5(torch, kind, parts)
     bn, bk = 32, 64
     _dequant_half[((n + bn - 1) // bn, k // bk)](*p, y, n, k, KIND=_KINDS[kind], G=g, BN=bn, BK=bk, num_warps=4)
     return y
 
 
 @triton.jit
-def _mm_q(x_ptr, p0, p1, p2, p3, p4, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+def _mm_q(x_ptr, p0, p1, p2, p3, p4, tab, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
           BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     """y [M, N] float32 = x [M, K] (fp16) @ W^T, W dequantized tile by tile (_w_tile) to fp16."""
     pid = tl.program_id(0)
@@ -449,21 +700,23 @@ def _mm_q(x_ptr, p0, p1, p2, p3, p4, y_ptr, M, N, K, KIND: tl.constexpr, G: tl.c
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=mmask[:, None], other=0.0)
-        w = _w_tile(p0, p1, p2, p3, p4, rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
+        w = _w_tile(p0, p1, p2, p3, p4, tab, rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
 # (BM, BN, BK, num_warps, num_stages): bench/prefill_matmul.py picks among these on the GPU
-MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3)}
+MM_CONFIG = {"int8": (128, 128, 64, 8, 3), "q4_k": (128, 128, 64, 8, 3), "iq4_xs": (128, 128, 64, 8, 3),
+             "iq3_s": (128, 128, 64, 8, 3), "iq2_s": (128, 128, 64, 8, 3), "iq4_nl": (128, 128, 64, 8, 3),
+             "iq3_xxs": (128, 128, 64, 8, 3), "iq2_xs": (128, 128, 64, 8, 3)}
 
 
 def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
-    """x fp16 [M, k] (contiguous) times the weight (int8 or q4_k layout, [n, k]) transposed ->
+    """x fp16 [M, k] (contiguous) times the weight (a TILE_KINDS layout, [n, k]) transposed ->
     float32 [M, n]. k must be a multiple of BK (64)."""
     M = x.shape[0]
     y = torch.empty((M, n), dtype=torch.float32, device=x.device)
-    p, g = _parts5(kind, parts)
+    p, g = _parts5(torch, kind, parts)
     bm, bn, bk, warps, stages = config or MM_CONFIG[kind]
     grid = (triton.cdiv(M, bm) * triton.cdiv(n, bn),)
     _mm_q[grid](x, *p, y, M, n, k, KIND=_KINDS[kind], G=g, BM=bm, BN=bn, BK=bk, GROUP=8, num_warps=warps,
