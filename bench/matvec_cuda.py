@@ -1,7 +1,7 @@
 """Batch-1 matvec speed per weight layout for the i-quant types of issue 14 (IQ4_XS, IQ3_S, IQ2_S,
 IQ4_NL, IQ3_XXS, IQ2_XS), on a GPU: the generic
 "int8" repack (one int8 code per weight + a float32 scale per 16/32 columns) against the packed
-layout (dequant.py repack_<type>: the block's own bits), the same random blocks for both:
+layout (dequant.py PACKED: the block's own bits), the same random blocks for both:
 
     python bench/matvec_cuda.py                       # all six (under 60 s on an H100)
     python bench/matvec_cuda.py iq3_s                 # one type
@@ -21,7 +21,6 @@ from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from bench.matvec_tune import time_calls  # noqa: E402
-from ggquant.kernels.cuda import dequant  # noqa: E402
 from ggquant.kernels.cuda import triton as ck  # noqa: E402
 from ggquant.runtime.cuda import repack  # noqa: E402
 
@@ -47,7 +46,7 @@ def main():
         for n, k in SHAPES:
             raw = random_blocks(qtype, n, k)
             x = torch.randn(k, device="cuda")
-            layouts = {"int8": getattr(dequant, f"repack_int8_{name}")(torch, raw, k), "packed": repack(torch, qtype, raw, k)}
+            layouts = {"int8": repack(torch, qtype, raw, k), "packed": repack(torch, qtype, raw, k, packed=True)}
             ys, times = {}, {}
             for label, (kind, parts) in layouts.items():
                 nbytes = sum(p.numel() * p.element_size() for p in parts)

@@ -1,9 +1,9 @@
 """CUDA backend (torch): the same model code on a GPU, in float32.
 
 Weights stay in their GGUF block bytes on the GPU (uint8 [N, row_bytes]; with the Triton kernels
-repacked once into the layout their matvec reads, see repack: Q4_K and the i-quants IQ4_XS/IQ4_NL/
-IQ3_S/IQ3_XXS/IQ2_S/IQ2_XS at their own bits, the other block types as int8 codes + scales) and are
-dequantized with torch ops
+repacked once into the layout their matvec reads, see repack: Q4_K at its own bits, the other
+block types as int8 codes + scales; the i-quants IQ4_XS/IQ4_NL/IQ3_S/IQ3_XXS/IQ2_S/IQ2_XS at their
+own bits with packed_iquants) and are dequantized with torch ops
 per block type (the layouts of ggml-common.h, as in ggml's dequantize_row_<type>) for batched
 products; the float32 result is kept on the device while memory allows (cache_weights, see
 CUDABackend). Activations are not quantized: the CPU backend reproduces llama.cpp's CPU
@@ -66,10 +66,15 @@ def dequantize(torch, qtype, raw, n_per_row: int):
     return fn(torch, raw, n_per_row)
 
 
-def repack(torch, qtype, raw, n_per_row: int) -> tuple[str, tuple]:
+def repack(torch, qtype, raw, n_per_row: int, packed: bool = False) -> tuple[str, tuple]:
     """Block bytes uint8 [N, row_bytes] -> (kind, parts) in the layout the Triton matvec reads
-    (kernels/cuda/triton.py docstring), through the type's registry entry (cuda_repack)."""
+    (kernels/cuda/triton.py docstring), through the type's registry entry (cuda_repack); packed:
+    the i-quants' packed layout where there is one (kernels/cuda/dequant.py PACKED)."""
+    from ggquant.kernels.cuda.dequant import PACKED
+
     fn = qt.REGISTRY[qtype].cuda_repack if qtype in qt.REGISTRY else None
+    if packed and qtype in PACKED:
+        fn = PACKED[qtype]
     if fn is None:
         raise GGQuantError(f"no repacked layout for {qtype.name}")
     return fn(torch, raw, n_per_row)
@@ -134,7 +139,7 @@ class CUDABackend:
 
     def __init__(self, gelu: str = "ggml", device: str = "cuda", cache_weights: bool | None = None,
                  kernels: bool | None = None, graphs: bool | None = None, prefill: str | None = None,
-                 half_cache: bool = False):
+                 half_cache: bool = False, packed_iquants: bool = False):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise GGQuantError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is "
@@ -167,6 +172,8 @@ class CUDABackend:
         # keep each weight's fp16/bf16 copy after its first batched product (memory: 2 bytes per
         # element more; prefill is then cuBLAS alone) instead of dequantizing it every time
         self.half_cache = half_cache
+        # i-quant weights in their packed layouts: 2-4x less GPU memory, slower decode (dequant.py PACKED)
+        self.packed_iquants = packed_iquants
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -176,7 +183,7 @@ class CUDABackend:
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)
         w = TorchWeight(info.name, info.qtype, info.shape, raw)
         if self.kern is not None and len(info.shape) == 2 and qt.REGISTRY[info.qtype].cuda_repack is not None:
-            w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1])
+            w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1], self.packed_iquants)
             if w.kind != "dense":
                 w.raw = None  # the repacked parts hold every value
         return w

@@ -68,7 +68,7 @@ LOW_BIT_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ
 @pytest.mark.parametrize("qtype", LOW_BIT_TYPES, ids=lambda t: t.name)
 def test_low_bit_decoders_equal_ggml_to_float(qtype):
     """The torch decoder of each low-bit type equals ggml's to_float bit for bit (also through the
-    int8 repack the Triton matvec reads)."""
+    int8 repack the Triton matvec reads, and the packed layout where the type has one)."""
     from ggquant.kernels.cuda.dequant import dequantize_parts
     from ggquant.runtime.cuda import dequantize, repack
     from tests.oracles import ggml as ggml_oracle
@@ -77,8 +77,9 @@ def test_low_bit_decoders_equal_ggml_to_float(qtype):
     ref = ggml_oracle.dequantize(qtype, raw, 1024)
     got = dequantize(torch, qtype, torch.from_numpy(raw), 1024).numpy()
     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
-    kind, parts = repack(torch, qtype, torch.from_numpy(raw), 1024)
-    assert np.array_equal(dequantize_parts(torch, kind, parts).numpy().view(np.uint32), ref.view(np.uint32))
+    for packed in (False, True):
+        kind, parts = repack(torch, qtype, torch.from_numpy(raw), 1024, packed)
+        assert np.array_equal(dequantize_parts(torch, kind, parts).numpy().view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.Q4_K, *LOW_BIT_TYPES],
@@ -88,9 +89,10 @@ def test_repacked_layout_holds_ggml_values(qtype):
     from ggquant.runtime.cuda import repack
 
     raw, ref = _weights(qtype, 6, 512)
-    kind, parts = repack(torch, qtype, torch.from_numpy(raw), 512)
-    got = dequantize_parts(torch, kind, parts).numpy()
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    for packed in (False, True):
+        kind, parts = repack(torch, qtype, torch.from_numpy(raw), 512, packed)
+        got = dequantize_parts(torch, kind, parts).numpy()
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype,n,k", [(T.F32, 40, 384), (T.BF16, 300, 512), (T.F16, 7, 96),
@@ -109,7 +111,7 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
 
     ck = _kernels()
     raw, ref = _weights(qtype, n, k, seed=n + k)
-    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k, packed=True)  # (packed where one exists)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal(k).astype(np.float32)).to(DEV)
     got = ck.matvec(torch, kind, parts, x, n, k).cpu().numpy().astype(np.float64)
     want = ref.astype(np.float64) @ x.cpu().numpy().astype(np.float64)
@@ -122,9 +124,10 @@ PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL
 
 @pytest.mark.parametrize("qtype", list(PACKED_KINDS), ids=lambda t: t.name)
 def test_backend_keeps_packed_iquant_layout(qtype):
-    """With kernels (a GPU, or TRITON_INTERPRET=1) the backend keeps IQ4_XS / IQ3_S / IQ2_S weights
-    in their packed layout and multiplies with it (batch 1: the matvec; batch 3: the batched
-    path); without triton (CI) it keeps the block bytes and dequantizes them, same products."""
+    """With kernels (a GPU, or TRITON_INTERPRET=1) and packed_iquants the backend keeps IQ4_XS /
+    IQ3_S / IQ2_S ... weights in their packed layout and multiplies with it (batch 1: the matvec;
+    batch 3: the batched path); without triton (CI) it keeps the block bytes and dequantizes them,
+    same products."""
     from types import SimpleNamespace
 
     from ggquant.runtime.cuda import CUDABackend
@@ -133,7 +136,7 @@ def test_backend_keeps_packed_iquant_layout(qtype):
         _kernels()  # the interpreter fix
     n, k = 19, 512
     raw, ref = _weights(qtype, n, k, seed=int(qtype) + 5)
-    be = CUDABackend(device=DEV)
+    be = CUDABackend(device=DEV, packed_iquants=True)
     w = be.weight(SimpleNamespace(name="blk.0.ffn_up.weight", qtype=qtype, shape=(n, k), raw=lambda: raw))
     if be.kern is None:
         assert w.kind is None and w.raw is not None

@@ -32,7 +32,7 @@ def test_dequant_half_is_the_rounded_dequantization(qtype):
     ck = _kernels()
     n, k = 45, 768
     raw, ref = _weights(qtype, n, k, seed=int(qtype))
-    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k, packed=True)
     got = ck.dequant_half(torch, kind, parts, n, k).cpu()
     want = torch.from_numpy(ref).to(torch.float16)
     assert got.dtype == torch.float16 and got.shape == (n, k)
@@ -52,7 +52,7 @@ def test_matmul_q_equals_fp16_product(qtype, m, n, k):
 
     ck = _kernels()
     raw, ref = _weights(qtype, n, k, seed=n + k)
-    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k)
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k, packed=True)
     x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).to(torch.float16)
     got = ck.matmul_q(torch, kind, parts, x.to(DEV), n, k).cpu().double().numpy()
     w = torch.from_numpy(ref).to(torch.float16).double().numpy()

@@ -430,19 +430,18 @@ def _lowbit_type(codes):
     return dequantize, repack
 
 
-# IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS: repack_<type> is the packed layout below; their int8 repack stays for
-# bench/matvec_cuda.py's comparison
+# IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS also have a packed layout (PACKED below)
 dequantize_iq2_xxs, repack_iq2_xxs = _lowbit_type(_codes_iq2_xxs)
-dequantize_iq2_xs, repack_int8_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
-dequantize_iq2_s, repack_int8_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
-dequantize_iq3_xxs, repack_int8_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
-dequantize_iq3_s, repack_int8_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
+dequantize_iq2_xs, repack_iq2_xs = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_XS, r, n))
+dequantize_iq2_s, repack_iq2_s = _lowbit_type(lambda torch, r, n: _codes_iq2_xs_s(torch, _T.IQ2_S, r, n))
+dequantize_iq3_xxs, repack_iq3_xxs = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_XXS, r, n))
+dequantize_iq3_s, repack_iq3_s = _lowbit_type(lambda torch, r, n: _codes_iq3(torch, _T.IQ3_S, r, n))
 dequantize_iq1_s, repack_iq1_s = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_S, r, n))
 dequantize_iq1_m, repack_iq1_m = _lowbit_type(lambda torch, r, n: _codes_iq1(torch, _T.IQ1_M, r, n))
 dequantize_tq1_0, repack_tq1_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ1_0, r, n))
 dequantize_tq2_0, repack_tq2_0 = _lowbit_type(lambda torch, r, n: _codes_tq(torch, _T.TQ2_0, r, n))
-dequantize_iq4_nl, repack_int8_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
-dequantize_iq4_xs, repack_int8_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
+dequantize_iq4_nl, repack_iq4_nl = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_NL, r, n))
+dequantize_iq4_xs, repack_iq4_xs = _lowbit_type(lambda torch, r, n: _codes_iq4(torch, _T.IQ4_XS, r, n))
 dequantize_mxfp4, repack_mxfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.MXFP4, r, n))
 dequantize_nvfp4, repack_nvfp4 = _lowbit_type(lambda torch, r, n: _codes_fp4(torch, _T.NVFP4, r, n))
 dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
@@ -452,8 +451,11 @@ dequantize_q1_0, repack_q1_0 = _lowbit_type(_codes_q1_0)
 # at the block's own bits per weight (IQ4_XS: + 1/16 bit, its 6-bit scales stored one per byte),
 # read by triton.py's _mv_iq4 / _mv_iq3 / _mv_iq2. Within a row every field keeps ggml's
 # order, so each field's index is a plain function of the column (the comments give it).
+# Not the default (CUDABackend(packed_iquants=True) picks them): on an H200 their matvec ran at
+# 160-575 GB/s against the int8 layout's 1640-2700 GB/s, 1.7-5.3x the time for 2.3-4.3 bits read
+# per weight instead of 9-10 (bench/matvec_cuda.py); they hold a model in 2-4x less GPU memory.
 
-def repack_iq4_xs(torch, raw, n_per_row: int):
+def repack_packed_iq4_xs(torch, raw, n_per_row: int):
     """block_iq4_xs (d | scales_h u16 | scales_l[4] | qs[128]) -> "iq4_xs": qs uint8 [N, K/2]
     (byte 16*b + l: column 32*b + l in its low nibble, 32*b + 16 + l in its high; b = the 32-value
     block), ls uint8 [N, K/32] (the 6-bit scale, 0..63), d fp16 [N, K/256]."""
@@ -464,7 +466,7 @@ def repack_iq4_xs(torch, raw, n_per_row: int):
                       b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
-def repack_iq4_nl(torch, raw, n_per_row: int):
+def repack_packed_iq4_nl(torch, raw, n_per_row: int):
     """block_iq4_nl (d | qs[16]) -> "iq4_nl": qs uint8 [N, K/2] (as IQ4_XS's), d fp16 [N, K/32]."""
     N = raw.shape[0]
     b = _blocks(_T.IQ4_NL, raw, n_per_row)
@@ -472,7 +474,7 @@ def repack_iq4_nl(torch, raw, n_per_row: int):
                       b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
-def repack_iq3_s(torch, raw, n_per_row: int):
+def repack_packed_iq3_s(torch, raw, n_per_row: int):
     """block_iq3_s (d | qs[64] | qh[8] | signs[32] | scales[4]) -> "iq3_s": qs uint8 [N, K/4] (low 8
     bits of the iq3s_grid index of columns 4g..4g+3), qh uint8 [N, K/32] (bit g % 8 of byte g // 8:
     bit 8 of index g), signs uint8 [N, K/8] (bit c % 8 of byte c // 8: column c negated), scales uint8
@@ -484,7 +486,7 @@ def repack_iq3_s(torch, raw, n_per_row: int):
                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
-def repack_iq2_s(torch, raw, n_per_row: int):
+def repack_packed_iq2_s(torch, raw, n_per_row: int):
     """block_iq2_s (d | qs[32] | signs[32] | qh[8] | scales[8]) -> "iq2_s": qs uint8 [N, K/8] (low 8
     bits of the iq2s_grid index of columns 8g..8g+7), signs uint8 [N, K/8] (bit c % 8 of byte c // 8:
     column c negated), qh uint8 [N, K/32] (bits 2(g % 4), +1 of byte g // 4: bits 8-9 of index g),
@@ -497,7 +499,7 @@ def repack_iq2_s(torch, raw, n_per_row: int):
                      b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
-def repack_iq3_xxs(torch, raw, n_per_row: int):
+def repack_packed_iq3_xxs(torch, raw, n_per_row: int):
     """block_iq3_xxs (d | qs[64] | scales_and_signs u32[8]) -> "iq3_xxs": qs uint8 [N, K/4] (the
     iq3xxs_grid index of columns 4g..4g+3), aux int32 [N, K/32] (the u32 of each 32: bits 7l..7l+6
     index ksigns_iq2xs for columns 8l..8l+7 of the 32, bits 28-31 ls, db = d * (0.5 + ls) * 0.5),
@@ -508,7 +510,7 @@ def repack_iq3_xxs(torch, raw, n_per_row: int):
                        b[..., 0:2].contiguous().view(torch.float16).reshape(N, -1))
 
 
-def repack_iq2_xs(torch, raw, n_per_row: int):
+def repack_packed_iq2_xs(torch, raw, n_per_row: int):
     """block_iq2_xs (d | qs u16[32] | scales[8]) -> "iq2_xs": qs int16 [N, K/8] (columns 8g..8g+7: bits
     0-8 the iq2xs_grid index, 9-15 the ksigns_iq2xs index), scales uint8 [N, K/32] (as IQ2_S's),
     d fp16 [N, K/256]."""
@@ -573,3 +575,7 @@ def _dequantize_packed(torch, kind: str, parts: tuple):
         db = d.float().repeat_interleave(16, dim=1) * (_f32(torch, 0.5) + ls) * _f32(torch, 0.25)
     q = _signed(torch, vals, sg).reshape(N, db.shape[1], -1).float()
     return (db[..., None] * q).reshape(N, -1)
+
+
+PACKED = {_T.IQ4_XS: repack_packed_iq4_xs, _T.IQ4_NL: repack_packed_iq4_nl, _T.IQ3_S: repack_packed_iq3_s,
+          _T.IQ2_S: repack_packed_iq2_s, _T.IQ3_XXS: repack_packed_iq3_xxs, _T.IQ2_XS: repack_packed_iq2_xs}

@@ -312,6 +312,11 @@ def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     y = torch.empty(n, dtype=torch.float32, device=x.device)
     bn_max, bk, warps = config or MV_CONFIG[kind]
     bn = min(bn_max, _block_rows(n))
+    if kind == "q4_k" and config is None:
+        # per shape, the best of bench/matvec_tune.py on an H200 (E4B's shapes, weights cold):
+        # rows of up to 4096 want 4 super-blocks per step and at least 4 rows per program
+        # (2560x10240: 15.8 us vs 22.7 at (4, 2); 2048x2560: 5.7 vs 7.4), the tied output one
+        bn, bk = (max(4, bn), 4) if n <= 4096 else ((32, 1) if n >= 65536 else (bn, bk))
     grid = ((n + bn - 1) // bn,)
     if kind == "dense":
         _mv_dense[grid](parts[0], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
