@@ -119,16 +119,26 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     """
     ckpt = arch.ckpt
     assert ckpt is not None
-    model = open_quantized(arch.raw, list(ckpt.tensors), ckpt.tensors.__getitem__)
+    model = open_quantized(arch.raw, list(ckpt.tensors), ckpt.tensors.__getitem__, arch.dir)
     if model is None:
         return None
     notes = list(model.notes)
     dtype = _model_dtype(arch, model.consumed)
     records = {name: _crop_padded(arch, rec) for name, rec in model.tensors.items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, per_expert in arch.quantized_expert_stacks(list(records)).items():
+    consumed = set(model.consumed)
+    # NVFP4 experts: each projection stacked on its own, as llama.cpp's converter writes them
+    nvfp4 = any(isinstance(r, NVFP4Tensor) for r in records.values())
+    nv_stacks = []
+    for name, per_expert in arch.quantized_expert_stacks(list(records), fuse_gate_up=not nvfp4).items():
         # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
         parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        if nvfp4:
+            records[name] = NVFP4Tensor.stack(name, [p for expert in parts for p in expert])
+            shapes[name] = (len(parts), *parts[0][0].shape)
+            nv_stacks.append(name)
+            notes.append(f"{name}: {len(parts)} per-expert NVFP4 modules stacked")
+            continue
         if not all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
             kinds = sorted({p.encoding for expert in parts for p in expert})
             raise GGQuantError(f"'{name}': stacking per-expert weights of {', '.join(kinds)} is not supported "
@@ -136,6 +146,17 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
         records[name] = StackedIntQuantTensor(name, parts)
         shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
         notes.append(f"{name}: {len(parts)} per-expert modules stacked")
+    for name, scale_name in arch.expert_output_scales(nv_stacks).items():
+        # the model's per-expert output factors, folded into the stacked experts' NVFP4 factors
+        t = ckpt.tensors.get(scale_name)
+        if t is None:
+            continue
+        if tuple(t.shape) != (records[name].shape[0],):
+            raise GGQuantError(f"{t.file}: tensor '{scale_name}' has shape {list(t.shape)}; it scales the "
+                               f"{records[name].shape[0]} experts of '{name}'")
+        records[name] = records[name].folded(to_float32(np.asarray(t.read()), t.dtype))
+        consumed.add(scale_name)
+        notes.append(f"{scale_name} folded into the NVFP4 scales of {name} (as llama.cpp's converter does)")
     for name, stacks in arch.quantized_expert_concats(list(records)).items():
         # stacked experts split differently from the architecture's tensor (mlx-lm's switch_glu)
         parts = [records.pop(n) for n in stacks]
@@ -156,7 +177,7 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     file_of = {id(f): i for i, f in enumerate(ckpt.files)}
     groups: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(ckpt.files))}
     for name, t in ckpt.tensors.items():
-        if name not in model.consumed:
+        if name not in consumed:
             groups[file_of[id(t.source.owner)]][name] = t
     for name, w in weights.items():
         parts = w.source.parts
@@ -492,7 +513,9 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
 
 def _nvfp4_layout(f) -> None:
     """The NVFP4 weights as llama.cpp's converter writes them: first in the file, in checkpoint
-    order, each followed by its companions (`.scale` = float32(1/global scale), `.input_scale`)
+    order (stacked experts where their last module is), each followed by its companions (`.scale`:
+    ModelOpt's weight_scale_2 or compressed-tensors' float32(1/global scale), per expert for
+    stacked experts; `.input_scale`)
     (ModelBase.prepare_tensors runs _generate_nvfp4_tensors before any other tensor, and turns a
     float outtype's general.file_type into MOSTLY_NVFP4)."""
     nv = [t for t in f.tensors if t.source_quant and t.exact and t.qtype == T.NVFP4]
@@ -503,8 +526,9 @@ def _nvfp4_layout(f) -> None:
         front.append(t)
         for suffix, value in _record(t.src).companions():
             name = t.name.removesuffix(".weight") + suffix
-            front.append(TensorPlan(name, value.shape, T.F32, f"NVFP4 {suffix[1:]} of {t.name}: float32 reciprocal "
-                                    f"of the source's global scale (llama.cpp's converter)", generated=value))
+            front.append(TensorPlan(name, value.shape, T.F32, f"NVFP4 {suffix[1:]} of {t.name}: the source's float32 "
+                                    f"factor{'s per expert' if value.size > 1 else ''} (llama.cpp's converter)",
+                                    generated=value))
     taken = {id(t) for t in nv}
     f.tensors = front + [t for t in f.tensors if id(t) not in taken]
     if f.part == TEXT and f.kv.get(Keys.General.FILE_TYPE) in (

@@ -539,5 +539,9 @@ def _nvfp4_record(mod: str, src: Source, where: str) -> QuantizedTensor:
         scales = np.asarray(src.raw(scale_name, rr)[0]).view(np.uint8)
         return packed, scales
 
+    g = np.float32(_scalar(src, g_name, where))
+    # llama.cpp's converter turns the global scales into ModelOpt's factors, 1/g in float32
+    # (ModelBase.prepare_tensors inverse_scale)
     return NVFP4Tensor(f"{mod}.weight", (out, n), f"compressed-tensors {NVFP4} fp4-e2m1 group16 fp8 scales",
-                       f"compressed-tensors/{NVFP4}", tuple(sources), load, _scalar(src, g_name, where), ig)
+                       f"compressed-tensors/{NVFP4}", tuple(sources), load, np.float32(1) / g,
+                       None if ig is None else np.float32(1) / np.float32(ig), global_scale=g, input_global_scale=ig)
