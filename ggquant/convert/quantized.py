@@ -51,10 +51,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys, LlamaFileType
 
 from ggquant.arch.base import MMPROJ, TEXT, Arch
+from ggquant.arch.provenance import parameter_counts
 from ggquant.arch.transforms import IDENTITY
 from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
@@ -69,6 +71,10 @@ from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES
 from ggquant.tensor import Dense, SourceQuant, Tensor, permuted, source_quant, to_float32
 
 T = GGMLQuantizationType
+# per-tensor options (gguf-py Keys.General.TENSOR_EXTRA_NAME / TENSOR_EXTRA_PREC_A4 in llama.cpp's
+# gguf-py, newer than the pinned gguf package)
+KEY_EXTRA_NAME = "general.tensor_extra.name"
+KEY_EXTRA_PREC_A4 = "general.tensor_extra.prec_a4"
 
 
 FALLBACK_TYPE = T.Q8_0  # a non-exact integer source: ~0.5 % rel-RMSE for int4 act-order (note §7)
@@ -500,7 +506,7 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
             f.kv.array(KEY_REQUANTIZED, [t.name for t in plans if not t.exact])
         if plans and auto:
             _relabel(f, plans, outfile)
-        _nvfp4_layout(f)
+        _nvfp4_layout(f, outfile)
     if exact:
         lossy = [(t.name, why) for f in files for t in f.tensors if (why := _float_lossless(t)) is not None]
         quantized = {t.name for f in files for t in f.tensors if t.source_quant}
@@ -511,7 +517,7 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
                                "; ".join(f"{n}: {w}" for n, w in lossy[:3]) + more)
 
 
-def _nvfp4_layout(f) -> None:
+def _nvfp4_layout(f, outfile=None) -> None:
     """The NVFP4 weights as llama.cpp's converter writes them: first in the file, in checkpoint
     order (stacked experts where their last module is), each followed by its companions (`.scale`:
     ModelOpt's weight_scale_2 or compressed-tensors' float32(1/global scale), per expert for
@@ -521,6 +527,7 @@ def _nvfp4_layout(f) -> None:
     nv = [t for t in f.tensors if t.source_quant and t.exact and t.qtype == T.NVFP4]
     if not nv:
         return
+    before = parameter_counts((t.name, t.shape) for t in f.tensors)
     front: list[TensorPlan] = []
     for t in nv:
         front.append(t)
@@ -531,9 +538,31 @@ def _nvfp4_layout(f) -> None:
                                     generated=value))
     taken = {id(t) for t in nv}
     f.tensors = front + [t for t in f.tensors if id(t) not in taken]
+    a16 = sorted(t.name for t in nv if _record(t.src).a16)
+    if a16:
+        # weight-only NVFP4 (ModelOpt W4A16_NVFP4): llama.cpp must keep float activations
+        # (ModelBase._tag_prec_a4; written after general.quantization_version by ModelBase.write)
+        f.kv.array(KEY_EXTRA_NAME, a16)
+        f.kv.array(KEY_EXTRA_PREC_A4, [False] * len(a16))
+        f.kv.move_after(Keys.General.QUANTIZATION_VERSION, [KEY_EXTRA_NAME, KEY_EXTRA_PREC_A4])
+    _recount_size_label(f, before, outfile)
     if f.part == TEXT and f.kv.get(Keys.General.FILE_TYPE) in (
             int(LlamaFileType.ALL_F32), int(LlamaFileType.MOSTLY_F16), int(LlamaFileType.MOSTLY_BF16)):
         f.kv.u32(Keys.General.FILE_TYPE, int(LlamaFileType.MOSTLY_NVFP4))
+
+
+def _recount_size_label(f, before: tuple[int, int, int, int], outfile) -> None:
+    """general.size_label (and the default file name) counted over the tensors written, the NVFP4
+    `.scale` / `.input_scale` companions included, as gguf-py's GGUFWriter.get_total_parameter_count
+    counts them; a label the model card set stays."""
+    old = gguf.size_label(*before)
+    new = gguf.size_label(*parameter_counts((t.name, t.shape) for t in f.tensors))
+    if old == new or f.kv.get(Keys.General.SIZE_LABEL) != old:
+        return
+    f.kv.string(Keys.General.SIZE_LABEL, new)
+    out = Path(outfile) if outfile else None
+    if (out is None or out.is_dir()) and f"-{old}-" in f.path.name:
+        f.path = f.path.with_name(f.path.name.replace(f"-{old}-", f"-{new}-", 1))
 
 
 def _relabel(f, plans: list[TensorPlan], outfile) -> None:

@@ -1,11 +1,17 @@
 """NVFP4 checkpoints beyond compressed-tensors' dense ones: NVIDIA ModelOpt's layout, and a
 26B-A4B-like mixture of experts with one NVFP4 Linear per expert (both layouts).
 
-ModelOpt (nvidia-modelopt is not installed; the layout is the one llama.cpp's converter reads,
-conversion/base.py ModelBase.prepare_tensors / _generate_nvfp4_tensors / dequant_model):
+ModelOpt (nvidia-modelopt is not a dependency; the layout is the one llama.cpp's converter reads,
+conversion/base.py ModelBase.prepare_tensors / _generate_nvfp4_tensors / dequant_model, checked
+against nvidia-modelopt 0.47.0's export code, read from its wheel: torch/export/unified_export_hf.py
+writes hf_quant_config.json and copies it into config.json through convert_hf_config.py
+convert_hf_quant_config_format; layer_utils.py / moe_utils.py unfuse Gemma 4's experts into
+experts.<E>.{gate,up,down}_proj modules):
   hf_quant_config.json  {"producer": {"name": "modelopt", "version"}, "quantization": {"quant_algo":
                         "NVFP4" | "W4A16_NVFP4" | "MIXED_PRECISION", "group_size": 16,
                         "exclude_modules": [...], "quantized_layers": {module: {"quant_algo"}}}}
+  config.json           quantization_config {"config_groups", "ignore", "quant_algo", "producer",
+                        "quant_method": "modelopt" (+ "quantized_layers" for MIXED_PRECISION)}
   <m>.weight            U8 [out, in/2]: two e2m1 codes a byte, element 2i in the low nibble
   <m>.weight_scale      F8_E4M3 [out, in/16]
   <m>.weight_scale_2    F32 []: the per-tensor factor, w = e2m1 * fp8 * weight_scale_2
@@ -49,10 +55,32 @@ def _load(d: Path) -> dict:
     return load_file(str(d / "model.safetensors"))
 
 
+def _group(algo: str) -> dict:
+    """One config group of config.json's quantization_config (convert_hf_config._quant_algo_to_group_config)."""
+    if algo == "FP8":
+        return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
+                "weights": {"dynamic": False, "num_bits": 8, "type": "float"}}
+    w = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    return {"weights": w} if algo == "W4A16_NVFP4" else {"input_activations": dict(w), "weights": w}
+
+
 def _hf_quant_config(out: Path, quantization: dict) -> None:
-    cfg = {"producer": {"name": "modelopt", "version": MODELOPT_VERSION},
-           "quantization": {"kv_cache_quant_algo": None, "exclude_modules": MODELOPT_EXCLUDE, **quantization}}
-    (out / "hf_quant_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+    """hf_quant_config.json, and its copy in config.json as ModelOpt's export writes both."""
+    producer = {"name": "modelopt", "version": MODELOPT_VERSION}
+    quantization = {"kv_cache_quant_algo": None, "exclude_modules": MODELOPT_EXCLUDE, **quantization}
+    (out / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": quantization},
+                                                         indent=4) + "\n")
+    algo, layers = quantization["quant_algo"], quantization.get("quantized_layers")
+    if layers:
+        by_algo: dict = {}
+        for name, entry in layers.items():
+            by_algo.setdefault(entry["quant_algo"], []).append(name)
+        groups = {f"group_{i}": {**_group(a), "targets": sorted(names)} for i, (a, names) in enumerate(by_algo.items())}
+    else:
+        groups = {"group_0": {**_group(algo), "targets": ["Linear"]}}
+    qc = {"config_groups": groups, **({"quantized_layers": layers} if layers else {}), "ignore": MODELOPT_EXCLUDE,
+          "quant_algo": algo, "producer": producer, "quant_method": "modelopt"}
+    G._update_config(out, quantization_config=qc)
 
 
 def ct_to_modelopt_names(sd: dict) -> dict:
@@ -107,7 +135,6 @@ def _build_modelopt(out: Path, algo: str, source: str, fp8: str, digest: str) ->
                 layers[mod] = {"quant_algo": "NVFP4", "group_size": 16}
         quantization["quantized_layers"] = layers
     G._copy_side_files(ct, out)
-    G._update_config(out, quantization_config=None)
     _hf_quant_config(out, quantization)
     G._save(out, sd)
     return out
@@ -173,7 +200,6 @@ def build_ct_nvfp4_moe(scheme: str = "NVFP4") -> Path:
 def _build_modelopt_moe(out: Path, digest: str) -> Path:
     ct = build_ct_nvfp4_moe("NVFP4")
     G._copy_side_files(ct, out)
-    G._update_config(out, quantization_config=None)
     _hf_quant_config(out, {"quant_algo": "NVFP4", "group_size": 16})
     G._save(out, ct_to_modelopt_names(_load(ct)))
     return out

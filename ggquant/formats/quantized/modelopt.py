@@ -150,10 +150,9 @@ def _nvfp4_record(mod: str, src: Source, where: str, algo) -> NVFP4Tensor:
     def load(rr):
         return (np.asarray(src.raw(w_name, rr)[0]).view(np.uint8), np.asarray(src.raw(s_name, rr)[0]).view(np.uint8))
 
-    rec = NVFP4Tensor(w_name, (out, n), f"modelopt {algo} fp4-e2m1 group16 fp8 scales", "modelopt/nvfp4",
-                      tuple(sources), load, _scalar(src, s2_name, where), ins)
-    rec.a16 = algo == "W4A16_NVFP4"  # llama.cpp tags these prec_a4 = false (ModelBase._tag_prec_a4)
-    return rec
+    # W4A16: llama.cpp's converter tags the GGUF tensor prec_a4 = false (ModelBase._tag_prec_a4)
+    return NVFP4Tensor(w_name, (out, n), f"modelopt {algo} fp4-e2m1 group16 fp8 scales", "modelopt/nvfp4",
+                       tuple(sources), load, _scalar(src, s2_name, where), ins, a16=algo == "W4A16_NVFP4")
 
 
 def _fp8_record(mod: str, src: Source, where: str) -> FloatQuantTensor:

@@ -696,8 +696,10 @@ class NVFP4Tensor(QuantizedTensor):
     """
 
     def __init__(self, name, shape, encoding, fmt, sources, load, scale2, input_scale=None, *,
-                 global_scale=None, input_global_scale=None, per_row: bool = False, row_width: int | None = None):
+                 global_scale=None, input_global_scale=None, per_row: bool = False, row_width: int | None = None,
+                 a16: bool = False):
         super().__init__(name, shape, encoding, fmt, sources, 4)
+        self.a16 = a16  # weight-only (ModelOpt W4A16_NVFP4): llama.cpp must not use 4-bit activations
         self._load = load
         self.per_row = per_row  # one factor per row (stacked experts), else one for the tensor
         self.row_width = int(row_width or shape[1])  # values per row of the logical matrix
@@ -710,7 +712,8 @@ class NVFP4Tensor(QuantizedTensor):
 
     def _copy(self, **changes) -> NVFP4Tensor:
         kw = dict(scale2=self.scale2, input_scale=self.input_scale, global_scale=self.global_scale,
-                  input_global_scale=self.input_global_scale, per_row=self.per_row, row_width=self.row_width)
+                  input_global_scale=self.input_global_scale, per_row=self.per_row, row_width=self.row_width,
+                  a16=self.a16)
         kw.update(changes)
         return NVFP4Tensor(self.name, self.shape, self.encoding, self.format, self.sources, self._load, **kw)
 
@@ -748,7 +751,8 @@ class NVFP4Tensor(QuantizedTensor):
             ins = np.array([1.0 if p.input_scale is None else p.input_scale[0] for p in experts], dtype=np.float32)
         return cls(name, (len(experts), R * n), first.encoding + f" ({len(experts)} per-expert modules stacked)",
                    first.format, tuple(s for p in experts for s in p.sources), load,
-                   np.concatenate([p.scale2 for p in experts]), ins, per_row=True, row_width=n)
+                   np.concatenate([p.scale2 for p in experts]), ins, per_row=True, row_width=n,
+                   a16=all(p.a16 for p in experts))
 
     def folded(self, factors: np.ndarray) -> NVFP4Tensor:
         """Stacked experts whose outputs the model scales per expert (Gemma 4's
