@@ -103,10 +103,11 @@ GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
          "fused expert gate|up [n_expert, 2*moe_ffn, hidden], gate rows first", ("",), ".weight"),
     Rule("model.layers.{bid}.experts.down_proj", MODEL_TENSOR.FFN_DOWN_EXP,
          "expert down [n_expert, hidden, moe_ffn]", ("",), ".weight"),
-    # NVFP4 experts stay separate (ModelBase._flush_nvfp4_experts stacks each projection on its own)
-    Rule("model.layers.{bid}.experts.gate_proj", MODEL_TENSOR.FFN_GATE_EXP,
+    # NVFP4 experts stay separate (ModelBase._flush_nvfp4_experts stacks each projection on its own);
+    # llama.cpp's gguf-py lists FFN_GATE_EXP / FFN_UP_EXP for GEMMA4, the pinned gguf does not yet
+    Rule("model.layers.{bid}.experts.gate_proj", "blk.{bid}.ffn_gate_exps",
          "NVFP4 expert gate [n_expert, moe_ffn, hidden]", ("",), ".weight"),
-    Rule("model.layers.{bid}.experts.up_proj", MODEL_TENSOR.FFN_UP_EXP,
+    Rule("model.layers.{bid}.experts.up_proj", "blk.{bid}.ffn_up_exps",
          "NVFP4 expert up [n_expert, moe_ffn, hidden]", ("",), ".weight"),
 )
 
