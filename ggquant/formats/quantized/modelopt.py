@@ -140,7 +140,8 @@ def _nvfp4_record(mod: str, src: Source, where: str, algo) -> NVFP4Tensor:
                           f"of {NVFP4_GROUP} need [{out}, {n // NVFP4_GROUP}]")
     if s2_name not in src:
         # (llama.cpp's converter would take 1.0 and write weights off by ModelOpt's amax / 2688)
-        raise FormatError(f"{where}: tensor '{s2_name}' (the per-tensor NVFP4 factor) is missing")
+        raise FormatError(f"{where}: tensor '{s2_name}' (the per-tensor NVFP4 factor) is missing; ModelOpt writes "
+                          f"one beside every NVFP4 weight (the checkpoint is incomplete)")
     sources = [w_name, s_name, s2_name]
     ins = None
     if in_name in src:
