@@ -26,8 +26,8 @@ import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
 from ggquant.formats.quantized import HF_QUANT_CONFIG, reader
-from ggquant.formats.quantized.compressed_tensors import FloatQuantTensor
-from ggquant.formats.quantized.records import NVFP4_GROUP, NVFP4Tensor, QuantizedModel, QuantizedTensor, Source
+from ggquant.formats.quantized.records import (NVFP4_GROUP, FloatQuantTensor, NVFP4Tensor, QuantizedModel,
+                                              QuantizedTensor, Source)
 
 __all__ = ["read", "ALGOS"]
 

@@ -19,7 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "StackedIntQuantTensor", "StackedAffineQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor", "FloatQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -667,6 +667,23 @@ class StackedAffineQuantTensor(AffineQuantTensor):
         loads = [p._load(rr) for p in self.parts]
         return tuple(np.concatenate([part[i] for part in loads], axis=1) for i in range(3))
 
+
+
+class FloatQuantTensor(QuantizedTensor):
+    """FP8 e4m3 weight times a per-tensor, per-channel, per-group or per-block scale (compressed-tensors
+    float-quantized, ModelOpt FP8)."""
+
+    def __init__(self, name, shape, encoding, fmt, sources, load):
+        super().__init__(name, shape, encoding, fmt, sources, 8)
+        self._load = load  # rows -> (fp8 bytes uint8 [R, n], per-element-broadcastable scale float32)
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        x, s = self._load(rows_range(rows, self.shape[0]))
+        return FP8_E4M3_TO_F32[x] * s
+
+    def blocks(self, rows=None):
+        return ("FP8 e4m3 values are floats (4 significant bits over 16 exponents), not integer codes "
+                "under one scale per 32 columns; F32 holds them exactly, F16 holds most")
 
 
 NVFP4_GROUP = 16  # values per fp8 scale (compressed-tensors group_size 16, ggml QK_NVFP4_SUB)
