@@ -263,3 +263,27 @@ def test_modelopt_unknown_quant_algo_names_the_key(tmp_path):
     hq["quantization"]["quant_algo"] = "W4A8_AWQ"
     (bad / "hf_quant_config.json").write_text(json.dumps(hq))
     _refused(tmp_path, bad, r"hf_quant_config\.json.*quant_algo 'W4A8_AWQ' is not supported")
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda hq, qc: hq.pop("producer"), r"hf_quant_config\.json: producer\.name is missing"),
+    (lambda hq, qc: hq["quantization"]["quantized_layers"].update(
+        {"model.language_model.layers.0.self_attn.q_proj": {"quant_algo": "INT4_AWQ"}}),
+     r"quantized_layers\['model\.language_model\.layers\.0\.self_attn\.q_proj'\]\.quant_algo is 'INT4_AWQ'"),
+    (lambda hq, qc: hq["quantization"]["quantized_layers"].update({"model.language_model.layers.9.mlp": {
+        "quant_algo": "FP8"}}), r"quantized_layers entry 'model\.language_model\.layers\.9\.mlp' is not a module"),
+    (lambda hq, qc: hq["quantization"]["quantized_layers"].update(
+        {"model.language_model.layers.0.self_attn.v_proj": {"quant_algo": "NVFP4"}}),
+     r"'model\.language_model\.layers\.0\.self_attn\.v_proj' is stored as FP8 .* says NVFP4"),
+], ids=["no-producer", "unknown-layer-algo", "unknown-layer", "layer-algo-mismatch"])
+def test_modelopt_bad_quantization_config_names_the_key(tmp_path, change, pattern):
+    """hf_quant_config.json alone (config.json without quantization_config, older exports)."""
+    src = _fixture("MIXED_PRECISION")
+    bad = tmp_path / src.name
+    shutil.copytree(src, bad)
+    G._update_config(bad, quantization_config=None)
+    hq = json.loads((bad / "hf_quant_config.json").read_text())
+    change(hq, None)
+    (bad / "hf_quant_config.json").write_text(json.dumps(hq))
+    with pytest.raises(GGQuantError, match=pattern):
+        open_dir(bad)
