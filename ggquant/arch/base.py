@@ -288,11 +288,18 @@ class Arch:
         """Outer rows of the source that are written (llama.cpp trims some embedding tables)."""
         return src.n_outer
 
-    def quantized_expert_stacks(self, names: list[str]) -> dict[str, list[list[str]]]:
+    def quantized_expert_stacks(self, names: list[str], fuse_gate_up: bool = True) -> dict[str, list[list[str]]]:
         """Stacked expert weights of a quantized checkpoint that stores one module per expert:
         {the architecture's stacked HF name: per expert, the per-expert weights whose rows it
         stacks, in order}. Names not listed stay as they are. A family with stacked experts
-        overrides this; missing experts are an error naming the tensor."""
+        overrides this; missing experts are an error naming the tensor. fuse_gate_up=False: gate
+        and up stacked apart even where the architecture fuses them (NVFP4 experts, which
+        llama.cpp's converter writes as ffn_gate_exps / ffn_up_exps)."""
+        return {}
+
+    def expert_output_scales(self, stacks: list[str]) -> dict[str, str]:
+        """{stacked expert weight: the checkpoint tensor [n_expert] scaling each expert's output},
+        for the stacks (of `stacks`) whose per-expert factors llama.cpp folds into NVFP4 scales."""
         return {}
 
     def quantized_expert_concats(self, names: list[str]) -> dict[str, list[str]]:

@@ -103,6 +103,12 @@ GEMMA4_TEXT = DECODER_GLOBAL + DECODER_LAYER + (
          "fused expert gate|up [n_expert, 2*moe_ffn, hidden], gate rows first", ("",), ".weight"),
     Rule("model.layers.{bid}.experts.down_proj", MODEL_TENSOR.FFN_DOWN_EXP,
          "expert down [n_expert, hidden, moe_ffn]", ("",), ".weight"),
+    # NVFP4 experts stay separate (ModelBase._flush_nvfp4_experts stacks each projection on its own);
+    # llama.cpp's gguf-py lists FFN_GATE_EXP / FFN_UP_EXP for GEMMA4, the pinned gguf does not yet
+    Rule("model.layers.{bid}.experts.gate_proj", "blk.{bid}.ffn_gate_exps",
+         "NVFP4 expert gate [n_expert, moe_ffn, hidden]", ("",), ".weight"),
+    Rule("model.layers.{bid}.experts.up_proj", "blk.{bid}.ffn_up_exps",
+         "NVFP4 expert up [n_expert, moe_ffn, hidden]", ("",), ".weight"),
 )
 
 # mmproj: HF names after the converter's own renames (".linear." dropped from clippable linears);
@@ -371,9 +377,12 @@ class Gemma4(Gemma3):
             exp[p + "layer_scalar"] = ((1,), True)
             if moe:  # Gemma4TextRouter + Gemma4TextExperts, and the norms around them
                 E, F = h["num_experts"], h["moe_intermediate_size"]
+                # NVFP4 experts: gate and up stacked apart, per_expert_scale folded into down's scales
+                split = self._nvfp4_experts()
                 exp.update({p + "router.proj.weight": ((E, H), True), p + "router.scale": ((H,), True),
-                            p + "router.per_expert_scale": ((E,), True),
-                            p + "experts.gate_up_proj": ((E, 2 * F, H), True),
+                            p + "router.per_expert_scale": ((E,), not split),
+                            p + "experts.gate_up_proj": ((E, 2 * F, H), not split),
+                            p + "experts.gate_proj": ((E, F, H), split), p + "experts.up_proj": ((E, F, H), split),
                             p + "experts.down_proj": ((E, H, F), True)})
                 exp.update({p + n + ".weight": ((H,), True) for n in (
                     "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")})
@@ -451,9 +460,16 @@ class Gemma4(Gemma3):
     EXPERT_MODULE = re.compile(r"^(?P<layer>.*layers\.\d+\.)experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
                                r"\.weight$")
 
-    def quantized_expert_stacks(self, names):
+    def _nvfp4_experts(self) -> bool:
+        """The checkpoint's experts are stacked NVFP4 records (gate / up apart)."""
+        return self.ckpt is not None and any(
+            self.normalize_name(n).endswith("experts.gate_proj") for n in self.ckpt.tensors)
+
+    def quantized_expert_stacks(self, names, fuse_gate_up: bool = True):
         """Per-expert gate_proj + up_proj rows -> experts.gate_up_proj [E, 2F, H] (gate rows first,
-        as the fused HF parameter), down_proj -> experts.down_proj [E, H, F]."""
+        as the fused HF parameter), down_proj -> experts.down_proj [E, H, F]; with fuse_gate_up
+        False (NVFP4, ModelBase._generate_nvfp4_tensors) experts.gate_proj and experts.up_proj
+        [E, F, H] apart."""
         found: dict[str, dict[str, dict[int, str]]] = {}
         for n in names:
             m = self.EXPERT_MODULE.match(n)
@@ -468,6 +484,11 @@ class Gemma4(Gemma3):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 have = projs.get(proj, {})
                 missing = [e for e in range(E) if e not in have]
+                if missing and self.ckpt is not None and f"{layer}experts.{missing[0]}.{proj}.weight" in self.ckpt.tensors:
+                    raise GGQuantError(f"{self.dir}: tensor '{layer}experts.{missing[0]}.{proj}.weight' is not "
+                                       f"quantized like the other experts' {proj} ({len(missing)} of the {E} are "
+                                       f"not): partial quantization across a layer's experts cannot be stacked "
+                                       f"into one tensor (llama.cpp's converter refuses it too)")
                 if missing:
                     raise GGQuantError(f"{self.dir}: tensor '{layer}experts.{missing[0]}.{proj}.weight' is missing "
                                        f"({len(missing)} of the {E} experts' {proj} are); a mixture-of-experts "
@@ -476,9 +497,21 @@ class Gemma4(Gemma3):
                 if extra:
                     raise GGQuantError(f"{self.dir}: tensor '{have[extra[0]]}' is expert {extra[0]}, but "
                                        f"{self.config_path.name} declares {E} experts")
-            stacks[layer + "experts.gate_up_proj"] = [[projs["gate_proj"][e], projs["up_proj"][e]] for e in range(E)]
+            if fuse_gate_up:
+                stacks[layer + "experts.gate_up_proj"] = [[projs["gate_proj"][e], projs["up_proj"][e]]
+                                                          for e in range(E)]
+            else:
+                for proj in ("gate_proj", "up_proj"):
+                    stacks[layer + "experts." + proj] = [[projs[proj][e]] for e in range(E)]
             stacks[layer + "experts.down_proj"] = [[projs["down_proj"][e]] for e in range(E)]
         return stacks
+
+    def expert_output_scales(self, stacks):
+        """{stacked down_proj: router.per_expert_scale of its layer}: Gemma 4 scales each expert's
+        output, which llama.cpp's converter folds into NVFP4 experts' down_proj factors
+        (Gemma4Model._generate_nvfp4_tensors)."""
+        return {n: n.removesuffix("experts.down_proj") + "router.per_expert_scale"
+                for n in stacks if n.endswith("experts.down_proj")}
 
     def _declared_experts(self, tensor: str) -> int:
         E = self.hparams.get("num_experts")

@@ -51,10 +51,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys, LlamaFileType
 
 from ggquant.arch.base import MMPROJ, TEXT, Arch
+from ggquant.arch.provenance import parameter_counts
 from ggquant.arch.transforms import IDENTITY
 from ggquant.convert.plan import TensorPlan
 from ggquant.convert.encode import measure_sqnr, row_chunks
@@ -69,6 +71,10 @@ from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES
 from ggquant.tensor import Dense, SourceQuant, Tensor, permuted, source_quant, to_float32
 
 T = GGMLQuantizationType
+# per-tensor options (gguf-py Keys.General.TENSOR_EXTRA_NAME / TENSOR_EXTRA_PREC_A4 in llama.cpp's
+# gguf-py, newer than the pinned gguf package)
+KEY_EXTRA_NAME = "general.tensor_extra.name"
+KEY_EXTRA_PREC_A4 = "general.tensor_extra.prec_a4"
 
 
 FALLBACK_TYPE = T.Q8_0  # a non-exact integer source: ~0.5 % rel-RMSE for int4 act-order (note §7)
@@ -119,16 +125,26 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     """
     ckpt = arch.ckpt
     assert ckpt is not None
-    model = open_quantized(arch.raw, list(ckpt.tensors), ckpt.tensors.__getitem__)
+    model = open_quantized(arch.raw, list(ckpt.tensors), ckpt.tensors.__getitem__, arch.dir)
     if model is None:
         return None
     notes = list(model.notes)
     dtype = _model_dtype(arch, model.consumed)
     records = {name: _crop_padded(arch, rec) for name, rec in model.tensors.items()}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, per_expert in arch.quantized_expert_stacks(list(records)).items():
+    consumed = set(model.consumed)
+    # NVFP4 experts: each projection stacked on its own, as llama.cpp's converter writes them
+    nvfp4 = any(isinstance(r, NVFP4Tensor) for r in records.values())
+    nv_stacks = []
+    for name, per_expert in arch.quantized_expert_stacks(list(records), fuse_gate_up=not nvfp4).items():
         # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
         parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        if nvfp4:
+            records[name] = NVFP4Tensor.stack(name, [p for expert in parts for p in expert])
+            shapes[name] = (len(parts), *parts[0][0].shape)
+            nv_stacks.append(name)
+            notes.append(f"{name}: {len(parts)} per-expert NVFP4 modules stacked")
+            continue
         if not all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
             kinds = sorted({p.encoding for expert in parts for p in expert})
             raise GGQuantError(f"'{name}': stacking per-expert weights of {', '.join(kinds)} is not supported "
@@ -136,6 +152,17 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
         records[name] = StackedIntQuantTensor(name, parts)
         shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
         notes.append(f"{name}: {len(parts)} per-expert modules stacked")
+    for name, scale_name in arch.expert_output_scales(nv_stacks).items():
+        # the model's per-expert output factors, folded into the stacked experts' NVFP4 factors
+        t = ckpt.tensors.get(scale_name)
+        if t is None:
+            continue
+        if tuple(t.shape) != (records[name].shape[0],):
+            raise GGQuantError(f"{t.file}: tensor '{scale_name}' has shape {list(t.shape)}; it scales the "
+                               f"{records[name].shape[0]} experts of '{name}'")
+        records[name] = records[name].folded(to_float32(np.asarray(t.read()), t.dtype))
+        consumed.add(scale_name)
+        notes.append(f"{scale_name} folded into the NVFP4 scales of {name} (as llama.cpp's converter does)")
     for name, stacks in arch.quantized_expert_concats(list(records)).items():
         # stacked experts split differently from the architecture's tensor (mlx-lm's switch_glu)
         parts = [records.pop(n) for n in stacks]
@@ -156,7 +183,7 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     file_of = {id(f): i for i, f in enumerate(ckpt.files)}
     groups: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(ckpt.files))}
     for name, t in ckpt.tensors.items():
-        if name not in model.consumed:
+        if name not in consumed:
             groups[file_of[id(t.source.owner)]][name] = t
     for name, w in weights.items():
         parts = w.source.parts
@@ -479,7 +506,7 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
             f.kv.array(KEY_REQUANTIZED, [t.name for t in plans if not t.exact])
         if plans and auto:
             _relabel(f, plans, outfile)
-        _nvfp4_layout(f)
+        _nvfp4_layout(f, outfile)
     if exact:
         lossy = [(t.name, why) for f in files for t in f.tensors if (why := _float_lossless(t)) is not None]
         quantized = {t.name for f in files for t in f.tensors if t.source_quant}
@@ -490,26 +517,52 @@ def finish_plan(files: list, qsrc: QuantizedSource | None, *, auto: bool, preset
                                "; ".join(f"{n}: {w}" for n, w in lossy[:3]) + more)
 
 
-def _nvfp4_layout(f) -> None:
+def _nvfp4_layout(f, outfile=None) -> None:
     """The NVFP4 weights as llama.cpp's converter writes them: first in the file, in checkpoint
-    order, each followed by its companions (`.scale` = float32(1/global scale), `.input_scale`)
+    order (stacked experts where their last module is), each followed by its companions (`.scale`:
+    ModelOpt's weight_scale_2 or compressed-tensors' float32(1/global scale), per expert for
+    stacked experts; `.input_scale`)
     (ModelBase.prepare_tensors runs _generate_nvfp4_tensors before any other tensor, and turns a
     float outtype's general.file_type into MOSTLY_NVFP4)."""
     nv = [t for t in f.tensors if t.source_quant and t.exact and t.qtype == T.NVFP4]
     if not nv:
         return
+    before = parameter_counts((t.name, t.shape) for t in f.tensors)
     front: list[TensorPlan] = []
     for t in nv:
         front.append(t)
         for suffix, value in _record(t.src).companions():
             name = t.name.removesuffix(".weight") + suffix
-            front.append(TensorPlan(name, value.shape, T.F32, f"NVFP4 {suffix[1:]} of {t.name}: float32 reciprocal "
-                                    f"of the source's global scale (llama.cpp's converter)", generated=value))
+            front.append(TensorPlan(name, value.shape, T.F32, f"NVFP4 {suffix[1:]} of {t.name}: the source's float32 "
+                                    f"factor{'s per expert' if value.size > 1 else ''} (llama.cpp's converter)",
+                                    generated=value))
     taken = {id(t) for t in nv}
     f.tensors = front + [t for t in f.tensors if id(t) not in taken]
+    a16 = sorted(t.name for t in nv if _record(t.src).a16)
+    if a16:
+        # weight-only NVFP4 (ModelOpt W4A16_NVFP4): llama.cpp must keep float activations
+        # (ModelBase._tag_prec_a4; written after general.quantization_version by ModelBase.write)
+        f.kv.array(KEY_EXTRA_NAME, a16)
+        f.kv.array(KEY_EXTRA_PREC_A4, [False] * len(a16))
+        f.kv.move_after(Keys.General.QUANTIZATION_VERSION, [KEY_EXTRA_NAME, KEY_EXTRA_PREC_A4])
+    _recount_size_label(f, before, outfile)
     if f.part == TEXT and f.kv.get(Keys.General.FILE_TYPE) in (
             int(LlamaFileType.ALL_F32), int(LlamaFileType.MOSTLY_F16), int(LlamaFileType.MOSTLY_BF16)):
         f.kv.u32(Keys.General.FILE_TYPE, int(LlamaFileType.MOSTLY_NVFP4))
+
+
+def _recount_size_label(f, before: tuple[int, int, int, int], outfile) -> None:
+    """general.size_label (and the default file name) counted over the tensors written, the NVFP4
+    `.scale` / `.input_scale` companions included, as gguf-py's GGUFWriter.get_total_parameter_count
+    counts them; a label the model card set stays."""
+    old = gguf.size_label(*before)
+    new = gguf.size_label(*parameter_counts((t.name, t.shape) for t in f.tensors))
+    if old == new or f.kv.get(Keys.General.SIZE_LABEL) != old:
+        return
+    f.kv.string(Keys.General.SIZE_LABEL, new)
+    out = Path(outfile) if outfile else None
+    if (out is None or out.is_dir()) and f"-{old}-" in f.path.name:
+        f.path = f.path.with_name(f.path.name.replace(f"-{old}-", f"-{new}-", 1))
 
 
 def _relabel(f, plans: list[TensorPlan], outfile) -> None:

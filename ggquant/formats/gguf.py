@@ -584,6 +584,19 @@ class KV:
     def remove(self, key: str) -> None:
         self.items.pop(key, None)
 
+    def move_after(self, anchor: str, keys: list[str]) -> None:
+        """Move `keys` (already set) right after `anchor`, in that order (a key llama.cpp's
+        converter writes later than ggquant's planning sets it)."""
+        if anchor not in self.items:
+            return
+        moved = {k: self.items.pop(k) for k in keys if k in self.items}
+        items = {}
+        for k, v in self.items.items():
+            items[k] = v
+            if k == anchor:
+                items.update(moved)
+        self.items = items
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.items[key][1] if key in self.items else default
 

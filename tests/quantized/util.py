@@ -21,10 +21,10 @@ def open_dir(d: Path, via: str = "torch") -> QuantizedModel:
     f = safe_open(str(Path(d) / "model.safetensors"), "pt")
     names = list(f.keys())
     if via == "torch":
-        return open_quantized(cfg, names, f.get_tensor)
+        return open_quantized(cfg, names, f.get_tensor, d)
     from ggquant.formats.quantized.records import torch_to_numpy
 
-    return open_quantized(cfg, names, lambda n: torch_to_numpy(f.get_tensor(n))[0])
+    return open_quantized(cfg, names, lambda n: torch_to_numpy(f.get_tensor(n))[0], d)
 
 
 def bits(x: np.ndarray) -> np.ndarray:

@@ -42,7 +42,8 @@ import numpy as np
 from ggquant.errors import FormatError, GGQuantError
 from ggquant.formats.quantized import reader
 from ggquant.formats.quantized.records import (
-    FP8_E4M3_TO_F32, NVFP4_GROUP, IntCodes, IntQuantTensor, NVFP4Tensor, QuantizedModel, QuantizedTensor, Source,
+    FP8_E4M3_TO_F32, NVFP4_GROUP, FloatQuantTensor, IntCodes, IntQuantTensor, NVFP4Tensor, QuantizedModel,
+    QuantizedTensor, Source,
     unpack_per_word, unpack_stream,
 )
 
@@ -444,24 +445,6 @@ def _int_record(mod: str, g: _Group, src: Source, where: str) -> QuantizedTensor
                           a.num_bits, a.symmetric, load, gs, act_order, qr)
 
 
-class FloatQuantTensor(QuantizedTensor):
-    """FP8 e4m3 weight times a per-tensor, per-channel, per-group or per-block scale."""
-
-    def __init__(self, name, shape, encoding, fmt, sources, load):
-        super().__init__(name, shape, encoding, fmt, sources, 8)
-        self._load = load  # rows -> (fp8 bytes uint8 [R, n], per-element-broadcastable scale float32)
-
-    def dequantize(self, rows=None) -> np.ndarray:
-        from ggquant.formats.quantized.records import rows_range
-
-        x, s = self._load(rows_range(rows, self.shape[0]))
-        return FP8_E4M3_TO_F32[x] * s
-
-    def blocks(self, rows=None):
-        return ("FP8 e4m3 values are floats (4 significant bits over 16 exponents), not integer codes "
-                "under one scale per 32 columns; F32 holds them exactly, F16 holds most")
-
-
 def _float_record(mod: str, g: _Group, src: Source, where: str) -> QuantizedTensor:
     a = g.weights
     w_name, scale_name = f"{mod}.weight", f"{mod}.weight_scale"
@@ -539,5 +522,9 @@ def _nvfp4_record(mod: str, src: Source, where: str) -> QuantizedTensor:
         scales = np.asarray(src.raw(scale_name, rr)[0]).view(np.uint8)
         return packed, scales
 
+    g = np.float32(_scalar(src, g_name, where))
+    # llama.cpp's converter turns the global scales into ModelOpt's factors, 1/g in float32
+    # (ModelBase.prepare_tensors inverse_scale)
     return NVFP4Tensor(f"{mod}.weight", (out, n), f"compressed-tensors {NVFP4} fp4-e2m1 group16 fp8 scales",
-                       f"compressed-tensors/{NVFP4}", tuple(sources), load, _scalar(src, g_name, where), ig)
+                       f"compressed-tensors/{NVFP4}", tuple(sources), load, np.float32(1) / g,
+                       None if ig is None else np.float32(1) / np.float32(ig), global_scale=g, input_global_scale=ig)

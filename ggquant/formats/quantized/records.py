@@ -19,7 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "StackedIntQuantTensor", "StackedAffineQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor", "FloatQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -669,43 +669,117 @@ class StackedAffineQuantTensor(AffineQuantTensor):
 
 
 
+class FloatQuantTensor(QuantizedTensor):
+    """FP8 e4m3 weight times a per-tensor, per-channel, per-group or per-block scale (compressed-tensors
+    float-quantized, ModelOpt FP8)."""
+
+    def __init__(self, name, shape, encoding, fmt, sources, load):
+        super().__init__(name, shape, encoding, fmt, sources, 8)
+        self._load = load  # rows -> (fp8 bytes uint8 [R, n], per-element-broadcastable scale float32)
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        x, s = self._load(rows_range(rows, self.shape[0]))
+        return FP8_E4M3_TO_F32[x] * s
+
+    def blocks(self, rows=None):
+        return ("FP8 e4m3 values are floats (4 significant bits over 16 exponents), not integer codes "
+                "under one scale per 32 columns; F32 holds them exactly, F16 holds most")
+
+
 NVFP4_GROUP = 16  # values per fp8 scale (compressed-tensors group_size 16, ggml QK_NVFP4_SUB)
 NVFP4_SUBS = 4  # fp8 scales per GGML NVFP4 block of 64 values (block_nvfp4.d[4])
 UE4M3_ZERO_ALIAS = 0x7F  # ggml_ue4m3_to_fp32 reads it as 0 (it is NaN in e4m3)
 
 
 class NVFP4Tensor(QuantizedTensor):
-    """An NVFP4 weight: fp4 e2m1 codes, one fp8 e4m3 scale per 16 values and a per-tensor global
-    scale g (compressed-tensors nvfp4-pack-quantized; dequantization w = e2m1 * (fp8 / g), the
-    division in float32 as compressed_tensors' _dequantize computes it).
+    """An NVFP4 weight: fp4 e2m1 codes, one fp8 e4m3 scale per 16 values and a float32 factor per
+    tensor, `scale2` (ModelOpt's weight_scale_2; compressed-tensors stores its reciprocal, the global
+    scale g, and dequantizes w = e2m1 * (fp8 / g), the division in float32 as compressed_tensors'
+    _dequantize computes it; ModelOpt's w = e2m1 * fp8 * weight_scale_2).
 
     GGML's NVFP4 block (block_nvfp4: 4 UE4M3 sub-scales, then 16 bytes of codes per 64 values)
     holds the same codes and the same scale bytes: ggml dequantizes it to e2m1 * fp8 exactly. The
-    global scale has no place in the block (folding 1/g into the fp8 scales is exact only for a
-    power-of-two g whose shifted scales stay fp8 values); llama.cpp's converter writes it as a
-    separate F32 tensor `<name>.scale` = float32(1/g) that its graph multiplies into the matmul
-    output (ModelBase._repack_nvfp4, build_lora_mm's w_s), and `companions()` gives it the same.
+    factor has no place in the block (folding it into the fp8 scales is exact only for a power of
+    two whose shifted scales stay fp8 values); llama.cpp's converter writes it as a separate F32
+    tensor `<name>.scale` that its graph multiplies into the matmul output (ModelBase._repack_nvfp4,
+    build_lora_mm's w_s), and `companions()` gives it the same, with `.input_scale` beside it.
+
+    Stacked experts (`stack`): the record is [E, R*n], row e = expert e's matrix flattened (n is
+    whole 64-value blocks, so each flat row is whole GGML blocks), with one factor per expert:
+    `.scale` / `.input_scale` become [E] vectors (ModelBase._flush_nvfp4_experts).
 
     load(rows) -> (packed uint8 [R, n/2], element 2i in the low nibble of byte i;
                    fp8 scale bytes uint8 [R, n/16])
     """
 
-    def __init__(self, name, shape, encoding, fmt, sources, load, global_scale: float,
-                 input_global_scale: float | None = None):
+    def __init__(self, name, shape, encoding, fmt, sources, load, scale2, input_scale=None, *,
+                 global_scale=None, input_global_scale=None, per_row: bool = False, row_width: int | None = None,
+                 a16: bool = False):
         super().__init__(name, shape, encoding, fmt, sources, 4)
+        self.a16 = a16  # weight-only (ModelOpt W4A16_NVFP4): llama.cpp must not use 4-bit activations
         self._load = load
-        self.global_scale = np.float32(global_scale)
+        self.per_row = per_row  # one factor per row (stacked experts), else one for the tensor
+        self.row_width = int(row_width or shape[1])  # values per row of the logical matrix
+        self.scale2 = np.asarray(scale2, dtype=np.float32).reshape(-1)
+        self.input_scale = None if input_scale is None else np.asarray(input_scale, dtype=np.float32).reshape(-1)
+        # compressed-tensors' divisors (scale2 = 1 / g): dequantize() divides as the library does
+        self.global_scale = None if global_scale is None else np.float32(global_scale)
         self.input_global_scale = None if input_global_scale is None else np.float32(input_global_scale)
         self._perm_rows: np.ndarray | None = None
+
+    def _copy(self, **changes) -> NVFP4Tensor:
+        kw = dict(scale2=self.scale2, input_scale=self.input_scale, global_scale=self.global_scale,
+                  input_global_scale=self.input_global_scale, per_row=self.per_row, row_width=self.row_width,
+                  a16=self.a16)
+        kw.update(changes)
+        return NVFP4Tensor(self.name, self.shape, self.encoding, self.format, self.sources, self._load, **kw)
 
     def permuted(self, rows: np.ndarray) -> NVFP4Tensor:
         """A view with output rows reordered (w' = w[rows]): each row keeps its codes and fp8
         scales (Llama's q/k RoPE layout; LlamaModel._repack_nvfp4 permutes weight and scale alike)."""
-        new = NVFP4Tensor(self.name, self.shape, self.encoding, self.format, self.sources, self._load,
-                          self.global_scale, self.input_global_scale)
+        if self.per_row:
+            raise GGQuantError(f"'{self.name}': stacked experts cannot be permuted")
+        new = self._copy()
         rows = np.asarray(rows, dtype=np.intp)
         new._perm_rows = rows if self._perm_rows is None else self._perm_rows[rows]
         return new
+
+    @classmethod
+    def stack(cls, name: str, experts: list[NVFP4Tensor]) -> NVFP4Tensor:
+        """One NVFP4 module per expert -> the stacked [E, R*n] record (see the class docstring). An
+        expert without an input scale counts as 1, as llama.cpp's converter does."""
+        first = experts[0]
+        for e, p in enumerate(experts):
+            if not isinstance(p, NVFP4Tensor) or p.per_row:
+                raise FormatError(f"'{p.name}' ({p.encoding}) is not an NVFP4 module; every expert stacked into "
+                                  f"'{name}' must be (partial NVFP4 quantization across experts)")
+            if p.shape != first.shape:
+                raise FormatError(f"expert {e} of '{name}' ('{p.name}') has shape {list(p.shape)}, expert 0 "
+                                  f"has {list(first.shape)}")
+        R, n = first.shape
+        loads = [p._rows for p in experts]
+
+        def load(rr):
+            got = [loads[e](None) for e in range(rr[0], rr[1])]
+            return (np.stack([g[0].reshape(-1) for g in got]), np.stack([g[1].reshape(-1) for g in got]))
+
+        ins = None
+        if any(p.input_scale is not None for p in experts):
+            ins = np.array([1.0 if p.input_scale is None else p.input_scale[0] for p in experts], dtype=np.float32)
+        return cls(name, (len(experts), R * n), first.encoding + f" ({len(experts)} per-expert modules stacked)",
+                   first.format, tuple(s for p in experts for s in p.sources), load,
+                   np.concatenate([p.scale2 for p in experts]), ins, per_row=True, row_width=n,
+                   a16=all(p.a16 for p in experts))
+
+    def folded(self, factors: np.ndarray) -> NVFP4Tensor:
+        """Stacked experts whose outputs the model scales per expert (Gemma 4's
+        router.per_expert_scale): the factors multiplied into `scale2` in float32
+        (Gemma4Model._generate_nvfp4_tensors folds them into each expert's weight_scale_2)."""
+        factors = np.asarray(factors, dtype=np.float32).reshape(-1)
+        if not self.per_row or factors.shape != self.scale2.shape:
+            raise GGQuantError(f"'{self.name}': {factors.size} per-expert factors for "
+                               f"{self.scale2.size if self.per_row else 'no'} stacked experts")
+        return self._copy(scale2=self.scale2 * factors, global_scale=None, input_global_scale=None)
 
     def _rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
         rr = rows_range(rows, self.shape[0])
@@ -724,7 +798,13 @@ class NVFP4Tensor(QuantizedTensor):
 
     def dequantize(self, rows=None) -> np.ndarray:
         codes, scales = self._codes(rows)
-        s = FP8_E4M3_TO_F32[scales] / self.global_scale  # float32 / float32: one rounding, as the library
+        if self.global_scale is not None:
+            s = FP8_E4M3_TO_F32[scales] / self.global_scale  # float32 / float32: one rounding, as the library
+        elif self.per_row:
+            a, b = rows_range(rows, self.shape[0])
+            s = FP8_E4M3_TO_F32[scales] * self.scale2[a:b, None]
+        else:
+            s = FP8_E4M3_TO_F32[scales] * self.scale2[0]  # ModelOpt: fp8 * weight_scale_2
         r, n = codes.shape
         w = E2M1_TO_F32[codes].reshape(r, n // NVFP4_GROUP, NVFP4_GROUP) * s[:, :, None]
         return w.reshape(r, n)
@@ -733,22 +813,23 @@ class NVFP4Tensor(QuantizedTensor):
         return "fp4 e2m1 values under fp8 scales per 16 columns are not integer codes with a per-32-column scale"
 
     def companions(self) -> list[tuple[str, np.ndarray]]:
-        """(suffix, float32 [1]) tensors llama.cpp's converter writes beside the NVFP4 weight: the
-        reciprocal global scale as `.scale` and the reciprocal input global scale as
-        `.input_scale`, each left out when it is 1 (ModelBase._write_scale_tensor)."""
+        """(suffix, float32) tensors llama.cpp's converter writes beside the NVFP4 weight: the factor
+        as `.scale` and the input scale as `.input_scale`, each [1] and left out when it is 1
+        (ModelBase._write_scale_tensor), or for stacked experts [E] and left out when every one is
+        1 within np.allclose(atol=1e-6) (ModelBase._write_scales_tensor)."""
         out = []
-        for suffix, g in ((".scale", self.global_scale), (".input_scale", self.input_global_scale)):
-            if g is None:
+        for suffix, v in ((".scale", self.scale2), (".input_scale", self.input_scale)):
+            if v is None:
                 continue
-            v = np.float32(1.0) / g
-            if not abs(float(v) - 1.0) < 1e-6:
-                out.append((suffix, np.array([v], dtype=np.float32)))
+            trivial = np.allclose(v, 1.0, atol=1e-6) if self.per_row else abs(float(v[0]) - 1.0) < 1e-6
+            if not trivial:
+                out.append((suffix, v.astype(np.float32)))
         return out
 
     def _nvfp4_or_reason(self, rows, verify: bool) -> np.ndarray | str:
         n = self.shape[1]
-        if n % (NVFP4_GROUP * NVFP4_SUBS):
-            return (f"NVFP4: rows of {n} values are not whole {NVFP4_GROUP * NVFP4_SUBS}-value GGML blocks "
+        if self.row_width % (NVFP4_GROUP * NVFP4_SUBS):
+            return (f"NVFP4: rows of {self.row_width} values are not whole {NVFP4_GROUP * NVFP4_SUBS}-value GGML blocks "
                     f"(llama.cpp's converter cannot repack them either)")
         packed, scales = self._rows(rows)
         bad = (scales & 0x80) | ((scales & 0x7F) == UE4M3_ZERO_ALIAS)
@@ -798,6 +879,6 @@ class NVFP4Tensor(QuantizedTensor):
     def expected_exact_type(self, candidates=None) -> tuple[T | None, str]:
         if candidates is not None and T.NVFP4 not in _qtypes(candidates):
             return None, f"{self.encoding}: only NVFP4 holds fp4 codes under fp8 scales"
-        if self.shape[1] % (NVFP4_GROUP * NVFP4_SUBS):
-            return None, f"rows of {self.shape[1]} values are not whole 64-value NVFP4 blocks"
+        if self.row_width % (NVFP4_GROUP * NVFP4_SUBS):
+            return None, f"rows of {self.row_width} values are not whole 64-value NVFP4 blocks"
         return T.NVFP4, ""

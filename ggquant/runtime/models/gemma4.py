@@ -83,9 +83,14 @@ class Gemma4Layer:
             self.post_ffw_norm_1 = ts.vector(p + "post_ffw_norm_1.weight", (H,))
             self.post_ffw_norm_2 = ts.vector(p + "post_ffw_norm_2.weight", (H,))
             self.gate_up_exps = ts.get(p + "ffn_gate_up_exps.weight", (E, 2 * Fe, H), required=False)
+            self.gate_exps_s = self.up_exps_s = None
             if self.gate_up_exps is None:  # llama.cpp also loads separate gate / up experts
                 self.gate_exps = ts.get(p + "ffn_gate_exps.weight", (E, Fe, H))
                 self.up_exps = ts.get(p + "ffn_up_exps.weight", (E, Fe, H))
+                # per-expert factors of NVFP4 experts (llama_model::load_tensors' generic pass loads
+                # them only beside separate gate / up experts)
+                self.gate_exps_s = ts.vector(p + "ffn_gate_exps.scale", (E,), required=False)
+                self.up_exps_s = ts.vector(p + "ffn_up_exps.scale", (E,), required=False)
             self.down_exps = ts.get(p + "ffn_down_exps.weight", (E, H, Fe))
             self.down_exps_s = ts.vector(p + "ffn_down_exps.scale", (E,), required=False)
         if P > 0:
@@ -191,9 +196,13 @@ class Gemma4Model(Model):
             gate, up = gu[..., :Fe], gu[..., Fe:]
         else:
             up = be.mul_mat_id(h, Ly.up_exps, ids)
+            if Ly.up_exps_s is not None:  # NVFP4 experts' factors (build_lora_mm_id's w_s)
+                up = up * Ly.up_exps_s[ids][..., None]
             gate = be.mul_mat_id(h, Ly.gate_exps, ids)
+            if Ly.gate_exps_s is not None:
+                gate = gate * Ly.gate_exps_s[ids][..., None]
         down = be.mul_mat_id(be.geglu(gate, up), Ly.down_exps, ids)  # [T, k, H]
-        if Ly.down_exps_s is not None:  # router.per_expert_scale (build_lora_mm_id's w_s)
+        if Ly.down_exps_s is not None:  # router.per_expert_scale or NVFP4 factors (build_lora_mm_id's w_s)
             down = down * Ly.down_exps_s[ids][..., None]
         down = down * weights[..., None]
         out = down[:, 0]
