@@ -140,7 +140,8 @@ CONFIGS = {"e4b": E4B, "31b": G31B, "a4b": A4B}
 _TINY_LARGE = dict(vocab=4096, hidden=256, n_layer=6, n_head=8, n_head_kv=4, n_head_kv_full=2, head_dim_swa=32,
                    head_dim_full=64, ffn=512, window=16, ctx_train=4096)
 TINY_CONFIGS = {"e4b": TINY, "31b": replace(G31B, name="tiny-31b", **_TINY_LARGE),
-                "a4b": replace(A4B, name="tiny-a4b", **_TINY_LARGE, n_expert=8, n_expert_used=2, ffn_exp=256)}
+                "a4b": replace(A4B, name="tiny-a4b", **{**_TINY_LARGE, "ffn": 320}, n_expert=8, n_expert_used=2,
+                               ffn_exp=192)}  # widths the Q4_K block can't hold, as the real model's
 
 WEIGHTS = {"bf16": (T.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
            "q4_k": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M)}
@@ -321,14 +322,18 @@ def add_metadata(w, cfg: Config, ftype) -> None:
 
 
 def add_tensors(w, cfg: Config, qtype) -> None:
+    from ggquant.quant import types as qtypes
+
     H, P, L = cfg.hidden, cfg.ple, cfg.n_layer
     rng = np.random.default_rng(0)
     gains = lambda n, k=1.0: rng.uniform(*GAIN_RANGE, n) * k  # noqa: E731
 
     def mat(name, rows, cols, std=None, n=0, qt=None):  # n > 0: n stacked matrices (experts)
+        t = qtype if qt is None else qt  # (T.F32 is 0: not `qt or qtype`)
+        if cols % GGML_QUANT_SIZES[t][0]:  # rows the block can't hold: llama.cpp's fallback type
+            t = qtypes.get(t).row_fallback  # (26B-A4B: FFN 2112, experts 704 are not multiples of 256)
         shape = (n, rows, cols) if n else (rows, cols)
-        w.add_tensor(name, shape, qt or qtype, matrix_producer(name, (max(n, 1) * rows, cols), qt or qtype,
-                                                                std or cols ** -0.5))
+        w.add_tensor(name, shape, t, matrix_producer(name, (max(n, 1) * rows, cols), t, std or cols ** -0.5))
 
     def vec(name, values):
         w.add_tensor(name, (len(values),), T.F32, vector_producer(values))
