@@ -10,28 +10,10 @@
 #   CARRY=build/ggqc bash bench/device_issue17.sh 2    # model bench vs llama-bench / llama-imatrix
 #   CARRY=build/ggqc bash bench/device_issue17.sh all  # both in one call (tight for the 10-minute limit)
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CARRY=$(cd "${CARRY:-$ROOT/..}" && pwd)  # the carried folder (default: the worktree's parent)
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-W=/tmp/ggq_bench
-export NUMBA_CACHE_DIR=/tmp/numba PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/whl/*.whl >/dev/null 2>&1 || true
-export PYTHONPATH=/tmp/site:$ROOT GGQUANT_LLAMA_CPP_DIR=$CARRY/llama.cpp GGQUANT_CACHE=/tmp/ggq_cache
-ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
-ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
-cd "$ROOT"
+source "$(dirname "$0")/device_env.sh"
 
 if [ "$1" = 1 ] || [ "$1" = all ]; then
-  if [ ! -x /tmp/llbuild/bin/llama-bench ]; then
-    rm -rf /tmp/llsrc && cp -r "$CARRY/llama.cpp" /tmp/llsrc
-    # build lines of anchor-cuda-h100.md; setsid: the build outlives this call while the machine is warm
-    setsid nohup bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
-      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
-      && cmake --build /tmp/llbuild --target llama-bench llama-imatrix -j10; echo BUILD_RC=\$?" \
-      > /tmp/llbuild.log 2>&1 < /dev/null &
-  fi
+  build_llama llama-bench llama-imatrix
   # the E4B-size GGUFs (bench/runtime_cuda.py's builder, atomic writes), alongside
   NUMBA_NUM_THREADS=8 setsid nohup bash -c "python3 bench/runtime_cuda.py --build-only --weights q4_k,q8_0,bf16 \
     --workdir $W; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &

@@ -5,25 +5,9 @@
 # fixture build, and llama-bench on the same GGUFs once its build (started first) is done.
 #   CARRY=build/ggqc bash bench/device_large.sh       (carry: build/ggqc, as device_issue17.sh)
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CARRY=$(cd "${CARRY:-$ROOT/..}" && pwd)
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-W=/tmp/ggq_bench
+source "$(dirname "$0")/device_env.sh"
+build_llama llama-bench
 T0=$(date +%s)
-export NUMBA_CACHE_DIR=/tmp/numba PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/whl/*.whl >/dev/null 2>&1 || true
-export PYTHONPATH=/tmp/site:$ROOT GGQUANT_LLAMA_CPP_DIR=$CARRY/llama.cpp GGQUANT_CACHE=/tmp/ggq_cache
-ln -sfn ../kernels/ggquant_kernels "$ROOT/ggquant/kernels"
-ln -sfn ../fixtures/ggquant_fixtures "$ROOT/ggquant/fixtures"
-cd "$ROOT"
-if [ ! -x /tmp/llbuild/bin/llama-bench ]; then
-  rm -rf /tmp/llsrc && cp -r "$CARRY/llama.cpp" /tmp/llsrc
-  setsid nohup bash -c "cmake -S /tmp/llsrc -B /tmp/llbuild -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
-    && cmake --build /tmp/llbuild --target llama-bench -j12; echo BUILD_RC=\$?" > /tmp/llbuild.log 2>&1 < /dev/null &
-fi
 NUMBA_NUM_THREADS=4 setsid nohup bash -c "for c in e4b 31b a4b; do python3 bench/runtime_cuda.py --build-only --config \$c \
   --weights q4_k --workdir $W; done; echo GGUF_RC=\$?" > /tmp/gguf.log 2>&1 < /dev/null &
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/large.txt"

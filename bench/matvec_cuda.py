@@ -57,7 +57,6 @@ def main():
                 times[label] = t
                 print(f"{name:6s} {n:5d}x{k:<5d} {label:6s} ({kind:6s}): {t * 1e6:7.1f} us  "
                       f"{8 * nbytes / (n * k):5.3f} bits/weight  {nbytes / t / 1e9:6.0f} GB/s")
-                del copies
             diff = float((ys["packed"] - ys["int8"]).abs().max() / ys["int8"].abs().max())
             print(f"{name:6s} {n:5d}x{k:<5d} int8/packed time ratio {times['int8'] / times['packed']:.2f}  "
                   f"(products agree: max |diff| / max |y| = {diff:.1e})")

@@ -38,7 +38,7 @@ from tests.oracles.llama_converter import cached_reference_ggufs
 from tests.oracles.llama_logits import llama_cpp_logits
 from tests.quantized import gemma4_quantized as G
 from tests.quantized import nvfp4_fixtures as F
-from tests.quantized.util import assert_runtime_equals_llama_cpp, open_dir
+from tests.quantized.util import assert_runtime_equals_llama_cpp, assert_torch_backend_meets_dequantized, open_dir
 
 pytest.importorskip("compressed_tensors")
 
@@ -195,21 +195,8 @@ def test_nvfp4_moe_torch_backend_equals_the_float32_dequantization(tmp_path):
     """The torch backend (CPU here; CUDA where present) dequantizes the NVFP4 experts to float32
     and applies their per-expert scales without quantizing activations: it meets the CPU runtime
     on the float32 dequantization (router per_expert_scale apart) within 1e-3 (measured 6.6e-4)."""
-    torch = pytest.importorskip("torch")
-    from ggquant.runtime.cuda import CUDABackend
-    from ggquant.runtime.model import ARCHITECTURES, Session, load_model
-
-    d = _fixture("moe")
-    nv = convert(d, outtype="f32", outfile=tmp_path / "moe.gguf").written[0]
-    ref = convert(G.dequantized_copy(d), outtype="f32", outfile=tmp_path / "ref.gguf").written[0]
-    ids = [2] + list(range(40, 79))
-    want = Session(load_model(ref, threads=2), 64).eval(ids, "all")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        with GGUFReader(nv) as r:
-            model = ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device=device))
-            got = Session(model, 64, n_batch=16).eval(ids, "all")
-        assert np.abs(got - want).max() <= 1e-3
-        assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    pytest.importorskip("torch")
+    assert_torch_backend_meets_dequantized(_fixture("moe"), tmp_path)
 
 
 # --- bad input ---------------------------------------------------------------------------------

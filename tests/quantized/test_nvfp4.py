@@ -34,7 +34,7 @@ from tests.oracles import ggml
 from tests.oracles.llama_converter import cached_reference_ggufs
 from tests.quantized import gemma4_quantized as G
 from tests.oracles.llama_logits import llama_cpp_logits
-from tests.quantized.util import assert_runtime_equals_llama_cpp, open_dir
+from tests.quantized.util import assert_runtime_equals_llama_cpp, assert_torch_backend_meets_dequantized, open_dir
 
 pytest.importorskip("compressed_tensors")
 
@@ -163,21 +163,8 @@ def test_nvfp4_torch_backend_equals_the_float32_dequantization(tmp_path, source)
     """The torch backend (torch on the CPU here) dequantizes the blocks to float32 and multiplies
     by <weight>.scale without quantizing activations: it meets the CPU runtime on the float32
     dequantization within 1e-3 (measured: 2.3e-4 and 7.6e-6)."""
-    torch = pytest.importorskip("torch")
-    from ggquant.runtime.cuda import CUDABackend
-    from ggquant.runtime.model import ARCHITECTURES, Session, load_model
-
-    d = G.build_ct_nvfp4(source=source)
-    nv = convert(d, outtype="f32", outfile=tmp_path / "nvfp4.gguf").written[0]
-    ref = convert(G.dequantized_copy(d), outtype="f32", outfile=tmp_path / "ref.gguf").written[0]
-    ids = [2] + list(range(40, 79))
-    want = Session(load_model(ref, threads=2), 64).eval(ids, "all")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        with GGUFReader(nv) as r:
-            model = ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device=device))
-            got = Session(model, 64, n_batch=16).eval(ids, "all")
-        assert np.abs(got - want).max() <= 1e-3
-        assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    pytest.importorskip("torch")
+    assert_torch_backend_meets_dequantized(G.build_ct_nvfp4(source=source), tmp_path)
 
 
 def test_nvfp4_gguf_goes_back_to_hugging_face_with_the_scale_folded_in(tmp_path):

@@ -52,3 +52,28 @@ def assert_runtime_equals_llama_cpp(path) -> np.ndarray:
     ours = Session(load_model(path, threads=2), 64).eval(ids, "all")
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
     return ref
+
+
+def assert_torch_backend_meets_dequantized(checkpoint: Path, tmp_path: Path, tol: float = 1e-3) -> None:
+    """The NVFP4 checkpoint converted at f32 and run by the torch backend (torch on the CPU; also
+    CUDA where present), which dequantizes the blocks to float32 and applies their scales without
+    quantizing activations, meets the CPU runtime on its float32 dequantization within tol, same
+    argmax (tests.quantized.gemma4_quantized.dequantized_copy)."""
+    import torch
+
+    from ggquant.convert import convert
+    from ggquant.formats.gguf import GGUFReader
+    from ggquant.runtime.cuda import CUDABackend
+    from ggquant.runtime.model import ARCHITECTURES, Session, load_model
+    from tests.quantized import gemma4_quantized as G
+
+    nv = convert(checkpoint, outtype="f32", outfile=tmp_path / "nvfp4.gguf").written[0]
+    ref = convert(G.dequantized_copy(checkpoint), outtype="f32", outfile=tmp_path / "ref.gguf").written[0]
+    ids = [2] + list(range(40, 79))
+    want = Session(load_model(ref, threads=2), 64).eval(ids, "all")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        with GGUFReader(nv) as r:
+            model = ARCHITECTURES[r.get("general.architecture")](r, CUDABackend(device=device))
+            got = Session(model, 64, n_batch=16).eval(ids, "all")
+        assert np.abs(got - want).max() <= tol
+        assert np.array_equal(got.argmax(-1), want.argmax(-1))

@@ -43,7 +43,7 @@ from ggquant.errors import FormatError, GGQuantError
 from ggquant.formats.quantized import reader
 from ggquant.formats.quantized.records import (
     FP8_E4M3_TO_F32, NVFP4_GROUP, FloatQuantTensor, IntCodes, IntQuantTensor, NVFP4Tensor, QuantizedModel,
-    QuantizedTensor, Source,
+    QuantizedTensor, Source, nvfp4_shape,
     unpack_per_word, unpack_stream,
 )
 
@@ -500,17 +500,7 @@ def _nvfp4_record(mod: str, src: Source, where: str) -> QuantizedTensor:
     for need in (scale_name, g_name):
         if need not in src:
             raise FormatError(f"{where}: tensor '{need}' is missing")
-    if src.dtype(packed_name) != "U8":
-        raise FormatError(f"{where}: weight_packed has dtype {src.dtype(packed_name)}, expected U8 (two fp4 codes a byte)")
-    if src.dtype(scale_name) not in ("F8_E4M3", "U8"):
-        raise FormatError(f"{where}: weight_scale has dtype {src.dtype(scale_name)}, expected F8_E4M3")
-    pshape, sshape = src.shape(packed_name), src.shape(scale_name)
-    if len(pshape) != 2:
-        raise FormatError(f"{where}: weight_packed has shape {list(pshape)}; only 2-D weights are supported")
-    out, n = pshape[0], pshape[1] * 2
-    if n % NVFP4_GROUP or list(sshape) != [out, n // NVFP4_GROUP]:
-        raise FormatError(f"{where}: weight_scale has shape {list(sshape)}; {out} rows of {n} fp4 values in groups "
-                          f"of {NVFP4_GROUP} need [{out}, {n // NVFP4_GROUP}]")
+    out, n = nvfp4_shape(src, where, packed_name, scale_name)
     sources = [packed_name, scale_name, g_name]
     ig = None
     if ig_name in src:

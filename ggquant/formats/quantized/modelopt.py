@@ -26,8 +26,8 @@ import numpy as np
 
 from ggquant.errors import FormatError, GGQuantError
 from ggquant.formats.quantized import HF_QUANT_CONFIG, reader
-from ggquant.formats.quantized.records import (NVFP4_GROUP, FloatQuantTensor, NVFP4Tensor, QuantizedModel,
-                                              QuantizedTensor, Source)
+from ggquant.formats.quantized.records import (FloatQuantTensor, NVFP4Tensor, QuantizedModel, QuantizedTensor,
+                                              Source, nvfp4_shape)
 
 __all__ = ["read", "ALGOS"]
 
@@ -126,18 +126,7 @@ def _scalar(src: Source, name: str, where: str) -> np.float32:
 def _nvfp4_record(mod: str, src: Source, where: str, algo) -> NVFP4Tensor:
     w_name, s_name, s2_name, in_name = (f"{mod}.{s}" for s in ("weight", "weight_scale", "weight_scale_2",
                                                                 "input_scale"))
-    if src.dtype(w_name) != "U8":
-        raise FormatError(f"{where}: weight has dtype {src.dtype(w_name)}, expected U8 (two fp4 codes a byte) "
-                          f"beside its 2-D NVFP4 weight_scale")
-    if src.dtype(s_name) not in ("F8_E4M3", "U8"):
-        raise FormatError(f"{where}: weight_scale has dtype {src.dtype(s_name)}, expected F8_E4M3")
-    pshape, sshape = src.shape(w_name), src.shape(s_name)
-    if len(pshape) != 2:
-        raise FormatError(f"{where}: weight has shape {list(pshape)}; only 2-D weights are supported")
-    out, n = pshape[0], pshape[1] * 2
-    if n % NVFP4_GROUP or list(sshape) != [out, n // NVFP4_GROUP]:
-        raise FormatError(f"{where}: weight_scale has shape {list(sshape)}; {out} rows of {n} fp4 values in groups "
-                          f"of {NVFP4_GROUP} need [{out}, {n // NVFP4_GROUP}]")
+    out, n = nvfp4_shape(src, where, w_name, s_name)
     if s2_name not in src:
         # (llama.cpp's converter would take 1.0 and write weights off by ModelOpt's amax / 2688)
         raise FormatError(f"{where}: tensor '{s2_name}' (the per-tensor NVFP4 factor) is missing; ModelOpt writes "

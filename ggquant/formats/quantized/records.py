@@ -687,6 +687,25 @@ class FloatQuantTensor(QuantizedTensor):
 
 
 NVFP4_GROUP = 16  # values per fp8 scale (compressed-tensors group_size 16, ggml QK_NVFP4_SUB)
+
+
+def nvfp4_shape(src, where: str, codes: str, scales: str) -> tuple[int, int]:
+    """(rows, values per row) of an NVFP4 weight stored as codes U8 [out, in/2] (two e2m1 codes a
+    byte) with scales F8_E4M3 [out, in/16], as compressed-tensors and ModelOpt both store it;
+    FormatError naming the tensor otherwise."""
+    short = codes.rsplit(".", 1)[-1]
+    if src.dtype(codes) != "U8":
+        raise FormatError(f"{where}: {short} has dtype {src.dtype(codes)}, expected U8 (two fp4 codes a byte)")
+    if src.dtype(scales) not in ("F8_E4M3", "U8"):
+        raise FormatError(f"{where}: weight_scale has dtype {src.dtype(scales)}, expected F8_E4M3")
+    pshape, sshape = src.shape(codes), src.shape(scales)
+    if len(pshape) != 2:
+        raise FormatError(f"{where}: {short} has shape {list(pshape)}; only 2-D weights are supported")
+    out, n = pshape[0], pshape[1] * 2
+    if n % NVFP4_GROUP or list(sshape) != [out, n // NVFP4_GROUP]:
+        raise FormatError(f"{where}: weight_scale has shape {list(sshape)}; {out} rows of {n} fp4 values in groups "
+                          f"of {NVFP4_GROUP} need [{out}, {n // NVFP4_GROUP}]")
+    return out, n
 NVFP4_SUBS = 4  # fp8 scales per GGML NVFP4 block of 64 values (block_nvfp4.d[4])
 UE4M3_ZERO_ALIAS = 0x7F  # ggml_ue4m3_to_fp32 reads it as 0 (it is NaN in e4m3)
 
