@@ -138,7 +138,7 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     nv_stacks = []
     for name, per_expert in arch.quantized_expert_stacks(list(records), fuse_gate_up=not nvfp4).items():
         # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
-        parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        parts = [[_crop_expert(arch, name, records.pop(n)) for n in expert] for expert in per_expert]
         if nvfp4:
             records[name] = NVFP4Tensor.stack(name, [p for expert in parts for p in expert])
             shapes[name] = (len(parts), *parts[0][0].shape)
@@ -221,6 +221,18 @@ def _crop_padded(arch: Arch, rec: QuantizedTensor) -> QuantizedTensor:
     if tuple(want[0]) == tuple(rec.shape):
         return rec
     return rec.cropped(*want[0])
+
+
+def _crop_expert(arch: Arch, stacked: str, rec: QuantizedTensor) -> QuantizedTensor:
+    """A per-expert module stored with its input width padded (auto-round's model-free export pads
+    each expert's Linear to a multiple of the group size, e.g. 64 -> 128 at group 128) -> the width
+    of the stacked weight the architecture names ([E, R, n]: n)."""
+    if not getattr(rec, "padded", False):
+        return rec
+    want = arch.expected_shapes().get(arch.normalize_name(stacked)) if hasattr(arch, "expected_shapes") else None
+    if want is None or tuple(want[0][-1:]) == tuple(rec.shape[1:]):
+        return rec
+    return rec.cropped(rec.shape[0], want[0][-1])
 
 
 def _permute_act_order(table: dict[str, Any]) -> list[str]:
