@@ -157,3 +157,27 @@ def test_exact_auto_round_moe_runs_in_llama_cpp_and_the_runtime_bit_for_bit(tmp_
     out = tmp_path / "q.gguf"
     convert(_build(case), outfile=out)
     assert_runtime_equals_llama_cpp(out)
+
+
+def test_padded_expert_with_nonzero_padding_names_it(tmp_path):
+    """A model-free export whose padded input columns are not zero weights does not match config.json:
+    refused naming the expert's module, nothing written."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ggquant.errors import GGQuantError
+
+    dst = tmp_path / "src" / "gemma4_auto_round_moe"
+    shutil.copytree(_build("model_free-sym-g128"), dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    key = "model.language_model.layers.2.experts.5.up_proj.qweight"  # [128*4/32, F]: rows 8.. pack inputs 64..127
+    q = sd[key].clone()
+    assert int(q[8, 0]) & 0xF == 8  # sym GPTQ: code 8 is a zero weight
+    q[8, 0] = torch.tensor(int(q[8, 0]) + 1, dtype=torch.int32)
+    sd[key] = q
+    save_file(sd, str(dst / "model.safetensors"))
+    with pytest.raises(GGQuantError, match=r"layers\.2\.experts\.5\.up_proj.*padding column 64 of row 0 is not zero"):
+        convert(dst, outfile=tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
