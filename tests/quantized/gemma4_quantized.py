@@ -393,6 +393,50 @@ def build_glq(layer: int = 0) -> Path:
     return cached_build("gemma4_glq", _build_glq, layer=layer, digest=_DIGEST)
 
 
+# glq 0.8.16 on Gemma 4's experts (quantize_model.quantize, the `is_gemma4` branch): every expert's
+# gate_up_proj [2F, H] is quantized as ONE matrix (one SU/SV/Wscale), then its row artifacts
+# (Qidxs*, SU) are split at F into experts.<e>.gate_proj / up_proj and the shared ones (SV, Wscale,
+# inv_resid_scale*) duplicated (_split_gate_up_arts); down_proj per expert; the router stays bf16.
+_GLQ_ROW_ARTS = ("Qidxs", "Qidxs2", "Qidxs3", "Qidxs4", "SU")
+
+
+def _build_glq_moe(out: Path, layer: int, bpw: int, digest: str) -> Path:
+    import torch
+    from glq.codebook import E8ShellCodebook
+    from glq.quantize_model import quantize_layer_e8_shell_rht
+
+    cb = E8ShellCodebook.build(verbose=False)
+    src = tiny_model(MOE_MODEL)
+    sd = _read_checkpoint(src)
+    p = f"model.language_model.layers.{layer}.experts."
+    gate_up, down = sd.pop(p + "gate_up_proj").float(), sd.pop(p + "down_proj").float()
+    F = gate_up.shape[1] // 2
+    layer_bpw, oracle = {}, {}
+    for e in range(gate_up.shape[0]):
+        w_hat, art, _ = quantize_layer_e8_shell_rht(gate_up[e], torch.eye(gate_up.shape[2]), cb, bpw=bpw)
+        oracle[f"{p}{e}.gate_up_proj"] = w_hat.float().numpy()
+        for proj, rows in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):
+            sd.update({f"{p}{e}.{proj}.{k}": (v[rows] if k in _GLQ_ROW_ARTS else v).clone() for k, v in art.items()})
+            layer_bpw[f"{p}{e}.{proj}"] = bpw
+        w_hat, art, _ = quantize_layer_e8_shell_rht(down[e], torch.eye(down.shape[2]), cb, bpw=bpw)
+        oracle[f"{p}{e}.down_proj"] = w_hat.float().numpy()
+        sd.update({f"{p}{e}.down_proj.{k}": v for k, v in art.items()})
+        layer_bpw[f"{p}{e}.down_proj"] = bpw
+    _copy_side_files(src, out)
+    _save(out, sd)
+    np.savez(out / "oracle.npz", **oracle)  # glq's own reconstruction (W_hat) of every quantized matrix
+    _update_config(out, quantization_config={"quant_method": "glq", "codebook": "e8_shell", "block_diagonal": True,
+                                             "codesz": 8, "bpw": bpw, "layer_bpw": layer_bpw})
+    return out
+
+
+def build_glq_moe(layer: int = 0, bpw: int = 2) -> Path:
+    """The 26B-A4B-like model with layer `layer`'s experts in glq's Gemma 4 expert layout (above),
+    quantized by glq's own per-layer function (identity Hessian); every other tensor bf16.
+    oracle.npz: glq's reconstruction of each expert's gate_up_proj [2F, H] and down_proj."""
+    return cached_build("gemma4_glq_moe", _build_glq_moe, layer=layer, bpw=bpw, digest=_DIGEST)
+
+
 # --- MLX affine --------------------------------------------------------------------------------
 
 
