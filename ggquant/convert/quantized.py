@@ -63,8 +63,10 @@ from ggquant.convert.encode import measure_sqnr, row_chunks
 from ggquant.convert.plan import ALWAYS_F32, KEY_DESC, KEY_EXACT, KEY_METHOD, KEY_REQUANTIZED, fill_template
 from ggquant.errors import GGQuantError
 from ggquant.formats.quantized import open_quantized
+from ggquant.formats.quantized.glq import GLQTensor, joint_rows
 from ggquant.formats.quantized.records import (AffineQuantTensor, IntQuantTensor, NVFP4Tensor, QuantizedModel,
-                                              QuantizedTensor, StackedAffineQuantTensor, StackedIntQuantTensor)
+                                              QuantizedTensor, StackedAffineQuantTensor, StackedDequantTensor,
+                                              StackedIntQuantTensor)
 from ggquant.formats.safetensors import FLOAT_DTYPES
 from ggquant.quant import types as qtypes
 from ggquant.quant.transcode import BLOCK_TYPES, DEFAULT_CANDIDATES, FLOAT_TYPES, QK, bf16_exact, fp16_exact
@@ -138,18 +140,22 @@ def attach_quantized(arch: Arch) -> QuantizedSource | None:
     nv_stacks = []
     for name, per_expert in arch.quantized_expert_stacks(list(records), fuse_gate_up=not nvfp4).items():
         # one module per expert -> the stacked weight the architecture names (e.g. [E, 2F, H])
-        parts = [[records.pop(n) for n in expert] for expert in per_expert]
+        parts = [[_crop_expert(arch, name, records.pop(n)) for n in expert] for expert in per_expert]
         if nvfp4:
             records[name] = NVFP4Tensor.stack(name, [p for expert in parts for p in expert])
             shapes[name] = (len(parts), *parts[0][0].shape)
             nv_stacks.append(name)
             notes.append(f"{name}: {len(parts)} per-expert NVFP4 modules stacked")
             continue
-        if not all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
+        if all(isinstance(p, GLQTensor) for expert in parts for p in expert):
+            # glq stores Gemma 4's gate_up_proj of each expert as row blocks of one matrix
+            records[name] = StackedDequantTensor(name, _glq_joint_experts(name, parts))
+        elif all(isinstance(p, IntQuantTensor) for expert in parts for p in expert):
+            records[name] = StackedIntQuantTensor(name, parts)
+        else:
             kinds = sorted({p.encoding for expert in parts for p in expert})
             raise GGQuantError(f"'{name}': stacking per-expert weights of {', '.join(kinds)} is not supported "
-                               f"(integer codes only)")
-        records[name] = StackedIntQuantTensor(name, parts)
+                               f"(integer codes and GLQ only)")
         shapes[name] = (len(parts), records[name].rows_per_expert, records[name].row_width)
         notes.append(f"{name}: {len(parts)} per-expert modules stacked")
     for name, scale_name in arch.expert_output_scales(nv_stacks).items():
@@ -221,6 +227,29 @@ def _crop_padded(arch: Arch, rec: QuantizedTensor) -> QuantizedTensor:
     if tuple(want[0]) == tuple(rec.shape):
         return rec
     return rec.cropped(*want[0])
+
+
+def _glq_joint_experts(stacked: str, parts: list[list[QuantizedTensor]]) -> list[list[QuantizedTensor]]:
+    """Per expert, its GLQ records, with those glq quantized jointly and stored row-split (Gemma 4's
+    gate_proj + up_proj) made one record `<layer>.experts.<e>.<stacked proj>.weight`."""
+    head, _, proj = stacked.rpartition(".")
+    out = []
+    for e, expert in enumerate(parts):
+        joint = joint_rows(f"{head}.{e}.{proj}.weight", expert)
+        out.append([joint] if joint is not None else expert)
+    return out
+
+
+def _crop_expert(arch: Arch, stacked: str, rec: QuantizedTensor) -> QuantizedTensor:
+    """A per-expert module stored with its input width padded (auto-round's model-free export pads
+    each expert's Linear to a multiple of the group size, e.g. 64 -> 128 at group 128) -> the width
+    of the stacked weight the architecture names ([E, R, n]: n)."""
+    if not getattr(rec, "padded", False):
+        return rec
+    want = arch.expected_shapes().get(arch.normalize_name(stacked)) if hasattr(arch, "expected_shapes") else None
+    if want is None or tuple(want[0][-1:]) == tuple(rec.shape[1:]):
+        return rec
+    return rec.cropped(rec.shape[0], want[0][-1])
 
 
 def _permute_act_order(table: dict[str, Any]) -> list[str]:

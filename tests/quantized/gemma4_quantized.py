@@ -12,6 +12,8 @@ quantization block, and the tokenizer files come along.
 - `build_ct_moe`: the 26B-A4B-like MoE with its experts unfused into one Linear per expert and
   projection (llmcompressor's layout), every text Linear quantized by compressed-tensors: int8 per
   channel (Google's 26B-A4B QAT scheme) or int4 group 32.
+- `build_auto_round_moe`: the MoE quantized by auto-round itself (RTN), model-free or through the
+  loaded model, exported as auto_round / auto_gptq / auto_awq packing.
 - `build_gptq`: GPTQ v1 layout hand-packed per the research note (fixtures.quantized helpers):
   qweight/qzeros/scales(F16)/g_idx, sym or asym, optionally act-order (random g_idx).
 - `build_mlx`: mlx.core.quantize (affine) of the text Linears and both embeddings, mlx-lm's
@@ -304,6 +306,57 @@ def build_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order:
                         act_order=act_order, seed=seed, fp16_scales=fp16_scales, digest=_DIGEST, **extra)
 
 
+# --- AutoRound (auto-round itself, RTN) on the mixture of experts ------------------------------
+
+# How auto-round is driven. "model_free": a checkpoint path with iters=0 and disable_opt_rtn=True
+# (auto-round 0.16 routes that to its ModelFreeCompressor: the fused 3-D experts split into one
+# Linear per expert, every Linear of the decoder quantized, the router included; input widths
+# padded with zeros to a multiple of the group size). "model": the loaded Gemma4 model object
+# (the regular compressor: its MoE preparation unfuses Gemma4TextExperts into per-expert Linears;
+# a Linear whose output width is not a multiple of 32, here the 12-expert router, is skipped and
+# kept in bf16 with an extra_config entry of bits 16).
+AUTO_ROUND_ROUTES = ("model_free", "model")
+
+
+def _build_auto_round_moe(out: Path, route: str, fmt: str, sym: bool, group_size: int, autoround_version: str,
+                          digest: str) -> Path:
+    import tempfile
+
+    from auto_round import AutoRound
+
+    src = tiny_model(MOE_MODEL)
+    opts = dict(scheme="W4A16", bits=4, group_size=group_size, sym=sym, iters=0, disable_opt_rtn=True)
+    if route == "model_free":
+        ar = AutoRound(str(src), model_free=True, enable_torch_compile=False, **opts)
+    elif route == "model":
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        # (a path would take auto-round's multimodal loader, which needs torchvision for
+        # Gemma4VideoProcessor; the model object goes through the same compressor)
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16)
+        ar = AutoRound(model, tokenizer=AutoTokenizer.from_pretrained(src), **opts)
+    else:
+        raise ValueError(f"route must be one of {AUTO_ROUND_ROUTES}, got {route!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ar.quantize_and_save(tmp, format=fmt)
+        produced = list(Path(tmp).rglob("config.json"))
+        if len(produced) != 1:
+            raise RuntimeError(f"auto-round wrote {len(produced)} config.json files for {route} {fmt}")
+        shutil.copytree(produced[0].parent, out, ignore=shutil.ignore_patterns(".cache"))
+    return out
+
+
+def build_auto_round_moe(route: str = "model_free", fmt: str = "auto_round", sym: bool = True,
+                         group_size: int = 32) -> Path:
+    """The 26B-A4B-like model quantized by auto-round itself (RTN: iters=0, W4A16) along `route`
+    (AUTO_ROUND_ROUTES) and exported in `fmt`; keyed on the installed auto-round version."""
+    import auto_round
+
+    return cached_build("gemma4_auto_round_moe", _build_auto_round_moe, route=route, fmt=fmt, sym=sym,
+                        group_size=group_size, autoround_version=auto_round.__version__, digest=_DIGEST)
+
+
 # --- GLQ (glq 0.8.16, GPL-3.0: imported by this test fixture only) --------------------------------
 
 # Layer 0's Linears with every bpw of 2..8 once; the other layers stay bf16.
@@ -338,6 +391,50 @@ def _build_glq(out: Path, layer: int, digest: str) -> Path:
 
 def build_glq(layer: int = 0) -> Path:
     return cached_build("gemma4_glq", _build_glq, layer=layer, digest=_DIGEST)
+
+
+# glq 0.8.16 on Gemma 4's experts (quantize_model.quantize, the `is_gemma4` branch): every expert's
+# gate_up_proj [2F, H] is quantized as ONE matrix (one SU/SV/Wscale), then its row artifacts
+# (Qidxs*, SU) are split at F into experts.<e>.gate_proj / up_proj and the shared ones (SV, Wscale,
+# inv_resid_scale*) duplicated (_split_gate_up_arts); down_proj per expert; the router stays bf16.
+_GLQ_ROW_ARTS = ("Qidxs", "Qidxs2", "Qidxs3", "Qidxs4", "SU")
+
+
+def _build_glq_moe(out: Path, layer: int, bpw: int, digest: str) -> Path:
+    import torch
+    from glq.codebook import E8ShellCodebook
+    from glq.quantize_model import quantize_layer_e8_shell_rht
+
+    cb = E8ShellCodebook.build(verbose=False)
+    src = tiny_model(MOE_MODEL)
+    sd = _read_checkpoint(src)
+    p = f"model.language_model.layers.{layer}.experts."
+    gate_up, down = sd.pop(p + "gate_up_proj").float(), sd.pop(p + "down_proj").float()
+    F = gate_up.shape[1] // 2
+    layer_bpw, oracle = {}, {}
+    for e in range(gate_up.shape[0]):
+        w_hat, art, _ = quantize_layer_e8_shell_rht(gate_up[e], torch.eye(gate_up.shape[2]), cb, bpw=bpw)
+        oracle[f"{p}{e}.gate_up_proj"] = w_hat.float().numpy()
+        for proj, rows in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):
+            sd.update({f"{p}{e}.{proj}.{k}": (v[rows] if k in _GLQ_ROW_ARTS else v).clone() for k, v in art.items()})
+            layer_bpw[f"{p}{e}.{proj}"] = bpw
+        w_hat, art, _ = quantize_layer_e8_shell_rht(down[e], torch.eye(down.shape[2]), cb, bpw=bpw)
+        oracle[f"{p}{e}.down_proj"] = w_hat.float().numpy()
+        sd.update({f"{p}{e}.down_proj.{k}": v for k, v in art.items()})
+        layer_bpw[f"{p}{e}.down_proj"] = bpw
+    _copy_side_files(src, out)
+    _save(out, sd)
+    np.savez(out / "oracle.npz", **oracle)  # glq's own reconstruction (W_hat) of every quantized matrix
+    _update_config(out, quantization_config={"quant_method": "glq", "codebook": "e8_shell", "block_diagonal": True,
+                                             "codesz": 8, "bpw": bpw, "layer_bpw": layer_bpw})
+    return out
+
+
+def build_glq_moe(layer: int = 0, bpw: int = 2) -> Path:
+    """The 26B-A4B-like model with layer `layer`'s experts in glq's Gemma 4 expert layout (above),
+    quantized by glq's own per-layer function (identity Hessian); every other tensor bf16.
+    oracle.npz: glq's reconstruction of each expert's gate_up_proj [2F, H] and down_proj."""
+    return cached_build("gemma4_glq_moe", _build_glq_moe, layer=layer, bpw=bpw, digest=_DIGEST)
 
 
 # --- MLX affine --------------------------------------------------------------------------------

@@ -215,6 +215,54 @@ class GLQTensor(QuantizedTensor):
                 f"holds them (F32 does); suggested type {self.suggested_type.name}")
 
 
+# Artifacts with one entry per output row, and those a row-split copy shares (quantize_model.py
+# _ROW_ARTS / _SHARED_ARTS in glq 0.8.16).
+_ROW_ARTS = ("SU",) + _STAGES
+_SHARED_ARTS = ("SV", "Wscale") + tuple(sc for sc in _STAGE_SCALES if sc)
+_ARRAY_TAGS = {np.dtype(np.int16): "I16", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
+
+
+def joint_rows(name: str, parts: list[GLQTensor]) -> GLQTensor | None:
+    """glq quantizes some matrices jointly and stores them split by rows: Gemma 4's experts
+    (glq 0.8.16 quantize_model.quantize, the is_gemma4 branch, then _split_gate_up_arts): each
+    expert's gate_up_proj [2F, H] is one GLQ matrix whose row artifacts (Qidxs*, SU) are split at F
+    into experts.<e>.gate_proj / up_proj and whose shared ones (SV, Wscale, inv_resid_scale*) are
+    duplicated. The left Hadamard transform mixes rows across the split, so such parts decode only
+    together: the record `name` over their rows in order, or None when the parts were quantized
+    apart (their shared artifacts differ) and each decodes on its own."""
+    first = parts[0]
+    src = first._src
+    if len(parts) < 2 or any(p.embedding or p.padded or p.shape[1] != first.shape[1] for p in parts):
+        return None
+    if any([sc for _, sc in p._stages] != [sc and sc.replace(first._mod, p._mod, 1) for _, sc in first._stages]
+           for p in parts[1:]):
+        return None
+    for k in _SHARED_ARTS:
+        names = [f"{p._mod}.{k}" for p in parts]
+        if any(n in src for n in names) and not all(
+                n in src and np.array_equal(src.raw(n)[0], src.raw(names[0])[0]) for n in names):
+            return None
+    mod = name[: -len(".weight")]
+
+    def get(n: str) -> np.ndarray:
+        k = n[len(mod) + 1:]
+        arrs = [src.raw(f"{p._mod}.{k}")[0] for p in (parts if k in _ROW_ARTS else parts[:1])]
+        for a in arrs:
+            if a.dtype not in _ARRAY_TAGS:  # (Source reads a numpy array's tag from its dtype)
+                raise FormatError(f"GLQ tensor '{parts[0]._mod}.{k}' has numpy dtype {a.dtype}; expected "
+                                  f"I16, F16 or F32")
+        return np.concatenate(arrs) if k in _ROW_ARTS else arrs[0]
+
+    keys = [k for k in _ROW_ARTS + _SHARED_ARTS if f"{first._mod}.{k}" in src]
+    joint = Source([f"{mod}.{k}" for k in keys], get)
+    stages = [(f"{mod}.{st[len(first._mod) + 1:]}", sc and f"{mod}.{sc[len(first._mod) + 1:]}")
+              for st, sc in first._stages]
+    rows = sum(p.shape[0] for p in parts)
+    enc = f"{first.encoding}, quantized jointly and stored as {len(parts)} row blocks"
+    return GLQTensor(name, (rows, first.shape[1]), enc, tuple(x for p in parts for x in p.sources), first.bpw,
+                     joint, mod, stages, False, False)
+
+
 @reader("glq")
 def read(config: dict, src: Source, method: str) -> QuantizedModel:
     qc = config["quantization_config"]

@@ -19,7 +19,7 @@ from ggquant.quant.transcode import (
 
 __all__ = [
     "Source", "QuantizedTensor", "IntCodes", "IntQuantTensor", "AffineQuantTensor", "QuantizedModel",
-    "StackedIntQuantTensor", "StackedAffineQuantTensor", "FloatQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
+    "StackedIntQuantTensor", "StackedAffineQuantTensor", "StackedDequantTensor", "FloatQuantTensor", "NVFP4Tensor", "E2M1_TO_F32", "FP8_E4M3_TO_F32",
     "rows_range", "unpack_stream", "unpack_per_word",
 ]
 
@@ -632,6 +632,44 @@ class StackedIntQuantTensor(IntQuantTensor):
 
     def permuted(self, rows=None, cols=None):
         raise GGQuantError(f"'{self.name}': stacked experts cannot be permuted")
+
+
+class StackedDequantTensor(QuantizedTensor):
+    """Stacked experts made of per-expert records that no GGML block type holds (GLQ): the logical
+    weight [E, R, n] as E rows of R*n values, row e = expert e's records (`parts[e]`, in row order)
+    dequantized and flattened. Converted lossy, one expert at a time; the type suggested for the
+    most bits among the parts (GLQTensor.suggested_type) carries over."""
+
+    def __init__(self, name: str, parts: list[list[QuantizedTensor]]):
+        first = parts[0][0]
+        n = first.shape[1]
+        rows = [sum(p.shape[0] for p in expert) for expert in parts]
+        for e, expert in enumerate(parts):
+            for p in expert:
+                if (p.shape[1], p.format) != (n, first.format):
+                    raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not stored like "
+                                      f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
+                                      f"stacked into '{name}' must share one layout")
+            if rows[e] != rows[0]:
+                raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
+        self.parts = parts
+        self.rows_per_expert, self.row_width = rows[0], n
+        every = [p for expert in parts for p in expert]
+        most = max(every, key=lambda p: p.bits or 0)
+        if hasattr(most, "suggested_type"):
+            self.suggested_type = most.suggested_type
+        super().__init__(name, (len(parts), rows[0] * n), first.encoding + f" ({len(parts)} per-expert modules "
+                         f"stacked)", first.format, tuple(x for p in every for x in p.sources), most.bits)
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        a, b = rows_range(rows, self.shape[0])
+        out = np.empty((b - a, self.shape[1]), dtype=np.float32)
+        for i, e in enumerate(range(a, b)):
+            out[i] = np.concatenate([p.dequantize().reshape(-1) for p in self.parts[e]])
+        return out
+
+    def blocks(self, rows=None) -> AffineBlocks | str:
+        return self.parts[0][0].blocks()
 
 
 class StackedAffineQuantTensor(AffineQuantTensor):
