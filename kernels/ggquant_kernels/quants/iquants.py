@@ -498,26 +498,29 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
     coordinate and level (d2[i*3 + l], the C's own float operations) and each listed point's
     distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the same bits as the C's
     loop, with a table read instead of a subtract and two multiplies per coordinate. IQ3 (G = 4,
-    ~6 points) runs the C's loop as it is. The first least distance wins (strict <), as in the C.
+    ~5-7 points) likewise, with 8 levels: its 32 terms (d2[i*8 + l]) are two vector operations'
+    worth, where the C's loop spends four scalar conversions, subtracts and three multiplies per
+    point. The first least distance wins (strict <), as in the C.
     Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
     n = np.int64(nbrs[_U(off)])
     best_d2 = _FLT_MAX
     gi = -1
-    if g == 4:  # IQ3: ~6 points of 4 coordinates, fewer terms than the 8 levels x 4 of a table
-        x0, x1, x2, x3 = xval[_U(xo)], xval[_U(xo + 1)], xval[_U(xo + 2)], xval[_U(xo + 3)]
-        w0, w1, w2, w3 = waux[_U(xo)], waux[_U(xo + 1)], waux[_U(xo + 2)], waux[_U(xo + 3)]
+    if g == 4:  # IQ3: ~5-7 points of 4 coordinates, each term one of 4 x 8 (coordinate, level) terms
+        nl3 = NLEVELS_IQ3
+        for i in range(4):
+            xi = xval[_U(xo + i)]
+            wi = waux[_U(xo + i)]
+            for lv in range(nl3):  # one 8-wide vector per coordinate
+                diff = scale * F32(2 * lv + 1) - xi
+                d2[_U(i * nl3 + lv)] = wi * diff * diff
         for j in range(1, n + 1):
             idx = _U(nbrs[_U(off + j)])
-            diff = scale * F32(grid[idx, 0]) - x0
-            dd = _F0 + w0 * diff * diff
-            diff = scale * F32(grid[idx, 1]) - x1
-            dd += w1 * diff * diff
-            diff = scale * F32(grid[idx, 2]) - x2
-            dd += w2 * diff * diff
-            diff = scale * F32(grid[idx, 3]) - x3
-            dd += w3 * diff * diff
+            dd = _F0 + d2[_U(glev[idx, 0])]
+            dd += d2[_U(nl3 + glev[idx, 1])]
+            dd += d2[_U(2 * nl3 + glev[idx, 2])]
+            dd += d2[_U(3 * nl3 + glev[idx, 3])]
             if dd < best_d2:
                 best_d2 = dd
                 gi = np.int64(idx)
