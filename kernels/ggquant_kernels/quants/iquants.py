@@ -534,15 +534,18 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
         for i in range(g):
             diff = sq - xval[_U(xo + i)]
             d2[_U(i * nl + lv)] = waux[_U(xo + i)] * diff * diff
-    gi = _list_argmin(nbrs, off, g, d2, lvt)
+    gi = _list_argmin(nbrs, off, g, d2, lvt, glev)
     if gi >= 0:
         for i in range(g):
             L[_U(Lo + i)] = glev[gi, i]
     return gi
 
 
+_SHORT_LIST = 16  # _list_argmin: lists up to this long are summed point by point
+
+
 @nb.njit(inline="always", **JIT)
-def _list_argmin(nbrs, off, g, d2, lvt):
+def _list_argmin(nbrs, off, g, d2, lvt, glev):
     """The listed point (3-level grid, G = 8) whose terms d2[i*3 + level_i] add up (in order
     ((0 + t0) + t1) + ...) to the least distance, the first one on ties; -1 if none is < FLT_MAX.
 
@@ -554,14 +557,28 @@ def _list_argmin(nbrs, off, g, d2, lvt):
     emits no negative-index wraparound, which would turn the vector loads into gathers, and
     the vector loop's trip count is opaque (always LIST_PAD), so that LLVM vectorizes it behind
     a run-time alias check instead of unrolling it into scalar code.
+
+    Short lists (n <= _SHORT_LIST: most of IQ2_S's, median 5 points) are summed one point at a
+    time from its levels glev[idx] instead: the same adds in the same order, without the padding
+    to LIST_PAD points and the distances' round trip through d2 (measured ~1.25x on IQ2_S).
     """
     nl = NLEVELS_IQ2
     pad = iqtables.LIST_PAD
     n = np.int64(nbrs[_U(off)])
-    npad = (n + pad - 1) // pad * pad
-    dv = g * nl  # d2[dv:dv + pad]: the distances of the current points
     best_d2 = _FLT_MAX
     gi = -1
+    if n <= _SHORT_LIST:
+        for j in range(1, n + 1):
+            idx = _U(nbrs[_U(off + j)])
+            dd = _F0
+            for i in range(8):
+                dd += d2[_U(i * nl + glev[idx, i])]
+            if dd < best_d2:
+                best_d2 = dd
+                gi = np.int64(idx)
+        return gi
+    npad = (n + pad - 1) // pad * pad
+    dv = g * nl  # d2[dv:dv + pad]: the distances of the current points
     for jb in range(0, npad, pad):
         m = min(pad, npad - jb)
         for jj in range(m):
@@ -1003,7 +1020,7 @@ def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo, glev, 
         for i in range(8):
             diff = sq - x[xo + i]
             d2[i * nl + lv] = weight[wo + i] * diff * diff
-    gi = _list_argmin(nbrs, off, 8, d2, lvt)
+    gi = _list_argmin(nbrs, off, 8, d2, lvt, glev)
     if gi >= 0:
         for i in range(8):
             L[Lo + i] = glev[gi, i]
