@@ -495,12 +495,12 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
 
     IQ2 (G = 8, ~8-30 points a list): every term waux[i]*diff*diff depends only on the coordinate i
     and the point's level there (q = 2*level + 1, 3 levels), so the terms are computed once per
-    coordinate and level (d2[i*3 + l], the C's own float operations) and each listed point's
-    distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the same bits as the C's
-    loop, with a table read instead of a subtract and two multiplies per coordinate. IQ3 (G = 4,
-    ~5-7 points) likewise, with 8 levels: its 32 terms (d2[i*8 + l]) are two vector operations'
-    worth, where the C's loop spends four scalar conversions, subtracts and three multiplies per
-    point. The first least distance wins (strict <), as in the C.
+    coordinate and level (d2[l*8 + i]: three 8-wide vectors, the C's own float operations) and
+    each listed point's distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the
+    same bits as the C's loop, with a table read instead of a subtract and two multiplies per
+    coordinate. IQ3 (G = 4, ~5-7 points) likewise, with 8 levels: its 32 terms (d2[i*8 + l],
+    one 8-wide vector per coordinate) replace the C's conversion, subtract and three multiplies
+    per coordinate of every point. The first least distance wins (strict <), as in the C.
     Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
@@ -533,7 +533,7 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
         sq = scale * F32(2 * lv + 1)
         for i in range(g):
             diff = sq - xval[_U(xo + i)]
-            d2[_U(i * nl + lv)] = waux[_U(xo + i)] * diff * diff
+            d2[_U(8 * lv + i)] = waux[_U(xo + i)] * diff * diff
     gi = _list_argmin(nbrs, off, g, d2, lvt, glev)
     if gi >= 0:
         for i in range(g):
@@ -546,7 +546,7 @@ _SHORT_LIST = 16  # _list_argmin: lists up to this long are summed point by poin
 
 @nb.njit(inline="always", **JIT)
 def _list_argmin(nbrs, off, g, d2, lvt, glev):
-    """The listed point (3-level grid, G = 8) whose terms d2[i*3 + level_i] add up (in order
+    """The listed point (3-level grid, G = 8) whose terms d2[level_i*8 + i] add up (in order
     ((0 + t0) + t1) + ...) to the least distance, the first one on ties; -1 if none is < FLT_MAX.
 
     The points are summed LIST_PAD at a time, coordinate by coordinate, from the transposed
@@ -572,7 +572,7 @@ def _list_argmin(nbrs, off, g, d2, lvt, glev):
             idx = _U(nbrs[_U(off + j)])
             dd = _F0
             for i in range(8):
-                dd += d2[_U(i * nl + glev[idx, i])]
+                dd += d2[_U(8 * glev[idx, i] + i)]
             if dd < best_d2:
                 best_d2 = dd
                 gi = np.int64(idx)
@@ -584,9 +584,9 @@ def _list_argmin(nbrs, off, g, d2, lvt, glev):
         for jj in range(m):
             d2[_U(dv + jj)] = _F0
         for i in range(g):
-            t0 = d2[_U(i * nl)]
-            t1 = d2[_U(i * nl + 1)]
-            t2 = d2[_U(i * nl + 2)]
+            t0 = d2[_U(i)]
+            t1 = d2[_U(8 + i)]
+            t2 = d2[_U(16 + i)]
             row = g * off + i * npad + jb
             for jj in range(m):
                 lv = lvt[_U(row + jj)]
@@ -1019,7 +1019,7 @@ def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo, glev, 
         sq = scale * xx[lv]
         for i in range(8):
             diff = sq - x[xo + i]
-            d2[i * nl + lv] = weight[wo + i] * diff * diff
+            d2[_U(8 * lv + i)] = weight[wo + i] * diff * diff
     gi = _list_argmin(nbrs, off, 8, d2, lvt, glev)
     if gi >= 0:
         for i in range(8):
