@@ -560,7 +560,8 @@ def _list_argmin(nbrs, off, g, d2, lvt, glev):
 
     Short lists (n <= _SHORT_LIST: most of IQ2_S's, median 5 points) are summed one point at a
     time from its levels glev[idx] instead: the same adds in the same order, without the padding
-    to LIST_PAD points and the distances' round trip through d2 (measured ~1.25x on IQ2_S).
+    to LIST_PAD points and the distances' round trip through d2 (IQ2_S quantize ~1.4x faster
+    with the level-major terms; bench/quant.py, s21-iqspeed note).
     """
     nl = NLEVELS_IQ2
     pad = iqtables.LIST_PAD
