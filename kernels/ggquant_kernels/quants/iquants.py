@@ -495,29 +495,32 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
 
     IQ2 (G = 8, ~8-30 points a list): every term waux[i]*diff*diff depends only on the coordinate i
     and the point's level there (q = 2*level + 1, 3 levels), so the terms are computed once per
-    coordinate and level (d2[i*3 + l], the C's own float operations) and each listed point's
-    distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the same bits as the C's
-    loop, with a table read instead of a subtract and two multiplies per coordinate. IQ3 (G = 4,
-    ~6 points) runs the C's loop as it is. The first least distance wins (strict <), as in the C.
+    coordinate and level (d2[l*8 + i]: three 8-wide vectors, the C's own float operations) and
+    each listed point's distance adds its G terms up in the C's order ((0 + t0) + t1) + ...: the
+    same bits as the C's loop, with a table read instead of a subtract and two multiplies per
+    coordinate. IQ3 (G = 4, ~5-7 points) likewise, with 8 levels: its 32 terms (d2[i*8 + l],
+    one 8-wide vector per coordinate) replace the C's conversion, subtract and three multiplies
+    per coordinate of every point. The first least distance wins (strict <), as in the C.
     Returns -1 where ggml's GGML_ASSERT(grid_index >= 0) would abort.
     """
     g = grid.shape[1]
     n = np.int64(nbrs[_U(off)])
     best_d2 = _FLT_MAX
     gi = -1
-    if g == 4:  # IQ3: ~6 points of 4 coordinates, fewer terms than the 8 levels x 4 of a table
-        x0, x1, x2, x3 = xval[_U(xo)], xval[_U(xo + 1)], xval[_U(xo + 2)], xval[_U(xo + 3)]
-        w0, w1, w2, w3 = waux[_U(xo)], waux[_U(xo + 1)], waux[_U(xo + 2)], waux[_U(xo + 3)]
+    if g == 4:  # IQ3: ~5-7 points of 4 coordinates, each term one of 4 x 8 (coordinate, level) terms
+        nl3 = NLEVELS_IQ3
+        for i in range(4):
+            xi = xval[_U(xo + i)]
+            wi = waux[_U(xo + i)]
+            for lv in range(nl3):  # one 8-wide vector per coordinate
+                diff = scale * F32(2 * lv + 1) - xi
+                d2[_U(i * nl3 + lv)] = wi * diff * diff
         for j in range(1, n + 1):
             idx = _U(nbrs[_U(off + j)])
-            diff = scale * F32(grid[idx, 0]) - x0
-            dd = _F0 + w0 * diff * diff
-            diff = scale * F32(grid[idx, 1]) - x1
-            dd += w1 * diff * diff
-            diff = scale * F32(grid[idx, 2]) - x2
-            dd += w2 * diff * diff
-            diff = scale * F32(grid[idx, 3]) - x3
-            dd += w3 * diff * diff
+            dd = _F0 + d2[_U(glev[idx, 0])]
+            dd += d2[_U(nl3 + glev[idx, 1])]
+            dd += d2[_U(2 * nl3 + glev[idx, 2])]
+            dd += d2[_U(3 * nl3 + glev[idx, 3])]
             if dd < best_d2:
                 best_d2 = dd
                 gi = np.int64(idx)
@@ -530,17 +533,20 @@ def _grid_neighbour(nbrs, off, grid, xval, xo, waux, scale, L, Lo, glev, lvt, d2
         sq = scale * F32(2 * lv + 1)
         for i in range(g):
             diff = sq - xval[_U(xo + i)]
-            d2[_U(i * nl + lv)] = waux[_U(xo + i)] * diff * diff
-    gi = _list_argmin(nbrs, off, g, d2, lvt)
+            d2[_U(8 * lv + i)] = waux[_U(xo + i)] * diff * diff
+    gi = _list_argmin(nbrs, off, g, d2, lvt, glev)
     if gi >= 0:
         for i in range(g):
             L[_U(Lo + i)] = glev[gi, i]
     return gi
 
 
+_SHORT_LIST = 16  # _list_argmin: lists up to this long are summed point by point
+
+
 @nb.njit(inline="always", **JIT)
-def _list_argmin(nbrs, off, g, d2, lvt):
-    """The listed point (3-level grid, G = 8) whose terms d2[i*3 + level_i] add up (in order
+def _list_argmin(nbrs, off, g, d2, lvt, glev):
+    """The listed point (3-level grid, G = 8) whose terms d2[level_i*8 + i] add up (in order
     ((0 + t0) + t1) + ...) to the least distance, the first one on ties; -1 if none is < FLT_MAX.
 
     The points are summed LIST_PAD at a time, coordinate by coordinate, from the transposed
@@ -551,22 +557,37 @@ def _list_argmin(nbrs, off, g, d2, lvt):
     emits no negative-index wraparound, which would turn the vector loads into gathers, and
     the vector loop's trip count is opaque (always LIST_PAD), so that LLVM vectorizes it behind
     a run-time alias check instead of unrolling it into scalar code.
+
+    Short lists (n <= _SHORT_LIST: most of IQ2_S's, median 5 points) are summed one point at a
+    time from its levels glev[idx] instead: the same adds in the same order, without the padding
+    to LIST_PAD points and the distances' round trip through d2 (IQ2_S quantize ~1.4x faster
+    with the level-major terms; bench/quant.py, s21-iqspeed note).
     """
     nl = NLEVELS_IQ2
     pad = iqtables.LIST_PAD
     n = np.int64(nbrs[_U(off)])
-    npad = (n + pad - 1) // pad * pad
-    dv = g * nl  # d2[dv:dv + pad]: the distances of the current points
     best_d2 = _FLT_MAX
     gi = -1
+    if n <= _SHORT_LIST:
+        for j in range(1, n + 1):
+            idx = _U(nbrs[_U(off + j)])
+            dd = _F0
+            for i in range(8):
+                dd += d2[_U(8 * glev[idx, i] + i)]
+            if dd < best_d2:
+                best_d2 = dd
+                gi = np.int64(idx)
+        return gi
+    npad = (n + pad - 1) // pad * pad
+    dv = g * nl  # d2[dv:dv + pad]: the distances of the current points
     for jb in range(0, npad, pad):
         m = min(pad, npad - jb)
         for jj in range(m):
             d2[_U(dv + jj)] = _F0
         for i in range(g):
-            t0 = d2[_U(i * nl)]
-            t1 = d2[_U(i * nl + 1)]
-            t2 = d2[_U(i * nl + 2)]
+            t0 = d2[_U(i)]
+            t1 = d2[_U(8 + i)]
+            t2 = d2[_U(16 + i)]
             row = g * off + i * npad + jb
             for jj in range(m):
                 lv = lvt[_U(row + jj)]
@@ -999,8 +1020,8 @@ def _iq1_neighbour2(nbrs, off, grid, x, xo, weight, wo, scale, xx, L, Lo, glev, 
         sq = scale * xx[lv]
         for i in range(8):
             diff = sq - x[xo + i]
-            d2[i * nl + lv] = weight[wo + i] * diff * diff
-    gi = _list_argmin(nbrs, off, 8, d2, lvt)
+            d2[_U(8 * lv + i)] = weight[wo + i] * diff * diff
+    gi = _list_argmin(nbrs, off, 8, d2, lvt, glev)
     if gi >= 0:
         for i in range(8):
             L[Lo + i] = glev[gi, i]
