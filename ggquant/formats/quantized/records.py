@@ -567,6 +567,22 @@ def flatten_codes(c: IntCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
     return c.q.reshape(1, r * n), c.scale.reshape(1, r * G), zero, group
 
 
+
+def _expert_rows(name: str, parts: list[list[QuantizedTensor]], layout, how: str) -> int:
+    """Rows per expert of per-expert records to be stacked into `name`: every part must have the
+    layout (a tuple of its attributes) of the first, every expert as many rows as the first."""
+    first = parts[0][0]
+    rows = [sum(p.shape[0] for p in expert) for expert in parts]
+    for e, expert in enumerate(parts):
+        for p in expert:
+            if layout(p) != layout(first):
+                raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not {how} like "
+                                  f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
+                                  f"stacked into '{name}' must share one layout")
+        if rows[e] != rows[0]:
+            raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
+    return rows[0]
+
 class StackedIntQuantTensor(IntQuantTensor):
     """Stacked experts made of per-expert integer-quantized Linears (llmcompressor and GPTQ write a
     mixture of experts as `experts.<e>.<proj>` modules): the logical weight [E, R, n] of the
@@ -578,23 +594,14 @@ class StackedIntQuantTensor(IntQuantTensor):
     def __init__(self, name: str, parts: list[list[IntQuantTensor]]):
         first = parts[0][0]
         n = first.shape[1]
-        rows = [sum(p.shape[0] for p in expert) for expert in parts]
-        for e, expert in enumerate(parts):
-            for p in expert:
-                same = (p.shape[1], p.bits, p.symmetric, p.group_size, p.act_order, p.format) == (
-                    n, first.bits, first.symmetric, first.group_size, first.act_order, first.format)
-                if not same:
-                    raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not quantized like "
-                                      f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
-                                      f"stacked into '{name}' must share one layout")
-            if rows[e] != rows[0]:
-                raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
         self.parts = parts
-        self.rows_per_expert, self.row_width = rows[0], n
+        self.rows_per_expert = _expert_rows(name, parts, lambda p: (
+            p.shape[1], p.bits, p.symmetric, p.group_size, p.act_order, p.format), "quantized")
+        self.row_width = n
         gs = first.group_size if first.group_size and n % first.group_size == 0 else None
         encoding = first.encoding + f" ({len(parts)} per-expert modules stacked)"
         sources = tuple(s for expert in parts for p in expert for s in p.sources)
-        super().__init__(name, (len(parts), rows[0] * n), encoding, first.format, sources, first.bits,
+        super().__init__(name, (len(parts), self.rows_per_expert * n), encoding, first.format, sources, first.bits,
                          first.symmetric, self._load_experts, gs, first.act_order, first.qrange)
 
     def _load_experts(self, rr) -> IntCodes:
@@ -643,22 +650,14 @@ class StackedDequantTensor(QuantizedTensor):
     def __init__(self, name: str, parts: list[list[QuantizedTensor]]):
         first = parts[0][0]
         n = first.shape[1]
-        rows = [sum(p.shape[0] for p in expert) for expert in parts]
-        for e, expert in enumerate(parts):
-            for p in expert:
-                if (p.shape[1], p.format) != (n, first.format):
-                    raise FormatError(f"'{p.name}' ({p.encoding}, {list(p.shape)}) is not stored like "
-                                      f"'{first.name}' ({first.encoding}, {list(first.shape)}); the experts "
-                                      f"stacked into '{name}' must share one layout")
-            if rows[e] != rows[0]:
-                raise FormatError(f"expert {e} of '{name}' has {rows[e]} rows, expert 0 has {rows[0]}")
         self.parts = parts
-        self.rows_per_expert, self.row_width = rows[0], n
+        self.rows_per_expert = _expert_rows(name, parts, lambda p: (p.shape[1], p.format), "stored")
+        self.row_width = n
         every = [p for expert in parts for p in expert]
         most = max(every, key=lambda p: p.bits or 0)
         if hasattr(most, "suggested_type"):
             self.suggested_type = most.suggested_type
-        super().__init__(name, (len(parts), rows[0] * n), first.encoding + f" ({len(parts)} per-expert modules "
+        super().__init__(name, (len(parts), self.rows_per_expert * n), first.encoding + f" ({len(parts)} per-expert modules "
                          f"stacked)", first.format, tuple(x for p in every for x in p.sources), most.bits)
 
     def dequantize(self, rows=None) -> np.ndarray:
