@@ -517,6 +517,16 @@ class Arch:
     # reshaped tensors (hf_shape), the stored names (denormalize_name) and config.json
     # (hf_config, from the GGUF metadata).
     GENERATED: tuple[str, ...] = ()  # GGUF names of generated tensors: no HF counterpart
+    # expert stacks the GGUF stores per projection where the HF model fuses them (llama.cpp's
+    # NVFP4 path, ModelBase._flush_nvfp4_experts): {fused HF name ending: the HF name endings of
+    # the stacks whose rows it concatenates per expert, in order}
+    HF_EXPERT_JOINS: dict[str, tuple[str, ...]] = {}
+
+    def folded_expert_factors(self, gguf_names: list[str]) -> set[str]:
+        """GGUF names of [n_expert] `<stack>.scale` tensors (one factor per expert, which llama.cpp
+        multiplies into that expert's product) that `--to hf` folds into the stack's rows. A
+        folded factor that the tables also name an HF tensor is written there as ones."""
+        return set()
     # tokenizer_config.json's tokenizer_class: transformers 5 runs tokenizer.json as written for this
     # one; a model's own class (GemmaTokenizer, LlamaTokenizer) may rebuild the pipeline its own way
     HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"

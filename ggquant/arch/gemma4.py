@@ -716,6 +716,25 @@ class Gemma4(Gemma3):
     HF_TEXT_MODEL_TYPE, HF_MODEL_TYPE = "gemma4_text", "gemma4"
     CONDITIONAL_TEXT_PREFIX = "model.language_model."
     GENERATED = (ROPE_FREQS,)
+    HF_EXPERT_JOINS = {"experts.gate_up_proj": ("experts.gate_proj", "experts.up_proj")}  # gate rows first
+
+    def folded_expert_factors(self, gguf_names):
+        """In a layer whose experts are stacked per projection (ffn_gate_exps / ffn_up_exps, which
+        only llama.cpp's NVFP4 path writes: ModelBase._flush_nvfp4_experts) each stack's `.scale`
+        holds its experts' NVFP4 factors (weight_scale_2), down's multiplied by
+        router.per_expert_scale (Gemma4Model._generate_nvfp4_tensors), which the GGUF cannot
+        tell apart. All three are folded into the weights and router.per_expert_scale is written
+        as ones: transformers multiplies expert e's routing weight by per_expert_scale[e], i.e.
+        e's down output, so the function is the same, and the weights come out at the model's
+        own scale (the bare NVFP4 values are 1/weight_scale_2 times larger, ~10^3-10^4, which
+        overflows float16 activations), as a dense NVFP4 weight's [1] scale is folded."""
+        names = set(gguf_names)
+        out = set()
+        for n in names:
+            m = re.fullmatch(r"blk\.(\d+)\.ffn_(?:gate|up)_exps\.weight", n)
+            if m:
+                out.update(s for s in (f"blk.{m[1]}.ffn_{p}_exps.scale" for p in ("gate", "up", "down")) if s in names)
+        return out
 
     @classmethod
     def hf_text_config(cls, g) -> dict:

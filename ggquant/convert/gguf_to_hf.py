@@ -16,7 +16,13 @@ The data flow of DESIGN.md run backwards, one streaming pass:
 - payloads are dequantized chunk by chunk (bit-exact with ggml's to_float), so memory holds
   one chunk, whatever the size of the largest tensor; a matrix's per-tensor output scale
   (`<weight>.scale` [1], an NVFP4 checkpoint's reciprocal global scale) is multiplied into it
-  (ScaledBy), and activation scales (`.input_scale`) are dropped.
+  (HFTensor.scale), and activation scales (`.input_scale`) are dropped.
+- NVFP4 experts (llama.cpp's converter stacks each projection on its own: ffn_gate_exps,
+  ffn_up_exps, ffn_down_exps, each with [n_expert] `.scale` factors): every expert's rows are
+  multiplied by its factor, gate and up are concatenated back per expert into the fused
+  experts.gate_up_proj, one chunk of experts at a time (arch HF_EXPERT_JOINS,
+  folded_expert_factors; Gemma 4's router.per_expert_scale, folded into down's factors by the
+  converter, is written as ones).
 - --dtype auto keeps the GGUF's float type when every matrix is BF16 (or F16) and writes F32
   otherwise, so the conversion is lossless; bf16/f16 round to nearest even.
 
@@ -27,6 +33,7 @@ beside the target and renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -89,10 +96,34 @@ class HFTensor:
     part: str
     source: GGUFSource = field(repr=False)
     inverse: Transform = IDENTITY
+    # llama.cpp's output scale folded in (float32): [1] for the whole tensor, or one factor per
+    # outer row (per expert of a stack), multiplied after the inverse transform
+    scale: np.ndarray | None = None
+    # a fused HF tensor made of these (same outer rows), concatenated along axis 1 of each outer row
+    joined: tuple[HFTensor, ...] = ()
 
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def identity(self) -> bool:
+        """The GGUF tensor's values as they are (no transform, scale or join)."""
+        return self.inverse.identity and self.scale is None and not self.joined
+
+    @property
+    def sources(self) -> str:
+        return " + ".join(p.gguf_name for p in self.joined) if self.joined else self.gguf_name
+
+    @property
+    def label(self) -> str:
+        """What is done to the GGUF values, for --dry-run and --json."""
+        if self.joined:
+            return ", ".join(["joined per expert"] + list(dict.fromkeys(p.label for p in self.joined if p.label)))
+        parts = [self.inverse.label]
+        if self.scale is not None:
+            parts.append(f"x {float(self.scale[0]):g}" if self.scale.size == 1 else "x per-expert factors")
+        return ", ".join(p for p in parts if p)
 
 
 @dataclass
@@ -117,9 +148,9 @@ class Export:
         return {"source": str(self.src), "mmproj": str(self.mmproj) if self.mmproj else None, "out": str(self.out),
                 "architecture": self.arch, "dtype": self.dtype, "bytes": self.nbytes, "written": self.written,
                 "files": self.files, "seconds": round(self.seconds, 3),
-                "tensors": [{"name": t.name, "shape": list(t.shape), "source": t.gguf_name,
+                "tensors": [{"name": t.name, "shape": list(t.shape), "source": t.sources,
                              "source_type": t.gguf_type.name, "part": t.part,
-                             "transform": t.inverse.label or "identity"} for t in self.tensors]}
+                             "transform": t.label or "identity"} for t in self.tensors]}
 
 
 def _auto_dtype(sources: list[GGUFSource]) -> str:
@@ -201,17 +232,18 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         tensors: list[HFTensor] = []
         for part, source in ((TEXT, text),) + (((MMPROJ, sources[1]),) if conditional else ()):
             part_tensors = []
-            scales = _output_scales(source)
+            scales = _output_scales(source, arch, part)
             for gname, info in source.tensors.items():
                 if part == TEXT and gname in arch.GENERATED or gname in scales["companions"]:
                     continue
                 hf_norm, _ = arch.unmap_tensor(gname, part, str(source.path))
                 inverse, hf_shape = arch.inverse_transform(hf_norm, gname, tuple(info.shape), part)
-                if gname in scales["weights"]:
-                    inverse = ScaledBy(inverse, scales["weights"][gname])
+                if gname in scales["ones"]:
+                    inverse = FOLDED
                 name = arch.denormalize_name(hf_norm, part, conditional)
                 part_tensors.append(HFTensor(name, hf_shape, gname, tuple(info.shape), info.qtype, part, source,
-                                             inverse))
+                                             inverse, scales["weights"].get(gname)))
+            part_tensors = _join_experts(arch, part_tensors, source.path)
             if part == TEXT:
                 _check_text(arch, part_tensors, source.path)
             else:
@@ -227,39 +259,85 @@ def plan_export(src, *, outfile, dtype: str = "auto", mmproj=None) -> tuple[Expo
         raise
 
 
-class ScaledBy(Transform):
-    """`inner`, then times a per-tensor scale: an NVFP4 weight's `<weight>.scale` (the float32
-    reciprocal of the source's global scale, which llama.cpp multiplies into the product) folded
-    into the weight, the one Hugging Face tensor that can carry it."""
+class Folded(Transform):
+    """A per-expert output scale whose values were folded into the experts' weights (arch
+    folded_expert_factors): written as ones, so the product is not applied twice."""
 
-    def __init__(self, inner: Transform, scale: np.float32):
-        self.inner, self.scale = inner, np.float32(scale)
-        self.whole, self.row_block = inner.whole, inner.row_block
-        self.label = f"{inner.label + ', ' if inner.label else ''}x {float(self.scale):g}"
-
-    def shape(self, src_shape):
-        return self.inner.shape(src_shape)
+    label = "1 (folded into the experts)"
 
     def __call__(self, x, src_dtype):
-        return np.asarray(self.inner(x, src_dtype), dtype=np.float32) * self.scale
+        return np.ones_like(x, dtype=np.float32)
 
 
-def _output_scales(source: GGUFSource) -> dict:
-    """The per-tensor output scales of a GGUF (llama_model::load_tensors' generic `<weight>.scale`
-    of shape [1]) and the activation scales beside them (`.input_scale`, which no graph reads and
-    Hugging Face has no place for): {"weights": {weight name: float32}, "companions": {names}}."""
+FOLDED = Folded()
+
+
+def _output_scales(source: GGUFSource, arch: Arch, part: str) -> dict:
+    """llama.cpp's output scales that Hugging Face has no place for, to be multiplied into their
+    weights (llama_model::load_tensors' generic `<weight>.scale`, applied after the product by
+    build_lora_mm / build_lora_mm_id): a matrix's [1] scale (an NVFP4 checkpoint's reciprocal
+    global scale) and the [n_expert] factors of the expert stacks the arch names
+    (folded_expert_factors), with the activation scales beside them (`.input_scale`, which no graph
+    reads). {"weights": {weight name: float32 [1] or [n_expert]}, "companions": {names not
+    written}, "ones": {folded factors the tables name an HF tensor, written as ones}}."""
+    from ggquant.arch.base import unmap_name
     from ggquant.quant import types as qt
 
-    weights, companions = {}, set()
+    per_expert = arch.folded_expert_factors(list(source.tensors))
+    weights, companions, ones = {}, set(), set()
     for name, t in source.tensors.items():
         for suffix in (".scale", ".input_scale"):
             w = name.removesuffix(suffix) + ".weight"
-            if name.endswith(suffix) and tuple(t.shape) == (1,) and w in source.tensors and \
-                    len(source.tensors[w].shape) == 2:
+            if not name.endswith(suffix) or w not in source.tensors:
+                continue
+            wshape, shape = tuple(source.tensors[w].shape), tuple(t.shape)
+            folded = name.removesuffix(suffix) + ".scale" in per_expert
+            if folded and shape != wshape[:1]:
+                raise GGQuantError(f"{source.path}: tensor '{name}' has shape {list(shape)}, but it holds one "
+                                   f"factor per expert of '{w}' {list(wshape)}: {wshape[0]} values expected; the "
+                                   f"GGUF is damaged (llama.cpp would read the wrong factors)")
+            if not folded and not (shape == (1,) and len(wshape) == 2):
+                continue
+            if suffix == ".scale":
+                weights[w] = qt.dequantize(np.asarray(t.raw()), t.qtype, shape).reshape(-1).astype(np.float32)
+            if suffix == ".scale" and folded and unmap_name(arch.tables(part), name) is not None:
+                ones.add(name)
+            else:
                 companions.add(name)
-                if suffix == ".scale":
-                    weights[w] = np.float32(qt.dequantize(np.asarray(t.raw()), t.qtype, (1,)).reshape(-1)[0])
-    return {"weights": weights, "companions": companions}
+    return {"weights": weights, "companions": companions, "ones": ones}
+
+
+def _join_experts(arch: Arch, tensors: list[HFTensor], where: Path) -> list[HFTensor]:
+    """Expert stacks stored per projection -> the fused HF tensor (arch HF_EXPERT_JOINS): each
+    expert's rows of the parts, concatenated in order (Gemma 4: gate rows, then up rows, as
+    transformers' Gemma4TextExperts chunks gate_up_proj and llama.cpp's converter split it)."""
+    from ggquant.arch.base import map_name
+
+    by_name = {t.name: t for t in tensors}
+    out = list(tensors)
+    for fused, endings in arch.HF_EXPERT_JOINS.items():
+        heads = sorted({t.name[:-len(e)] for t in tensors for e in endings if t.name.endswith(e)})
+        for head in heads:
+            parts = [by_name.get(head + e) for e in endings]
+            have = next(p for p in parts if p is not None)
+            for p, e in zip(parts, endings):
+                if p is None:
+                    hit = map_name(arch.tables(have.part), arch.normalize_name(head + e))
+                    gname = hit[0] if hit else head + e
+                    raise GGQuantError(f"{where}: tensor '{gname}' is missing; '{have.gguf_name}' is there and "
+                                       f"the two are the per-expert halves of '{head + fused}'")
+            first = parts[0]
+            if any(p.shape[:1] + p.shape[2:] != first.shape[:1] + first.shape[2:] or len(p.shape) != 3 or p.inverse.whole
+                   for p in parts):
+                shapes = ", ".join(f"'{p.gguf_name}' {list(p.gguf_shape)}" for p in parts)
+                raise GGQuantError(f"{where}: the expert stacks {shapes} cannot be joined into '{head + fused}': "
+                                   f"they need the same number of experts and the same row width")
+            shape = (first.shape[0], sum(p.shape[1] for p in parts), first.shape[2])
+            for p in parts:
+                out.remove(p)
+            out.append(HFTensor(head + fused, shape, first.gguf_name, first.gguf_shape, first.gguf_type, first.part,
+                                first.source, joined=tuple(parts)))
+    return out
 
 
 def _check_text(arch: Arch, tensors: list[HFTensor], where: Path) -> None:
@@ -290,23 +368,45 @@ def _check_text(arch: Arch, tensors: list[HFTensor], where: Path) -> None:
 
 
 def tensor_chunks(t: HFTensor, dtype: str) -> Iterator[np.ndarray]:
-    """The HF bytes of one tensor, one bounded chunk of outer rows at a time."""
+    """The HF bytes of one tensor, one bounded chunk of outer rows at a time (a joined tensor:
+    the chunk of each part's rows, the same experts, written into one buffer)."""
     from ggquant.formats.hf_writer import encode_dtype
 
+    if t.joined:
+        inner = int(np.prod(t.shape[1:], dtype=np.int64))
+        for a, b in row_chunks(t.shape[0], inner, math.lcm(*(p.inverse.row_block for p in t.joined))):
+            out = np.empty((b - a,) + tuple(t.shape[1:]), dtype=np.float32)
+            at = 0
+            for p in t.joined:
+                out[:, at:at + p.shape[1]] = _float_chunk(p, a, b)
+                p.source.tensors[p.gguf_name].release(a, b)
+                at += p.shape[1]
+            yield encode_dtype(out, dtype)
+            del out
+        return
     src = t.source.tensors[t.gguf_name]
     gshape = t.gguf_shape if t.gguf_shape else (1,)
     inner = int(np.prod(gshape[1:], dtype=np.int64)) if len(gshape) > 1 else 1
-    raw = t.inverse.identity and (t.gguf_type, dtype) in _RAW_OK
+    raw = t.identity and (t.gguf_type, dtype) in _RAW_OK
     # a vector goes whole (its inverse transform may need all of it)
     chunks = row_chunks(src.n_outer, inner, t.inverse.row_block) if len(gshape) > 1 else [(0, src.n_outer)]
     for a, b in chunks:
-        if raw:
-            yield src.rows(a, b)
-        else:
-            x = src.float_rows(a, b).reshape((b - a,) + tuple(gshape[1:]) if len(gshape) > 1 else gshape)
-            yield encode_dtype(t.inverse(x, "F32"), dtype)
-            del x
+        yield src.rows(a, b) if raw else encode_dtype(_float_chunk(t, a, b), dtype)
         src.release(a, b)
+
+
+def _float_chunk(t: HFTensor, a: int, b: int) -> np.ndarray:
+    """HF rows [a, b) of a (not joined) tensor in float32: ggml's dequantization of the GGUF rows,
+    the inverse transform, then the folded output scale (its factors for these rows). May be a
+    view of the map: release the rows once it is used."""
+    src = t.source.tensors[t.gguf_name]
+    gshape = t.gguf_shape if t.gguf_shape else (1,)
+    x = src.float_rows(a, b).reshape((b - a,) + tuple(gshape[1:]) if len(gshape) > 1 else gshape)
+    y = t.inverse(x, "F32")
+    if t.scale is None:
+        return y
+    s = t.scale if t.scale.size == 1 else t.scale[a:b]
+    return np.asarray(y, dtype=np.float32) * s.reshape((-1,) + (1,) * (np.ndim(y) - 1))
 
 
 def _hf_generation_config(config: dict, cls: type[Arch], g: GGUFFacts) -> dict:
@@ -400,8 +500,8 @@ def format_export(e: Export) -> str:
     lines = [f"hf: {e.out} ({e.arch}, {e.dtype})",
              f"  {'tensor':<64} {'shape':<20} {'from':<28} {'type':>6} {'transform':>12}"]
     for t in e.tensors:
-        lines.append(f"  {t.name:<64} {str(list(t.shape)):<20} {t.gguf_name:<28} {t.gguf_type.name:>6} "
-                     f"{t.inverse.label or '':>12}")
+        lines.append(f"  {t.name:<64} {str(list(t.shape)):<20} {t.sources:<28} {t.gguf_type.name:>6} "
+                     f"{t.label:>12}")
     n = sum(t.n_elements for t in e.tensors)
     lines.append(f"  total: {len(e.tensors)} tensors, {n} parameters, {e.nbytes} bytes ({e.nbytes / 2**20:.2f} MiB)")
     lines.append(f"  files: {', '.join(e.files)}")

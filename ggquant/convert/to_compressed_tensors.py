@@ -142,7 +142,7 @@ class CompressedTensorsLinears:
         cands = [t for t in export.tensors if _is_linear(t)]
         # float matrices stay float (llama.cpp keeps e.g. per_layer_model_proj in F32 on purpose) and
         # are listed in `ignore`, like the Linears whose rows do not split into groups of 32
-        ok = [t for t in cands if t.inverse.identity and t.shape[1] % self.group == 0
+        ok = [t for t in cands if t.identity and t.shape[1] % self.group == 0
               and not t.name.startswith("lm_head") and t.gguf_type not in _FLOAT]
         # group 32: Q8_0 stays int8 (exact), everything else is int4 (exact from Q4_0); both kinds
         # present -> two config groups
