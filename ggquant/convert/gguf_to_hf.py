@@ -327,8 +327,8 @@ def _join_experts(arch: Arch, tensors: list[HFTensor], where: Path) -> list[HFTe
                     raise GGQuantError(f"{where}: tensor '{gname}' is missing; '{have.gguf_name}' is there and "
                                        f"the two are the per-expert halves of '{head + fused}'")
             first = parts[0]
-            if any(p.shape[:1] + p.shape[2:] != first.shape[:1] + first.shape[2:] or len(p.shape) != 3 or p.inverse.whole
-                   for p in parts):
+            if any(len(p.shape) != 3 or (p.shape[0], p.shape[2]) != (first.shape[0], first.shape[2])
+                   or p.inverse.whole for p in parts):
                 shapes = ", ".join(f"'{p.gguf_name}' {list(p.gguf_shape)}" for p in parts)
                 raise GGQuantError(f"{where}: the expert stacks {shapes} cannot be joined into '{head + fused}': "
                                    f"they need the same number of experts and the same row width")

@@ -225,10 +225,16 @@ def test_nvfp4_moe_gguf_goes_back_to_hugging_face_with_the_expert_factors_folded
     from ggquant.convert import encode
     from ggquant.convert.gguf_to_hf import export_hf
     from ggquant.quant import types as qt
+    from ggquant.tensor import Tensor
 
-    monkeypatch.setattr(encode, "CHUNK_BYTES", 3 * 128 * 64 * 4)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 3 * 128 * 64 * 4)  # 3 experts of gate_up_proj [12, 128, 64]
+    read, float_rows = [], Tensor.float_rows
+    monkeypatch.setattr(Tensor, "float_rows", lambda t, a, b: read.append((t.name, b - a)) or float_rows(t, a, b))
     hf = tmp_path / "hf"
     e = export_hf(moe_gguf, outfile=hf)
+    # streamed: gate and up are read 3 experts at a time (the chunk of gate_up_proj), down 6
+    assert {rows for n, rows in read if n.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight"))} == {3}
+    assert {rows for n, rows in read if n.endswith("ffn_down_exps.weight")} == {6}
     assert e.arch == "Gemma4ForCausalLM" and e.dtype == "F32"
     plan = {t["name"]: t for t in e.to_json()["tensors"]}
     assert plan["model.layers.3.experts.gate_up_proj"]["source"] == \
