@@ -17,6 +17,10 @@ quantization; a 26B-A4B-like Gemma 4 MoE with one NVFP4 Linear per expert).
   cannot read them for Gemma 4: Gemma4Model.filter_tensors appends ".weight" to weight_packed);
 - llama.cpp runs the MoE GGUF and ggquant's runtime (per-expert gate / up / down scales) gives
   its logits bit for bit, close to llama.cpp's on the float32 dequantization;
+- `--to hf` of the MoE GGUF folds every expert's factor into its rows (router.per_expert_scale
+  written as ones), joins gate and up into gate_up_proj, streamed by chunks of experts, and
+  transformers meets the float32 dequantized checkpoint; a bad factor vector or a missing up
+  stack is refused;
 - bad input (partial NVFP4 across a layer's experts, a missing weight_scale or weight_scale_2, an
   unknown quant_algo) is refused naming the tensor or key, nothing written.
 """
