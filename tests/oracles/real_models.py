@@ -62,6 +62,7 @@ def _assemble(target: Path, members: list[tuple[Path, str]], sha256: str) -> Pat
 
     if target.exists() and _sha256(target) == sha256:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no cache folder yet
     tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
