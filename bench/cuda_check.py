@@ -37,6 +37,9 @@ def main():
         d = float(np.abs(got - cpu).max())
         same = int((got.argmax(-1) == cpu.argmax(-1)).sum())
         print(f"{Path(path).name}: max |dlogit| cuda vs cpu = {d:.2e}, argmax {same}/{len(ids)}")
+        one = Session(load_model(path, device="cuda"), 64, n_batch=64).eval(ids, "all")  # one batch of 40
+        print(f"{Path(path).name}: one 40-token batch (MoE: grouped experts) max |dlogit| vs cpu = "
+              f"{float(np.abs(one - cpu).max()):.2e}, argmax {int((one.argmax(-1) == cpu.argmax(-1)).sum())}/{len(ids)}")
         print(f"{Path(path).name}: graph prefill + decode vs eager max |dlogit| = {graph_vs_eager(path):.2e}")
     for qtype in CUDA_TYPES:
         x = (rng.standard_normal((64, 1024)) * rng.uniform(0.1, 3, (64, 1))).astype(np.float32)

@@ -510,11 +510,16 @@ class TrafficMeter:
         block, size = GGML_QUANT_SIZES[w.qtype]
         raw_bytes = n_el // block * size  # the GGUF's bytes (w.raw is None once repacked)
         dense = getattr(w, "_dense", None)
-        if experts is not None:  # stacked experts [E, N, K]: the selected ones, gathered and dequantized
+        if experts is not None:  # stacked experts [E, N, K]: the selected ones
             fb = raw_bytes // w.shape[0] * experts
             self.file_bytes += fb
-            self.traffic += fb + 8 * n_el // w.shape[0] * experts
-            self.calls.append((w.name, "experts", fb))
+            if getattr(w, "kind", None) is not None:  # Triton matvec / grouped product: the repacked blocks once
+                self.traffic += sum(int(p.numel() * p.element_size()) for p in w.parts) // w.shape[0] * experts
+                how = f"experts ({w.kind} blocks)"
+            else:  # gathered and dequantized to float32
+                self.traffic += fb + 8 * n_el // w.shape[0] * experts
+                how = "experts (dequant->f32)"
+            self.calls.append((w.name, how, fb))
             return
         if n_rows is not None:  # a gather: n_rows rows of the raw blocks, dequantized to float32
             fb = raw_bytes // w.shape[0] * n_rows

@@ -26,6 +26,35 @@ if os.environ.get("GGML_LIB_DIR"):
 
 from ggquant.fixtures import TINY_MODELS, tiny_model
 
+
+def _interpreter_scalar_index_fix():
+    """Triton 3.6's interpreter holds a kernel's scalar arguments as 1-element 1-D numpy arrays and
+    converts them with int(array) when used as a Python index - `range(0, K, BK)` over a runtime
+    K, the loop of every matvec kernel. numpy >= 2.4 refuses int() on ndim > 0 arrays ("only
+    0-dimensional arrays can be converted to Python scalars"), so under TRITON_INTERPRET=1 every
+    such kernel failed. Re-patch __index__ to take the one element (.item()); the GPU compiler is
+    not involved."""
+    from triton.runtime import interpreter as ti
+
+    if getattr(ti._patch_lang_tensor, "ggquant_fixed", False):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched.ggquant_fixed = True
+    ti._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the Triton kernels on the CPU (tests/runtime/test_cuda*.py)
+    try:
+        _interpreter_scalar_index_fix()
+    except ImportError:  # no triton: those tests skip
+        pass
+
+
 # Conversions made together in one converter process the first time any is requested (one
 # process imports torch/transformers once; that import is most of a tiny conversion's time).
 DEFAULT_REFERENCE_CONVERSIONS: tuple[tuple[str, str, bool], ...] = (

@@ -63,13 +63,17 @@ class Collector:
         self.process_output = process_output
         self._sums: dict[str, np.ndarray] = {}
         self._dev: dict = {}  # name -> float32 torch accumulator on a GPU (observe_device)
+        self._dev_counts: dict = {}  # name -> int64 torch per-expert counts on a GPU (observe_experts_device)
         self.counts: dict[str, int] = {}
 
     @property
     def sums(self) -> dict[str, np.ndarray]:
-        """Per weight, the float32 sums of x^2 per input column (device accumulators copied back)."""
+        """Per weight, the float32 sums of x^2 per input column (device accumulators copied back,
+        with the per-expert counts kept on the device)."""
         for name, acc in self._dev.items():
             self._sums[name] = acc.detach().cpu().numpy().astype(np.float32)
+        for name, c in self._dev_counts.items():
+            self.counts[name] = c.cpu().numpy()
         return self._sums
 
     def wanted(self, name: str, n_tokens: int) -> bool:
@@ -102,6 +106,24 @@ class Collector:
             self.counts[name] = np.zeros(n_expert, dtype=np.int64)
         _accumulate_experts(acc, self.counts[name], x, ids)
 
+    def observe_experts_device(self, name: str, n_expert: int, x, ids) -> None:
+        """observe_experts() for torch tensors on a GPU: each slot's x^2 row is added to its
+        expert's float32 accumulator on the device (index_add_: atomics, so the order of the
+        additions - and the float32 rounding, relative ~1e-6 - differs from imatrix.cpp's loop),
+        and the counts stay there too; nothing is copied to the host per product."""
+        T = ids.shape[0]
+        ids = ids.reshape(T, -1)
+        x = x.reshape(T, -1, x.shape[-1])
+        flat = ids.reshape(-1).long()
+        acc = self._dev.get(name)
+        if acc is None:
+            acc = self._dev[name] = x.new_zeros((n_expert, x.shape[-1]), dtype=x.dtype)
+            self._dev_counts[name] = flat.new_zeros(n_expert)
+            self.counts[name] = np.zeros(n_expert, dtype=np.int64)
+        sq = (x * x).expand(T, ids.shape[1], x.shape[-1])  # gate/up: one row per token, read by each slot
+        acc.index_add_(0, flat, sq.reshape(-1, x.shape[-1]))
+        self._dev_counts[name].index_add_(0, flat, flat.new_ones(flat.shape))
+
     def observe_device(self, name: str, x) -> None:
         """observe() for a float32 torch tensor on a GPU: the sums stay on the device (no copy of
         the activations to the host per product). Each batch's column sums of x^2 are reduced by
@@ -127,7 +149,10 @@ class Collector:
         mul_mat_id = getattr(backend, "mul_mat_id", None)
         if mul_mat_id is not None:
             def hooked_mul_mat_id(x, w, ids):
-                self.observe_experts(w.name, w.shape[0], to_numpy(x), to_numpy(ids))
+                if on_gpu:
+                    self.observe_experts_device(w.name, w.shape[0], x, ids)
+                else:
+                    self.observe_experts(w.name, w.shape[0], to_numpy(x), to_numpy(ids))
                 return mul_mat_id(x, w, ids)
 
             backend.mul_mat_id = hooked_mul_mat_id
@@ -146,7 +171,7 @@ class Collector:
 
     def reset(self) -> None:
         """Empty accumulators (the hooks stay attached)."""
-        self._sums, self._dev, self.counts = {}, {}, {}
+        self._sums, self._dev, self._dev_counts, self.counts = {}, {}, {}, {}
 
     def add(self, sums: dict[str, np.ndarray], counts: dict) -> None:
         """Add another collection's sums and counts (float32, in the order of the calls)."""
@@ -161,6 +186,7 @@ class Collector:
     @property
     def chunk_count(self) -> int:
         # m_last_chunk = max(count) / chunk_size (over every dense count and every expert's)
+        self.sums  # the device counts, copied back
         return max((int(np.max(c)) for c in self.counts.values()), default=0) // self.chunk_size
 
     def to_imatrix(self, datasets: list[str]) -> Imatrix:

@@ -110,6 +110,8 @@ ROPE_TABLE_MIN = 1024  # positions in a cached cos/sin table (grown by doubling)
 GRAPH_KV_STEP = 256  # a captured graph attends over the cache rounded up to this many positions
 # prefill graphs kept (most recent shapes): each holds its activations' memory while it is kept
 PREFILL_GRAPHS = 2
+# stacked-expert products of at most this many (token, expert) slots run as one matvec per slot
+MOE_MATVEC_SLOTS = 64
 
 
 class _Step:
@@ -174,6 +176,7 @@ class CUDABackend:
         self.half_cache = half_cache
         # i-quant weights in their packed layouts: 2-4x less GPU memory, slower decode (dequant.py PACKED)
         self.packed_iquants = packed_iquants
+        self._host_moe = False  # an expert stack without a kernel layout: T > 1 routing read on the host
 
     # --- weights ------------------------------------------------------------------------------
     def weight(self, info) -> TorchWeight:
@@ -182,10 +185,13 @@ class CUDABackend:
                                f"(supported: {', '.join(t.name for t in qt.CUDA_TYPES)})")
         raw = self.torch.from_numpy(np.array(info.raw(), copy=True)).to(self.device)
         w = TorchWeight(info.name, info.qtype, info.shape, raw)
-        if self.kern is not None and len(info.shape) == 2 and qt.REGISTRY[info.qtype].cuda_repack is not None:
+        if self.kern is not None and qt.REGISTRY[info.qtype].cuda_repack is not None:
+            # stacked experts [E, N, K] too: their E * N rows repack like a matrix's (row-local layouts)
             w.kind, w.parts = repack(self.torch, info.qtype, raw, info.shape[-1], self.packed_iquants)
             if w.kind != "dense":
                 w.raw = None  # the repacked parts hold every value
+        elif len(info.shape) == 3:
+            self._host_moe = True  # experts mul_mat_id groups on the host (see graph_step)
         return w
 
     def _dequant(self, w: TorchWeight, raw=None, parts=None):
@@ -490,14 +496,29 @@ class CUDABackend:
     def mul_mat_id(self, x, w: TorchWeight, ids):
         """y[t, j] = x[t, j] @ W[ids[t, j]]^T for stacked experts W [E, N, K]; x [T, K] or [T, k, K].
 
-        Few rows (decode, and inside a captured graph, where routing must stay on the device): the
-        selected experts' blocks are gathered and dequantized, one batched product. Otherwise
-        grouped by expert: each expert used dequantizes its matrix once (or reads the cached
-        float32 stack) and multiplies all of its rows together."""
+        With the Triton kernels (the stack repacked like a matrix): at most MOE_MATVEC_SLOTS slots
+        (decode), one matvec launch over the slots, each reading its expert's blocks once; more
+        (prefill), one grouped tensor-core product (kernels matmul_id: slots sorted by expert on
+        the device, each expert's tiles dequantized in registers; float32 weights and the "f32"
+        prefill mode keep the matvec). Neither reads the routing on the
+        host, so both run inside captured CUDA graphs. Without them: few rows gather the selected
+        experts' blocks and dequantize them, one batched product; otherwise grouped by expert on
+        the host, each expert used dequantized once (or read from the cached float32 stack)."""
         torch = self.torch
         E, N, K = w.shape
         T, k = ids.shape
         xs = x.reshape(T, -1, K)
+        xdiv = k if xs.shape[1] == 1 else 1  # gate/up read one row per token, down one per slot
+        if self.kern is not None and w.kind is not None:
+            slots = ids.reshape(-1).to(torch.int32)
+            tiles = (w.kind == "dense" or w.kind in self.kern.TILE_KINDS) and K % 64 == 0  # whole BK tiles
+            if T * k <= MOE_MATVEC_SLOTS or not tiles or self.prefill == "f32" or w.qtype == _T.F32:
+                y = self.kern.matvec(torch, w.kind, w.parts, xs.reshape(-1, K).contiguous(), N, K, ids=slots,
+                                     xdiv=xdiv)
+            else:
+                xh = xs.reshape(-1, K).to(self._half_dtype(w)).contiguous()
+                y = self.kern.matmul_id(torch, w.kind, w.parts, xh, slots, xdiv, N, K, E)
+            return y.view(T, k, N)
         if self._step is not None or T * k <= E:
             flat = ids.reshape(-1).long()
             if w._dense is not None:
@@ -530,11 +551,11 @@ class CUDABackend:
         per cache, T, logits and GRAPH_KV_STEP-position window. Decode (T = 1) captures on the
         first call of a window; a prefill shape (T > 1) on its second call, since capturing costs
         two forwards and most prompts come once. Eager instead: graphs off, an operation hooked
-        (imatrix Collector, profiler), a model that is not graph-safe, and T > 1 through a MoE
-        (its grouped products read the routing on the host)."""
+        (imatrix Collector, profiler), a model that is not graph-safe, and T > 1 through experts
+        without a kernel layout (mul_mat_id then groups them on the host)."""
         T = len(ids)
         if (not self.graphs or self._hooked() or not getattr(model, "graph_safe", True)
-                or (T > 1 and getattr(model.hp, "n_expert", 0))):
+                or (T > 1 and self._host_moe)):
             return model.forward(ids, pos0, cache, logits)
         torch = self.torch
         n_kv = min(cache.n_ctx, -(-(pos0 + T) // GRAPH_KV_STEP) * GRAPH_KV_STEP)

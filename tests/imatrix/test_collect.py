@@ -209,3 +209,29 @@ def test_moe_experts_never_routed_to_keep_count_zero_and_quantize_like_llama(ref
     quantize_gguf(model, ours, "IQ4_XS", imatrix=f, progress=False)
     ggml_oracle.llama_quantize(model, ref_q, presets.PRESETS["IQ4_XS"], imatrix=load(f).normalised())
     assert_same_model(ours, ref_q)
+
+
+def test_device_expert_sums_equal_the_host_collection():
+    """observe_experts_device (the CUDA path: index_add_ on the device, no host copy per product)
+    gives imatrix.cpp's per-expert sums and counts, as observe_experts does, up to float32 order:
+    both input layouts (gate/up: one row per token; down: one per slot), experts never routed to."""
+    import torch
+
+    from ggquant.imatrix.collect import Collector
+
+    rng = np.random.default_rng(4)
+    E, K, T, k = 7, 48, 37, 3
+    ids = np.stack([rng.permutation(E - 1)[:k] for _ in range(T)])  # expert E - 1: never routed to
+    host, dev = Collector(T), Collector(T)
+    for name, x in (("blk.0.ffn_gate_up_exps.weight", rng.standard_normal((T, K))),
+                    ("blk.0.ffn_down_exps.weight", rng.standard_normal((T, k, K)) * 3)):
+        x = x.astype(np.float32)
+        for _ in range(2):  # two batches into the same accumulators
+            host.observe_experts(name, E, x, ids)
+            dev.observe_experts_device(name, E, torch.from_numpy(x), torch.from_numpy(ids))
+    assert dev.chunk_count == host.chunk_count
+    hs, ds = host.sums, dev.sums
+    assert set(ds) == set(hs)
+    for n in hs:
+        assert np.array_equal(dev.counts[n], host.counts[n]) and dev.counts[n][-1] == 0, n
+        assert np.allclose(ds[n], hs[n], rtol=1e-5, atol=0), n

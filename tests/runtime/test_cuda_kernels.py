@@ -26,30 +26,7 @@ def _kernels():
     pytest.importorskip("triton")
     from ggquant.kernels.cuda import triton
 
-    if INTERPRET:
-        _interpreter_scalar_index_fix()
     return triton
-
-
-def _interpreter_scalar_index_fix():
-    """Triton 3.6's interpreter holds a kernel's scalar arguments as 1-element 1-D numpy arrays and
-    converts them with int(array) when used as a Python index - `range(0, K, BK)` over a runtime
-    K, the loop of every matvec kernel. numpy >= 2.4 refuses int() on ndim > 0 arrays ("only
-    0-dimensional arrays can be converted to Python scalars"), so under TRITON_INTERPRET=1 every
-    such kernel failed. Re-patch __index__ to take the one element (.item()); the GPU compiler is
-    not involved."""
-    from triton.runtime import interpreter as ti
-
-    if getattr(ti._patch_lang_tensor, "ggquant_fixed", False):
-        return
-    orig = ti._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patched.ggquant_fixed = True
-    ti._patch_lang_tensor = patched
 
 
 def _weights(qtype, n, k, seed=0):
@@ -116,6 +93,36 @@ def test_matvec_equals_dequantized_product(qtype, n, k):
     got = ck.matvec(torch, kind, parts, x, n, k).cpu().numpy().astype(np.float64)
     want = ref.astype(np.float64) @ x.cpu().numpy().astype(np.float64)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(ref).sum(1).max()
+
+
+def _routing(T_, k, E, seed):
+    """ids [T, k]: k distinct experts per token, some experts never chosen, one chosen often."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T_)])
+    ids[::3, 0] = E - 1
+    return ids.astype(np.int32)
+
+
+@pytest.mark.parametrize("qtype,xdiv", [(T.Q4_K, 2), (T.Q4_K, 1), (T.Q8_0, 2), (T.BF16, 1), (T.IQ4_XS, 1),
+                                        (T.Q6_K, 2), (T.IQ2_S, 1)], ids=str)
+def test_matvec_over_stacked_experts(qtype, xdiv):
+    """matvec with ids (ggml_mul_mat_id at decode): slot s = expert ids[s] times x row s // xdiv,
+    each as the single-matrix matvec of that expert computes it."""
+    from ggquant.runtime.cuda import repack
+
+    ck = _kernels()
+    E, n, k, T_, kk = 5, 36, 512, 3, 2
+    raw, ref = _weights(qtype, E * n, k, seed=int(qtype))
+    kind, parts = repack(torch, qtype, torch.from_numpy(raw).to(DEV), k, packed=True)
+    ids = _routing(T_, kk, E, 3).reshape(-1)
+    x = np.random.default_rng(1).standard_normal((T_ * kk // xdiv, k)).astype(np.float32)
+    got = ck.matvec(torch, kind, parts, torch.from_numpy(x).to(DEV), n, k, ids=torch.from_numpy(ids).to(DEV),
+                    xdiv=xdiv).cpu().numpy()
+    assert got.shape == (T_ * kk, n)
+    w = ref.reshape(E, n, k).astype(np.float64)
+    for s, e in enumerate(ids):
+        want = w[e] @ x[s // xdiv].astype(np.float64)
+        assert np.abs(got[s] - want).max() <= 1e-4 * np.abs(w[e]).sum(1).max(), (s, e)
 
 
 PACKED_KINDS = {T.IQ4_XS: "iq4_xs", T.IQ3_S: "iq3_s", T.IQ2_S: "iq2_s", T.IQ4_NL: "iq4_nl", T.IQ3_XXS: "iq3_xxs",

@@ -43,10 +43,23 @@ def _pow2(n: int) -> int:
 
 # --- matrix x vector --------------------------------------------------------------------------
 @triton.jit
-def _mv_dense(w_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+def _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS: tl.constexpr):
+    """(first weight row, x row, y row) of program_id(1). IDS: a stacked-experts product (MUL_MAT_ID
+    at decode): slot s multiplies expert ids[s] (rows ids[s] * N ..) by x row s // XDIV into y row
+    s; otherwise one matrix, one x, one y (the grid's second axis is 1)."""
+    s = tl.program_id(1)
+    e = s * 0
+    if IDS:
+        e = tl.load(ids_ptr + s)
+    return e.to(tl.int64) * N, x_ptr + (s // XDIV).to(tl.int64) * K, y_ptr + s.to(tl.int64) * N
+
+
+@triton.jit
+def _mv_dense(w_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, IDS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    base = rows.to(tl.int64) * K
+    base = (rows.to(tl.int64) + e0) * K
     acc = tl.zeros((BN, BK), tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
@@ -58,12 +71,14 @@ def _mv_dense(w_ptr, x_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _mv_int8(q_ptr, s_ptr, x_ptr, y_ptr, N, K, G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _mv_int8(q_ptr, s_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, G: tl.constexpr, IDS: tl.constexpr, BN: tl.constexpr,
+             BK: tl.constexpr):
     # int8 codes with one scale per G columns (fp16 d of Q8_0/Q4_0/Q5_0, G = 32; float32 d*sc of
     # Q6_K, G = 16): y = sum over groups of scale * (q . x)
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    r64 = rows.to(tl.int64)
+    r64 = rows.to(tl.int64) + e0
     nb = K // G
     acc = tl.zeros((BN, BK // G), tl.float32)
     for k0 in range(0, K, BK):
@@ -79,8 +94,8 @@ def _mv_int8(q_ptr, s_ptr, x_ptr, y_ptr, N, K, G: tl.constexpr, BN: tl.constexpr
 
 
 @triton.jit
-def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, N, K, QS_ROW, SC_ROW, BN: tl.constexpr,
-             NSB: tl.constexpr):
+def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, QS_ROW, SC_ROW,
+             IDS: tl.constexpr, BN: tl.constexpr, NSB: tl.constexpr):
     # NSB super-blocks (256 columns, 128 qs bytes each) per iteration. Byte j of the tile:
     # chunk c = j // 32 (super-block c // 4), l = j % 32; its low nibble is column 64c + l
     # (sub-block 2c), its high nibble column 64c + 32 + l (sub-block 2c + 1) (ggml-common.h
@@ -89,9 +104,10 @@ def _mv_q4_k(qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, x_ptr, y_ptr, N, K, QS_ROW, 
     # then the scales (gathering the scales per byte instead measured 3x slower on the H100).
     # QS_ROW = K / 2 and SC_ROW = K / 32 come as arguments, not computed here: Triton then knows
     # they are multiples of 16 and loads a row's bytes 16 at a time.
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    r64 = rows.to(tl.int64)
+    r64 = rows.to(tl.int64) + e0
     nsb = K // 256
     j = tl.arange(0, 128 * NSB)
     xo = (j // 32) * 64 + j % 32
@@ -130,15 +146,16 @@ def _kv_iq4nl(q, w0, w1, w2, w3):
 
 
 @triton.jit
-def _mv_iq4(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, N, K, w0, w1, w2, w3, XS: tl.constexpr, BN: tl.constexpr,
-            NB: tl.constexpr):
+def _mv_iq4(qs_ptr, ls_ptr, d_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, w0, w1, w2, w3, XS: tl.constexpr,
+            IDS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
     # NB blocks of 32 columns (16 qs bytes each) per iteration. Byte j of the tile: block c = j // 16,
     # l = j % 16; low nibble column 32c + l, high nibble 32c + 16 + l; y = scale * kvalues_iq4nl[q]
     # with scale d * (ls - 32) (XS: dequantize_row_iq4_xs, one d per 8 blocks) or d (IQ4_NL:
     # dequantize_row_iq4_nl, ls_ptr unused). Dots per block, then the scales.
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    r64 = rows.to(tl.int64)
+    r64 = rows.to(tl.int64) + e0
     nblk = K // 32
     j = tl.arange(0, 16 * NB)
     xo = (j // 16) * 32 + j % 16
@@ -173,17 +190,18 @@ def _ksigns(s7):
 
 
 @triton.jit
-def _mv_iq3(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XXS: tl.constexpr, BN: tl.constexpr,
-            NSB: tl.constexpr):
+def _mv_iq3(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, XXS: tl.constexpr, IDS: tl.constexpr,
+            BN: tl.constexpr, NSB: tl.constexpr):
     # NSB super-blocks per iteration, one lane per grid entry g (4 bytes: columns 4g..4g+3, byte b
     # negated where bit 4 (g % 2) + b of the sign byte of columns 8 (g // 2).. is set), then one
     # scale per 32 columns. IQ3_S (dequantize_row_iq3_s): p0..p4 = qs, qh, signs, scales, d (dequant.py
     # repack_iq3_s), index qs | qh bit << 8 into iq3s_grid, y = d * (1 + 2 ls) * grid * sign.
     # IQ3_XXS (dequantize_row_iq3_xxs): p0 = qs, p1 = aux (u32 per 32: 4 x 7-bit ksigns indices,
     # scale << 28), p2 = d; index qs into iq3xxs_grid, y = d * (0.5 + ls) * 0.5 * grid * sign.
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    r64 = rows.to(tl.int64)
+    r64 = rows.to(tl.int64) + e0
     nsb = K // 256
     g = tl.arange(0, 64 * NSB)
     c = tl.arange(0, 8 * NSB)
@@ -222,17 +240,18 @@ def _mv_iq3(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XXS: tl.constexpr,
 
 
 @triton.jit
-def _mv_iq2(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, N, K, XS: tl.constexpr, BN: tl.constexpr,
-            NSB: tl.constexpr):
+def _mv_iq2(p0, p1, p2, p3, p4, grid_ptr, x_ptr, y_ptr, ids_ptr, XDIV, N, K, XS: tl.constexpr, IDS: tl.constexpr,
+            BN: tl.constexpr, NSB: tl.constexpr):
     # NSB super-blocks per iteration, one lane per grid entry g (8 bytes = int32 words 2 idx,
     # 2 idx + 1: columns 8g..8g+7, byte b negated where bit b of sign byte g is set), then one
     # scale per 16 columns, y = d * (0.5 + ls) * 0.25 * grid * sign. IQ2_S (dequantize_row_iq2_s):
     # p0..p4 = qs, signs, qh, scales, d (dequant.py repack_iq2_s), index qs | 2 qh bits << 8 into
     # iq2s_grid. IQ2_XS (dequantize_row_iq2_xs): p0 = qs int16 (9-bit iq2xs_grid index | 7-bit
     # ksigns index << 9), p1 = scales, p2 = d.
+    e0, x_ptr, y_ptr = _slot(ids_ptr, x_ptr, y_ptr, N, K, XDIV, IDS)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
-    r64 = rows.to(tl.int64)
+    r64 = rows.to(tl.int64) + e0
     nsb = K // 256
     g = tl.arange(0, 32 * NSB)
     c = tl.arange(0, 16 * NSB)
@@ -306,34 +325,38 @@ MV_CONFIG = {"dense": (16, 512, 4), "int8": (16, 512, 4), "q4_k": (16, 2, 4),
              "iq2_s": (16, 2, 4), "iq2_xs": (16, 2, 4)}
 
 
-def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
+def matvec(torch, kind: str, parts: tuple, x, n: int, k: int, config=None, ids=None, xdiv: int = 1):
     """x float32 [k] (contiguous) -> float32 [n]: the product of the weight (parts in the layout
-    of `kind`) with x."""
-    y = torch.empty(n, dtype=torch.float32, device=x.device)
+    of `kind`) with x. ids (int32 [S] on the device): the weight holds stacked experts of n rows
+    each, and slot s multiplies expert ids[s] by x row s // xdiv (x [S / xdiv, k]) -> [S, n]
+    (ggml_mul_mat_id at decode: the routing stays on the device)."""
+    slots = 1 if ids is None else ids.numel()
+    y = torch.empty((n,) if ids is None else (slots, n), dtype=torch.float32, device=x.device)
     bn_max, bk, warps = config or MV_CONFIG[kind]
-    bn = min(bn_max, _block_rows(n))
+    bn = min(bn_max, _block_rows(n * slots))
     if kind == "q4_k" and config is None:
         # per shape, the best of bench/matvec_tune.py on an H200 (E4B's shapes, weights cold):
         # rows of up to 4096 want 4 super-blocks per step and at least 4 rows per program
         # (2560x10240: 15.8 us vs 22.7 at (4, 2); 2048x2560: 5.7 vs 7.4), the tied output one
         bn, bk = (max(4, bn), 4) if n <= 4096 else ((32, 1) if n >= 65536 else (bn, bk))
-    grid = ((n + bn - 1) // bn,)
+    grid = ((n + bn - 1) // bn, slots)
+    slot = (x if ids is None else ids, xdiv, n, k)
+    kw = dict(IDS=ids is not None, BN=bn, num_warps=warps)
     if kind == "dense":
-        _mv_dense[grid](parts[0], x, y, n, k, BN=bn, BK=bk, num_warps=warps)
+        _mv_dense[grid](parts[0], x, y, *slot, BK=bk, **kw)
     elif kind == "int8":
-        _mv_int8[grid](parts[0], parts[1], x, y, n, k, G=k // parts[1].shape[1], BN=bn, BK=bk, num_warps=warps)
+        _mv_int8[grid](parts[0], parts[1], x, y, *slot, G=k // parts[1].shape[1], BK=bk, **kw)
     elif kind == "q4_k":
-        _mv_q4_k[grid](*parts, x, y, n, k, k // 2, k // 32, BN=bn, NSB=bk, num_warps=warps)
+        _mv_q4_k[grid](*parts, x, y, *slot, k // 2, k // 32, NSB=bk, **kw)
     elif kind == "iq4_xs":
-        _mv_iq4[grid](*parts, x, y, n, k, *_iq4nl_words(), XS=True, BN=bn, NB=bk, num_warps=warps)
+        _mv_iq4[grid](*parts, x, y, *slot, *_iq4nl_words(), XS=True, NB=bk, **kw)
     elif kind == "iq4_nl":
-        _mv_iq4[grid](parts[0], parts[0], parts[1], x, y, n, k, *_iq4nl_words(), XS=False, BN=bn, NB=bk,
-                      num_warps=warps)
+        _mv_iq4[grid](parts[0], parts[0], parts[1], x, y, *slot, *_iq4nl_words(), XS=False, NB=bk, **kw)
     elif kind in ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"):
         p = tuple(parts) + (parts[0],) * (5 - len(parts))
         fn, flag = {"iq3_s": (_mv_iq3, False), "iq3_xxs": (_mv_iq3, True), "iq2_s": (_mv_iq2, False),
                     "iq2_xs": (_mv_iq2, True)}[kind]
-        fn[grid](*p, grid_words(torch, kind, x.device), x, y, n, k, flag, BN=bn, NSB=bk, num_warps=warps)
+        fn[grid](*p, grid_words(torch, kind, x.device), x, y, *slot, flag, NSB=bk, **kw)
     else:
         raise ValueError(kind)
     return y
@@ -543,8 +566,8 @@ def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G
     parts. KIND 0: int8 codes q [N, K] with scale [N, K/G] (y = s * q); KIND 1: Q4_K (qs, sc, mn,
     d, dmin, triton.py's layout docstring; y = d*sc*q - dmin*m, dequantize_row_q4_K); KIND 2..7:
     IQ4_XS, IQ3_S, IQ2_S, IQ4_NL, IQ3_XXS, IQ2_XS (dequant.py repack_<type>; tab: kvalues_iq4nl int8 /
-    grid_words), each
-    value as ggml's factors in ggml's order (dequantize_parts)."""
+    grid_words); KIND 8: the stored values of a dense weight. Each value as ggml's factors in ggml's
+    order (dequantize_parts)."""
     r64 = rows.to(tl.int64)[:, None]
     m = rmask[:, None]
     if KIND == 2 or KIND == 5:
@@ -598,6 +621,8 @@ def _w_tile(p0, p1, p2, p3, p4, tab, rows, cols, rmask, K, KIND: tl.constexpr, G
         v = tl.where(((s >> (cols % 8)[None, :]) & 1) != 0, -v, v).to(tl.float32)
         ls = ((sc >> (4 * ((cols // 16) % 2))[None, :]) & 15).to(tl.float32)
         return ((d * (0.5 + ls)) * 0.25) * v
+    elif KIND == 8:  # dense (F32 / F16 / BF16 stored values)
+        return tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
     elif KIND == 0:
         q = tl.load(p0 + r64 * K + cols[None, :], mask=m, other=0).to(tl.float32)
         s = tl.load(p1 + r64 * (K // G) + (cols // G)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -726,4 +751,66 @@ def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
     grid = (triton.cdiv(M, bm) * triton.cdiv(n, bn),)
     _mm_q[grid](x, *p, y, M, n, k, KIND=_KINDS[kind], G=g, BM=bm, BN=bn, BK=bk, GROUP=8, num_warps=warps,
                 num_stages=stages)
+    return y
+
+
+# --- stacked experts (ggml_mul_mat_id) for T > 1: one grouped product per expert stack ------------
+@triton.jit
+def _mm_id(x_ptr, p0, p1, p2, p3, p4, tab, y_ptr, te_ptr, tr_ptr, tn_ptr, order_ptr, N, K, XDIV,
+           KIND: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Tile t of the routed slots sorted by expert: expert te[t], its slots order[tr[t] ..
+    tr[t] + tn[t]) (tn[t] <= BM; 0 for the spare tiles of the upper-bound grid); slot s reads x row
+    s // XDIV (fp16/bf16) and writes y row s (float32) = x @ W[e]^T, W[e] dequantized tile by tile
+    (_w_tile) at rows e * N .."""
+    t = tl.program_id(0)
+    e = tl.load(te_ptr + t).to(tl.int64)
+    n_rows = tl.load(tn_ptr + t)
+    i = tl.arange(0, BM)
+    valid = i < n_rows
+    slot = tl.load(order_ptr + tl.load(tr_ptr + t) + i, mask=valid, other=0).to(tl.int64)
+    xrow = slot // XDIV
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, tl.where(n_rows > 0, K, 0), BK):  # spare tiles skip the loop
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + xrow[:, None] * K + cols[None, :], mask=valid[:, None], other=0.0)
+        w = _w_tile(p0, p1, p2, p3, p4, tab, e * N + rn, cols, nmask, K, KIND, G).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + slot[:, None] * N + rn[None, :], acc, mask=valid[:, None] & nmask[None, :])
+
+
+# (BN, BK, num_warps, num_stages); BM follows the rows per expert (matmul_id)
+MM_ID_CONFIG = (64, 64, 4, 3)
+
+
+def matmul_id(torch, kind: str, parts: tuple, x, ids, xdiv: int, n: int, k: int, n_expert: int, config=None):
+    """Stacked experts W [n_expert * n, k] (a TILE_KINDS layout or "dense") times routed rows:
+    y[s] = x[s // xdiv] @ W[ids[s]]^T for the S slots of ids (int [S] on the device); x fp16/bf16
+    [S / xdiv, k] -> float32 [S, n]. The slots are sorted by expert and cut into tiles of BM rows
+    with torch ops on the device (no host synchronisation: capturable in a CUDA graph); the grid
+    has room for the worst case, sum over experts of ceil(rows / BM) <= S / BM + min(E, S)."""
+    S = ids.numel()
+    flat = ids.reshape(-1).long()
+    bn, bk, warps, stages = config or MM_ID_CONFIG
+    bm = 64 if S >= 48 * n_expert else (32 if S >= 24 * n_expert else 16)  # the rows an expert gets on average
+    dev = x.device
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.zeros(n_expert, dtype=torch.int64, device=dev)  # (torch.bincount reads its max on the host)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    tiles = (counts + bm - 1) // bm
+    tile_end = torch.cumsum(tiles, 0)
+    t = torch.arange(S // bm + min(n_expert, S) + 1, device=dev)
+    te = torch.searchsorted(tile_end, t, right=True).clamp_(max=n_expert - 1)  # spare tiles: any expert
+    local = t - (tile_end - tiles)[te]
+    tr = ((torch.cumsum(counts, 0) - counts)[te] + local * bm).to(torch.int32)
+    tn = (counts[te] - local * bm).clamp_(0, bm).to(torch.int32)  # 0 past the expert's rows
+    y = torch.empty((S, n), dtype=torch.float32, device=dev)
+    if kind == "dense":
+        p, g, kid = (parts[0],) * 6, 0, 8
+    else:
+        p, g = _parts5(torch, kind, parts)
+        kid = _KINDS[kind]
+    _mm_id[(t.numel(), triton.cdiv(n, bn))](x, *p, y, te.to(torch.int32), tr, tn, order, n, k, xdiv, KIND=kid, G=g,
+                                            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return y
