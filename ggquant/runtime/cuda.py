@@ -434,10 +434,14 @@ class CUDABackend:
         T, H, D = q.shape
         if self._step is not None:
             n_kv = self._step.n_kv
-        if T == 1 and self.kern is not None:  # decode: one kernel (flash decoding), mask computed inside
+        if self.kern is not None:  # one kernel, the mask computed inside from the device positions
             pos_d, _ = self._positions(q_pos)
-            return self.kern.attention_decode(torch, q.reshape(H, D).contiguous(), layer.k, layer.v, pos_d,
-                                              n_kv, window, scale).reshape(1, H * D)
+            if T == 1:  # decode: flash decoding
+                return self.kern.attention_decode(torch, q.reshape(H, D).contiguous(), layer.k, layer.v, pos_d,
+                                                  n_kv, window, scale).reshape(1, H * D)
+            # prefill: flash attention (fp16 tensor-core operands, float32 softmax: triton.py)
+            return self.kern.attention_prefill(torch, q.contiguous(), layer.k, layer.v, pos_d, n_kv, window,
+                                               scale).reshape(T, H * D)
         hkv = layer.k.shape[0]
         g = H // hkv
         k, v = layer.k[:, :n_kv], layer.v[:, :n_kv]  # [Hkv, S, D]
