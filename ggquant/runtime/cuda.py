@@ -429,7 +429,9 @@ class CUDABackend:
 
     def attention(self, q, layer, n_kv: int, q_pos, window: int, scale: float = 1.0):
         """q [T, H, D] against cache positions 0 .. n_kv-1 -> [T, H*D]; query head h uses KV head
-        h // (H / Hkv) (GQA), keys after the query or at least `window` behind it are masked."""
+        h // (H / Hkv) (GQA), keys after the query or at least `window` behind it are masked. With
+        the Triton kernels: flash decoding (T = 1) or flash attention (T > 1, fp16 operands); else
+        the scores materialised (baddbmm with a float32 mask, softmax, bmm)."""
         torch = self.torch
         T, H, D = q.shape
         if self._step is not None:

@@ -743,12 +743,15 @@ def matmul_q(torch, kind: str, parts: tuple, x, n: int, k: int, config=None):
 # spilling).
 # Precision: q (times the scale), k, the softmax weights p and v enter tl.dot as fp16, products
 # accumulate in float32, and the running max / sum / rescaling stay float32. fp16 (10-bit
-# mantissa) rather than bf16 (7): the q.k and p.v operands are O(1)-O(100) values, far inside
-# fp16's range, so fp16 rounds 8x finer; it is what llama.cpp's CUDA flash attention computes
-# with by default (an F16 K/V cache, Q converted to half after scaling: fattn-*.cu). p in [0, 1]
-# loses only absolute 2^-25 below fp16's normal range. The sum l is taken over the rounded p,
-# so the output is an exact convex combination of the fp16 v values (one rounding per weight).
-# The limit is fp16's range: a scaled q or a k/v element above 65504 overflows.
+# mantissa) rather than bf16 (7): attention activations stay far inside fp16's range (Gemma's q
+# and k are RMS-normed), so fp16 rounds 8x finer at the same tensor-core speed. llama.cpp's CUDA
+# prefill attention rounds the same operands: its K/V cache is F16 by default (common.h
+# cache_type_k/v), and its flash attention converts Q to half and scales it (fattn-mma-f16.cuh:
+# tile_Q = scale_h2 * make_half2(...)). p in [0, 1] loses only absolute 2^-25 below fp16's normal
+# range. The sum l is taken over the rounded p, so the output is an exact convex combination of
+# the fp16 v values (one rounding per weight): tests/runtime/test_cuda_kernels.py bounds the
+# difference from float64 by these roundings. The limit is fp16's range: a scaled q or a k/v
+# element above 65504 overflows (as in llama.cpp's F16 cache).
 @triton.jit
 def _attn_q(q_ptr, qrow, rm, d, D, scale):
     """fp16 [BM, len(d)] tile of q * scale (rows qrow of q viewed as [T*H, D])."""
