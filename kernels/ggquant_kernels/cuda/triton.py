@@ -762,9 +762,9 @@ def _attn_q(q_ptr, qrow, rm, d, D, scale):
 @triton.jit
 def _attn_prefill(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, H, n_kv, kv_stride, window, scale, G, D,
                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o[t, h, dims of this slice] = softmax over the visible keys j (j <= pos[t], and
-    pos[t] - j < window when window > 0) of q[t, h] . k[j] times v[j], for the query heads
-    h = kvh * G .. kvh * G + G - 1 of KV head kvh."""
+    """o[t, h, dims of this slice] = softmax over the visible keys j (j <= pos[t] and
+    pos[t] - j < window; no window: a window longer than any context) of q[t, h] . k[j] times
+    v[j], for the query heads h = kvh * G .. kvh * G + G - 1 of KV head kvh."""
     blk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most keys) start first
     kvh = tl.program_id(1)
     r = blk * BM + tl.arange(0, BM)
@@ -775,7 +775,7 @@ def _attn_prefill(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, H, n_kv, kv_stride, wi
     pmax = tl.max(tl.where(rm, p, -1), axis=0)
     pmin = tl.min(tl.where(rm, p, pmax), axis=0)
     hi = tl.minimum(pmax + 1, n_kv)
-    lo = tl.where(window > 0, tl.maximum(pmin - window + 1, 0), 0)
+    lo = tl.maximum(pmin - window + 1, 0)
     k_ptr += kvh.to(tl.int64) * kv_stride
     v_ptr += kvh.to(tl.int64) * kv_stride
     dk = tl.arange(0, BK)
@@ -797,7 +797,7 @@ def _attn_prefill(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, H, n_kv, kv_stride, wi
                 d = c * BK + dk
                 kb = tl.load(k_ptr + j[:, None] * D + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
                 s = tl.dot(_attn_q(q_ptr, qrow, rm, d, D, scale), tl.trans(kb.to(tl.float16)), s)
-        ok = inside[None, :] & (j[None, :] <= p[:, None]) & ((window == 0) | (p[:, None] - j[None, :] < window))
+        ok = inside[None, :] & (j[None, :] <= p[:, None]) & (p[:, None] - j[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -812,9 +812,10 @@ def _attn_prefill(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, H, n_kv, kv_stride, wi
 
 # (BM, BN, BK, BV, num_warps, num_stages) per head dimension rounded up to a power of 2: chosen so
 # that the kernel compiles for sm_90 without register spills (ptxas -v on the PTX Triton 3.6
-# generates; see bench/attention_cuda.py, which also times candidates on the GPU).
+# generates: bench/attention_cuda.py --compile-only) and, for E4B's prefill (T = 512, H = 8, Hkv = 2),
+# gives ~128 programs for an H100's 132 SMs; bench/attention_cuda.py times candidates on the GPU.
 ATTN_PREFILL_CONFIG = {16: (128, 64, 16, 16, 8, 2), 32: (128, 64, 32, 32, 8, 2), 64: (128, 64, 64, 64, 8, 2),
-                       128: (128, 32, 64, 128, 8, 2), 256: (64, 32, 128, 256, 8, 2), 512: (64, 32, 128, 256, 8, 2)}
+                       128: (128, 32, 64, 128, 8, 2), 256: (64, 32, 64, 128, 4, 2), 512: (64, 32, 128, 256, 8, 2)}
 
 
 def attention_prefill(torch, q, k, v, pos, n_kv: int, window: int, scale: float, config=None):
@@ -825,10 +826,12 @@ def attention_prefill(torch, q, k, v, pos, n_kv: int, window: int, scale: float,
     T, H, D = q.shape
     hkv, n_ctx, _ = k.shape
     bd = max(16, _pow2(D))  # tl.dot needs K >= 16
-    bm, bn, bk, bv, warps, stages = config or ATTN_PREFILL_CONFIG.get(bd, ATTN_PREFILL_CONFIG[512])
+    # heads above 512 (no supported model has one): one stage, 147 KB of shared memory at D = 1024
+    bm, bn, bk, bv, warps, stages = config or ATTN_PREFILL_CONFIG.get(bd, (64, 32, 128, 256, 8, 1))
     bk, bv = min(bk, bd), min(bv, bd)
     out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T * (H // hkv), bm), hkv, bd // bv)
-    _attn_prefill[grid](q, k, v, pos, out, T, H, n_kv, n_ctx * D, int(window), float(scale), H // hkv, D,
+    win = int(window) if window > 0 else 1 << 30
+    _attn_prefill[grid](q, k, v, pos, out, T, H, n_kv, n_ctx * D, win, float(scale), H // hkv, D,
                         BM=bm, BN=bn, BD=bd, BK=bk, BV=bv, num_warps=warps, num_stages=stages)
     return out
