@@ -10,9 +10,10 @@ queries at the end of n_kv cached positions (a prefill chunk after a cached pref
                                                    # spills of each candidate config for sm_90
 
 Times: CUDA-event medians (ms) over --reps calls after warm-up calls (which compile the kernel and
-build the torch path's mask, as the layers of one forward share it). diff: max |kernel - torch|
-(fp16 operands: ~1e-3 for unit-variance q, k, v). TFLOP/s: 4 * D * H * (visible query-key pairs)
-per time, the kernel's useful work (the torch path also multiplies the masked pairs).
+build the torch path's mask, as the layers of one forward share it). q, k, v: unit normals, scale
+1/sqrt(D) (scores of unit variance). diff: max |kernel - torch| (fp16 operands: ~1e-3 here).
+TFLOP/s: 4 * D * H * (visible query-key pairs) per time, the kernel's useful work (the torch path
+also multiplies the masked pairs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 H, HKV, T = 8, 2, 512
+DIMS, N_KV, WINDOWS = (256, 512), (512, 4096, 8192), (512, 0)
+TUNE_N_KV = 4096  # the shape candidate configs are timed on (no window)
 # (BM, BN, BK, BV, num_warps, num_stages) tried besides ATTN_PREFILL_CONFIG, per head dimension
 CANDIDATES = {256: [(64, 32, 128, 256, 8, 2), (128, 32, 64, 128, 8, 2), (32, 32, 256, 256, 4, 2)],
               512: [(64, 32, 64, 128, 4, 2), (64, 32, 128, 128, 8, 2), (32, 32, 128, 256, 4, 2)]}
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
 
     from ggquant.kernels.cuda import triton as ck
 
-    configs = {d: [ck.ATTN_PREFILL_CONFIG[d]] + CANDIDATES[d] for d in (256, 512)}
+    configs = {d: [ck.ATTN_PREFILL_CONFIG[d]] + CANDIDATES[d] for d in DIMS}
     if args.compile_only:
         compile_only(configs)
         return 0
@@ -113,11 +116,11 @@ def main(argv=None) -> int:
 
     print(f"{'D':>4} {'n_kv':>5} {'window':>6} {'torch ms':>9} {'kernel ms':>9} {'speedup':>8} {'TFLOP/s':>8} "
           f"{'max|diff|':>10}", flush=True)
-    for D in (256, 512):
-        for n_kv in (512, 4096, 8192):
-            for window in (512, 0):
+    for D in DIMS:
+        for n_kv in N_KV:
+            for window in WINDOWS:
                 q, layer, pos, flop = case(D, n_kv, window)
-                scale = 1.0
+                scale = D ** -0.5
                 ref = old.attention(q, layer, n_kv, pos, window, scale)
                 got = new.attention(q, layer, n_kv, pos, window, scale)
                 diff = (got - ref).abs().max().item()
@@ -129,13 +132,14 @@ def main(argv=None) -> int:
         old._masks.clear()
 
     # candidate configs (the first: ATTN_PREFILL_CONFIG) on one shape per head dimension
-    n_kv, window = 4096, 0
-    for D in (256, 512):
+    n_kv, window = TUNE_N_KV, 0
+    for D in DIMS:
         q, layer, pos, flop = case(D, n_kv, window)
         pos_d = torch.as_tensor(pos, device=dev)
-        ref = old.attention(q, layer, n_kv, pos, window, 1.0).reshape(T, H, D)
+        scale = D ** -0.5
+        ref = old.attention(q, layer, n_kv, pos, window, scale).reshape(T, H, D)
         for cfg in configs[D]:
-            f = lambda: ck.attention_prefill(torch, q, layer.k, layer.v, pos_d, n_kv, window, 1.0, cfg)  # noqa: E731
+            f = lambda: ck.attention_prefill(torch, q, layer.k, layer.v, pos_d, n_kv, window, scale, cfg)  # noqa: E731
             try:
                 diff = (f() - ref).abs().max().item()
                 ms = timed(f)
