@@ -435,15 +435,21 @@ class CUDABackend:
 
     def attention(self, q, layer, n_kv: int, q_pos, window: int, scale: float = 1.0):
         """q [T, H, D] against cache positions 0 .. n_kv-1 -> [T, H*D]; query head h uses KV head
-        h // (H / Hkv) (GQA), keys after the query or at least `window` behind it are masked."""
+        h // (H / Hkv) (GQA), keys after the query or at least `window` behind it are masked. With
+        the Triton kernels: flash decoding (T = 1) or flash attention (T > 1, fp16 operands); else
+        the scores materialised (baddbmm with a float32 mask, softmax, bmm)."""
         torch = self.torch
         T, H, D = q.shape
         if self._step is not None:
             n_kv = self._step.n_kv
-        if T == 1 and self.kern is not None:  # decode: one kernel (flash decoding), mask computed inside
+        if self.kern is not None:  # one kernel, the mask computed inside from the device positions
             pos_d, _ = self._positions(q_pos)
-            return self.kern.attention_decode(torch, q.reshape(H, D).contiguous(), layer.k, layer.v, pos_d,
-                                              n_kv, window, scale).reshape(1, H * D)
+            if T == 1:  # decode: flash decoding
+                return self.kern.attention_decode(torch, q.reshape(H, D).contiguous(), layer.k, layer.v, pos_d,
+                                                  n_kv, window, scale).reshape(1, H * D)
+            # prefill: flash attention (fp16 tensor-core operands, float32 softmax: triton.py)
+            return self.kern.attention_prefill(torch, q.contiguous(), layer.k, layer.v, pos_d, n_kv, window,
+                                               scale).reshape(T, H * D)
         hkv = layer.k.shape[0]
         g = H // hkv
         k, v = layer.k[:, :n_kv], layer.v[:, :n_kv]  # [Hkv, S, D]

@@ -247,3 +247,69 @@ def test_attention_decode_kernel(n_kv, window, D):
     t = lambda a: torch.from_numpy(a).to(DEV)  # noqa: E731
     got = ck.attention_decode(torch, t(q), t(k), t(v), torch.tensor([p], device=DEV), n_kv, window, 0.5)
     assert np.abs(got.cpu().numpy() - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("D,T,window,g,pos0", [(64, 5, 0, 1, 0), (64, "blocks", 16, 4, 37), (256, "blocks", 0, 2, 100),
+                                               (256, 5, 4, 1, 50), (512, "blocks", 24, 2, 13), (512, 3, 0, 4, 300)],
+                         ids=str)
+def test_attention_prefill_kernel(D, T, window, g, pos0):
+    """Flash attention of T queries at positions pos0.. (a prefill after a cached prefix; "blocks":
+    rows over two blocks of BM and a part) against float64 attention on the same fp16-rounded
+    operands, and against the backend's torch path (baddbmm over the masked float32 cache)."""
+    from types import SimpleNamespace
+
+    from ggquant.runtime.cuda import CUDABackend
+
+    ck = _kernels()
+    hkv = 2
+    H = hkv * g
+    if T == "blocks":  # rows = token * g + head in group: 2 BM-row blocks and 3 tokens more
+        T = 2 * ck.ATTN_PREFILL_CONFIG[D][0] // g + 3
+    n_kv = pos0 + T + 11  # keys after the last query (a captured step's rounded window) are masked
+    n_ctx = n_kv + 20
+    rng = np.random.default_rng(D + T)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k = rng.standard_normal((hkv, n_ctx, D)).astype(np.float32)
+    v = rng.standard_normal((hkv, n_ctx, D)).astype(np.float32)
+    k[:, pos0 + T:] *= 50  # never visible: any leak shows
+    v[:, pos0 + T:] *= 50
+    scale = np.float32(1 / np.sqrt(D))
+    pos = np.arange(pos0, pos0 + T)
+    t = lambda a: torch.from_numpy(a).to(DEV)  # noqa: E731
+    got = ck.attention_prefill(torch, t(q), t(k), t(v), t(pos), n_kv, window, float(scale)).cpu().numpy()
+    assert got.shape == (T, H, D)
+    be = CUDABackend(device=DEV, kernels=False)  # the torch path
+    ref = be.attention(t(q), SimpleNamespace(k=t(k), v=t(v)), n_kv, pos, window, float(scale)).cpu().numpy()
+
+    # The kernel's operands: q * scale, k, v and the weights p rounded to fp16 (u = 2^-11 relative;
+    # p below fp16's normal range: 2^-25 absolute), products of fp16 values exact in float32, sums
+    # in float32 (at most n * 2^-24 relative of the sum of |terms| for n terms). A score off by
+    # delta scales its weight by exp(delta), and weights off by a factor within 1 +- rho move the
+    # output by at most 2 rho / (1 - rho) * sum_j pi_j |v_j - o| (pi = softmax, o = output).
+    u, f32 = 2.0 ** -11, 2.0 ** -24
+    qh = (q * scale).astype(np.float16).astype(np.float64)
+    kh, vh = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+    j = np.arange(n_kv)
+    for ti in range(T):
+        vis = (j <= pos[ti]) & ((window == 0) | (pos[ti] - j < window))
+        n = int(vis.sum())
+        for h in range(H):
+            kk, vv = kh[h // g, :n_kv][vis], vh[h // g, :n_kv][vis]
+            kx, vx = k[h // g, :n_kv][vis], v[h // g, :n_kv][vis]
+            s = kk @ qh[ti, h]
+            pi = np.exp(s - s.max())
+            pi /= pi.sum()
+            o = pi @ vv
+            # float32 accumulation (scores over D, p.v and l over n keys, the rescalings)
+            acc = n * 4 * f32 * (pi @ np.abs(vv))
+            rho = u + D * f32 * (np.abs(kk) @ np.abs(qh[ti, h])).max() + 2.0 ** -20
+            tol = 2.1 * rho * (pi @ np.abs(vv - o)) + acc + n * 2.0 ** -25 * np.abs(vv - o).max(0)
+            err = np.abs(got[ti, h] - o)
+            assert (err <= tol).all(), (ti, h, err.max(), tol.min())
+            # the torch path (float32 operands, float32 sums): the rounding of q * scale and k moves
+            # a score by (2u + u^2) sum_d |q_d k_d| scale, its float32 sum by D 2^-24 of that; v's
+            # rounding moves o by u sum_j pi_j |v_j|; plus its own float32 accumulation
+            qk = (np.abs(kx) @ np.abs(q[ti, h])).max() * scale
+            rho_t = (2 * u + u * u + D * f32) * qk
+            tol_t = tol + 2.1 * rho_t * (pi @ np.abs(vx - o)) + u * (pi @ np.abs(vx)) + acc
+            assert (np.abs(got[ti, h] - ref[ti, h * D:(h + 1) * D])<= tol_t).all(), (ti, h)

@@ -814,3 +814,111 @@ def matmul_id(torch, kind: str, parts: tuple, x, ids, xdiv: int, n: int, k: int,
     _mm_id[(t.numel(), triton.cdiv(n, bn))](x, *p, y, te.to(torch.int32), tr, tn, order, n, k, xdiv, KIND=kid, G=g,
                                             BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return y
+
+
+# --- attention of a batch of queries (prefill, T > 1): flash attention -----------------------------
+# One program per (block of BM query rows, KV head, slice of BV output dims). A KV head's G query
+# heads share its rows (row = token * G + head in the group), so each key/value block loaded from
+# the cache serves G heads, as the torch path's grouped bmm does. The keys the rows can see are
+# streamed in blocks of BN with an online softmax (FlashAttention-2's forward: Dao 2023,
+# arXiv:2307.08691), so the [T, n_kv] scores never go through device memory as they do on the
+# torch path (baddbmm + float32 mask + softmax + bmm); key blocks hidden from every row (after
+# the last row's position, or `window` or more behind the first's) are not visited.
+# Large heads (Gemma 4: D = 256, 512) would not fit a [BM, D] accumulator plus the float32 k/v tiles
+# in registers: q.k is summed over D in chunks of BK (q re-read per chunk, L1-resident), and the
+# output dims are split over programs in slices of BV (each recomputes the scores: cheaper than
+# spilling).
+# Precision: q (times the scale), k, the softmax weights p and v enter tl.dot as fp16, products
+# accumulate in float32, and the running max / sum / rescaling stay float32. fp16 (10-bit
+# mantissa) rather than bf16 (7): attention activations stay far inside fp16's range (Gemma's q
+# and k are RMS-normed), so fp16 rounds 8x finer at the same tensor-core speed. llama.cpp's CUDA
+# prefill attention rounds the same operands: its K/V cache is F16 by default (common.h
+# cache_type_k/v), and its flash attention converts Q to half and scales it (fattn-mma-f16.cuh:
+# tile_Q = scale_h2 * make_half2(...)). p in [0, 1] loses only absolute 2^-25 below fp16's normal
+# range. The sum l is taken over the rounded p, so the output is an exact convex combination of
+# the fp16 v values (one rounding per weight): tests/runtime/test_cuda_kernels.py bounds the
+# difference from float64 by these roundings. The limit is fp16's range: a scaled q or a k/v
+# element above 65504 overflows (as in llama.cpp's F16 cache).
+@triton.jit
+def _attn_q(q_ptr, qrow, rm, d, D, scale):
+    """fp16 [BM, len(d)] tile of q * scale (rows qrow of q viewed as [T*H, D])."""
+    x = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rm[:, None] & (d < D)[None, :], other=0.0)
+    return (x * scale).to(tl.float16)
+
+
+@triton.jit
+def _attn_prefill(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, H, n_kv, kv_stride, window, scale, G, D,
+                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o[t, h, dims of this slice] = softmax over the visible keys j (j <= pos[t] and
+    pos[t] - j < window; no window: a window longer than any context) of q[t, h] . k[j] times
+    v[j], for the query heads h = kvh * G .. kvh * G + G - 1 of KV head kvh."""
+    blk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last rows (the most keys) start first
+    kvh = tl.program_id(1)
+    r = blk * BM + tl.arange(0, BM)
+    rm = r < T * G
+    t = r // G
+    qrow = t * H + kvh * G + r % G  # int32 offsets from per-program base pointers
+    p = tl.load(pos_ptr + t, mask=rm, other=0).to(tl.int32)
+    pmax = tl.max(tl.where(rm, p, -1), axis=0)
+    pmin = tl.min(tl.where(rm, p, pmax), axis=0)
+    hi = tl.minimum(pmax + 1, n_kv)
+    lo = tl.maximum(pmin - window + 1, 0)
+    k_ptr += kvh.to(tl.int64) * kv_stride
+    v_ptr += kvh.to(tl.int64) * kv_stride
+    dk = tl.arange(0, BK)
+    dv = tl.program_id(2) * BV + tl.arange(0, BV)
+    if BK == BD:
+        q = _attn_q(q_ptr, qrow, rm, dk, D, scale)
+    m_i = tl.full((BM,), -1.0e30, tl.float32)  # finite: a row with nothing visible yet gets weights 0, not NaN
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BV), tl.float32)
+    for s0 in range(lo, hi, BN):
+        j = s0 + tl.arange(0, BN)
+        inside = j < hi
+        if BK == BD:
+            kb = tl.load(k_ptr + j[:, None] * D + dk[None, :], mask=inside[:, None] & (dk < D)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kb.to(tl.float16)))  # [BM, BN] float32
+        else:
+            s = tl.zeros((BM, BN), tl.float32)
+            for c in tl.static_range(BD // BK):
+                d = c * BK + dk
+                kb = tl.load(k_ptr + j[:, None] * D + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
+                s = tl.dot(_attn_q(q_ptr, qrow, rm, d, D, scale), tl.trans(kb.to(tl.float16)), s)
+        ok = inside[None, :] & (j[None, :] <= p[:, None]) & (p[:, None] - j[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(s - m_new[:, None]).to(tl.float16)
+        l_i = l_i * alpha + tl.sum(e.to(tl.float32), axis=1)
+        vb = tl.load(v_ptr + j[:, None] * D + dv[None, :], mask=inside[:, None] & (dv < D)[None, :], other=0.0)
+        acc = tl.dot(e, vb.to(tl.float16), acc * alpha[:, None])
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only in the padding rows (not stored)
+    tl.store(o_ptr + qrow[:, None] * D + dv[None, :], out, mask=rm[:, None] & (dv < D)[None, :])
+
+
+# (BM, BN, BK, BV, num_warps, num_stages) per head dimension rounded up to a power of 2: chosen so
+# that the kernel compiles for sm_90 without register spills (ptxas -v on the PTX Triton 3.6
+# generates: bench/attention_cuda.py --compile-only) and, for E4B's prefill (T = 512, H = 8, Hkv = 2),
+# gives ~128 programs for an H100's 132 SMs; bench/attention_cuda.py times candidates on the GPU.
+ATTN_PREFILL_CONFIG = {16: (128, 64, 16, 16, 8, 2), 32: (128, 64, 32, 32, 8, 2), 64: (128, 64, 64, 64, 8, 2),
+                       128: (128, 32, 64, 128, 8, 2), 256: (64, 32, 64, 128, 4, 2), 512: (64, 32, 128, 256, 8, 2)}
+
+
+def attention_prefill(torch, q, k, v, pos, n_kv: int, window: int, scale: float, config=None):
+    """q [T, H, D] float32 (contiguous); k, v [Hkv, n_ctx, D] float32 (the cache); pos int64 [T]
+    on the device (the queries' positions) -> [T, H, D] float32, attending over cache positions
+    0 .. n_kv-1 (query head h uses KV head h // (H / Hkv)). No host synchronisation: capturable
+    in a CUDA graph."""
+    T, H, D = q.shape
+    hkv, n_ctx, _ = k.shape
+    bd = max(16, _pow2(D))  # tl.dot needs K >= 16
+    # heads above 512 (no supported model has one): one stage, 147 KB of shared memory at D = 1024
+    bm, bn, bk, bv, warps, stages = config or ATTN_PREFILL_CONFIG.get(bd, (64, 32, 128, 256, 8, 1))
+    bk, bv = min(bk, bd), min(bv, bd)
+    out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T * (H // hkv), bm), hkv, bd // bv)
+    win = int(window) if window > 0 else 1 << 30
+    _attn_prefill[grid](q, k, v, pos, out, T, H, n_kv, n_ctx * D, win, float(scale), H // hkv, D,
+                        BM=bm, BN=bn, BD=bd, BK=bk, BV=bv, num_warps=warps, num_stages=stages)
+    return out
