@@ -15,6 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/large.txt"
 [ -f build/nvdev/run.py ] && PYTHONPATH=build/nvdev:$PYTHONPATH timeout 60 python3 build/nvdev/run.py 2>&1 | tail -3 | tee -a "$OUT/large.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -x -k "matvec or keeps_packed or dequant_half or matmul_q or matmul_id or attention or rms" \
   tests/runtime/test_cuda_kernels.py tests/runtime/test_cuda_prefill.py 2>&1 | tail -4 | tee -a "$OUT/large.txt"
+timeout 100 python3 bench/attention_cuda.py --reps 5 2>&1 | tail -20 | tee -a "$OUT/large.txt"  # prefill attention: torch vs Triton
 # the carried tiny reference GGUFs (CUDA vs CPU backend, graphs vs eager: bench/cuda_check.py)
 [ -z "$(ls "$CARRY"/tiny/*.gguf 2>/dev/null)" ] || timeout 200 python3 bench/cuda_check.py "$CARRY"/tiny/*.gguf 2>&1 \
   | tail -25 | tee -a "$OUT/large.txt"
