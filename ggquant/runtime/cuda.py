@@ -506,8 +506,8 @@ class CUDABackend:
         (decode), one matvec launch over the slots, each reading its expert's blocks once; more
         (prefill), one grouped tensor-core product (kernels matmul_id: slots sorted by expert on
         the device, each expert's tiles dequantized in registers; float32 weights and the "f32"
-        prefill mode keep the matvec). Neither reads the routing on the
-        host, so both run inside captured CUDA graphs. Without them: few rows gather the selected
+        prefill mode keep the matvec). Neither reads the routing on the host, so both run inside
+        captured CUDA graphs. Without them: few rows gather the selected
         experts' blocks and dequantize them, one batched product; otherwise grouped by expert on
         the host, each expert used dequantized once (or read from the cached float32 stack)."""
         torch = self.torch
