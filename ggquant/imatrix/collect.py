@@ -118,8 +118,7 @@ class Collector:
         acc = self._dev.get(name)
         if acc is None:
             acc = self._dev[name] = x.new_zeros((n_expert, x.shape[-1]), dtype=x.dtype)
-            self._dev_counts[name] = flat.new_zeros(n_expert)
-            self.counts[name] = np.zeros(n_expert, dtype=np.int64)
+            self._dev_counts[name] = flat.new_zeros(n_expert)  # (copied into counts by sums)
         sq = (x * x).expand(T, ids.shape[1], x.shape[-1])  # gate/up: one row per token, read by each slot
         acc.index_add_(0, flat, sq.reshape(-1, x.shape[-1]))
         self._dev_counts[name].index_add_(0, flat, flat.new_ones(flat.shape))
